@@ -1,0 +1,2 @@
+//! The Starling node agent: it joins the cluster model, the BGP speaker, the
+//! kernel FIB reconciler and IPAM on one node.

@@ -1,0 +1,188 @@
+//! `starling-bgpd`: the speaker as a standalone daemon, configured by a YAML
+//! file and inspected through its control socket.
+
+use anyhow::{Result, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use ipnet::IpNet;
+use starling_bgp::Speaker;
+use starling_bgp::config::DaemonConfig;
+use starling_bgp::control::{self, Reply, Request};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "starling-bgpd",
+    version,
+    about = "Starling's BGP speaker as a standalone daemon"
+)]
+struct Cli {
+    /// Configuration file (YAML); see docs/bgp.md.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Validate the configuration and exit.
+    #[arg(long)]
+    check: bool,
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Show the session table or the routes of a running daemon.
+    Show {
+        what: What,
+        #[arg(long)]
+        socket: PathBuf,
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Originate a prefix.
+    Announce {
+        prefix: IpNet,
+        #[arg(long)]
+        socket: PathBuf,
+    },
+    /// Stop originating a prefix.
+    Withdraw {
+        prefix: IpNet,
+        #[arg(long)]
+        socket: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum What {
+    Sessions,
+    Routes,
+}
+
+fn main() {
+    if let Err(e) = real_main() {
+        eprintln!("starling-bgpd: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main() -> Result<()> {
+    let cli = Cli::parse();
+    if let Some(cmd) = cli.cmd {
+        return client(cmd);
+    }
+    let Some(path) = cli.config else {
+        bail!("--config FILE is required to run the daemon")
+    };
+    let cfg = match DaemonConfig::load(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("starling-bgpd: {e}");
+            std::process::exit(1);
+        }
+    };
+    if cli.check {
+        println!(
+            "{}: ok ({} peers, {} prefixes)",
+            path.display(),
+            cfg.peers.len(),
+            cfg.prefixes.len()
+        );
+        return Ok(());
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(run(cfg))
+}
+
+async fn run(cfg: DaemonConfig) -> Result<()> {
+    let (speaker, mut changes) = Speaker::start(cfg.speaker()).await?;
+    for p in &cfg.prefixes {
+        speaker.announce(*p)?;
+    }
+    for p in &cfg.peers {
+        speaker.add_peer(p.clone()).await?;
+    }
+    let sock = cfg.control_socket.clone();
+    let ctl = speaker.clone();
+    tokio::spawn(async move {
+        if let Err(e) = control::serve(&sock, ctl).await {
+            tracing::error!(socket = %sock.display(), error = %e, "control socket failed");
+        }
+    });
+    // The daemon programs nothing; it logs best-path changes for the operator.
+    tokio::spawn(async move {
+        while let Some(c) = changes.recv().await {
+            match c.paths.first() {
+                Some(p) => {
+                    tracing::info!(prefix = %c.prefix, peer = %p.peer, next_hop = ?p.next_hop, "best path")
+                }
+                None => tracing::info!(prefix = %c.prefix, "no path"),
+            }
+        }
+    });
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    speaker.shutdown("starling-bgpd is stopping").await.ok();
+    // Give the sessions a moment to put their NOTIFICATIONs on the wire.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let _ = std::fs::remove_file(&cfg.control_socket);
+    Ok(())
+}
+
+fn client(cmd: Cmd) -> Result<()> {
+    let (socket, req, output) = match cmd {
+        Cmd::Show {
+            what: What::Sessions,
+            socket,
+            output,
+        } => (socket, Request::Sessions, output),
+        Cmd::Show {
+            what: What::Routes,
+            socket,
+            output,
+        } => (socket, Request::Routes, output),
+        Cmd::Announce { prefix, socket } => (socket, Request::Announce { prefix }, Output::Table),
+        Cmd::Withdraw { prefix, socket } => (socket, Request::Withdraw { prefix }, Output::Table),
+    };
+    let reply = control::request(&socket, &req).map_err(anyhow::Error::msg)?;
+    match reply {
+        Reply::Error(e) => bail!("{e}"),
+        Reply::Ok => println!("ok"),
+        Reply::Sessions(s) if output == Output::Json => {
+            println!("{}", serde_json::to_string_pretty(&s)?)
+        }
+        Reply::Sessions(s) => print!("{}", control::session_table(&s)),
+        Reply::Routes(r) if output == Output::Json => {
+            println!("{}", serde_json::to_string_pretty(&r)?)
+        }
+        Reply::Routes(r) => {
+            for e in r {
+                println!(
+                    "{:<24} via {:<28} from {:<20} as-path {:?}{}",
+                    e.prefix,
+                    e.next_hop
+                        .map(|n| n.to_string())
+                        .unwrap_or_else(|| "-".into()),
+                    e.peer,
+                    e.as_path,
+                    if e.best { " *" } else { "" }
+                );
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,654 @@
+//! One task per peer: it owns the TCP connection(s), the timers and the FSM
+//! state, turns bytes and timer expiries into FSM events, and carries out the
+//! FSM's actions. It talks to the speaker's instance task only through typed
+//! messages, so a session that fails (or whose decoder panics) takes nothing
+//! else with it.
+
+use crate::attrs::Family;
+use crate::fsm::{self, Action, Event, State};
+use crate::sockopt;
+use crate::speaker::PeerConfig;
+use crate::wire::{self, GracefulRestart, Notify, OpenParams, PeerOpen};
+use bytes::BytesMut;
+use netgauze_bgp_pkt::BgpMessage;
+use netgauze_bgp_pkt::wire::deserializer::BgpParsingContext;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+/// Speaker-wide facts every session needs.
+#[derive(Clone, Debug)]
+pub struct LocalInfo {
+    pub asn: u32,
+    pub router_id: Ipv4Addr,
+    pub hold_time: u16,
+    pub connect_retry: u16,
+    pub graceful_restart: Option<GracefulRestart>,
+    pub extended_message: bool,
+}
+
+/// What both sides agreed on in the OPEN exchange.
+#[derive(Clone, Debug)]
+pub struct Negotiated {
+    pub local_addr: IpAddr,
+    pub families: Vec<Family>,
+    pub four_octet: bool,
+    pub max_len: usize,
+    pub hold_time: u16,
+    pub peer: PeerOpen,
+}
+
+/// Instance -> session.
+#[derive(Debug)]
+pub enum ToSession {
+    /// Encoded messages to write, in order (dropped unless Established).
+    Send(Vec<Vec<u8>>),
+    /// An incoming connection from this peer, accepted by a listener.
+    Incoming(TcpStream),
+    /// Stop the session with this Cease NOTIFICATION; the task ends.
+    Stop(Notify),
+    /// Ask the peer to resend a family (RFC 2918).
+    Refresh(Family),
+}
+
+/// Session -> instance.
+#[derive(Debug)]
+pub enum FromSession {
+    State {
+        peer: IpAddr,
+        state: State,
+        negotiated: Option<Arc<Negotiated>>,
+        error: Option<String>,
+    },
+    Update {
+        peer: IpAddr,
+        update: Box<wire::Update>,
+    },
+    RefreshRequest {
+        peer: IpAddr,
+        family: Family,
+    },
+}
+
+struct Conn {
+    rd: OwnedReadHalf,
+    wr: OwnedWriteHalf,
+    buf: BytesMut,
+    local: SocketAddr,
+}
+
+impl Conn {
+    fn new(s: TcpStream) -> std::io::Result<Conn> {
+        let local = s.local_addr()?;
+        let _ = s.set_nodelay(true);
+        let (rd, wr) = s.into_split();
+        Ok(Conn {
+            rd,
+            wr,
+            buf: BytesMut::with_capacity(64 * 1024),
+            local,
+        })
+    }
+}
+
+async fn read_more(c: &mut Option<Conn>) -> std::io::Result<usize> {
+    match c {
+        Some(c) => c.rd.read_buf(&mut c.buf).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn connect_result(
+    c: &mut Option<tokio::task::JoinHandle<std::io::Result<TcpStream>>>,
+) -> std::io::Result<TcpStream> {
+    match c {
+        Some(h) => match h.await {
+            Ok(r) => r,
+            Err(e) => Err(std::io::Error::other(e.to_string())),
+        },
+        None => std::future::pending().await,
+    }
+}
+
+/// Apply the peer's socket options: MD5, GTSM or multihop TTL.
+pub fn prepare_socket(
+    fd: &impl std::os::fd::AsRawFd,
+    cfg: &PeerConfig,
+    ebgp: bool,
+) -> std::io::Result<()> {
+    let v6 = cfg.address.is_ipv6();
+    if let Some(pw) = &cfg.md5_password {
+        sockopt::set_md5(fd, cfg.address, Some(pw))?;
+    }
+    if cfg.ttl_security {
+        sockopt::set_gtsm(fd, v6, cfg.multihop.unwrap_or(1))?;
+    } else if ebgp {
+        // RFC 4271 eBGP peers are directly connected unless multihop is configured.
+        sockopt::set_ttl(fd, v6, cfg.multihop.unwrap_or(1))?;
+    }
+    Ok(())
+}
+
+async fn connect(cfg: PeerConfig, ebgp: bool) -> std::io::Result<TcpStream> {
+    let sock = if cfg.address.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    prepare_socket(&sock, &cfg, ebgp)?;
+    if let Some(src) = cfg.source_address {
+        sock.bind(SocketAddr::new(src, 0))?;
+    }
+    sock.connect(SocketAddr::new(cfg.address, cfg.port)).await
+}
+
+pub struct Driver {
+    cfg: PeerConfig,
+    local: Arc<LocalInfo>,
+    fsm: fsm::Session,
+    conn: Option<Conn>,
+    /// A second connection during collision resolution (RFC 4271 §6.8),
+    /// read until its OPEN tells us the remote BGP identifier.
+    pending: Option<Conn>,
+    connecting: Option<tokio::task::JoinHandle<std::io::Result<TcpStream>>>,
+    ctx: BgpParsingContext,
+    max_len: usize,
+    peer_open: Option<PeerOpen>,
+    negotiated: Option<Arc<Negotiated>>,
+    connect_retry_at: Option<Instant>,
+    hold_at: Option<Instant>,
+    keepalive_at: Option<Instant>,
+    restart_at: Option<Instant>,
+    last_error: Option<String>,
+    tx: mpsc::UnboundedSender<FromSession>,
+}
+
+impl Driver {
+    pub fn new(
+        cfg: PeerConfig,
+        local: Arc<LocalInfo>,
+        tx: mpsc::UnboundedSender<FromSession>,
+    ) -> Driver {
+        let passive = cfg.passive;
+        Driver {
+            cfg,
+            local,
+            fsm: fsm::Session::new(passive),
+            conn: None,
+            pending: None,
+            connecting: None,
+            ctx: wire::parsing_context(true),
+            max_len: wire::MAX_MESSAGE_LEN,
+            peer_open: None,
+            negotiated: None,
+            connect_retry_at: None,
+            hold_at: None,
+            keepalive_at: None,
+            restart_at: None,
+            last_error: None,
+            tx,
+        }
+    }
+
+    fn ebgp(&self) -> bool {
+        self.cfg.asn != self.local.asn
+    }
+
+    fn connect_retry(&self) -> Duration {
+        Duration::from_secs(
+            self.cfg
+                .connect_retry
+                .unwrap_or(self.local.connect_retry)
+                .max(1) as u64,
+        )
+    }
+
+    fn our_hold_time(&self) -> u16 {
+        self.cfg.hold_time.unwrap_or(self.local.hold_time)
+    }
+
+    /// Run until told to stop.
+    pub async fn run(mut self, mut rx: mpsc::UnboundedReceiver<ToSession>) {
+        self.event(Event::ManualStart).await;
+        loop {
+            let deadline = [
+                self.connect_retry_at,
+                self.hold_at,
+                self.keepalive_at,
+                self.restart_at,
+            ]
+            .into_iter()
+            .flatten()
+            .min();
+            let sleep = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                cmd = rx.recv() => match cmd {
+                    None => {
+                        self.event(Event::ManualStop(Notify::new(6, 3, vec![], "peer de-configured"))).await;
+                        return;
+                    }
+                    Some(ToSession::Stop(n)) => {
+                        self.event(Event::ManualStop(n)).await;
+                        if let Some(mut p) = self.pending.take() {
+                            let _ = p.wr.shutdown().await;
+                        }
+                        return;
+                    }
+                    Some(ToSession::Send(msgs)) => {
+                        if self.fsm.state == State::Established {
+                            self.write(&msgs).await;
+                        }
+                    }
+                    Some(ToSession::Refresh(f)) => {
+                        if self.fsm.state == State::Established && self.peer_open.as_ref().is_some_and(|p| p.route_refresh) {
+                            self.write(&[wire::encode_route_refresh(f)]).await;
+                        }
+                    }
+                    Some(ToSession::Incoming(stream)) => self.incoming(stream).await,
+                },
+                r = connect_result(&mut self.connecting) => {
+                    self.connecting = None;
+                    match r.and_then(Conn::new) {
+                        Ok(c) => {
+                            self.conn = Some(c);
+                            self.event(Event::TcpCrAcked).await;
+                        }
+                        Err(e) => {
+                            debug!(peer = %self.cfg.address, error = %e, "connect failed");
+                            self.last_error = Some(format!("connect: {e}"));
+                            self.event(Event::TcpConnectionFails).await;
+                        }
+                    }
+                }
+                r = read_more(&mut self.conn) => match r {
+                    Ok(0) | Err(_) => {
+                        if let Err(e) = &r {
+                            self.last_error = Some(format!("read: {e}"));
+                        } else if self.fsm.state != State::Idle {
+                            self.last_error.get_or_insert_with(|| "connection closed by peer".into());
+                        }
+                        self.event(Event::TcpConnectionFails).await;
+                    }
+                    Ok(_) => self.drain().await,
+                },
+                r = read_more(&mut self.pending) => match r {
+                    Ok(0) | Err(_) => self.pending = None,
+                    Ok(_) => self.drain_pending().await,
+                },
+                _ = sleep => self.timers().await,
+            }
+        }
+    }
+
+    async fn timers(&mut self) {
+        let now = Instant::now();
+        let due = |t: &mut Option<Instant>| {
+            if t.is_some_and(|t| t <= now) {
+                *t = None;
+                true
+            } else {
+                false
+            }
+        };
+        if due(&mut self.restart_at) {
+            let ev = if self.cfg.passive {
+                Event::AutomaticStartWithPassiveTcpEstablishment
+            } else {
+                Event::AutomaticStart
+            };
+            self.event(ev).await;
+        }
+        if due(&mut self.hold_at) {
+            self.last_error = Some("hold timer expired".into());
+            self.event(Event::HoldTimerExpires).await;
+        }
+        if due(&mut self.keepalive_at) {
+            self.event(Event::KeepaliveTimerExpires).await;
+        }
+        if due(&mut self.connect_retry_at) {
+            self.event(Event::ConnectRetryTimerExpires).await;
+        }
+    }
+
+    /// Feed one event to the FSM and carry out its actions.
+    async fn event(&mut self, ev: Event) {
+        let before = self.fsm.state;
+        let (next, actions) = fsm::step(self.fsm, ev);
+        self.fsm = next;
+        let mut up = false;
+        for a in actions {
+            match a {
+                Action::InitiateTcp => {
+                    let cfg = self.cfg.clone();
+                    let ebgp = self.ebgp();
+                    self.connecting = Some(tokio::spawn(connect(cfg, ebgp)));
+                }
+                Action::DropTcp => {
+                    if let Some(h) = self.connecting.take() {
+                        h.abort();
+                    }
+                    if let Some(mut c) = self.conn.take() {
+                        let _ = c.wr.shutdown().await;
+                    }
+                    self.ctx = wire::parsing_context(true);
+                    self.max_len = wire::MAX_MESSAGE_LEN;
+                }
+                Action::SendOpen => {
+                    let families = self.cfg.families();
+                    let open = wire::build_open(&OpenParams {
+                        asn: self.local.asn,
+                        hold_time: self.our_hold_time(),
+                        router_id: self.local.router_id,
+                        families,
+                        graceful_restart: self.local.graceful_restart.clone(),
+                        extended_message: self.local.extended_message,
+                    });
+                    self.write(&[wire::encode(&open)]).await;
+                }
+                Action::SendKeepalive => self.write(&[wire::keepalive()]).await,
+                Action::SendNotification(n) => {
+                    warn!(peer = %self.cfg.address, "sending NOTIFICATION {n}");
+                    self.last_error = Some(format!("sent {n}"));
+                    self.write(&[wire::encode(&n.to_message())]).await;
+                }
+                Action::StartConnectRetryTimer => {
+                    self.connect_retry_at = Some(Instant::now() + self.connect_retry())
+                }
+                Action::StopConnectRetryTimer => self.connect_retry_at = None,
+                Action::StartHoldTimer(s) => {
+                    self.hold_at = (s > 0).then(|| Instant::now() + Duration::from_secs(s as u64))
+                }
+                Action::StartKeepaliveTimer(s) => {
+                    self.keepalive_at =
+                        (s > 0).then(|| Instant::now() + Duration::from_secs(s as u64))
+                }
+                Action::ProcessUpdate => {}
+                Action::SessionUp => up = true,
+                Action::SessionDown => {
+                    self.negotiated = None;
+                }
+                Action::ScheduleRestart => {
+                    // Idle hold: wait one connect-retry interval before trying again,
+                    // so a peer that keeps refusing us is not hammered.
+                    self.restart_at = Some(Instant::now() + self.connect_retry());
+                }
+            }
+        }
+        if up {
+            self.last_error = None;
+            if let (Some(po), Some(c)) = (&self.peer_open, &self.conn) {
+                let ours = self.cfg.families();
+                let families = ours
+                    .into_iter()
+                    .filter(|f| po.families.contains(f))
+                    .collect();
+                self.negotiated = Some(Arc::new(Negotiated {
+                    local_addr: c.local.ip(),
+                    families,
+                    four_octet: po.four_octet,
+                    max_len: self.max_len,
+                    hold_time: self.fsm.hold_time,
+                    peer: po.clone(),
+                }));
+            }
+            info!(peer = %self.cfg.address, asn = self.cfg.asn, "session Established");
+        }
+        if self.fsm.state != before {
+            debug!(peer = %self.cfg.address, from = %before, to = %self.fsm.state, "state change");
+            let _ = self.tx.send(FromSession::State {
+                peer: self.cfg.address,
+                state: self.fsm.state,
+                negotiated: self.negotiated.clone(),
+                error: self.last_error.clone(),
+            });
+        }
+    }
+
+    async fn write(&mut self, msgs: &[Vec<u8>]) {
+        let Some(c) = &mut self.conn else { return };
+        for m in msgs {
+            if let Err(e) = c.wr.write_all(m).await {
+                self.last_error = Some(format!("write: {e}"));
+                // The read side will see the failure and raise TcpConnectionFails.
+                return;
+            }
+        }
+    }
+
+    async fn incoming(&mut self, stream: TcpStream) {
+        let Ok(conn) = Conn::new(stream) else { return };
+        match self.fsm.state {
+            State::Idle if self.restart_at.is_none() => {
+                // Manually stopped: refuse.
+                reject(
+                    conn,
+                    Notify::new(6, 5, vec![], "connection rejected: session is stopped"),
+                )
+                .await;
+            }
+            State::Idle => {
+                self.restart_at = None;
+                self.event(Event::AutomaticStartWithPassiveTcpEstablishment)
+                    .await;
+                self.conn = Some(conn);
+                self.event(Event::TcpConnectionConfirmed).await;
+            }
+            State::Connect | State::Active => {
+                if let Some(h) = self.connecting.take() {
+                    h.abort();
+                }
+                self.conn = Some(conn);
+                self.event(Event::TcpConnectionConfirmed).await;
+            }
+            State::OpenSent | State::OpenConfirm if self.pending.is_none() => {
+                self.pending = Some(conn)
+            }
+            _ => {
+                reject(
+                    conn,
+                    Notify::new(
+                        6,
+                        7,
+                        vec![],
+                        "connection collision with an Established session",
+                    ),
+                )
+                .await
+            }
+        }
+    }
+
+    /// Process every complete message buffered on the main connection.
+    async fn drain(&mut self) {
+        loop {
+            let Some(c) = &mut self.conn else { return };
+            let len = match wire::frame(&c.buf, self.max_len) {
+                Ok(Some(len)) => len,
+                Ok(None) => return,
+                Err(n) => {
+                    self.last_error = Some(n.to_string());
+                    self.event(Event::BgpHeaderErr(n)).await;
+                    return;
+                }
+            };
+            let frame = c.buf.split_to(len);
+            let decoded = wire::decode(&frame, &mut self.ctx);
+            match decoded {
+                Err(n) => {
+                    warn!(peer = %self.cfg.address, "bad message: {n}");
+                    let ev = match n.code {
+                        2 => Event::BgpOpenMsgErr(n),
+                        3 => Event::UpdateMsgErr(n),
+                        _ => Event::BgpHeaderErr(n),
+                    };
+                    self.event(ev).await;
+                    return;
+                }
+                Ok((msg, ignored)) => self.message(msg, ignored).await,
+            }
+            if self.conn.is_none() {
+                return;
+            }
+        }
+    }
+
+    async fn message(
+        &mut self,
+        msg: BgpMessage,
+        ignored: netgauze_bgp_pkt::wire::deserializer::BgpParsingIgnoredErrors,
+    ) {
+        match msg {
+            BgpMessage::Open(open) => {
+                if self.fsm.state != State::OpenSent {
+                    self.event(Event::BgpOpen { hold_time: 0 }).await;
+                    return;
+                }
+                match wire::check_open(&open, self.cfg.asn, self.local.router_id, !self.ebgp()) {
+                    Err(n) => {
+                        self.last_error = Some(n.to_string());
+                        self.event(Event::BgpOpenMsgErr(n)).await
+                    }
+                    Ok(po) => self.accept_open(po).await,
+                }
+            }
+            BgpMessage::KeepAlive => self.event(Event::KeepAliveMsg).await,
+            BgpMessage::Notification(n) => {
+                let text = wire::describe_notification(&n);
+                warn!(peer = %self.cfg.address, "received NOTIFICATION {text}");
+                self.last_error = Some(format!("received {text}"));
+                self.event(Event::NotifMsg).await;
+            }
+            BgpMessage::RouteRefresh(r) => {
+                if self.fsm.state == State::Established {
+                    if let Some(family) = wire::route_refresh_family(&r) {
+                        let _ = self.tx.send(FromSession::RefreshRequest {
+                            peer: self.cfg.address,
+                            family,
+                        });
+                    }
+                    // RFC 4271 §8: only KEEPALIVE and UPDATE restart the hold timer; a
+                    // ROUTE-REFRESH is proof of life all the same.
+                    self.event(Event::KeepAliveMsg).await;
+                } else {
+                    self.event(Event::UpdateMsg).await;
+                }
+            }
+            BgpMessage::Update(u) => {
+                if self.fsm.state != State::Established {
+                    self.event(Event::UpdateMsg).await;
+                    return;
+                }
+                let four = self.negotiated.as_ref().is_some_and(|n| n.four_octet);
+                match wire::decode_update(&u, &ignored, four, self.ebgp()) {
+                    Err(n) => {
+                        warn!(peer = %self.cfg.address, "UPDATE error, resetting the session: {n}");
+                        self.last_error = Some(n.to_string());
+                        self.event(Event::UpdateMsgErr(n)).await;
+                    }
+                    Ok(update) => {
+                        for p in &update.problems {
+                            warn!(peer = %self.cfg.address, "{p}");
+                        }
+                        self.event(Event::UpdateMsg).await;
+                        let _ = self.tx.send(FromSession::Update {
+                            peer: self.cfg.address,
+                            update: Box::new(update),
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    async fn accept_open(&mut self, po: PeerOpen) {
+        let ours = self.our_hold_time();
+        let hold = if ours == 0 || po.hold_time == 0 {
+            0
+        } else {
+            ours.min(po.hold_time)
+        };
+        self.ctx.set_asn4(po.four_octet);
+        if self.local.extended_message && po.extended_message {
+            self.max_len = wire::MAX_EXTENDED_MESSAGE_LEN;
+        }
+        self.peer_open = Some(po);
+        self.event(Event::BgpOpen { hold_time: hold }).await;
+    }
+
+    /// Read the colliding connection until its OPEN arrives, then resolve the
+    /// collision by BGP identifier (RFC 4271 §6.8).
+    async fn drain_pending(&mut self) {
+        let Some(p) = &mut self.pending else { return };
+        let len = match wire::frame(&p.buf, wire::MAX_MESSAGE_LEN) {
+            Ok(Some(len)) => len,
+            Ok(None) => return,
+            Err(_) => {
+                self.pending = None;
+                return;
+            }
+        };
+        let frame = p.buf.split_to(len);
+        let mut ctx = wire::parsing_context(true);
+        let open = match wire::decode(&frame, &mut ctx) {
+            Ok((BgpMessage::Open(o), _)) => o,
+            _ => {
+                self.pending = None;
+                return;
+            }
+        };
+        let po = match wire::check_open(&open, self.cfg.asn, self.local.router_id, !self.ebgp()) {
+            Ok(po) => po,
+            Err(n) => {
+                if let Some(p) = self.pending.take() {
+                    reject(p, n).await;
+                }
+                return;
+            }
+        };
+        let Some(p) = self.pending.take() else { return };
+        if u32::from(self.local.router_id) < u32::from(po.router_id) {
+            // The remote wins: close the existing connection, continue on the new one.
+            info!(peer = %self.cfg.address, "connection collision: keeping the peer's connection");
+            self.event(Event::OpenCollisionDump).await;
+            self.restart_at = None;
+            self.event(Event::AutomaticStartWithPassiveTcpEstablishment)
+                .await;
+            self.conn = Some(p);
+            self.event(Event::TcpConnectionConfirmed).await;
+            if self.fsm.state == State::OpenSent {
+                self.accept_open(po).await;
+            }
+        } else {
+            info!(peer = %self.cfg.address, "connection collision: keeping our connection");
+            reject(
+                p,
+                Notify::new(6, 7, vec![], "connection collision resolution"),
+            )
+            .await;
+        }
+    }
+}
+
+async fn reject(mut c: Conn, n: Notify) {
+    let _ = c.wr.write_all(&wire::encode(&n.to_message())).await;
+    let _ = c.wr.shutdown().await;
+}
+
+/// Seconds since the Unix epoch, for "since" timestamps.
+pub fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
