@@ -1,7 +1,7 @@
 //! `starling-bgpd`'s control socket: one JSON request per line, one JSON
 //! reply per line, on a Unix socket that only root can open (mode 0600).
 
-use crate::speaker::{RouteEntry, SessionStatus, Speaker};
+use crate::speaker::{RibSummary, RouteEntry, SessionStatus, Speaker};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use std::os::unix::fs::PermissionsExt;
@@ -14,6 +14,7 @@ use tokio::net::{UnixListener, UnixStream};
 pub enum Request {
     Sessions,
     Routes,
+    Summary,
     Announce { prefix: IpNet },
     Withdraw { prefix: IpNet },
 }
@@ -23,6 +24,7 @@ pub enum Request {
 pub enum Reply {
     Sessions(Vec<SessionStatus>),
     Routes(Vec<RouteEntry>),
+    Summary(RibSummary),
     Ok,
     Error(String),
 }
@@ -49,6 +51,10 @@ async fn handle(stream: UnixStream, speaker: Speaker) -> std::io::Result<()> {
             Err(e) => Reply::Error(format!("bad request: {e}")),
             Ok(Request::Sessions) => match speaker.sessions().await {
                 Ok(s) => Reply::Sessions(s),
+                Err(e) => Reply::Error(e.to_string()),
+            },
+            Ok(Request::Summary) => match speaker.summary().await {
+                Ok(s) => Reply::Summary(s),
                 Err(e) => Reply::Error(e.to_string()),
             },
             Ok(Request::Routes) => match speaker.routes().await {

@@ -83,6 +83,15 @@ impl Rib {
         gone
     }
 
+    /// (Loc-RIB prefixes, paths in all Adj-RIBs-In, interned attribute sets).
+    pub fn sizes(&self) -> (usize, usize, usize) {
+        (
+            self.loc.len(),
+            self.adj_in.values().map(|m| m.len()).sum(),
+            self.interned.len(),
+        )
+    }
+
     pub fn received_count(&self, peer: IpAddr) -> usize {
         self.adj_in.get(&peer).map(|m| m.len()).unwrap_or(0)
     }

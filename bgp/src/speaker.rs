@@ -146,6 +146,19 @@ pub struct RouteEntry {
     pub best: bool,
 }
 
+/// Sizes of the speaker's tables, cheap to ask for even with millions of paths.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RibSummary {
+    /// Prefixes with a best path in the Loc-RIB.
+    pub loc_rib_prefixes: usize,
+    /// Paths held in all Adj-RIBs-In.
+    pub paths: usize,
+    /// Distinct interned attribute sets.
+    pub attribute_sets: usize,
+    pub sessions_established: usize,
+    pub sessions_configured: usize,
+}
+
 /// A change of the best path of a prefix learned from a peer: what an
 /// embedder programs. `paths` empty means the prefix is gone.
 #[derive(Clone, Debug, PartialEq)]
@@ -168,6 +181,7 @@ enum Command {
     Withdraw(IpNet),
     Sessions(oneshot::Sender<Vec<SessionStatus>>),
     Routes(oneshot::Sender<Vec<RouteEntry>>),
+    Summary(oneshot::Sender<RibSummary>),
     Shutdown(String, oneshot::Sender<()>),
 }
 
@@ -281,6 +295,12 @@ impl Speaker {
     pub async fn sessions(&self) -> Result<Vec<SessionStatus>, SpeakerError> {
         let (tx, rx) = oneshot::channel();
         self.send(Command::Sessions(tx))?;
+        rx.await.map_err(|_| SpeakerError::Stopped)
+    }
+
+    pub async fn summary(&self) -> Result<RibSummary, SpeakerError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::Summary(tx))?;
         rx.await.map_err(|_| SpeakerError::Stopped)
     }
 
@@ -402,6 +422,20 @@ impl Instance {
             }
             Command::Sessions(tx) => {
                 let _ = tx.send(self.sessions());
+            }
+            Command::Summary(tx) => {
+                let (loc_rib_prefixes, paths, attribute_sets) = self.rib.sizes();
+                let _ = tx.send(RibSummary {
+                    loc_rib_prefixes,
+                    paths,
+                    attribute_sets,
+                    sessions_established: self
+                        .peers
+                        .values()
+                        .filter(|p| p.state == State::Established)
+                        .count(),
+                    sessions_configured: self.peers.len(),
+                });
             }
             Command::Routes(tx) => {
                 let _ = tx.send(self.rib.entries());

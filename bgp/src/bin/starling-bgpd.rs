@@ -60,6 +60,8 @@ enum Cmd {
 enum What {
     Sessions,
     Routes,
+    /// Table sizes (cheap with millions of paths).
+    Summary,
 }
 
 fn main() {
@@ -155,6 +157,11 @@ fn client(cmd: Cmd) -> Result<()> {
             socket,
             output,
         } => (socket, Request::Routes, output),
+        Cmd::Show {
+            what: What::Summary,
+            socket,
+            output,
+        } => (socket, Request::Summary, output),
         Cmd::Announce { prefix, socket } => (socket, Request::Announce { prefix }, Output::Table),
         Cmd::Withdraw { prefix, socket } => (socket, Request::Withdraw { prefix }, Output::Table),
     };
@@ -166,6 +173,17 @@ fn client(cmd: Cmd) -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&s)?)
         }
         Reply::Sessions(s) => print!("{}", control::session_table(&s)),
+        Reply::Summary(s) if output == Output::Json => {
+            println!("{}", serde_json::to_string_pretty(&s)?)
+        }
+        Reply::Summary(s) => println!(
+            "sessions {}/{} established, {} prefixes in the Loc-RIB, {} paths, {} attribute sets",
+            s.sessions_established,
+            s.sessions_configured,
+            s.loc_rib_prefixes,
+            s.paths,
+            s.attribute_sets
+        ),
         Reply::Routes(r) if output == Output::Json => {
             println!("{}", serde_json::to_string_pretty(&r)?)
         }
