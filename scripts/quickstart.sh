@@ -9,7 +9,8 @@ export PATH="$HOME/.cargo/bin:$PATH"
 bash "$here/scripts/setup.sh"
 echo "quickstart: building (release)"
 cargo build --release --manifest-path "$here/Cargo.toml" -p starling-bgp --bin starling-bgpd
-bgpd="$here/target/release/starling-bgpd"
+[ -n "${CARGO_TARGET_DIR:-}" ] && here_target=$CARGO_TARGET_DIR || here_target="$here/target"
+bgpd="$here_target/release/starling-bgpd"
 P=stqs$$-
 W=$(mktemp -d /tmp/starling-quickstart.XXXX)
 cleanup() {
@@ -44,8 +45,17 @@ hold_time: 9
 connect_retry: 2
 prefixes: [10.20.0.0/24, "2001:db8:20::/48"]
 peers:
-  - {address: 192.0.2.1, asn: 65000, description: "BIRD top-of-rack (IPv4)"}
-  - {address: "2001:db8::1", asn: 65000, description: "BIRD top-of-rack (IPv6)"}
+  # eBGP needs a policy both ways (RFC 8212): accept the ToR's routes, send our own.
+  - address: 192.0.2.1
+    asn: 65000
+    description: "BIRD top-of-rack (IPv4)"
+    import: [{prefix: 10.0.0.0/8, le: 32, action: accept}]
+    export: [{prefix: 10.20.0.0/16, le: 32, action: accept}]
+  - address: "2001:db8::1"
+    asn: 65000
+    description: "BIRD top-of-rack (IPv6)"
+    import: [{prefix: "2001:db8::/32", le: 128, action: accept}]
+    export: [{prefix: "2001:db8:20::/48", action: accept}]
 EOB
 ip netns exec ${P}tor bird -c "$W/bird.conf" -s "$W/bird.ctl" -P "$W/bird.pid"
 "$bgpd" --config "$W/bgpd.yaml" --check

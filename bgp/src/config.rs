@@ -15,6 +15,10 @@ pub struct GracefulRestartConfig {
     pub enabled: bool,
     #[serde(default = "default_restart_time")]
     pub restart_time: u16,
+    /// We kept forwarding across our own restart: advertise the F bit and
+    /// defer best-path results until peers send End-of-RIB (RFC 4724).
+    #[serde(default)]
+    pub forwarding_preserved: bool,
 }
 
 fn yes() -> bool {
@@ -41,6 +45,16 @@ pub struct DaemonConfig {
     pub graceful_restart: Option<GracefulRestartConfig>,
     #[serde(default)]
     pub prefixes: Vec<IpNet>,
+    /// Route reflector cluster ID (default: router_id); used with peers
+    /// marked `route_reflector_client`.
+    #[serde(default)]
+    pub cluster_id: Option<Ipv4Addr>,
+    /// ECMP: the most paths kept per prefix (default 1).
+    #[serde(default)]
+    pub max_paths: Option<usize>,
+    /// RFC 8212: eBGP peers without import/export rules exchange nothing (default true).
+    #[serde(default)]
+    pub ebgp_requires_policy: Option<bool>,
     #[serde(default)]
     pub peers: Vec<PeerConfig>,
 }
@@ -135,6 +149,19 @@ impl DaemonConfig {
                     format!("peers[{i}].md5_password: must be 1 to 80 bytes"),
                 ));
             }
+            for (dir, rules) in [("import", &p.import), ("export", &p.export)] {
+                for (j, r) in rules.iter().flatten().enumerate() {
+                    if let Err(e) = r.validate() {
+                        return Err(err(line, format!("peers[{i}].{dir}[{j}].{e}")));
+                    }
+                }
+            }
+            if p.max_prefixes.is_some_and(|m| m.limit == 0) {
+                return Err(err(
+                    line,
+                    format!("peers[{i}].max_prefixes.limit: must be at least 1"),
+                ));
+            }
             if let Some(src) = p.source_address
                 && src.is_ipv4() != p.address.is_ipv4()
             {
@@ -163,6 +190,17 @@ impl DaemonConfig {
         if let Some(c) = self.connect_retry {
             s.connect_retry = c;
         }
+        s.cluster_id = self.cluster_id;
+        if let Some(m) = self.max_paths {
+            s.max_paths = m.max(1);
+        }
+        if let Some(r) = self.ebgp_requires_policy {
+            s.ebgp_requires_policy = r;
+        }
+        s.forwarding_preserved = self
+            .graceful_restart
+            .as_ref()
+            .is_some_and(|g| g.enabled && g.forwarding_preserved);
         s.graceful_restart = match &self.graceful_restart {
             Some(g) if !g.enabled => None,
             Some(g) => Some(g.restart_time),

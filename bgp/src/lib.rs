@@ -6,6 +6,7 @@ pub mod attrs;
 pub mod config;
 pub mod control;
 pub mod fsm;
+pub mod policy;
 pub mod rib;
 pub mod session;
 pub mod sockopt;
@@ -13,8 +14,10 @@ pub mod speaker;
 pub mod wire;
 
 pub use attrs::{Family, PathAttrs};
+pub use rib::NextHopResolver;
 pub use speaker::{
-    LearnedPath, PeerConfig, RouteChange, RouteEntry, SessionStatus, Speaker, SpeakerConfig,
+    LearnedPath, PeerConfig, RouteChange, RouteEntry, RouteEvent, SessionStatus, Speaker,
+    SpeakerConfig,
 };
 
 /// Entry points for the fuzz targets in `fuzz/` (not a stable API).

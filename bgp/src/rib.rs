@@ -1,43 +1,77 @@
 //! Routing information bases: an Adj-RIB-In per peer, our originated
-//! prefixes, and the Loc-RIB of best paths. Path attributes are interned:
-//! every distinct attribute set is stored once and shared by `Arc`.
-//!
-//! The decision process here is the part of RFC 4271 §9.1.2.2 that part 1
-//! needs; the full process with RFC 4456 tie-breaks and multipath replaces
-//! `prefer` without changing the callers.
+//! prefixes, and the Loc-RIB of best paths with their multipath sets. Path
+//! attributes are interned: every distinct attribute set is stored once and
+//! shared by `Arc`, which is what keeps a path to a few dozen bytes.
 
 use crate::attrs::{Family, PathAttrs};
-use crate::session::LocalInfo;
 use crate::speaker::RouteEntry;
 use ipnet::IpNet;
 use std::cmp::Ordering;
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Tells the speaker whether a next hop is reachable, and at what IGP cost
+/// (RFC 4271 §9.1.2 and §9.1.2.2 e). The embedder (the agent) implements it
+/// from the kernel's view; `starling-bgpd` uses none (everything reachable).
+pub trait NextHopResolver: Send + Sync {
+    /// `None`: unreachable, the path is not eligible. `Some(cost)`: reachable.
+    fn resolve(&self, next_hop: IpAddr) -> Option<u32>;
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Source {
     Local,
     Peer(IpAddr),
 }
 
+/// What the decision process needs to know about a peer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerMeta {
+    pub ebgp: bool,
+    pub router_id: Ipv4Addr,
+    pub rr_client: bool,
+}
+
+/// One path of a prefix.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Path {
+    pub source: Source,
+    pub attrs: Arc<PathAttrs>,
+}
+
+/// The Loc-RIB entry of a prefix: the best path and the multipath set
+/// (best first, at most `max_paths`, distinct next hops).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Best {
     pub source: Source,
     pub attrs: Arc<PathAttrs>,
     pub family: Family,
+    pub multipath: Vec<Path>,
 }
 
 #[derive(Default)]
 pub struct Rib {
     local: BTreeSet<IpNet>,
     adj_in: HashMap<IpAddr, HashMap<IpNet, Arc<PathAttrs>>>,
-    peer_ebgp: HashMap<IpAddr, bool>,
+    meta: HashMap<IpAddr, PeerMeta>,
+    /// Routes kept for a restarting peer (RFC 4724 §4.2) until it refreshes them.
+    stale: HashMap<IpAddr, HashSet<IpNet>>,
     loc: HashMap<IpNet, Best>,
     interned: HashSet<Arc<PathAttrs>>,
+    pub max_paths: usize,
+    pub resolver: Option<Arc<dyn NextHopResolver>>,
 }
 
 impl Rib {
+    pub fn new(max_paths: usize, resolver: Option<Arc<dyn NextHopResolver>>) -> Rib {
+        Rib {
+            max_paths: max_paths.max(1),
+            resolver,
+            ..Default::default()
+        }
+    }
+
     /// One shared copy of an attribute set.
     pub fn intern(&mut self, attrs: PathAttrs) -> Arc<PathAttrs> {
         if let Some(a) = self.interned.get(&attrs) {
@@ -49,7 +83,7 @@ impl Rib {
     }
 
     /// Forget attribute sets nobody uses any more.
-    fn collect_garbage(&mut self) {
+    pub fn collect_garbage(&mut self) {
         self.interned.retain(|a| Arc::strong_count(a) > 1);
     }
 
@@ -61,12 +95,25 @@ impl Rib {
         self.local.remove(&p)
     }
 
-    pub fn insert(&mut self, peer: IpAddr, p: IpNet, attrs: Arc<PathAttrs>, ebgp: bool) {
-        self.peer_ebgp.insert(peer, ebgp);
+    pub fn set_peer(&mut self, peer: IpAddr, meta: PeerMeta) {
+        self.meta.insert(peer, meta);
+    }
+
+    pub fn meta(&self, peer: IpAddr) -> Option<&PeerMeta> {
+        self.meta.get(&peer)
+    }
+
+    pub fn insert(&mut self, peer: IpAddr, p: IpNet, attrs: Arc<PathAttrs>) {
         self.adj_in.entry(peer).or_default().insert(p, attrs);
+        if let Some(s) = self.stale.get_mut(&peer) {
+            s.remove(&p);
+        }
     }
 
     pub fn remove(&mut self, peer: IpAddr, p: &IpNet) -> bool {
+        if let Some(s) = self.stale.get_mut(&peer) {
+            s.remove(p);
+        }
         self.adj_in
             .get_mut(&peer)
             .is_some_and(|m| m.remove(p).is_some())
@@ -74,13 +121,57 @@ impl Rib {
 
     /// Drop everything learned from `peer`; returns the prefixes affected.
     pub fn drop_peer(&mut self, peer: IpAddr) -> Vec<IpNet> {
-        let gone: Vec<IpNet> = self
-            .adj_in
+        self.stale.remove(&peer);
+        self.meta.remove(&peer);
+        self.adj_in
             .remove(&peer)
             .map(|m| m.into_keys().collect())
+            .unwrap_or_default()
+    }
+
+    /// Mark every route of `peer` stale (its session went down gracefully).
+    pub fn mark_stale(&mut self, peer: IpAddr) -> usize {
+        let keys: HashSet<IpNet> = self
+            .adj_in
+            .get(&peer)
+            .map(|m| m.keys().copied().collect())
             .unwrap_or_default();
-        self.peer_ebgp.remove(&peer);
+        let n = keys.len();
+        self.stale.insert(peer, keys);
+        n
+    }
+
+    pub fn stale_count(&self, peer: IpAddr) -> usize {
+        self.stale.get(&peer).map(|s| s.len()).unwrap_or(0)
+    }
+
+    /// Remove the routes of `peer` still stale, of `family` or of every
+    /// family; returns the prefixes removed.
+    pub fn sweep_stale(&mut self, peer: IpAddr, family: Option<Family>) -> Vec<IpNet> {
+        let Some(stale) = self.stale.get_mut(&peer) else {
+            return vec![];
+        };
+        let gone: Vec<IpNet> = stale
+            .iter()
+            .filter(|p| family.is_none_or(|f| Family::of(p) == f))
+            .copied()
+            .collect();
+        for p in &gone {
+            stale.remove(p);
+        }
+        if stale.is_empty() {
+            self.stale.remove(&peer);
+        }
+        if let Some(m) = self.adj_in.get_mut(&peer) {
+            for p in &gone {
+                m.remove(p);
+            }
+        }
         gone
+    }
+
+    pub fn received_count(&self, peer: IpAddr) -> usize {
+        self.adj_in.get(&peer).map(|m| m.len()).unwrap_or(0)
     }
 
     /// (Loc-RIB prefixes, paths in all Adj-RIBs-In, interned attribute sets).
@@ -92,20 +183,21 @@ impl Rib {
         )
     }
 
-    pub fn received_count(&self, peer: IpAddr) -> usize {
-        self.adj_in.get(&peer).map(|m| m.len()).unwrap_or(0)
-    }
-
-    pub fn is_ebgp_path(&self, peer: IpAddr) -> bool {
-        self.peer_ebgp.get(&peer).copied().unwrap_or(false)
-    }
-
     pub fn best(&self, p: &IpNet) -> Option<&Best> {
         self.loc.get(p)
     }
 
     pub fn all_prefixes(&self) -> Vec<IpNet> {
         self.loc.keys().copied().collect()
+    }
+
+    /// Every prefix anyone has a path for (for a full re-decision).
+    pub fn known_prefixes(&self) -> Vec<IpNet> {
+        let mut all: HashSet<IpNet> = self.local.iter().copied().collect();
+        for m in self.adj_in.values() {
+            all.extend(m.keys().copied());
+        }
+        all.into_iter().collect()
     }
 
     pub fn prefixes_of(&self, f: Family) -> Vec<IpNet> {
@@ -116,35 +208,69 @@ impl Rib {
             .collect()
     }
 
-    /// Run the decision process for `p`. Returns `Some(new best)` when the
-    /// best path changed (`Some(None)`: no path left), `None` when it did not.
-    pub fn decide(&mut self, p: &IpNet, _local: &LocalInfo) -> Option<Option<Best>> {
+    /// IGP cost to the path's next hop, or `None` when it is unreachable.
+    fn cost(&self, path: &Path) -> Option<u32> {
+        match (&self.resolver, path.source, path.attrs.next_hop) {
+            (_, Source::Local, _) => Some(0),
+            (None, _, _) => Some(0),
+            (Some(r), _, Some(nh)) => r.resolve(nh),
+            (Some(_), _, None) => None,
+        }
+    }
+
+    /// Run the decision process for `p`. Returns `Some(new entry)` when the
+    /// best path or multipath set changed (`Some(None)`: no path left),
+    /// `None` when nothing changed.
+    pub fn decide(&mut self, p: &IpNet) -> Option<Option<Best>> {
         let family = Family::of(p);
-        let mut best: Option<Best> = if self.local.contains(p) {
-            Some(Best {
-                source: Source::Local,
-                attrs: self.local_attrs(),
-                family,
-            })
+        let mut cands: Vec<(Path, u32)> = Vec::new();
+        if self.local.contains(p) {
+            let attrs = self.intern(PathAttrs::default());
+            cands.push((
+                Path {
+                    source: Source::Local,
+                    attrs,
+                },
+                0,
+            ));
         } else {
-            None
-        };
-        if best.is_none() {
             for (peer, table) in &self.adj_in {
                 let Some(attrs) = table.get(p) else { continue };
-                let cand = Best {
+                let path = Path {
                     source: Source::Peer(*peer),
                     attrs: attrs.clone(),
-                    family,
                 };
-                best = match best {
-                    Some(b) if self.prefer(&b, &cand) != Ordering::Greater => Some(b),
-                    _ => Some(cand),
-                };
+                if let Some(cost) = self.cost(&path) {
+                    cands.push((path, cost));
+                }
             }
         }
-        let old = self.loc.get(p);
-        if old == best.as_ref() {
+        let best = if cands.is_empty() {
+            None
+        } else {
+            cands.sort_by(|a, b| self.prefer(a, b));
+            let first = cands[0].clone();
+            let mut multipath: Vec<Path> = Vec::new();
+            for c in &cands {
+                if multipath.len() >= self.max_paths {
+                    break;
+                }
+                if self.multipath_equal(&first, c)
+                    && !multipath
+                        .iter()
+                        .any(|m| m.attrs.next_hop == c.0.attrs.next_hop)
+                {
+                    multipath.push(c.0.clone());
+                }
+            }
+            Some(Best {
+                source: first.0.source,
+                attrs: first.0.attrs,
+                family,
+                multipath,
+            })
+        };
+        if self.loc.get(p) == best.as_ref() {
             return None;
         }
         match &best {
@@ -153,65 +279,111 @@ impl Rib {
             }
             None => {
                 self.loc.remove(p);
-                if self.loc.len().is_multiple_of(1024) {
-                    self.collect_garbage();
-                }
             }
         }
         Some(best)
     }
 
-    fn local_attrs(&mut self) -> Arc<PathAttrs> {
-        self.intern(PathAttrs::default())
+    fn is_ebgp(&self, s: Source) -> bool {
+        match s {
+            Source::Peer(p) => self.meta.get(&p).is_some_and(|m| m.ebgp),
+            Source::Local => false,
+        }
     }
 
-    /// `Less` when `a` is preferred over `b` (RFC 4271 §9.1.2.2).
-    fn prefer(&self, a: &Best, b: &Best) -> Ordering {
-        let lp = |x: &Best| x.attrs.local_pref.unwrap_or(100);
-        let ebgp = |x: &Best| match x.source {
-            Source::Peer(p) => self.is_ebgp_path(p),
-            Source::Local => true,
-        };
-        let addr = |x: &Best| match x.source {
-            Source::Peer(p) => Some(p),
-            Source::Local => None,
-        };
-        lp(b)
-            .cmp(&lp(a))
+    /// RFC 4271 §9.1.2.2 a-e plus the IGP cost: paths equal here may share
+    /// the multipath set.
+    fn multipath_equal(&self, a: &(Path, u32), b: &(Path, u32)) -> bool {
+        self.compare_through_cost(a, b) == Ordering::Equal
+    }
+
+    fn compare_through_cost(&self, (a, ca): &(Path, u32), (b, cb): &(Path, u32)) -> Ordering {
+        let local = |x: &Path| matches!(x.source, Source::Local);
+        let lp = |x: &Path| x.attrs.local_pref.unwrap_or(100);
+        local(b)
+            .cmp(&local(a))
+            .then(lp(b).cmp(&lp(a)))
             .then(a.attrs.as_path_len().cmp(&b.attrs.as_path_len()))
             .then(a.attrs.origin.cmp(&b.attrs.origin))
             .then_with(|| {
+                // c) MED only between paths from the same neighbouring AS; a
+                // missing MED is the lowest (RFC 4271 §9.1.2.2 c).
                 if a.attrs.neighbor_as() == b.attrs.neighbor_as() {
                     a.attrs.med.unwrap_or(0).cmp(&b.attrs.med.unwrap_or(0))
                 } else {
                     Ordering::Equal
                 }
             })
-            .then(ebgp(b).cmp(&ebgp(a)))
-            .then(addr(a).cmp(&addr(b)))
+            .then(self.is_ebgp(b.source).cmp(&self.is_ebgp(a.source)))
+            .then(ca.cmp(cb))
+    }
+
+    /// `Less` when `a` is preferred over `b`: RFC 4271 §9.1.2.2 with the
+    /// RFC 4456 §9 tie-breaks (ORIGINATOR_ID in place of the BGP identifier,
+    /// then the shorter CLUSTER_LIST), then the lower peer address.
+    fn prefer(&self, a: &(Path, u32), b: &(Path, u32)) -> Ordering {
+        let id = |x: &Path| -> u32 {
+            match x.source {
+                Source::Local => 0,
+                Source::Peer(p) => x
+                    .attrs
+                    .originator_id
+                    .or_else(|| self.meta.get(&p).map(|m| m.router_id))
+                    .map(u32::from)
+                    .unwrap_or(u32::MAX),
+            }
+        };
+        let addr = |x: &Path| match x.source {
+            Source::Peer(p) => Some(p),
+            Source::Local => None,
+        };
+        self.compare_through_cost(a, b)
+            .then(id(&a.0).cmp(&id(&b.0)))
+            .then(
+                a.0.attrs
+                    .cluster_list
+                    .len()
+                    .cmp(&b.0.attrs.cluster_list.len()),
+            )
+            .then(addr(&a.0).cmp(&addr(&b.0)))
     }
 
     /// Every path we hold, for `show routes`.
     pub fn entries(&self) -> Vec<RouteEntry> {
         let mut out = Vec::new();
-        let entry = |prefix: IpNet, peer: String, a: &PathAttrs, best: bool| RouteEntry {
-            prefix,
-            peer,
-            next_hop: a.next_hop,
-            as_path: a.as_path_flat(),
-            origin: format!("{:?}", a.origin).to_lowercase(),
-            local_pref: a.local_pref,
-            med: a.med,
-            communities: a.communities.clone(),
-            best,
-        };
+        let entry =
+            |prefix: IpNet, peer: String, a: &PathAttrs, best: bool, stale: bool| RouteEntry {
+                prefix,
+                peer,
+                next_hop: a.next_hop,
+                as_path: a.as_path_flat(),
+                origin: format!("{:?}", a.origin).to_lowercase(),
+                local_pref: a.local_pref,
+                med: a.med,
+                communities: a.communities.clone(),
+                best,
+                stale,
+            };
         for p in &self.local {
-            out.push(entry(*p, "local".into(), &PathAttrs::default(), true));
+            out.push(entry(
+                *p,
+                "local".into(),
+                &PathAttrs::default(),
+                true,
+                false,
+            ));
         }
         for (peer, table) in &self.adj_in {
+            let stale = self.stale.get(peer);
             for (p, a) in table {
                 let best = matches!(self.loc.get(p), Some(Best { source: Source::Peer(b), .. }) if b == peer);
-                out.push(entry(*p, peer.to_string(), a, best));
+                out.push(entry(
+                    *p,
+                    peer.to_string(),
+                    a,
+                    best,
+                    stale.is_some_and(|s| s.contains(p)),
+                ));
             }
         }
         out.sort_by(|a, b| a.prefix.cmp(&b.prefix).then(a.peer.cmp(&b.peer)));
@@ -224,68 +396,172 @@ mod tests {
     use super::*;
     use crate::attrs::{AsSegment, SegmentKind};
 
-    fn local() -> LocalInfo {
-        LocalInfo {
-            asn: 65000,
-            router_id: "192.0.2.1".parse().unwrap(),
-            hold_time: 90,
-            connect_retry: 5,
-            graceful_restart: None,
-            extended_message: true,
-        }
-    }
-
-    fn path(asns: &[u32], lp: Option<u32>) -> PathAttrs {
+    fn path(asns: &[u32], lp: Option<u32>, nh: &str) -> PathAttrs {
         PathAttrs {
             as_path: vec![AsSegment {
                 kind: SegmentKind::Sequence,
                 asns: asns.to_vec(),
             }],
             local_pref: lp,
-            next_hop: Some("192.0.2.9".parse().unwrap()),
+            next_hop: Some(nh.parse().unwrap()),
             ..Default::default()
         }
     }
 
+    fn meta(r: &mut Rib, peer: &str, ebgp: bool, id: &str) -> IpAddr {
+        let a: IpAddr = peer.parse().unwrap();
+        r.set_peer(
+            a,
+            PeerMeta {
+                ebgp,
+                router_id: id.parse().unwrap(),
+                rr_client: false,
+            },
+        );
+        a
+    }
+
+    const P: &str = "10.0.0.0/24";
+
     #[test]
     fn interning_shares_one_copy() {
         let mut r = Rib::default();
-        let a = r.intern(path(&[1], None));
-        let b = r.intern(path(&[1], None));
+        let a = r.intern(path(&[1], None, "192.0.2.1"));
+        let b = r.intern(path(&[1], None, "192.0.2.1"));
         assert!(Arc::ptr_eq(&a, &b));
     }
 
     #[test]
     fn decision_prefers_local_pref_then_shorter_path() {
-        let mut r = Rib::default();
-        let p: IpNet = "10.0.0.0/24".parse().unwrap();
-        let x: IpAddr = "192.0.2.2".parse().unwrap();
-        let y: IpAddr = "192.0.2.3".parse().unwrap();
-        let a = r.intern(path(&[1, 2, 3], Some(200)));
-        let b = r.intern(path(&[1], Some(100)));
-        r.insert(x, p, a, false);
-        r.insert(y, p, b, false);
-        let best = r.decide(&p, &local()).unwrap().unwrap();
-        assert_eq!(best.source, Source::Peer(x));
+        let mut r = Rib::new(1, None);
+        let p: IpNet = P.parse().unwrap();
+        let x = meta(&mut r, "192.0.2.2", false, "192.0.2.2");
+        let y = meta(&mut r, "192.0.2.3", false, "192.0.2.3");
+        let a = r.intern(path(&[1, 2, 3], Some(200), "192.0.2.2"));
+        let b = r.intern(path(&[1], Some(100), "192.0.2.3"));
+        r.insert(x, p, a);
+        r.insert(y, p, b);
+        assert_eq!(r.decide(&p).unwrap().unwrap().source, Source::Peer(x));
         r.remove(x, &p);
-        let best = r.decide(&p, &local()).unwrap().unwrap();
-        assert_eq!(best.source, Source::Peer(y));
-        // Unchanged: no event.
-        assert_eq!(r.decide(&p, &local()), None);
+        assert_eq!(r.decide(&p).unwrap().unwrap().source, Source::Peer(y));
+        assert_eq!(r.decide(&p), None, "unchanged: no event");
         r.remove(y, &p);
-        assert_eq!(r.decide(&p, &local()), Some(None));
+        assert_eq!(r.decide(&p), Some(None));
+    }
+
+    #[test]
+    fn ebgp_beats_ibgp_and_med_compares_within_one_neighbour_as() {
+        let mut r = Rib::new(1, None);
+        let p: IpNet = P.parse().unwrap();
+        let i = meta(&mut r, "192.0.2.2", false, "192.0.2.2");
+        let e = meta(&mut r, "192.0.2.3", true, "192.0.2.3");
+        let a = r.intern(path(&[65001], None, "192.0.2.2"));
+        let b = r.intern(path(&[65001], None, "192.0.2.3"));
+        r.insert(i, p, a);
+        r.insert(e, p, b);
+        assert_eq!(r.decide(&p).unwrap().unwrap().source, Source::Peer(e));
+        let mut lower_med = path(&[65001], None, "192.0.2.2");
+        lower_med.med = Some(1);
+        let mut higher_med = path(&[65001], None, "192.0.2.3");
+        higher_med.med = Some(50);
+        let (a, b) = (r.intern(lower_med), r.intern(higher_med));
+        r.insert(i, p, a);
+        r.insert(e, p, b);
+        assert_eq!(
+            r.decide(&p).unwrap().unwrap().source,
+            Source::Peer(i),
+            "MED before eBGP/iBGP"
+        );
+    }
+
+    #[test]
+    fn originator_id_and_cluster_list_break_ties() {
+        let mut r = Rib::new(1, None);
+        let p: IpNet = P.parse().unwrap();
+        let x = meta(&mut r, "192.0.2.2", false, "192.0.2.2");
+        let y = meta(&mut r, "192.0.2.3", false, "192.0.2.3");
+        let mut a = path(&[], None, "192.0.2.9");
+        a.originator_id = Some("192.0.2.200".parse().unwrap());
+        let mut b = path(&[], None, "192.0.2.9");
+        b.originator_id = Some("192.0.2.100".parse().unwrap());
+        let (ia, ib) = (r.intern(a.clone()), r.intern(b.clone()));
+        r.insert(x, p, ia);
+        r.insert(y, p, ib);
+        assert_eq!(
+            r.decide(&p).unwrap().unwrap().source,
+            Source::Peer(y),
+            "lower ORIGINATOR_ID wins"
+        );
+        b.originator_id = a.originator_id;
+        b.cluster_list = vec!["192.0.2.1".parse().unwrap(), "192.0.2.5".parse().unwrap()];
+        a.cluster_list = vec!["192.0.2.1".parse().unwrap()];
+        let (ia, ib) = (r.intern(a), r.intern(b));
+        r.insert(x, p, ia);
+        r.insert(y, p, ib);
+        assert_eq!(
+            r.decide(&p).unwrap().unwrap().source,
+            Source::Peer(x),
+            "shorter CLUSTER_LIST wins"
+        );
+    }
+
+    #[test]
+    fn multipath_collects_equal_paths_up_to_the_limit() {
+        let mut r = Rib::new(2, None);
+        let p: IpNet = P.parse().unwrap();
+        for (i, peer) in ["192.0.2.2", "192.0.2.3", "192.0.2.4"].iter().enumerate() {
+            let a = meta(&mut r, peer, true, peer);
+            let attrs = r.intern(path(&[65001 + i as u32], None, peer));
+            r.insert(a, p, attrs);
+        }
+        let b = r.decide(&p).unwrap().unwrap();
+        assert_eq!(b.multipath.len(), 2);
+        assert_ne!(b.multipath[0].attrs.next_hop, b.multipath[1].attrs.next_hop);
+    }
+
+    struct Only(IpAddr);
+    impl NextHopResolver for Only {
+        fn resolve(&self, nh: IpAddr) -> Option<u32> {
+            (nh == self.0).then_some(10)
+        }
+    }
+
+    #[test]
+    fn unreachable_next_hops_are_not_eligible() {
+        let mut r = Rib::new(1, Some(Arc::new(Only("192.0.2.3".parse().unwrap()))));
+        let p: IpNet = P.parse().unwrap();
+        let x = meta(&mut r, "192.0.2.2", false, "192.0.2.2");
+        let y = meta(&mut r, "192.0.2.3", false, "192.0.2.3");
+        let a = r.intern(path(&[], Some(500), "192.0.2.2"));
+        let b = r.intern(path(&[], Some(100), "192.0.2.3"));
+        r.insert(x, p, a);
+        r.insert(y, p, b);
+        assert_eq!(r.decide(&p).unwrap().unwrap().source, Source::Peer(y));
+    }
+
+    #[test]
+    fn stale_routes_survive_until_swept() {
+        let mut r = Rib::new(1, None);
+        let p: IpNet = P.parse().unwrap();
+        let q: IpNet = "10.0.1.0/24".parse().unwrap();
+        let x = meta(&mut r, "192.0.2.2", false, "192.0.2.2");
+        let a = r.intern(path(&[], None, "192.0.2.2"));
+        r.insert(x, p, a.clone());
+        r.insert(x, q, a.clone());
+        assert_eq!(r.mark_stale(x), 2);
+        r.insert(x, p, a); // refreshed after the restart
+        assert_eq!(r.sweep_stale(x, Some(Family::Ipv4)), vec![q]);
+        assert_eq!(r.received_count(x), 1);
     }
 
     #[test]
     fn local_prefix_wins() {
-        let mut r = Rib::default();
-        let p: IpNet = "10.0.0.0/24".parse().unwrap();
-        let a = r.intern(path(&[], Some(1000)));
-        r.insert("192.0.2.2".parse().unwrap(), p, a, false);
+        let mut r = Rib::new(1, None);
+        let p: IpNet = P.parse().unwrap();
+        let x = meta(&mut r, "192.0.2.2", false, "192.0.2.2");
+        let a = r.intern(path(&[], Some(1000), "192.0.2.2"));
+        r.insert(x, p, a);
         r.originate(p);
-        assert_eq!(
-            r.decide(&p, &local()).unwrap().unwrap().source,
-            Source::Local
-        );
+        assert_eq!(r.decide(&p).unwrap().unwrap().source, Source::Local);
     }
 }

@@ -55,6 +55,8 @@ pub enum ToSession {
     Stop(Notify),
     /// Ask the peer to resend a family (RFC 2918).
     Refresh(Family),
+    /// Close the session with this NOTIFICATION and try again after the delay.
+    Reset(Notify, Duration),
 }
 
 /// Session -> instance.
@@ -65,6 +67,8 @@ pub enum FromSession {
         state: State,
         negotiated: Option<Arc<Negotiated>>,
         error: Option<String>,
+        /// Left Established without a NOTIFICATION either way (RFC 4724 §4.2).
+        graceful: bool,
     },
     Update {
         peer: IpAddr,
@@ -166,6 +170,8 @@ pub struct Driver {
     keepalive_at: Option<Instant>,
     restart_at: Option<Instant>,
     last_error: Option<String>,
+    /// A NOTIFICATION was sent or received on the current connection.
+    notified: bool,
     tx: mpsc::UnboundedSender<FromSession>,
 }
 
@@ -192,6 +198,7 @@ impl Driver {
             keepalive_at: None,
             restart_at: None,
             last_error: None,
+            notified: false,
             tx,
         }
     }
@@ -256,6 +263,10 @@ impl Driver {
                         }
                     }
                     Some(ToSession::Incoming(stream)) => self.incoming(stream).await,
+                    Some(ToSession::Reset(n, after)) => {
+                        self.event(Event::ManualStop(n)).await;
+                        self.restart_at = Some(Instant::now() + after);
+                    }
                 },
                 r = connect_result(&mut self.connecting) => {
                     self.connecting = None;
@@ -345,6 +356,7 @@ impl Driver {
                     self.max_len = wire::MAX_MESSAGE_LEN;
                 }
                 Action::SendOpen => {
+                    self.notified = false;
                     let families = self.cfg.families();
                     let open = wire::build_open(&OpenParams {
                         asn: self.local.asn,
@@ -358,6 +370,7 @@ impl Driver {
                 }
                 Action::SendKeepalive => self.write(&[wire::keepalive()]).await,
                 Action::SendNotification(n) => {
+                    self.notified = true;
                     warn!(peer = %self.cfg.address, "sending NOTIFICATION {n}");
                     self.last_error = Some(format!("sent {n}"));
                     self.write(&[wire::encode(&n.to_message())]).await;
@@ -411,6 +424,7 @@ impl Driver {
                 state: self.fsm.state,
                 negotiated: self.negotiated.clone(),
                 error: self.last_error.clone(),
+                graceful: !self.notified,
             });
         }
     }
@@ -524,6 +538,7 @@ impl Driver {
             }
             BgpMessage::KeepAlive => self.event(Event::KeepAliveMsg).await,
             BgpMessage::Notification(n) => {
+                self.notified = true;
                 let text = wire::describe_notification(&n);
                 warn!(peer = %self.cfg.address, "received NOTIFICATION {text}");
                 self.last_error = Some(format!("received {text}"));

@@ -4,20 +4,40 @@
 
 use crate::attrs::{Family, PathAttrs};
 use crate::fsm::State;
-use crate::rib::{Best, Rib, Source};
+use crate::policy::{self, Outcome, PolicyRule};
+use crate::rib::{Best, NextHopResolver, PeerMeta, Rib, Source};
 use crate::session::{self, Driver, FromSession, LocalInfo, Negotiated, ToSession};
 use crate::wire::{self, GracefulRestart, Notify};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 use tracing::{info, warn};
 
 fn default_port() -> u16 {
     179
+}
+
+/// What to do when a peer sends more prefixes than allowed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MaxPrefixAction {
+    /// Log a warning and keep the session.
+    Warn,
+    /// Close the session with Cease / Maximum Number of Prefixes Reached (RFC 4486).
+    Close,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MaxPrefixes {
+    pub limit: usize,
+    pub action: MaxPrefixAction,
 }
 
 /// One configured neighbour.
@@ -52,9 +72,43 @@ pub struct PeerConfig {
     /// Free text shown in the session table.
     #[serde(default)]
     pub description: Option<String>,
+    /// This iBGP peer is a route-reflector client of ours (RFC 4456).
+    #[serde(default)]
+    pub route_reflector_client: bool,
+    /// Advertise ourselves as the next hop of routes we pass to this iBGP peer.
+    #[serde(default)]
+    pub next_hop_self: bool,
+    #[serde(default)]
+    pub max_prefixes: Option<MaxPrefixes>,
+    /// Import policy; without one, iBGP accepts everything and eBGP accepts
+    /// nothing unless `ebgp_requires_policy` is off (RFC 8212).
+    #[serde(default)]
+    pub import: Option<Vec<PolicyRule>>,
+    /// Export policy; same defaults as `import`.
+    #[serde(default)]
+    pub export: Option<Vec<PolicyRule>>,
+    /// Cap on the restart time this peer advertises (graceful restart, receiving side).
+    #[serde(default)]
+    pub max_restart_time: Option<u16>,
 }
 
 impl PeerConfig {
+    /// Whether a change from `self` to `other` needs a new session (anything
+    /// but policy, reflection and limits does).
+    fn session_differs(&self, other: &PeerConfig) -> bool {
+        let strip = |c: &PeerConfig| PeerConfig {
+            import: None,
+            export: None,
+            max_prefixes: None,
+            route_reflector_client: false,
+            next_hop_self: false,
+            description: None,
+            max_restart_time: None,
+            ..c.clone()
+        };
+        strip(self) != strip(other)
+    }
+
     pub fn new(address: IpAddr, asn: u32) -> PeerConfig {
         PeerConfig {
             address,
@@ -69,6 +123,12 @@ impl PeerConfig {
             hold_time: None,
             connect_retry: None,
             description: None,
+            route_reflector_client: false,
+            next_hop_self: false,
+            max_prefixes: None,
+            import: None,
+            export: None,
+            max_restart_time: None,
         }
     }
 
@@ -95,6 +155,24 @@ pub struct SpeakerConfig {
     /// Whether forwarding state was kept across our restart (the F bit).
     pub forwarding_preserved: bool,
     pub extended_message: bool,
+    /// Route reflector cluster ID (RFC 4456); peers marked
+    /// `route_reflector_client` are reflected to. Default: our router ID.
+    pub cluster_id: Option<Ipv4Addr>,
+    /// Largest multipath (ECMP) set per prefix.
+    pub max_paths: usize,
+    /// RFC 8212: eBGP peers without a policy exchange nothing.
+    pub ebgp_requires_policy: bool,
+    /// How long changes are gathered before the Loc-RIB and Adj-RIBs-Out
+    /// are updated, so that bursts go out packed.
+    pub batch_interval: Duration,
+    /// Reachability and cost of next hops, from the embedder.
+    pub resolver: Option<Arc<dyn NextHopResolver>>,
+}
+
+impl std::fmt::Debug for dyn NextHopResolver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("NextHopResolver")
+    }
 }
 
 impl SpeakerConfig {
@@ -111,6 +189,11 @@ impl SpeakerConfig {
             graceful_restart: Some(120),
             forwarding_preserved: false,
             extended_message: true,
+            cluster_id: None,
+            max_paths: 1,
+            ebgp_requires_policy: true,
+            batch_interval: Duration::from_millis(5),
+            resolver: None,
         }
     }
 }
@@ -144,6 +227,8 @@ pub struct RouteEntry {
     pub med: Option<u32>,
     pub communities: Vec<u32>,
     pub best: bool,
+    /// Kept for a restarting peer, not yet refreshed (RFC 4724).
+    pub stale: bool,
 }
 
 /// Sizes of the speaker's tables, cheap to ask for even with millions of paths.
@@ -167,6 +252,17 @@ pub struct RouteChange {
     pub paths: Vec<LearnedPath>,
 }
 
+/// What the speaker tells its embedder.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RouteEvent {
+    /// The best paths of a prefix changed.
+    Change(RouteChange),
+    /// Every configured peer has sent End-of-RIB (or the restart time ran
+    /// out): the Loc-RIB is complete, and routes the embedder holds that it
+    /// has not been told about since start can go (RFC 4724 §4.1).
+    Synced,
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct LearnedPath {
     pub peer: IpAddr,
@@ -182,6 +278,7 @@ enum Command {
     Sessions(oneshot::Sender<Vec<SessionStatus>>),
     Routes(oneshot::Sender<Vec<RouteEntry>>),
     Summary(oneshot::Sender<RibSummary>),
+    Redecide,
     Shutdown(String, oneshot::Sender<()>),
 }
 
@@ -209,7 +306,7 @@ impl Speaker {
     /// the stream of best-path changes.
     pub async fn start(
         cfg: SpeakerConfig,
-    ) -> Result<(Speaker, mpsc::UnboundedReceiver<RouteChange>), SpeakerError> {
+    ) -> Result<(Speaker, mpsc::UnboundedReceiver<RouteEvent>), SpeakerError> {
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         let (route_tx, route_rx) = mpsc::unbounded_channel();
         let (sess_tx, sess_rx) = mpsc::unbounded_channel();
@@ -251,13 +348,25 @@ impl Speaker {
             }),
             extended_message: cfg.extended_message,
         });
+        let sync_deadline =
+            Instant::now() + Duration::from_secs(cfg.graceful_restart.unwrap_or(120).max(1) as u64);
         let inst = Instance {
             local,
+            cluster_id: cfg.cluster_id.unwrap_or(cfg.router_id),
+            ebgp_requires_policy: cfg.ebgp_requires_policy,
+            batch_interval: cfg.batch_interval,
+            defer: cfg.forwarding_preserved,
             peers: BTreeMap::new(),
-            rib: Rib::default(),
+            rib: Rib::new(cfg.max_paths, cfg.resolver.clone()),
             listeners,
             sess_tx,
             route_tx,
+            dirty: HashSet::new(),
+            flush_at: None,
+            stale_until: HashMap::new(),
+            eor: HashSet::new(),
+            synced: false,
+            sync_deadline,
         };
         tokio::spawn(inst.run(cmd_rx, sess_rx, conn_rx));
         Ok((Speaker { cmd: cmd_tx }, route_rx))
@@ -296,6 +405,12 @@ impl Speaker {
         let (tx, rx) = oneshot::channel();
         self.send(Command::Sessions(tx))?;
         rx.await.map_err(|_| SpeakerError::Stopped)
+    }
+
+    /// Next-hop reachability changed (the embedder's resolver answers
+    /// differently now): run the decision process for every prefix again.
+    pub fn next_hops_changed(&self) -> Result<(), SpeakerError> {
+        self.send(Command::Redecide)
     }
 
     pub async fn summary(&self) -> Result<RibSummary, SpeakerError> {
@@ -344,6 +459,10 @@ struct PeerEntry {
     negotiated: Option<Arc<Negotiated>>,
     /// Adj-RIB-Out: what we last advertised to this peer.
     adj_out: HashMap<IpNet, Arc<PathAttrs>>,
+    /// Whether we already logged that RFC 8212 blocks this peer, and the
+    /// max-prefix warning, so the log says it once.
+    warned_policy: bool,
+    warned_max_prefix: bool,
 }
 
 impl PeerEntry {
@@ -352,13 +471,42 @@ impl PeerEntry {
     }
 }
 
+/// The policy that applies to a peer in one direction: `Ok(None)` accept
+/// everything, `Ok(Some(rules))` run the rules, `Err(())` RFC 8212 blocks all.
+fn effective_policy(
+    rules: &Option<Vec<PolicyRule>>,
+    ebgp: bool,
+    requires: bool,
+) -> Result<Option<&[PolicyRule]>, ()> {
+    match rules {
+        Some(r) => Ok(Some(r.as_slice())),
+        None if ebgp && requires => Err(()),
+        None => Ok(None),
+    }
+}
+
 struct Instance {
     local: Arc<LocalInfo>,
+    cluster_id: Ipv4Addr,
+    ebgp_requires_policy: bool,
+    batch_interval: Duration,
+    /// Restarting with forwarding kept: hold best-path changes back from the
+    /// embedder until the initial sync (RFC 4724 §4.1 selection deferral).
+    defer: bool,
     peers: BTreeMap<IpAddr, PeerEntry>,
     rib: Rib,
     listeners: Vec<Arc<TcpListener>>,
     sess_tx: mpsc::UnboundedSender<FromSession>,
-    route_tx: mpsc::UnboundedSender<RouteChange>,
+    route_tx: mpsc::UnboundedSender<RouteEvent>,
+    /// Prefixes whose paths changed since the last flush.
+    dirty: HashSet<IpNet>,
+    flush_at: Option<Instant>,
+    /// Restarting peers whose stale routes go when the time is up.
+    stale_until: HashMap<IpAddr, Instant>,
+    /// End-of-RIB received, per peer and family, for the initial sync.
+    eor: HashSet<(IpAddr, Family)>,
+    synced: bool,
+    sync_deadline: Instant,
 }
 
 impl Instance {
@@ -369,6 +517,20 @@ impl Instance {
         mut conn_rx: mpsc::UnboundedReceiver<(tokio::net::TcpStream, SocketAddr)>,
     ) {
         loop {
+            let next = [
+                self.flush_at,
+                self.stale_until.values().min().copied(),
+                (!self.synced).then_some(self.sync_deadline),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
+            let timer = async {
+                match next {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 c = cmd_rx.recv() => match c {
                     None => { self.stop_all("speaker handle dropped"); return; }
@@ -390,7 +552,33 @@ impl Instance {
                         None => info!(from = %from, "refused a connection from an address that is not a configured peer"),
                     }
                 }
+                _ = timer => self.timers(),
             }
+        }
+    }
+
+    fn timers(&mut self) {
+        let now = Instant::now();
+        if self.flush_at.is_some_and(|t| t <= now) {
+            self.flush();
+        }
+        let expired: Vec<IpAddr> = self
+            .stale_until
+            .iter()
+            .filter(|(_, t)| **t <= now)
+            .map(|(p, _)| *p)
+            .collect();
+        for peer in expired {
+            self.stale_until.remove(&peer);
+            let gone = self.rib.sweep_stale(peer, None);
+            if !gone.is_empty() {
+                info!(peer = %peer, routes = gone.len(), "restart time over: removing the routes the peer did not refresh");
+            }
+            self.mark_dirty(gone);
+        }
+        if !self.synced && self.sync_deadline <= now {
+            info!("initial sync: not every peer sent End-of-RIB in time; going ahead");
+            self.finish_sync();
         }
     }
 
@@ -412,13 +600,17 @@ impl Instance {
             }
             Command::Announce(p) => {
                 if self.rib.originate(p) {
-                    self.changed(vec![p]);
+                    self.mark_dirty(vec![p]);
                 }
             }
             Command::Withdraw(p) => {
                 if self.rib.stop_originating(p) {
-                    self.changed(vec![p]);
+                    self.mark_dirty(vec![p]);
                 }
+            }
+            Command::Redecide => {
+                let all = self.rib.known_prefixes();
+                self.mark_dirty(all);
             }
             Command::Sessions(tx) => {
                 let _ = tx.send(self.sessions());
@@ -469,8 +661,44 @@ impl Instance {
                 cfg.address
             ));
         }
-        if let Some(old) = self.peers.get(&cfg.address) {
+        for (dir, rules) in [("import", &cfg.import), ("export", &cfg.export)] {
+            for (i, r) in rules.iter().flatten().enumerate() {
+                r.validate()
+                    .map_err(|e| format!("peer {}: {dir}[{i}].{e}", cfg.address))?;
+            }
+        }
+        if let Some(old) = self.peers.get_mut(&cfg.address) {
             if old.cfg == cfg {
+                return Ok(());
+            }
+            if !old.cfg.session_differs(&cfg) {
+                // Policy, reflection or limits changed: keep the session.
+                let import_changed = old.cfg.import != cfg.import;
+                old.cfg = cfg.clone();
+                old.warned_policy = false;
+                old.warned_max_prefix = false;
+                let addr = cfg.address;
+                if let Some(neg) = old.negotiated.clone() {
+                    if let Some(meta) = self.rib.meta(addr).copied() {
+                        self.rib.set_peer(
+                            addr,
+                            PeerMeta {
+                                rr_client: cfg.route_reflector_client,
+                                ..meta
+                            },
+                        );
+                    }
+                    if import_changed {
+                        // RFC 2918: ask the peer to send everything again, and
+                        // run the new import policy on it.
+                        for f in &neg.families {
+                            let _ = old.tx.send(ToSession::Refresh(*f));
+                        }
+                    }
+                    let all = self.rib.all_prefixes();
+                    self.export_to(addr, all, false);
+                }
+                info!(peer = %addr, "peer policy updated without a session reset");
                 return Ok(());
             }
             self.remove_peer(
@@ -493,6 +721,8 @@ impl Instance {
                 last_error: None,
                 negotiated: None,
                 adj_out: HashMap::new(),
+                warned_policy: false,
+                warned_max_prefix: false,
             },
         );
         Ok(())
@@ -506,8 +736,10 @@ impl Instance {
         if p.cfg.md5_password.is_some() {
             self.set_listener_md5(addr, None);
         }
+        self.stale_until.remove(&addr);
         let gone = self.rib.drop_peer(addr);
-        self.changed(gone);
+        self.mark_dirty(gone);
+        self.check_sync();
         true
     }
 
@@ -519,6 +751,8 @@ impl Instance {
                 asn: p.cfg.asn,
                 kind: if p.ebgp(self.local.asn) {
                     "ebgp".into()
+                } else if p.cfg.route_reflector_client {
+                    "ibgp rr-client".into()
                 } else {
                     "ibgp".into()
                 },
@@ -539,6 +773,7 @@ impl Instance {
                 state,
                 negotiated,
                 error,
+                graceful,
             } => {
                 let Some(p) = self.peers.get_mut(&peer) else {
                     return;
@@ -550,50 +785,35 @@ impl Instance {
                     p.last_error = error;
                 }
                 if state == State::Established {
-                    p.negotiated = negotiated;
+                    p.negotiated = negotiated.clone();
                     p.adj_out.clear();
-                    self.initial_export(peer);
+                    let ebgp = p.ebgp(self.local.asn);
+                    let rr_client = p.cfg.route_reflector_client;
+                    if let Some(neg) = &negotiated {
+                        self.rib.set_peer(
+                            peer,
+                            PeerMeta {
+                                ebgp,
+                                router_id: neg.peer.router_id,
+                                rr_client,
+                            },
+                        );
+                        self.resume_stale(peer, neg);
+                    }
+                    let all = self.rib.all_prefixes();
+                    self.export_to(peer, all, true);
                 } else if was == State::Established {
+                    let gr = p
+                        .negotiated
+                        .as_ref()
+                        .and_then(|n| n.peer.graceful_restart.clone());
+                    let cap = p.cfg.max_restart_time;
                     p.negotiated = None;
                     p.adj_out.clear();
-                    // Part 2 keeps these as stale under graceful restart.
-                    let gone = self.rib.drop_peer(peer);
-                    self.changed(gone);
+                    self.session_down(peer, gr, cap, graceful);
                 }
             }
-            FromSession::Update { peer, update } => {
-                let Some(p) = self.peers.get(&peer) else {
-                    return;
-                };
-                let ebgp = p.ebgp(self.local.asn);
-                let mut changed =
-                    Vec::with_capacity(update.withdrawn.len() + update.announced.len());
-                for w in &update.withdrawn {
-                    if self.rib.remove(peer, w) {
-                        changed.push(*w);
-                    }
-                }
-                if !update.announced.is_empty() {
-                    if ebgp && update.attrs.contains_as(self.local.asn) {
-                        // AS loop (RFC 4271 §9.1.2): not eligible; drop any older path.
-                        for a in &update.announced {
-                            if self.rib.remove(peer, a) {
-                                changed.push(*a);
-                            }
-                        }
-                    } else {
-                        let attrs = self.rib.intern(update.attrs.clone());
-                        for a in &update.announced {
-                            self.rib.insert(peer, *a, attrs.clone(), ebgp);
-                            changed.push(*a);
-                        }
-                    }
-                }
-                if let Some(f) = update.end_of_rib {
-                    info!(peer = %peer, family = %f, "End-of-RIB received");
-                }
-                self.changed(changed);
-            }
+            FromSession::Update { peer, update } => self.update(peer, *update),
             FromSession::RefreshRequest { peer, family } => {
                 // RFC 2918: resend the whole Adj-RIB-Out of that family.
                 if let Some(p) = self.peers.get_mut(&peer) {
@@ -604,29 +824,248 @@ impl Instance {
         }
     }
 
-    /// Recompute best paths of `prefixes`, tell the embedder, and update every peer.
-    fn changed(&mut self, prefixes: Vec<IpNet>) {
+    /// A session left Established. With graceful restart and no NOTIFICATION
+    /// (RFC 4724 §4.2), its routes stay, marked stale, for the restart time.
+    fn session_down(
+        &mut self,
+        peer: IpAddr,
+        gr: Option<wire::PeerGracefulRestart>,
+        cap: Option<u16>,
+        graceful: bool,
+    ) {
+        let restart_time = gr.map(|(t, _, _)| cap.map_or(t, |c| t.min(c))).unwrap_or(0);
+        if graceful && restart_time > 0 {
+            let n = self.rib.mark_stale(peer);
+            info!(peer = %peer, routes = n, restart_time, "peer went down; keeping its routes as stale (graceful restart)");
+            self.stale_until.insert(
+                peer,
+                Instant::now() + Duration::from_secs(restart_time as u64),
+            );
+        } else {
+            self.stale_until.remove(&peer);
+            let gone = self.rib.drop_peer(peer);
+            self.mark_dirty(gone);
+        }
+    }
+
+    /// A restarting peer is back: families it kept forwarding for keep their
+    /// stale routes until End-of-RIB; the others lose them now (RFC 4724 §4.2).
+    fn resume_stale(&mut self, peer: IpAddr, neg: &Negotiated) {
+        if self.rib.stale_count(peer) == 0 {
+            return;
+        }
+        let kept: Vec<Family> = neg
+            .peer
+            .graceful_restart
+            .as_ref()
+            .map(|(_, _, fams)| fams.iter().filter(|(_, f)| *f).map(|(f, _)| *f).collect())
+            .unwrap_or_default();
+        for f in [Family::Ipv4, Family::Ipv6] {
+            if !kept.contains(&f) || !neg.families.contains(&f) {
+                let gone = self.rib.sweep_stale(peer, Some(f));
+                self.mark_dirty(gone);
+            }
+        }
+    }
+
+    fn update(&mut self, peer: IpAddr, update: wire::Update) {
+        let local_asn = self.local.asn;
+        let router_id = self.local.router_id;
+        let cluster_id = self.cluster_id;
+        let requires = self.ebgp_requires_policy;
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        let ebgp = p.ebgp(local_asn);
+        let mut changed = Vec::with_capacity(update.withdrawn.len() + update.announced.len());
+        for w in &update.withdrawn {
+            if self.rib.remove(peer, w) {
+                changed.push(*w);
+            }
+        }
+        if !update.announced.is_empty() {
+            let a = &update.attrs;
+            let looped = (ebgp && a.contains_as(local_asn))
+                || a.originator_id == Some(router_id)
+                || a.cluster_list.contains(&cluster_id);
+            let policy = effective_policy(&p.cfg.import, ebgp, requires);
+            if policy.is_err() && !p.warned_policy {
+                warn!(peer = %peer, "eBGP peer has no import policy: accepting nothing (RFC 8212; set import rules or ebgp_requires_policy: false)");
+                p.warned_policy = true;
+            }
+            match policy {
+                _ if looped => {
+                    // Loop detection (RFC 4271 §9.1.2, RFC 4456 §8): not eligible.
+                    for x in &update.announced {
+                        if self.rib.remove(peer, x) {
+                            changed.push(*x);
+                        }
+                    }
+                }
+                Err(()) => {}
+                Ok(None) => {
+                    let attrs = self.rib.intern(update.attrs.clone());
+                    for x in &update.announced {
+                        self.rib.insert(peer, *x, attrs.clone());
+                        changed.push(*x);
+                    }
+                }
+                Ok(Some(rules)) => {
+                    let rules = rules.to_vec();
+                    for x in &update.announced {
+                        let mut attrs = update.attrs.clone();
+                        match policy::apply(Some(&rules), x, &mut attrs) {
+                            Outcome::Reject => {
+                                if self.rib.remove(peer, x) {
+                                    changed.push(*x);
+                                }
+                            }
+                            Outcome::Accept { .. } => {
+                                let attrs = self.rib.intern(attrs);
+                                self.rib.insert(peer, *x, attrs);
+                                changed.push(*x);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        self.mark_dirty(changed);
+        self.check_max_prefixes(peer);
+        if let Some(f) = update.end_of_rib {
+            info!(peer = %peer, family = %f, "End-of-RIB received");
+            let gone = self.rib.sweep_stale(peer, Some(f));
+            if !gone.is_empty() {
+                info!(peer = %peer, routes = gone.len(), "removed stale routes not refreshed before End-of-RIB");
+            }
+            if self.rib.stale_count(peer) == 0 {
+                self.stale_until.remove(&peer);
+            }
+            self.mark_dirty(gone);
+            self.eor.insert((peer, f));
+            self.check_sync();
+        }
+    }
+
+    fn check_max_prefixes(&mut self, peer: IpAddr) {
+        let count = self.rib.received_count(peer);
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        let Some(max) = p.cfg.max_prefixes else {
+            return;
+        };
+        if count <= max.limit {
+            return;
+        }
+        match max.action {
+            MaxPrefixAction::Warn => {
+                if !p.warned_max_prefix {
+                    warn!(peer = %peer, count, limit = max.limit, "peer exceeds its prefix limit");
+                    p.warned_max_prefix = true;
+                }
+            }
+            MaxPrefixAction::Close => {
+                warn!(peer = %peer, count, limit = max.limit, "peer exceeds its prefix limit: closing the session");
+                // RFC 4486 §4: AFI, SAFI and the limit.
+                let mut data = vec![0, if peer.is_ipv4() { 1 } else { 2 }, 1];
+                data.extend_from_slice(&(max.limit.min(u32::MAX as usize) as u32).to_be_bytes());
+                let n = Notify::new(
+                    6,
+                    1,
+                    data,
+                    format!("{count} prefixes exceed the limit of {}", max.limit),
+                );
+                let _ = p.tx.send(ToSession::Reset(n, Duration::from_secs(30)));
+            }
+        }
+    }
+
+    /// The initial sync is done once every configured peer has sent
+    /// End-of-RIB for each family it negotiated.
+    fn check_sync(&mut self) {
+        if self.synced {
+            return;
+        }
+        let done = self.peers.values().all(|p| {
+            p.cfg.families().iter().all(|f| {
+                self.eor.contains(&(p.cfg.address, *f))
+                    || p.negotiated
+                        .as_ref()
+                        .is_some_and(|n| !n.families.contains(f))
+            })
+        });
+        if done {
+            self.finish_sync();
+        }
+    }
+
+    fn finish_sync(&mut self) {
+        self.synced = true;
+        self.flush();
+        if self.defer {
+            // Selection was deferred: hand the embedder the whole Loc-RIB now.
+            for p in self.rib.all_prefixes() {
+                let paths = self.learned_paths(&p);
+                let _ = self
+                    .route_tx
+                    .send(RouteEvent::Change(RouteChange { prefix: p, paths }));
+            }
+        }
+        info!("initial sync done");
+        let _ = self.route_tx.send(RouteEvent::Synced);
+    }
+
+    fn mark_dirty(&mut self, prefixes: Vec<IpNet>) {
         if prefixes.is_empty() {
             return;
         }
+        self.dirty.extend(prefixes);
+        if self.flush_at.is_none() {
+            self.flush_at = Some(Instant::now() + self.batch_interval);
+        }
+    }
+
+    fn learned_paths(&self, p: &IpNet) -> Vec<LearnedPath> {
+        match self.rib.best(p) {
+            Some(b) if b.source != Source::Local => b
+                .multipath
+                .iter()
+                .filter_map(|m| match m.source {
+                    Source::Peer(peer) => Some(LearnedPath {
+                        peer,
+                        next_hop: m.attrs.next_hop,
+                        attrs: m.attrs.clone(),
+                    }),
+                    Source::Local => None,
+                })
+                .collect(),
+            _ => vec![],
+        }
+    }
+
+    /// Run the decision process on everything that changed since the last
+    /// flush, tell the embedder, and update every peer.
+    fn flush(&mut self) {
+        self.flush_at = None;
+        if self.dirty.is_empty() {
+            return;
+        }
+        let dirty: Vec<IpNet> = self.dirty.drain().collect();
         let mut moved = Vec::new();
-        for p in prefixes {
-            if let Some(best) = self.rib.decide(&p, &self.local) {
-                let paths = match &best {
-                    Some(Best {
-                        source: Source::Peer(peer),
-                        attrs,
-                        ..
-                    }) => vec![crate::speaker::LearnedPath {
-                        peer: *peer,
-                        next_hop: attrs.next_hop,
-                        attrs: attrs.clone(),
-                    }],
-                    _ => vec![],
-                };
-                let _ = self.route_tx.send(RouteChange { prefix: p, paths });
+        for p in dirty {
+            if self.rib.decide(&p).is_some() {
+                if !self.defer || self.synced {
+                    let paths = self.learned_paths(&p);
+                    let _ = self
+                        .route_tx
+                        .send(RouteEvent::Change(RouteChange { prefix: p, paths }));
+                }
                 moved.push(p);
             }
+        }
+        if moved.len() > 1024 {
+            self.rib.collect_garbage();
         }
         let addrs: Vec<IpAddr> = self.peers.keys().copied().collect();
         for a in addrs {
@@ -634,15 +1073,11 @@ impl Instance {
         }
     }
 
-    fn initial_export(&mut self, peer: IpAddr) {
-        let all = self.rib.all_prefixes();
-        self.export_to(peer, all, true);
-    }
-
     /// Bring a peer's Adj-RIB-Out in line with the Loc-RIB for `prefixes`,
     /// packing announcements that share attributes into the same UPDATEs.
     fn export_to(&mut self, addr: IpAddr, prefixes: Vec<IpNet>, end_of_rib: bool) {
         let local_asn = self.local.asn;
+        let requires = self.ebgp_requires_policy;
         let Some(p) = self.peers.get_mut(&addr) else {
             return;
         };
@@ -650,6 +1085,19 @@ impl Instance {
             return;
         };
         let ebgp = p.ebgp(local_asn);
+        let policy = effective_policy(&p.cfg.export, ebgp, requires);
+        if policy.is_err() && !p.warned_policy && !prefixes.is_empty() {
+            warn!(peer = %addr, "eBGP peer has no export policy: sending nothing (RFC 8212; set export rules or ebgp_requires_policy: false)");
+            p.warned_policy = true;
+        }
+        let to = ExportTo {
+            addr,
+            ebgp,
+            rr_client: p.cfg.route_reflector_client,
+            next_hop_self: p.cfg.next_hop_self,
+            local_asn,
+            cluster_id: self.cluster_id,
+        };
         let mut announce: HashMap<(Family, Arc<PathAttrs>), Vec<IpNet>> = HashMap::new();
         let mut withdraw: HashMap<Family, Vec<IpNet>> = HashMap::new();
         for prefix in prefixes {
@@ -657,10 +1105,13 @@ impl Instance {
             if !neg.families.contains(&family) {
                 continue;
             }
-            let desired = self
-                .rib
-                .best(&prefix)
-                .and_then(|b| export_attrs(b, addr, ebgp, local_asn, &neg, &self.rib));
+            let desired = match policy {
+                Err(()) => None,
+                Ok(rules) => self
+                    .rib
+                    .best(&prefix)
+                    .and_then(|b| export_attrs(b, &to, &neg, &self.rib, rules, &prefix)),
+            };
             match desired {
                 Some(attrs) => {
                     if p.adj_out.get(&prefix).is_some_and(|a| **a == attrs) {
@@ -700,49 +1151,81 @@ impl Instance {
     }
 }
 
+/// The receiving side of an export.
+struct ExportTo {
+    addr: IpAddr,
+    ebgp: bool,
+    rr_client: bool,
+    next_hop_self: bool,
+    local_asn: u32,
+    cluster_id: Ipv4Addr,
+}
+
 /// The attributes we advertise to a peer for a best path, or `None` when the
-/// path must not go to that peer (RFC 4271 §9.2).
+/// path must not go to that peer (RFC 4271 §9.2, RFC 4456 §6).
 fn export_attrs(
     best: &Best,
-    to: IpAddr,
-    to_ebgp: bool,
-    local_asn: u32,
+    to: &ExportTo,
     neg: &Negotiated,
     rib: &Rib,
+    rules: Option<&[PolicyRule]>,
+    prefix: &IpNet,
 ) -> Option<PathAttrs> {
-    let family_local = Family::of_addr(&neg.local_addr);
     let mut a = (*best.attrs).clone();
+    let mut reflected = false;
+    let mut nh_self = to.next_hop_self;
     match best.source {
         Source::Local => {
             a.next_hop = None;
         }
         Source::Peer(from) => {
-            if from == to {
+            if from == to.addr {
                 return None;
             }
-            // Without route reflection, iBGP-learned paths never go to iBGP peers (§9.2).
-            if !to_ebgp && !rib.is_ebgp_path(from) {
-                return None;
+            let meta = rib.meta(from)?;
+            if !to.ebgp && !meta.ebgp {
+                // iBGP to iBGP only through a reflector: a client's routes go to
+                // everyone, a non-client's only to clients (RFC 4456 §6).
+                if !(meta.rr_client || to.rr_client) {
+                    return None;
+                }
+                reflected = true;
+                if a.originator_id.is_none() {
+                    a.originator_id = Some(meta.router_id);
+                }
+                a.cluster_list.insert(0, to.cluster_id);
+                // A reflector does not change the next hop unless told to.
             }
         }
     }
-    if to_ebgp {
-        a.prepend(local_asn);
+    if let Outcome::Accept { next_hop_self } = policy::apply(rules, prefix, &mut a) {
+        if let Some(n) = next_hop_self {
+            nh_self = n;
+        }
+    } else {
+        return None;
+    }
+    if to.ebgp {
+        a.prepend(to.local_asn);
         a.next_hop = None;
         a.local_pref = None;
-        if !matches!(best.source, Source::Local) {
-            // MED is not passed beyond the neighbouring AS (§5.1.4).
+        if !matches!(best.source, Source::Local) && rules.is_none() {
+            // MED is not passed beyond the neighbouring AS (§5.1.4) unless policy sets it.
             a.med = None;
         }
         a.originator_id = None;
         a.cluster_list.clear();
-    } else if a.local_pref.is_none() {
-        a.local_pref = Some(100);
+    } else {
+        if a.local_pref.is_none() {
+            a.local_pref = Some(100);
+        }
+        if nh_self && !reflected {
+            a.next_hop = None;
+        }
     }
     if a.next_hop.is_none() {
         // next-hop-self: our address on this session, when it is of the prefix's family.
-        let prefix_family = best.family;
-        if prefix_family == family_local {
+        if best.family == Family::of_addr(&neg.local_addr) {
             a.next_hop = Some(neg.local_addr);
         } else {
             return None;

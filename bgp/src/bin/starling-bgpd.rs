@@ -4,9 +4,9 @@
 use anyhow::{Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
-use starling_bgp::Speaker;
 use starling_bgp::config::DaemonConfig;
 use starling_bgp::control::{self, Reply, Request};
+use starling_bgp::{RouteEvent, Speaker};
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -124,13 +124,14 @@ async fn run(cfg: DaemonConfig) -> Result<()> {
     });
     // The daemon programs nothing; it logs best-path changes for the operator.
     tokio::spawn(async move {
-        while let Some(c) = changes.recv().await {
-            match c.paths.first() {
-                Some(p) => {
-                    tracing::info!(prefix = %c.prefix, peer = %p.peer, next_hop = ?p.next_hop, "best path")
-                }
-                None => tracing::info!(prefix = %c.prefix, "no path"),
-            }
+        while let Some(ev) = changes.recv().await {
+            let RouteEvent::Change(c) = ev else { continue };
+            let hops: Vec<String> = c
+                .paths
+                .iter()
+                .map(|p| p.next_hop.map(|n| n.to_string()).unwrap_or_default())
+                .collect();
+            tracing::debug!(prefix = %c.prefix, next_hops = ?hops, "best paths");
         }
     });
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

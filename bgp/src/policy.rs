@@ -1,0 +1,307 @@
+//! Import and export policy: an ordered list of rules, first match wins.
+//! A rule matches on prefix (with a length range) and on community, then
+//! accepts (optionally changing attributes) or rejects. When a list exists
+//! and nothing matches, the route is rejected.
+
+use crate::attrs::PathAttrs;
+use ipnet::IpNet;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use std::fmt;
+
+/// A standard community written `ASN:VALUE` (RFC 1997).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Community(pub u32);
+
+impl fmt::Display for Community {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.0 >> 16, self.0 & 0xffff)
+    }
+}
+
+impl std::str::FromStr for Community {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (a, b) = s
+            .split_once(':')
+            .ok_or_else(|| format!("community {s:?} is not of the form ASN:VALUE"))?;
+        let a: u16 = a
+            .parse()
+            .map_err(|_| format!("community {s:?}: {a:?} is not a number from 0 to 65535"))?;
+        let b: u16 = b
+            .parse()
+            .map_err(|_| format!("community {s:?}: {b:?} is not a number from 0 to 65535"))?;
+        Ok(Community(((a as u32) << 16) | b as u32))
+    }
+}
+
+impl Serialize for Community {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Community {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    #[default]
+    Accept,
+    Reject,
+}
+
+/// Attribute changes made by an accepting rule.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct SetActions {
+    #[serde(default)]
+    pub local_pref: Option<u32>,
+    #[serde(default)]
+    pub med: Option<u32>,
+    #[serde(default)]
+    pub communities_add: Vec<Community>,
+    /// On export: advertise ourselves as the next hop (`true`) or keep the
+    /// path's next hop (`false`).
+    #[serde(default)]
+    pub next_hop_self: Option<bool>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyRule {
+    /// Match prefixes inside this one. Without `ge`/`le` only this exact
+    /// length matches; `ge`/`le` give a length range (like a prefix list).
+    #[serde(default)]
+    pub prefix: Option<IpNet>,
+    #[serde(default)]
+    pub ge: Option<u8>,
+    #[serde(default)]
+    pub le: Option<u8>,
+    /// Match routes carrying this community.
+    #[serde(default)]
+    pub community: Option<Community>,
+    #[serde(default)]
+    pub action: Verdict,
+    #[serde(default)]
+    pub set: Option<SetActions>,
+}
+
+impl PolicyRule {
+    /// Check the rule itself; the message names the field.
+    pub fn validate(&self) -> Result<(), String> {
+        if let Some(p) = self.prefix {
+            if p.trunc() != p {
+                return Err(format!(
+                    "prefix: {p} has host bits set; did you mean {}?",
+                    p.trunc()
+                ));
+            }
+            let max = p.max_prefix_len();
+            for (name, v) in [("ge", self.ge), ("le", self.le)] {
+                if let Some(v) = v
+                    && (v < p.prefix_len() || v > max)
+                {
+                    return Err(format!(
+                        "{name}: {v} is outside {}..={max} for {p}",
+                        p.prefix_len()
+                    ));
+                }
+            }
+            if let (Some(ge), Some(le)) = (self.ge, self.le)
+                && ge > le
+            {
+                return Err(format!("ge: {ge} is greater than le: {le}"));
+            }
+        } else if self.ge.is_some() || self.le.is_some() {
+            return Err("ge/le need a prefix".into());
+        }
+        Ok(())
+    }
+
+    fn matches(&self, prefix: &IpNet, attrs: &PathAttrs) -> bool {
+        if let Some(p) = &self.prefix {
+            if !p.contains(prefix) || is_v4(p) != is_v4(prefix) {
+                return false;
+            }
+            let len = prefix.prefix_len();
+            let (lo, hi) = match (self.ge, self.le) {
+                (None, None) => (p.prefix_len(), p.prefix_len()),
+                (ge, le) => (
+                    ge.unwrap_or(p.prefix_len()),
+                    le.unwrap_or(p.max_prefix_len()),
+                ),
+            };
+            if len < lo || len > hi {
+                return false;
+            }
+        }
+        if let Some(c) = self.community
+            && !attrs.communities.contains(&c.0)
+        {
+            return false;
+        }
+        true
+    }
+}
+
+fn is_v4(p: &IpNet) -> bool {
+    matches!(p, IpNet::V4(_))
+}
+
+/// The outcome of running a policy on one route.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Reject,
+    /// Accepted; `next_hop_self` is the rule's wish, if it said anything.
+    Accept {
+        next_hop_self: Option<bool>,
+    },
+}
+
+/// Run `rules` on a route, changing `attrs` as the matching rule says.
+/// `None` (no policy) accepts unchanged.
+pub fn apply(rules: Option<&[PolicyRule]>, prefix: &IpNet, attrs: &mut PathAttrs) -> Outcome {
+    let Some(rules) = rules else {
+        return Outcome::Accept {
+            next_hop_self: None,
+        };
+    };
+    for r in rules {
+        if !r.matches(prefix, attrs) {
+            continue;
+        }
+        if r.action == Verdict::Reject {
+            return Outcome::Reject;
+        }
+        let mut nhs = None;
+        if let Some(s) = &r.set {
+            if let Some(lp) = s.local_pref {
+                attrs.local_pref = Some(lp);
+            }
+            if let Some(m) = s.med {
+                attrs.med = Some(m);
+            }
+            for c in &s.communities_add {
+                if !attrs.communities.contains(&c.0) {
+                    attrs.communities.push(c.0);
+                }
+            }
+            nhs = s.next_hop_self;
+        }
+        return Outcome::Accept { next_hop_self: nhs };
+    }
+    Outcome::Reject
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(y: &str) -> PolicyRule {
+        serde_yaml::from_str(y).unwrap()
+    }
+
+    #[test]
+    fn prefix_ranges_match_like_a_prefix_list() {
+        let rules = vec![
+            rule("{prefix: 10.0.0.0/8, ge: 24, le: 26, action: accept, set: {local_pref: 200}}"),
+            rule("{prefix: 10.0.0.0/8, action: accept}"),
+        ];
+        let mut a = PathAttrs::default();
+        assert_eq!(
+            apply(Some(&rules), &"10.1.2.0/24".parse().unwrap(), &mut a),
+            Outcome::Accept {
+                next_hop_self: None
+            }
+        );
+        assert_eq!(a.local_pref, Some(200));
+        let mut a = PathAttrs::default();
+        assert_eq!(
+            apply(Some(&rules), &"10.0.0.0/8".parse().unwrap(), &mut a),
+            Outcome::Accept {
+                next_hop_self: None
+            }
+        );
+        assert_eq!(a.local_pref, None);
+        // /28 is outside 24..=26 and not exactly /8: no rule matches -> reject.
+        assert_eq!(
+            apply(
+                Some(&rules),
+                &"10.1.2.0/28".parse().unwrap(),
+                &mut PathAttrs::default()
+            ),
+            Outcome::Reject
+        );
+        assert_eq!(
+            apply(
+                Some(&rules),
+                &"192.0.2.0/24".parse().unwrap(),
+                &mut PathAttrs::default()
+            ),
+            Outcome::Reject
+        );
+        assert_eq!(
+            apply(
+                None,
+                &"192.0.2.0/24".parse().unwrap(),
+                &mut PathAttrs::default()
+            ),
+            Outcome::Accept {
+                next_hop_self: None
+            }
+        );
+    }
+
+    #[test]
+    fn community_match_and_set() {
+        let rules = vec![
+            rule("{community: \"65000:666\", action: reject}"),
+            rule(
+                "{action: accept, set: {communities_add: [\"65000:1\"], med: 5, next_hop_self: true}}",
+            ),
+        ];
+        let mut a = PathAttrs {
+            communities: vec![(65000 << 16) | 666],
+            ..Default::default()
+        };
+        assert_eq!(
+            apply(Some(&rules), &"10.0.0.0/24".parse().unwrap(), &mut a),
+            Outcome::Reject
+        );
+        let mut a = PathAttrs::default();
+        assert_eq!(
+            apply(Some(&rules), &"10.0.0.0/24".parse().unwrap(), &mut a),
+            Outcome::Accept {
+                next_hop_self: Some(true)
+            }
+        );
+        assert_eq!(a.communities, vec![(65000 << 16) | 1]);
+        assert_eq!(a.med, Some(5));
+    }
+
+    #[test]
+    fn bad_rules_name_the_field() {
+        assert!(
+            rule("{prefix: 10.0.0.0/8, ge: 4}")
+                .validate()
+                .unwrap_err()
+                .starts_with("ge:")
+        );
+        assert!(
+            rule("{prefix: 10.0.0.1/8}")
+                .validate()
+                .unwrap_err()
+                .starts_with("prefix:")
+        );
+        assert!("65536:1".parse::<Community>().is_err());
+        assert_eq!(
+            "65000:100".parse::<Community>().unwrap().to_string(),
+            "65000:100"
+        );
+    }
+}
