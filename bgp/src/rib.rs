@@ -350,40 +350,37 @@ impl Rib {
 
     /// Every path we hold, for `show routes`.
     pub fn entries(&self) -> Vec<RouteEntry> {
+        let entry = |prefix: IpNet, peer: String, a: &PathAttrs, flags: [bool; 3]| RouteEntry {
+            prefix,
+            peer,
+            next_hop: a.next_hop,
+            as_path: a.as_path_flat(),
+            origin: format!("{:?}", a.origin).to_lowercase(),
+            local_pref: a.local_pref,
+            med: a.med,
+            communities: a.communities.clone(),
+            best: flags[0],
+            stale: flags[1],
+            multipath: flags[2],
+        };
         let mut out = Vec::new();
-        let entry =
-            |prefix: IpNet, peer: String, a: &PathAttrs, best: bool, stale: bool| RouteEntry {
-                prefix,
-                peer,
-                next_hop: a.next_hop,
-                as_path: a.as_path_flat(),
-                origin: format!("{:?}", a.origin).to_lowercase(),
-                local_pref: a.local_pref,
-                med: a.med,
-                communities: a.communities.clone(),
-                best,
-                stale,
-            };
         for p in &self.local {
             out.push(entry(
                 *p,
                 "local".into(),
                 &PathAttrs::default(),
-                true,
-                false,
+                [true, false, true],
             ));
         }
         for (peer, table) in &self.adj_in {
             let stale = self.stale.get(peer);
             for (p, a) in table {
-                let best = matches!(self.loc.get(p), Some(Best { source: Source::Peer(b), .. }) if b == peer);
-                out.push(entry(
-                    *p,
-                    peer.to_string(),
-                    a,
-                    best,
-                    stale.is_some_and(|s| s.contains(p)),
-                ));
+                let loc = self.loc.get(p);
+                let best = matches!(loc, Some(Best { source: Source::Peer(b), .. }) if b == peer);
+                let multipath = loc
+                    .is_some_and(|b| b.multipath.iter().any(|m| m.source == Source::Peer(*peer)));
+                let is_stale = stale.is_some_and(|s| s.contains(p));
+                out.push(entry(*p, peer.to_string(), a, [best, is_stale, multipath]));
             }
         }
         out.sort_by(|a, b| a.prefix.cmp(&b.prefix).then(a.peer.cmp(&b.peer)));

@@ -229,6 +229,8 @@ pub struct RouteEntry {
     pub best: bool,
     /// Kept for a restarting peer, not yet refreshed (RFC 4724).
     pub stale: bool,
+    /// In the prefix's multipath (ECMP) set.
+    pub multipath: bool,
 }
 
 /// Sizes of the speaker's tables, cheap to ask for even with millions of paths.
@@ -706,7 +708,9 @@ impl Instance {
                 Notify::new(6, 6, vec![], "peer configuration changed"),
             );
         }
-        self.set_listener_md5(cfg.address, cfg.md5_password.as_deref());
+        if let Some(pw) = &cfg.md5_password {
+            self.set_listener_md5(cfg.address, Some(pw));
+        }
         let (tx, rx) = mpsc::unbounded_channel();
         let driver = Driver::new(cfg.clone(), self.local.clone(), self.sess_tx.clone());
         tokio::spawn(driver.run(rx));

@@ -104,10 +104,10 @@ fn real_main() -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    rt.block_on(run(cfg))
+    rt.block_on(run(cfg, path))
 }
 
-async fn run(cfg: DaemonConfig) -> Result<()> {
+async fn run(mut cfg: DaemonConfig, path: PathBuf) -> Result<()> {
     let (speaker, mut changes) = Speaker::start(cfg.speaker()).await?;
     for p in &cfg.prefixes {
         speaker.announce(*p)?;
@@ -134,16 +134,60 @@ async fn run(cfg: DaemonConfig) -> Result<()> {
             tracing::debug!(prefix = %c.prefix, next_hops = ?hops, "best paths");
         }
     });
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+            _ = hup.recv() => match DaemonConfig::load(&path) {
+                Ok(new) => {
+                    reload(&speaker, &cfg, &new).await;
+                    cfg = new;
+                }
+                Err(e) => tracing::error!("reload refused, keeping the running configuration: {e}"),
+            },
+        }
     }
     speaker.shutdown("starling-bgpd is stopping").await.ok();
     // Give the sessions a moment to put their NOTIFICATIONs on the wire.
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     let _ = std::fs::remove_file(&cfg.control_socket);
     Ok(())
+}
+
+/// SIGHUP: apply a new configuration without restarting. Peers whose
+/// session settings are unchanged keep their sessions; a changed import
+/// policy is applied through a route refresh (RFC 2918). Speaker-wide
+/// settings (router ID, AS, listen addresses) need a restart.
+async fn reload(speaker: &Speaker, old: &DaemonConfig, new: &DaemonConfig) {
+    if old.router_id != new.router_id || old.asn != new.asn || old.listen != new.listen {
+        tracing::warn!("router_id, asn and listen only change on restart; applying the rest");
+    }
+    for p in &old.prefixes {
+        if !new.prefixes.contains(p) {
+            let _ = speaker.withdraw(*p);
+        }
+    }
+    for p in &new.prefixes {
+        let _ = speaker.announce(*p);
+    }
+    for p in &old.peers {
+        if !new.peers.iter().any(|n| n.address == p.address) {
+            let _ = speaker.remove_peer(p.address).await;
+        }
+    }
+    for p in &new.peers {
+        if let Err(e) = speaker.add_peer(p.clone()).await {
+            tracing::error!(peer = %p.address, "reload: {e}");
+        }
+    }
+    tracing::info!(
+        peers = new.peers.len(),
+        prefixes = new.prefixes.len(),
+        "configuration reloaded"
+    );
 }
 
 fn client(cmd: Cmd) -> Result<()> {
