@@ -281,6 +281,7 @@ enum Command {
     Routes(oneshot::Sender<Vec<RouteEntry>>),
     Summary(oneshot::Sender<RibSummary>),
     Redecide,
+    SetClusterId(Ipv4Addr),
     Shutdown(String, oneshot::Sender<()>),
 }
 
@@ -413,6 +414,12 @@ impl Speaker {
     /// differently now): run the decision process for every prefix again.
     pub fn next_hops_changed(&self) -> Result<(), SpeakerError> {
         self.send(Command::Redecide)
+    }
+
+    /// Change the route reflector cluster ID; every peer's Adj-RIB-Out is
+    /// brought in line with the new CLUSTER_LIST at once.
+    pub fn set_cluster_id(&self, id: Ipv4Addr) -> Result<(), SpeakerError> {
+        self.send(Command::SetClusterId(id))
     }
 
     pub async fn summary(&self) -> Result<RibSummary, SpeakerError> {
@@ -608,6 +615,17 @@ impl Instance {
             Command::Withdraw(p) => {
                 if self.rib.stop_originating(p) {
                     self.mark_dirty(vec![p]);
+                }
+            }
+            Command::SetClusterId(id) => {
+                if id != self.cluster_id {
+                    info!(cluster_id = %id, "cluster ID changed");
+                    self.cluster_id = id;
+                    let all = self.rib.all_prefixes();
+                    let addrs: Vec<IpAddr> = self.peers.keys().copied().collect();
+                    for a in addrs {
+                        self.export_to(a, all.clone(), false);
+                    }
                 }
             }
             Command::Redecide => {

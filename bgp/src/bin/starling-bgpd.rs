@@ -165,6 +165,7 @@ async fn reload(speaker: &Speaker, old: &DaemonConfig, new: &DaemonConfig) {
     if old.router_id != new.router_id || old.asn != new.asn || old.listen != new.listen {
         tracing::warn!("router_id, asn and listen only change on restart; applying the rest");
     }
+    let _ = speaker.set_cluster_id(new.cluster_id.unwrap_or(new.router_id));
     for p in &old.prefixes {
         if !new.prefixes.contains(p) {
             let _ = speaker.withdraw(*p);
