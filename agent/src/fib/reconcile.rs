@@ -1,0 +1,904 @@
+//! Desired routes -> kernel routes: resolve, dump, diff, write; and the task
+//! that keeps doing it.
+
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
+use std::sync::Arc;
+use std::time::Instant;
+
+use ipnet::IpNet;
+use netlink_packet_core::{NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE};
+use netlink_packet_route::RouteNetlinkMessage;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use super::host::{self, HostView, IPIP_OVERHEAD, IpipStatus, TUNL0};
+use super::netlink::{Event, EventSocket, RtSocket, errno_text};
+use super::route::{self, Found, KernelHop, KernelRoute, Stamp};
+use super::{
+    Encapsulation, FibConfig, FibError, FibStatus, NextHop, Route, RouteProblem, RouteTarget,
+};
+
+const RTM_NEWROUTE: u16 = 24;
+
+/// What one pass did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncReport {
+    pub added: usize,
+    pub replaced: usize,
+    pub removed: usize,
+    /// Already right in the kernel: left as they were.
+    pub adopted: usize,
+    /// Refused by the kernel (conflicts and errors, see the status).
+    pub failed: usize,
+    /// Dumping our routes and diffing them against the desired set.
+    pub dump_us: u64,
+    /// Writing the difference.
+    pub write_us: u64,
+    /// The whole pass, links, sysctls and tunnel included.
+    pub total_us: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Op {
+    Add,
+    Replace,
+    Remove,
+}
+
+/// The difference between the kernel and the desired set, built while dumping.
+#[derive(Default)]
+struct Diff {
+    /// Desired routes met in the dump, by position.
+    seen: Vec<bool>,
+    adopted: usize,
+    ops: Vec<(Op, IpNet)>,
+    msgs: Vec<(RouteNetlinkMessage, u16)>,
+    kept: HashMap<IpNet, KernelRoute>,
+}
+
+impl Diff {
+    fn push(&mut self, op: Op, dst: IpNet, msg: RouteNetlinkMessage, flags: u16) {
+        self.ops.push((op, dst));
+        self.msgs.push((msg, flags));
+    }
+
+    /// One route of ours from the dump.
+    fn found(
+        &mut self,
+        dst: IpNet,
+        found: Found,
+        want: &HashMap<IpNet, (u32, KernelRoute)>,
+        prune: bool,
+        stamp: Stamp,
+    ) {
+        match want.get(&dst) {
+            // A second route of ours at the same prefix (another metric) is
+            // always surplus.
+            Some((i, kr)) if !self.seen[*i as usize] => {
+                self.seen[*i as usize] = true;
+                if *kr == found.route {
+                    self.adopted += 1;
+                } else {
+                    let msg = route::new_route_message(dst, kr, stamp);
+                    self.push(
+                        Op::Replace,
+                        dst,
+                        RouteNetlinkMessage::NewRoute(msg),
+                        NLM_F_CREATE | NLM_F_REPLACE,
+                    );
+                }
+            }
+            _ if prune => {
+                let msg = route::del_route_message(dst, found.priority, stamp);
+                self.push(Op::Remove, dst, RouteNetlinkMessage::DelRoute(msg), 0);
+            }
+            _ => {
+                self.kept.insert(dst, found.route);
+            }
+        }
+    }
+}
+
+/// The desired set resolved against the host as it was; reused while
+/// neither the set nor the links, addresses and tunnel change, so an
+/// unchanged resync costs a dump and one lookup per route.
+struct Resolved {
+    view: HostView,
+    uplink: Option<String>,
+    ipip: IpipStatus,
+    /// Destination -> (position, kernel route); the position indexes the
+    /// `seen` bitmap of a pass.
+    want: HashMap<IpNet, (u32, KernelRoute)>,
+}
+
+/// One synchronous reconciler over a netlink socket of the current network namespace.
+pub struct Fib {
+    config: FibConfig,
+    stamp: Stamp,
+    sock: RtSocket,
+    desired: Arc<Vec<Route>>,
+    prune: bool,
+    resolved: Option<Resolved>,
+    /// Desired prefixes the last pass could not install (conflicts, errors).
+    failed: HashSet<IpNet>,
+    /// Routes of ours kept although not desired (`prune` off).
+    kept: HashMap<IpNet, KernelRoute>,
+    /// Retry creating tunl0 on the next pass (start-up and periodic resyncs).
+    retry_ipip: bool,
+    status: FibStatus,
+}
+
+impl Fib {
+    /// Open a netlink socket in the calling thread's network namespace.
+    pub fn open(config: FibConfig) -> Result<Fib, FibError> {
+        config.check()?;
+        let sock = RtSocket::open().map_err(|source| FibError::Netlink {
+            op: "open socket",
+            source,
+        })?;
+        let stamp = Stamp {
+            table: config.table,
+            protocol: config.protocol.0,
+        };
+        Ok(Fib {
+            config,
+            stamp,
+            sock,
+            desired: Arc::new(Vec::new()),
+            prune: true,
+            resolved: None,
+            failed: HashSet::new(),
+            kept: HashMap::new(),
+            retry_ipip: true,
+            status: FibStatus::default(),
+        })
+    }
+
+    pub fn status(&self) -> &FibStatus {
+        &self.status
+    }
+
+    /// Replace the desired set (validated first) for the next [`Fib::sync`].
+    /// With `prune` false, routes of ours that are not desired stay (used
+    /// while a restarted agent has not yet heard the whole cluster).
+    pub fn set_desired(&mut self, routes: Vec<Route>, prune: bool) -> Result<(), FibError> {
+        route::validate(&routes)?;
+        self.set_desired_valid(Arc::new(routes), prune);
+        Ok(())
+    }
+
+    fn set_desired_valid(&mut self, routes: Arc<Vec<Route>>, prune: bool) {
+        if !Arc::ptr_eq(&routes, &self.desired) {
+            self.resolved = None;
+        }
+        self.desired = routes;
+        self.prune = prune;
+    }
+
+    /// Our route at `dst` as we believe the kernel holds it after the last
+    /// pass; events that match it are our own writes echoed back.
+    fn installed(&self, dst: &IpNet) -> Option<&KernelRoute> {
+        if self.failed.contains(dst) {
+            return None;
+        }
+        let want = self
+            .resolved
+            .as_ref()
+            .and_then(|r| r.want.get(dst).map(|(_, kr)| kr));
+        want.or_else(|| self.kept.get(dst))
+    }
+
+    /// One pass: converge the table to the desired set.
+    pub async fn sync(&mut self) -> Result<SyncReport, FibError> {
+        let t0 = Instant::now();
+        let nl = |op| move |source| FibError::Netlink { op, source };
+        let desired = self.desired.clone();
+        let mut view = HostView::read(&mut self.sock)
+            .await
+            .map_err(nl("read links and addresses"))?;
+
+        let uplink = match &self.config.uplink {
+            Some(u) => Some(u.clone()),
+            // Finding the default route dumps the whole main table: only at
+            // start-up, on periodic resyncs and when links or addresses change.
+            None if self.retry_ipip
+                || self.status.uplink.is_none()
+                || self.resolved.as_ref().is_none_or(|r| r.view != view) =>
+            {
+                host::default_route_device(&mut self.sock, &view)
+                    .await
+                    .map_err(nl("find the default route"))?
+            }
+            None => self.status.uplink.clone(),
+        };
+        let uplink_link = uplink.as_deref().and_then(|u| view.link(u)).cloned();
+        self.status.uplink = uplink.clone();
+        self.status.uplink_mtu = uplink_link.as_ref().map(|l| l.mtu);
+
+        // IPIP is needed by Ipip hops and by CrossSubnet hops off our subnet.
+        let needs_ipip = desired.iter().any(|r| match &r.target {
+            RouteTarget::Via(hops) => hops.iter().any(|h| match h.encap {
+                Encapsulation::Ipip => true,
+                Encapsulation::CrossSubnet => {
+                    h.gateway.is_ipv4()
+                        && !uplink_link
+                            .as_ref()
+                            .is_some_and(|l| view.on_link(l.index, h.gateway))
+                }
+                Encapsulation::None => false,
+            }),
+            _ => false,
+        });
+        if !needs_ipip {
+            self.status.ipip = IpipStatus::NotNeeded;
+        } else if self.retry_ipip || !matches!(self.status.ipip, IpipStatus::Unavailable { .. }) {
+            let mtu = self.config.ipip_mtu.unwrap_or_else(|| {
+                uplink_link
+                    .as_ref()
+                    .map(|l| l.mtu)
+                    .unwrap_or(1500)
+                    .saturating_sub(IPIP_OVERHEAD)
+            });
+            let before = self.status.ipip.clone();
+            self.status.ipip = match host::ensure_tunl0(
+                &mut self.sock,
+                &mut view,
+                mtu,
+                self.config.tunnel_address,
+            )
+            .await
+            {
+                Ok(ifindex) => IpipStatus::Ready { ifindex, mtu },
+                Err(error) => IpipStatus::Unavailable { error },
+            };
+            if self.status.ipip != before {
+                match &self.status.ipip {
+                    IpipStatus::Unavailable { error } => {
+                        tracing::error!(%error, "IPIP unavailable")
+                    }
+                    IpipStatus::Ready { ifindex, mtu } => {
+                        tracing::info!(ifindex, mtu, "{TUNL0} ready")
+                    }
+                    IpipStatus::NotNeeded => {}
+                }
+            }
+        }
+        self.retry_ipip = false;
+        let tunl0 = match self.status.ipip {
+            IpipStatus::Ready { ifindex, .. } => Some(ifindex),
+            _ => None,
+        };
+
+        if self.config.manage_sysctls {
+            self.set_sysctls(&desired, &view, tunl0.is_some());
+        }
+
+        let fresh = self
+            .resolved
+            .as_ref()
+            .is_some_and(|r| r.view == view && r.uplink == uplink && r.ipip == self.status.ipip);
+        if !fresh {
+            let (want, problems) =
+                resolve(&desired, &view, uplink.as_deref(), tunl0, &self.status.ipip);
+            report_new_problems(&self.status.unreachable, &problems);
+            self.status.unreachable = problems;
+            self.resolved = Some(Resolved {
+                view,
+                uplink,
+                ipip: self.status.ipip.clone(),
+                want,
+            });
+        }
+        let want = &self.resolved.as_ref().expect("resolved just above").want;
+
+        // Diff while dumping: one lookup per route of ours in the kernel.
+        let t_dump = Instant::now();
+        let mut diff = Diff::default();
+        for _attempt in 0..5 {
+            diff = Diff {
+                seen: vec![false; want.len()],
+                ..Diff::default()
+            };
+            let mut interrupted = false;
+            for v6 in [false, true] {
+                let req = RouteNetlinkMessage::GetRoute(route::dump_request(v6, self.stamp));
+                let (stamp, prune) = (self.stamp, self.prune);
+                self.sock
+                    .dump_raw(req, |m| match m {
+                        None => interrupted = true,
+                        Some((RTM_NEWROUTE, body)) => {
+                            // The kernel filters with strict checking; check
+                            // again in case an older kernel ignored the filter.
+                            if let Some(r) = route::parse_raw(body)
+                                && r.protocol == stamp.protocol
+                                && r.table == stamp.table
+                            {
+                                diff.found(r.dst, r.found, want, prune, stamp);
+                            }
+                        }
+                        Some(_) => {}
+                    })
+                    .await
+                    .map_err(nl("dump routes"))?;
+            }
+            if !interrupted {
+                break;
+            }
+        }
+        for (dst, (i, kr)) in want {
+            if !diff.seen[*i as usize] {
+                diff.push(
+                    Op::Add,
+                    *dst,
+                    RouteNetlinkMessage::NewRoute(route::new_route_message(*dst, kr, self.stamp)),
+                    // EXCL: a route of another protocol at the same key is
+                    // not ours to overwrite; the kernel answers EEXIST instead.
+                    NLM_F_CREATE | NLM_F_EXCL,
+                );
+            }
+        }
+        let dump_us = t_dump.elapsed().as_micros() as u64;
+        let mut report = SyncReport {
+            dump_us,
+            adopted: diff.adopted,
+            ..SyncReport::default()
+        };
+
+        let t_write = Instant::now();
+        let ops = diff.ops;
+        let nacks = if diff.msgs.is_empty() {
+            Vec::new()
+        } else {
+            self.sock
+                .batch(diff.msgs, self.config.batch_bytes)
+                .await
+                .map_err(nl("write routes"))?
+        };
+        report.write_us = t_write.elapsed().as_micros() as u64;
+
+        let mut conflicts = Vec::new();
+        let mut errors = Vec::new();
+        let mut failed_ops: HashSet<usize> = HashSet::new();
+        self.failed.clear();
+        for n in &nacks {
+            let Some(&(op, dst)) = ops.get(n.index) else {
+                continue;
+            };
+            match (op, n.errno) {
+                (Op::Remove, libc::ESRCH) => {}
+                (Op::Add, libc::EEXIST) => {
+                    conflicts.push(dst);
+                    self.failed.insert(dst);
+                    failed_ops.insert(n.index);
+                }
+                _ => {
+                    errors.push(format!("{op:?} {dst}: {}", errno_text(n.errno)));
+                    self.failed.insert(dst);
+                    failed_ops.insert(n.index);
+                }
+            }
+        }
+        for (i, (op, _)) in ops.iter().enumerate() {
+            if failed_ops.contains(&i) {
+                continue;
+            }
+            match op {
+                Op::Add => report.added += 1,
+                Op::Replace => report.replaced += 1,
+                Op::Remove => report.removed += 1,
+            }
+        }
+        self.kept = diff.kept;
+        report.failed = failed_ops.len();
+        conflicts.sort();
+        if conflicts != self.status.conflicts && !conflicts.is_empty() {
+            tracing::warn!(
+                ?conflicts,
+                "routes of another protocol hold desired prefixes; left alone"
+            );
+        }
+        for e in &errors {
+            tracing::warn!(error = %e, "kernel refused a route");
+        }
+        self.status.conflicts = conflicts;
+        self.status.errors = errors;
+        self.status.installed = want.len() - self.failed.len() + self.kept.len();
+        report.total_us = t0.elapsed().as_micros() as u64;
+        self.status.last_sync = report.clone();
+        self.status.syncs += 1;
+        if report.added + report.replaced + report.removed + report.failed > 0 {
+            tracing::info!(?report, "FIB sync");
+        }
+        Ok(report)
+    }
+
+    fn set_sysctls(&mut self, desired: &[Route], view: &HostView, ipip: bool) {
+        let mut reports = vec![host::ensure_sysctl(&["net", "ipv4", "ip_forward"], "1")];
+        if desired.iter().any(|r| r.dst.addr().is_ipv6()) {
+            reports.push(host::ensure_sysctl(
+                &["net", "ipv6", "conf", "all", "forwarding"],
+                "1",
+            ));
+        }
+        let mut devs: Vec<&str> = desired
+            .iter()
+            .filter(|r| r.dst.addr().is_ipv4())
+            .filter_map(|r| {
+                if let RouteTarget::Device(d) = &r.target {
+                    Some(d.as_str())
+                } else {
+                    None
+                }
+            })
+            .filter(|d| view.link(d).is_some())
+            .collect();
+        devs.sort_unstable();
+        devs.dedup();
+        for d in devs {
+            // The pod's default route points at a made-up gateway; the host
+            // side answers ARP for it.
+            reports.push(host::ensure_sysctl(
+                &["net", "ipv4", "conf", d, "proxy_arp"],
+                "1",
+            ));
+        }
+        if ipip {
+            // Decapsulated packets may come back on another path than our
+            // route to their source (CrossSubnet); strict rp_filter would drop them.
+            reports.push(host::ensure_sysctl(
+                &["net", "ipv4", "conf", TUNL0, "rp_filter"],
+                "2",
+            ));
+        }
+        for r in &reports {
+            if r.changed {
+                tracing::info!(key = %r.key, value = %r.value, "sysctl set");
+            }
+            if let Some(e) = &r.error {
+                tracing::warn!(key = %r.key, error = %e, "sysctl not set");
+            }
+        }
+        self.status.sysctls = reports;
+    }
+
+    /// Whether a netlink event may mean the kernel no longer matches what we installed.
+    fn event_matters(&self, ev: &Event) -> bool {
+        let m = match ev {
+            Event::Overrun => return true,
+            Event::Message(m) => m,
+        };
+        match m {
+            RouteNetlinkMessage::NewRoute(r) | RouteNetlinkMessage::DelRoute(r) => {
+                if route::table_of(r) != self.stamp.table {
+                    return false;
+                }
+                let Some(dst) = route::dst_of(r) else {
+                    return false;
+                };
+                let ours = route::protocol_number(r.header.protocol) == self.stamp.protocol;
+                let new = matches!(m, RouteNetlinkMessage::NewRoute(_));
+                match (ours, new) {
+                    // Our own writes echoed back match what we installed.
+                    (true, true) => {
+                        let found = route::parse_found(r).map(|(_, f)| f.route);
+                        found.as_ref() != self.installed(&dst)
+                    }
+                    (true, false) => self.installed(&dst).is_some(),
+                    // Someone else's route at one of our prefixes may have
+                    // replaced ours, or freed the place for it.
+                    (false, _) => {
+                        self.installed(&dst).is_some() || self.status.conflicts.contains(&dst)
+                    }
+                }
+            }
+            RouteNetlinkMessage::NewLink(_)
+            | RouteNetlinkMessage::DelLink(_)
+            | RouteNetlinkMessage::NewAddress(_)
+            | RouteNetlinkMessage::DelAddress(_) => true,
+            _ => false,
+        }
+    }
+}
+
+fn report_new_problems(before: &[RouteProblem], now: &[RouteProblem]) {
+    for p in now {
+        if !before.contains(p) {
+            match p.gateway {
+                Some(gw) => {
+                    tracing::warn!(dst = %p.dst, gateway = %gw, reason = %p.reason, "next hop left out")
+                }
+                None => tracing::warn!(dst = %p.dst, reason = %p.reason, "route not installed"),
+            }
+        }
+    }
+}
+
+/// Turn desired routes into kernel routes given the links and addresses of
+/// this node; anything that cannot be installed correctly is reported instead.
+fn resolve(
+    desired: &[Route],
+    view: &HostView,
+    uplink: Option<&str>,
+    tunl0: Option<u32>,
+    ipip: &IpipStatus,
+) -> (HashMap<IpNet, (u32, KernelRoute)>, Vec<RouteProblem>) {
+    let mut want = HashMap::with_capacity(desired.len());
+    let mut problems = Vec::new();
+    let uplink_link = uplink.and_then(|u| view.link(u));
+    let ipip_missing = || match ipip {
+        IpipStatus::Unavailable { error } => error.clone(),
+        _ => format!("{TUNL0} is not ready"),
+    };
+    for r in desired {
+        let kr = match &r.target {
+            RouteTarget::Blackhole => KernelRoute::Blackhole,
+            RouteTarget::Device(name) => match view.link(name) {
+                Some(l) => KernelRoute::Device { oif: l.index },
+                None => {
+                    problems.push(RouteProblem {
+                        dst: r.dst,
+                        gateway: None,
+                        reason: format!("device {name} does not exist"),
+                    });
+                    continue;
+                }
+            },
+            RouteTarget::Via(hops) => {
+                let mut hop = |h: &NextHop| -> Option<KernelHop> {
+                    let plain = uplink_link.filter(|l| view.on_link(l.index, h.gateway));
+                    let tunnel = match (h.encap, plain) {
+                        (Encapsulation::Ipip, _) => true,
+                        (Encapsulation::CrossSubnet, None) => h.gateway.is_ipv4(),
+                        _ => false,
+                    };
+                    let reason = if tunnel {
+                        match tunl0 {
+                            Some(oif) => {
+                                return Some(KernelHop {
+                                    gateway: h.gateway,
+                                    oif,
+                                    onlink: true,
+                                });
+                            }
+                            None => ipip_missing(),
+                        }
+                    } else if let Some(l) = plain {
+                        return Some(KernelHop {
+                            gateway: h.gateway,
+                            oif: l.index,
+                            onlink: false,
+                        });
+                    } else if uplink_link.is_none() {
+                        match uplink {
+                            Some(u) => format!("uplink {u} does not exist"),
+                            None => {
+                                "no uplink configured and no IPv4 default route to find one".into()
+                            }
+                        }
+                    } else {
+                        format!(
+                            "next hop is not on-link: no address of uplink {} covers it \
+                             (host-gw needs the nodes in one L2 subnet; use Ipip or CrossSubnet)",
+                            uplink.unwrap_or_default()
+                        )
+                    };
+                    problems.push(RouteProblem {
+                        dst: r.dst,
+                        gateway: Some(h.gateway),
+                        reason,
+                    });
+                    None
+                };
+                // One path is the common case: no allocation for it.
+                let kr = match hops.as_slice() {
+                    [one] => hop(one).map(KernelRoute::Via),
+                    many => KernelRoute::via(many.iter().filter_map(&mut hop).collect()),
+                };
+                match kr {
+                    Some(kr) => kr,
+                    None => continue,
+                }
+            }
+        };
+        let position = want.len() as u32;
+        want.insert(r.dst, (position, kr));
+    }
+    (want, problems)
+}
+
+/// A desired set as the task receives it.
+#[derive(Clone, Debug, Default)]
+struct Desired {
+    routes: Arc<Vec<Route>>,
+    prune: bool,
+    generation: u64,
+}
+
+/// The agent's handle on a running [`FibTask`].
+#[derive(Clone)]
+pub struct Reconciler {
+    desired: Arc<watch::Sender<Desired>>,
+    status: watch::Receiver<FibStatus>,
+}
+
+/// The long-running reconciler; spawn [`FibTask::run`] on a current-thread runtime.
+pub struct FibTask {
+    config: FibConfig,
+    desired: watch::Receiver<Desired>,
+    status: watch::Sender<FibStatus>,
+}
+
+impl Reconciler {
+    pub fn new(config: FibConfig) -> (Reconciler, FibTask) {
+        let (dtx, drx) = watch::channel(Desired::default());
+        let (stx, srx) = watch::channel(FibStatus::default());
+        (
+            Reconciler {
+                desired: Arc::new(dtx),
+                status: srx,
+            },
+            FibTask {
+                config,
+                desired: drx,
+                status: stx,
+            },
+        )
+    }
+
+    /// Replace the desired set; stale routes of ours are removed. The task
+    /// does nothing before the first call, so a restarted agent adopts what
+    /// the kernel has instead of flushing it. Returns the set's generation.
+    pub fn set_desired(&self, routes: Vec<Route>) -> Result<u64, FibError> {
+        self.send(routes, true)
+    }
+
+    /// Like [`Reconciler::set_desired`], but routes of ours that are not in
+    /// the set are kept (while a restarted agent waits for End-of-RIB).
+    pub fn set_desired_keep_stale(&self, routes: Vec<Route>) -> Result<u64, FibError> {
+        self.send(routes, false)
+    }
+
+    fn send(&self, routes: Vec<Route>, prune: bool) -> Result<u64, FibError> {
+        route::validate(&routes)?;
+        let mut generation = 0;
+        self.desired.send_modify(|d| {
+            d.generation += 1;
+            generation = d.generation;
+            d.routes = Arc::new(routes);
+            d.prune = prune;
+        });
+        Ok(generation)
+    }
+
+    pub fn status(&self) -> FibStatus {
+        self.status.borrow().clone()
+    }
+
+    /// A receiver that sees every new status.
+    pub fn watch_status(&self) -> watch::Receiver<FibStatus> {
+        self.status.clone()
+    }
+}
+
+impl FibTask {
+    /// Reconcile until every [`Reconciler`] handle is dropped.
+    pub async fn run(mut self) -> Result<(), FibError> {
+        // Subscribe before the first dump so no change between them is missed.
+        let mut events = EventSocket::open().map_err(|source| FibError::Netlink {
+            op: "subscribe",
+            source,
+        })?;
+        let resync = self.config.resync_interval;
+        let debounce = self.config.debounce;
+        let mut fib = Fib::open(self.config)?;
+        // Nothing until the agent says what it wants.
+        while self.desired.borrow().generation == 0 {
+            if self.desired.changed().await.is_err() {
+                return Ok(());
+            }
+        }
+        let mut next_resync = tokio::time::Instant::now() + resync;
+        loop {
+            let d = self.desired.borrow_and_update().clone();
+            fib.set_desired_valid(d.routes.clone(), d.prune);
+            match fib.sync().await {
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, "FIB sync failed; retrying on the next event or resync");
+                    fib.status.errors = vec![e.to_string()];
+                }
+            }
+            fib.status.generation = d.generation;
+            self.status.send_replace(fib.status.clone());
+
+            // Wait for a reason to sync again.
+            loop {
+                let mut dirty = false;
+                tokio::select! {
+                    r = self.desired.changed() => {
+                        if r.is_err() {
+                            return Ok(());
+                        }
+                        break;
+                    }
+                    _ = tokio::time::sleep_until(next_resync) => {
+                        next_resync = tokio::time::Instant::now() + resync;
+                        fib.retry_ipip = true;
+                        break;
+                    }
+                    r = events.next(|e| dirty |= fib.event_matters(&e)) => {
+                        r.map_err(|source| FibError::Netlink { op: "read events", source })?;
+                    }
+                }
+                if dirty {
+                    // Let a burst (a link going down takes many routes with
+                    // it) settle, then act once.
+                    tokio::time::sleep(debounce).await;
+                    events.drain(|_| {}).map_err(|source| FibError::Netlink {
+                        op: "read events",
+                        source,
+                    })?;
+                    break;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fib::host::Link;
+    use std::net::IpAddr;
+
+    fn view() -> HostView {
+        let mut v = HostView::default();
+        v.links.insert(
+            "up0".into(),
+            Link {
+                index: 2,
+                mtu: 1500,
+                up: true,
+            },
+        );
+        v.links.insert(
+            "veth1".into(),
+            Link {
+                index: 5,
+                mtu: 1500,
+                up: true,
+            },
+        );
+        v.addrs.insert(
+            2,
+            vec![
+                "192.0.2.1/24".parse().unwrap(),
+                "2001:db8:1::1/64".parse().unwrap(),
+            ],
+        );
+        v
+    }
+
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+
+    fn hop(gw: &str, encap: Encapsulation) -> NextHop {
+        NextHop {
+            gateway: gw.parse().unwrap(),
+            encap,
+        }
+    }
+
+    #[test]
+    fn cross_subnet_is_plain_on_our_subnet_and_ipip_elsewhere() {
+        let desired = vec![
+            Route::via(
+                net("10.2.0.0/26"),
+                "192.0.2.2".parse().unwrap(),
+                Encapsulation::CrossSubnet,
+            ),
+            Route::via(
+                net("10.3.0.0/26"),
+                "198.51.100.2".parse().unwrap(),
+                Encapsulation::CrossSubnet,
+            ),
+        ];
+        let ready = IpipStatus::Ready {
+            ifindex: 9,
+            mtu: 1480,
+        };
+        let (want, problems) = resolve(&desired, &view(), Some("up0"), Some(9), &ready);
+        assert!(problems.is_empty());
+        assert_eq!(
+            want[&net("10.2.0.0/26")].1,
+            KernelRoute::Via(KernelHop {
+                gateway: "192.0.2.2".parse().unwrap(),
+                oif: 2,
+                onlink: false
+            })
+        );
+        assert_eq!(
+            want[&net("10.3.0.0/26")].1,
+            KernelRoute::Via(KernelHop {
+                gateway: "198.51.100.2".parse().unwrap(),
+                oif: 9,
+                onlink: true
+            })
+        );
+    }
+
+    #[test]
+    fn unusable_hops_are_reported_and_never_installed_broken() {
+        let missing = IpipStatus::Unavailable {
+            error: "needs the kernel module `ipip`".into(),
+        };
+        let desired = vec![
+            Route::via(
+                net("10.4.0.0/26"),
+                "198.51.100.2".parse().unwrap(),
+                Encapsulation::None,
+            ),
+            Route::via(
+                net("10.5.0.0/26"),
+                "198.51.100.3".parse().unwrap(),
+                Encapsulation::Ipip,
+            ),
+            Route::ecmp(
+                net("10.6.0.0/26"),
+                vec![
+                    hop("192.0.2.3", Encapsulation::None),
+                    hop("198.51.100.4", Encapsulation::None),
+                ],
+            ),
+            Route::device(net("10.1.0.7/32"), "veth-gone"),
+            Route::device(net("10.1.0.8/32"), "veth1"),
+            Route::blackhole(net("2001:db8:9::/64")),
+        ];
+        let (want, problems) = resolve(&desired, &view(), Some("up0"), None, &missing);
+        assert!(!want.contains_key(&net("10.4.0.0/26")));
+        assert!(!want.contains_key(&net("10.5.0.0/26")));
+        assert!(!want.contains_key(&net("10.1.0.7/32")));
+        assert_eq!(
+            want[&net("10.6.0.0/26")].1,
+            KernelRoute::Via(KernelHop {
+                gateway: "192.0.2.3".parse().unwrap(),
+                oif: 2,
+                onlink: false
+            })
+        );
+        assert_eq!(want[&net("10.1.0.8/32")].1, KernelRoute::Device { oif: 5 });
+        assert_eq!(want[&net("2001:db8:9::/64")].1, KernelRoute::Blackhole);
+        let reasons: Vec<_> = problems
+            .iter()
+            .map(|p| (p.dst.to_string(), p.reason.clone()))
+            .collect();
+        assert_eq!(problems.len(), 4, "{reasons:?}");
+        assert!(
+            reasons
+                .iter()
+                .any(|(d, r)| d == "10.5.0.0/26" && r.contains("`ipip`"))
+        );
+        assert!(
+            reasons
+                .iter()
+                .any(|(d, r)| d == "10.4.0.0/26" && r.contains("not on-link"))
+        );
+    }
+
+    #[test]
+    fn ecmp_hops_are_sorted_so_kernel_order_does_not_matter() {
+        let desired = vec![Route::ecmp(
+            net("10.7.0.0/26"),
+            vec![
+                hop("192.0.2.9", Encapsulation::None),
+                hop("192.0.2.3", Encapsulation::None),
+            ],
+        )];
+        let (want, _) = resolve(&desired, &view(), Some("up0"), None, &IpipStatus::NotNeeded);
+        let KernelRoute::Ecmp(h) = &want[&net("10.7.0.0/26")].1 else {
+            panic!()
+        };
+        assert_eq!(h[0].gateway, "192.0.2.3".parse::<IpAddr>().unwrap());
+    }
+}

@@ -1,0 +1,595 @@
+//! IPAM, owned by the agent: the node holds blocks (claimed through a
+//! [`Datastore`] with compare-and-swap) and hands out addresses from them to
+//! pod attachments, persisting every allocation in a local [`Store`] before
+//! the CNI plugin hears about it.
+//!
+//! [`Ipam`] is the in-memory view and the allocation rules, with no I/O of
+//! its own besides block claims; [`server`] owns it on one thread, batches
+//! requests into one store commit, and answers the plugin on a Unix socket.
+
+pub mod datastore;
+pub mod pool;
+pub mod server;
+pub mod store;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use starling_cni::proto::{AddRequest, Allocation, AttachmentKey, PodRoute, StatusReply};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+pub use datastore::{Affinity, Datastore, DatastoreError, FileDatastore};
+pub use pool::Pool;
+pub use store::{Change, Store, StoreError};
+
+/// Calico's default cap on blocks one node may claim.
+pub const DEFAULT_MAX_BLOCKS_PER_NODE: usize = 20;
+
+/// The `ipam` section of the agent's configuration.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IpamConfig {
+    /// Pools nodes claim blocks from, beyond their static podCIDRs.
+    #[serde(default)]
+    pub pools: Vec<Pool>,
+    /// Blocks this node holds statically (Kubernetes `spec.podCIDRs`), one
+    /// per family typically. Claimed at start; a conflict is fatal.
+    #[serde(default, rename = "podCIDRs")]
+    pub pod_cidrs: Vec<IpNet>,
+    /// Never take addresses outside the node's own blocks.
+    #[serde(default)]
+    pub strict_affinity: bool,
+    /// Stop claiming blocks at this many.
+    #[serde(default)]
+    pub max_blocks_per_node: Option<usize>,
+    /// The shared block-claim file (file datastore); defaults to
+    /// `<stateDir>/blocks.json`.
+    #[serde(default)]
+    pub datastore_file: Option<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IpamError {
+    #[error("invalid IPAM configuration: {0}")]
+    Config(String),
+    #[error("{0}")]
+    Exhausted(String),
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    #[error("datastore: {0}")]
+    Datastore(#[from] DatastoreError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The node's IPAM state: its blocks and who holds which address.
+pub struct Ipam {
+    node: String,
+    labels: BTreeMap<String, String>,
+    config: IpamConfig,
+    datastore: Box<dyn Datastore>,
+    /// Blocks this node holds, in claim order.
+    blocks: Vec<IpNet>,
+    by_key: HashMap<AttachmentKey, Allocation>,
+    used: HashMap<IpAddr, AttachmentKey>,
+    /// Where the next search in each block starts: handing out addresses
+    /// round the block (not lowest-free) keeps a just-released address out of
+    /// use for as long as possible, so stale conntrack or ARP entries for it
+    /// age out first.
+    cursors: HashMap<IpNet, u128>,
+}
+
+impl Ipam {
+    /// Claim the static podCIDRs, adopt the blocks the datastore says this
+    /// node holds, and index the allocations the store kept.
+    pub fn new(
+        node: &str,
+        labels: BTreeMap<String, String>,
+        config: IpamConfig,
+        datastore: Box<dyn Datastore>,
+        existing: Vec<Allocation>,
+    ) -> Result<Ipam, IpamError> {
+        if node.is_empty() {
+            return Err(IpamError::Config("nodeName is empty".into()));
+        }
+        for pool in &config.pools {
+            pool.validate()?;
+        }
+        for cidr in &config.pod_cidrs {
+            if *cidr != cidr.trunc() {
+                return Err(IpamError::Config(format!(
+                    "podCIDR {cidr} has host bits set (did you mean {}?)",
+                    cidr.trunc()
+                )));
+            }
+            datastore.claim(*cidr, node).map_err(|e| {
+                IpamError::Config(format!("cannot claim podCIDR {cidr} for node {node}: {e}"))
+            })?;
+        }
+        let blocks = datastore
+            .affinities()?
+            .into_iter()
+            .filter(|a| a.node == node)
+            .map(|a| a.block)
+            .collect();
+        let mut ipam = Ipam {
+            node: node.to_string(),
+            labels,
+            config,
+            datastore,
+            blocks,
+            by_key: HashMap::new(),
+            used: HashMap::new(),
+            cursors: HashMap::new(),
+        };
+        ipam.reset(existing)?;
+        Ok(ipam)
+    }
+
+    /// Replace the in-memory allocations with `existing` (the store's
+    /// content): at start, and after a failed commit.
+    pub fn reset(&mut self, existing: Vec<Allocation>) -> Result<(), IpamError> {
+        self.by_key.clear();
+        self.used.clear();
+        for alloc in existing {
+            for ip in &alloc.ips {
+                if let Some(other) = self.used.insert(ip.addr(), alloc.key.clone()) {
+                    // The store never commits this; refuse to serve on top of it.
+                    return Err(IpamError::Config(format!(
+                        "store holds {} for both {other} and {}",
+                        ip.addr(),
+                        alloc.key
+                    )));
+                }
+            }
+            self.by_key.insert(alloc.key.clone(), alloc);
+        }
+        Ok(())
+    }
+
+    fn max_blocks(&self) -> usize {
+        self.config
+            .max_blocks_per_node
+            .unwrap_or(DEFAULT_MAX_BLOCKS_PER_NODE)
+    }
+
+    /// Address families this node serves: those it holds a block of or may
+    /// claim one for.
+    fn families(&self) -> Vec<bool> {
+        let mut out = Vec::new();
+        for v4 in [true, false] {
+            let has_block = self.blocks.iter().any(|b| b.addr().is_ipv4() == v4);
+            let has_pool = self
+                .config
+                .pools
+                .iter()
+                .any(|p| p.cidr.addr().is_ipv4() == v4 && p.selects(&self.labels));
+            if has_block || has_pool {
+                out.push(v4);
+            }
+        }
+        out
+    }
+
+    /// Allocate one address per family for the attachment, or return the
+    /// allocation it already has (a retried ADD after a lost reply).
+    pub fn add(&mut self, req: &AddRequest) -> Result<(Allocation, Option<Change>), IpamError> {
+        validate_key(&req.key)?;
+        if let Some(existing) = self.by_key.get(&req.key) {
+            if existing.host_veth == req.host_veth && existing.netns == req.netns {
+                return Ok((existing.clone(), None));
+            }
+            let mut updated = existing.clone();
+            updated.host_veth = req.host_veth.clone();
+            updated.netns = req.netns.clone();
+            self.by_key.insert(req.key.clone(), updated.clone());
+            return Ok((updated.clone(), Some(Change::Put(updated))));
+        }
+        let families = self.families();
+        if families.is_empty() {
+            return Err(IpamError::Exhausted(format!(
+                "node {} holds no block and no enabled pool selects it",
+                self.node
+            )));
+        }
+        let mut ips = Vec::new();
+        for v4 in families {
+            match self.allocate(v4, &req.key) {
+                Ok(ip) => ips.push(IpNet::from(ip)),
+                Err(e) => {
+                    for ip in &ips {
+                        self.used.remove(&ip.addr());
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        let alloc = Allocation {
+            key: req.key.clone(),
+            ips,
+            host_veth: req.host_veth.clone(),
+            netns: req.netns.clone(),
+        };
+        self.by_key.insert(req.key.clone(), alloc.clone());
+        Ok((alloc.clone(), Some(Change::Put(alloc))))
+    }
+
+    fn allocate(&mut self, v4: bool, key: &AttachmentKey) -> Result<IpAddr, IpamError> {
+        let own: Vec<IpNet> = self
+            .blocks
+            .iter()
+            .copied()
+            .filter(|b| b.addr().is_ipv4() == v4)
+            .collect();
+        for block in own {
+            if let Some(ip) = self.free_in(block) {
+                self.used.insert(ip, key.clone());
+                return Ok(ip);
+            }
+        }
+        let family = if v4 { "IPv4" } else { "IPv6" };
+        if self.blocks.len() >= self.max_blocks() {
+            let why = if self.config.strict_affinity {
+                "strictAffinity forbids borrowing"
+            } else {
+                "borrowing from other nodes' blocks needs a datastore that shares allocations (the Kubernetes one); the file datastore keeps them per node"
+            };
+            return Err(IpamError::Exhausted(format!(
+                "node {} holds {} blocks (limit {}), all {family} ones full; {why}",
+                self.node,
+                self.blocks.len(),
+                self.max_blocks()
+            )));
+        }
+        let block = self.claim_block(v4)?;
+        let ip = self.free_in(block).ok_or_else(|| {
+            IpamError::Exhausted(format!("freshly claimed block {block} has no free address"))
+        })?;
+        self.used.insert(ip, key.clone());
+        Ok(ip)
+    }
+
+    /// Claim the first block, in pool order, that nobody holds.
+    fn claim_block(&mut self, v4: bool) -> Result<IpNet, IpamError> {
+        let held: Vec<IpNet> = self
+            .datastore
+            .affinities()?
+            .into_iter()
+            .map(|a| a.block)
+            .collect();
+        let pools: Vec<Pool> = self
+            .config
+            .pools
+            .iter()
+            .filter(|p| p.cidr.addr().is_ipv4() == v4 && p.selects(&self.labels))
+            .cloned()
+            .collect();
+        for pool in &pools {
+            // Within `held.len() + 1` candidates one is free, unless the pool
+            // is smaller than that.
+            for block in pool.blocks().take(held.len() + 1) {
+                if held
+                    .iter()
+                    .any(|h| h.contains(&block.network()) || block.contains(&h.network()))
+                {
+                    continue;
+                }
+                match self.datastore.claim(block, &self.node) {
+                    Ok(a) => {
+                        self.blocks.push(a.block);
+                        return Ok(a.block);
+                    }
+                    // Another node won the race for it: try the next one.
+                    Err(DatastoreError::Conflict { .. }) => continue,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        Err(IpamError::Exhausted(format!(
+            "no free {} block for node {} in pools [{}]",
+            if v4 { "IPv4" } else { "IPv6" },
+            self.node,
+            pools
+                .iter()
+                .map(|p| p.cidr.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )))
+    }
+
+    fn free_in(&mut self, block: IpNet) -> Option<IpAddr> {
+        let bits = u32::from(block.max_prefix_len() - block.prefix_len());
+        let size: u128 = if bits >= 128 {
+            u128::MAX
+        } else {
+            1u128 << bits
+        };
+        let base = to_u128(block.network());
+        let used_here = self.used.len() as u128;
+        let probes = size.min(used_here + 1);
+        let start = self.cursors.get(&block).copied().unwrap_or(0) % size;
+        for i in 0..probes {
+            let off = start.wrapping_add(i) % size;
+            let ip = from_u128(base + off, block.addr().is_ipv4());
+            if !self.used.contains_key(&ip) {
+                self.cursors.insert(block, (off + 1) % size);
+                return Some(ip);
+            }
+        }
+        None
+    }
+
+    /// Release the attachment's addresses; unknown attachments release nothing.
+    pub fn del(&mut self, key: &AttachmentKey) -> (Option<Allocation>, Option<Change>) {
+        match self.by_key.remove(key) {
+            Some(alloc) => {
+                for ip in &alloc.ips {
+                    self.used.remove(&ip.addr());
+                }
+                (Some(alloc), Some(Change::Remove(key.clone())))
+            }
+            None => (None, None),
+        }
+    }
+
+    pub fn get(&self, key: &AttachmentKey) -> Option<&Allocation> {
+        self.by_key.get(key)
+    }
+
+    /// Allocations whose attachment is not in `valid`: what GC releases, and
+    /// the leak report.
+    pub fn leaks(&self, valid: &[AttachmentKey]) -> Vec<Allocation> {
+        let valid: HashSet<&AttachmentKey> = valid.iter().collect();
+        let mut out: Vec<Allocation> = self
+            .by_key
+            .values()
+            .filter(|a| !valid.contains(&a.key))
+            .cloned()
+            .collect();
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        out
+    }
+
+    pub fn gc(&mut self, valid: &[AttachmentKey]) -> (Vec<Allocation>, Vec<Change>) {
+        let leaks = self.leaks(valid);
+        let changes = leaks.iter().filter_map(|a| self.del(&a.key).1).collect();
+        (leaks, changes)
+    }
+
+    /// The host routes every local pod needs, for the FIB reconciler.
+    pub fn pod_routes(&self) -> Vec<PodRoute> {
+        let mut out: Vec<PodRoute> = self.by_key.values().flat_map(|a| a.host_routes()).collect();
+        out.sort_by_key(|a| a.destination);
+        out
+    }
+
+    /// The blocks this node holds, to export to BGP peers.
+    pub fn blocks(&self) -> &[IpNet] {
+        &self.blocks
+    }
+
+    pub fn status(&self) -> StatusReply {
+        let families = self.families();
+        StatusReply {
+            ready: !families.is_empty(),
+            reason: if families.is_empty() {
+                format!(
+                    "node {} holds no block and no enabled pool selects it",
+                    self.node
+                )
+            } else {
+                String::new()
+            },
+            node: self.node.clone(),
+            blocks: self.blocks.clone(),
+            allocated: self.by_key.len(),
+        }
+    }
+}
+
+fn validate_key(key: &AttachmentKey) -> Result<(), IpamError> {
+    let ok = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 255
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+    };
+    if !ok(&key.container_id) {
+        return Err(IpamError::Invalid(format!(
+            "container id `{}` is empty or has characters outside [A-Za-z0-9_.-]",
+            key.container_id
+        )));
+    }
+    if key.ifname.is_empty()
+        || key.ifname.len() > 15
+        || key.ifname.contains(['/', ':'])
+        || key.ifname.chars().any(char::is_whitespace)
+    {
+        return Err(IpamError::Invalid(format!(
+            "interface name `{}` is not a valid Linux interface name",
+            key.ifname
+        )));
+    }
+    Ok(())
+}
+
+fn to_u128(ip: IpAddr) -> u128 {
+    match ip {
+        IpAddr::V4(a) => u128::from(u32::from(a)),
+        IpAddr::V6(a) => u128::from(a),
+    }
+}
+
+fn from_u128(v: u128, v4: bool) -> IpAddr {
+    if v4 {
+        IpAddr::V4(std::net::Ipv4Addr::from(v as u32))
+    } else {
+        IpAddr::V6(std::net::Ipv6Addr::from(v))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// An in-memory datastore: a unit-test stand-in for the file one.
+    #[derive(Default)]
+    struct MemDatastore(Mutex<Vec<Affinity>>);
+
+    impl Datastore for MemDatastore {
+        fn affinities(&self) -> Result<Vec<Affinity>, DatastoreError> {
+            Ok(self.0.lock().unwrap().clone())
+        }
+        fn claim(&self, block: IpNet, node: &str) -> Result<Affinity, DatastoreError> {
+            let mut v = self.0.lock().unwrap();
+            if let Some(h) = v.iter().find(|a| a.block == block) {
+                if h.node == node {
+                    return Ok(h.clone());
+                }
+                return Err(DatastoreError::Conflict {
+                    block,
+                    holder: h.node.clone(),
+                });
+            }
+            let a = Affinity {
+                block,
+                node: node.into(),
+                revision: 1,
+            };
+            v.push(a.clone());
+            Ok(a)
+        }
+        fn release(&self, a: &Affinity) -> Result<(), DatastoreError> {
+            self.0.lock().unwrap().retain(|x| x.block != a.block);
+            Ok(())
+        }
+    }
+
+    fn req(c: &str) -> AddRequest {
+        AddRequest {
+            key: AttachmentKey {
+                container_id: c.into(),
+                ifname: "eth0".into(),
+            },
+            netns: "/run/netns/x".into(),
+            host_veth: starling_cni::host_veth_name(c, "eth0"),
+        }
+    }
+
+    fn ipam(config: IpamConfig) -> Ipam {
+        Ipam::new(
+            "n1",
+            BTreeMap::new(),
+            config,
+            Box::<MemDatastore>::default(),
+            vec![],
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn dual_stack_from_pod_cidrs_and_idempotent_add() {
+        let mut ipam = ipam(IpamConfig {
+            pod_cidrs: vec![
+                "10.0.0.0/30".parse().unwrap(),
+                "fd00::/126".parse().unwrap(),
+            ],
+            ..Default::default()
+        });
+        let (a, change) = ipam.add(&req("c1")).unwrap();
+        assert!(change.is_some());
+        assert_eq!(a.ips.len(), 2);
+        assert_eq!(a.ips[0].to_string(), "10.0.0.0/32");
+        assert_eq!(a.ips[1].to_string(), "fd00::/128");
+        let (again, change) = ipam.add(&req("c1")).unwrap();
+        assert_eq!(again, a);
+        assert!(change.is_none(), "a retried ADD writes nothing");
+    }
+
+    #[test]
+    fn exhaustion_is_an_error_naming_the_node_and_nothing_leaks() {
+        let mut ipam = ipam(IpamConfig {
+            pod_cidrs: vec![
+                "10.0.0.0/31".parse().unwrap(),
+                "fd00::/127".parse().unwrap(),
+            ],
+            max_blocks_per_node: Some(2),
+            ..Default::default()
+        });
+        ipam.add(&req("c1")).unwrap();
+        ipam.add(&req("c2")).unwrap();
+        let err = ipam.add(&req("c3")).unwrap_err().to_string();
+        assert!(err.contains("n1") && err.contains("limit 2"), "{err}");
+        // Releasing one makes room again, and the freed address is reused.
+        let (released, _) = ipam.del(&req("c1").key);
+        let freed = released.unwrap().ips;
+        let (a, _) = ipam.add(&req("c3")).unwrap();
+        assert_eq!(a.ips, freed);
+    }
+
+    #[test]
+    fn claims_pool_blocks_up_to_the_limit() {
+        let mut ipam = ipam(IpamConfig {
+            pools: vec![serde_json::from_str(r#"{"cidr":"10.1.0.0/24","blockSize":30}"#).unwrap()],
+            max_blocks_per_node: Some(2),
+            strict_affinity: true,
+            ..Default::default()
+        });
+        let mut seen = HashSet::new();
+        for i in 0..8 {
+            let (a, _) = ipam.add(&req(&format!("c{i}"))).unwrap();
+            assert!(seen.insert(a.ips[0]), "duplicate {}", a.ips[0]);
+        }
+        assert_eq!(ipam.blocks().len(), 2);
+        let err = ipam.add(&req("c9")).unwrap_err().to_string();
+        assert!(err.contains("strictAffinity"), "{err}");
+    }
+
+    #[test]
+    fn released_addresses_are_not_reused_at_once() {
+        let mut ipam = ipam(IpamConfig {
+            pod_cidrs: vec!["10.0.0.0/29".parse().unwrap()],
+            ..Default::default()
+        });
+        let (a, _) = ipam.add(&req("c1")).unwrap();
+        ipam.del(&a.key);
+        let (b, _) = ipam.add(&req("c2")).unwrap();
+        assert_ne!(a.ips, b.ips);
+    }
+
+    #[test]
+    fn gc_releases_what_is_not_valid() {
+        let mut ipam = ipam(IpamConfig {
+            pod_cidrs: vec!["10.0.0.0/28".parse().unwrap()],
+            ..Default::default()
+        });
+        for c in ["a", "b", "c"] {
+            ipam.add(&req(c)).unwrap();
+        }
+        let valid = vec![req("b").key];
+        let report: Vec<String> = ipam
+            .leaks(&valid)
+            .iter()
+            .map(|a| a.key.container_id.clone())
+            .collect();
+        assert_eq!(report, ["a", "c"]);
+        let (released, changes) = ipam.gc(&valid);
+        assert_eq!(released.len(), 2);
+        assert_eq!(changes.len(), 2);
+        assert!(ipam.get(&req("b").key).is_some());
+        assert!(ipam.leaks(&valid).is_empty());
+    }
+
+    #[test]
+    fn bad_keys_are_refused() {
+        let mut ipam = ipam(IpamConfig {
+            pod_cidrs: vec!["10.0.0.0/28".parse().unwrap()],
+            ..Default::default()
+        });
+        let mut r = req("c1");
+        r.key.container_id = "a/b".into();
+        assert!(matches!(ipam.add(&r), Err(IpamError::Invalid(_))));
+    }
+}

@@ -1,0 +1,180 @@
+//! IP pools (Calico's IPPool fields) and the node selector that picks which
+//! nodes may claim blocks from them.
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+use super::IpamError;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Pool {
+    pub cidr: IpNet,
+    /// Prefix length of the blocks nodes claim; 26 for IPv4, 122 for IPv6
+    /// unless set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block_size: Option<u8>,
+    /// Which nodes may claim blocks: `all()`, or `key == 'value'`,
+    /// `key != 'value'`, `has(key)` joined with `&&`. Empty means all.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub node_selector: String,
+    /// A disabled pool hands out no new blocks; existing ones stay.
+    #[serde(default)]
+    pub disabled: bool,
+}
+
+impl Pool {
+    pub fn block_size(&self) -> u8 {
+        self.block_size
+            .unwrap_or(if self.cidr.addr().is_ipv4() { 26 } else { 122 })
+    }
+
+    /// Reject what would make the pool unusable, naming the pool and field.
+    pub fn validate(&self) -> Result<(), IpamError> {
+        let bs = self.block_size();
+        if bs < self.cidr.prefix_len() || bs > self.cidr.max_prefix_len() {
+            return Err(IpamError::Config(format!(
+                "pool {}: blockSize {bs} must be between the pool's prefix length {} and {}",
+                self.cidr,
+                self.cidr.prefix_len(),
+                self.cidr.max_prefix_len()
+            )));
+        }
+        if self.cidr != self.cidr.trunc() {
+            return Err(IpamError::Config(format!(
+                "pool {}: cidr has host bits set (did you mean {}?)",
+                self.cidr,
+                self.cidr.trunc()
+            )));
+        }
+        NodeSelector::parse(&self.node_selector)
+            .map_err(|e| IpamError::Config(format!("pool {}: nodeSelector: {e}", self.cidr)))?;
+        Ok(())
+    }
+
+    /// Whether a node with `labels` may claim blocks from this pool.
+    pub fn selects(&self, labels: &BTreeMap<String, String>) -> bool {
+        !self.disabled
+            && NodeSelector::parse(&self.node_selector)
+                .map(|s| s.matches(labels))
+                .unwrap_or(false)
+    }
+
+    /// The pool's blocks in address order (lazily: an IPv6 pool has many).
+    pub fn blocks(&self) -> impl Iterator<Item = IpNet> + '_ {
+        self.cidr.subnets(self.block_size()).into_iter().flatten()
+    }
+}
+
+/// A conjunction of label tests, the subset of Calico's selector syntax that
+/// node pools use in practice.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeSelector(Vec<Term>);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Term {
+    Eq(String, String),
+    Ne(String, String),
+    Has(String),
+}
+
+impl NodeSelector {
+    pub fn parse(text: &str) -> Result<NodeSelector, String> {
+        let text = text.trim();
+        if text.is_empty() || text == "all()" {
+            return Ok(NodeSelector(Vec::new()));
+        }
+        let mut terms = Vec::new();
+        for part in text.split("&&").map(str::trim) {
+            if let Some(inner) = part.strip_prefix("has(").and_then(|p| p.strip_suffix(')')) {
+                terms.push(Term::Has(label_key(inner)?));
+            } else if let Some((k, v)) = part.split_once("==") {
+                terms.push(Term::Eq(label_key(k)?, quoted(v)?));
+            } else if let Some((k, v)) = part.split_once("!=") {
+                terms.push(Term::Ne(label_key(k)?, quoted(v)?));
+            } else {
+                return Err(format!(
+                    "cannot parse `{part}`: expected key == 'value', key != 'value', has(key) or all()"
+                ));
+            }
+        }
+        Ok(NodeSelector(terms))
+    }
+
+    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.0.iter().all(|t| match t {
+            Term::Eq(k, v) => labels.get(k) == Some(v),
+            Term::Ne(k, v) => labels.get(k) != Some(v),
+            Term::Has(k) => labels.contains_key(k),
+        })
+    }
+}
+
+fn label_key(k: &str) -> Result<String, String> {
+    let k = k.trim();
+    if k.is_empty()
+        || !k
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c))
+    {
+        return Err(format!("`{k}` is not a label key"));
+    }
+    Ok(k.to_string())
+}
+
+fn quoted(v: &str) -> Result<String, String> {
+    let v = v.trim();
+    for q in ['\'', '"'] {
+        if let Some(inner) = v.strip_prefix(q).and_then(|s| s.strip_suffix(q)) {
+            return Ok(inner.to_string());
+        }
+    }
+    Err(format!("value {v} must be quoted"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn selector_terms() {
+        let s = NodeSelector::parse("zone == 'a' && has(gpu) && rack != \"r2\"").unwrap();
+        assert!(s.matches(&labels(&[("zone", "a"), ("gpu", ""), ("rack", "r1")])));
+        assert!(!s.matches(&labels(&[("zone", "a"), ("gpu", ""), ("rack", "r2")])));
+        assert!(!s.matches(&labels(&[("zone", "a")])));
+        assert!(NodeSelector::parse("all()").unwrap().matches(&labels(&[])));
+        assert!(NodeSelector::parse("zone = a").is_err());
+    }
+
+    #[test]
+    fn default_block_sizes_and_validation() {
+        let v4: Pool = serde_json::from_str(r#"{"cidr":"10.0.0.0/16"}"#).unwrap();
+        assert_eq!(v4.block_size(), 26);
+        let v6: Pool = serde_json::from_str(r#"{"cidr":"fd00::/48"}"#).unwrap();
+        assert_eq!(v6.block_size(), 122);
+        let bad: Pool = serde_json::from_str(r#"{"cidr":"10.0.0.0/27","blockSize":26}"#).unwrap();
+        let err = bad.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("10.0.0.0/27") && err.contains("blockSize"),
+            "{err}"
+        );
+        let host_bits: Pool = serde_json::from_str(r#"{"cidr":"10.0.0.1/16"}"#).unwrap();
+        assert!(host_bits.validate().is_err());
+    }
+
+    #[test]
+    fn blocks_are_lazy_and_ordered() {
+        let p: Pool = serde_json::from_str(r#"{"cidr":"fd00::/48"}"#).unwrap();
+        let first: Vec<IpNet> = p.blocks().take(2).collect();
+        assert_eq!(first[0].to_string(), "fd00::/122");
+        assert_eq!(first[1].to_string(), "fd00::40/122");
+    }
+}

@@ -1,0 +1,376 @@
+//! The protocol between the `starling` CNI plugin and the agent that owns IPAM.
+//!
+//! One request per connection on a Unix socket (root-only, mode 0600). Each
+//! frame is a 4-byte big-endian length followed by that many bytes of JSON.
+//! The plugin sends an [`Envelope`]; the agent answers with one [`Response`].
+//! Every request carries a deadline: the agent drops a request whose deadline
+//! has passed before it is applied, so a plugin that gave up never leaves an
+//! allocation it did not hear about (and if the deadline passes while the
+//! agent commits, the runtime's DEL or GC releases it).
+//!
+//! Both sides import these types from here, so there is one definition of the
+//! wire format.
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use std::io::{Read, Write};
+use std::net::IpAddr;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Where the agent listens unless configured otherwise.
+pub const DEFAULT_SOCKET: &str = "/run/starling/cni.sock";
+
+/// Frames larger than this are refused on both sides: a GC request listing
+/// every attachment of a large node stays far below it.
+pub const MAX_FRAME: u32 = 16 << 20;
+
+/// The pod-side gateway for IPv4: never configured anywhere, answered by
+/// proxy ARP on the host side of every pod veth (the address Calico uses).
+pub const GATEWAY_V4: std::net::Ipv4Addr = std::net::Ipv4Addr::new(169, 254, 1, 1);
+
+/// The pod-side gateway for IPv6: the link-local address the kernel derives
+/// (EUI-64) from [`HOST_VETH_MAC`], so the host veth owns it without
+/// configuration.
+pub const GATEWAY_V6: std::net::Ipv6Addr =
+    std::net::Ipv6Addr::new(0xfe80, 0, 0, 0, 0xecee, 0xeeff, 0xfeee, 0xeeee);
+
+/// Every host-side veth gets this MAC: pods only ever talk to "the host", so
+/// one fixed address keeps their neighbour tables stable across restarts.
+pub const HOST_VETH_MAC: [u8; 6] = [0xee; 6];
+
+/// A pod attachment: what the runtime names with `CNI_CONTAINERID` and
+/// `CNI_IFNAME`, and what GC's valid-attachments list holds.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AttachmentKey {
+    pub container_id: String,
+    pub ifname: String,
+}
+
+impl std::fmt::Display for AttachmentKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.container_id, self.ifname)
+    }
+}
+
+/// What the plugin sends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Envelope {
+    /// Milliseconds since the Unix epoch after which the plugin no longer waits.
+    pub deadline_unix_ms: u64,
+    pub request: Request,
+}
+
+impl Envelope {
+    pub fn new(request: Request, timeout: Duration) -> Envelope {
+        Envelope {
+            deadline_unix_ms: unix_ms(SystemTime::now() + timeout),
+            request,
+        }
+    }
+
+    /// Time left before the deadline; zero once it has passed.
+    pub fn remaining(&self) -> Duration {
+        let now = unix_ms(SystemTime::now());
+        Duration::from_millis(self.deadline_unix_ms.saturating_sub(now))
+    }
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "camelCase")]
+pub enum Request {
+    /// Allocate (or return the existing allocation of) one address per
+    /// address family for the attachment, and record the host-side wiring so
+    /// the agent can re-derive the pod's host routes after a restart.
+    Add(AddRequest),
+    /// Release the attachment's addresses. Releasing an unknown attachment
+    /// succeeds: DEL must be idempotent.
+    Del { key: AttachmentKey },
+    /// Return the attachment's allocation, if any.
+    Check { key: AttachmentKey },
+    /// Release every allocation whose attachment is not in `valid`; with
+    /// `dry_run`, only report them (the leak report).
+    Gc {
+        valid: Vec<AttachmentKey>,
+        #[serde(default)]
+        dry_run: bool,
+    },
+    /// Is the agent ready to serve ADD?
+    Status,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AddRequest {
+    pub key: AttachmentKey,
+    /// `CNI_NETNS`, recorded for operators and GC reports.
+    pub netns: String,
+    /// Host-side veth name; the pod's host routes are `<ip> dev <host_veth>`.
+    pub host_veth: String,
+}
+
+/// One attachment's addresses, as persisted by the agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Allocation {
+    pub key: AttachmentKey,
+    /// Host prefixes: a /32 for IPv4, a /128 for IPv6.
+    pub ips: Vec<IpNet>,
+    pub host_veth: String,
+    pub netns: String,
+}
+
+impl Allocation {
+    /// The host routes the pod needs: `<ip> dev <host_veth> scope link`.
+    pub fn host_routes(&self) -> Vec<PodRoute> {
+        self.ips
+            .iter()
+            .map(|ip| PodRoute {
+                destination: *ip,
+                device: self.host_veth.clone(),
+            })
+            .collect()
+    }
+}
+
+/// A host route towards a local pod.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct PodRoute {
+    pub destination: IpNet,
+    pub device: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AddReply {
+    pub allocation: Allocation,
+    /// MTU for the pod interface: the uplink's minus the encapsulation overhead.
+    pub mtu: u32,
+    /// Protocol number the pod's host routes carry, so the FIB reconciler
+    /// recognises them as its own.
+    pub route_protocol: u8,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StatusReply {
+    pub ready: bool,
+    /// Why not, when not ready.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+    pub node: String,
+    /// Blocks this node holds, per address family.
+    pub blocks: Vec<IpNet>,
+    pub allocated: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "reply", rename_all = "camelCase")]
+pub enum Reply {
+    Added(AddReply),
+    /// The allocation DEL released, if there was one.
+    Released {
+        allocation: Option<Allocation>,
+    },
+    Found {
+        allocation: Option<Allocation>,
+    },
+    /// What GC released (or, with `dry_run`, would release).
+    Collected {
+        allocations: Vec<Allocation>,
+    },
+    Status(StatusReply),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum ErrorKind {
+    /// No free address in any block the node holds or may claim.
+    Exhausted,
+    /// The request was malformed or named something invalid.
+    InvalidRequest,
+    /// The deadline passed before the request was applied; nothing changed.
+    DeadlineExceeded,
+    /// The agent could not read or write its store or datastore.
+    Store,
+    /// The agent is starting or shutting down.
+    NotReady,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[serde(rename_all = "camelCase")]
+#[error("{kind:?}: {message}")]
+pub struct AgentError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Response {
+    Ok(Reply),
+    Err(AgentError),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("frame of {0} bytes exceeds the {MAX_FRAME}-byte limit")]
+    TooLarge(u64),
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("malformed JSON: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+/// Serialise `msg` as one frame (length prefix included).
+pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
+    let body = serde_json::to_vec(msg)?;
+    let len = u32::try_from(body.len())
+        .ok()
+        .filter(|l| *l <= MAX_FRAME)
+        .ok_or(FrameError::TooLarge(body.len() as u64))?;
+    let mut out = Vec::with_capacity(4 + body.len());
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(&body);
+    Ok(out)
+}
+
+/// The body length a frame header announces, refused past [`MAX_FRAME`].
+pub fn frame_len(header: [u8; 4]) -> Result<usize, FrameError> {
+    let len = u32::from_be_bytes(header);
+    if len > MAX_FRAME {
+        return Err(FrameError::TooLarge(len.into()));
+    }
+    Ok(len as usize)
+}
+
+/// Read one frame from a blocking stream.
+pub fn read_frame<T: for<'de> Deserialize<'de>>(r: &mut impl Read) -> Result<T, FrameError> {
+    let mut header = [0u8; 4];
+    r.read_exact(&mut header)?;
+    let mut body = vec![0u8; frame_len(header)?];
+    r.read_exact(&mut body)?;
+    Ok(serde_json::from_slice(&body)?)
+}
+
+/// Why a call to the agent failed, sorted by what the plugin should tell the
+/// runtime.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// Nobody listens (agent down or starting): the runtime should retry.
+    #[error("cannot reach the starling agent at {path}: {source}")]
+    Unreachable {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// Connected, but no answer before the deadline (or the agent died mid-call).
+    #[error("no answer from the starling agent at {path} before the deadline: {source}")]
+    NoAnswer { path: PathBuf, source: FrameError },
+    #[error("the starling agent refused the request: {0}")]
+    Agent(AgentError),
+}
+
+/// A request sent to the agent whose answer has not been read yet.
+pub struct Pending {
+    stream: UnixStream,
+    path: PathBuf,
+}
+
+/// Connect and send one request; the answer is read by [`Pending::wait`].
+/// Splitting the two lets the plugin do work that does not depend on the
+/// answer while the agent commits.
+pub fn send(socket: &Path, request: Request, timeout: Duration) -> Result<Pending, CallError> {
+    let envelope = Envelope::new(request, timeout);
+    let no_answer = |source| CallError::NoAnswer {
+        path: socket.to_path_buf(),
+        source,
+    };
+    let mut stream = UnixStream::connect(socket).map_err(|source| CallError::Unreachable {
+        path: socket.to_path_buf(),
+        source,
+    })?;
+    let timeout = envelope.remaining().max(Duration::from_millis(1));
+    stream
+        .set_read_timeout(Some(timeout))
+        .and_then(|()| stream.set_write_timeout(Some(timeout)))
+        .map_err(|e| no_answer(e.into()))?;
+    let frame = encode(&envelope).map_err(no_answer)?;
+    stream.write_all(&frame).map_err(|e| no_answer(e.into()))?;
+    Ok(Pending {
+        stream,
+        path: socket.to_path_buf(),
+    })
+}
+
+impl Pending {
+    /// Wait for the answer (the deadline set by [`send`] still applies).
+    pub fn wait(mut self) -> Result<Reply, CallError> {
+        match read_frame::<Response>(&mut self.stream) {
+            Ok(Response::Ok(reply)) => Ok(reply),
+            Ok(Response::Err(e)) => Err(CallError::Agent(e)),
+            Err(source) => Err(CallError::NoAnswer {
+                path: self.path,
+                source,
+            }),
+        }
+    }
+}
+
+/// Send one request and wait for its answer, all within `timeout`.
+pub fn call(socket: &Path, request: Request, timeout: Duration) -> Result<Reply, CallError> {
+    send(socket, request, timeout)?.wait()
+}
+
+/// The address family of a host prefix, for messages and sorting.
+pub fn family(ip: &IpAddr) -> &'static str {
+    if ip.is_ipv4() { "IPv4" } else { "IPv6" }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envelope_round_trips_through_a_frame() {
+        let env = Envelope::new(
+            Request::Add(AddRequest {
+                key: AttachmentKey {
+                    container_id: "c1".into(),
+                    ifname: "eth0".into(),
+                },
+                netns: "/run/netns/p".into(),
+                host_veth: "stl0123456789a".into(),
+            }),
+            Duration::from_secs(1),
+        );
+        let frame = encode(&env).unwrap();
+        let back: Envelope = read_frame(&mut frame.as_slice()).unwrap();
+        assert_eq!(back, env);
+    }
+
+    #[test]
+    fn oversized_frame_header_is_refused() {
+        let header = (MAX_FRAME + 1).to_be_bytes();
+        assert!(matches!(frame_len(header), Err(FrameError::TooLarge(_))));
+    }
+
+    #[test]
+    fn gateway_v6_is_the_eui64_link_local_of_the_host_mac() {
+        let m = HOST_VETH_MAC;
+        let eui = [m[0] ^ 0x02, m[1], m[2], 0xff, 0xfe, m[3], m[4], m[5]];
+        let mut b = [0u8; 16];
+        b[0] = 0xfe;
+        b[1] = 0x80;
+        b[8..].copy_from_slice(&eui);
+        assert_eq!(std::net::Ipv6Addr::from(b), GATEWAY_V6);
+    }
+}

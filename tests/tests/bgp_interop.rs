@@ -1,0 +1,764 @@
+//! `starling-bgpd` against the real BIRD 2, FRR, GoBGP and ExaBGP, each in
+//! its own network namespaces on a bridge. Every check is read from both
+//! sides' own views: ours through `starling-bgpd show ... -o json`, theirs
+//! through `birdc`, `vtysh`, `gobgp` or ExaBGP's API output.
+//!
+//! One `#[test]` per reference implementation runs its cases in sequence, so
+//! cargo's two test threads run at most two labs at a time on this 2-core box.
+//! Each check prints one line: `bird ibgp v4 ours->peer ok (1.2s)`.
+
+use anyhow::{Context, Result, anyhow, bail};
+use ipnet::IpNet;
+use starling_tests::peers::{
+    Lan, Neighbor, Peer, PeerKind, PeerSpec, Starling, StarlingPeer, StarlingSpec, md5_drops,
+};
+use starling_tests::{Netns, wait_for};
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::{Duration, Instant};
+
+/// Session establishment: the first connect may wait out one connect-retry
+/// (1 s) or, for ExaBGP, its back-off; 30 s is generous on a loaded 2-core box.
+const ESTABLISH: Duration = Duration::from_secs(30);
+/// An UPDATE or withdrawal reaching the other side's table.
+const PROPAGATE: Duration = Duration::from_secs(15);
+/// Our side noticing a killed peer: the kernel closes the TCP connection at
+/// once; the hold timer (9 s) is the fallback.
+const NOTICE_DOWN: Duration = Duration::from_secs(15);
+/// The MD5 window ends after this many MD5-rejected segments (see `md5_cases`).
+const MD5_REJECTS: u64 = 3;
+const MD5_WINDOW_LIMIT: Duration = Duration::from_secs(30);
+
+const OUR_AS: u32 = 65010;
+const EBGP_AS: u32 = 65002;
+const MD5_OK_AS: u32 = 65003;
+const MD5_BAD_AS: u32 = 65004;
+const PASSWORD: &str = "starling-md5";
+const WRONG_PASSWORD: &str = "not-the-password";
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().expect("literal address")
+}
+
+fn net(s: &str) -> IpNet {
+    s.parse().expect("literal prefix")
+}
+
+/// Prints one line per passed check and collects failures, so one run shows
+/// every broken case instead of only the first.
+struct Report {
+    kind: &'static str,
+    failures: Vec<String>,
+}
+
+impl Report {
+    fn new(kind: PeerKind) -> Report {
+        Report {
+            kind: kind.name(),
+            failures: Vec::new(),
+        }
+    }
+
+    fn wait<F>(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        cond: F,
+        context: &dyn Fn() -> String,
+    ) -> bool
+    where
+        F: FnMut() -> Result<bool>,
+    {
+        match wait_for(what, timeout, cond) {
+            Ok(took) => {
+                println!("{} {what} ok ({:.1}s)", self.kind, took.as_secs_f64());
+                true
+            }
+            Err(e) => {
+                let msg = format!("{} {what} FAILED: {e:#}", self.kind);
+                println!("{msg}");
+                self.failures.push(format!("{msg}\n{}", context()));
+                false
+            }
+        }
+    }
+
+    fn ok(&mut self, what: &str, took: Duration) {
+        println!("{} {what} ok ({:.1}s)", self.kind, took.as_secs_f64());
+    }
+
+    fn fail(&mut self, what: &str, e: anyhow::Error, context: String) {
+        let msg = format!("{} {what} FAILED: {e:#}", self.kind);
+        println!("{msg}");
+        self.failures.push(format!("{msg}\n{context}"));
+    }
+
+    fn finish(self) {
+        if !self.failures.is_empty() {
+            panic!(
+                "{} case(s) failed:\n\n{}",
+                self.failures.len(),
+                self.failures.join("\n\n")
+            );
+        }
+    }
+}
+
+/// One reference peer of our daemon and the prefixes each side originates to it.
+struct Role {
+    label: &'static str,
+    v4: IpAddr,
+    v6: Option<IpAddr>,
+    peer: Peer,
+    /// Originated by the peer from the start / at runtime, per family.
+    start: [IpNet; 2],
+    runtime: [IpNet; 2],
+}
+
+impl Role {
+    fn addr(&self, v4: bool) -> Option<IpAddr> {
+        if v4 { Some(self.v4) } else { self.v6 }
+    }
+}
+
+fn family(v4: bool) -> &'static str {
+    if v4 { "v4" } else { "v6" }
+}
+
+struct Lab {
+    // Field order is drop order: daemons before the namespaces they live in.
+    ours: Starling,
+    roles: Vec<Role>,
+    md5_ok: Peer,
+    md5_bad: Peer,
+    me: Netns,
+    md5_bad_ns: Netns,
+    _others: Vec<Netns>,
+    _lan: Lan,
+}
+
+const OURS_V4: &str = "192.0.2.10";
+const OURS_V6: &str = "2001:db8::10";
+const OUR_START: [&str; 2] = ["10.99.0.0/24", "2001:db8:9900::/48"];
+const OUR_RUNTIME: [&str; 2] = ["10.99.1.0/24", "2001:db8:9901::/48"];
+
+impl Lab {
+    fn start(kind: PeerKind) -> Result<Lab> {
+        kind.require_tools();
+        let mut lan = Lan::new()?;
+        let me = Netns::new("me")?;
+        lan.attach(&me, &format!("{OURS_V4}/24,{OURS_V6}/64"))?;
+        let mut nss = Vec::new();
+        let mut roles = Vec::new();
+        // (session type, last octet of the peer's addresses, peer AS)
+        for (label, n, asn) in [("ibgp", 1u8, OUR_AS), ("ebgp", 2, EBGP_AS)] {
+            let ns = Netns::new(label)?;
+            let v4 = ip(&format!("192.0.2.{n}"));
+            let v6 = ip(&format!("2001:db8::{n}"));
+            lan.attach(&ns, &format!("{v4}/24,{v6}/64"))?;
+            let start = [
+                net(&format!("10.{n}.0.0/24")),
+                net(&format!("2001:db8:{n}00::/48")),
+            ];
+            let runtime = [
+                net(&format!("10.{n}.1.0/24")),
+                net(&format!("2001:db8:{n}01::/48")),
+            ];
+            let spec = PeerSpec {
+                router_id: Ipv4Addr::new(192, 0, 2, n),
+                local_as: asn,
+                local_addresses: vec![v4, v6],
+                neighbors: vec![
+                    Neighbor::new(ip(OURS_V4), OUR_AS),
+                    Neighbor::new(ip(OURS_V6), OUR_AS),
+                ],
+                prefixes: start.to_vec(),
+            };
+            let peer = Peer::start(kind, &ns, spec)?;
+            roles.push(Role {
+                label,
+                v4,
+                v6: Some(v6),
+                peer,
+                start,
+                runtime,
+            });
+            nss.push(ns);
+        }
+        let md5_ok_ns = Netns::new("md5ok")?;
+        lan.attach(&md5_ok_ns, "192.0.2.3/24")?;
+        let md5_bad_ns = Netns::new("md5bad")?;
+        lan.attach(&md5_bad_ns, "192.0.2.4/24")?;
+        let md5_spec = |n: u8, asn: u32, pw: &str| PeerSpec {
+            router_id: Ipv4Addr::new(192, 0, 2, n),
+            local_as: asn,
+            local_addresses: vec![ip(&format!("192.0.2.{n}"))],
+            neighbors: vec![Neighbor::new(ip(OURS_V4), OUR_AS).md5(pw)],
+            prefixes: vec![net(&format!("10.{n}.0.0/24"))],
+        };
+        let md5_ok = Peer::start(kind, &md5_ok_ns, md5_spec(3, MD5_OK_AS, PASSWORD))?;
+        let md5_bad = Peer::start(kind, &md5_bad_ns, md5_spec(4, MD5_BAD_AS, WRONG_PASSWORD))?;
+        nss.push(md5_ok_ns);
+
+        let mut peers = Vec::new();
+        for r in &roles {
+            let asn = r.peer.spec.local_as;
+            peers.push(StarlingPeer::new(r.v4, asn));
+            peers.extend(r.v6.map(|a| StarlingPeer::new(a, asn)));
+        }
+        peers.push(StarlingPeer::new(ip("192.0.2.3"), MD5_OK_AS).md5(PASSWORD));
+        peers.push(StarlingPeer::new(ip("192.0.2.4"), MD5_BAD_AS).md5(PASSWORD));
+        let spec = StarlingSpec {
+            router_id: ip(OURS_V4).to_string().parse()?,
+            asn: OUR_AS,
+            prefixes: OUR_START.iter().map(|p| net(p)).collect(),
+            peers,
+        };
+        let ours = Starling::start(&me, &starling_tests::bin("starling-bgpd"), &spec)?;
+        Ok(Lab {
+            ours,
+            roles,
+            md5_ok,
+            md5_bad,
+            me,
+            md5_bad_ns,
+            _others: nss,
+            _lan: lan,
+        })
+    }
+
+    fn context(&self, role: Option<&Role>) -> String {
+        let mut s = self.ours.diagnostics();
+        if let Some(r) = role {
+            s += &r.peer.diagnostics();
+        }
+        s
+    }
+}
+
+fn matrix(kind: PeerKind) {
+    let mut report = Report::new(kind);
+    let mut lab = match Lab::start(kind) {
+        Ok(l) => l,
+        Err(e) => panic!("{} lab did not start: {e:#}", kind.name()),
+    };
+    let ours_addr = |v4: bool| ip(if v4 { OURS_V4 } else { OURS_V6 });
+
+    // --- Established, both views; session type as we report it.
+    let mut up = vec![];
+    for r in &lab.roles {
+        for v4 in [true, false] {
+            let Some(addr) = r.addr(v4) else { continue };
+            let what = format!("{} {} established", r.label, family(v4));
+            let ours = &lab.ours;
+            let ok = report.wait(
+                &what,
+                ESTABLISH,
+                || {
+                    let s = ours
+                        .session(addr)?
+                        .ok_or_else(|| anyhow!("no session for {addr} in show sessions"))?;
+                    if s["state"] != "Established" {
+                        return Ok(false);
+                    }
+                    if s["type"] != r.label {
+                        bail!(
+                            "our session with {addr} has type {}, expected {}",
+                            s["type"],
+                            r.label
+                        );
+                    }
+                    r.peer.session_established(ours_addr(v4))
+                },
+                &|| lab.context(Some(r)),
+            );
+            up.push(((r.label, v4), ok));
+        }
+    }
+    let is_up =
+        |label: &str, v4: bool| up.iter().any(|((l, f), ok)| *l == label && *f == v4 && *ok);
+
+    // --- Prefixes originated at start flow both ways.
+    for r in &lab.roles {
+        for v4 in [true, false] {
+            if !is_up(r.label, v4) {
+                continue;
+            }
+            let i = usize::from(!v4);
+            let addr = r.addr(v4).expect("role has this family");
+            flow_peer_to_ours(&mut report, &lab, r, addr, r.start[i], true, "");
+            flow_ours_to_peer(&mut report, &lab, r, v4, net(OUR_START[i]), true, "");
+        }
+    }
+
+    // --- Runtime announcements, both directions.
+    for p in OUR_RUNTIME {
+        if let Err(e) = lab.ours.announce(net(p)) {
+            report.fail(&format!("starling-bgpd announce {p}"), e, lab.context(None));
+        }
+    }
+    for r in &mut lab.roles {
+        for p in r.runtime {
+            if let Err(e) = r.peer.announce(p) {
+                let ctx = r.peer.diagnostics();
+                report.fail(&format!("{} peer announce {p}", r.label), e, ctx);
+            }
+        }
+    }
+    for r in &lab.roles {
+        for v4 in [true, false] {
+            if !is_up(r.label, v4) {
+                continue;
+            }
+            let i = usize::from(!v4);
+            let addr = r.addr(v4).expect("role has this family");
+            flow_ours_to_peer(
+                &mut report,
+                &lab,
+                r,
+                v4,
+                net(OUR_RUNTIME[i]),
+                true,
+                " announce",
+            );
+            flow_peer_to_ours(&mut report, &lab, r, addr, r.runtime[i], true, " announce");
+        }
+    }
+
+    // --- Withdrawals, both directions.
+    for p in OUR_RUNTIME {
+        if let Err(e) = lab.ours.withdraw(net(p)) {
+            report.fail(&format!("starling-bgpd withdraw {p}"), e, lab.context(None));
+        }
+    }
+    for r in &mut lab.roles {
+        for p in r.runtime {
+            if let Err(e) = r.peer.withdraw(p) {
+                let ctx = r.peer.diagnostics();
+                report.fail(&format!("{} peer withdraw {p}", r.label), e, ctx);
+            }
+        }
+    }
+    for r in &lab.roles {
+        for v4 in [true, false] {
+            if !is_up(r.label, v4) {
+                continue;
+            }
+            let i = usize::from(!v4);
+            let addr = r.addr(v4).expect("role has this family");
+            flow_ours_to_peer(
+                &mut report,
+                &lab,
+                r,
+                v4,
+                net(OUR_RUNTIME[i]),
+                false,
+                " withdraw",
+            );
+            flow_peer_to_ours(&mut report, &lab, r, addr, r.runtime[i], false, " withdraw");
+        }
+    }
+
+    md5_cases(&mut report, &lab);
+
+    // --- A peer restart (SIGKILL, then the same config again) recovers.
+    restart_case(&mut report, &mut lab);
+
+    // STARLING_INTEROP_VERBOSE=1: every daemon's own state and log tail, also on success.
+    if std::env::var_os("STARLING_INTEROP_VERBOSE").is_some() {
+        println!("{}", lab.ours.diagnostics());
+        for r in &lab.roles {
+            println!("{}", r.peer.diagnostics());
+        }
+        println!("{}{}", lab.md5_ok.diagnostics(), lab.md5_bad.diagnostics());
+    }
+    report.finish();
+}
+
+/// `prefix`, originated by the peer, is (or is no longer) in our Adj-RIB-In
+/// for `addr`; for eBGP the AS path must be the peer's AS alone, for iBGP empty.
+fn flow_peer_to_ours(
+    report: &mut Report,
+    lab: &Lab,
+    r: &Role,
+    addr: IpAddr,
+    prefix: IpNet,
+    present: bool,
+    tag: &str,
+) {
+    let what = format!("{} {} peer->ours{tag}", r.label, family(addr.is_ipv4()));
+    let want_path: Vec<u64> = if r.label == "ebgp" {
+        vec![u64::from(r.peer.spec.local_as)]
+    } else {
+        vec![]
+    };
+    report.wait(
+        &what,
+        PROPAGATE,
+        || {
+            let routes = lab.ours.routes_from(addr)?;
+            match routes.get(&prefix.to_string()) {
+                None => Ok(!present),
+                Some(_) if !present => Ok(false),
+                Some(route) => {
+                    let path: Vec<u64> = route["as_path"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|a| a.as_u64())
+                        .collect();
+                    if path != want_path {
+                        bail!(
+                            "{prefix} from {addr} has AS path {}, expected {want_path:?}",
+                            route["as_path"]
+                        );
+                    }
+                    Ok(true)
+                }
+            }
+        },
+        &|| lab.context(Some(r)),
+    );
+}
+
+/// `prefix`, originated by us, is (or is no longer) in the peer's own table.
+fn flow_ours_to_peer(
+    report: &mut Report,
+    lab: &Lab,
+    r: &Role,
+    v4: bool,
+    prefix: IpNet,
+    present: bool,
+    tag: &str,
+) {
+    let what = format!("{} {} ours->peer{tag}", r.label, family(v4));
+    let p = prefix.to_string();
+    report.wait(
+        &what,
+        PROPAGATE,
+        || Ok(r.peer.received_prefixes()?.contains(&p) == present),
+        &|| lab.context(Some(r)),
+    );
+}
+
+/// Matching TCP-MD5 passwords establish; mismatching ones never do.
+///
+/// "Never" is checked over a window that is bounded by a condition, not by a
+/// sleep: it lasts until the kernels of both namespaces have dropped
+/// `MD5_REJECTS` more segments for a TCP-MD5 reason (each one a connection
+/// attempt by one of the two daemons that would have opened the session had
+/// the keys matched), and the control session with matching keys, started at
+/// the same moment, has reached Established. On every poll in the window
+/// neither side may report the session Established.
+fn md5_cases(report: &mut Report, lab: &Lab) {
+    let ok_addr = ip("192.0.2.3");
+    let bad_addr = ip("192.0.2.4");
+    let ours_v4 = ip(OURS_V4);
+    let ctx_ok = || format!("{}{}", lab.ours.diagnostics(), lab.md5_ok.diagnostics());
+    let ctx_bad = || format!("{}{}", lab.ours.diagnostics(), lab.md5_bad.diagnostics());
+    report.wait(
+        "md5 matching v4 established",
+        ESTABLISH,
+        || Ok(lab.ours.session_established(ok_addr)? && lab.md5_ok.session_established(ours_v4)?),
+        &ctx_ok,
+    );
+
+    let drops = || -> Result<u64> { Ok(md5_drops(&lab.me)? + md5_drops(&lab.md5_bad_ns)?) };
+    let result = (|| -> Result<(u64, Duration)> {
+        let start = Instant::now();
+        let first = drops()?;
+        let mut polls = 0u64;
+        wait_for(
+            "MD5-rejected connection attempts in the mismatching pair",
+            MD5_WINDOW_LIMIT,
+            || {
+                polls += 1;
+                if lab.ours.session_established(bad_addr)? {
+                    bail!("starling-bgpd reports the mismatching-MD5 session Established");
+                }
+                if lab.md5_bad.session_established(ours_v4)? {
+                    bail!("the peer reports the mismatching-MD5 session Established");
+                }
+                Ok(drops()? >= first + MD5_REJECTS && lab.ours.session_established(ok_addr)?)
+            },
+        )
+        .context("mismatching MD5 window")?;
+        Ok((drops()? - first, start.elapsed()))
+    })();
+    match result {
+        Ok((n, took)) => report.ok(
+            &format!("md5 mismatching v4 stays down over {n} MD5-rejected segments"),
+            took,
+        ),
+        Err(e) => report.fail("md5 mismatching v4 stays down", e, ctx_bad()),
+    }
+}
+
+fn restart_case(report: &mut Report, lab: &mut Lab) {
+    let ours_v4 = ip(OURS_V4);
+    let ours_v6 = ip(OURS_V6);
+    let Some(idx) = lab.roles.iter().position(|r| r.label == "ibgp") else {
+        return;
+    };
+    let (v4, v6) = (lab.roles[idx].v4, lab.roles[idx].v6.expect("ibgp has v6"));
+
+    let t = Instant::now();
+    lab.roles[idx].peer.stop();
+    let ours = &lab.ours;
+    report.wait(
+        "ibgp restart: ours sees v4+v6 sessions drop",
+        NOTICE_DOWN,
+        || Ok(!ours.session_established(v4)? && !ours.session_established(v6)?),
+        &|| ours.diagnostics(),
+    );
+    if let Err(e) = lab.roles[idx].peer.resume() {
+        let ctx = lab.context(Some(&lab.roles[idx]));
+        report.fail("ibgp restart: peer starts again", e, ctx);
+        return;
+    }
+    let r = &lab.roles[idx];
+    for (addr, local, i) in [(v4, ours_v4, 0usize), (v6, ours_v6, 1)] {
+        let fam = family(addr.is_ipv4());
+        report.wait(
+            &format!("ibgp restart: {fam} re-established"),
+            ESTABLISH,
+            || Ok(lab.ours.session_established(addr)? && r.peer.session_established(local)?),
+            &|| lab.context(Some(r)),
+        );
+        flow_peer_to_ours(report, lab, r, addr, r.start[i], true, " after restart");
+        flow_ours_to_peer(
+            report,
+            lab,
+            r,
+            addr.is_ipv4(),
+            net(OUR_START[i]),
+            true,
+            " after restart",
+        );
+    }
+    // The start prefixes above might be copies we kept across the restart
+    // (graceful restart allows that); a prefix announced only now proves the
+    // new sessions carry updates.
+    let runtime = lab.roles[idx].runtime;
+    for p in runtime {
+        if let Err(e) = lab.roles[idx].peer.announce(p) {
+            let ctx = lab.roles[idx].peer.diagnostics();
+            report.fail(&format!("ibgp restart: peer announce {p}"), e, ctx);
+        }
+    }
+    let r = &lab.roles[idx];
+    for (addr, i) in [(v4, 0usize), (v6, 1)] {
+        flow_peer_to_ours(
+            report,
+            lab,
+            r,
+            addr,
+            runtime[i],
+            true,
+            " announce after restart",
+        );
+    }
+    println!(
+        "{} ibgp restart: whole case {:.1}s",
+        report.kind,
+        t.elapsed().as_secs_f64()
+    );
+}
+
+#[test]
+fn bird() {
+    matrix(PeerKind::Bird);
+}
+
+#[test]
+fn frr() {
+    matrix(PeerKind::Frr);
+}
+
+#[test]
+fn gobgp() {
+    matrix(PeerKind::Gobgp);
+}
+
+#[test]
+fn exabgp() {
+    matrix(PeerKind::Exabgp);
+}
+
+/// The harness itself, without our daemon: BIRD peers with each of FRR,
+/// GoBGP and ExaBGP over IPv4 (they are passive) and IPv6, and start-up prefixes, runtime
+/// announcements and withdrawals show up in both daemons' own views; then
+/// the other side restarts and comes back.
+#[test]
+fn harness_reference_daemons_peer_with_bird() {
+    for kind in PeerKind::ALL {
+        kind.require_tools();
+    }
+    let mut lan = Lan::new().expect("bridge");
+    let hub_ns = Netns::new("hub").expect("netns");
+    lan.attach(&hub_ns, "192.0.2.1/24,2001:db8::1/64")
+        .expect("attach");
+    let others = [
+        (PeerKind::Frr, 4u8),
+        (PeerKind::Gobgp, 5),
+        (PeerKind::Exabgp, 6),
+    ];
+    let mut hub_neighbors = Vec::new();
+    for (_, n) in others {
+        hub_neighbors.push(Neighbor::new(
+            ip(&format!("192.0.2.{n}")),
+            65000 + u32::from(n),
+        ));
+        hub_neighbors.push(Neighbor::new(
+            ip(&format!("2001:db8::{n}")),
+            65000 + u32::from(n),
+        ));
+    }
+    let hub = Peer::start(
+        PeerKind::Bird,
+        &hub_ns,
+        PeerSpec {
+            router_id: Ipv4Addr::new(192, 0, 2, 1),
+            local_as: 65001,
+            local_addresses: vec![ip("192.0.2.1"), ip("2001:db8::1")],
+            neighbors: hub_neighbors,
+            prefixes: vec![net("10.1.0.0/24"), net("2001:db8:100::/48")],
+        },
+    )
+    .expect("BIRD hub");
+    let mut spokes = Vec::new();
+    for (kind, n) in others {
+        let ns = Netns::new(kind.name()).expect("netns");
+        let (v4, v6) = (ip(&format!("192.0.2.{n}")), ip(&format!("2001:db8::{n}")));
+        lan.attach(&ns, &format!("{v4}/24,{v6}/64"))
+            .expect("attach");
+        let peer = Peer::start(
+            kind,
+            &ns,
+            PeerSpec {
+                router_id: Ipv4Addr::new(192, 0, 2, n),
+                local_as: 65000 + u32::from(n),
+                local_addresses: vec![v4, v6],
+                // Passive on IPv4: BIRD's connection must be accepted, which
+                // exercises each kind's listener and passive configuration.
+                neighbors: vec![
+                    Neighbor::new(ip("192.0.2.1"), 65001).passive(),
+                    Neighbor::new(ip("2001:db8::1"), 65001),
+                ],
+                prefixes: vec![
+                    net(&format!("10.{n}.0.0/24")),
+                    net(&format!("2001:db8:{n}00::/48")),
+                ],
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e:#}"));
+        spokes.push((ns, peer, v4, v6, n));
+    }
+    let check = |what: String, cond: &mut dyn FnMut() -> Result<bool>, ctx: &dyn Fn() -> String| {
+        match wait_for(&what, ESTABLISH, cond) {
+            Ok(t) => println!("harness {what} ok ({:.1}s)", t.as_secs_f64()),
+            Err(e) => panic!("harness {what}: {e:#}\n{}", ctx()),
+        }
+    };
+    let hub_v4 = ip("192.0.2.1");
+    let hub_v6 = ip("2001:db8::1");
+    for (_, spoke, v4, v6, n) in &mut spokes {
+        let k = spoke.kind.name();
+        let ctx = |s: &Peer| format!("{}{}", hub.diagnostics(), s.diagnostics());
+        for (mine, theirs) in [(hub_v4, *v4), (hub_v6, *v6)] {
+            check(
+                format!("bird<->{k} {theirs} established"),
+                &mut || Ok(hub.session_established(theirs)? && spoke.session_established(mine)?),
+                &|| ctx(spoke),
+            );
+        }
+        let theirs = [format!("10.{n}.0.0/24"), format!("2001:db8:{n}00::/48")];
+        check(
+            format!("bird<->{k} start prefixes both ways"),
+            &mut || {
+                let at_hub = hub.received_prefixes()?;
+                let at_spoke = spoke.received_prefixes()?;
+                Ok(theirs.iter().all(|p| at_hub.contains(p))
+                    && at_spoke.contains("10.1.0.0/24")
+                    && at_spoke.contains("2001:db8:100::/48"))
+            },
+            &|| ctx(spoke),
+        );
+        let extra = [
+            net(&format!("10.{n}.1.0/24")),
+            net(&format!("2001:db8:{n}01::/48")),
+        ];
+        for p in extra {
+            spoke
+                .announce(p)
+                .unwrap_or_else(|e| panic!("{k} announce {p}: {e:#}"));
+        }
+        check(
+            format!("{k} runtime announce -> bird"),
+            &mut || {
+                let at_hub = hub.received_prefixes()?;
+                Ok(extra.iter().all(|p| at_hub.contains(&p.to_string())))
+            },
+            &|| ctx(spoke),
+        );
+        for p in extra {
+            spoke
+                .withdraw(p)
+                .unwrap_or_else(|e| panic!("{k} withdraw {p}: {e:#}"));
+        }
+        check(
+            format!("{k} runtime withdraw -> bird"),
+            &mut || {
+                let at_hub = hub.received_prefixes()?;
+                Ok(extra.iter().all(|p| !at_hub.contains(&p.to_string())))
+            },
+            &|| ctx(spoke),
+        );
+        spoke.stop();
+        check(
+            format!("{k} killed -> bird session down"),
+            &mut || Ok(!hub.session_established(*v4)?),
+            &|| ctx(spoke),
+        );
+        spoke
+            .resume()
+            .unwrap_or_else(|e| panic!("{k} resume: {e:#}"));
+        check(
+            format!("{k} restarted -> established, prefixes back"),
+            &mut || {
+                Ok(hub.session_established(*v4)?
+                    && spoke.received_prefixes()?.contains("10.1.0.0/24")
+                    && hub.received_prefixes()?.contains(&theirs[0]))
+            },
+            &|| ctx(spoke),
+        );
+    }
+    // BIRD's own runtime announce/withdraw, seen by every spoke.
+    let mut hub = hub;
+    let extra = [net("10.1.1.0/24"), net("2001:db8:101::/48")];
+    for p in extra {
+        hub.announce(p).expect("bird announce");
+    }
+    for (_, spoke, ..) in &spokes {
+        check(
+            format!("bird runtime announce -> {}", spoke.kind.name()),
+            &mut || {
+                let s = spoke.received_prefixes()?;
+                Ok(extra.iter().all(|p| s.contains(&p.to_string())))
+            },
+            &|| spoke.diagnostics(),
+        );
+    }
+    for p in extra {
+        hub.withdraw(p).expect("bird withdraw");
+    }
+    for (_, spoke, ..) in &spokes {
+        check(
+            format!("bird runtime withdraw -> {}", spoke.kind.name()),
+            &mut || {
+                let s = spoke.received_prefixes()?;
+                Ok(extra.iter().all(|p| !s.contains(&p.to_string())))
+            },
+            &|| spoke.diagnostics(),
+        );
+    }
+}
