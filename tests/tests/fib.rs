@@ -708,18 +708,16 @@ fn restart_adopts_routes_without_disruption() -> Result<()> {
         .args(["-n", &t.n1.name, "monitor", "route"])
         .stdout(std::fs::File::create(&mon_path)?);
     let _monitor = Daemon::spawn("ip monitor", mon_cmd)?;
-    // The monitor is listening once it reports a change we make.
-    t.n1.ip(&[
-        "route",
-        "add",
-        "203.0.113.1/32",
-        "dev",
-        "up0",
-        "proto",
-        "static",
-    ])?;
+    // The monitor is listening once it reports a change we make. It may
+    // subscribe after our first change, so keep making one until it shows.
+    let marker = ["203.0.113.1/32", "dev", "up0", "proto", "static"];
     wait_for("ip monitor to start", WAIT, || {
-        Ok(std::fs::read_to_string(&mon_path)?.contains("203.0.113.1"))
+        if std::fs::read_to_string(&mon_path)?.contains("203.0.113.1") {
+            return Ok(true);
+        }
+        let _ = t.n1.ip(&[&["route", "del"][..], &marker[..]].concat());
+        t.n1.ip(&[&["route", "add"][..], &marker[..]].concat())?;
+        Ok(false)
     })?;
 
     // 4 s of pings every 10 ms, across the restart.
@@ -774,9 +772,10 @@ fn restart_adopts_routes_without_disruption() -> Result<()> {
         "{s:#}"
     );
     let mon = std::fs::read_to_string(&mon_path)?;
+    // After the last event of the first marker (there may be several).
     let between = mon
-        .split("203.0.113.1")
-        .nth(1)
+        .rsplit("203.0.113.1")
+        .next()
         .unwrap_or_default()
         .split("203.0.113.2")
         .next()
