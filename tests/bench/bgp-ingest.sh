@@ -1,0 +1,171 @@
+#!/bin/bash
+# Ingest: PEERS iBGP peers × PREFIXES unique IPv4 prefixes each (default
+# 10 × 100,000 = 1M paths) into starling-bgpd and into BIRD 2, one after the
+# other in the same run, each in a fresh daemon inside a private network
+# namespace (so port 179 and 127.0.0.0/8 are ours alone).
+#
+#   tests/bench/bgp-ingest.sh
+#   PEERS=10 PREFIXES=100000 PER_SET=0 REPS=1 tests/bench/bgp-ingest.sh
+#
+# PER_SET: prefixes per distinct attribute set (AS_PATH); 0 = one set per
+# peer (maximal UPDATE packing). The time runs from the first UPDATE written
+# until the daemon's own count of its Loc-RIB reaches PEERS×PREFIXES
+# (starling: control-socket summary; BIRD: the import counters of
+# `show protocols all`, cross-checked with `show route count`), polled every
+# POLL_MS ms over one control connection. Peak RSS is VmHWM of the daemon.
+# iBGP with export none / no other peers, so nothing is re-advertised.
+#
+# Prints JSON lines {"bench":"bgp-ingest","impl":"starling"|"bird"|"loadgen",...}.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+PEERS=${PEERS:-10}
+PREFIXES=${PREFIXES:-100000}
+PER_SET=${PER_SET:-0}
+REPS=${REPS:-1}
+POLL_MS=${POLL_MS:-10}
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
+# An error is a one-line message, not a backtrace.
+export RUST_LIB_BACKTRACE=0
+
+for tool in bird birdc; do
+    command -v "$tool" >/dev/null || { echo "bgp-ingest: needs \`$tool\` (Debian package bird2)" >&2; exit 1; }
+done
+# SKIP_BUILD=1: use the binaries already in $CARGO_TARGET_DIR/release.
+if [ -z "${SKIP_BUILD:-}" ]; then
+    cargo build --release -q -p starling-bgp --bin starling-bgpd
+    cargo build --release -q -p starling-tests --bin bgp-loadgen
+fi
+BGPD=$CARGO_TARGET_DIR/release/starling-bgpd
+LOADGEN=$CARGO_TARGET_DIR/release/bgp-loadgen
+
+NS=stbench-ingest-$$
+WORK=$(mktemp -d /tmp/starling-bgp-ingest.XXXXXX)
+DAEMON_PID=
+cleanup() {
+    [ -n "$DAEMON_PID" ] && kill -9 "$DAEMON_PID" 2>/dev/null
+    if ip netns list | grep -qw "$NS"; then
+        for p in $(ip netns pids "$NS"); do kill -9 "$p" 2>/dev/null || true; done
+        ip netns del "$NS"
+    fi
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+ip netns add "$NS"
+ip -n "$NS" link set lo up
+inns() { ip netns exec "$NS" "$@"; }
+
+# The generator's peers: 127.1.0.1, 127.1.0.2, ... (bgp-loadgen skips .0/.255).
+peer_addr() { # n -> address, the same sequence bgp-loadgen uses
+    local a=$(( (127 << 24) + (1 << 16) + 1 )) left=$1
+    while :; do
+        local last=$(( a & 255 ))
+        if [ $last -ne 0 ] && [ $last -ne 255 ]; then
+            [ "$left" -eq 0 ] && break
+            left=$((left - 1))
+        fi
+        a=$((a + 1))
+    done
+    echo "$(( a >> 24 & 255 )).$(( a >> 16 & 255 )).$(( a >> 8 & 255 )).$(( a & 255 ))"
+}
+
+json() { printf '{"bench":"bgp-ingest","impl":"%s","metric":"%s","value":%s,"unit":"%s"}\n' "$@"; }
+
+# peak and current RSS of a process, in MiB
+rss_lines() { # impl pid
+    local hwm rss
+    hwm=$(awk '/^VmHWM:/ {print $2}' "/proc/$2/status")
+    rss=$(awk '/^VmRSS:/ {print $2}' "/proc/$2/status")
+    json "$1" peak_rss "$(awk -v k="$hwm" 'BEGIN {printf "%.1f", k / 1024}')" MiB
+    json "$1" rss_after_load "$(awk -v k="$rss" 'BEGIN {printf "%.1f", k / 1024}')" MiB
+    json "$1" bytes_per_path "$(awk -v k="$hwm" -v n="$((PEERS * PREFIXES))" 'BEGIN {printf "%.0f", k * 1024 / n}')" bytes
+}
+
+stop_daemon() {
+    kill -TERM "$DAEMON_PID" 2>/dev/null || true
+    for _ in $(seq 100); do kill -0 "$DAEMON_PID" 2>/dev/null || break; sleep 0.05; done
+    kill -9 "$DAEMON_PID" 2>/dev/null || true
+    wait "$DAEMON_PID" 2>/dev/null || true
+    DAEMON_PID=
+}
+
+wait_ready() { # what, command...
+    local what=$1; shift
+    for _ in $(seq 300); do "$@" >/dev/null 2>&1 && return 0; sleep 0.05; done
+    echo "bgp-ingest: $what did not come up; its log:" >&2
+    tail -20 "$WORK"/*.log >&2 || true
+    exit 1
+}
+
+LOAD=(--peers "$PEERS" --prefixes "$PREFIXES" --prefixes-per-set "$PER_SET" --asn 65000)
+
+run_starling() {
+    local conf=$WORK/bgpd.yaml sock=$WORK/bgpd.sock
+    {
+        echo "router_id: 192.0.2.1"
+        echo "asn: 65000"
+        echo "listen: [\"127.0.0.2:179\"]"
+        echo "control_socket: $sock"
+        echo "hold_time: 90"
+        echo "peers:"
+        for i in $(seq 0 $((PEERS - 1))); do
+            echo "  - address: $(peer_addr "$i")"
+            echo "    asn: 65000"
+            echo "    passive: true"
+        done
+    } >"$conf"
+    # Called as `run_starling || status=1`, where errexit is off: check by hand.
+    "$BGPD" --config "$conf" --check >/dev/null || return 1
+    # warn: the daemon logs every best-path change at info, which is the
+    # operator's log, not the speaker's work (BIRD logs no routes either).
+    # Not through inns(): $! must be the daemon (ip netns exec execs it).
+    RUST_LOG=warn ip netns exec "$NS" "$BGPD" --config "$conf" 2>"$WORK/starling.log" &
+    DAEMON_PID=$!
+    wait_ready starling-bgpd "$BGPD" show summary --socket "$sock" -o json
+    local rc=0
+    inns "$LOADGEN" ingest "${LOAD[@]}" --target 127.0.0.2:179 --impl starling \
+        --watch "starling:$sock" --poll-ms "$POLL_MS" --daemon-pid "$DAEMON_PID" || rc=1
+    if [ $rc -eq 0 ]; then
+        rss_lines starling "$DAEMON_PID"
+    else
+        echo "bgp-ingest: starling run failed; its log:" >&2
+        tail -20 "$WORK/starling.log" >&2
+    fi
+    stop_daemon
+    return $rc
+}
+
+run_bird() {
+    local conf=$WORK/bird.conf sock=$WORK/bird.ctl
+    {
+        echo "log \"$WORK/bird.log\" { warning, error, fatal, bug };"
+        echo "router id 192.0.2.1;"
+        for i in $(seq 0 $((PEERS - 1))); do
+            echo "protocol bgp g$i {"
+            echo "  local 127.0.0.3 as 65000;"
+            echo "  neighbor $(peer_addr "$i") as 65000;"
+            echo "  passive on;"
+            echo "  hold time 90;"
+            echo "  ipv4 { import all; export none; };"
+            echo "}"
+        done
+    } >"$conf"
+    bird -p -c "$conf"
+    ip netns exec "$NS" bird -f -c "$conf" -s "$sock" 2>"$WORK/bird.out" &
+    DAEMON_PID=$!
+    wait_ready bird birdc -s "$sock" show status
+    inns "$LOADGEN" ingest "${LOAD[@]}" --target 127.0.0.3:179 --impl bird \
+        --watch "bird:$sock" --poll-ms "$POLL_MS" --daemon-pid "$DAEMON_PID"
+    rss_lines bird "$DAEMON_PID"
+    stop_daemon
+}
+
+echo "# bgp-ingest: $PEERS peers x $PREFIXES prefixes, per_set=$PER_SET; $(nproc) cpus; $(uname -r); load:$(uptime | sed 's/.*load average//')" >&2
+status=0
+for _ in $(seq "$REPS"); do
+    inns "$LOADGEN" ingest "${LOAD[@]}" --target sink
+    run_starling || status=1
+    run_bird
+done
+echo "# load at the end:$(uptime | sed 's/.*load average//')" >&2
+exit $status
