@@ -5,9 +5,10 @@
 
 use crate::attrs::{Family, PathAttrs};
 use crate::speaker::RouteEntry;
+use foldhash::{HashMap, HashSet};
 use ipnet::IpNet;
 use std::cmp::Ordering;
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
@@ -40,14 +41,14 @@ pub struct Path {
     pub attrs: Arc<PathAttrs>,
 }
 
-/// The Loc-RIB entry of a prefix: the best path and the multipath set
-/// (best first, at most `max_paths`, distinct next hops).
+/// The Loc-RIB entry of a prefix: the best path, and the other members of
+/// its multipath set (at most `max_paths` in all, distinct next hops).
+/// `multipath` holds only the others, so a single best path allocates nothing.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Best {
     pub source: Source,
     pub attrs: Arc<PathAttrs>,
-    pub family: Family,
-    pub multipath: Vec<Path>,
+    pub multipath: Option<Box<Vec<Path>>>,
 }
 
 #[derive(Default)]
@@ -61,6 +62,20 @@ pub struct Rib {
     interned: HashSet<Arc<PathAttrs>>,
     pub max_paths: usize,
     pub resolver: Option<Arc<dyn NextHopResolver>>,
+    /// Candidate buffer reused by `decide`.
+    scratch: Vec<(Path, u32)>,
+}
+
+impl Best {
+    /// The multipath set, best first: (source, attributes).
+    pub fn members(&self) -> impl Iterator<Item = (Source, &Arc<PathAttrs>)> {
+        std::iter::once((self.source, &self.attrs)).chain(
+            self.multipath
+                .iter()
+                .flat_map(|v| v.iter())
+                .map(|m| (m.source, &m.attrs)),
+        )
+    }
 }
 
 impl Rib {
@@ -187,6 +202,14 @@ impl Rib {
         self.loc.get(p)
     }
 
+    /// The Loc-RIB entries of `prefixes`, for export.
+    pub fn items(&self, prefixes: Vec<IpNet>) -> Vec<(IpNet, Option<Best>)> {
+        prefixes
+            .into_iter()
+            .map(|p| (p, self.loc.get(&p).cloned()))
+            .collect()
+    }
+
     pub fn all_prefixes(&self) -> Vec<IpNet> {
         self.loc.keys().copied().collect()
     }
@@ -222,8 +245,8 @@ impl Rib {
     /// best path or multipath set changed (`Some(None)`: no path left),
     /// `None` when nothing changed.
     pub fn decide(&mut self, p: &IpNet) -> Option<Option<Best>> {
-        let family = Family::of(p);
-        let mut cands: Vec<(Path, u32)> = Vec::new();
+        let mut cands = std::mem::take(&mut self.scratch);
+        cands.clear();
         if self.local.contains(p) {
             let attrs = self.intern(PathAttrs::default());
             cands.push((
@@ -248,14 +271,17 @@ impl Rib {
         let best = if cands.is_empty() {
             None
         } else {
-            cands.sort_by(|a, b| self.prefer(a, b));
-            let first = cands[0].clone();
+            if cands.len() > 1 {
+                cands.sort_by(|a, b| self.prefer(a, b));
+            }
+            let first = &cands[0];
             let mut multipath: Vec<Path> = Vec::new();
-            for c in &cands {
-                if multipath.len() >= self.max_paths {
+            for c in &cands[1..] {
+                if multipath.len() + 1 >= self.max_paths {
                     break;
                 }
-                if self.multipath_equal(&first, c)
+                if self.multipath_equal(first, c)
+                    && c.0.attrs.next_hop != first.0.attrs.next_hop
                     && !multipath
                         .iter()
                         .any(|m| m.attrs.next_hop == c.0.attrs.next_hop)
@@ -265,11 +291,11 @@ impl Rib {
             }
             Some(Best {
                 source: first.0.source,
-                attrs: first.0.attrs,
-                family,
-                multipath,
+                attrs: first.0.attrs.clone(),
+                multipath: (!multipath.is_empty()).then(|| Box::new(multipath)),
             })
         };
+        self.scratch = cands;
         if self.loc.get(p) == best.as_ref() {
             return None;
         }
@@ -377,8 +403,8 @@ impl Rib {
             for (p, a) in table {
                 let loc = self.loc.get(p);
                 let best = matches!(loc, Some(Best { source: Source::Peer(b), .. }) if b == peer);
-                let multipath = loc
-                    .is_some_and(|b| b.multipath.iter().any(|m| m.source == Source::Peer(*peer)));
+                let multipath =
+                    loc.is_some_and(|b| b.members().any(|m| m.0 == Source::Peer(*peer)));
                 let is_stale = stale.is_some_and(|s| s.contains(p));
                 out.push(entry(*p, peer.to_string(), a, [best, is_stale, multipath]));
             }
@@ -512,8 +538,9 @@ mod tests {
             r.insert(a, p, attrs);
         }
         let b = r.decide(&p).unwrap().unwrap();
-        assert_eq!(b.multipath.len(), 2);
-        assert_ne!(b.multipath[0].attrs.next_hop, b.multipath[1].attrs.next_hop);
+        let set: Vec<_> = b.members().collect();
+        assert_eq!(set.len(), 2);
+        assert_ne!(set[0].1.next_hop, set[1].1.next_hop);
     }
 
     struct Only(IpAddr);

@@ -8,9 +8,10 @@ use crate::policy::{self, Outcome, PolicyRule};
 use crate::rib::{Best, NextHopResolver, PeerMeta, Rib, Source};
 use crate::session::{self, Driver, FromSession, LocalInfo, Negotiated, ToSession};
 use crate::wire::{self, GracefulRestart, Notify};
+use foldhash::{HashMap, HashSet};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -364,10 +365,10 @@ impl Speaker {
             listeners,
             sess_tx,
             route_tx,
-            dirty: HashSet::new(),
+            dirty: Vec::new(),
             flush_at: None,
-            stale_until: HashMap::new(),
-            eor: HashSet::new(),
+            stale_until: HashMap::default(),
+            eor: HashSet::default(),
             synced: false,
             sync_deadline,
         };
@@ -508,7 +509,9 @@ struct Instance {
     sess_tx: mpsc::UnboundedSender<FromSession>,
     route_tx: mpsc::UnboundedSender<RouteEvent>,
     /// Prefixes whose paths changed since the last flush.
-    dirty: HashSet<IpNet>,
+    /// (A Vec, sorted and deduplicated at flush: cheaper than a set for
+    /// the million-prefix bursts of a full table.)
+    dirty: Vec<IpNet>,
     flush_at: Option<Instant>,
     /// Restarting peers whose stale routes go when the time is up.
     stale_until: HashMap<IpAddr, Instant>,
@@ -742,7 +745,7 @@ impl Instance {
                 since: session::now_unix(),
                 last_error: None,
                 negotiated: None,
-                adj_out: HashMap::new(),
+                adj_out: HashMap::default(),
                 warned_policy: false,
                 warned_max_prefix: false,
             },
@@ -1051,13 +1054,12 @@ impl Instance {
     fn learned_paths(&self, p: &IpNet) -> Vec<LearnedPath> {
         match self.rib.best(p) {
             Some(b) if b.source != Source::Local => b
-                .multipath
-                .iter()
-                .filter_map(|m| match m.source {
+                .members()
+                .filter_map(|(source, attrs)| match source {
                     Source::Peer(peer) => Some(LearnedPath {
                         peer,
-                        next_hop: m.attrs.next_hop,
-                        attrs: m.attrs.clone(),
+                        next_hop: attrs.next_hop,
+                        attrs: attrs.clone(),
                     }),
                     Source::Local => None,
                 })
@@ -1073,17 +1075,21 @@ impl Instance {
         if self.dirty.is_empty() {
             return;
         }
-        let dirty: Vec<IpNet> = self.dirty.drain().collect();
-        let mut moved = Vec::new();
+        let mut dirty = std::mem::take(&mut self.dirty);
+        dirty.sort_unstable();
+        dirty.dedup();
+        let mut moved = Vec::with_capacity(dirty.len());
+        // Nobody listening (starling-bgpd without debug logging): build no events.
+        let emit = !self.route_tx.is_closed() && (!self.defer || self.synced);
         for p in dirty {
-            if self.rib.decide(&p).is_some() {
-                if !self.defer || self.synced {
+            if let Some(new) = self.rib.decide(&p) {
+                if emit {
                     let paths = self.learned_paths(&p);
                     let _ = self
                         .route_tx
                         .send(RouteEvent::Change(RouteChange { prefix: p, paths }));
                 }
-                moved.push(p);
+                moved.push((p, new));
             }
         }
         if moved.len() > 1024 {
@@ -1091,13 +1097,21 @@ impl Instance {
         }
         let addrs: Vec<IpAddr> = self.peers.keys().copied().collect();
         for a in addrs {
-            self.export_to(a, moved.clone(), false);
+            self.export_items(a, &moved, false);
         }
     }
 
     /// Bring a peer's Adj-RIB-Out in line with the Loc-RIB for `prefixes`,
     /// packing announcements that share attributes into the same UPDATEs.
     fn export_to(&mut self, addr: IpAddr, prefixes: Vec<IpNet>, end_of_rib: bool) {
+        let items = self.rib.items(prefixes);
+        self.export_items(addr, &items, end_of_rib);
+    }
+
+    /// `export_to` with the Loc-RIB entries in hand (a flush passes its
+    /// decisions, so no peer looks a prefix up again).
+    fn export_items(&mut self, addr: IpAddr, items: &[(IpNet, Option<Best>)], end_of_rib: bool) {
+        let prefixes = items;
         let local_asn = self.local.asn;
         let requires = self.ebgp_requires_policy;
         let Some(p) = self.peers.get_mut(&addr) else {
@@ -1120,20 +1134,24 @@ impl Instance {
             local_asn,
             cluster_id: self.cluster_id,
         };
-        let mut announce: HashMap<(Family, Arc<PathAttrs>), Vec<IpNet>> = HashMap::new();
-        let mut withdraw: HashMap<Family, Vec<IpNet>> = HashMap::new();
-        for prefix in prefixes {
+        // Keyed by the interned Arc's address: equal attribute sets are the
+        // same Arc, and hashing a pointer is far cheaper than the attributes.
+        let mut announce: HashMap<(Family, usize), (Arc<PathAttrs>, Vec<IpNet>)> =
+            HashMap::default();
+        let mut withdraw: HashMap<Family, Vec<IpNet>> = HashMap::default();
+        for (prefix, best) in prefixes {
+            let prefix = *prefix;
             let family = Family::of(&prefix);
             if !neg.families.contains(&family) {
                 continue;
             }
-            let desired = match policy {
-                Err(()) => None,
-                Ok(rules) => self
-                    .rib
-                    .best(&prefix)
-                    .and_then(|b| export_attrs(b, &to, &neg, &self.rib, rules, &prefix)),
+            let desired = match (policy, best) {
+                (Err(()), _) | (_, None) => None,
+                (Ok(rules), Some(b)) => export_attrs(b, &to, &neg, &self.rib, rules, &prefix),
             };
+            if desired.is_none() && p.adj_out.is_empty() {
+                continue;
+            }
             match desired {
                 Some(attrs) => {
                     if p.adj_out.get(&prefix).is_some_and(|a| **a == attrs) {
@@ -1141,7 +1159,12 @@ impl Instance {
                     }
                     let attrs = self.rib.intern(attrs);
                     p.adj_out.insert(prefix, attrs.clone());
-                    announce.entry((family, attrs)).or_default().push(prefix);
+                    let key = (family, Arc::as_ptr(&attrs) as usize);
+                    announce
+                        .entry(key)
+                        .or_insert_with(|| (attrs, Vec::new()))
+                        .1
+                        .push(prefix);
                 }
                 None => {
                     if p.adj_out.remove(&prefix).is_some() {
@@ -1154,7 +1177,7 @@ impl Instance {
         for (family, prefixes) in withdraw {
             out.extend(wire::encode_withdraw(family, &prefixes, neg.max_len));
         }
-        for ((family, attrs), prefixes) in announce {
+        for ((family, _), (attrs, prefixes)) in announce {
             out.extend(wire::encode_announce(
                 family,
                 &prefixes,
@@ -1193,32 +1216,36 @@ fn export_attrs(
     rules: Option<&[PolicyRule]>,
     prefix: &IpNet,
 ) -> Option<PathAttrs> {
-    let mut a = (*best.attrs).clone();
-    let mut reflected = false;
-    let mut nh_self = to.next_hop_self;
-    match best.source {
-        Source::Local => {
-            a.next_hop = None;
+    // The checks that need no copy of the attributes come first: most
+    // (prefix, peer) pairs end here in a full mesh or a big ingest.
+    let mut reflect_from = None;
+    if let Source::Peer(from) = best.source {
+        if from == to.addr {
+            return None;
         }
-        Source::Peer(from) => {
-            if from == to.addr {
+        let meta = rib.meta(from)?;
+        if !to.ebgp && !meta.ebgp {
+            // iBGP to iBGP only through a reflector: a client's routes go to
+            // everyone, a non-client's only to clients (RFC 4456 §6).
+            if !(meta.rr_client || to.rr_client) {
                 return None;
             }
-            let meta = rib.meta(from)?;
-            if !to.ebgp && !meta.ebgp {
-                // iBGP to iBGP only through a reflector: a client's routes go to
-                // everyone, a non-client's only to clients (RFC 4456 §6).
-                if !(meta.rr_client || to.rr_client) {
-                    return None;
-                }
-                reflected = true;
-                if a.originator_id.is_none() {
-                    a.originator_id = Some(meta.router_id);
-                }
-                a.cluster_list.insert(0, to.cluster_id);
-                // A reflector does not change the next hop unless told to.
-            }
+            reflect_from = Some(meta.router_id);
         }
+    }
+    let mut a = (*best.attrs).clone();
+    let reflected = reflect_from.is_some();
+    let mut nh_self = to.next_hop_self;
+    match (best.source, reflect_from) {
+        (Source::Local, _) => a.next_hop = None,
+        (Source::Peer(_), Some(originator)) => {
+            if a.originator_id.is_none() {
+                a.originator_id = Some(originator);
+            }
+            a.cluster_list.insert(0, to.cluster_id);
+            // A reflector does not change the next hop unless told to.
+        }
+        (Source::Peer(_), None) => {}
     }
     if let Outcome::Accept { next_hop_self } = policy::apply(rules, prefix, &mut a) {
         if let Some(n) = next_hop_self {
@@ -1247,7 +1274,7 @@ fn export_attrs(
     }
     if a.next_hop.is_none() {
         // next-hop-self: our address on this session, when it is of the prefix's family.
-        if best.family == Family::of_addr(&neg.local_addr) {
+        if Family::of(prefix) == Family::of_addr(&neg.local_addr) {
             a.next_hop = Some(neg.local_addr);
         } else {
             return None;

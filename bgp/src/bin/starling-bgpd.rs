@@ -122,18 +122,24 @@ async fn run(mut cfg: DaemonConfig, path: PathBuf) -> Result<()> {
             tracing::error!(socket = %sock.display(), error = %e, "control socket failed");
         }
     });
-    // The daemon programs nothing; it logs best-path changes for the operator.
-    tokio::spawn(async move {
-        while let Some(ev) = changes.recv().await {
-            let RouteEvent::Change(c) = ev else { continue };
-            let hops: Vec<String> = c
-                .paths
-                .iter()
-                .map(|p| p.next_hop.map(|n| n.to_string()).unwrap_or_default())
-                .collect();
-            tracing::debug!(prefix = %c.prefix, next_hops = ?hops, "best paths");
-        }
-    });
+    // The daemon programs nothing. With debug logging it logs best-path
+    // changes; otherwise the receiver is dropped and the speaker builds no
+    // route events at all (a million of them on a full-table ingest).
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        tokio::spawn(async move {
+            while let Some(ev) = changes.recv().await {
+                let RouteEvent::Change(c) = ev else { continue };
+                let hops: Vec<String> = c
+                    .paths
+                    .iter()
+                    .map(|p| p.next_hop.map(|n| n.to_string()).unwrap_or_default())
+                    .collect();
+                tracing::debug!(prefix = %c.prefix, next_hops = ?hops, "best paths");
+            }
+        });
+    } else {
+        drop(changes);
+    }
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
     let mut hup = signal(SignalKind::hangup())?;
