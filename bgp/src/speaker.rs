@@ -1078,9 +1078,12 @@ impl Instance {
         let mut dirty = std::mem::take(&mut self.dirty);
         dirty.sort_unstable();
         dirty.dedup();
-        let mut moved = Vec::with_capacity(dirty.len());
         // Nobody listening (starling-bgpd without debug logging): build no events.
         let emit = !self.route_tx.is_closed() && (!self.defer || self.synced);
+        // What kinds of source changed, to skip peers that can receive none
+        // of it (RFC 4271 §9.2, RFC 4456 §6) without looking at each prefix.
+        let mut kinds = Kinds::default();
+        let mut moved = Vec::with_capacity(dirty.len());
         for p in dirty {
             if let Some(new) = self.rib.decide(&p) {
                 if emit {
@@ -1089,15 +1092,27 @@ impl Instance {
                         .route_tx
                         .send(RouteEvent::Change(RouteChange { prefix: p, paths }));
                 }
-                moved.push((p, new));
+                kinds.note(new.as_ref(), &self.rib);
+                moved.push(p);
             }
         }
         if moved.len() > 1024 {
             self.rib.collect_garbage();
         }
+        let mut items: Option<Vec<(IpNet, Option<Best>)>> = None;
         let addrs: Vec<IpAddr> = self.peers.keys().copied().collect();
         for a in addrs {
-            self.export_items(a, &moved, false);
+            let Some(p) = self.peers.get(&a) else {
+                continue;
+            };
+            let ebgp = p.ebgp(self.local.asn);
+            if p.negotiated.is_none()
+                || (p.adj_out.is_empty() && !kinds.reach(ebgp, p.cfg.route_reflector_client))
+            {
+                continue;
+            }
+            let items = items.get_or_insert_with(|| self.rib.items(moved.clone()));
+            self.export_items(a, items, false);
         }
     }
 
@@ -1192,6 +1207,41 @@ impl Instance {
         }
         if !out.is_empty() {
             let _ = p.tx.send(ToSession::Send(out));
+        }
+    }
+}
+
+/// The kinds of source among the paths that changed in one flush.
+#[derive(Default)]
+struct Kinds {
+    local: bool,
+    ebgp: bool,
+    ibgp_client: bool,
+    ibgp_other: bool,
+}
+
+impl Kinds {
+    fn note(&mut self, best: Option<&Best>, rib: &Rib) {
+        match best.map(|b| b.source) {
+            None => {}
+            Some(Source::Local) => self.local = true,
+            Some(Source::Peer(p)) => match rib.meta(p) {
+                Some(m) if m.ebgp => self.ebgp = true,
+                Some(m) if m.rr_client => self.ibgp_client = true,
+                _ => self.ibgp_other = true,
+            },
+        }
+    }
+
+    /// Whether a peer (eBGP or not, our reflector client or not) could be
+    /// sent any of it. Withdrawals only matter to peers with an Adj-RIB-Out,
+    /// which the caller checks.
+    fn reach(&self, to_ebgp: bool, to_client: bool) -> bool {
+        let any = self.local || self.ebgp || self.ibgp_client || self.ibgp_other;
+        if to_ebgp {
+            any
+        } else {
+            self.local || self.ebgp || self.ibgp_client || (to_client && self.ibgp_other)
         }
     }
 }
