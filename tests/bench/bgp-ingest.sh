@@ -23,37 +23,8 @@ PREFIXES=${PREFIXES:-100000}
 PER_SET=${PER_SET:-0}
 REPS=${REPS:-1}
 POLL_MS=${POLL_MS:-10}
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
-# An error is a one-line message, not a backtrace.
-export RUST_LIB_BACKTRACE=0
-
-for tool in bird birdc; do
-    command -v "$tool" >/dev/null || { echo "bgp-ingest: needs \`$tool\` (Debian package bird2)" >&2; exit 1; }
-done
-# SKIP_BUILD=1: use the binaries already in $CARGO_TARGET_DIR/release.
-if [ -z "${SKIP_BUILD:-}" ]; then
-    cargo build --release -q -p starling-bgp --bin starling-bgpd
-    cargo build --release -q -p starling-tests --bin bgp-loadgen
-fi
-BGPD=$CARGO_TARGET_DIR/release/starling-bgpd
-LOADGEN=$CARGO_TARGET_DIR/release/bgp-loadgen
-
-NS=stbench-ingest-$$
-WORK=$(mktemp -d /tmp/starling-bgp-ingest.XXXXXX)
-DAEMON_PID=
-cleanup() {
-    [ -n "$DAEMON_PID" ] && kill -9 "$DAEMON_PID" 2>/dev/null
-    if ip netns list | grep -qw "$NS"; then
-        for p in $(ip netns pids "$NS"); do kill -9 "$p" 2>/dev/null || true; done
-        ip netns del "$NS"
-    fi
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-ip netns add "$NS"
-ip -n "$NS" link set lo up
-inns() { ip netns exec "$NS" "$@"; }
+. tests/bench/bgp-bench-lib.sh
+bench_setup ingest
 
 # The generator's peers: 127.1.0.1, 127.1.0.2, ... (bgp-loadgen skips .0/.255).
 peer_addr() { # n -> address, the same sequence bgp-loadgen uses

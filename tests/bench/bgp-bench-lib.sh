@@ -1,0 +1,41 @@
+# Shared set-up for the BGP benchmarks against BIRD (sourced, not run):
+# checks BIRD is there, builds starling-bgpd and bgp-loadgen (unless
+# SKIP_BUILD=1), and makes a private namespace and scratch directory that an
+# exit trap removes together with any daemon left in them.
+#
+#   bench_setup NAME      # sets BGPD, LOADGEN, NS, WORK; defines inns and DAEMON_PID
+
+bench_setup() {
+    local name=$1
+    export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
+    # An error is a one-line message, not a backtrace.
+    export RUST_LIB_BACKTRACE=0
+    for tool in bird birdc; do
+        command -v "$tool" >/dev/null || { echo "$name: needs \`$tool\` (Debian package bird2)" >&2; exit 1; }
+    done
+    # SKIP_BUILD=1: use the binaries already in $CARGO_TARGET_DIR/release.
+    if [ -z "${SKIP_BUILD:-}" ]; then
+        cargo build --release -q -p starling-bgp --bin starling-bgpd
+        cargo build --release -q -p starling-tests --bin bgp-loadgen
+    fi
+    BGPD=$CARGO_TARGET_DIR/release/starling-bgpd
+    LOADGEN=$CARGO_TARGET_DIR/release/bgp-loadgen
+    NS=stbench-$name-$$
+    WORK=$(mktemp -d "/tmp/starling-$name.XXXXXX")
+    DAEMON_PID=
+    trap bench_cleanup EXIT
+    trap 'exit 130' INT TERM
+    ip netns add "$NS"
+    ip -n "$NS" link set lo up
+}
+
+bench_cleanup() {
+    [ -n "$DAEMON_PID" ] && kill -9 "$DAEMON_PID" 2>/dev/null
+    if ip netns list | grep -qw "$NS"; then
+        for p in $(ip netns pids "$NS"); do kill -9 "$p" 2>/dev/null || true; done
+        ip netns del "$NS"
+    fi
+    rm -rf "$WORK"
+}
+
+inns() { ip netns exec "$NS" "$@"; }
