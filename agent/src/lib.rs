@@ -2,3 +2,4 @@
 //! kernel FIB reconciler and IPAM on one node.
 pub mod fib;
 pub mod ipam;
+pub mod model;

@@ -1,0 +1,78 @@
+//! The cluster model: the kinds operators write ([`crd`]), their checks
+//! ([`validate`]), where they are read from ([`Datastore`]; [`file`] now,
+//! Kubernetes later), and what the BGP speaker should do about them
+//! ([`plan`]).
+
+pub mod crd;
+pub mod file;
+pub mod plan;
+pub mod validate;
+
+pub use crd::{
+    BGPConfiguration, BGPConfigurationSpec, BGPPeer, BGPPeerSpec, BlockAffinity, BlockAffinitySpec,
+    IPPool, IPPoolSpec, Password, StarlingNode, StarlingNodeSpec,
+};
+pub use file::{FileDatastore, LoadError, Problem};
+pub use plan::plan;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::{Arc, LazyLock};
+use tokio::sync::watch;
+
+/// Everything the agent knows about the cluster at one moment. Objects are
+/// keyed by name; all of them passed validation.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Snapshot {
+    /// The `default` BGPConfiguration, if one was written.
+    pub bgp_configuration: Option<BGPConfiguration>,
+    pub pools: BTreeMap<String, IPPool>,
+    pub peers: BTreeMap<String, BGPPeer>,
+    pub nodes: BTreeMap<String, StarlingNode>,
+    pub affinities: BTreeMap<String, BlockAffinity>,
+    /// Passwords resolved by the datastore (files now, Secrets later), so
+    /// that planning reads nothing.
+    pub passwords: BTreeMap<Password, String>,
+    /// Files the passwords came from; a change to one is a change of the
+    /// model.
+    pub password_files: BTreeSet<PathBuf>,
+}
+
+static DEFAULT_BGP: LazyLock<BGPConfigurationSpec> = LazyLock::new(BGPConfigurationSpec::default);
+static NO_LABELS: BTreeMap<String, String> = BTreeMap::new();
+
+impl Snapshot {
+    /// The BGP settings in force: the `default` object's, or the defaults.
+    pub fn bgp(&self) -> &BGPConfigurationSpec {
+        self.bgp_configuration
+            .as_ref()
+            .map(|c| &c.spec)
+            .unwrap_or(&DEFAULT_BGP)
+    }
+
+    pub fn node(&self, name: &str) -> Option<&StarlingNodeSpec> {
+        self.nodes.get(name).map(|n| &n.spec)
+    }
+
+    /// A node's labels (empty for an unknown node).
+    pub fn labels(&self, node: &str) -> &BTreeMap<String, String> {
+        self.nodes
+            .get(node)
+            .and_then(|n| n.metadata.labels.as_ref())
+            .unwrap_or(&NO_LABELS)
+    }
+
+    /// The pools in the form IPAM takes them.
+    pub fn ipam_pools(&self) -> Vec<crate::ipam::Pool> {
+        self.pools.values().map(|p| p.spec.to_ipam()).collect()
+    }
+}
+
+/// Where the model comes from. The file datastore implements it now; the
+/// Kubernetes datastore (watching the CRDs and Nodes) will too.
+pub trait Datastore: Send + Sync {
+    /// The latest good snapshot.
+    fn snapshot(&self) -> Arc<Snapshot>;
+    /// Changes whenever a new snapshot replaces the previous one.
+    fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>>;
+}

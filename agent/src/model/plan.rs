@@ -1,0 +1,635 @@
+//! The peering plan: from a [`Snapshot`] and the name of this node, the BGP
+//! sessions this node's speaker should have. Pure: passwords were resolved
+//! by the datastore, so the same snapshot always gives the same plan, and
+//! the agent applies a new plan by diffing it against the old one.
+
+use super::Snapshot;
+use super::crd::*;
+use crate::ipam::pool::NodeSelector;
+use starling_bgp::PeerConfig;
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
+
+/// The PEER TYPE column of `calicoctl node status`, which `description`
+/// starts with (`"<type>: <name>"`).
+pub const MESH: &str = "node-to-node mesh";
+pub const REFLECTOR: &str = "route reflector";
+pub const REFLECTOR_CLIENT: &str = "route reflector client";
+pub const GLOBAL: &str = "global";
+pub const NODE_SPECIFIC: &str = "node specific";
+
+/// A plan and what could not be planned (a peer whose password is not
+/// resolved, a peer at one of this node's own addresses, ...).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PeerPlan {
+    /// Sorted by address; at most one session per address.
+    pub peers: Vec<PeerConfig>,
+    pub warnings: Vec<String>,
+}
+
+/// This node's side of BGP, for the speaker's own configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LocalBgp {
+    pub asn: u32,
+    /// The node's IPv4 address; an IPv6-only node has none and the agent
+    /// must pick one.
+    pub router_id: Option<Ipv4Addr>,
+    /// Set on route reflectors.
+    pub cluster_id: Option<Ipv4Addr>,
+    pub listen_port: u16,
+    /// Graceful restart time to advertise.
+    pub restart_time: u16,
+}
+
+pub fn local(snapshot: &Snapshot, this_node: &str) -> Option<LocalBgp> {
+    let me = snapshot.node(this_node)?;
+    let bgp = snapshot.bgp();
+    Some(LocalBgp {
+        asn: me.as_number.unwrap_or(bgp.as_number),
+        router_id: me.ipv4_address.map(|a| a.addr()),
+        cluster_id: me.route_reflector_cluster_id,
+        listen_port: bgp.listen_port,
+        restart_time: bgp.node_mesh_max_restart_time.secs_u16(),
+    })
+}
+
+/// The sessions `this_node` should have.
+pub fn plan(snapshot: &Snapshot, this_node: &str) -> Vec<PeerConfig> {
+    plan_detailed(snapshot, this_node).peers
+}
+
+fn addresses(n: &StarlingNodeSpec) -> [Option<IpAddr>; 2] {
+    [
+        n.ipv4_address.map(|a| IpAddr::V4(a.addr())),
+        n.ipv6_address.map(|a| IpAddr::V6(a.addr())),
+    ]
+}
+
+/// This node's address of `peer`'s family.
+fn same_family(me: &StarlingNodeSpec, peer: IpAddr) -> Option<IpAddr> {
+    addresses(me)
+        .into_iter()
+        .flatten()
+        .find(|a| a.is_ipv4() == peer.is_ipv4())
+}
+
+fn selects(selector: &str, labels: &BTreeMap<String, String>) -> bool {
+    NodeSelector::parse(selector)
+        .map(|s| s.matches(labels))
+        .unwrap_or(false)
+}
+
+struct Planner<'a> {
+    snap: &'a Snapshot,
+    this: &'a str,
+    me: &'a StarlingNodeSpec,
+    out: BTreeMap<IpAddr, PeerConfig>,
+    warnings: Vec<String>,
+}
+
+impl Planner<'_> {
+    fn add(&mut self, pc: PeerConfig) {
+        let addr = pc.address;
+        if addresses(self.me).contains(&Some(addr)) {
+            self.warnings.push(format!(
+                "{}: {addr} is this node's own address; no session",
+                pc.description.as_deref().unwrap_or_default()
+            ));
+            return;
+        }
+        match self.out.get(&addr) {
+            Some(first) => self.warnings.push(format!(
+                "{}: a session to {addr} is already planned ({}); ignored",
+                pc.description.as_deref().unwrap_or_default(),
+                first.description.as_deref().unwrap_or_default()
+            )),
+            None => {
+                self.out.insert(addr, pc);
+            }
+        }
+    }
+
+    fn password(&mut self, p: Option<&Password>, what: &str) -> Result<Option<String>, ()> {
+        match p {
+            None => Ok(None),
+            Some(p) => match self.snap.passwords.get(p) {
+                Some(k) => Ok(Some(k.clone())),
+                None => {
+                    self.warnings.push(format!(
+                        "{what}: its password is not available (a Secret the datastore could not read?); no session"
+                    ));
+                    Err(())
+                }
+            },
+        }
+    }
+
+    /// Sessions to other nodes: the full mesh, or reflectors and clients.
+    fn nodes(&mut self) {
+        let (snap, me) = (self.snap, self.me);
+        let bgp = snap.bgp();
+        let Ok(password) = self.password(bgp.node_mesh_password.as_ref(), "node-to-node sessions")
+        else {
+            return;
+        };
+        let restart = bgp.node_mesh_max_restart_time.secs_u16();
+        let me_reflector = me.route_reflector_cluster_id.is_some();
+        for (name, node) in &snap.nodes {
+            if name == self.this {
+                continue;
+            }
+            let node_reflector = node.spec.route_reflector_cluster_id.is_some();
+            let kind = if bgp.node_to_node_mesh_enabled {
+                MESH
+            } else {
+                match (me_reflector, node_reflector) {
+                    (true, true) | (false, true) => REFLECTOR,
+                    (true, false) => REFLECTOR_CLIENT,
+                    (false, false) => continue,
+                }
+            };
+            for (mine, theirs) in addresses(me).into_iter().zip(addresses(&node.spec)) {
+                let (Some(mine), Some(theirs)) = (mine, theirs) else {
+                    continue;
+                };
+                let mut pc = PeerConfig::new(theirs, node.spec.as_number.unwrap_or(bgp.as_number));
+                pc.port = bgp.listen_port;
+                // One side of each pair waits, so the two never open
+                // crossing connections: the higher address, as Calico does.
+                pc.passive = mine > theirs;
+                pc.source_address = Some(mine);
+                pc.md5_password = password.clone();
+                pc.max_restart_time = Some(restart);
+                pc.route_reflector_client = kind == REFLECTOR_CLIENT;
+                pc.description = Some(format!("{kind}: {name}"));
+                self.add(pc);
+            }
+        }
+    }
+
+    /// BGPPeer objects that apply to this node.
+    fn bgp_peers(&mut self) {
+        let (snap, me, this) = (self.snap, self.me, self.this);
+        let bgp = snap.bgp();
+        let labels = snap.labels(this);
+        for (pname, peer) in &snap.peers {
+            let spec = &peer.spec;
+            let applies = match (&spec.node, &spec.node_selector) {
+                (Some(n), _) => n == this,
+                (None, Some(sel)) => selects(sel, labels),
+                (None, None) => true,
+            };
+            if !applies {
+                continue;
+            }
+            let kind = if spec.node.is_some() {
+                NODE_SPECIFIC
+            } else {
+                GLOBAL
+            };
+            let what = format!("{kind}: {pname}");
+            let Ok(password) = self.password(spec.password.as_ref(), &what) else {
+                continue;
+            };
+            // (address, port, AS, between two nodes)
+            let mut targets: Vec<(IpAddr, u16, u32, bool)> = Vec::new();
+            if let (Some(ip), Some(asn)) = (spec.peer_ip, spec.as_number) {
+                targets.push((ip.ip, ip.port.unwrap_or(179), asn, false));
+            }
+            if let Some(sel) = &spec.peer_selector {
+                for (name, node) in &snap.nodes {
+                    if name == this || !selects(sel, snap.labels(name)) {
+                        continue;
+                    }
+                    let asn = node.spec.as_number.unwrap_or(bgp.as_number);
+                    for (mine, theirs) in addresses(me).into_iter().zip(addresses(&node.spec)) {
+                        if let (Some(_), Some(theirs)) = (mine, theirs) {
+                            targets.push((theirs, bgp.listen_port, asn, true));
+                        }
+                    }
+                }
+            }
+            for (ip, port, asn, node_pair) in targets {
+                let mut pc = PeerConfig::new(ip, asn);
+                pc.port = port;
+                let mine = same_family(me, ip);
+                pc.source_address = match spec.source_address {
+                    SourceAddress::UseNodeIP => mine,
+                    SourceAddress::None => None,
+                };
+                if node_pair {
+                    pc.passive = mine.is_some_and(|m| m > ip);
+                }
+                pc.md5_password = password.clone();
+                if let Some(hops) = spec.ttl_security.filter(|h| *h > 0) {
+                    pc.ttl_security = true;
+                    pc.multihop = Some(hops);
+                }
+                pc.max_restart_time = spec.max_restart_time.map(|d| d.secs_u16());
+                // BGP's usual ratio: the hold time is three keepalives.
+                pc.hold_time = spec.keepalive_time.map(|k| k.secs_u16().saturating_mul(3));
+                pc.next_hop_self = spec.next_hop_mode == Some(NextHopMode::SelfAddress);
+                pc.description = Some(what.clone());
+                self.add(pc);
+            }
+        }
+    }
+}
+
+/// The sessions `this_node` should have, with what had to be left out. A
+/// node missing from the snapshot has no sessions.
+pub fn plan_detailed(snapshot: &Snapshot, this_node: &str) -> PeerPlan {
+    let Some(me) = snapshot.node(this_node) else {
+        return PeerPlan {
+            peers: Vec::new(),
+            warnings: vec![format!(
+                "node {this_node} is not in the model (no StarlingNode named so): no sessions"
+            )],
+        };
+    };
+    let mut p = Planner {
+        snap: snapshot,
+        this: this_node,
+        me,
+        out: BTreeMap::new(),
+        warnings: Vec::new(),
+    };
+    p.nodes();
+    p.bgp_peers();
+    PeerPlan {
+        peers: p.out.into_values().collect(),
+        warnings: p.warnings,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::file::load_str;
+    use std::path::Path;
+
+    fn node(name: &str, v4: &str, extra: &str) -> String {
+        format!(
+            "---\napiVersion: starling.dev/v1\nkind: StarlingNode\nmetadata:\n  name: {name}\n  labels:\n    name: {name}\nspec:\n  ipv4Address: {v4}\n{extra}"
+        )
+    }
+
+    fn config(mesh: bool) -> String {
+        format!(
+            "---\napiVersion: starling.dev/v1\nkind: BGPConfiguration\nmetadata:\n  name: default\nspec:\n  nodeToNodeMeshEnabled: {mesh}\n"
+        )
+    }
+
+    fn snap(parts: &[String]) -> Snapshot {
+        load_str(Path::new("test.yaml"), &parts.concat()).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    /// (address, passive, rr client, description) of each session.
+    fn summary(peers: &[PeerConfig]) -> Vec<(String, bool, bool, String)> {
+        peers
+            .iter()
+            .map(|p| {
+                (
+                    p.address.to_string(),
+                    p.passive,
+                    p.route_reflector_client,
+                    p.description.clone().unwrap_or_default(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn mesh_of_three() {
+        let s = snap(&[
+            node("a", "10.0.0.1/24", ""),
+            node("b", "10.0.0.2/24", ""),
+            node("c", "10.0.0.3/24", ""),
+        ]);
+        let a = plan(&s, "a");
+        assert_eq!(
+            summary(&a),
+            [
+                (
+                    "10.0.0.2".into(),
+                    false,
+                    false,
+                    "node-to-node mesh: b".into()
+                ),
+                (
+                    "10.0.0.3".into(),
+                    false,
+                    false,
+                    "node-to-node mesh: c".into()
+                ),
+            ]
+        );
+        assert!(a.iter().all(|p| p.asn == DEFAULT_AS_NUMBER
+            && p.port == 179
+            && p.source_address == Some(ip("10.0.0.1"))
+            && p.max_restart_time == Some(120)
+            && p.md5_password.is_none()));
+        let b = plan(&s, "b");
+        assert_eq!(
+            summary(&b),
+            [
+                (
+                    "10.0.0.1".into(),
+                    true,
+                    false,
+                    "node-to-node mesh: a".into()
+                ),
+                (
+                    "10.0.0.3".into(),
+                    false,
+                    false,
+                    "node-to-node mesh: c".into()
+                ),
+            ]
+        );
+        let c = plan(&s, "c");
+        assert!(
+            c.iter().all(|p| p.passive),
+            "the highest address only waits"
+        );
+        // Exactly one passive side per pair, across the whole cluster.
+        for (x, y) in [("a", "b"), ("a", "c"), ("b", "c")] {
+            let addr = |n: &str| IpAddr::V4(s.node(n).unwrap().ipv4_address.unwrap().addr());
+            let px = plan(&s, x)
+                .into_iter()
+                .find(|p| p.address == addr(y))
+                .unwrap();
+            let py = plan(&s, y)
+                .into_iter()
+                .find(|p| p.address == addr(x))
+                .unwrap();
+            assert!(px.passive != py.passive, "{x}-{y}");
+        }
+    }
+
+    #[test]
+    fn passive_side_compares_addresses_not_names() {
+        // "z" has the lower address, so "a" is the passive one.
+        let s = snap(&[node("a", "10.0.0.9/24", ""), node("z", "10.0.0.1/24", "")]);
+        assert!(plan(&s, "a")[0].passive);
+        assert!(!plan(&s, "z")[0].passive);
+        // IPv6 sessions compare IPv6 addresses, each family on its own.
+        let s = snap(&[
+            node("a", "10.0.0.9/24", "  ipv6Address: 2001:db8::1/64\n"),
+            node("z", "10.0.0.1/24", "  ipv6Address: 2001:db8::2/64\n"),
+        ]);
+        let a = summary(&plan(&s, "a"));
+        assert_eq!(a[0].0, "10.0.0.1");
+        assert!(a[0].1);
+        assert_eq!(a[1].0, "2001:db8::2");
+        assert!(!a[1].1);
+    }
+
+    #[test]
+    fn two_reflectors_four_clients() {
+        let rr = "  routeReflectorClusterID: 224.0.0.1\n";
+        let s = snap(&[
+            config(false),
+            node("rr1", "10.0.0.1/24", rr),
+            node("rr2", "10.0.0.2/24", rr),
+            node("c1", "10.0.0.11/24", ""),
+            node("c2", "10.0.0.12/24", ""),
+            node("c3", "10.0.0.13/24", ""),
+            node("c4", "10.0.0.14/24", ""),
+        ]);
+        assert_eq!(
+            summary(&plan(&s, "rr1")),
+            [
+                (
+                    "10.0.0.2".into(),
+                    false,
+                    false,
+                    "route reflector: rr2".into()
+                ),
+                (
+                    "10.0.0.11".into(),
+                    false,
+                    true,
+                    "route reflector client: c1".into()
+                ),
+                (
+                    "10.0.0.12".into(),
+                    false,
+                    true,
+                    "route reflector client: c2".into()
+                ),
+                (
+                    "10.0.0.13".into(),
+                    false,
+                    true,
+                    "route reflector client: c3".into()
+                ),
+                (
+                    "10.0.0.14".into(),
+                    false,
+                    true,
+                    "route reflector client: c4".into()
+                ),
+            ]
+        );
+        assert_eq!(
+            summary(&plan(&s, "rr2")),
+            [
+                (
+                    "10.0.0.1".into(),
+                    true,
+                    false,
+                    "route reflector: rr1".into()
+                ),
+                (
+                    "10.0.0.11".into(),
+                    false,
+                    true,
+                    "route reflector client: c1".into()
+                ),
+                (
+                    "10.0.0.12".into(),
+                    false,
+                    true,
+                    "route reflector client: c2".into()
+                ),
+                (
+                    "10.0.0.13".into(),
+                    false,
+                    true,
+                    "route reflector client: c3".into()
+                ),
+                (
+                    "10.0.0.14".into(),
+                    false,
+                    true,
+                    "route reflector client: c4".into()
+                ),
+            ]
+        );
+        for c in ["c1", "c2", "c3", "c4"] {
+            assert_eq!(
+                summary(&plan(&s, c)),
+                [
+                    (
+                        "10.0.0.1".into(),
+                        true,
+                        false,
+                        "route reflector: rr1".into()
+                    ),
+                    (
+                        "10.0.0.2".into(),
+                        true,
+                        false,
+                        "route reflector: rr2".into()
+                    ),
+                ],
+                "{c} peers with the reflectors only"
+            );
+        }
+        let l = local(&s, "rr1").unwrap();
+        assert_eq!(l.cluster_id, Some("224.0.0.1".parse().unwrap()));
+        assert_eq!(local(&s, "c1").unwrap().cluster_id, None);
+    }
+
+    #[test]
+    fn mesh_enabled_ignores_reflector_roles() {
+        let rr = "  routeReflectorClusterID: 224.0.0.1\n";
+        let s = snap(&[
+            node("rr1", "10.0.0.1/24", rr),
+            node("c1", "10.0.0.11/24", ""),
+            node("c2", "10.0.0.12/24", ""),
+        ]);
+        let c1 = summary(&plan(&s, "c1"));
+        assert_eq!(c1.len(), 2);
+        assert!(c1.iter().all(|p| p.3.starts_with(MESH) && !p.2));
+    }
+
+    #[test]
+    fn mesh_disabled_without_reflectors_has_no_node_sessions() {
+        let s = snap(&[
+            config(false),
+            node("a", "10.0.0.1/24", ""),
+            node("b", "10.0.0.2/24", ""),
+        ]);
+        assert!(plan(&s, "a").is_empty());
+    }
+
+    fn peer(name: &str, body: &str) -> String {
+        format!(
+            "---\napiVersion: projectcalico.org/v3\nkind: BGPPeer\nmetadata:\n  name: {name}\nspec:\n{body}"
+        )
+    }
+
+    #[test]
+    fn external_peers_global_node_and_selector() {
+        let dir = std::env::temp_dir().join(format!("starling-plan-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = dir.join("tor.key");
+        std::fs::write(&key, "hunter2\n").unwrap();
+        let s = snap(&[
+            config(false),
+            node("a", "10.0.0.1/24", ""),
+            node("b", "10.0.0.2/24", "  asNumber: 65002\n"),
+            node("c", "10.0.0.3/24", "  ipv6Address: 2001:db8::3/64\n"),
+            peer(
+                "route-server",
+                "  peerIP: 192.0.2.100\n  asNumber: 65100\n  sourceAddress: None\n",
+            ),
+            peer(
+                "tor-a",
+                &format!(
+                    "  node: a\n  peerIP: 10.0.0.254:1179\n  asNumber: 65200\n  password:\n    file: {}\n  ttlSecurity: 1\n  maxRestartTime: 30s\n  keepaliveTime: 10s\n  nextHopMode: Self\n",
+                    key.display()
+                ),
+            ),
+            peer(
+                "rack",
+                "  nodeSelector: name != 'a'\n  peerIP: 198.51.100.1\n  asNumber: 65300\n",
+            ),
+            peer("to-b", "  node: c\n  peerSelector: name == 'b'\n"),
+        ]);
+        let a = plan(&s, "a");
+        assert_eq!(
+            summary(&a),
+            [
+                (
+                    "10.0.0.254".into(),
+                    false,
+                    false,
+                    "node specific: tor-a".into()
+                ),
+                (
+                    "192.0.2.100".into(),
+                    false,
+                    false,
+                    "global: route-server".into()
+                ),
+            ]
+        );
+        let tor = &a[0];
+        assert_eq!(tor.port, 1179);
+        assert_eq!(tor.asn, 65200);
+        assert_eq!(tor.md5_password.as_deref(), Some("hunter2"));
+        assert!(tor.ttl_security);
+        assert_eq!(tor.multihop, Some(1));
+        assert_eq!(tor.max_restart_time, Some(30));
+        assert_eq!(tor.hold_time, Some(30));
+        assert!(tor.next_hop_self);
+        assert_eq!(tor.source_address, Some(ip("10.0.0.1")));
+        let rs = &a[1];
+        assert_eq!((rs.asn, rs.port, rs.source_address), (65100, 179, None));
+        assert!(!rs.ttl_security && rs.md5_password.is_none() && rs.hold_time.is_none());
+
+        let b: Vec<_> = summary(&plan(&s, "b")).into_iter().map(|p| p.3).collect();
+        assert_eq!(b, ["global: route-server", "global: rack"]);
+
+        // peerSelector: c peers with node b at b's address and AS.
+        let c = plan(&s, "c");
+        let to_b = c.iter().find(|p| p.address == ip("10.0.0.2")).unwrap();
+        assert_eq!(to_b.asn, 65002);
+        assert!(to_b.passive, "10.0.0.3 > 10.0.0.2");
+        assert_eq!(to_b.description.as_deref(), Some("node specific: to-b"));
+        assert_eq!(c.len(), 3);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn duplicates_self_and_unknown_nodes() {
+        let s = snap(&[
+            node("a", "10.0.0.1/24", ""),
+            node("b", "10.0.0.2/24", ""),
+            peer("dup", "  peerIP: 10.0.0.2\n  asNumber: 65000\n"),
+            peer("me", "  peerIP: 10.0.0.1\n  asNumber: 65000\n"),
+        ]);
+        let d = plan_detailed(&s, "a");
+        assert_eq!(summary(&d.peers).len(), 1);
+        assert_eq!(
+            d.peers[0].description.as_deref(),
+            Some("node-to-node mesh: b")
+        );
+        assert_eq!(d.warnings.len(), 2, "{:?}", d.warnings);
+        assert!(d.warnings.iter().any(|w| w.contains("own address")));
+        let none = plan_detailed(&s, "ghost");
+        assert!(none.peers.is_empty() && none.warnings[0].contains("ghost"));
+    }
+
+    #[test]
+    fn unresolved_password_skips_only_that_peer() {
+        let mut s = snap(&[node("a", "10.0.0.1/24", ""), node("b", "10.0.0.2/24", "")]);
+        let mut p = BGPPeer::new(
+            "secret",
+            serde_yaml::from_str("peerIP: 192.0.2.9\nasNumber: 65000\npassword:\n  secretKeyRef: {name: bgp, key: tor}\n")
+                .unwrap(),
+        );
+        p.metadata.name = Some("secret".into());
+        s.peers.insert("secret".into(), p);
+        let d = plan_detailed(&s, "a");
+        assert_eq!(d.peers.len(), 1);
+        assert!(d.warnings[0].contains("password"), "{:?}", d.warnings);
+    }
+}
