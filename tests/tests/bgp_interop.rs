@@ -290,73 +290,9 @@ fn matrix(kind: PeerKind) {
         }
     }
 
-    // --- Runtime announcements, both directions.
-    for p in OUR_RUNTIME {
-        if let Err(e) = lab.ours.announce(net(p)) {
-            report.fail(&format!("starling-bgpd announce {p}"), e, lab.context(None));
-        }
-    }
-    for r in &mut lab.roles {
-        for p in r.runtime {
-            if let Err(e) = r.peer.announce(p) {
-                let ctx = r.peer.diagnostics();
-                report.fail(&format!("{} peer announce {p}", r.label), e, ctx);
-            }
-        }
-    }
-    for r in &lab.roles {
-        for v4 in [true, false] {
-            if !is_up(r.label, v4) {
-                continue;
-            }
-            let i = usize::from(!v4);
-            let addr = r.addr(v4).expect("role has this family");
-            flow_ours_to_peer(
-                &mut report,
-                &lab,
-                r,
-                v4,
-                net(OUR_RUNTIME[i]),
-                true,
-                " announce",
-            );
-            flow_peer_to_ours(&mut report, &lab, r, addr, r.runtime[i], true, " announce");
-        }
-    }
-
-    // --- Withdrawals, both directions.
-    for p in OUR_RUNTIME {
-        if let Err(e) = lab.ours.withdraw(net(p)) {
-            report.fail(&format!("starling-bgpd withdraw {p}"), e, lab.context(None));
-        }
-    }
-    for r in &mut lab.roles {
-        for p in r.runtime {
-            if let Err(e) = r.peer.withdraw(p) {
-                let ctx = r.peer.diagnostics();
-                report.fail(&format!("{} peer withdraw {p}", r.label), e, ctx);
-            }
-        }
-    }
-    for r in &lab.roles {
-        for v4 in [true, false] {
-            if !is_up(r.label, v4) {
-                continue;
-            }
-            let i = usize::from(!v4);
-            let addr = r.addr(v4).expect("role has this family");
-            flow_ours_to_peer(
-                &mut report,
-                &lab,
-                r,
-                v4,
-                net(OUR_RUNTIME[i]),
-                false,
-                " withdraw",
-            );
-            flow_peer_to_ours(&mut report, &lab, r, addr, r.runtime[i], false, " withdraw");
-        }
-    }
+    // --- Runtime announcements, then withdrawals, both directions.
+    runtime_changes(&mut report, &mut lab, &is_up, true);
+    runtime_changes(&mut report, &mut lab, &is_up, false);
 
     md5_cases(&mut report, &lab);
 
@@ -376,6 +312,52 @@ fn matrix(kind: PeerKind) {
 
 /// `prefix`, originated by the peer, is (or is no longer) in our Adj-RIB-In
 /// for `addr`; for eBGP the AS path must be the peer's AS alone, for iBGP empty.
+/// Runtime announcements (`announce`) or withdrawals of the runtime
+/// prefixes on both sides, then the checks that they arrived or went.
+fn runtime_changes(
+    report: &mut Report,
+    lab: &mut Lab,
+    is_up: &dyn Fn(&str, bool) -> bool,
+    announce: bool,
+) {
+    let verb = if announce { "announce" } else { "withdraw" };
+    for p in OUR_RUNTIME {
+        let r = if announce {
+            lab.ours.announce(net(p))
+        } else {
+            lab.ours.withdraw(net(p))
+        };
+        if let Err(e) = r {
+            report.fail(&format!("starling-bgpd {verb} {p}"), e, lab.context(None));
+        }
+    }
+    for r in &mut lab.roles {
+        for p in r.runtime {
+            let res = if announce {
+                r.peer.announce(p)
+            } else {
+                r.peer.withdraw(p)
+            };
+            if let Err(e) = res {
+                let ctx = r.peer.diagnostics();
+                report.fail(&format!("{} peer {verb} {p}", r.label), e, ctx);
+            }
+        }
+    }
+    let tag = format!(" {verb}");
+    for r in &lab.roles {
+        for v4 in [true, false] {
+            if !is_up(r.label, v4) {
+                continue;
+            }
+            let i = usize::from(!v4);
+            let addr = r.addr(v4).expect("role has this family");
+            flow_ours_to_peer(report, lab, r, v4, net(OUR_RUNTIME[i]), announce, &tag);
+            flow_peer_to_ours(report, lab, r, addr, r.runtime[i], announce, &tag);
+        }
+    }
+}
+
 fn flow_peer_to_ours(
     report: &mut Report,
     lab: &Lab,
