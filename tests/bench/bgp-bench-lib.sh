@@ -3,10 +3,12 @@
 # SKIP_BUILD=1), and makes a private namespace and scratch directory that an
 # exit trap removes together with any daemon left in them.
 #
-#   bench_setup NAME      # sets BGPD, LOADGEN, NS, WORK; defines inns and DAEMON_PID
+#   bench_setup NAME      # sets BGPD, LOADGEN, NS, WORK, DAEMON_PID
+#   inns, stop_daemon, wait_ready   # helpers for the scripts
 
 bench_setup() {
     local name=$1
+    BENCH_NAME=$name
     export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
     # An error is a one-line message, not a backtrace.
     export RUST_LIB_BACKTRACE=0
@@ -39,3 +41,21 @@ bench_cleanup() {
 }
 
 inns() { ip netns exec "$NS" "$@"; }
+
+# Stop the daemon under test: SIGTERM, then SIGKILL after 5 s.
+stop_daemon() {
+    kill -TERM "$DAEMON_PID" 2>/dev/null || true
+    for _ in $(seq 100); do kill -0 "$DAEMON_PID" 2>/dev/null || break; sleep 0.05; done
+    kill -9 "$DAEMON_PID" 2>/dev/null || true
+    wait "$DAEMON_PID" 2>/dev/null || true
+    DAEMON_PID=
+}
+
+# Poll a command until it succeeds (15 s), or fail with the daemons' logs.
+wait_ready() { # what, command...
+    local what=$1; shift
+    for _ in $(seq 300); do "$@" >/dev/null 2>&1 && return 0; sleep 0.05; done
+    echo "$BENCH_NAME: $what did not come up; its log:" >&2
+    tail -20 "$WORK"/*.log >&2 || true
+    exit 1
+}

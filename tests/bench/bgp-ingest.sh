@@ -24,7 +24,7 @@ PER_SET=${PER_SET:-0}
 REPS=${REPS:-1}
 POLL_MS=${POLL_MS:-10}
 . tests/bench/bgp-bench-lib.sh
-bench_setup ingest
+bench_setup bgp-ingest
 
 # The generator's peers: 127.1.0.1, 127.1.0.2, ... (bgp-loadgen skips .0/.255).
 peer_addr() { # n -> address, the same sequence bgp-loadgen uses
@@ -50,22 +50,6 @@ rss_lines() { # impl pid
     json "$1" peak_rss "$(awk -v k="$hwm" 'BEGIN {printf "%.1f", k / 1024}')" MiB
     json "$1" rss_after_load "$(awk -v k="$rss" 'BEGIN {printf "%.1f", k / 1024}')" MiB
     json "$1" bytes_per_path "$(awk -v k="$hwm" -v n="$((PEERS * PREFIXES))" 'BEGIN {printf "%.0f", k * 1024 / n}')" bytes
-}
-
-stop_daemon() {
-    kill -TERM "$DAEMON_PID" 2>/dev/null || true
-    for _ in $(seq 100); do kill -0 "$DAEMON_PID" 2>/dev/null || break; sleep 0.05; done
-    kill -9 "$DAEMON_PID" 2>/dev/null || true
-    wait "$DAEMON_PID" 2>/dev/null || true
-    DAEMON_PID=
-}
-
-wait_ready() { # what, command...
-    local what=$1; shift
-    for _ in $(seq 300); do "$@" >/dev/null 2>&1 && return 0; sleep 0.05; done
-    echo "bgp-ingest: $what did not come up; its log:" >&2
-    tail -20 "$WORK"/*.log >&2 || true
-    exit 1
 }
 
 LOAD=(--peers "$PEERS" --prefixes "$PREFIXES" --prefixes-per-set "$PER_SET" --asn 65000)

@@ -17,7 +17,7 @@ cd "$(dirname "$0")/../.."
 CLIENTS=${CLIENTS:-500}
 REPS=${REPS:-1}
 . tests/bench/bgp-bench-lib.sh
-bench_setup rr
+bench_setup rr-fanout
 
 # The clients: 127.1.0.1, 127.1.0.2, ..., skipping .0 and .255 like bgp-loadgen.
 client_addrs() {
@@ -30,22 +30,6 @@ client_addrs() {
         fi
         a=$((a + 1))
     done
-}
-
-stop_daemon() {
-    kill -TERM "$DAEMON_PID" 2>/dev/null || true
-    for _ in $(seq 100); do kill -0 "$DAEMON_PID" 2>/dev/null || break; sleep 0.05; done
-    kill -9 "$DAEMON_PID" 2>/dev/null || true
-    wait "$DAEMON_PID" 2>/dev/null || true
-    DAEMON_PID=
-}
-
-wait_ready() { # what, command...
-    local what=$1; shift
-    for _ in $(seq 300); do "$@" >/dev/null 2>&1 && return 0; sleep 0.05; done
-    echo "rr-fanout: $what did not come up; its log:" >&2
-    tail -20 "$WORK"/*.log >&2 || true
-    exit 1
 }
 
 run_starling() {
