@@ -204,11 +204,10 @@ pub fn notification(code: u8, subcode: u8, data: &[u8]) -> BgpNotificationMessag
     }
 }
 
-/// Describe a received NOTIFICATION: code, subcode, and the RFC 9003 shutdown
-/// message when there is one.
-pub fn describe_notification(n: &BgpNotificationMessage) -> String {
+/// Code, subcode and data of a NOTIFICATION (RFC 4271 §4.5).
+fn notification_parts(n: &BgpNotificationMessage) -> (u8, u8, &[u8]) {
     use BgpNotificationMessage as N;
-    let (code, sub, value): (u8, u8, &[u8]) = match n {
+    match n {
         N::MessageHeaderError(e) => match e {
             MessageHeaderError::Unspecific { value } => (1, 0, value),
             MessageHeaderError::ConnectionNotSynchronized { value } => (1, 1, value),
@@ -266,7 +265,13 @@ pub fn describe_notification(n: &BgpNotificationMessage) -> String {
             CeaseError::BfdDown { value } => (6, 10, value),
         },
         N::RouteRefreshError(RouteRefreshError::InvalidMessageLength { value }) => (7, 1, value),
-    };
+    }
+}
+
+/// Describe a received NOTIFICATION: code, subcode, and the RFC 9003 shutdown
+/// message when there is one.
+pub fn describe_notification(n: &BgpNotificationMessage) -> String {
+    let (code, sub, value) = notification_parts(n);
     let mut s = format!("{} ({code}/{sub})", code_name(code, sub));
     if code == 6 && (sub == 2 || sub == 4) && !value.is_empty() {
         let len = value[0] as usize;
@@ -371,7 +376,7 @@ pub fn decode(
             } else {
                 (code, sub)
             };
-            Err(Notify::new(code, sub, data, reason))
+            Err(Notify::new(code, sub, data.to_vec(), reason))
         }
         Err(_) => Err(Notify::new(
             if kind == 3 { 3 } else { 1 },
@@ -379,17 +384,6 @@ pub fn decode(
             vec![],
             format!("the decoder panicked on a type {kind} message; closing the session"),
         )),
-    }
-}
-
-fn notification_parts(n: &BgpNotificationMessage) -> (u8, u8, Vec<u8>) {
-    // Round-trip through the wire to read code/subcode without duplicating
-    // the mapping above.
-    let mut buf = Vec::new();
-    if BgpMessage::Notification(n.clone()).write(&mut buf).is_ok() && buf.len() >= 21 {
-        (buf[19], buf[20], buf[21..].to_vec())
-    } else {
-        (1, 0, vec![])
     }
 }
 
@@ -1477,6 +1471,30 @@ mod tests {
         let u = roundtrip(&m, true);
         assert!(u.announced.is_empty(), "{u:?}");
         assert_eq!(u.withdrawn.len(), 1);
+    }
+
+    #[test]
+    fn decode_errors_get_update_and_open_codes() {
+        // UPDATE whose path attribute length runs past the message: 3/1.
+        let mut m = vec![0xff; 16];
+        let body = [0u8, 0, 0, 40, 0x40, 1, 1, 0];
+        m.extend_from_slice(&((19 + body.len()) as u16).to_be_bytes());
+        m.push(2);
+        m.extend_from_slice(&body);
+        let e = decode(&m, &mut parsing_context(true)).unwrap_err();
+        assert_eq!((e.code, e.subcode), (3, 1), "{e}");
+        // OPEN with BGP version 3: 2/1.
+        let mut open = encode(&build_open(&OpenParams {
+            asn: 65000,
+            hold_time: 90,
+            router_id: "192.0.2.1".parse().unwrap(),
+            families: vec![Family::Ipv4],
+            graceful_restart: None,
+            extended_message: false,
+        }));
+        open[19] = 3;
+        let e = decode(&open, &mut parsing_context(true)).unwrap_err();
+        assert_eq!((e.code, e.subcode), (2, 1), "{e}");
     }
 
     #[test]
