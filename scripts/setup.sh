@@ -25,4 +25,12 @@ done
 if ! command -v cargo >/dev/null 2>&1 && [ -x "$HOME/.cargo/bin/cargo" ]; then
   echo "setup.sh: note: cargo is in $HOME/.cargo/bin; add it to PATH" >&2
 fi
+# --tests: also the Kubernetes control plane the `k8s` tests run against
+# (kube-apiserver, kubectl, cnitool built with Go; cached in
+# /var/cache/starling-k8s, so only the first run takes minutes).
+if [ "${1:-}" = "--tests" ]; then
+  export PATH="$PATH:/usr/local/go/bin"
+  command -v go >/dev/null 2>&1 || { echo "setup.sh: the k8s tests build kube-apiserver with Go; install Go (https://go.dev/dl) into /usr/local/go" >&2; exit 1; }
+  bash "$here/tests/k8s/control-plane.sh" build
+fi
 echo "setup.sh: ready"

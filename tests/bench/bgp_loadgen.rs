@@ -152,7 +152,9 @@ fn source_addr(base: Ipv4Addr, n: usize) -> Result<Ipv4Addr> {
         a = a.checked_add(1).context("source addresses overflow")?;
     }
     let addr = Ipv4Addr::from(a);
-    if addr.octets()[0] != 127 {
+    // A base on loopback must stay there (all of 127/8 is local); any other
+    // base is addresses the caller put on an interface.
+    if base.octets()[0] == 127 && addr.octets()[0] != 127 {
         bail!("source address {addr} left 127.0.0.0/8; use a lower --source-base");
     }
     Ok(addr)

@@ -5,6 +5,7 @@
 //! Every test that needs a tool the machine lacks fails with a message naming
 //! it (`require_tool`); nothing here skips silently.
 
+pub mod cluster;
 pub mod peers;
 
 use anyhow::{Context, Result, anyhow, bail};

@@ -2,9 +2,12 @@
 //! generating the CRDs and checking a file datastore.
 
 use anyhow::{Context, Result, ensure};
-use starling_tests::{TempDir, bin};
+use starling_agent::lab::Topology;
+use starling_tests::cluster::{Cluster, options, session_types};
+use starling_tests::{TempDir, bin, require_tool, run};
 use std::path::Path;
 use std::process::Command;
+use std::time::Duration;
 
 const REGENERATE: &str =
     "cargo run -p starling-agent --bin starlingctl -- crds > manifests/crds.yaml";
@@ -158,5 +161,263 @@ spec:
     let syntax = format!("{good}---\nkind: IPPool\nspec: [unclosed\n");
     let (ok, _, stderr) = validate(&dir, &syntax)?;
     ensure!(!ok && stderr.contains("document 5"), "{stderr}");
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Multi-node clusters: real agents in network namespaces, the file datastore,
+// pods wired by the real CNI plugin.
+
+const CONVERGE: Duration = Duration::from_secs(60);
+
+/// Three nodes in a full mesh: every pair has one session, every node routes
+/// to the others' blocks through their addresses (host-gw), and every pod
+/// reaches every other pod. `starlingctl status -o json` lists the sessions.
+#[test]
+fn three_node_mesh() -> Result<()> {
+    let c = Cluster::up(options("mesh", 3, Topology::Mesh))?;
+    c.converged(CONVERGE)?;
+    for n in ["node1", "node2", "node3"] {
+        let types = session_types(&c, n)?;
+        ensure!(types.len() == 2, "{n}: sessions {types:?}");
+        ensure!(
+            types.iter().all(|(_, k)| k == "node-to-node mesh"),
+            "{n}: {types:?}"
+        );
+    }
+    // Each node's kernel has the others' blocks via their node address.
+    for (n, st) in ["node1", "node2", "node3"]
+        .iter()
+        .map(|n| (*n, c.status(n)))
+    {
+        let st = st?;
+        ensure!(st.blocks.len() == 1, "{n} holds {:?}", st.blocks);
+        for other in ["node1", "node2", "node3"].iter().filter(|o| **o != n) {
+            let addr = c.lab.node(other)?.ipv4.addr();
+            let block = c.status(other)?.blocks[0];
+            let routes = c.kernel_routes(n)?;
+            ensure!(
+                routes.contains(&format!("{block} via {addr} dev eth0")),
+                "{n}: no host-gw route to {block} via {addr}:\n{routes}"
+            );
+        }
+        ensure!(
+            c.kernel_routes(n)?
+                .contains(&format!("blackhole {}", st.blocks[0])),
+            "{n}: no blackhole for its own block"
+        );
+    }
+    let pairs = c.all_pairs_answer()?;
+    ensure!(pairs == 6, "expected 6 pod pairs, pinged {pairs}");
+
+    let out = Command::new(bin("starlingctl"))
+        .args(["status", "-o", "json", "--socket"])
+        .arg(c.lab.node("node1")?.dir.join("agent.sock"))
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "starlingctl status: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let sessions = v["sessions"].as_array().context("no sessions array")?;
+    ensure!(sessions.len() == 2, "{v}");
+    ensure!(sessions.iter().all(|s| s["state"] == "Established"), "{v}");
+    // The table form, as calicoctl node status prints it.
+    let out = Command::new(bin("starlingctl"))
+        .args(["status", "--socket"])
+        .arg(c.lab.node("node1")?.dir.join("agent.sock"))
+        .output()?;
+    let table = String::from_utf8_lossy(&out.stdout);
+    for col in [
+        "PEER ADDRESS",
+        "PEER TYPE",
+        "STATE",
+        "SINCE",
+        "INFO",
+        "node-to-node mesh",
+    ] {
+        ensure!(table.contains(col), "no {col} in\n{table}");
+    }
+
+    // The DaemonSet's probes and Prometheus, over plain HTTP in the node.
+    let ns = c.lab.node("node1")?.netns.clone();
+    let get = |port: u16, path: &str| {
+        let script = format!(
+            "exec 3<>/dev/tcp/127.0.0.1/{port}; printf 'GET {path} HTTP/1.0\\r\\n\\r\\n' >&3; cat <&3"
+        );
+        run("ip", &["netns", "exec", &ns, "bash", "-c", &script])
+    };
+    // Readiness follows the session table the agent samples every 2 s.
+    starling_tests::wait_for("readyz answers 200", CONVERGE, || {
+        Ok(get(9099, "/readyz")?.contains(" 200 "))
+    })?;
+    starling_tests::wait_for("metrics show 2 Established sessions", CONVERGE, || {
+        Ok(get(9091, "/metrics")?.contains("starling_bgp_sessions{state=\"Established\"} 2"))
+    })?;
+    let metrics = get(9091, "/metrics")?;
+    for series in [
+        "starling_ipam_blocks 1",
+        "starling_cni_request_duration_seconds_count{cmd=\"add\"} 1",
+        "starling_fib_operations_total",
+    ] {
+        ensure!(metrics.contains(series), "no {series} in\n{metrics}");
+    }
+    Ok(())
+}
+
+/// Two reflectors and four clients: clients peer only with the reflectors,
+/// reflectors with each other and every client, and all pods connect.
+#[test]
+fn two_reflectors_four_clients() -> Result<()> {
+    let c = Cluster::up(options("rr", 6, Topology::Reflectors))?;
+    c.converged(CONVERGE)?;
+    let rr: Vec<String> = ["node1", "node2"]
+        .iter()
+        .map(|n| Ok(c.lab.node(n)?.ipv4.addr().to_string()))
+        .collect::<Result<_>>()?;
+    for n in ["node3", "node4", "node5", "node6"] {
+        let types = session_types(&c, n)?;
+        let mut peers: Vec<&str> = types.iter().map(|(p, _)| p.as_str()).collect();
+        peers.sort();
+        ensure!(
+            peers == rr,
+            "{n}: a client must peer with the reflectors only: {types:?}"
+        );
+        ensure!(
+            types.iter().all(|(_, k)| k == "route reflector"),
+            "{n}: {types:?}"
+        );
+    }
+    for n in ["node1", "node2"] {
+        let types = session_types(&c, n)?;
+        ensure!(types.len() == 5, "{n}: {types:?}");
+        let clients = types
+            .iter()
+            .filter(|(_, k)| k == "route reflector client")
+            .count();
+        ensure!(clients == 4, "{n}: {types:?}");
+        ensure!(c.status(n)?.cluster_id.is_some(), "{n} has no cluster ID");
+    }
+    c.all_pairs_answer()?;
+    Ok(())
+}
+
+/// A BIRD top-of-rack router with TCP-MD5 learns every node's block with the
+/// node as next hop (eBGP, RFC 8212 default policy exports only own blocks).
+#[test]
+fn bird_top_of_rack_with_md5() -> Result<()> {
+    require_tool("bird", "bird2");
+    let mut o = options("tor", 3, Topology::Mesh);
+    o.tor = Some(starling_agent::lab::Tor::Bird);
+    o.tor_password = Some("s3cret-tor".into());
+    let c = Cluster::up(o)?;
+    c.converged(CONVERGE)?;
+    let sock = c.dir().join("tor.ctl");
+    let sock = sock.to_str().context("socket path")?;
+    for n in ["node1", "node2", "node3"] {
+        let addr = c.lab.node(n)?.ipv4.addr();
+        let block = c.status(n)?.blocks[0];
+        wait_for_tor_route(sock, &block.to_string(), &addr.to_string())?;
+        let types = session_types(&c, n)?;
+        ensure!(
+            types
+                .iter()
+                .any(|(p, k)| p == "192.0.2.254" && k == "global"),
+            "{n}: {types:?}"
+        );
+    }
+    // The signature is really on the wire: BIRD reports the password in use.
+    let proto = run("birdc", &["-s", sock, "show", "protocols", "all", "node1"])?;
+    ensure!(proto.contains("Established"), "{proto}");
+    Ok(())
+}
+
+fn wait_for_tor_route(sock: &str, prefix: &str, via: &str) -> Result<()> {
+    starling_tests::wait_for(&format!("BIRD route {prefix} via {via}"), CONVERGE, || {
+        let out = run(
+            "birdc",
+            &["-s", sock, "show", "route", "for", prefix, "all"],
+        )?;
+        Ok(out.contains(&format!("via {via}")) && out.contains(prefix))
+    })?;
+    Ok(())
+}
+
+/// A node that joins gets sessions and routes everywhere without restarting
+/// anything; a node that leaves takes its routes with it.
+#[test]
+fn node_joins_and_leaves() -> Result<()> {
+    let mut c = Cluster::up(options("join", 3, Topology::Mesh))?;
+    c.converged(CONVERGE)?;
+    let pids: Vec<Option<u32>> = c.lab.nodes.iter().map(|n| n.pid).collect();
+    let name = c.lab.add_node(4)?;
+    let pod = c.lab.add_pod(&name, "pod1")?;
+    c.converged(CONVERGE)?;
+    let block = c.status(&name)?.blocks[0];
+    for n in ["node1", "node2", "node3"] {
+        ensure!(
+            c.kernel_routes(n)?
+                .contains(&format!("{block} via 192.0.2.14")),
+            "{n}: no route to the new node's block {block}"
+        );
+    }
+    ensure!(!pod.ips.is_empty());
+    c.all_pairs_answer()?;
+    let now: Vec<Option<u32>> = c.lab.nodes.iter().take(3).map(|n| n.pid).collect();
+    ensure!(pids == now, "agents were restarted: {pids:?} -> {now:?}");
+
+    c.lab.remove_node(&name)?;
+    c.wait_all(
+        "the departed node's block gone from every kernel",
+        CONVERGE,
+        |n| Ok(!c.kernel_routes(n)?.contains(&block.to_string())),
+    )?;
+    c.wait_all("sessions to the departed node gone", CONVERGE, |n| {
+        Ok(!c
+            .status(n)?
+            .sessions
+            .iter()
+            .any(|s| s.peer.to_string() == "192.0.2.14"))
+    })?;
+    c.all_pairs_answer()?;
+    Ok(())
+}
+
+/// A client becomes a third reflector, live: its sessions change type
+/// without its agent restarting, and every pod still reaches every other.
+#[test]
+fn role_change_client_to_reflector() -> Result<()> {
+    let mut c = Cluster::up(options("role", 4, Topology::Reflectors))?;
+    c.converged(CONVERGE)?;
+    let pid = c.lab.node("node3")?.pid;
+    c.lab.set_reflector("node3", true)?;
+    c.wait_all("node3 is a reflector to node4", CONVERGE, |n| {
+        if n != "node3" {
+            return Ok(true);
+        }
+        let types = session_types(&c, n)?;
+        Ok(types
+            .iter()
+            .any(|(p, k)| p == "192.0.2.14" && k == "route reflector client")
+            && c.status(n)?.cluster_id.is_some())
+    })?;
+    c.converged(CONVERGE)?;
+    ensure!(c.lab.node("node3")?.pid == pid, "node3's agent restarted");
+    c.all_pairs_answer()?;
+    Ok(())
+}
+
+/// Switching a mesh to reflectors is make-before-break: a ping between two
+/// clients at 50 packets/s loses nothing.
+#[test]
+fn mesh_to_reflectors_loses_nothing() -> Result<()> {
+    let count = starling_tests::cluster::mesh_to_reflectors("m2r")?;
+    ensure!(
+        count.lost() == 0,
+        "lost {} of {} pings",
+        count.lost(),
+        count.sent
+    );
     Ok(())
 }

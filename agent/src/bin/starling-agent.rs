@@ -1,18 +1,11 @@
-//! `starling-agent run --config FILE`: the node agent. For now it serves IPAM
-//! to the CNI plugin; the FIB reconciler and BGP join it later.
+//! `starling-agent run --config FILE`: the node agent. With a datastore it
+//! peers over BGP, programs the FIB and serves IPAM to the CNI plugin; without
+//! one it serves IPAM only.
 
-use anyhow::{Context, Result, bail};
+use anyhow::Result;
 use clap::{Parser, Subcommand};
-use serde::Deserialize;
-use starling_agent::ipam::server::{self, IpamHandle, PodDefaults};
-use starling_agent::ipam::{FileDatastore, Ipam, IpamConfig, Store};
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-
-/// The route protocol number pod host routes carry by default: the FIB
-/// reconciler's own (it collides with none of Calico's 80, BIRD's 12,
-/// kube-router's 17 or zebra's).
-const DEFAULT_ROUTE_PROTOCOL: u8 = 73;
+use starling_agent::node::{self, AgentConfig};
+use std::path::PathBuf;
 
 #[derive(Parser)]
 #[command(name = "starling-agent", version, about = "Starling node agent")]
@@ -29,122 +22,9 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
-}
-
-/// How pod traffic leaves the node; decides the MTU overhead.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-enum Encapsulation {
-    #[default]
-    None,
-    Ipip,
-    CrossSubnet,
-    Vxlan,
-}
-
-impl Encapsulation {
-    fn overhead(self) -> u32 {
-        match self {
-            Encapsulation::None => 0,
-            // CrossSubnet encapsulates some traffic: size for the worst case.
-            Encapsulation::Ipip | Encapsulation::CrossSubnet => 20,
-            Encapsulation::Vxlan => 50,
-        }
-    }
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct AgentConfig {
-    node_name: String,
-    #[serde(default)]
-    node_labels: BTreeMap<String, String>,
-    state_dir: PathBuf,
-    #[serde(default = "default_socket")]
-    socket_path: PathBuf,
-    /// Pod MTU; when absent, the uplink's MTU minus the encapsulation overhead.
-    #[serde(default)]
-    mtu: Option<u32>,
-    #[serde(default)]
-    uplink: Option<String>,
-    #[serde(default)]
-    encapsulation: Encapsulation,
-    #[serde(default)]
-    route_protocol: Option<u8>,
-    #[serde(default)]
-    ipam: IpamConfig,
-}
-
-fn default_socket() -> PathBuf {
-    PathBuf::from(starling_cni::proto::DEFAULT_SOCKET)
-}
-
-fn load(path: &Path) -> Result<AgentConfig> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read config {}", path.display()))?;
-    serde_yaml::from_str(&text).with_context(|| format!("config {}", path.display()))
-}
-
-fn pod_mtu(cfg: &AgentConfig) -> Result<u32> {
-    if let Some(mtu) = cfg.mtu {
-        if !(576..=65535).contains(&mtu) {
-            bail!("mtu {mtu} is outside 576..=65535");
-        }
-        return Ok(mtu);
-    }
-    let uplink_mtu = match &cfg.uplink {
-        Some(dev) => {
-            let p = format!("/sys/class/net/{dev}/mtu");
-            std::fs::read_to_string(&p)
-                .with_context(|| format!("uplink {dev}: cannot read {p}"))?
-                .trim()
-                .parse::<u32>()
-                .with_context(|| format!("uplink {dev}: {p} is not a number"))?
-        }
-        None => 1500,
-    };
-    Ok(uplink_mtu.saturating_sub(cfg.encapsulation.overhead()))
-}
-
-async fn run(config: &Path) -> Result<()> {
-    let cfg = load(config)?;
-    std::fs::create_dir_all(&cfg.state_dir)
-        .with_context(|| format!("cannot create stateDir {}", cfg.state_dir.display()))?;
-    let store = Store::open(&server::default_store_path(&cfg.state_dir))?;
-    let datastore_file = cfg
-        .ipam
-        .datastore_file
-        .clone()
-        .unwrap_or_else(|| cfg.state_dir.join("blocks.json"));
-    let existing = store.load()?;
-    let ipam = Ipam::new(
-        &cfg.node_name,
-        cfg.node_labels.clone(),
-        cfg.ipam.clone(),
-        Box::new(FileDatastore::new(datastore_file)),
-        existing,
-    )?;
-    let defaults = PodDefaults {
-        mtu: pod_mtu(&cfg)?,
-        route_protocol: cfg.route_protocol.unwrap_or(DEFAULT_ROUTE_PROTOCOL),
-    };
-    tracing::info!(
-        node = %cfg.node_name,
-        blocks = ?ipam.blocks(),
-        mtu = defaults.mtu,
-        socket = %cfg.socket_path.display(),
-        "IPAM ready"
-    );
-    let handle = IpamHandle::spawn(ipam, store, defaults);
-    let listener = server::bind(&cfg.socket_path)
-        .with_context(|| format!("cannot listen on {}", cfg.socket_path.display()))?;
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        r = server::serve(listener, handle) => r.context("serving the CNI socket")?,
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
-    let _ = std::fs::remove_file(&cfg.socket_path);
-    Ok(())
+    /// Copy the CNI plugin to the host and write its conflist, atomically
+    /// (the DaemonSet's init container).
+    InstallCni(starling_agent::install::InstallOptions),
 }
 
 fn main() -> Result<()> {
@@ -161,6 +41,20 @@ fn main() -> Result<()> {
         .enable_all()
         .build()?;
     match cli.command {
-        Command::Run { config } => rt.block_on(run(&config)),
+        Command::Run { config } => {
+            let cfg = AgentConfig::load(&config)?;
+            rt.block_on(node::run(cfg))
+        }
+        Command::InstallCni(opts) => {
+            let r = starling_agent::install::install_cni(&opts)?;
+            println!(
+                "install-cni: {} {:?}, {} {:?}",
+                r.binary.display(),
+                r.binary_outcome,
+                r.conflist.display(),
+                r.conflist_outcome
+            );
+            Ok(())
+        }
     }
 }

@@ -2,7 +2,9 @@
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+use starling_agent::lab;
 use starling_agent::model::{crd, file};
+use starling_agent::node::control::{self, Reply, Request};
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -24,6 +26,117 @@ enum Command {
         /// The YAML file (several `---` separated documents).
         file: PathBuf,
     },
+    /// The node's BGP sessions, as `calicoctl node status` shows them.
+    Status {
+        #[command(flatten)]
+        agent: AgentArgs,
+    },
+    /// The routes in the speaker's RIB and the kernel routes the agent wants.
+    Routes {
+        #[command(flatten)]
+        agent: AgentArgs,
+    },
+    /// IPAM on this node.
+    Ipam {
+        #[command(subcommand)]
+        command: IpamCommand,
+    },
+    /// A cluster of network namespaces on this machine, with real agents,
+    /// pods and an optional top-of-rack router.
+    Lab {
+        #[command(subcommand)]
+        command: LabCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum LabCommand {
+    /// Build the lab (removing an earlier one of the same name first).
+    Up {
+        #[command(flatten)]
+        options: lab::LabOptions,
+    },
+    /// Sessions, routes and pods per node.
+    Status {
+        #[command(flatten)]
+        which: LabWhich,
+    },
+    /// Ping every pod from every pod; exit 0 only when every pair answers.
+    Check {
+        #[command(flatten)]
+        which: LabWhich,
+    },
+    /// Remove everything the lab made, also after a crash.
+    Down {
+        #[command(flatten)]
+        which: LabWhich,
+    },
+}
+
+#[derive(clap::Args)]
+struct LabWhich {
+    #[arg(long, default_value = "lab")]
+    name: String,
+    #[arg(long, default_value = lab::DEFAULT_DIR)]
+    dir: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum IpamCommand {
+    /// Pools, blocks and addresses in use on this node.
+    Show {
+        #[command(flatten)]
+        agent: AgentArgs,
+    },
+}
+
+#[derive(clap::Args)]
+struct AgentArgs {
+    /// The agent's control socket.
+    #[arg(long, default_value = control::DEFAULT_CONTROL_SOCKET)]
+    socket: PathBuf,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+    output: Output,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+fn ask(agent: &AgentArgs, req: Request) -> Result<Reply> {
+    match control::request(&agent.socket, &req).map_err(anyhow::Error::msg)? {
+        Reply::Error(e) => anyhow::bail!("the agent says: {e}"),
+        r => Ok(r),
+    }
+}
+
+fn print_json<T: serde::Serialize>(v: &T) -> Result<ExitCode> {
+    let mut out = serde_json::to_string_pretty(v)?;
+    out.push('\n');
+    std::io::stdout().lock().write_all(out.as_bytes())?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Columns padded to their widest cell.
+fn table(rows: &[Vec<String>]) -> String {
+    let cols = rows.first().map_or(0, Vec::len);
+    let widths: Vec<usize> = (0..cols)
+        .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for r in rows {
+        let line: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
 }
 
 fn main() -> ExitCode {
@@ -62,5 +175,249 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 Ok(ExitCode::FAILURE)
             }
         },
+        Command::Lab { command } => lab_command(command),
+        Command::Status { agent } => {
+            let Reply::Status(st) = ask(&agent, Request::Status)? else {
+                anyhow::bail!("unexpected reply to status");
+            };
+            if agent.output == Output::Json {
+                return print_json(&st);
+            }
+            let addrs: Vec<String> = st.addresses.iter().map(|a| a.to_string()).collect();
+            println!("Starling agent {} on node {}", st.version, st.node);
+            println!(
+                "  addresses {} (from {}), AS {}, router ID {}{}",
+                addrs.join(", "),
+                st.address_source,
+                st.asn,
+                st.router_id.map_or("-".into(), |r| r.to_string()),
+                st.cluster_id
+                    .map_or(String::new(), |c| format!(", route reflector cluster {c}"))
+            );
+            println!(
+                "  datastore {}{}",
+                st.datastore,
+                st.datastore_error
+                    .as_deref()
+                    .map_or(String::new(), |e| format!(" (newest version refused: {e})"))
+            );
+            println!(
+                "  FIB: {} routes of ours installed, {} unreachable, {} conflicts, {} errors; \
+                 {} blocks, {} pods; initial sync {}",
+                st.fib.installed,
+                st.fib.unreachable.len(),
+                st.fib.conflicts.len(),
+                st.fib.errors.len(),
+                st.blocks.len(),
+                st.pods,
+                if st.synced {
+                    "done"
+                } else {
+                    "waiting for End-of-RIB"
+                }
+            );
+            println!();
+            println!("IPv4 and IPv6 BGP status");
+            print!(
+                "{}",
+                starling_bgp::control::session_table(&control::with_plan_types(&st.sessions))
+            );
+            for d in &st.draining {
+                println!("draining {d}: kept until its routes are learned another way");
+            }
+            for w in &st.warnings {
+                println!("warning: {w}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Routes { agent } => {
+            let Reply::Routes(r) = ask(&agent, Request::Routes)? else {
+                anyhow::bail!("unexpected reply to routes");
+            };
+            if agent.output == Output::Json {
+                return print_json(&r);
+            }
+            let mut rows = vec![vec![
+                "PREFIX".to_string(),
+                "FROM".into(),
+                "NEXT HOP".into(),
+                "AS PATH".into(),
+                "BEST".into(),
+            ]];
+            for e in &r.bgp {
+                rows.push(vec![
+                    e.prefix.to_string(),
+                    e.peer.clone(),
+                    e.next_hop.map_or("-".into(), |h| h.to_string()),
+                    e.as_path
+                        .iter()
+                        .map(u32::to_string)
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                    match (e.best, e.stale) {
+                        (true, false) => "*".into(),
+                        (true, true) => "* stale".into(),
+                        (false, true) => "stale".into(),
+                        (false, false) => String::new(),
+                    },
+                ]);
+            }
+            println!("BGP");
+            print!("{}", table(&rows));
+            println!();
+            println!("Kernel (desired)");
+            let mut rows = vec![vec!["DESTINATION".to_string(), "TARGET".into()]];
+            for route in &r.fib {
+                let target = match &route.target {
+                    starling_agent::fib::RouteTarget::Blackhole => "blackhole".to_string(),
+                    starling_agent::fib::RouteTarget::Device(d) => format!("dev {d}"),
+                    starling_agent::fib::RouteTarget::Via(hops) => hops
+                        .iter()
+                        .map(|h| format!("via {} ({:?})", h.gateway, h.encap))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                };
+                rows.push(vec![route.dst.to_string(), target]);
+            }
+            print!("{}", table(&rows));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Ipam {
+            command: IpamCommand::Show { agent },
+        } => {
+            let Reply::Ipam(r) = ask(&agent, Request::Ipam)? else {
+                anyhow::bail!("unexpected reply to ipam");
+            };
+            if agent.output == Output::Json {
+                return print_json(&r);
+            }
+            println!("IPAM on node {}", r.node);
+            let mut rows = vec![vec![
+                "IP POOL".to_string(),
+                "BLOCK SIZE".into(),
+                "BLOCKS HERE".into(),
+                "IPS HERE".into(),
+                "IPS IN USE".into(),
+                "IPS FREE".into(),
+            ]];
+            for p in &r.pools {
+                rows.push(vec![
+                    p.cidr.to_string(),
+                    format!("/{}", p.block_size),
+                    p.blocks.to_string(),
+                    p.addresses.to_string(),
+                    p.in_use.to_string(),
+                    p.addresses.saturating_sub(p.in_use as u128).to_string(),
+                ]);
+            }
+            print!("{}", table(&rows));
+            println!();
+            let mut rows = vec![vec!["BLOCK".to_string(), "IPS".into(), "IN USE".into()]];
+            for b in &r.blocks {
+                rows.push(vec![
+                    b.cidr.to_string(),
+                    b.addresses.to_string(),
+                    b.in_use.to_string(),
+                ]);
+            }
+            print!("{}", table(&rows));
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn say(msg: &str) {
+    eprintln!("lab: {msg}");
+}
+
+fn lab_command(cmd: LabCommand) -> Result<ExitCode> {
+    match cmd {
+        LabCommand::Up { options } => {
+            let (name, dir) = (options.name.clone(), options.dir.clone());
+            match lab::up(options, &mut say) {
+                Ok(l) => {
+                    say(&format!(
+                        "lab {} is up: {} nodes, {} pods; try `starlingctl lab status` and `starlingctl lab check`",
+                        l.name,
+                        l.nodes.len(),
+                        l.pods.len()
+                    ));
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    eprintln!("lab: up failed: {e:#}");
+                    eprintln!(
+                        "lab: the partial lab is left for inspection (logs in {}); remove it with `starlingctl lab down --name {name}`",
+                        dir.join(&name).display()
+                    );
+                    Ok(ExitCode::FAILURE)
+                }
+            }
+        }
+        LabCommand::Status { which } => {
+            let l = lab::LabState::load(&which.dir, &which.name)?;
+            for n in &l.nodes {
+                println!("== {} ({}, {})", n.name, n.netns, n.ipv4);
+                match l.status_of(&n.name) {
+                    Ok(st) => {
+                        print!(
+                            "{}",
+                            starling_bgp::control::session_table(&control::with_plan_types(
+                                &st.sessions
+                            ))
+                        );
+                        let blocks: Vec<String> = st.blocks.iter().map(|b| b.to_string()).collect();
+                        println!(
+                            "blocks {}; {} routes of ours in the kernel; initial sync {}",
+                            blocks.join(", "),
+                            st.fib.installed,
+                            if st.synced { "done" } else { "waiting" }
+                        );
+                    }
+                    Err(e) => println!("agent not answering: {e:#}"),
+                }
+                for p in l.pods.iter().filter(|p| p.node == n.name) {
+                    let ips: Vec<String> = p.ips.iter().map(|i| i.to_string()).collect();
+                    println!("pod {} ({}) {}", p.name, p.netns, ips.join(", "));
+                }
+                println!();
+            }
+            if let Some(t) = &l.tor {
+                println!("== top-of-rack {:?} ({}, {})", t.kind, t.netns, t.ipv4);
+                let out = std::process::Command::new("birdc")
+                    .arg("-s")
+                    .arg(&t.socket)
+                    .args(["show", "route"])
+                    .output();
+                match out {
+                    Ok(o) => print!("{}", String::from_utf8_lossy(&o.stdout)),
+                    Err(e) => println!("birdc: {e}"),
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        LabCommand::Check { which } => {
+            let l = lab::LabState::load(&which.dir, &which.name)?;
+            let results = l.check();
+            print!("{}", lab::matrix(&l, &results));
+            let failed: Vec<_> = results.iter().filter(|r| !r.3).collect();
+            for f in &failed {
+                println!("no answer: {} -> {} ({})", f.0, f.1, f.2);
+            }
+            println!(
+                "{} of {} pairs answer",
+                results.len() - failed.len(),
+                results.len()
+            );
+            Ok(if failed.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        LabCommand::Down { which } => {
+            lab::down(&which.dir, &which.name, &mut say)?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }

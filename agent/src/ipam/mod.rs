@@ -8,6 +8,7 @@
 //! requests into one store commit, and answers the plugin on a Unix socket.
 
 pub mod datastore;
+pub mod kube;
 pub mod pool;
 pub mod server;
 pub mod store;
@@ -25,6 +26,10 @@ pub use store::{Change, Store, StoreError};
 
 /// Calico's default cap on blocks one node may claim.
 pub const DEFAULT_MAX_BLOCKS_PER_NODE: usize = 20;
+
+/// How many times a node re-reads the claims after losing block races
+/// before it reports the pools exhausted.
+const MAX_CLAIM_ROUNDS: usize = 16;
 
 /// The `ipam` section of the agent's configuration.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -252,12 +257,6 @@ impl Ipam {
 
     /// Claim the first block, in pool order, that nobody holds.
     fn claim_block(&mut self, v4: bool) -> Result<IpNet, IpamError> {
-        let held: Vec<IpNet> = self
-            .datastore
-            .affinities()?
-            .into_iter()
-            .map(|a| a.block)
-            .collect();
         let pools: Vec<Pool> = self
             .config
             .pools
@@ -265,25 +264,40 @@ impl Ipam {
             .filter(|p| p.cidr.addr().is_ipv4() == v4 && p.selects(&self.labels))
             .cloned()
             .collect();
-        for pool in &pools {
-            // Within `held.len() + 1` candidates one is free, unless the pool
-            // is smaller than that.
-            for block in pool.blocks().take(held.len() + 1) {
-                if held
-                    .iter()
-                    .any(|h| h.contains(&block.network()) || block.contains(&h.network()))
-                {
-                    continue;
-                }
-                match self.datastore.claim(block, &self.node) {
-                    Ok(a) => {
-                        self.blocks.push(a.block);
-                        return Ok(a.block);
+        // Each round reads every claim once; a round in which another node
+        // won a race for a candidate is repeated with a fresh read, so a lost
+        // race never reads as an exhausted pool.
+        for _round in 0..MAX_CLAIM_ROUNDS {
+            let held: Vec<IpNet> = self
+                .datastore
+                .affinities()?
+                .into_iter()
+                .map(|a| a.block)
+                .collect();
+            let mut raced = false;
+            for pool in &pools {
+                // Within `held.len() + 1` candidates one is free, unless the
+                // pool is smaller than that.
+                for block in pool.blocks().take(held.len() + 1) {
+                    if held
+                        .iter()
+                        .any(|h| h.contains(&block.network()) || block.contains(&h.network()))
+                    {
+                        continue;
                     }
-                    // Another node won the race for it: try the next one.
-                    Err(DatastoreError::Conflict { .. }) => continue,
-                    Err(e) => return Err(e.into()),
+                    match self.datastore.claim(block, &self.node) {
+                        Ok(a) => {
+                            self.blocks.push(a.block);
+                            return Ok(a.block);
+                        }
+                        // Another node won the race for it: try the next one.
+                        Err(DatastoreError::Conflict { .. }) => raced = true,
+                        Err(e) => return Err(e.into()),
+                    }
                 }
+            }
+            if !raced {
+                break;
             }
         }
         Err(IpamError::Exhausted(format!(

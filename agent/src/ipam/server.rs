@@ -9,6 +9,7 @@
 //! The socket is root-only twice over: mode 0600, and the peer's uid is
 //! checked on every connection (SO_PEERCRED).
 
+use ipnet::IpNet;
 use starling_cni::proto::{
     self, AddReply, AgentError, Envelope, ErrorKind, PodRoute, Reply, Request, Response,
 };
@@ -21,6 +22,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{Change, Ipam, IpamError, Store};
+use crate::metrics::{CniCommand, Metrics};
 
 /// Requests applied (and committed) together at most.
 const MAX_BATCH: usize = 256;
@@ -45,6 +47,8 @@ struct Job {
 pub struct IpamHandle {
     jobs: mpsc::Sender<Job>,
     routes: watch::Receiver<Vec<PodRoute>>,
+    blocks: watch::Receiver<Vec<IpNet>>,
+    metrics: Option<Metrics>,
 }
 
 impl IpamHandle {
@@ -52,11 +56,30 @@ impl IpamHandle {
     pub fn spawn(ipam: Ipam, store: Store, defaults: PodDefaults) -> IpamHandle {
         let (jobs, rx) = mpsc::channel(4 * MAX_BATCH);
         let (routes_tx, routes) = watch::channel(ipam.pod_routes());
+        let (blocks_tx, blocks) = watch::channel(ipam.blocks().to_vec());
         std::thread::Builder::new()
             .name("ipam".into())
-            .spawn(move || owner(ipam, store, defaults, rx, routes_tx))
+            .spawn(move || owner(ipam, store, defaults, rx, routes_tx, blocks_tx))
             .expect("spawning the IPAM thread");
-        IpamHandle { jobs, routes }
+        IpamHandle {
+            jobs,
+            routes,
+            blocks,
+            metrics: None,
+        }
+    }
+
+    /// Record how long each plugin request on the socket takes, by command
+    /// (`starling_cni_request_duration_seconds`).
+    pub fn with_metrics(mut self, metrics: Metrics) -> IpamHandle {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// The blocks this node holds, updated when it claims one: what the
+    /// agent announces over BGP and blackholes.
+    pub fn blocks(&self) -> watch::Receiver<Vec<IpNet>> {
+        self.blocks.clone()
     }
 
     /// The host routes the node's pods need (`<ip> dev <veth>`), updated
@@ -118,6 +141,7 @@ fn owner(
     defaults: PodDefaults,
     mut rx: mpsc::Receiver<Job>,
     routes: watch::Sender<Vec<PodRoute>>,
+    blocks: watch::Sender<Vec<IpNet>>,
 ) {
     while let Some(first) = rx.blocking_recv() {
         let mut batch = vec![first];
@@ -162,6 +186,13 @@ fn owner(
         }
         if mutated {
             routes.send_replace(ipam.pod_routes());
+            blocks.send_if_modified(|b| {
+                let changed = b.as_slice() != ipam.blocks();
+                if changed {
+                    *b = ipam.blocks().to_vec();
+                }
+                changed
+            });
         }
         for (reply, response) in answers {
             let _ = reply.send(response);
@@ -242,6 +273,8 @@ pub async fn serve(listener: UnixListener, ipam: IpamHandle) -> io::Result<()> {
 }
 
 async fn connection(mut stream: UnixStream, ipam: IpamHandle) -> io::Result<()> {
+    let started = std::time::Instant::now();
+    let mut cmd = CniCommand::Invalid;
     let uid = stream.peer_cred()?.uid();
     let response = if uid != 0 {
         Response::Err(AgentError {
@@ -255,11 +288,17 @@ async fn connection(mut stream: UnixStream, ipam: IpamHandle) -> io::Result<()> 
                 kind: ErrorKind::InvalidRequest,
                 message: e.to_string(),
             }),
-            Ok(Ok(envelope)) => ipam.request(envelope).await,
+            Ok(Ok(envelope)) => {
+                cmd = CniCommand::of(&envelope.request);
+                ipam.request(envelope).await
+            }
         }
     };
     let frame = proto::encode(&response).map_err(io::Error::other)?;
     stream.write_all(&frame).await?;
+    if let Some(m) = &ipam.metrics {
+        m.observe_cni(cmd, started.elapsed());
+    }
     stream.shutdown().await
 }
 

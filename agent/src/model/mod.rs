@@ -5,6 +5,7 @@
 
 pub mod crd;
 pub mod file;
+pub mod kube;
 pub mod plan;
 pub mod validate;
 

@@ -1,0 +1,562 @@
+//! The agent's Prometheus metrics.
+//!
+//! One [`Metrics`] value is shared by every part of the agent (it is an
+//! `Arc` inside, so clones are cheap and all see the same series). The parts
+//! report what they already publish — the speaker's session table, the FIB
+//! reconciler's [`FibStatus`], IPAM's [`StatusReply`] — and the health server
+//! renders the lot in the OpenMetrics text format on `/metrics`.
+//!
+//! See docs/install.md for the list of series and what each means.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::Registry;
+use starling_bgp::SessionStatus;
+use starling_cni::proto::{Request, StatusReply};
+
+use crate::fib::FibStatus;
+
+/// The content type of [`Metrics::encode`]'s output.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// The RFC 4271 states, so every one has a series (at 0 when no session is
+/// in it) and a dashboard can sum them without gaps.
+pub const SESSION_STATES: [&str; 6] = [
+    "Idle",
+    "Connect",
+    "Active",
+    "OpenSent",
+    "OpenConfirm",
+    "Established",
+];
+
+/// Upper bounds of the CNI latency buckets, in seconds: 0.5 ms to 5 s. An
+/// ADD is a group commit (one fsync) away from its reply, so most land in
+/// the low milliseconds; the top buckets catch a stalled store.
+pub const CNI_BUCKETS: [f64; 13] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabel {
+    state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabel {
+    direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OpLabel {
+    op: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CmdLabel {
+    cmd: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VersionLabel {
+    version: String,
+}
+
+type HistogramFamily = Family<CmdLabel, Histogram, fn() -> Histogram>;
+
+fn cni_histogram() -> Histogram {
+    Histogram::new(CNI_BUCKETS)
+}
+
+struct Series {
+    registry: Registry,
+    bgp_sessions: Family<StateLabel, Gauge>,
+    bgp_prefixes: Family<DirectionLabel, Gauge>,
+    fib_operations: Family<OpLabel, Counter>,
+    fib_errors: Counter,
+    fib_routes: Gauge,
+    /// The `syncs` of the last [`FibStatus`] counted, so a status seen twice
+    /// is not counted twice.
+    fib_seen_syncs: Mutex<Option<u64>>,
+    ipam_addresses: Family<StateLabel, Gauge>,
+    ipam_blocks: Gauge,
+    cni_duration: HistogramFamily,
+    datastore_ready: Gauge,
+}
+
+/// The agent's metrics; clone it into every task that reports.
+#[derive(Clone)]
+pub struct Metrics {
+    series: Arc<Series>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new(env!("CARGO_PKG_VERSION"))
+    }
+}
+
+impl Metrics {
+    /// All series registered, at zero; `version` becomes
+    /// `starling_agent_info{version}`.
+    pub fn new(version: &str) -> Metrics {
+        let mut registry = Registry::with_prefix("starling");
+        let bgp_sessions = Family::<StateLabel, Gauge>::default();
+        registry.register(
+            "bgp_sessions",
+            "BGP sessions by RFC 4271 state",
+            bgp_sessions.clone(),
+        );
+        let bgp_prefixes = Family::<DirectionLabel, Gauge>::default();
+        registry.register(
+            "bgp_prefixes",
+            "Prefixes received from and sent to all BGP peers",
+            bgp_prefixes.clone(),
+        );
+        let fib_operations = Family::<OpLabel, Counter>::default();
+        registry.register(
+            "fib_operations",
+            "Routes the FIB reconciler wrote to the kernel, by operation",
+            fib_operations.clone(),
+        );
+        let fib_errors = Counter::default();
+        registry.register(
+            "fib_errors",
+            "Route writes the kernel refused, plus reconciler passes that failed whole",
+            fib_errors.clone(),
+        );
+        let fib_routes = Gauge::default();
+        registry.register(
+            "fib_routes",
+            "Routes of Starling's protocol in the kernel after the last pass",
+            fib_routes.clone(),
+        );
+        let ipam_addresses = Family::<StateLabel, Gauge>::default();
+        registry.register(
+            "ipam_addresses",
+            "Pod addresses in this node's blocks, allocated or free",
+            ipam_addresses.clone(),
+        );
+        let ipam_blocks = Gauge::default();
+        registry.register(
+            "ipam_blocks",
+            "IPAM blocks this node holds",
+            ipam_blocks.clone(),
+        );
+        let cni_duration = HistogramFamily::new_with_constructor(cni_histogram);
+        registry.register_with_unit(
+            "cni_request_duration",
+            "Time the agent took to answer a CNI plugin request, by command",
+            prometheus_client::registry::Unit::Seconds,
+            cni_duration.clone(),
+        );
+        let datastore_ready = Gauge::default();
+        registry.register(
+            "datastore_ready",
+            "1 once the cluster model has been read in full, 0 before or after losing it",
+            datastore_ready.clone(),
+        );
+        registry.register(
+            "agent",
+            "The running agent's version",
+            Info::new(VersionLabel {
+                version: version.to_string(),
+            }),
+        );
+        let m = Metrics {
+            series: Arc::new(Series {
+                registry,
+                bgp_sessions,
+                bgp_prefixes,
+                fib_operations,
+                fib_errors,
+                fib_routes,
+                fib_seen_syncs: Mutex::new(None),
+                ipam_addresses,
+                ipam_blocks,
+                cni_duration,
+                datastore_ready,
+            }),
+        };
+        // Every fixed label value exists from the start: a series that
+        // appears only after its first event breaks rate() and alerts.
+        m.set_session_states(std::iter::empty::<&str>());
+        m.set_prefixes(0, 0);
+        for op in ["add", "replace", "delete"] {
+            m.series
+                .fib_operations
+                .get_or_create(&OpLabel { op })
+                .inc_by(0);
+        }
+        for state in ["allocated", "free"] {
+            m.series
+                .ipam_addresses
+                .get_or_create(&StateLabel {
+                    state: state.into(),
+                })
+                .set(0);
+        }
+        m
+    }
+
+    /// Set `starling_bgp_sessions{state}` from the states of all sessions,
+    /// one entry per session. States outside RFC 4271's get their own series.
+    pub fn set_session_states<'a>(&self, states: impl IntoIterator<Item = &'a str>) {
+        let mut counts: Vec<(String, i64)> =
+            SESSION_STATES.iter().map(|s| (s.to_string(), 0)).collect();
+        for st in states {
+            match counts.iter_mut().find(|(s, _)| s == st) {
+                Some((_, n)) => *n += 1,
+                None => counts.push((st.to_string(), 1)),
+            }
+        }
+        let family = &self.series.bgp_sessions;
+        // A state no session is in any more (only possible for a non-RFC
+        // one) is dropped rather than left at its last value.
+        family.clear();
+        for (state, n) in counts {
+            family.get_or_create(&StateLabel { state }).set(n);
+        }
+    }
+
+    /// Set `starling_bgp_prefixes{direction}`, summed over all peers.
+    pub fn set_prefixes(&self, received: usize, sent: usize) {
+        let family = &self.series.bgp_prefixes;
+        family
+            .get_or_create(&DirectionLabel {
+                direction: "received",
+            })
+            .set(clamp(received as u128));
+        family
+            .get_or_create(&DirectionLabel { direction: "sent" })
+            .set(clamp(sent as u128));
+    }
+
+    /// Both BGP gauges from the speaker's session table.
+    pub fn observe_sessions(&self, sessions: &[SessionStatus]) {
+        self.set_session_states(sessions.iter().map(|s| s.state.as_str()));
+        self.set_prefixes(
+            sessions.iter().map(|s| s.prefixes_received).sum(),
+            sessions.iter().map(|s| s.prefixes_sent).sum(),
+        );
+    }
+
+    /// Count one FIB reconciler status, as `Reconciler::watch_status()`
+    /// publishes it: call this once per published status.
+    ///
+    /// A status whose `syncs` moved on adds its `last_sync` to the operation
+    /// and error counters. The reconciler publishes after every attempt, so a
+    /// status whose `syncs` did not move but that carries errors is a pass
+    /// that failed whole (netlink down); it counts as one error. Passes the
+    /// watch channel coalesced between two calls are not seen: the counters
+    /// are a lower bound, exact when the caller keeps up.
+    pub fn observe_fib(&self, status: &FibStatus) {
+        let s = &self.series;
+        s.fib_routes.set(clamp(status.installed as u128));
+        let mut seen = s
+            .fib_seen_syncs
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let new_pass = match *seen {
+            None => status.syncs > 0,
+            // Fewer passes than before: the reconciler restarted.
+            Some(prev) => status.syncs != prev,
+        };
+        if new_pass {
+            let r = &status.last_sync;
+            self.fib_ops(r.added as u64, r.replaced as u64, r.removed as u64);
+            s.fib_errors.inc_by(r.failed as u64);
+        } else if seen.is_some() && !status.errors.is_empty() {
+            s.fib_errors.inc();
+        }
+        *seen = Some(status.syncs);
+    }
+
+    /// Add to `starling_fib_operations_total` directly.
+    pub fn fib_ops(&self, added: u64, replaced: u64, deleted: u64) {
+        let f = &self.series.fib_operations;
+        f.get_or_create(&OpLabel { op: "add" }).inc_by(added);
+        f.get_or_create(&OpLabel { op: "replace" }).inc_by(replaced);
+        f.get_or_create(&OpLabel { op: "delete" }).inc_by(deleted);
+    }
+
+    /// Add to `starling_fib_errors_total` directly.
+    pub fn fib_errors(&self, n: u64) {
+        self.series.fib_errors.inc_by(n);
+    }
+
+    /// Set the IPAM gauges from `Ipam::status()` (or a `Request::Status`
+    /// reply). Free is the blocks' size less the allocations: Starling
+    /// hands out every address of a block.
+    pub fn observe_ipam(&self, status: &StatusReply) {
+        let capacity = status
+            .blocks
+            .iter()
+            .map(|b| {
+                let host_bits = u32::from(b.max_prefix_len() - b.prefix_len());
+                1u128.checked_shl(host_bits).unwrap_or(u128::MAX)
+            })
+            .fold(0u128, u128::saturating_add);
+        let allocated = status.allocated as u128;
+        let s = &self.series;
+        s.ipam_addresses
+            .get_or_create(&StateLabel {
+                state: "allocated".into(),
+            })
+            .set(clamp(allocated));
+        s.ipam_addresses
+            .get_or_create(&StateLabel {
+                state: "free".into(),
+            })
+            .set(clamp(capacity.saturating_sub(allocated)));
+        s.ipam_blocks.set(clamp(status.blocks.len() as u128));
+    }
+
+    /// Record how long the agent took to answer one plugin request.
+    pub fn observe_cni(&self, cmd: CniCommand, took: Duration) {
+        self.series
+            .cni_duration
+            .get_or_create(&CmdLabel { cmd: cmd.label() })
+            .observe(took.as_secs_f64());
+    }
+
+    /// `starling_datastore_ready`: the model has been read in full.
+    pub fn set_datastore_ready(&self, ready: bool) {
+        self.series.datastore_ready.set(i64::from(ready));
+    }
+
+    /// The OpenMetrics text exposition of every series.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail; an encoder error would be a bug
+        // in a label value, and an empty scrape is the honest answer then.
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.series.registry) {
+            tracing::error!(error = %e, "encoding metrics failed");
+            out.clear();
+        }
+        out
+    }
+}
+
+/// The plugin request kinds, as the `cmd` label names them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CniCommand {
+    Add,
+    Del,
+    Check,
+    Gc,
+    Status,
+    /// A request that could not be read (bad frame, wrong peer).
+    Invalid,
+}
+
+impl CniCommand {
+    pub fn of(request: &Request) -> CniCommand {
+        match request {
+            Request::Add(_) => CniCommand::Add,
+            Request::Del { .. } => CniCommand::Del,
+            Request::Check { .. } => CniCommand::Check,
+            Request::Gc { .. } => CniCommand::Gc,
+            Request::Status => CniCommand::Status,
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            CniCommand::Add => "add",
+            CniCommand::Del => "del",
+            CniCommand::Check => "check",
+            CniCommand::Gc => "gc",
+            CniCommand::Status => "status",
+            CniCommand::Invalid => "invalid",
+        }
+    }
+}
+
+fn clamp(n: u128) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fib::SyncReport;
+
+    /// The value of the sample line `series` (name and labels, exactly as
+    /// exposed), or None when it is absent.
+    fn sample(text: &str, series: &str) -> Option<f64> {
+        text.lines().find_map(|l| {
+            let rest = l.strip_prefix(series)?.strip_prefix(' ')?;
+            rest.parse().ok()
+        })
+    }
+
+    #[test]
+    fn every_series_is_exposed_from_the_start() {
+        let text = Metrics::new("9.9.9").encode();
+        for (series, want) in [
+            (r#"starling_bgp_sessions{state="Established"}"#, 0.0),
+            (r#"starling_bgp_sessions{state="Idle"}"#, 0.0),
+            (r#"starling_bgp_prefixes{direction="received"}"#, 0.0),
+            (r#"starling_bgp_prefixes{direction="sent"}"#, 0.0),
+            (r#"starling_fib_operations_total{op="add"}"#, 0.0),
+            (r#"starling_fib_operations_total{op="replace"}"#, 0.0),
+            (r#"starling_fib_operations_total{op="delete"}"#, 0.0),
+            ("starling_fib_errors_total", 0.0),
+            (r#"starling_ipam_addresses{state="allocated"}"#, 0.0),
+            (r#"starling_ipam_addresses{state="free"}"#, 0.0),
+            ("starling_ipam_blocks", 0.0),
+            ("starling_datastore_ready", 0.0),
+            (r#"starling_agent_info{version="9.9.9"}"#, 1.0),
+        ] {
+            assert_eq!(sample(&text, series), Some(want), "{series} in\n{text}");
+        }
+        assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+
+    #[test]
+    fn sessions_are_counted_by_state_and_prefixes_summed() {
+        let m = Metrics::new("0");
+        let session = |state: &str, rx: usize, tx: usize| SessionStatus {
+            peer: "192.0.2.1".parse().unwrap(),
+            asn: 64512,
+            kind: "node-to-node mesh".into(),
+            state: state.into(),
+            since: 0,
+            prefixes_received: rx,
+            prefixes_sent: tx,
+            last_error: None,
+            description: None,
+        };
+        m.observe_sessions(&[
+            session("Established", 10, 2),
+            session("Established", 5, 2),
+            session("Active", 0, 0),
+        ]);
+        let text = m.encode();
+        let get = |s: &str| sample(&text, s).unwrap_or_else(|| panic!("{s} in\n{text}"));
+        assert_eq!(get(r#"starling_bgp_sessions{state="Established"}"#), 2.0);
+        assert_eq!(get(r#"starling_bgp_sessions{state="Active"}"#), 1.0);
+        assert_eq!(get(r#"starling_bgp_sessions{state="Connect"}"#), 0.0);
+        assert_eq!(get(r#"starling_bgp_prefixes{direction="received"}"#), 15.0);
+        assert_eq!(get(r#"starling_bgp_prefixes{direction="sent"}"#), 4.0);
+
+        // The next table replaces the last one rather than adding to it.
+        m.observe_sessions(&[session("Idle", 0, 0)]);
+        let text = m.encode();
+        assert_eq!(
+            sample(&text, r#"starling_bgp_sessions{state="Established"}"#),
+            Some(0.0)
+        );
+        assert_eq!(
+            sample(&text, r#"starling_bgp_sessions{state="Idle"}"#),
+            Some(1.0)
+        );
+    }
+
+    #[test]
+    fn fib_passes_are_counted_once_each() {
+        let m = Metrics::new("0");
+        let mut st = FibStatus {
+            syncs: 1,
+            installed: 7,
+            last_sync: SyncReport {
+                added: 7,
+                replaced: 1,
+                removed: 2,
+                failed: 1,
+                ..SyncReport::default()
+            },
+            ..FibStatus::default()
+        };
+        m.observe_fib(&st);
+        // The same status seen again (a second watcher wake-up) adds nothing.
+        m.observe_fib(&st);
+        st.syncs = 2;
+        st.last_sync = SyncReport {
+            added: 3,
+            ..SyncReport::default()
+        };
+        m.observe_fib(&st);
+        // A pass that failed whole: syncs does not move, errors say why.
+        st.errors = vec!["netlink dump routes: EIO".into()];
+        m.observe_fib(&st);
+        let text = m.encode();
+        let get = |s: &str| sample(&text, s).unwrap_or_else(|| panic!("{s} in\n{text}"));
+        assert_eq!(get(r#"starling_fib_operations_total{op="add"}"#), 10.0);
+        assert_eq!(get(r#"starling_fib_operations_total{op="replace"}"#), 1.0);
+        assert_eq!(get(r#"starling_fib_operations_total{op="delete"}"#), 2.0);
+        assert_eq!(get("starling_fib_errors_total"), 2.0);
+        assert_eq!(get("starling_fib_routes"), 7.0);
+    }
+
+    #[test]
+    fn ipam_usage_counts_free_addresses_in_held_blocks() {
+        let m = Metrics::new("0");
+        m.observe_ipam(&StatusReply {
+            ready: true,
+            reason: String::new(),
+            node: "n1".into(),
+            blocks: vec![
+                "10.9.0.0/26".parse().unwrap(),
+                "10.9.0.64/26".parse().unwrap(),
+                "fd00::/122".parse().unwrap(),
+            ],
+            allocated: 70,
+        });
+        let text = m.encode();
+        assert_eq!(
+            sample(&text, r#"starling_ipam_addresses{state="allocated"}"#),
+            Some(70.0)
+        );
+        assert_eq!(
+            sample(&text, r#"starling_ipam_addresses{state="free"}"#),
+            Some(122.0)
+        );
+        assert_eq!(sample(&text, "starling_ipam_blocks"), Some(3.0));
+    }
+
+    #[test]
+    fn cni_latency_lands_in_its_bucket() {
+        let m = Metrics::new("0");
+        m.observe_cni(CniCommand::Add, Duration::from_micros(1500));
+        m.observe_cni(CniCommand::Del, Duration::from_secs(10));
+        m.set_datastore_ready(true);
+        let text = m.encode();
+        let get = |s: &str| sample(&text, s).unwrap_or_else(|| panic!("{s} in\n{text}"));
+        assert_eq!(
+            get(r#"starling_cni_request_duration_seconds_bucket{le="0.001",cmd="add"}"#),
+            0.0
+        );
+        assert_eq!(
+            get(r#"starling_cni_request_duration_seconds_bucket{le="0.0025",cmd="add"}"#),
+            1.0
+        );
+        assert_eq!(
+            get(r#"starling_cni_request_duration_seconds_bucket{le="5.0",cmd="del"}"#),
+            0.0
+        );
+        assert_eq!(
+            get(r#"starling_cni_request_duration_seconds_bucket{le="+Inf",cmd="del"}"#),
+            1.0
+        );
+        assert_eq!(
+            get(r#"starling_cni_request_duration_seconds_count{cmd="add"}"#),
+            1.0
+        );
+        assert_eq!(get("starling_datastore_ready"), 1.0);
+    }
+}

@@ -1,0 +1,959 @@
+//! The Kubernetes datastore: the model's CRDs, the core Nodes and the
+//! Secrets BGPPeers name, watched through the API server and joined into a
+//! [`Snapshot`].
+//!
+//! - Six watches (IPPool, BGPConfiguration, BGPPeer, StarlingNode,
+//!   BlockAffinity, Node), each a kube-runtime `watcher` with its default
+//!   exponential backoff. A watch that breaks resumes from its last
+//!   resourceVersion, or lists again (410 Gone); a new list replaces that
+//!   kind's objects only once it is complete, so a disconnected or
+//!   re-listing datastore keeps serving the last good snapshot.
+//! - Objects are watched untyped and parsed one by one, so one object our
+//!   types refuse (a CRD installed without its schema, an older agent)
+//!   costs only that object: it is logged, naming kind, name and field, and
+//!   the rest are used. The checks are the file datastore's
+//!   ([`super::validate`]).
+//! - Nothing is published before every kind was listed once ([`is_ready`]);
+//!   after that a change publishes a new snapshot at most ~100 ms later
+//!   (bursts coalesce), and only when it differs from the previous one.
+//!
+//! The node spec of a node is joined from its core Node and the StarlingNode
+//! of the same name; see [`node_spec`] and docs/model.md.
+//!
+//! [`is_ready`]: KubeDatastore::is_ready
+
+use super::crd::*;
+use super::validate::{self, Finding};
+use super::{Datastore, Snapshot};
+use futures::StreamExt;
+use ipnet::IpNet;
+use k8s_openapi::api::core::v1::{Node, Secret};
+use kube::Client;
+use kube::api::{Api, ApiResource, DynamicObject};
+use kube::core::ObjectMeta;
+use kube::runtime::{WatchStreamExt, watcher};
+use serde::de::DeserializeOwned;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+/// Node annotations carrying the node's BGP spec (Calico's are
+/// `projectcalico.org/IPv4Address` and friends; ours are in our group).
+pub const ANNOTATION_IPV4: &str = "starling.dev/ipv4-address";
+pub const ANNOTATION_IPV6: &str = "starling.dev/ipv6-address";
+pub const ANNOTATION_AS: &str = "starling.dev/as-number";
+pub const ANNOTATION_RR_CLUSTER_ID: &str = "starling.dev/route-reflector-cluster-id";
+
+/// Linux keeps TCP-MD5 keys of at most this many bytes.
+const MD5_KEY_MAX: usize = 80;
+
+/// Settings of the Kubernetes datastore.
+#[derive(Debug, Clone)]
+pub struct KubeOptions {
+    /// Where the Secrets that BGP passwords name live (the agent's own
+    /// namespace).
+    pub secret_namespace: String,
+    /// How long a burst of changes may gather before a snapshot is built.
+    pub debounce: Duration,
+    /// How often referenced Secrets are read again (they are not watched:
+    /// the agent may only `get` them).
+    pub resync: Duration,
+}
+
+impl Default for KubeOptions {
+    fn default() -> Self {
+        KubeOptions {
+            secret_namespace: "kube-system".into(),
+            debounce: Duration::from_millis(100),
+            resync: Duration::from_secs(60),
+        }
+    }
+}
+
+/// What the agent's status and readiness probe show of the datastore.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KubeStatus {
+    /// Every kind was listed once and the first snapshot was built (and
+    /// published, unless it equals the empty initial one).
+    pub ready: bool,
+    /// Every watch is currently streaming (false after a watch error until
+    /// that watch delivers again).
+    pub connected: bool,
+    /// The latest watch or Secret error, if any.
+    pub last_error: Option<String>,
+    /// Snapshots published so far.
+    pub published: u64,
+}
+
+/// The Kubernetes flavour of [`Datastore`]. Its tasks run on the runtime
+/// [`KubeDatastore::start`] was called on and stop when it is dropped.
+pub struct KubeDatastore {
+    rx: watch::Receiver<Arc<Snapshot>>,
+    status: Arc<Mutex<KubeStatus>>,
+    ready: watch::Receiver<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for KubeDatastore {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl Datastore for KubeDatastore {
+    fn snapshot(&self) -> Arc<Snapshot> {
+        self.rx.borrow().clone()
+    }
+    fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.rx.clone()
+    }
+}
+
+/// A kube client from a kubeconfig file, or (`None`) from the in-cluster
+/// ServiceAccount (falling back to `$KUBECONFIG` / `~/.kube/config`).
+pub async fn client(kubeconfig: Option<&std::path::Path>) -> Result<Client, kube::Error> {
+    Client::try_from(config(kubeconfig).await?)
+}
+
+/// The client configuration [`client`] uses; the IPAM claim datastore
+/// ([`crate::ipam::kube`]) takes one to build its own client.
+pub async fn config(kubeconfig: Option<&std::path::Path>) -> Result<kube::Config, kube::Error> {
+    let bad = |e: String| kube::Error::Service(e.into());
+    match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .map_err(|e| bad(format!("kubeconfig {}: {e}", path.display())))?;
+            kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                .await
+                .map_err(|e| bad(format!("kubeconfig {}: {e}", path.display())))
+        }
+        None => kube::Config::infer()
+            .await
+            .map_err(|e| bad(format!("no in-cluster configuration or kubeconfig: {e}"))),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum Kind {
+    IPPool,
+    BGPConfiguration,
+    BGPPeer,
+    StarlingNode,
+    BlockAffinity,
+    Node,
+}
+
+const KINDS: [Kind; 6] = [
+    Kind::IPPool,
+    Kind::BGPConfiguration,
+    Kind::BGPPeer,
+    Kind::StarlingNode,
+    Kind::BlockAffinity,
+    Kind::Node,
+];
+
+impl Kind {
+    fn resource(self) -> ApiResource {
+        match self {
+            Kind::IPPool => ApiResource::erase::<IPPool>(&()),
+            Kind::BGPConfiguration => ApiResource::erase::<BGPConfiguration>(&()),
+            Kind::BGPPeer => ApiResource::erase::<BGPPeer>(&()),
+            Kind::StarlingNode => ApiResource::erase::<StarlingNode>(&()),
+            Kind::BlockAffinity => ApiResource::erase::<BlockAffinity>(&()),
+            Kind::Node => ApiResource::erase::<Node>(&()),
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Kind::IPPool => "IPPool",
+            Kind::BGPConfiguration => "BGPConfiguration",
+            Kind::BGPPeer => "BGPPeer",
+            Kind::StarlingNode => "StarlingNode",
+            Kind::BlockAffinity => "BlockAffinity",
+            Kind::Node => "Node",
+        }
+    }
+}
+
+/// One kind's objects as the watch reported them.
+#[derive(Default)]
+struct Cache {
+    objects: BTreeMap<String, DynamicObject>,
+    /// A list in progress; it replaces `objects` when complete.
+    relist: Option<BTreeMap<String, DynamicObject>>,
+    listed: bool,
+}
+
+impl Cache {
+    fn apply(&mut self, event: watcher::Event<DynamicObject>) {
+        let key = |o: &DynamicObject| o.metadata.name.clone().unwrap_or_default();
+        match event {
+            watcher::Event::Init => self.relist = Some(BTreeMap::new()),
+            watcher::Event::InitApply(o) => {
+                self.relist.get_or_insert_default().insert(key(&o), o);
+            }
+            watcher::Event::InitDone => {
+                self.objects = self.relist.take().unwrap_or_default();
+                self.listed = true;
+            }
+            watcher::Event::Apply(o) => {
+                self.objects.insert(key(&o), o);
+            }
+            watcher::Event::Delete(o) => {
+                self.objects.remove(&key(&o));
+            }
+        }
+    }
+}
+
+type Update = (Kind, Result<watcher::Event<DynamicObject>, String>);
+
+impl KubeDatastore {
+    /// Start watching; returns at once (call inside a tokio runtime). The
+    /// snapshot stays empty until [`is_ready`](Self::is_ready).
+    pub fn start(client: Client, options: KubeOptions) -> KubeDatastore {
+        let (tx, rx) = watch::channel(Arc::new(Snapshot::default()));
+        let (ready_tx, ready) = watch::channel(false);
+        let status = Arc::new(Mutex::new(KubeStatus::default()));
+        let (utx, urx) = mpsc::channel::<Update>(256);
+        let mut tasks: Vec<JoinHandle<()>> = KINDS
+            .iter()
+            .map(|&kind| tokio::spawn(watch_kind(client.clone(), kind, utx.clone())))
+            .collect();
+        let joiner = Joiner {
+            client,
+            options,
+            caches: KINDS.iter().map(|&k| (k, Cache::default())).collect(),
+            secrets: HashMap::new(),
+            warned: HashSet::new(),
+            failing: BTreeSet::new(),
+            status: status.clone(),
+            tx,
+            ready_tx,
+        };
+        tasks.push(tokio::spawn(joiner.run(urx)));
+        KubeDatastore {
+            rx,
+            status,
+            ready,
+            tasks,
+        }
+    }
+
+    /// Every kind was listed and the first snapshot built.
+    pub fn is_ready(&self) -> bool {
+        *self.ready.borrow()
+    }
+
+    /// Wait until [`is_ready`](Self::is_ready), or `timeout`; the error
+    /// carries the latest failure.
+    pub async fn wait_ready(&self, timeout: Duration) -> Result<(), String> {
+        let mut ready = self.ready.clone();
+        match tokio::time::timeout(timeout, ready.wait_for(|r| *r)).await {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(format!(
+                "the Kubernetes datastore is not ready after {timeout:?}: {}",
+                self.status()
+                    .last_error
+                    .unwrap_or_else(|| "no error seen (still listing)".into())
+            )),
+        }
+    }
+
+    pub fn status(&self) -> KubeStatus {
+        self.status
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+}
+
+async fn watch_kind(client: Client, kind: Kind, tx: mpsc::Sender<Update>) {
+    let api = Api::<DynamicObject>::all_with(client, &kind.resource());
+    let stream = watcher(api, watcher::Config::default()).default_backoff();
+    let mut stream = std::pin::pin!(stream);
+    while let Some(item) = stream.next().await {
+        let item = item.map_err(|e| format!("watching {}: {e}", kind.name()));
+        if tx.send((kind, item)).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A Secret as last read; `None`: it does not exist (or has no data).
+type SecretData = Option<BTreeMap<String, Vec<u8>>>;
+
+/// Owns the caches and builds the snapshots.
+struct Joiner {
+    client: Client,
+    options: KubeOptions,
+    caches: HashMap<Kind, Cache>,
+    secrets: HashMap<String, SecretData>,
+    /// Warnings already logged, so a refused object is reported once per
+    /// change rather than at every rebuild.
+    warned: HashSet<String>,
+    /// Kinds whose watch failed and has not delivered since.
+    failing: BTreeSet<Kind>,
+    status: Arc<Mutex<KubeStatus>>,
+    tx: watch::Sender<Arc<Snapshot>>,
+    ready_tx: watch::Sender<bool>,
+}
+
+impl Joiner {
+    async fn run(mut self, mut updates: mpsc::Receiver<Update>) {
+        let mut due: Option<Instant> = None;
+        let mut resync = tokio::time::interval(self.options.resync);
+        resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        resync.tick().await;
+        loop {
+            tokio::select! {
+                update = updates.recv() => {
+                    let Some((kind, update)) = update else { return };
+                    self.update(kind, update);
+                    if due.is_none() {
+                        due = Some(Instant::now() + self.options.debounce);
+                    }
+                }
+                _ = async { tokio::time::sleep_until(due.unwrap_or_else(Instant::now)).await }, if due.is_some() => {
+                    due = None;
+                    self.rebuild().await;
+                }
+                _ = resync.tick() => {
+                    self.refresh_secrets(None).await;
+                    self.rebuild().await;
+                }
+            }
+        }
+    }
+
+    fn set_status(&self, f: impl FnOnce(&mut KubeStatus)) {
+        let mut s = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut s);
+    }
+
+    fn update(&mut self, kind: Kind, update: Result<watcher::Event<DynamicObject>, String>) {
+        match update {
+            Ok(event) => {
+                if self.failing.remove(&kind) {
+                    info!(kind = kind.name(), "watch resumed");
+                }
+                let connected = self.failing.is_empty();
+                self.set_status(|s| s.connected = connected);
+                if let Some(cache) = self.caches.get_mut(&kind) {
+                    cache.apply(event);
+                }
+            }
+            Err(e) => {
+                if self.failing.insert(kind) {
+                    warn!("{e}; retrying with backoff, keeping the last snapshot");
+                }
+                self.set_status(|s| {
+                    s.connected = false;
+                    s.last_error = Some(e);
+                });
+            }
+        }
+    }
+
+    fn objects(&self, kind: Kind) -> impl Iterator<Item = &DynamicObject> {
+        self.caches
+            .get(&kind)
+            .into_iter()
+            .flat_map(|c| c.objects.values())
+    }
+
+    async fn rebuild(&mut self) {
+        if !self.caches.values().all(|c| c.listed) {
+            return;
+        }
+        let mut warnings = Vec::new();
+        let (mut snap, wanted) = build(|kind| self.objects(kind).cloned().collect(), &mut warnings);
+        let missing: Vec<String> = wanted
+            .iter()
+            .filter(|n| !self.secrets.contains_key(*n))
+            .cloned()
+            .collect();
+        if !missing.is_empty() {
+            self.refresh_secrets(Some(missing)).await;
+        }
+        self.secrets.retain(|n, _| wanted.contains(n));
+        resolve_passwords(&mut snap, &self.secrets, &self.options, &mut warnings);
+        let now: HashSet<String> = warnings.into_iter().collect();
+        for w in now.difference(&self.warned) {
+            warn!("refused: {w}");
+        }
+        self.warned = now;
+        let snap = Arc::new(snap);
+        let changed = self.tx.send_if_modified(|cur| {
+            if **cur == *snap {
+                false
+            } else {
+                *cur = snap.clone();
+                true
+            }
+        });
+        let first = !*self.ready_tx.borrow();
+        if changed || first {
+            self.set_status(|s| {
+                s.published += u64::from(changed);
+                s.ready = true;
+            });
+            if first {
+                info!(
+                    pools = snap.pools.len(),
+                    peers = snap.peers.len(),
+                    nodes = snap.nodes.len(),
+                    "Kubernetes datastore ready"
+                );
+                self.ready_tx.send_replace(true);
+            }
+        }
+    }
+
+    /// Read Secrets again: `names`, or every one held.
+    async fn refresh_secrets(&mut self, names: Option<Vec<String>>) {
+        let names = names.unwrap_or_else(|| self.secrets.keys().cloned().collect());
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), &self.options.secret_namespace);
+        for name in names {
+            match tokio::time::timeout(Duration::from_secs(10), api.get_opt(&name)).await {
+                Ok(Ok(secret)) => {
+                    let data = secret.and_then(|s| s.data).map(|d| {
+                        d.into_iter()
+                            .map(|(k, v)| (k, v.0))
+                            .collect::<BTreeMap<_, _>>()
+                    });
+                    self.secrets.insert(name, data);
+                }
+                // Keep what was read before: a network error says nothing
+                // about the Secret.
+                Ok(Err(e)) => self.set_status(|s| {
+                    s.last_error = Some(format!(
+                        "reading Secret {}/{name}: {e}",
+                        self.options.secret_namespace
+                    ))
+                }),
+                Err(_) => self.set_status(|s| {
+                    s.last_error = Some(format!(
+                        "reading Secret {}/{name}: timed out",
+                        self.options.secret_namespace
+                    ))
+                }),
+            }
+        }
+    }
+}
+
+fn meta(o: &DynamicObject) -> ObjectMeta {
+    let annotations = o.metadata.annotations.clone().map(|mut a| {
+        a.remove("kubectl.kubernetes.io/last-applied-configuration");
+        a
+    });
+    ObjectMeta {
+        name: o.metadata.name.clone(),
+        labels: o.metadata.labels.clone().filter(|l| !l.is_empty()),
+        annotations: annotations.filter(|a| !a.is_empty()),
+        ..Default::default()
+    }
+}
+
+fn spec<S: DeserializeOwned>(kind: Kind, o: &DynamicObject) -> Result<S, String> {
+    let name = o.metadata.name.as_deref().unwrap_or("");
+    let value = o.data.get("spec").cloned().unwrap_or(serde_json::json!({}));
+    serde_json::from_value(value).map_err(|e| format!("{}/{name}: spec: {e}", kind.name()))
+}
+
+fn refuse(kind: &str, name: &str, findings: &[Finding], out: &mut Vec<String>) {
+    for f in findings {
+        out.push(format!("{kind}/{name}: {}: {}", f.field, f.message));
+    }
+}
+
+/// The snapshot of the watched objects (passwords not yet resolved), and
+/// the Secrets it references. Refused objects add a line to `warnings`.
+fn build(
+    objects: impl Fn(Kind) -> Vec<DynamicObject>,
+    warnings: &mut Vec<String>,
+) -> (Snapshot, BTreeSet<String>) {
+    let mut snap = Snapshot::default();
+    let mut secrets = BTreeSet::new();
+    let mut want = |p: &Option<Password>| {
+        if let Some(r) = p.as_ref().and_then(|p| p.secret_key_ref.as_ref()) {
+            secrets.insert(r.name.clone());
+        }
+    };
+    let name_of = |o: &DynamicObject| o.metadata.name.clone().unwrap_or_default();
+
+    for o in objects(Kind::IPPool) {
+        let name = name_of(&o);
+        match spec::<IPPoolSpec>(Kind::IPPool, &o) {
+            Err(e) => warnings.push(e),
+            Ok(s) => {
+                let f = validate::ip_pool(&s);
+                if !f.is_empty() {
+                    refuse("IPPool", &name, &f, warnings);
+                } else if let Some((other, _)) = snap.pools.iter().find(|(_, p)| {
+                    p.spec.cidr.contains(&s.cidr.addr()) || s.cidr.contains(&p.spec.cidr.addr())
+                }) {
+                    warnings.push(format!(
+                        "IPPool/{name}: spec.cidr: {} overlaps IPPool `{other}`",
+                        s.cidr
+                    ));
+                } else {
+                    snap.pools.insert(
+                        name,
+                        IPPool {
+                            metadata: meta(&o),
+                            spec: s,
+                        },
+                    );
+                }
+            }
+        }
+    }
+    for o in objects(Kind::BGPConfiguration) {
+        let name = name_of(&o);
+        match spec::<BGPConfigurationSpec>(Kind::BGPConfiguration, &o) {
+            Err(e) => warnings.push(e),
+            Ok(s) => {
+                let f = validate::bgp_configuration(&name, &s);
+                if f.is_empty() {
+                    want(&s.node_mesh_password);
+                    snap.bgp_configuration = Some(BGPConfiguration {
+                        metadata: meta(&o),
+                        spec: s,
+                    });
+                } else {
+                    refuse("BGPConfiguration", &name, &f, warnings);
+                }
+            }
+        }
+    }
+    for o in objects(Kind::BGPPeer) {
+        let name = name_of(&o);
+        match spec::<BGPPeerSpec>(Kind::BGPPeer, &o) {
+            Err(e) => warnings.push(e),
+            Ok(s) => {
+                let f = validate::bgp_peer(&s);
+                if f.is_empty() {
+                    want(&s.password);
+                    snap.peers.insert(
+                        name,
+                        BGPPeer {
+                            metadata: meta(&o),
+                            spec: s,
+                        },
+                    );
+                } else {
+                    refuse("BGPPeer", &name, &f, warnings);
+                }
+            }
+        }
+    }
+    for o in objects(Kind::BlockAffinity) {
+        let name = name_of(&o);
+        match spec::<BlockAffinitySpec>(Kind::BlockAffinity, &o) {
+            Err(e) => warnings.push(e),
+            Ok(s) => {
+                let f = validate::block_affinity(&s);
+                if f.is_empty() {
+                    snap.affinities.insert(
+                        name,
+                        BlockAffinity {
+                            metadata: meta(&o),
+                            spec: s,
+                        },
+                    );
+                } else {
+                    refuse("BlockAffinity", &name, &f, warnings);
+                }
+            }
+        }
+    }
+
+    // Nodes: the core Node, overridden field by field by a StarlingNode of
+    // the same name.
+    let mut starling: BTreeMap<String, (ObjectMeta, StarlingNodeSpec)> = BTreeMap::new();
+    for o in objects(Kind::StarlingNode) {
+        match spec::<StarlingNodeSpec>(Kind::StarlingNode, &o) {
+            Err(e) => warnings.push(e),
+            Ok(s) => {
+                starling.insert(name_of(&o), (meta(&o), s));
+            }
+        }
+    }
+    let mut core: BTreeMap<String, Node> = BTreeMap::new();
+    for o in objects(Kind::Node) {
+        let name = name_of(&o);
+        match serde_json::to_value(&o).and_then(serde_json::from_value::<Node>) {
+            Ok(n) => {
+                core.insert(name, n);
+            }
+            Err(e) => warnings.push(format!("Node/{name}: {e}")),
+        }
+    }
+    let names: BTreeSet<&String> = starling.keys().chain(core.keys()).collect();
+    for name in names {
+        let (metadata, spec) = node_spec(core.get(name), starling.get(name), warnings, name);
+        let f = validate::starling_node(&spec);
+        if f.is_empty() {
+            snap.nodes
+                .insert(name.clone(), StarlingNode { metadata, spec });
+        } else {
+            let kind = if core.contains_key(name) {
+                "Node"
+            } else {
+                "StarlingNode"
+            };
+            refuse(kind, name, &f, warnings);
+        }
+    }
+    (snap, secrets)
+}
+
+/// One node's spec and labels, from its core Node and its StarlingNode:
+///
+/// 1. From the Node: `starling.dev/ipv4-address` (with prefix length),
+///    `starling.dev/ipv6-address`, `starling.dev/as-number`,
+///    `starling.dev/route-reflector-cluster-id` annotations; its labels;
+///    `spec.podCIDRs` (or `spec.podCIDR`).
+/// 2. Every field the StarlingNode sets wins over the Node's (podCIDRs when
+///    non-empty); its labels win key by key.
+/// 3. A node with no address from either falls back to the Node's
+///    `status.addresses` InternalIPs (first per family), as host routes
+///    (/32, /128), since the Node does not say the subnet.
+pub fn node_spec(
+    core: Option<&Node>,
+    starling: Option<&(ObjectMeta, StarlingNodeSpec)>,
+    warnings: &mut Vec<String>,
+    name: &str,
+) -> (ObjectMeta, StarlingNodeSpec) {
+    let mut spec = StarlingNodeSpec {
+        ipv4_address: None,
+        ipv6_address: None,
+        as_number: None,
+        route_reflector_cluster_id: None,
+        pod_cidrs: Vec::new(),
+    };
+    let mut labels = BTreeMap::new();
+    if let Some(node) = core {
+        labels = node.metadata.labels.clone().unwrap_or_default();
+        let ann = node.metadata.annotations.clone().unwrap_or_default();
+        let mut bad = |key: &str, why: String| {
+            warnings.push(format!(
+                "Node/{name}: metadata.annotations[{key}]: {why}; the annotation is ignored"
+            ))
+        };
+        if let Some(v) = ann.get(ANNOTATION_IPV4) {
+            match v.trim().parse::<IpNet>() {
+                Ok(IpNet::V4(n)) => spec.ipv4_address = Some(n),
+                _ => bad(
+                    ANNOTATION_IPV4,
+                    format!("`{v}` is not an IPv4 address with prefix length, e.g. 192.0.2.10/24"),
+                ),
+            }
+        }
+        if let Some(v) = ann.get(ANNOTATION_IPV6) {
+            match v.trim().parse::<IpNet>() {
+                Ok(IpNet::V6(n)) => spec.ipv6_address = Some(n),
+                _ => bad(
+                    ANNOTATION_IPV6,
+                    format!(
+                        "`{v}` is not an IPv6 address with prefix length, e.g. 2001:db8::10/64"
+                    ),
+                ),
+            }
+        }
+        if let Some(v) = ann.get(ANNOTATION_AS) {
+            match v.trim().parse::<u32>() {
+                Ok(n) if n > 0 => spec.as_number = Some(n),
+                _ => bad(
+                    ANNOTATION_AS,
+                    format!("`{v}` is not an AS number (1-4294967295)"),
+                ),
+            }
+        }
+        if let Some(v) = ann.get(ANNOTATION_RR_CLUSTER_ID) {
+            match v.trim().parse::<Ipv4Addr>() {
+                Ok(a) => spec.route_reflector_cluster_id = Some(a),
+                _ => bad(
+                    ANNOTATION_RR_CLUSTER_ID,
+                    format!("`{v}` is not an IPv4 address such as 224.0.0.1"),
+                ),
+            }
+        }
+        if let Some(s) = &node.spec {
+            let cidrs = match (&s.pod_cidrs, &s.pod_cidr) {
+                (Some(list), _) if !list.is_empty() => list.clone(),
+                (_, Some(one)) => vec![one.clone()],
+                _ => Vec::new(),
+            };
+            for (i, c) in cidrs.iter().enumerate() {
+                match c.parse::<IpNet>() {
+                    Ok(n) => spec.pod_cidrs.push(n),
+                    Err(_) => warnings.push(format!(
+                        "Node/{name}: spec.podCIDRs[{i}]: `{c}` is not a prefix; ignored"
+                    )),
+                }
+            }
+        }
+    }
+    if let Some((meta, s)) = starling {
+        spec.ipv4_address = s.ipv4_address.or(spec.ipv4_address);
+        spec.ipv6_address = s.ipv6_address.or(spec.ipv6_address);
+        spec.as_number = s.as_number.or(spec.as_number);
+        spec.route_reflector_cluster_id = s
+            .route_reflector_cluster_id
+            .or(spec.route_reflector_cluster_id);
+        if !s.pod_cidrs.is_empty() {
+            spec.pod_cidrs = s.pod_cidrs.clone();
+        }
+        labels.extend(meta.labels.clone().unwrap_or_default());
+    }
+    if spec.ipv4_address.is_none()
+        && spec.ipv6_address.is_none()
+        && let Some(addresses) = core
+            .and_then(|n| n.status.as_ref())
+            .and_then(|s| s.addresses.as_ref())
+    {
+        for a in addresses.iter().filter(|a| a.type_ == "InternalIP") {
+            match a.address.parse::<IpAddr>() {
+                Ok(IpAddr::V4(ip)) if spec.ipv4_address.is_none() => {
+                    spec.ipv4_address = Some(ip.into());
+                }
+                Ok(IpAddr::V6(ip)) if spec.ipv6_address.is_none() => {
+                    spec.ipv6_address = Some(ip.into());
+                }
+                _ => {}
+            }
+        }
+    }
+    let metadata = ObjectMeta {
+        name: Some(name.to_string()),
+        labels: (!labels.is_empty()).then_some(labels),
+        ..Default::default()
+    };
+    (metadata, spec)
+}
+
+/// Fill `snap.passwords` from the Secrets read; a missing one is reported
+/// and its sessions are left out by the planner.
+fn resolve_passwords(
+    snap: &mut Snapshot,
+    secrets: &HashMap<String, SecretData>,
+    options: &KubeOptions,
+    warnings: &mut Vec<String>,
+) {
+    let mut refs: Vec<(String, Password)> = Vec::new();
+    if let Some(c) = &snap.bgp_configuration
+        && let Some(p) = &c.spec.node_mesh_password
+    {
+        refs.push((
+            "BGPConfiguration/default: spec.nodeMeshPassword".into(),
+            p.clone(),
+        ));
+    }
+    for (name, peer) in &snap.peers {
+        if let Some(p) = &peer.spec.password {
+            refs.push((format!("BGPPeer/{name}: spec.password"), p.clone()));
+        }
+    }
+    let ns = &options.secret_namespace;
+    for (what, p) in refs {
+        if let Some(file) = &p.file {
+            warnings.push(format!(
+                "{what}.file: password files ({}) are read by the file datastore only; use secretKeyRef",
+                file.display()
+            ));
+            continue;
+        }
+        let Some(r) = &p.secret_key_ref else { continue };
+        let value = match secrets.get(&r.name) {
+            None => continue, // not read yet (API error): the status says why
+            Some(None) => {
+                warnings.push(format!(
+                    "{what}.secretKeyRef: Secret {ns}/{} does not exist",
+                    r.name
+                ));
+                continue;
+            }
+            Some(Some(data)) => data.get(&r.key),
+        };
+        match value.map(|v| String::from_utf8(v.clone())) {
+            None => warnings.push(format!(
+                "{what}.secretKeyRef: Secret {ns}/{} has no key `{}`",
+                r.name, r.key
+            )),
+            Some(Err(_)) => warnings.push(format!(
+                "{what}.secretKeyRef: Secret {ns}/{} key `{}` is not UTF-8",
+                r.name, r.key
+            )),
+            Some(Ok(v)) if v.is_empty() || v.len() > MD5_KEY_MAX => warnings.push(format!(
+                "{what}.secretKeyRef: Secret {ns}/{} key `{}` holds {} bytes; TCP-MD5 keys are 1-{MD5_KEY_MAX}",
+                r.name,
+                r.key,
+                v.len()
+            )),
+            Some(Ok(v)) => {
+                snap.passwords.insert(p.clone(), v);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn dynamic(kind: Kind, value: serde_json::Value) -> DynamicObject {
+        let mut v = value;
+        let ar = kind.resource();
+        v["apiVersion"] = json!(ar.api_version);
+        v["kind"] = json!(ar.kind);
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn objects(list: &[(Kind, serde_json::Value)]) -> impl Fn(Kind) -> Vec<DynamicObject> + '_ {
+        move |k| {
+            list.iter()
+                .filter(|(kind, _)| *kind == k)
+                .map(|(kind, v)| dynamic(*kind, v.clone()))
+                .collect()
+        }
+    }
+
+    #[test]
+    fn refused_objects_are_named_and_the_rest_kept() {
+        let list = [
+            (
+                Kind::IPPool,
+                json!({"metadata": {"name": "good"}, "spec": {"cidr": "10.244.0.0/16"}}),
+            ),
+            (
+                Kind::IPPool,
+                json!({"metadata": {"name": "hostbits"}, "spec": {"cidr": "10.245.1.0/16"}}),
+            ),
+            (
+                Kind::IPPool,
+                json!({"metadata": {"name": "unknown"}, "spec": {"cidr": "10.246.0.0/16", "color": "red"}}),
+            ),
+            (
+                Kind::BGPConfiguration,
+                json!({"metadata": {"name": "main"}, "spec": {}}),
+            ),
+        ];
+        let mut w = Vec::new();
+        let (snap, _) = build(objects(&list), &mut w);
+        assert_eq!(snap.pools.keys().collect::<Vec<_>>(), ["good"]);
+        assert!(snap.bgp_configuration.is_none());
+        let all = w.join("\n");
+        assert!(
+            all.contains("IPPool/hostbits: spec.cidr: 10.245.1.0/16 has host bits"),
+            "{all}"
+        );
+        assert!(
+            all.contains("IPPool/unknown: spec: unknown field `color`"),
+            "{all}"
+        );
+        assert!(
+            all.contains("BGPConfiguration/main: metadata.name"),
+            "{all}"
+        );
+    }
+
+    #[test]
+    fn node_spec_joins_annotations_starling_node_and_addresses() {
+        let node = |ann: serde_json::Value| -> Node {
+            serde_json::from_value(json!({
+                "metadata": {"name": "n1", "labels": {"zone": "a", "rr": "false"}, "annotations": ann},
+                "spec": {"podCIDRs": ["10.244.1.0/24", "fd00:1::/64"]},
+                "status": {"addresses": [
+                    {"type": "Hostname", "address": "n1"},
+                    {"type": "InternalIP", "address": "192.0.2.11"}
+                ]}
+            }))
+            .unwrap()
+        };
+        let mut w = Vec::new();
+        let annotated = node(json!({
+            ANNOTATION_IPV4: "192.0.2.10/24",
+            ANNOTATION_AS: "65001",
+            ANNOTATION_RR_CLUSTER_ID: "nope"
+        }));
+        let (meta, spec) = node_spec(Some(&annotated), None, &mut w, "n1");
+        assert_eq!(spec.ipv4_address.unwrap().to_string(), "192.0.2.10/24");
+        assert_eq!(spec.as_number, Some(65001));
+        assert_eq!(spec.pod_cidrs.len(), 2);
+        assert_eq!(meta.labels.as_ref().unwrap()["zone"], "a");
+        assert!(w[0].contains("route-reflector-cluster-id") && w[0].contains("`nope`"));
+
+        // A StarlingNode wins field by field; labels key by key.
+        let sn = (
+            ObjectMeta {
+                labels: Some([("rr".to_string(), "true".to_string())].into()),
+                ..Default::default()
+            },
+            StarlingNodeSpec {
+                ipv4_address: None,
+                ipv6_address: Some("2001:db8::10/64".parse().unwrap()),
+                as_number: Some(65002),
+                route_reflector_cluster_id: Some("224.0.0.1".parse().unwrap()),
+                pod_cidrs: vec![],
+            },
+        );
+        let (meta, spec) = node_spec(Some(&annotated), Some(&sn), &mut w, "n1");
+        assert_eq!(spec.ipv4_address.unwrap().to_string(), "192.0.2.10/24");
+        assert_eq!(spec.as_number, Some(65002));
+        assert!(spec.route_reflector_cluster_id.is_some() && spec.ipv6_address.is_some());
+        assert_eq!(spec.pod_cidrs.len(), 2);
+        let labels = meta.labels.unwrap();
+        assert_eq!(
+            (labels["rr"].as_str(), labels["zone"].as_str()),
+            ("true", "a")
+        );
+
+        // Neither: the InternalIP, as a host route.
+        let (_, spec) = node_spec(Some(&node(json!({}))), None, &mut w, "n1");
+        assert_eq!(spec.ipv4_address.unwrap().to_string(), "192.0.2.11/32");
+    }
+
+    #[test]
+    fn secrets_resolve_into_passwords() {
+        let list = [
+            (
+                Kind::BGPPeer,
+                json!({"metadata": {"name": "tor"}, "spec": {"peerIP": "192.0.2.1", "asNumber": 65000,
+                    "password": {"secretKeyRef": {"name": "bgp", "key": "tor"}}}}),
+            ),
+            (
+                Kind::BGPPeer,
+                json!({"metadata": {"name": "tor2"}, "spec": {"peerIP": "192.0.2.2", "asNumber": 65000,
+                    "password": {"secretKeyRef": {"name": "bgp", "key": "absent"}}}}),
+            ),
+        ];
+        let mut w = Vec::new();
+        let (mut snap, wanted) = build(objects(&list), &mut w);
+        assert_eq!(wanted.into_iter().collect::<Vec<_>>(), ["bgp"]);
+        let secrets: HashMap<String, SecretData> = [(
+            "bgp".to_string(),
+            Some([("tor".to_string(), b"s3cret".to_vec())].into()),
+        )]
+        .into();
+        resolve_passwords(&mut snap, &secrets, &KubeOptions::default(), &mut w);
+        assert_eq!(snap.passwords.len(), 1);
+        assert_eq!(snap.passwords.values().next().unwrap(), "s3cret");
+        assert!(
+            w.iter()
+                .any(|l| l.contains("BGPPeer/tor2") && l.contains("no key `absent`")),
+            "{w:?}"
+        );
+    }
+}

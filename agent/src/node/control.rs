@@ -1,0 +1,142 @@
+//! The agent's control socket, for `starlingctl status|routes|ipam`: one
+//! JSON request per line, one JSON reply per line, mode 0600 (root only).
+
+use crate::fib::{FibStatus, Route};
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use starling_bgp::speaker::RibSummary;
+use starling_bgp::{RouteEntry, SessionStatus};
+use starling_cni::proto::PodRoute;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::Path;
+
+/// Where `starlingctl` looks by default.
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/starling/agent.sock";
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum Request {
+    Status,
+    Routes,
+    Ipam,
+    /// The speaker's table sizes; the same request and reply as
+    /// `starling-bgpd`'s control socket, so its tools work on the agent.
+    Summary,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[allow(clippy::large_enum_variant)]
+pub enum Reply {
+    Status(NodeStatus),
+    Routes(RoutesReport),
+    Ipam(IpamReport),
+    Summary(RibSummary),
+    Error(String),
+}
+
+/// What `starlingctl status` shows.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub node: String,
+    pub version: String,
+    /// The node's addresses as BGP uses them, and where they came from.
+    pub addresses: Vec<IpNet>,
+    pub address_source: String,
+    pub asn: u32,
+    pub router_id: Option<Ipv4Addr>,
+    /// Set when this node is a route reflector.
+    pub cluster_id: Option<Ipv4Addr>,
+    /// "file /etc/starling/model.yaml" or "kubernetes".
+    pub datastore: String,
+    /// Why the newest model was refused, when it was (the last good one is in force).
+    pub datastore_error: Option<String>,
+    /// Forwarding state was kept across a restart (graceful restart F bit).
+    pub forwarding_preserved: bool,
+    /// Every peer sent End-of-RIB since start: stale routes were removed.
+    pub synced: bool,
+    pub sessions: Vec<SessionStatus>,
+    /// Sessions kept until their routes are learned another way (make-before-break).
+    pub draining: Vec<IpAddr>,
+    /// What the peering plan could not do.
+    pub warnings: Vec<String>,
+    pub blocks: Vec<IpNet>,
+    pub pods: usize,
+    pub fib: FibStatus,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RoutesReport {
+    /// Every path in the speaker's RIB.
+    pub bgp: Vec<RouteEntry>,
+    /// The desired kernel routes (blackholes, pods, learned).
+    pub fib: Vec<Route>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct IpamReport {
+    pub node: String,
+    pub pools: Vec<PoolUsage>,
+    pub blocks: Vec<BlockUsage>,
+    pub pods: Vec<PodRoute>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PoolUsage {
+    pub cidr: IpNet,
+    pub block_size: u8,
+    /// Blocks of this pool held by this node.
+    pub blocks: usize,
+    /// Addresses in this node's blocks of the pool.
+    pub addresses: u128,
+    pub in_use: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BlockUsage {
+    pub cidr: IpNet,
+    pub addresses: u128,
+    pub in_use: usize,
+}
+
+/// The number of addresses in a prefix (saturating for huge IPv6 ones).
+pub fn size(net: &IpNet) -> u128 {
+    let host_bits = u32::from(net.max_prefix_len() - net.prefix_len());
+    1u128.checked_shl(host_bits).unwrap_or(u128::MAX)
+}
+
+/// Send one request and wait for its reply.
+pub fn request(path: &Path, req: &Request) -> Result<Reply, String> {
+    use std::io::{BufRead, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(path).map_err(|e| {
+        format!(
+            "cannot connect to the agent's control socket {}: {e} (is starling-agent running? \
+             --socket names another one)",
+            path.display()
+        )
+    })?;
+    let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(10)));
+    let mut line = serde_json::to_vec(req).map_err(|e| e.to_string())?;
+    line.push(b'\n');
+    s.write_all(&line).map_err(|e| e.to_string())?;
+    let mut reply = String::new();
+    std::io::BufReader::new(s)
+        .read_line(&mut reply)
+        .map_err(|e| format!("reading the agent's reply: {e}"))?;
+    serde_json::from_str(&reply).map_err(|e| format!("bad reply from starling-agent: {e}"))
+}
+
+/// Sessions with PEER TYPE as the plan names it ("node-to-node mesh",
+/// "route reflector", "global", ...), as `calicoctl node status` shows it.
+pub fn with_plan_types(sessions: &[SessionStatus]) -> Vec<SessionStatus> {
+    sessions
+        .iter()
+        .map(|s| {
+            let mut s = s.clone();
+            if let Some((kind, _)) = s.description.as_deref().and_then(|d| d.split_once(": ")) {
+                s.kind = kind.to_string();
+            }
+            s
+        })
+        .collect()
+}

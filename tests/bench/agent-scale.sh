@@ -1,0 +1,74 @@
+#!/bin/bash
+# Agent at scale: one real starling-agent (file datastore, FIB on) with PEERS
+# node-to-node mesh peers that send ROUTES routes in all (default 100 peers,
+# 10,000 routes), from bgp-loadgen in a second namespace on the same L2 link,
+# so every route is installed in the agent's kernel (host-gw, via the peer).
+#
+#   tests/bench/agent-scale.sh
+#   PEERS=100 ROUTES=10000 tests/bench/agent-scale.sh
+#
+# Reports, as JSON lines {"bench":"agent-scale",...}: time from the first
+# UPDATE until the speaker holds every route (bgp-loadgen's figure) and until
+# the kernel holds them all, the agent's CPU time over the load, and its
+# peak and settled RSS (target: at most 30 MB).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+PEERS=${PEERS:-100}
+ROUTES=${ROUTES:-10000}
+. tests/bench/bgp-bench-lib.sh
+bench_setup agent-scale
+[ -z "${SKIP_BUILD:-}" ] && cargo build --release -q -p starling-agent --bin starling-agent
+AGENT=$CARGO_TARGET_DIR/release/starling-agent
+PEERNS=$NS-peers
+trap 'ip netns del "$PEERNS" 2>/dev/null; bench_cleanup' EXIT
+ip netns add "$PEERNS"
+ip -n "$PEERNS" link set lo up
+ip link add eth0 netns "$NS" type veth peer name eth0 netns "$PEERNS"
+ip -n "$NS" addr add 198.51.100.254/24 dev eth0
+ip -n "$NS" link set eth0 up
+for i in $(seq 1 "$PEERS"); do ip -n "$PEERNS" addr add "198.51.100.$i/24" dev eth0; done
+ip -n "$PEERNS" link set eth0 up
+
+json() { printf '{"bench":"agent-scale","impl":"%s","metric":"%s","value":%s,"unit":"%s"}\n' "$@"; }
+
+model=$WORK/model.yaml
+{
+    printf 'apiVersion: starling.dev/v1\nkind: BGPConfiguration\nmetadata: {name: default}\nspec: {asNumber: 65000}\n'
+    printf -- '---\napiVersion: starling.dev/v1\nkind: IPPool\nmetadata: {name: pods}\nspec: {cidr: 10.244.0.0/16}\n'
+    printf -- '---\napiVersion: starling.dev/v1\nkind: StarlingNode\nmetadata: {name: bench}\nspec: {ipv4Address: 198.51.100.254/24}\n'
+    for i in $(seq 1 "$PEERS"); do
+        printf -- '---\napiVersion: starling.dev/v1\nkind: StarlingNode\nmetadata: {name: peer%d}\nspec: {ipv4Address: 198.51.100.%d/24}\n' "$i" "$i"
+    done
+} >"$model"
+cat >"$WORK/agent.yaml" <<EOC
+nodeName: bench
+stateDir: $WORK/state
+socketPath: $WORK/cni.sock
+controlSocket: $WORK/agent.sock
+uplink: eth0
+datastore: {type: file, path: $model}
+EOC
+RUST_LOG=warn ip netns exec "$NS" "$AGENT" run --config "$WORK/agent.yaml" 2>"$WORK/agent.log" &
+DAEMON_PID=$!
+for _ in $(seq 200); do [ -S "$WORK/agent.sock" ] && break; sleep 0.05; done
+[ -S "$WORK/agent.sock" ] || { echo "agent-scale: the agent did not start:" >&2; tail "$WORK/agent.log" >&2; exit 1; }
+echo "# agent-scale: $PEERS peers x $((ROUTES / PEERS)) routes; $(nproc) cpus; $(uname -r); load:$(uptime | sed 's/.*load average//')" >&2
+start=$(date +%s%N)
+ip netns exec "$PEERNS" "$LOADGEN" ingest --peers "$PEERS" --prefixes $((ROUTES / PEERS)) --asn 65000 \
+    --source-base 198.51.100.1 --target 198.51.100.254:179 --impl starling-agent \
+    --watch "starling:$WORK/agent.sock" --daemon-pid "$DAEMON_PID" | sed 's/"bench":"bgp-ingest"/"bench":"agent-scale"/'
+want=$(( (ROUTES / PEERS) * PEERS ))
+for _ in $(seq 600); do
+    n=$(ip -n "$NS" route show proto 73 | grep -c ' via ' || true)
+    [ "$n" -ge "$want" ] && break
+    sleep 0.05
+done
+json starling-agent kernel_routes "$n" routes
+json starling-agent load_to_kernel "$(( ($(date +%s%N) - start) / 1000000 ))" ms
+hwm=$(awk '/^VmHWM:/ {print $2}' "/proc/$DAEMON_PID/status")
+rss=$(awk '/^VmRSS:/ {print $2}' "/proc/$DAEMON_PID/status")
+json starling-agent peak_rss "$(awk -v k="$hwm" 'BEGIN {printf "%.1f", k / 1024}')" MiB
+json starling-agent rss_after_load "$(awk -v k="$rss" 'BEGIN {printf "%.1f", k / 1024}')" MiB
+ticks=$(awk '{print $14 + $15}' "/proc/$DAEMON_PID/stat")
+json starling-agent cpu_total "$(( ticks * 1000 / $(getconf CLK_TCK) ))" ms
+[ "$n" -ge "$want" ] || { echo "agent-scale: only $n of $want routes reached the kernel" >&2; tail "$WORK/agent.log" >&2; exit 1; }
