@@ -46,6 +46,7 @@ pub fn options_with_bins(tag: &str, nodes: usize, topology: Topology) -> LabOpti
         tor_password: None,
         agent_bin: None,
         cni_bin: None,
+        kubeconfig: None,
     }
 }
 

@@ -10,6 +10,8 @@
 mod cluster;
 #[path = "k8s_parts/datastore.rs"]
 mod datastore;
+#[path = "k8s_parts/e2e.rs"]
+mod e2e;
 
 use anyhow::{Context, Result, ensure};
 use cluster::{Cluster, checked, cluster, log, repo_root, tool};

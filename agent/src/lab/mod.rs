@@ -85,6 +85,11 @@ pub struct LabOptions {
     /// The CNI plugin binary; default: next to this program.
     #[arg(long)]
     pub cni_bin: Option<PathBuf>,
+    /// Read the model from a Kubernetes API server instead of the lab's
+    /// file (the Nodes, IPPools and BGPConfiguration must be there; each
+    /// node's namespace must reach the server at the kubeconfig's address).
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
 }
 
 /// What `up` built, saved as `lab.json`.
@@ -315,13 +320,19 @@ impl LabState {
     }
 
     fn agent_config(&self, n: &LabNode) -> String {
+        let datastore = match &self.options.kubeconfig {
+            Some(k) => format!("{{type: kubernetes, kubeconfig: {}}}", k.display()),
+            None => format!(
+                "{{type: file, path: {}, pollMs: 100}}",
+                self.model_path().display()
+            ),
+        };
         format!(
-            "nodeName: {}\nstateDir: {}\nsocketPath: {}\ncontrolSocket: {}\nuplink: eth0\ndatastore: {{type: file, path: {}, pollMs: 100}}\nipam: {{datastoreFile: {}}}\n",
+            "nodeName: {}\nstateDir: {}\nsocketPath: {}\ncontrolSocket: {}\nuplink: eth0\ndatastore: {datastore}\nipam: {{datastoreFile: {}}}\n",
             n.name,
             n.dir.display(),
             n.dir.join("cni.sock").display(),
             n.dir.join("agent.sock").display(),
-            self.model_path().display(),
             state_dir(&self.dir, &self.name)
                 .join("blocks.json")
                 .display()

@@ -1,0 +1,190 @@
+//! The whole system through a real API server: Nodes created by the test,
+//! IPPool and BGPConfiguration applied with kubectl, agents in network
+//! namespaces reading them as the DaemonSet's ServiceAccount, BGP between
+//! them, FIBs filled, pods created through the CNI plugin pinging each other,
+//! and an API server restart that withdraws nothing.
+
+use super::cluster::Cluster;
+use anyhow::{Context, Result, ensure};
+use starling_agent::lab::Topology;
+use starling_tests::cluster::{self as lab, Pinger, wait_reachable};
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+/// Bind a TCP listener inside a named network namespace (a thread of its
+/// own enters it; the socket stays there after the thread ends).
+fn listen_in(netns: &str, port: u16) -> Result<TcpListener> {
+    let path = format!("/var/run/netns/{netns}");
+    std::thread::scope(|s| {
+        s.spawn(|| -> Result<TcpListener> {
+            let f = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
+            // SAFETY: setns on this (scoped, short-lived) thread only.
+            let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+            ensure!(rc == 0, "setns {path}: {}", std::io::Error::last_os_error());
+            Ok(TcpListener::bind(("127.0.0.1", port))?)
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("listener thread panicked"))?
+    })
+}
+
+fn pipe(mut from: TcpStream, mut to: TcpStream) {
+    let mut buf = [0u8; 16384];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if to.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = to.shutdown(std::net::Shutdown::Write);
+}
+
+/// The node namespaces cannot reach the host's loopback, where the API
+/// server listens: relay 127.0.0.1:PORT in each node namespace to it, as
+/// the namespaces appear.
+fn relay(lab_name: String, nodes: usize, port: u16, stop: Arc<AtomicBool>) {
+    std::thread::spawn(move || {
+        let mut done = vec![false; nodes];
+        while !stop.load(Ordering::Relaxed) && done.iter().any(|d| !d) {
+            for (i, d) in done.iter_mut().enumerate() {
+                let ns = format!("{lab_name}-node{}", i + 1);
+                if *d || !std::path::Path::new(&format!("/var/run/netns/{ns}")).exists() {
+                    continue;
+                }
+                let Ok(l) = listen_in(&ns, port) else {
+                    continue;
+                };
+                *d = true;
+                std::thread::spawn(move || {
+                    for conn in l.incoming().flatten() {
+                        let Ok(up) = TcpStream::connect(("127.0.0.1", port)) else {
+                            continue;
+                        };
+                        let (a, b) = (conn.try_clone(), up.try_clone());
+                        if let (Ok(a), Ok(b)) = (a, b) {
+                            std::thread::spawn(move || pipe(a, up));
+                            std::thread::spawn(move || pipe(b, conn));
+                        }
+                    }
+                });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+}
+
+#[test]
+fn three_nodes_through_the_api_server() -> Result<()> {
+    let k = Cluster::private("e2e")?;
+    k.apply_manifests()?;
+    let port: u16 = k
+        .server
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.trim_end_matches('/').parse().ok())
+        .with_context(|| format!("no port in {}", k.server))?;
+    let mut yaml = String::from(
+        "apiVersion: starling.dev/v1\nkind: IPPool\nmetadata: {name: pods}\nspec: {cidr: 10.244.0.0/16, blockSize: 26}\n\
+         ---\napiVersion: starling.dev/v1\nkind: BGPConfiguration\nmetadata: {name: default}\nspec: {asNumber: 64512}\n",
+    );
+    for i in 1..=3 {
+        yaml.push_str(&format!(
+            "---\napiVersion: v1\nkind: Node\nmetadata:\n  name: node{i}\n  annotations:\n    \
+             starling.dev/ipv4-address: 192.0.2.{}/24\nspec:\n  podCIDR: 10.244.{i}.0/26\n  podCIDRs: [10.244.{i}.0/26]\n",
+            10 + i
+        ));
+    }
+    let out = k.kubectl_stdin(&["apply", "-f", "-"], &yaml);
+    super::cluster::checked(&["apply"], out)?;
+
+    let dir = starling_tests::TempDir::new("e2e")?;
+    let kubeconfig = dir.join("agent.kubeconfig");
+    let token = k.token_for("kube-system", "starling-agent")?;
+    k.kubeconfig_with_token(&token, &kubeconfig)?;
+
+    let mut opts = lab::options("k8s", 3, Topology::Mesh);
+    opts.kubeconfig = Some(kubeconfig);
+    let stop = Arc::new(AtomicBool::new(false));
+    relay(opts.name.clone(), 3, port, stop.clone());
+    let c = lab::Cluster::up(opts);
+    stop.store(true, Ordering::Relaxed);
+    let c = c?;
+    c.converged(Duration::from_secs(60))?;
+    c.all_pairs_answer()?;
+    for i in 1..=3 {
+        let st = c.status(&format!("node{i}"))?;
+        ensure!(st.datastore == "kubernetes", "{}", st.datastore);
+        let block: ipnet::IpNet = format!("10.244.{i}.0/26").parse()?;
+        ensure!(st.blocks.contains(&block), "node{i} holds {:?}", st.blocks);
+    }
+    let claims = k.kubectl_ok(&[
+        "get",
+        "blockaffinities",
+        "-o",
+        "jsonpath={.items[*].spec.cidr}",
+    ])?;
+    for i in 1..=3 {
+        ensure!(
+            claims.contains(&format!("10.244.{i}.0/26")),
+            "no BlockAffinity for node{i}'s podCIDR: {claims}"
+        );
+    }
+    for n in ["node1", "node2", "node3"] {
+        let logs = std::fs::read_to_string(c.dir().join(n).join("agent.log"))?;
+        ensure!(
+            !logs.contains("403"),
+            "{n}: a request was forbidden:\n{logs}"
+        );
+    }
+
+    // The API server restarts under a continuous ping: the agents resync and
+    // no route is withdrawn.
+    let from = c.pod("node1")?.netns.clone();
+    let to = c.pod("node3")?.ips[0];
+    wait_reachable(&from, to)?;
+    let ping = Pinger::start(&from, to)?;
+    let before: Vec<String> = ["node1", "node2", "node3"]
+        .iter()
+        .map(|n| c.kernel_routes(n))
+        .collect::<Result<_>>()?;
+    k.restart_apiserver()?;
+    // A change after the restart reaches every agent: they watch again.
+    let out = k.kubectl_stdin(
+        &["apply", "-f", "-"],
+        "apiVersion: starling.dev/v1\nkind: BGPPeer\nmetadata: {name: after-restart}\nspec: {peerIP: 192.0.2.250, asNumber: 64512}\n",
+    );
+    super::cluster::checked(&["apply"], out)?;
+    c.wait_all(
+        "the BGPPeer created after the restart planned",
+        Duration::from_secs(60),
+        |n| {
+            Ok(c.status(n)?
+                .sessions
+                .iter()
+                .any(|s| s.peer.to_string() == "192.0.2.250"))
+        },
+    )?;
+    let count = ping.stop()?;
+    ensure!(
+        count.lost() == 0,
+        "lost pings across the API server restart: {count:?}"
+    );
+    for (i, n) in ["node1", "node2", "node3"].iter().enumerate() {
+        let now = c.kernel_routes(n)?;
+        for line in before[i].lines() {
+            ensure!(
+                now.contains(line),
+                "{n}: route {line:?} went away during the restart"
+            );
+        }
+    }
+    Ok(())
+}
