@@ -97,3 +97,37 @@ impl Store {
         tx.commit().map_err(|e| self.err(e))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A store written by the code of commit 32c6832 (before the store had
+    /// its own record type) still opens, with every allocation as it was
+    /// written. agent/tests/fixtures/README.md says how the file was made.
+    #[test]
+    fn store_written_before_the_record_type_still_opens() {
+        let fixture =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ipam-store-v0.redb");
+        // Opening writes (the table is created up front): work on a copy.
+        let dir =
+            std::env::temp_dir().join(format!("starling-store-fixture-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("allocations.redb");
+        std::fs::copy(&fixture, &path).expect("copy the fixture");
+        let store = Store::open(&path).expect("the old store opens");
+        let mut got = store.load().expect("the old store loads");
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
+        got.sort_by(|a, b| a.key.cmp(&b.key));
+        let expected: Vec<Allocation> = [
+            r#"{"key":{"containerId":"4f1c0a9e3b7d2c6e8f0a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60","ifname":"eth0"},"ips":["10.244.1.2/32","fd00:10:244:1::2/128"],"hostVeth":"stl2abb2ae7204","netns":"/var/run/netns/cni-1f2e3d4c-5b6a-7980-a1b2-c3d4e5f60718"}"#,
+            r#"{"key":{"containerId":"c2","ifname":"eth0"},"ips":["10.244.1.3/32"],"hostVeth":"stl3151d414b3f","netns":"/run/netns/pod-c2"}"#,
+            r#"{"key":{"containerId":"c3","ifname":"net1"},"ips":["fd00:10:244:1::9/128"],"hostVeth":"stl071abff6c8c","netns":"/run/netns/pod-c3"}"#,
+        ]
+        .iter()
+        .map(|j| serde_json::from_str(j).expect("literal"))
+        .collect();
+        assert_eq!(got, expected);
+    }
+}
