@@ -6,6 +6,7 @@ pub mod attrs;
 pub mod config;
 pub mod control;
 pub mod fsm;
+pub mod jsonl;
 pub mod policy;
 pub mod rib;
 pub mod session;

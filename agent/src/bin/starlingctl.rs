@@ -4,7 +4,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 use starling_agent::lab;
 use starling_agent::model::{crd, file};
-use starling_agent::node::control::{self, Reply, Request};
+use starling_agent::node::control;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -106,13 +106,6 @@ enum Output {
     Json,
 }
 
-fn ask(agent: &AgentArgs, req: Request) -> Result<Reply> {
-    match control::request(&agent.socket, &req).map_err(anyhow::Error::msg)? {
-        Reply::Error(e) => anyhow::bail!("the agent says: {e}"),
-        r => Ok(r),
-    }
-}
-
 fn print_json<T: serde::Serialize>(v: &T) -> Result<ExitCode> {
     let mut out = serde_json::to_string_pretty(v)?;
     out.push('\n');
@@ -177,9 +170,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         },
         Command::Lab { command } => lab_command(command),
         Command::Status { agent } => {
-            let Reply::Status(st) = ask(&agent, Request::Status)? else {
-                anyhow::bail!("unexpected reply to status");
-            };
+            let st = control::status(&agent.socket)?;
             if agent.output == Output::Json {
                 return print_json(&st);
             }
@@ -231,9 +222,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Routes { agent } => {
-            let Reply::Routes(r) = ask(&agent, Request::Routes)? else {
-                anyhow::bail!("unexpected reply to routes");
-            };
+            let r = control::routes(&agent.socket)?;
             if agent.output == Output::Json {
                 return print_json(&r);
             }
@@ -285,9 +274,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Ipam {
             command: IpamCommand::Show { agent },
         } => {
-            let Reply::Ipam(r) = ask(&agent, Request::Ipam)? else {
-                anyhow::bail!("unexpected reply to ipam");
-            };
+            let r = control::ipam(&agent.socket)?;
             if agent.output == Output::Json {
                 return print_json(&r);
             }

@@ -14,7 +14,6 @@ use starling_cni::proto::{
     self, AddReply, AgentError, Envelope, ErrorKind, PodRoute, Reply, Request, Response,
 };
 use std::io;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -238,25 +237,6 @@ fn apply(
         }
         Request::Status => Response::Ok(Reply::Status(ipam.status())),
     }
-}
-
-/// Bind the plugin socket: parent directory created root-only if missing,
-/// a stale socket from a previous run replaced, mode 0600.
-pub fn bind(path: &Path) -> io::Result<UnixListener> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
-        && !dir.exists()
-    {
-        std::fs::create_dir_all(dir)?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
-    }
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    let listener = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(listener)
 }
 
 /// Accept plugin connections until the listener fails.

@@ -9,7 +9,7 @@
 //! Everything the lab started is recorded in `DIR/NAME/lab.json`, so `down`
 //! can remove it even after a crash.
 
-use crate::node::control::{self, NodeStatus, Reply, Request, RoutesReport};
+use crate::node::control::{self, NodeStatus, RoutesReport};
 use anyhow::{Context, Result, anyhow, bail};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -395,24 +395,12 @@ impl LabState {
     /// Ask a node's agent for its status.
     pub fn status_of(&self, node: &str) -> Result<NodeStatus> {
         let n = self.node(node)?;
-        match control::request(&n.dir.join("agent.sock"), &Request::Status)
-            .map_err(|e| anyhow!("{node}: {e}"))?
-        {
-            Reply::Status(s) => Ok(s),
-            Reply::Error(e) => bail!("{node}: {e}"),
-            _ => bail!("{node}: unexpected reply"),
-        }
+        control::status(&n.dir.join("agent.sock")).map_err(|e| anyhow!("{node}: {e}"))
     }
 
     pub fn routes_of(&self, node: &str) -> Result<RoutesReport> {
         let n = self.node(node)?;
-        match control::request(&n.dir.join("agent.sock"), &Request::Routes)
-            .map_err(|e| anyhow!("{node}: {e}"))?
-        {
-            Reply::Routes(r) => Ok(r),
-            Reply::Error(e) => bail!("{node}: {e}"),
-            _ => bail!("{node}: unexpected reply"),
-        }
+        control::routes(&n.dir.join("agent.sock")).map_err(|e| anyhow!("{node}: {e}"))
     }
 
     /// Create one pod on a node through the CNI plugin, as a runtime does.

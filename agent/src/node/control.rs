@@ -1,14 +1,17 @@
-//! The agent's control socket, for `starlingctl status|routes|ipam`: one
-//! JSON request per line, one JSON reply per line, mode 0600 (root only).
+//! The agent's control socket, for `starlingctl status|routes|ipam` and the
+//! lab: its requests and replies, spoken as JSON lines on a root-only Unix
+//! socket ([`starling_bgp::jsonl`]), and [`ask`], the one client of it.
 
 use crate::fib::{FibStatus, Route};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
+use starling_bgp::jsonl::{self, ErrorReply, RequestError};
 use starling_bgp::speaker::RibSummary;
 use starling_bgp::{RouteEntry, SessionStatus};
 use starling_cni::proto::PodRoute;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
+use std::time::Duration;
 
 /// Where `starlingctl` looks by default.
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/starling/agent.sock";
@@ -33,6 +36,12 @@ pub enum Reply {
     Ipam(IpamReport),
     Summary(RibSummary),
     Error(String),
+}
+
+impl ErrorReply for Reply {
+    fn error(message: String) -> Reply {
+        Reply::Error(message)
+    }
 }
 
 /// What `starlingctl status` shows.
@@ -105,25 +114,55 @@ pub fn size(net: &IpNet) -> u128 {
     1u128.checked_shl(host_bits).unwrap_or(u128::MAX)
 }
 
-/// Send one request and wait for its reply.
-pub fn request(path: &Path, req: &Request) -> Result<Reply, String> {
-    use std::io::{BufRead, Write};
-    let mut s = std::os::unix::net::UnixStream::connect(path).map_err(|e| {
-        format!(
-            "cannot connect to the agent's control socket {}: {e} (is starling-agent running? \
-             --socket names another one)",
-            path.display()
-        )
-    })?;
-    let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(10)));
-    let mut line = serde_json::to_vec(req).map_err(|e| e.to_string())?;
-    line.push(b'\n');
-    s.write_all(&line).map_err(|e| e.to_string())?;
-    let mut reply = String::new();
-    std::io::BufReader::new(s)
-        .read_line(&mut reply)
-        .map_err(|e| format!("reading the agent's reply: {e}"))?;
-    serde_json::from_str(&reply).map_err(|e| format!("bad reply from starling-agent: {e}"))
+/// How long a client waits for the agent's reply.
+const ASK_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Why [`ask`] got no answer it could use.
+#[derive(Debug, thiserror::Error)]
+pub enum AskError {
+    #[error("{0} (is starling-agent running? --socket names another one)")]
+    Unreachable(RequestError),
+    #[error(transparent)]
+    Socket(RequestError),
+    #[error("the agent says: {0}")]
+    Refused(String),
+    #[error("the agent answered {0} with another kind of reply")]
+    Unexpected(&'static str),
+}
+
+/// Send one request to the agent at `socket` and wait (at most 10 s) for
+/// its reply; the agent's refusal ([`Reply::Error`]) is an error.
+pub fn ask(socket: &Path, req: &Request) -> Result<Reply, AskError> {
+    match jsonl::request(socket, req, ASK_DEADLINE) {
+        Ok(Reply::Error(e)) => Err(AskError::Refused(e)),
+        Ok(reply) => Ok(reply),
+        Err(e @ RequestError::Connect { .. }) => Err(AskError::Unreachable(e)),
+        Err(e) => Err(AskError::Socket(e)),
+    }
+}
+
+/// The node's status (`starlingctl status`).
+pub fn status(socket: &Path) -> Result<NodeStatus, AskError> {
+    match ask(socket, &Request::Status)? {
+        Reply::Status(s) => Ok(s),
+        _ => Err(AskError::Unexpected("status")),
+    }
+}
+
+/// The RIB and the desired kernel routes (`starlingctl routes`).
+pub fn routes(socket: &Path) -> Result<RoutesReport, AskError> {
+    match ask(socket, &Request::Routes)? {
+        Reply::Routes(r) => Ok(r),
+        _ => Err(AskError::Unexpected("routes")),
+    }
+}
+
+/// IPAM on the node (`starlingctl ipam show`).
+pub fn ipam(socket: &Path) -> Result<IpamReport, AskError> {
+    match ask(socket, &Request::Ipam)? {
+        Reply::Ipam(r) => Ok(r),
+        _ => Err(AskError::Unexpected("ipam")),
+    }
 }
 
 /// Sessions with PEER TYPE as the plan names it ("node-to-node mesh",

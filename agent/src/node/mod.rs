@@ -21,12 +21,9 @@ use starling_bgp::{PeerConfig, RouteEvent, Speaker, SpeakerConfig};
 use starling_cni::proto::PodRoute;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{info, warn};
@@ -289,7 +286,7 @@ fn open_ipam(
 }
 
 async fn serve_cni(cfg: &AgentConfig, handle: IpamHandle) -> Result<()> {
-    let listener = ipam_server::bind(&cfg.socket_path)
+    let listener = starling_bgp::jsonl::bind(&cfg.socket_path)
         .with_context(|| format!("cannot listen on {}", cfg.socket_path.display()))?;
     ipam_server::serve(listener, handle)
         .await
@@ -631,10 +628,12 @@ async fn run_node(
 
     let control = serve_control(
         cfg.control_socket.clone(),
-        shared.clone(),
-        speaker.clone(),
-        fib.clone(),
-        datastore_error,
+        ControlState {
+            shared: shared.clone(),
+            speaker: speaker.clone(),
+            fib: fib.clone(),
+            datastore_error,
+        },
     );
     let cni = serve_cni(&cfg, ipam);
     obs.readiness.set_ipam_serving(true);
@@ -979,75 +978,54 @@ impl Node {
     }
 }
 
-async fn serve_control(
-    path: PathBuf,
+/// What the control socket answers from: the main loop's published state
+/// and live queries to the speaker and the FIB.
+#[derive(Clone)]
+struct ControlState {
     shared: Arc<Mutex<Shared>>,
     speaker: Speaker,
     fib: Reconciler,
     datastore_error: Arc<dyn Fn() -> Option<String> + Send + Sync>,
-) -> Result<()> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    }
-    let _ = std::fs::remove_file(&path);
-    let listener = UnixListener::bind(&path)
-        .with_context(|| format!("cannot listen on {}", path.display()))?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
-    loop {
-        let (stream, _) = listener.accept().await?;
-        let (shared, speaker, fib, de) = (
-            shared.clone(),
-            speaker.clone(),
-            fib.clone(),
-            datastore_error.clone(),
-        );
-        tokio::spawn(async move {
-            let _ = handle_control(stream, shared, speaker, fib, de).await;
-        });
-    }
 }
 
-async fn handle_control(
-    stream: UnixStream,
-    shared: Arc<Mutex<Shared>>,
-    speaker: Speaker,
-    fib: Reconciler,
-    datastore_error: Arc<dyn Fn() -> Option<String> + Send + Sync>,
-) -> std::io::Result<()> {
-    let (rd, mut wr) = stream.into_split();
-    let mut lines = BufReader::new(rd).lines();
-    while let Some(line) = lines.next_line().await? {
-        let reply = match serde_json::from_str::<Request>(&line) {
-            Err(e) => Reply::Error(format!("bad request: {e}")),
-            Ok(Request::Status) => match speaker.sessions().await {
+async fn serve_control(path: PathBuf, state: ControlState) -> Result<()> {
+    let listener = starling_bgp::jsonl::bind(&path)
+        .with_context(|| format!("cannot listen on {}", path.display()))?;
+    starling_bgp::jsonl::serve(listener, move |req| {
+        let state = state.clone();
+        async move { state.answer(req).await }
+    })
+    .await?;
+    Ok(())
+}
+
+impl ControlState {
+    async fn answer(&self, req: Request) -> Reply {
+        match req {
+            Request::Status => match self.speaker.sessions().await {
                 Ok(sessions) => {
-                    let mut st = lock(&shared).status.clone();
+                    let mut st = lock(&self.shared).status.clone();
                     st.sessions = sessions;
-                    st.fib = fib.status();
-                    st.datastore_error = datastore_error();
+                    st.fib = self.fib.status();
+                    st.datastore_error = (self.datastore_error)();
                     Reply::Status(st)
                 }
                 Err(e) => Reply::Error(e.to_string()),
             },
-            Ok(Request::Routes) => match speaker.routes().await {
+            Request::Routes => match self.speaker.routes().await {
                 Ok(bgp) => Reply::Routes(RoutesReport {
                     bgp,
-                    fib: lock(&shared).desired.clone(),
+                    fib: lock(&self.shared).desired.clone(),
                 }),
                 Err(e) => Reply::Error(e.to_string()),
             },
-            Ok(Request::Ipam) => Reply::Ipam(ipam_report(&lock(&shared))),
-            Ok(Request::Summary) => match speaker.summary().await {
+            Request::Ipam => Reply::Ipam(ipam_report(&lock(&self.shared))),
+            Request::Summary => match self.speaker.summary().await {
                 Ok(s) => Reply::Summary(s),
                 Err(e) => Reply::Error(e.to_string()),
             },
-        };
-        let mut out =
-            serde_json::to_vec(&reply).unwrap_or_else(|_| b"{\"error\":\"encode\"}".to_vec());
-        out.push(b'\n');
-        wr.write_all(&out).await?;
+        }
     }
-    Ok(())
 }
 
 fn ipam_report(sh: &Shared) -> IpamReport {
