@@ -10,8 +10,8 @@
 //! checked on every connection (SO_PEERCRED).
 
 use ipnet::IpNet;
-use starling_cni::proto::{
-    self, AddReply, AgentError, Envelope, ErrorKind, PodRoute, Reply, Request, Response,
+use starling_cni_proto::{
+    self as proto, AddReply, AgentError, Envelope, ErrorKind, PodRoute, Reply, Request, Response,
 };
 use std::io;
 use std::path::{Path, PathBuf};
@@ -299,7 +299,7 @@ pub fn default_store_path(state_dir: &Path) -> PathBuf {
 mod tests {
     use super::*;
     use crate::ipam::{FileDatastore, IpamConfig};
-    use starling_cni::proto::{AddRequest, AttachmentKey};
+    use starling_cni_proto::{AddRequest, AttachmentKey};
     use std::collections::{BTreeMap, HashSet};
 
     struct Scratch(PathBuf);
@@ -360,7 +360,7 @@ mod tests {
                     ifname: "eth0".into(),
                 },
                 netns: "/run/netns/x".into(),
-                host_veth: starling_cni::host_veth_name(c, "eth0"),
+                host_veth: starling_cni_proto::host_veth_name(c, "eth0"),
             }),
             timeout,
         )

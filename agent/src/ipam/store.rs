@@ -4,7 +4,7 @@
 //! leaves either the old or the new set of allocations, never a mix.
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
-use starling_cni::proto::{Allocation, AttachmentKey};
+use starling_cni_proto::{Allocation, AttachmentKey};
 use std::path::{Path, PathBuf};
 
 /// Attachment key (`containerID/ifname`: neither may contain `/`) to the

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use starling_bgp::jsonl::{self, ErrorReply, RequestError};
 use starling_bgp::speaker::RibSummary;
 use starling_bgp::{RouteEntry, SessionStatus};
-use starling_cni::proto::PodRoute;
+use starling_cni_proto::PodRoute;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
 use std::time::Duration;

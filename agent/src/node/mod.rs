@@ -18,7 +18,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 use starling_bgp::policy::{PolicyRule, Verdict};
 use starling_bgp::{PeerConfig, RouteEvent, Speaker, SpeakerConfig};
-use starling_cni::proto::PodRoute;
+use starling_cni_proto::PodRoute;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -125,7 +125,7 @@ pub struct AgentConfig {
 }
 
 fn default_socket() -> PathBuf {
-    PathBuf::from(starling_cni::proto::DEFAULT_SOCKET)
+    PathBuf::from(starling_cni_proto::DEFAULT_SOCKET)
 }
 
 fn default_control_socket() -> PathBuf {
@@ -932,8 +932,8 @@ impl Node {
         }
     }
 
-    fn ipam_status(&self) -> starling_cni::proto::StatusReply {
-        starling_cni::proto::StatusReply {
+    fn ipam_status(&self) -> starling_cni_proto::StatusReply {
+        starling_cni_proto::StatusReply {
             ready: !self.blocks.is_empty(),
             reason: String::new(),
             node: self.name.clone(),

@@ -4,7 +4,7 @@
 use crate::fib::{Encapsulation, NextHop, Route};
 use crate::model::crd::{IPPoolSpec, IpipMode};
 use ipnet::IpNet;
-use starling_cni::proto::PodRoute;
+use starling_cni_proto::PodRoute;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
