@@ -12,7 +12,9 @@
 //! agent commits, the runtime's DEL or GC releases it).
 //!
 //! Both sides import these types from here, so there is one definition of the
-//! wire format.
+//! wire format. The agent's allocation store converts [`Allocation`] to a
+//! versioned record of its own, so a change here never changes what is on
+//! disk.
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -106,7 +108,8 @@ pub struct AddRequest {
     pub host_veth: String,
 }
 
-/// One attachment's addresses, as persisted by the agent.
+/// One attachment's addresses, as the agent reports them (its store keeps
+/// its own record of them).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Allocation {
