@@ -221,7 +221,7 @@ async fn list(api: &Api<DynamicObject>) -> Result<Vec<(String, Affinity)>, Datas
         match serde_json::from_value::<BlockAffinitySpec>(spec) {
             Ok(spec) => {
                 let rev = revision(&name, &o.metadata)?;
-                if let Some(a) = spec.to_ipam(rev) {
+                if let Some(a) = settled(&spec, rev) {
                     out.push((name, a));
                 }
             }
@@ -229,6 +229,15 @@ async fn list(api: &Api<DynamicObject>) -> Result<Vec<(String, Affinity)>, Datas
         }
     }
     Ok(out)
+}
+
+/// The claim a BlockAffinity records, when it is a settled one.
+fn settled(spec: &BlockAffinitySpec, revision: u64) -> Option<Affinity> {
+    (spec.state == AffinityState::Confirmed).then(|| Affinity {
+        block: spec.cidr,
+        node: spec.node.clone(),
+        revision,
+    })
 }
 
 async fn claim(

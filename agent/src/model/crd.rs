@@ -80,16 +80,6 @@ impl IPPoolSpec {
         self.block_size
             .unwrap_or(if self.cidr.addr().is_ipv4() { 26 } else { 122 })
     }
-
-    /// The IPAM view of this pool, for [`crate::ipam::Ipam`].
-    pub fn to_ipam(&self) -> crate::ipam::Pool {
-        crate::ipam::Pool {
-            cidr: self.cidr,
-            block_size: self.block_size,
-            node_selector: self.node_selector.clone(),
-            disabled: self.disabled,
-        }
-    }
 }
 
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -405,17 +395,6 @@ pub enum AffinityState {
     Confirmed,
     /// Being released: no new addresses come from it.
     PendingDeletion,
-}
-
-impl BlockAffinitySpec {
-    /// The IPAM claim this object records, when it is a settled one.
-    pub fn to_ipam(&self, revision: u64) -> Option<crate::ipam::Affinity> {
-        (self.state == AffinityState::Confirmed).then(|| crate::ipam::Affinity {
-            block: self.cidr,
-            node: self.node.clone(),
-            revision,
-        })
-    }
 }
 
 /// A Go duration as Kubernetes writes it (`120s`, `1m30s`, `500ms`).

@@ -482,7 +482,11 @@ async fn run_node(
     // own config names them.
     let mut ipam_cfg = cfg.ipam.clone();
     if ipam_cfg.pools.is_empty() {
-        ipam_cfg.pools = snap.ipam_pools();
+        ipam_cfg.pools = snap
+            .pools
+            .values()
+            .map(|p| ipam::Pool::from(&p.spec))
+            .collect();
     }
     if let Some(n) = snap.node(&name) {
         for c in &n.pod_cidrs {
