@@ -262,7 +262,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     starling_agent::fib::RouteTarget::Device(d) => format!("dev {d}"),
                     starling_agent::fib::RouteTarget::Via(hops) => hops
                         .iter()
-                        .map(|h| format!("via {} ({:?})", h.gateway, h.encap))
+                        .map(|h| format!("via {} ({})", h.gateway, h.encap))
                         .collect::<Vec<_>>()
                         .join(", "),
                 };

@@ -11,12 +11,11 @@ use netlink_packet_route::RouteNetlinkMessage;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use super::host::{self, HostView, IPIP_OVERHEAD, IpipStatus, TUNL0};
+use super::host::{self, HostView, IpipStatus, TUNL0};
 use super::netlink::{Event, EventSocket, RtSocket, errno_text};
 use super::route::{self, Found, KernelHop, KernelRoute, Stamp};
-use super::{
-    Encapsulation, FibConfig, FibError, FibStatus, NextHop, Route, RouteProblem, RouteTarget,
-};
+use super::{FibConfig, FibError, FibStatus, NextHop, Route, RouteProblem, RouteTarget};
+use crate::encap::{EncapMode, Encapsulation, IPIP_OVERHEAD};
 
 const RTM_NEWROUTE: u16 = 24;
 
@@ -218,14 +217,15 @@ impl Fib {
         // IPIP is needed by Ipip hops and by CrossSubnet hops off our subnet.
         let needs_ipip = desired.iter().any(|r| match &r.target {
             RouteTarget::Via(hops) => hops.iter().any(|h| match h.encap {
-                Encapsulation::Ipip => true,
-                Encapsulation::CrossSubnet => {
+                Encapsulation::Ipip(EncapMode::Always) => true,
+                Encapsulation::Ipip(EncapMode::CrossSubnet) => {
                     h.gateway.is_ipv4()
                         && !uplink_link
                             .as_ref()
                             .is_some_and(|l| view.on_link(l.index, h.gateway))
                 }
-                Encapsulation::None => false,
+                // Refused by validation before a pass starts.
+                Encapsulation::None | Encapsulation::Vxlan(_) => false,
             }),
             _ => false,
         });
@@ -547,8 +547,8 @@ fn resolve(
                 let mut hop = |h: &NextHop| -> Option<KernelHop> {
                     let plain = uplink_link.filter(|l| view.on_link(l.index, h.gateway));
                     let tunnel = match (h.encap, plain) {
-                        (Encapsulation::Ipip, _) => true,
-                        (Encapsulation::CrossSubnet, None) => h.gateway.is_ipv4(),
+                        (Encapsulation::Ipip(EncapMode::Always), _) => true,
+                        (Encapsulation::Ipip(EncapMode::CrossSubnet), None) => h.gateway.is_ipv4(),
                         _ => false,
                     };
                     let reason = if tunnel {
@@ -796,12 +796,12 @@ mod tests {
             Route::via(
                 net("10.2.0.0/26"),
                 "192.0.2.2".parse().unwrap(),
-                Encapsulation::CrossSubnet,
+                Encapsulation::Ipip(EncapMode::CrossSubnet),
             ),
             Route::via(
                 net("10.3.0.0/26"),
                 "198.51.100.2".parse().unwrap(),
-                Encapsulation::CrossSubnet,
+                Encapsulation::Ipip(EncapMode::CrossSubnet),
             ),
         ];
         let ready = IpipStatus::Ready {
@@ -842,7 +842,7 @@ mod tests {
             Route::via(
                 net("10.5.0.0/26"),
                 "198.51.100.3".parse().unwrap(),
-                Encapsulation::Ipip,
+                Encapsulation::Ipip(EncapMode::Always),
             ),
             Route::ecmp(
                 net("10.6.0.0/26"),

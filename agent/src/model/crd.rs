@@ -7,6 +7,7 @@
 //! Every CEL rule here has a twin in [`super::validate`], which the file
 //! loader runs; keep the two in step.
 
+use crate::encap::{EncapMode, Encapsulation};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use kube::{CustomResource, CustomResourceExt, KubeSchema};
 use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
@@ -79,6 +80,18 @@ impl IPPoolSpec {
     pub fn block_size(&self) -> u8 {
         self.block_size
             .unwrap_or(if self.cidr.addr().is_ipv4() { 26 } else { 122 })
+    }
+
+    /// How traffic to this pool's blocks on other nodes travels: the one
+    /// place `ipipMode` and `vxlanMode` become an [`Encapsulation`].
+    pub fn encapsulation(&self) -> Encapsulation {
+        match (self.vxlan_mode, self.ipip_mode) {
+            (VxlanMode::Never, IpipMode::Always) => Encapsulation::Ipip(EncapMode::Always),
+            (VxlanMode::Never, IpipMode::CrossSubnet) => {
+                Encapsulation::Ipip(EncapMode::CrossSubnet)
+            }
+            (VxlanMode::Never, IpipMode::Never) => Encapsulation::None,
+        }
     }
 }
 

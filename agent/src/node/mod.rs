@@ -6,6 +6,7 @@
 pub mod control;
 pub mod routes;
 
+use crate::encap::Encapsulation;
 use crate::fib::{FibConfig, Reconciler, Route, RouteProtocol};
 use crate::ipam::server::{self as ipam_server, IpamHandle, PodDefaults};
 use crate::ipam::{self, Ipam, IpamConfig, Store};
@@ -46,27 +47,6 @@ pub enum DatastoreConfig {
         #[serde(default)]
         kubeconfig: Option<PathBuf>,
     },
-}
-
-/// How pod traffic leaves the node, for the pod MTU when it is not given.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-pub enum Encapsulation {
-    #[default]
-    None,
-    Ipip,
-    CrossSubnet,
-    Vxlan,
-}
-
-impl Encapsulation {
-    fn overhead(self) -> u32 {
-        match self {
-            Encapsulation::None => 0,
-            // CrossSubnet encapsulates some traffic: size for the worst case.
-            Encapsulation::Ipip | Encapsulation::CrossSubnet => 20,
-            Encapsulation::Vxlan => 50,
-        }
-    }
 }
 
 /// `starling-agent run --config FILE`.
@@ -194,20 +174,14 @@ impl AgentConfig {
     }
 }
 
-/// The encapsulation the enabled pools need at worst.
+/// The encapsulation the enabled pools need at worst, for the pod MTU.
 fn pools_encapsulation(snap: &Snapshot) -> Encapsulation {
-    use crate::model::crd::IpipMode;
-    let mut worst = Encapsulation::None;
-    for p in snap.pools.values().filter(|p| !p.spec.disabled) {
-        match p.spec.ipip_mode {
-            IpipMode::Always => worst = Encapsulation::Ipip,
-            IpipMode::CrossSubnet if worst == Encapsulation::None => {
-                worst = Encapsulation::CrossSubnet
-            }
-            _ => {}
-        }
-    }
-    worst
+    snap.pools
+        .values()
+        .filter(|p| !p.spec.disabled)
+        .map(|p| p.spec.encapsulation())
+        .max_by_key(|e| e.overhead())
+        .unwrap_or_default()
 }
 
 /// Run the agent until SIGTERM or ^C.
