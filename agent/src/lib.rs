@@ -10,3 +10,4 @@ pub mod lab;
 pub mod metrics;
 pub mod model;
 pub mod node;
+pub mod runtime;

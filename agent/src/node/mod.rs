@@ -495,25 +495,13 @@ async fn run_node(
         ..FibConfig::default()
     };
     let (fib, task) = Reconciler::new(fib_cfg);
-    std::thread::Builder::new()
-        .name("fib".into())
-        .spawn(move || {
-            // Netlink waits for each reply: a current-thread runtime of its own.
-            let rt = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    tracing::error!("cannot start the FIB runtime: {e}");
-                    return;
-                }
-            };
-            if let Err(e) = rt.block_on(task.run()) {
-                tracing::error!("FIB reconciler stopped: {e}");
-            }
-        })
-        .context("spawning the FIB thread")?;
+    // Netlink waits for each reply: a current-thread runtime of its own.
+    crate::runtime::spawn_with_runtime("fib", move || async move {
+        if let Err(e) = task.run().await {
+            tracing::error!("FIB reconciler stopped: {e}");
+        }
+    })
+    .context("starting the FIB thread")?;
     let local_routes = routes::desired(&routes::Inputs {
         blocks: &blocks,
         pods: &pods,
