@@ -1,16 +1,21 @@
 //! The agent's control socket, for `starlingctl status|routes|ipam` and the
 //! lab: its requests and replies, spoken as JSON lines on a root-only Unix
-//! socket ([`starling_bgp::jsonl`]), and [`ask`], the one client of it.
+//! socket ([`starling_bgp::jsonl`]); the server, which answers from what the
+//! event loop publishes ([`Shared`]) and live queries to the speaker and
+//! the FIB; and [`ask`], the one client of it.
 
-use crate::fib::{FibStatus, Route};
+use crate::fib::{FibStatus, Reconciler, Route};
+use crate::model::IPPoolSpec;
+use anyhow::Context;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use starling_bgp::jsonl::{self, ErrorReply, RequestError};
 use starling_bgp::speaker::RibSummary;
-use starling_bgp::{RouteEntry, SessionStatus};
+use starling_bgp::{RouteEntry, SessionStatus, Speaker};
 use starling_cni_proto::PodRoute;
 use std::net::{IpAddr, Ipv4Addr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 /// Where `starlingctl` looks by default.
@@ -112,6 +117,115 @@ pub struct BlockUsage {
 pub fn size(net: &IpNet) -> u128 {
     let host_bits = u32::from(net.max_prefix_len() - net.prefix_len());
     1u128.checked_shl(host_bits).unwrap_or(u128::MAX)
+}
+
+/// What the control socket shows of the node; the event loop writes it
+/// after every change.
+#[derive(Default)]
+pub struct Shared {
+    pub status: NodeStatus,
+    pub desired: Vec<Route>,
+    pub pods: Vec<PodRoute>,
+    pub pools: Vec<IPPoolSpec>,
+}
+
+/// The lock on [`Shared`]; a panic elsewhere never keeps the socket from
+/// answering.
+pub fn lock(m: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Why the datastore refused the newest model, when it did.
+pub type LastError = Arc<dyn Fn() -> Option<String> + Send + Sync>;
+
+/// The control socket's server: what it answers from.
+#[derive(Clone)]
+pub struct Server {
+    pub shared: Arc<Mutex<Shared>>,
+    pub speaker: Speaker,
+    pub fib: Reconciler,
+    pub datastore_error: LastError,
+}
+
+impl Server {
+    /// Serve `path` until accepting fails.
+    pub async fn serve(self, path: PathBuf) -> anyhow::Result<()> {
+        let listener =
+            jsonl::bind(&path).with_context(|| format!("cannot listen on {}", path.display()))?;
+        jsonl::serve(listener, move |req| {
+            let server = self.clone();
+            async move { server.answer(req).await }
+        })
+        .await?;
+        Ok(())
+    }
+
+    async fn answer(&self, req: Request) -> Reply {
+        match req {
+            Request::Status => match self.speaker.sessions().await {
+                Ok(sessions) => {
+                    let mut st = lock(&self.shared).status.clone();
+                    st.sessions = sessions;
+                    st.fib = self.fib.status();
+                    st.datastore_error = (self.datastore_error)();
+                    Reply::Status(st)
+                }
+                Err(e) => Reply::Error(e.to_string()),
+            },
+            Request::Routes => match self.speaker.routes().await {
+                Ok(bgp) => Reply::Routes(RoutesReport {
+                    bgp,
+                    fib: lock(&self.shared).desired.clone(),
+                }),
+                Err(e) => Reply::Error(e.to_string()),
+            },
+            Request::Ipam => Reply::Ipam(ipam_report(&lock(&self.shared))),
+            Request::Summary => match self.speaker.summary().await {
+                Ok(s) => Reply::Summary(s),
+                Err(e) => Reply::Error(e.to_string()),
+            },
+        }
+    }
+}
+
+fn ipam_report(sh: &Shared) -> IpamReport {
+    let in_block = |b: &IpNet| {
+        sh.pods
+            .iter()
+            .filter(|p| b.contains(&p.destination))
+            .count()
+    };
+    let blocks: Vec<BlockUsage> = sh
+        .status
+        .blocks
+        .iter()
+        .map(|b| BlockUsage {
+            cidr: *b,
+            addresses: size(b),
+            in_use: in_block(b),
+        })
+        .collect();
+    let pools = sh
+        .pools
+        .iter()
+        .map(|p| {
+            let mine: Vec<&BlockUsage> =
+                blocks.iter().filter(|b| p.cidr.contains(&b.cidr)).collect();
+            PoolUsage {
+                cidr: p.cidr,
+                block_size: p.block_size(),
+                blocks: mine.len(),
+                addresses: mine.iter().map(|b| b.addresses).sum(),
+                in_use: mine.iter().map(|b| b.in_use).sum(),
+            }
+        })
+        .collect();
+    IpamReport {
+        node: sh.status.node.clone(),
+        pools,
+        blocks,
+        pods: sh.pods.clone(),
+    }
 }
 
 /// How long a client waits for the agent's reply.
