@@ -1,7 +1,7 @@
 //! How pod traffic to another node's block travels: the agent's one
-//! encapsulation type. A pool names it (`ipipMode`, `vxlanMode`:
-//! [`crate::model::IPPoolSpec::encapsulation`]), the FIB installs next hops
-//! by it, and the pod MTU leaves room for its [`overhead`](Encapsulation::overhead).
+//! encapsulation type. A pool names it (`ipipMode`, `vxlanMode`: the
+//! model's `IPPoolSpec::encapsulation`), the FIB installs next hops by it,
+//! and the pod MTU leaves room for its [`overhead`](Encapsulation::overhead).
 //!
 //! A leaf: it imports nothing of the crate, so the model, the FIB and the
 //! node can all use it without depending on each other.

@@ -123,7 +123,7 @@ pub async fn client(kubeconfig: Option<&std::path::Path>) -> Result<Client, kube
 }
 
 /// The client configuration [`client`] uses; the IPAM claim datastore
-/// ([`crate::ipam::kube`]) takes one to build its own client.
+/// (`ipam::kube`) takes one to build its own client.
 pub async fn config(kubeconfig: Option<&std::path::Path>) -> Result<kube::Config, kube::Error> {
     let bad = |e: String| kube::Error::Service(e.into());
     match kubeconfig {
