@@ -3,7 +3,7 @@
 //! durable state; redb's copy-on-write commit means a `kill -9` at any point
 //! leaves either the old or the new set of allocations, never a mix.
 //!
-//! What is on disk is the store's own [`Record`], with an explicit version,
+//! What is on disk is the store's own `Record`, with an explicit version,
 //! not the CNI protocol's [`Allocation`]: the two are converted here, so a
 //! change to the wire types can never change (or strand) what a node has
 //! stored.
@@ -15,7 +15,7 @@ use starling_cni_proto::{Allocation, AttachmentKey};
 use std::path::{Path, PathBuf};
 
 /// Attachment key (`containerID/ifname`: neither may contain `/`) to the
-/// [`Record`] as JSON.
+/// `Record` as JSON.
 const ALLOCATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("allocations");
 
 /// The record version this code writes, and the newest it reads.

@@ -1,11 +1,12 @@
 //! The cluster model: the kinds operators write ([`crd`]), their checks
 //! ([`validate`], [`selector`]), where they are read from ([`Datastore`]:
-//! [`file`] or [`kube`]), and what the BGP speaker should do about them
-//! ([`plan`]).
+//! [`file`](mod@file) or [`kube`]), and what the BGP speaker should do
+//! about them ([`plan`](mod@plan)).
 //!
-//! A leaf of the agent: it imports no other module of the crate. IPAM and
-//! the node take what they need from it (`ipam::Pool::from(&IPPoolSpec)`,
-//! block claims from BlockAffinity objects), never the other way round.
+//! A leaf of the agent's domain: of the crate it imports only the
+//! vocabulary module `encap` (a pool's encapsulation). IPAM and the node
+//! take what they need from it (`ipam::Pool::from(&IPPoolSpec)`, block
+//! claims from BlockAffinity objects), never the other way round.
 
 pub mod crd;
 pub mod file;

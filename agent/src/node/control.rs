@@ -1,7 +1,7 @@
 //! The agent's control socket, for `starlingctl status|routes|ipam` and the
 //! lab: its requests and replies, spoken as JSON lines on a root-only Unix
 //! socket ([`starling_bgp::jsonl`]); the server, which answers from what the
-//! event loop publishes ([`Shared`]) and live queries to the speaker and
+//! event loop publishes (`Shared`) and live queries to the speaker and
 //! the FIB; and [`ask`], the one client of it.
 
 use crate::fib::{FibStatus, Reconciler, Route};
@@ -122,7 +122,7 @@ pub fn size(net: &IpNet) -> u128 {
 /// What the control socket shows of the node; the event loop writes it
 /// after every change.
 #[derive(Default)]
-pub struct Shared {
+pub(super) struct Shared {
     pub status: NodeStatus,
     pub desired: Vec<Route>,
     pub pods: Vec<PodRoute>,
@@ -131,16 +131,16 @@ pub struct Shared {
 
 /// The lock on [`Shared`]; a panic elsewhere never keeps the socket from
 /// answering.
-pub fn lock(m: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
+pub(super) fn lock(m: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Why the datastore refused the newest model, when it did.
-pub type LastError = Arc<dyn Fn() -> Option<String> + Send + Sync>;
+pub(super) type LastError = Arc<dyn Fn() -> Option<String> + Send + Sync>;
 
 /// The control socket's server: what it answers from.
 #[derive(Clone)]
-pub struct Server {
+pub(super) struct Server {
     pub shared: Arc<Mutex<Shared>>,
     pub speaker: Speaker,
     pub fib: Reconciler,
@@ -149,7 +149,7 @@ pub struct Server {
 
 impl Server {
     /// Serve `path` until accepting fails.
-    pub async fn serve(self, path: PathBuf) -> anyhow::Result<()> {
+    pub(super) async fn serve(self, path: PathBuf) -> anyhow::Result<()> {
         let listener =
             jsonl::bind(&path).with_context(|| format!("cannot listen on {}", path.display()))?;
         jsonl::serve(listener, move |req| {
