@@ -3,7 +3,6 @@
 //! prefixes and consumes the stream of route changes.
 
 pub mod attrs;
-pub mod config;
 pub mod control;
 pub mod fsm;
 pub mod policy;

@@ -1,9 +1,9 @@
 //! `starling-bgpd`'s configuration file (YAML). Errors name the file, the
 //! field and the line, so `starling-bgpd --check` can point at the mistake.
 
-use crate::speaker::{PeerConfig, SpeakerConfig};
 use ipnet::IpNet;
 use serde::Deserialize;
+use starling_bgp::{PeerConfig, SpeakerConfig};
 use std::collections::HashSet;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
