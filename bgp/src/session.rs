@@ -5,9 +5,9 @@
 //! else with it.
 
 use crate::attrs::Family;
+use crate::config::{SessionConfig, SpeakerConfig};
 use crate::fsm::{self, Action, Event, State};
 use crate::sockopt;
-use crate::speaker::PeerConfig;
 use crate::wire::{self, GracefulRestart, Notify, OpenParams, PeerOpen};
 use bytes::BytesMut;
 use netgauze_bgp_pkt::BgpMessage;
@@ -31,6 +31,23 @@ pub struct LocalInfo {
     pub connect_retry: u16,
     pub graceful_restart: Option<GracefulRestart>,
     pub extended_message: bool,
+}
+
+impl LocalInfo {
+    pub fn new(cfg: &SpeakerConfig) -> LocalInfo {
+        LocalInfo {
+            asn: cfg.asn,
+            router_id: cfg.router_id,
+            hold_time: cfg.hold_time,
+            connect_retry: cfg.connect_retry,
+            graceful_restart: cfg.graceful_restart.map(|t| GracefulRestart {
+                restart_time: t,
+                restarting: cfg.forwarding_preserved,
+                forwarding: cfg.forwarding_preserved,
+            }),
+            extended_message: cfg.extended_message,
+        }
+    }
 }
 
 /// What both sides agreed on in the OPEN exchange.
@@ -123,7 +140,7 @@ async fn connect_result(
 /// Apply the peer's socket options: MD5, GTSM or multihop TTL.
 pub fn prepare_socket(
     fd: &impl std::os::fd::AsRawFd,
-    cfg: &PeerConfig,
+    cfg: &SessionConfig,
     ebgp: bool,
 ) -> std::io::Result<()> {
     let v6 = cfg.address.is_ipv6();
@@ -139,7 +156,7 @@ pub fn prepare_socket(
     Ok(())
 }
 
-async fn connect(cfg: PeerConfig, ebgp: bool) -> std::io::Result<TcpStream> {
+async fn connect(cfg: SessionConfig, ebgp: bool) -> std::io::Result<TcpStream> {
     let sock = if cfg.address.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
     } else {
@@ -153,7 +170,7 @@ async fn connect(cfg: PeerConfig, ebgp: bool) -> std::io::Result<TcpStream> {
 }
 
 pub struct Driver {
-    cfg: PeerConfig,
+    cfg: SessionConfig,
     local: Arc<LocalInfo>,
     fsm: fsm::Session,
     conn: Option<Conn>,
@@ -177,7 +194,7 @@ pub struct Driver {
 
 impl Driver {
     pub fn new(
-        cfg: PeerConfig,
+        cfg: SessionConfig,
         local: Arc<LocalInfo>,
         tx: mpsc::UnboundedSender<FromSession>,
     ) -> Driver {
@@ -204,7 +221,7 @@ impl Driver {
     }
 
     fn ebgp(&self) -> bool {
-        self.cfg.asn != self.local.asn
+        self.cfg.ebgp(self.local.asn)
     }
 
     fn connect_retry(&self) -> Duration {
