@@ -13,6 +13,8 @@
 mod peers;
 mod restart;
 mod routes;
+#[cfg(test)]
+mod tests;
 
 use crate::attrs::Family;
 use crate::config::{PeerConfig, PeerPolicy, SessionConfig, SpeakerConfig, canonical};
