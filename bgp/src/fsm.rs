@@ -4,7 +4,7 @@
 //! timers, and socket reads and timer expiries into events. Event names are
 //! the RFC's (§8.1).
 
-use crate::wire::Notify;
+use crate::wire::{Cease, ErrorCode, FsmError, Notify};
 use serde::Serialize;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
@@ -140,12 +140,12 @@ pub fn step(mut s: Session, ev: Event) -> (Session, Vec<Action>) {
     };
     let fsm_error = |state: State| {
         let sub = match state {
-            OpenSent => 1,
-            OpenConfirm => 2,
-            Established => 3,
-            _ => 0,
+            OpenSent => FsmError::UnexpectedMessageInOpenSent,
+            OpenConfirm => FsmError::UnexpectedMessageInOpenConfirm,
+            Established => FsmError::UnexpectedMessageInEstablished,
+            _ => FsmError::Unspecified,
         };
-        Notify::new(5, sub, vec![], format!("unexpected event in state {state}"))
+        Notify::new(sub, vec![], format!("unexpected event in state {state}"))
     };
     match (s.state, ev) {
         // --- Idle (§8.2.2) ---
@@ -242,7 +242,11 @@ pub fn step(mut s: Session, ev: Event) -> (Session, Vec<Action>) {
         (OpenSent, E::HoldTimerExpires) => fail(
             &mut s,
             &mut acts,
-            Some(Notify::new(4, 0, vec![], "hold timer expired in OpenSent")),
+            Some(Notify::new(
+                ErrorCode::HoldTimerExpired,
+                vec![],
+                "hold timer expired in OpenSent",
+            )),
         ),
         (
             OpenSent | OpenConfirm | Established,
@@ -252,8 +256,7 @@ pub fn step(mut s: Session, ev: Event) -> (Session, Vec<Action>) {
             &mut s,
             &mut acts,
             Some(Notify::new(
-                6,
-                7,
+                Cease::ConnectionCollisionResolution,
                 vec![],
                 "connection collision resolution (RFC 4271 §6.8)",
             )),
@@ -275,7 +278,11 @@ pub fn step(mut s: Session, ev: Event) -> (Session, Vec<Action>) {
         (OpenConfirm | Established, E::HoldTimerExpires) => fail(
             &mut s,
             &mut acts,
-            Some(Notify::new(4, 0, vec![], "hold timer expired")),
+            Some(Notify::new(
+                ErrorCode::HoldTimerExpired,
+                vec![],
+                "hold timer expired",
+            )),
         ),
         (OpenConfirm | Established, E::TcpConnectionFails) => fail(&mut s, &mut acts, None),
 
@@ -297,6 +304,7 @@ pub fn step(mut s: Session, ev: Event) -> (Session, Vec<Action>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::{MessageHeaderError, OpenMessageError, UpdateMessageError};
     use Action as A;
     use Event as E;
 
@@ -371,7 +379,7 @@ mod tests {
         );
         let (s, a) = step(s, E::HoldTimerExpires);
         assert_eq!(s.state, State::Idle);
-        assert!(matches!(&a[0], A::SendNotification(n) if n.code == 4));
+        assert!(matches!(&a[0], A::SendNotification(n) if n.error == ErrorCode::HoldTimerExpired));
         assert!(a.contains(&A::SessionDown));
         assert!(a.contains(&A::ScheduleRestart));
         assert_eq!(s.connect_retry_counter, 1);
@@ -382,7 +390,9 @@ mod tests {
         let (s, _) = run(Session::new(false), vec![E::ManualStart, E::TcpCrAcked]);
         let (s, a) = step(s, E::UpdateMsg);
         assert_eq!(s.state, State::Idle);
-        assert!(matches!(&a[0], A::SendNotification(n) if (n.code, n.subcode) == (5, 1)));
+        assert!(
+            matches!(&a[0], A::SendNotification(n) if n.error == FsmError::UnexpectedMessageInOpenSent.into())
+        );
     }
 
     #[test]
@@ -398,7 +408,9 @@ mod tests {
         );
         let (s, a) = step(s, E::ManualStop(Notify::admin_shutdown("bye")));
         assert_eq!(s.state, State::Idle);
-        assert!(matches!(&a[0], A::SendNotification(n) if (n.code, n.subcode) == (6, 2)));
+        assert!(
+            matches!(&a[0], A::SendNotification(n) if n.error == Cease::AdministrativeShutdown.into())
+        );
         assert!(!a.contains(&A::ScheduleRestart));
     }
 
@@ -407,7 +419,9 @@ mod tests {
         let (s, _) = run(Session::new(false), vec![E::ManualStart, E::TcpCrAcked]);
         let (s, a) = step(s, E::OpenCollisionDump);
         assert_eq!(s.state, State::Idle);
-        assert!(matches!(&a[0], A::SendNotification(n) if (n.code, n.subcode) == (6, 7)));
+        assert!(
+            matches!(&a[0], A::SendNotification(n) if n.error == Cease::ConnectionCollisionResolution.into())
+        );
     }
 
     #[test]
@@ -439,14 +453,22 @@ mod tests {
                 E::TcpConnectionConfirmed,
                 E::TcpConnectionFails,
                 E::BgpOpen { hold_time: 90 },
-                E::BgpHeaderErr(Notify::new(1, 1, vec![], "x")),
-                E::BgpOpenMsgErr(Notify::new(2, 2, vec![], "x")),
+                E::BgpHeaderErr(Notify::new(
+                    MessageHeaderError::ConnectionNotSynchronized,
+                    vec![],
+                    "x",
+                )),
+                E::BgpOpenMsgErr(Notify::new(OpenMessageError::BadPeerAs, vec![], "x")),
                 E::OpenCollisionDump,
                 E::NotifMsgVerErr,
                 E::NotifMsg,
                 E::KeepAliveMsg,
                 E::UpdateMsg,
-                E::UpdateMsgErr(Notify::new(3, 1, vec![], "x")),
+                E::UpdateMsgErr(Notify::new(
+                    UpdateMessageError::MalformedAttributeList,
+                    vec![],
+                    "x",
+                )),
             ]
         };
         for state in [

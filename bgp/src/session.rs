@@ -8,7 +8,7 @@ use crate::attrs::Family;
 use crate::config::{SessionConfig, SpeakerConfig};
 use crate::fsm::{self, Action, Event, State};
 use crate::sockopt;
-use crate::wire::{self, GracefulRestart, Notify, OpenParams, PeerOpen};
+use crate::wire::{self, Cease, ErrorCode, GracefulRestart, Notify, OpenParams, PeerOpen};
 use bytes::BytesMut;
 use netgauze_bgp_pkt::BgpMessage;
 use netgauze_bgp_pkt::wire::deserializer::BgpParsingContext;
@@ -259,7 +259,7 @@ impl Driver {
             tokio::select! {
                 cmd = rx.recv() => match cmd {
                     None => {
-                        self.event(Event::ManualStop(Notify::new(6, 3, vec![], "peer de-configured"))).await;
+                        self.event(Event::ManualStop(Notify::new(Cease::PeerDeconfigured, vec![], "peer de-configured"))).await;
                         return;
                     }
                     Some(ToSession::Stop(n)) => {
@@ -468,7 +468,11 @@ impl Driver {
                 // Manually stopped: refuse.
                 reject(
                     conn,
-                    Notify::new(6, 5, vec![], "connection rejected: session is stopped"),
+                    Notify::new(
+                        Cease::ConnectionRejected,
+                        vec![],
+                        "connection rejected: session is stopped",
+                    ),
                 )
                 .await;
             }
@@ -493,8 +497,7 @@ impl Driver {
                 reject(
                     conn,
                     Notify::new(
-                        6,
-                        7,
+                        Cease::ConnectionCollisionResolution,
                         vec![],
                         "connection collision with an Established session",
                     ),
@@ -522,9 +525,9 @@ impl Driver {
             match decoded {
                 Err(n) => {
                     warn!(peer = %self.cfg.address, "bad message: {n}");
-                    let ev = match n.code {
-                        2 => Event::BgpOpenMsgErr(n),
-                        3 => Event::UpdateMsgErr(n),
+                    let ev = match n.error {
+                        ErrorCode::OpenMessage(_) => Event::BgpOpenMsgErr(n),
+                        ErrorCode::UpdateMessage(_) => Event::UpdateMsgErr(n),
                         _ => Event::BgpHeaderErr(n),
                     };
                     self.event(ev).await;
@@ -669,7 +672,11 @@ impl Driver {
             info!(peer = %self.cfg.address, "connection collision: keeping our connection");
             reject(
                 p,
-                Notify::new(6, 7, vec![], "connection collision resolution"),
+                Notify::new(
+                    Cease::ConnectionCollisionResolution,
+                    vec![],
+                    "connection collision resolution",
+                ),
             )
             .await;
         }

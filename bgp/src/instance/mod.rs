@@ -22,7 +22,7 @@ use crate::fsm::State;
 use crate::report::{RibSummary, RouteEntry, RouteEvent, SessionStatus};
 use crate::rib::Rib;
 use crate::session::{self, FromSession, Negotiated, ToSession};
-use crate::wire::Notify;
+use crate::wire::{Cease, Notify};
 use foldhash::{HashMap, HashSet};
 use ipnet::IpNet;
 use std::collections::BTreeMap;
@@ -218,7 +218,10 @@ impl Instance {
                 let _ = done.send(r);
             }
             Command::RemovePeer(addr, done) => {
-                let found = self.remove_peer(addr, Notify::new(6, 3, vec![], "peer de-configured"));
+                let found = self.remove_peer(
+                    addr,
+                    Notify::new(Cease::PeerDeconfigured, vec![], "peer de-configured"),
+                );
                 let _ = done.send(found);
             }
             Command::Announce(p) => {

@@ -9,7 +9,7 @@ use crate::report::SessionStatus;
 use crate::rib::PeerMeta;
 use crate::session::{self, FromSession, Negotiated, ToSession};
 use crate::sockopt;
-use crate::wire::Notify;
+use crate::wire::{Cease, Notify};
 use foldhash::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -33,7 +33,11 @@ impl Instance {
             }
             self.remove_peer(
                 addr,
-                Notify::new(6, 6, vec![], "peer configuration changed"),
+                Notify::new(
+                    Cease::OtherConfigurationChange,
+                    vec![],
+                    "peer configuration changed",
+                ),
             );
         }
         self.start_peer(session, policy);
@@ -223,8 +227,7 @@ impl Instance {
                 let mut data = vec![0, if peer.is_ipv4() { 1 } else { 2 }, 1];
                 data.extend_from_slice(&(max.limit.min(u32::MAX as usize) as u32).to_be_bytes());
                 let n = Notify::new(
-                    6,
-                    1,
+                    Cease::MaximumNumberOfPrefixesReached,
                     data,
                     format!("{count} prefixes exceed the limit of {}", max.limit),
                 );

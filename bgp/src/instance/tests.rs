@@ -9,7 +9,7 @@ use crate::attrs::{AsSegment, PathAttrs, SegmentKind};
 use crate::config::{MaxPrefixAction, MaxPrefixes};
 use crate::policy::PolicyRule;
 use crate::report::RouteChange;
-use crate::wire::{self, PeerGracefulRestart, PeerOpen};
+use crate::wire::{self, Cease, PeerGracefulRestart, PeerOpen};
 use netgauze_bgp_pkt::BgpMessage;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
@@ -173,8 +173,8 @@ impl Harness {
         while let Ok(m) = rx.try_recv() {
             match m {
                 ToSession::Send(msgs) => msgs.iter().for_each(|m| decode_into(m, &mut out)),
-                ToSession::Stop(n) => out.control.push(("stop", n.code, n.subcode)),
-                ToSession::Reset(n, _) => out.control.push(("reset", n.code, n.subcode)),
+                ToSession::Stop(n) => out.control.push(("stop", n.code(), n.subcode())),
+                ToSession::Reset(n, _) => out.control.push(("reset", n.code(), n.subcode())),
                 ToSession::Refresh(_) => out.control.push(("refresh", 0, 0)),
                 ToSession::Incoming(_) => {}
             }
@@ -412,7 +412,7 @@ fn a_session_setting_change_restarts_the_session_and_removal_stops_it() {
     let mut first = take(&mut h);
     h.peer("192.0.2.2", ASN, |p| p.hold_time = Some(30));
     assert!(
-        matches!(first.try_recv(), Ok(ToSession::Stop(n)) if (n.code, n.subcode) == (6, 6)),
+        matches!(first.try_recv(), Ok(ToSession::Stop(n)) if n.error == Cease::OtherConfigurationChange.into()),
         "Cease / Other Configuration Change"
     );
     let mut second = take(&mut h);
@@ -424,7 +424,7 @@ fn a_session_setting_change_restarts_the_session_and_removal_stops_it() {
     let (tx, _rx) = oneshot::channel();
     h.inst.command(Command::RemovePeer(ip("192.0.2.2"), tx));
     assert!(
-        matches!(second.try_recv(), Ok(ToSession::Stop(n)) if (n.code, n.subcode) == (6, 3)),
+        matches!(second.try_recv(), Ok(ToSession::Stop(n)) if n.error == Cease::PeerDeconfigured.into()),
         "Cease / Peer De-configured"
     );
 }
