@@ -403,7 +403,6 @@ impl Driver {
                     self.keepalive_at =
                         (s > 0).then(|| Instant::now() + Duration::from_secs(s as u64))
                 }
-                Action::ProcessUpdate => {}
                 Action::SessionUp => up = true,
                 Action::SessionDown => {
                     self.negotiated = None;
