@@ -41,7 +41,8 @@ struct Sent {
     announced: BTreeMap<IpNet, PathAttrs>,
     withdrawn: BTreeSet<IpNet>,
     end_of_rib: Vec<Family>,
-    /// Stop, Reset and Refresh, as `(kind, code, subcode)` (0s for Refresh).
+    /// Stop, Reset, Refresh and Incoming, as `(kind, code, subcode)` (0s
+    /// but for the NOTIFICATIONs of Stop and Reset).
     control: Vec<(&'static str, u8, u8)>,
 }
 
@@ -176,7 +177,7 @@ impl Harness {
                 ToSession::Stop(n) => out.control.push(("stop", n.code(), n.subcode())),
                 ToSession::Reset(n, _) => out.control.push(("reset", n.code(), n.subcode())),
                 ToSession::Refresh(_) => out.control.push(("refresh", 0, 0)),
-                ToSession::Incoming(_) => {}
+                ToSession::Incoming(_) => out.control.push(("incoming", 0, 0)),
             }
         }
         out
@@ -582,4 +583,27 @@ fn the_session_table_shows_type_and_counts() {
         ("ebgp", Some("tor"))
     );
     assert_eq!(h.inst.summary().sessions_established, 1);
+}
+
+#[tokio::test]
+async fn accepted_connections_go_to_their_peers_session() {
+    let mut h = Harness::new(|_| {});
+    h.peer("127.0.0.1", ASN, |_| {});
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let accept = async || {
+        let _client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        l.accept().await.unwrap()
+    };
+    let (stream, from) = accept().await;
+    h.inst.incoming(stream, from);
+    assert_eq!(h.sent("127.0.0.1").control, vec![("incoming", 0, 0)]);
+    // From a dual-stack listener the address is IPv4-mapped.
+    let (stream, from) = accept().await;
+    let mapped = SocketAddr::new("::ffff:127.0.0.1".parse().unwrap(), from.port());
+    h.inst.incoming(stream, mapped);
+    assert_eq!(h.sent("127.0.0.1").control, vec![("incoming", 0, 0)]);
+    // An address that is not a peer's is refused (the stream is dropped).
+    let (stream, _) = accept().await;
+    h.inst.incoming(stream, "127.0.0.2:40000".parse().unwrap());
+    assert!(h.sent("127.0.0.1").control.is_empty());
 }

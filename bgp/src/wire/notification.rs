@@ -185,6 +185,12 @@ impl ErrorCode {
         })
     }
 
+    /// The error a received NOTIFICATION reports (see `from_parts`).
+    pub fn of_message(n: &ng::BgpNotificationMessage) -> Option<ErrorCode> {
+        let (code, subcode, _) = parts(n);
+        ErrorCode::from_parts(code, subcode)
+    }
+
     /// The name in logs and the session table: the code's name, and the
     /// subcode's where RFC 4271 §4.5 and RFC 4486 give one.
     pub fn name(self) -> &'static str {
