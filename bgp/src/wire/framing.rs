@@ -144,9 +144,7 @@ pub fn decode(
         (r, ctx.reset_parsing_errors())
     }));
     let kind = msg.get(18).copied().unwrap_or(0);
-    // The fallbacks below meant UPDATE; they test the NOTIFICATION type,
-    // as the code always has (kept as is: this change moves code only).
-    let update = ty == Some(MessageType::Notification);
+    let update = ty == Some(MessageType::Update);
     match result {
         Ok((Ok(m), errs)) => Ok((m, errs)),
         Ok((Err(e), _)) => {
