@@ -1,7 +1,8 @@
 //! `starling-bgpd`'s control socket: one JSON request per line, one JSON
 //! reply per line, on a Unix socket that only root can open (mode 0600).
 
-use crate::speaker::{RibSummary, RouteEntry, SessionStatus, Speaker};
+use crate::report::{RibSummary, RouteEntry, SessionStatus};
+use crate::speaker::Speaker;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use std::os::unix::fs::PermissionsExt;
