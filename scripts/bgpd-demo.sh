@@ -7,7 +7,7 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 export PATH="$HOME/.cargo/bin:$PATH"
 bash "$here/scripts/setup.sh"
 echo "bgpd-demo: building (release)"
-cargo build --release --manifest-path "$here/Cargo.toml" -p starling-bgp --bin starling-bgpd
+cargo build --release --manifest-path "$here/Cargo.toml" -p starling-bgpd
 [ -n "${CARGO_TARGET_DIR:-}" ] && here_target=$CARGO_TARGET_DIR || here_target="$here/target"
 bgpd="$here_target/release/starling-bgpd"
 P=stqs$$-

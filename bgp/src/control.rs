@@ -2,7 +2,8 @@
 //! JSON lines on a root-only Unix socket ([`crate::jsonl`]).
 
 use crate::jsonl::{self, ErrorReply};
-use crate::speaker::{RibSummary, RouteEntry, SessionStatus, Speaker};
+use crate::report::{RibSummary, RouteEntry, SessionStatus};
+use crate::speaker::Speaker;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use std::path::Path;

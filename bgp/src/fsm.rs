@@ -1,10 +1,18 @@
 //! The BGP finite state machine of RFC 4271 §8, as a pure function:
-//! `step(session, event) -> (session, actions)`. It performs no I/O and
-//! reads no clock; the session driver turns actions into socket writes and
-//! timers, and socket reads and timer expiries into events. Event names are
-//! the RFC's (§8.1).
+//! `step(session, event) -> (session, actions)`, one function per state as
+//! §8.2.2 describes them. It performs no I/O and reads no clock; the session
+//! driver turns actions into socket writes and timers, and socket reads and
+//! timer expiries into events. Event names are the RFC's (§8.1).
+//!
+//! Only the events the driver raises exist here. The optional session
+//! attributes of §8.1.1 are not implemented (no DelayOpen, no
+//! DampPeerOscillations, no SendNOTIFICATIONwithoutOPEN), so neither are
+//! their events (6-8, 12-15, 20, 24) nor the ConnectRetryCounter, which
+//! only peer oscillation damping reads. A passive peer is a session
+//! attribute (`Session::passive`) rather than event 4; after an error the
+//! driver waits one ConnectRetryTime before its automatic restart.
 
-use crate::wire::Notify;
+use crate::wire::{Cease, ErrorCode, FsmError, Notify};
 use serde::Serialize;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
@@ -32,8 +40,6 @@ pub enum Event {
     ManualStop(Notify),
     /// Event 3.
     AutomaticStart,
-    /// Event 4.
-    ManualStartWithPassiveTcpEstablishment,
     /// Event 5.
     AutomaticStartWithPassiveTcpEstablishment,
     /// Event 9.
@@ -56,8 +62,6 @@ pub enum Event {
     BgpOpenMsgErr(Notify),
     /// Event 23: this connection lost collision resolution (§6.8).
     OpenCollisionDump,
-    /// Event 24.
-    NotifMsgVerErr,
     /// Event 25.
     NotifMsg,
     /// Event 26.
@@ -81,7 +85,6 @@ pub enum Action {
     StartHoldTimer(u16),
     /// Start (or restart) the keepalive timer with this many seconds; 0 stops it.
     StartKeepaliveTimer(u16),
-    ProcessUpdate,
     /// The session reached Established.
     SessionUp,
     /// The session left Established: release its routes.
@@ -91,12 +94,11 @@ pub enum Action {
     ScheduleRestart,
 }
 
-/// The FSM's own variables (§8: ConnectRetryCounter, the hold time and whether
-/// this peer is passive).
+/// The FSM's own variables (§8): the state, whether this peer is passive
+/// (the PassiveTcpEstablishment attribute, §8.1.1) and the hold time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Session {
     pub state: State,
-    pub connect_retry_counter: u32,
     pub passive: bool,
     /// Hold time negotiated with the peer (0: no keepalives, no hold timer).
     pub hold_time: u16,
@@ -109,7 +111,6 @@ impl Session {
     pub fn new(passive: bool) -> Session {
         Session {
             state: State::Idle,
-            connect_retry_counter: 0,
             passive,
             hold_time: 0,
         }
@@ -118,185 +119,214 @@ impl Session {
 
 /// One FSM transition.
 pub fn step(mut s: Session, ev: Event) -> (Session, Vec<Action>) {
-    use Action as A;
     use Event as E;
     use State::*;
     let mut acts = Vec::new();
-    // Any error path: drop the connection, count it, go Idle and retry later.
-    let fail = |s: &mut Session, acts: &mut Vec<Action>, notify: Option<Notify>| {
-        if let Some(n) = notify {
-            acts.push(A::SendNotification(n));
-        }
-        if s.state == Established {
-            acts.push(A::SessionDown);
-        }
-        acts.push(A::StopConnectRetryTimer);
-        acts.push(A::StartHoldTimer(0));
-        acts.push(A::StartKeepaliveTimer(0));
-        acts.push(A::DropTcp);
-        acts.push(A::ScheduleRestart);
-        s.connect_retry_counter += 1;
-        s.state = Idle;
-    };
-    let fsm_error = |state: State| {
-        let sub = match state {
-            OpenSent => 1,
-            OpenConfirm => 2,
-            Established => 3,
-            _ => 0,
-        };
-        Notify::new(5, sub, vec![], format!("unexpected event in state {state}"))
-    };
     match (s.state, ev) {
-        // --- Idle (§8.2.2) ---
-        (Idle, E::ManualStart | E::AutomaticStart) => {
-            if s.passive {
-                acts.push(A::StartConnectRetryTimer);
-                s.state = Active;
-            } else {
-                acts.push(A::StartConnectRetryTimer);
-                acts.push(A::InitiateTcp);
-                s.state = Connect;
-            }
-        }
-        (
-            Idle,
-            E::ManualStartWithPassiveTcpEstablishment
-            | E::AutomaticStartWithPassiveTcpEstablishment,
-        ) => {
-            acts.push(A::StartConnectRetryTimer);
-            s.state = Active;
-        }
-        (Idle, _) => {}
-
+        (Idle, ev) => idle(&mut s, ev, &mut acts),
         // ManualStop in any other state (§8.2.2, all states).
-        (_, E::ManualStop(n)) => {
-            if matches!(s.state, OpenSent | OpenConfirm | Established) {
-                acts.push(A::SendNotification(n));
-            }
-            if s.state == Established {
-                acts.push(A::SessionDown);
-            }
-            acts.extend([
-                A::StopConnectRetryTimer,
-                A::StartHoldTimer(0),
-                A::StartKeepaliveTimer(0),
-                A::DropTcp,
-            ]);
-            s.connect_retry_counter = 0;
-            s.state = Idle;
-        }
+        (_, E::ManualStop(n)) => manual_stop(&mut s, n, &mut acts),
         // Start events outside Idle are ignored.
-        (
-            _,
-            E::ManualStart
-            | E::AutomaticStart
-            | E::ManualStartWithPassiveTcpEstablishment
-            | E::AutomaticStartWithPassiveTcpEstablishment,
-        ) => {}
-
-        // --- Connect and Active ---
-        (Connect | Active, E::ConnectRetryTimerExpires) => {
-            acts.push(A::DropTcp);
-            acts.push(A::StartConnectRetryTimer);
-            if s.passive {
-                s.state = Active;
-            } else {
-                acts.push(A::InitiateTcp);
-                s.state = Connect;
-            }
-        }
-        (Connect | Active, E::TcpCrAcked | E::TcpConnectionConfirmed) => {
-            acts.extend([
-                A::StopConnectRetryTimer,
-                A::SendOpen,
-                A::StartHoldTimer(LARGE_HOLD_TIME),
-            ]);
-            s.state = OpenSent;
-        }
-        (Connect, E::TcpConnectionFails) => {
-            // §8.2.2 Connect, event 18: restart the timer, keep listening.
-            acts.extend([A::DropTcp, A::StartConnectRetryTimer]);
-            s.state = Active;
-        }
-        (Active, E::TcpConnectionFails) => {
-            acts.extend([A::DropTcp, A::StartConnectRetryTimer]);
-            s.connect_retry_counter += 1;
-        }
-        (Connect | Active, _) => fail(&mut s, &mut acts, None),
-
-        // --- OpenSent ---
-        (OpenSent, E::TcpConnectionFails) => {
-            acts.extend([A::DropTcp, A::StartHoldTimer(0), A::StartConnectRetryTimer]);
-            s.state = Active;
-        }
-        (OpenSent, E::BgpOpen { hold_time }) => {
-            s.hold_time = hold_time;
-            acts.push(A::SendKeepalive);
-            if hold_time > 0 {
-                acts.push(A::StartKeepaliveTimer((hold_time / 3).max(1)));
-            }
-            acts.push(A::StartHoldTimer(hold_time));
-            s.state = OpenConfirm;
-        }
-        (OpenSent, E::HoldTimerExpires) => fail(
-            &mut s,
-            &mut acts,
-            Some(Notify::new(4, 0, vec![], "hold timer expired in OpenSent")),
-        ),
-        (
-            OpenSent | OpenConfirm | Established,
-            E::BgpHeaderErr(n) | E::BgpOpenMsgErr(n) | E::UpdateMsgErr(n),
-        ) => fail(&mut s, &mut acts, Some(n)),
-        (OpenSent | OpenConfirm, E::OpenCollisionDump) => fail(
-            &mut s,
-            &mut acts,
-            Some(Notify::new(
-                6,
-                7,
-                vec![],
-                "connection collision resolution (RFC 4271 §6.8)",
-            )),
-        ),
-        (OpenSent | OpenConfirm | Established, E::NotifMsgVerErr | E::NotifMsg) => {
-            fail(&mut s, &mut acts, None)
-        }
-
-        // --- OpenConfirm ---
-        (OpenConfirm, E::KeepAliveMsg) => {
-            acts.push(A::StartHoldTimer(s.hold_time));
-            acts.push(A::SessionUp);
-            s.state = Established;
-        }
-        (OpenConfirm | Established, E::KeepaliveTimerExpires) => {
-            acts.push(A::SendKeepalive);
-            acts.push(A::StartKeepaliveTimer((s.hold_time / 3).max(1)));
-        }
-        (OpenConfirm | Established, E::HoldTimerExpires) => fail(
-            &mut s,
-            &mut acts,
-            Some(Notify::new(4, 0, vec![], "hold timer expired")),
-        ),
-        (OpenConfirm | Established, E::TcpConnectionFails) => fail(&mut s, &mut acts, None),
-
-        // --- Established ---
-        (Established, E::KeepAliveMsg) => acts.push(A::StartHoldTimer(s.hold_time)),
-        (Established, E::UpdateMsg) => {
-            acts.push(A::ProcessUpdate);
-            acts.push(A::StartHoldTimer(s.hold_time));
-        }
-
-        // Everything else is an FSM error (§8.2.2, "any other event").
-        (state @ (OpenSent | OpenConfirm | Established), _) => {
-            fail(&mut s, &mut acts, Some(fsm_error(state)))
-        }
+        (_, E::ManualStart | E::AutomaticStart | E::AutomaticStartWithPassiveTcpEstablishment) => {}
+        (Connect | Active, ev) => connect_or_active(&mut s, ev, &mut acts),
+        (OpenSent, ev) => open_sent(&mut s, ev, &mut acts),
+        (OpenConfirm, ev) => open_confirm(&mut s, ev, &mut acts),
+        (Established, ev) => established(&mut s, ev, &mut acts),
     }
     (s, acts)
+}
+
+/// Idle (§8.2.2): only the start events do anything.
+fn idle(s: &mut Session, ev: Event, acts: &mut Vec<Action>) {
+    match ev {
+        Event::ManualStart | Event::AutomaticStart if !s.passive => {
+            acts.push(Action::StartConnectRetryTimer);
+            acts.push(Action::InitiateTcp);
+            s.state = State::Connect;
+        }
+        Event::ManualStart
+        | Event::AutomaticStart
+        | Event::AutomaticStartWithPassiveTcpEstablishment => {
+            acts.push(Action::StartConnectRetryTimer);
+            s.state = State::Active;
+        }
+        _ => {}
+    }
+}
+
+/// ManualStop outside Idle: a Cease to the peer when a session was being
+/// opened or was up, and no automatic restart.
+fn manual_stop(s: &mut Session, n: Notify, acts: &mut Vec<Action>) {
+    if matches!(
+        s.state,
+        State::OpenSent | State::OpenConfirm | State::Established
+    ) {
+        acts.push(Action::SendNotification(n));
+    }
+    if s.state == State::Established {
+        acts.push(Action::SessionDown);
+    }
+    acts.extend([
+        Action::StopConnectRetryTimer,
+        Action::StartHoldTimer(0),
+        Action::StartKeepaliveTimer(0),
+        Action::DropTcp,
+    ]);
+    s.state = State::Idle;
+}
+
+/// Connect and Active (§8.2.2): waiting for a TCP connection, ours
+/// (Connect) or the peer's (Active).
+fn connect_or_active(s: &mut Session, ev: Event, acts: &mut Vec<Action>) {
+    match ev {
+        Event::ConnectRetryTimerExpires => {
+            acts.push(Action::DropTcp);
+            acts.push(Action::StartConnectRetryTimer);
+            if s.passive {
+                s.state = State::Active;
+            } else {
+                acts.push(Action::InitiateTcp);
+                s.state = State::Connect;
+            }
+        }
+        Event::TcpCrAcked | Event::TcpConnectionConfirmed => {
+            acts.extend([
+                Action::StopConnectRetryTimer,
+                Action::SendOpen,
+                Action::StartHoldTimer(LARGE_HOLD_TIME),
+            ]);
+            s.state = State::OpenSent;
+        }
+        Event::TcpConnectionFails => {
+            // Connect, event 18: restart the timer, keep listening (Active).
+            acts.extend([Action::DropTcp, Action::StartConnectRetryTimer]);
+            s.state = State::Active;
+        }
+        _ => fail(s, acts, None),
+    }
+}
+
+/// OpenSent (§8.2.2): our OPEN is out, the peer's is awaited.
+fn open_sent(s: &mut Session, ev: Event, acts: &mut Vec<Action>) {
+    match ev {
+        Event::TcpConnectionFails => {
+            acts.extend([
+                Action::DropTcp,
+                Action::StartHoldTimer(0),
+                Action::StartConnectRetryTimer,
+            ]);
+            s.state = State::Active;
+        }
+        Event::BgpOpen { hold_time } => {
+            s.hold_time = hold_time;
+            acts.push(Action::SendKeepalive);
+            if hold_time > 0 {
+                acts.push(Action::StartKeepaliveTimer((hold_time / 3).max(1)));
+            }
+            acts.push(Action::StartHoldTimer(hold_time));
+            s.state = State::OpenConfirm;
+        }
+        Event::HoldTimerExpires => fail(
+            s,
+            acts,
+            Some(hold_timer_expired("hold timer expired in OpenSent")),
+        ),
+        Event::BgpHeaderErr(n) | Event::BgpOpenMsgErr(n) | Event::UpdateMsgErr(n) => {
+            fail(s, acts, Some(n))
+        }
+        Event::OpenCollisionDump => fail(s, acts, Some(collision_dump())),
+        Event::NotifMsg => fail(s, acts, None),
+        _ => fail(s, acts, Some(fsm_error(State::OpenSent))),
+    }
+}
+
+/// OpenConfirm (§8.2.2): OPENs exchanged, the peer's KEEPALIVE awaited.
+fn open_confirm(s: &mut Session, ev: Event, acts: &mut Vec<Action>) {
+    match ev {
+        Event::KeepAliveMsg => {
+            acts.push(Action::StartHoldTimer(s.hold_time));
+            acts.push(Action::SessionUp);
+            s.state = State::Established;
+        }
+        Event::KeepaliveTimerExpires => send_keepalive(s, acts),
+        Event::HoldTimerExpires => fail(s, acts, Some(hold_timer_expired("hold timer expired"))),
+        Event::TcpConnectionFails | Event::NotifMsg => fail(s, acts, None),
+        Event::BgpHeaderErr(n) | Event::BgpOpenMsgErr(n) | Event::UpdateMsgErr(n) => {
+            fail(s, acts, Some(n))
+        }
+        Event::OpenCollisionDump => fail(s, acts, Some(collision_dump())),
+        _ => fail(s, acts, Some(fsm_error(State::OpenConfirm))),
+    }
+}
+
+/// Established (§8.2.2): KEEPALIVEs and UPDATEs restart the hold timer.
+fn established(s: &mut Session, ev: Event, acts: &mut Vec<Action>) {
+    match ev {
+        Event::KeepAliveMsg | Event::UpdateMsg => acts.push(Action::StartHoldTimer(s.hold_time)),
+        Event::KeepaliveTimerExpires => send_keepalive(s, acts),
+        Event::HoldTimerExpires => fail(s, acts, Some(hold_timer_expired("hold timer expired"))),
+        Event::TcpConnectionFails | Event::NotifMsg => fail(s, acts, None),
+        Event::BgpHeaderErr(n) | Event::BgpOpenMsgErr(n) | Event::UpdateMsgErr(n) => {
+            fail(s, acts, Some(n))
+        }
+        // OpenCollisionDump included: an Established session wins (§6.8).
+        _ => fail(s, acts, Some(fsm_error(State::Established))),
+    }
+}
+
+/// Any error path: tell the peer why (when there is a NOTIFICATION to
+/// send), drop the connection, go Idle and restart later.
+fn fail(s: &mut Session, acts: &mut Vec<Action>, notify: Option<Notify>) {
+    if let Some(n) = notify {
+        acts.push(Action::SendNotification(n));
+    }
+    if s.state == State::Established {
+        acts.push(Action::SessionDown);
+    }
+    acts.extend([
+        Action::StopConnectRetryTimer,
+        Action::StartHoldTimer(0),
+        Action::StartKeepaliveTimer(0),
+        Action::DropTcp,
+        Action::ScheduleRestart,
+    ]);
+    s.state = State::Idle;
+}
+
+fn send_keepalive(s: &Session, acts: &mut Vec<Action>) {
+    acts.push(Action::SendKeepalive);
+    acts.push(Action::StartKeepaliveTimer((s.hold_time / 3).max(1)));
+}
+
+/// §6.5: Hold Timer Expired.
+fn hold_timer_expired(reason: &str) -> Notify {
+    Notify::new(ErrorCode::HoldTimerExpired, vec![], reason)
+}
+
+/// §6.8: this connection lost the collision.
+fn collision_dump() -> Notify {
+    Notify::new(
+        Cease::ConnectionCollisionResolution,
+        vec![],
+        "connection collision resolution (RFC 4271 §6.8)",
+    )
+}
+
+/// §6.6: an event the state does not expect (subcodes RFC 6608).
+fn fsm_error(state: State) -> Notify {
+    let sub = match state {
+        State::OpenSent => FsmError::UnexpectedMessageInOpenSent,
+        State::OpenConfirm => FsmError::UnexpectedMessageInOpenConfirm,
+        State::Established => FsmError::UnexpectedMessageInEstablished,
+        _ => FsmError::Unspecified,
+    };
+    Notify::new(sub, vec![], format!("unexpected event in state {state}"))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::{MessageHeaderError, OpenMessageError, UpdateMessageError};
     use Action as A;
     use Event as E;
 
@@ -371,10 +401,9 @@ mod tests {
         );
         let (s, a) = step(s, E::HoldTimerExpires);
         assert_eq!(s.state, State::Idle);
-        assert!(matches!(&a[0], A::SendNotification(n) if n.code == 4));
+        assert!(matches!(&a[0], A::SendNotification(n) if n.error == ErrorCode::HoldTimerExpired));
         assert!(a.contains(&A::SessionDown));
         assert!(a.contains(&A::ScheduleRestart));
-        assert_eq!(s.connect_retry_counter, 1);
     }
 
     #[test]
@@ -382,7 +411,9 @@ mod tests {
         let (s, _) = run(Session::new(false), vec![E::ManualStart, E::TcpCrAcked]);
         let (s, a) = step(s, E::UpdateMsg);
         assert_eq!(s.state, State::Idle);
-        assert!(matches!(&a[0], A::SendNotification(n) if (n.code, n.subcode) == (5, 1)));
+        assert!(
+            matches!(&a[0], A::SendNotification(n) if n.error == FsmError::UnexpectedMessageInOpenSent.into())
+        );
     }
 
     #[test]
@@ -398,7 +429,9 @@ mod tests {
         );
         let (s, a) = step(s, E::ManualStop(Notify::admin_shutdown("bye")));
         assert_eq!(s.state, State::Idle);
-        assert!(matches!(&a[0], A::SendNotification(n) if (n.code, n.subcode) == (6, 2)));
+        assert!(
+            matches!(&a[0], A::SendNotification(n) if n.error == Cease::AdministrativeShutdown.into())
+        );
         assert!(!a.contains(&A::ScheduleRestart));
     }
 
@@ -407,7 +440,9 @@ mod tests {
         let (s, _) = run(Session::new(false), vec![E::ManualStart, E::TcpCrAcked]);
         let (s, a) = step(s, E::OpenCollisionDump);
         assert_eq!(s.state, State::Idle);
-        assert!(matches!(&a[0], A::SendNotification(n) if (n.code, n.subcode) == (6, 7)));
+        assert!(
+            matches!(&a[0], A::SendNotification(n) if n.error == Cease::ConnectionCollisionResolution.into())
+        );
     }
 
     #[test]
@@ -430,7 +465,6 @@ mod tests {
                 E::ManualStart,
                 E::ManualStop(Notify::admin_shutdown("x")),
                 E::AutomaticStart,
-                E::ManualStartWithPassiveTcpEstablishment,
                 E::AutomaticStartWithPassiveTcpEstablishment,
                 E::ConnectRetryTimerExpires,
                 E::HoldTimerExpires,
@@ -439,14 +473,21 @@ mod tests {
                 E::TcpConnectionConfirmed,
                 E::TcpConnectionFails,
                 E::BgpOpen { hold_time: 90 },
-                E::BgpHeaderErr(Notify::new(1, 1, vec![], "x")),
-                E::BgpOpenMsgErr(Notify::new(2, 2, vec![], "x")),
+                E::BgpHeaderErr(Notify::new(
+                    MessageHeaderError::ConnectionNotSynchronized,
+                    vec![],
+                    "x",
+                )),
+                E::BgpOpenMsgErr(Notify::new(OpenMessageError::BadPeerAs, vec![], "x")),
                 E::OpenCollisionDump,
-                E::NotifMsgVerErr,
                 E::NotifMsg,
                 E::KeepAliveMsg,
                 E::UpdateMsg,
-                E::UpdateMsgErr(Notify::new(3, 1, vec![], "x")),
+                E::UpdateMsgErr(Notify::new(
+                    UpdateMessageError::MalformedAttributeList,
+                    vec![],
+                    "x",
+                )),
             ]
         };
         for state in [
@@ -460,7 +501,6 @@ mod tests {
             for e in events() {
                 let s = Session {
                     state,
-                    connect_retry_counter: 0,
                     passive: false,
                     hold_time: 9,
                 };
@@ -470,7 +510,6 @@ mod tests {
                         e,
                         E::ManualStart
                             | E::AutomaticStart
-                            | E::ManualStartWithPassiveTcpEstablishment
                             | E::AutomaticStartWithPassiveTcpEstablishment
                     )
                 {

@@ -1,13 +1,32 @@
 //! Starling's BGP speaker. It knows nothing of Kubernetes or netlink: an
 //! embedder (the agent, or `starling-bgpd`) configures peers and local
 //! prefixes and consumes the stream of route changes.
+//!
+//! The modules form one-way layers (docs/architecture.md draws them); each
+//! imports only from the layers before it:
+//!
+//! - `attrs`: our model of a path's attributes. `wire`: the messages on the
+//!   wire, one file per message, converted to and from `attrs`.
+//!   `policy`: import/export rules over `attrs`. `fsm`: RFC 4271 §8 as a
+//!   pure function. `sockopt`: the socket options std lacks. `jsonl`:
+//!   JSON-lines control sockets, with nothing of BGP in them.
+//! - `config` and `report`: the public types, what the embedder tells the
+//!   speaker and what it hears back.
+//! - `rib`: Adj-RIBs-In, the Loc-RIB and the decision process.
+//! - `session`: one task per peer, driving the FSM over TCP.
+//! - `export`: the export rules as pure functions.
+//! - `instance`: the task that owns the peer table and the RIBs.
+//! - `speaker`: the handle. `control`: `starling-bgpd`'s control socket.
 
 pub mod attrs;
 pub mod config;
 pub mod control;
+mod export;
 pub mod fsm;
+mod instance;
 pub mod jsonl;
 pub mod policy;
+pub mod report;
 pub mod rib;
 pub mod session;
 pub mod sockopt;
@@ -15,11 +34,12 @@ pub mod speaker;
 pub mod wire;
 
 pub use attrs::{Family, PathAttrs};
-pub use rib::NextHopResolver;
-pub use speaker::{
-    LearnedPath, PeerConfig, RouteChange, RouteEntry, RouteEvent, SessionStatus, Speaker,
+pub use config::{
+    MaxPrefixAction, MaxPrefixes, NextHopResolver, PeerConfig, PeerPolicy, SessionConfig,
     SpeakerConfig,
 };
+pub use report::{LearnedPath, RibSummary, RouteChange, RouteEntry, RouteEvent, SessionStatus};
+pub use speaker::{Speaker, SpeakerError};
 
 /// Entry points for the fuzz targets in `fuzz/` (not a stable API).
 #[doc(hidden)]
@@ -57,8 +77,8 @@ pub mod fuzzing {
     /// Feed arbitrary bytes to a real session over loopback TCP, after a
     /// valid OPEN and KEEPALIVE, so the bytes land in Established.
     pub fn session(data: &[u8]) {
+        use crate::config::SessionConfig;
         use crate::session::{Driver, LocalInfo, ToSession};
-        use crate::speaker::PeerConfig;
         use std::sync::Arc;
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -78,7 +98,7 @@ pub mod fuzzing {
                 graceful_restart: None,
                 extended_message: true,
             });
-            let mut cfg = PeerConfig::new("127.0.0.1".parse().expect("literal"), 65001);
+            let mut cfg = SessionConfig::new("127.0.0.1".parse().expect("literal"), 65001);
             cfg.passive = true;
             let (tx, mut events) = tokio::sync::mpsc::unbounded_channel();
             let (cmd, rx) = tokio::sync::mpsc::unbounded_channel();

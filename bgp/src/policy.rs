@@ -163,6 +163,38 @@ pub enum Outcome {
     },
 }
 
+/// The policy that applies to a peer in one direction, after RFC 8212.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Effective<'a> {
+    /// No rules configured: everything passes unchanged.
+    AcceptAll,
+    /// Run these rules.
+    Rules(&'a [PolicyRule]),
+    /// RFC 8212: an eBGP peer without rules exchanges nothing.
+    Blocked,
+}
+
+impl<'a> Effective<'a> {
+    /// The policy for a peer's `rules` in one direction. `requires` is the
+    /// speaker's `ebgp_requires_policy` (RFC 8212 §3, on by default).
+    pub fn of(rules: &'a Option<Vec<PolicyRule>>, ebgp: bool, requires: bool) -> Effective<'a> {
+        match rules {
+            Some(r) => Effective::Rules(r.as_slice()),
+            None if ebgp && requires => Effective::Blocked,
+            None => Effective::AcceptAll,
+        }
+    }
+
+    /// The rules to run, for `apply`; `None` for both `AcceptAll` and
+    /// `Blocked` (callers stop at `Blocked` first).
+    pub fn rules(self) -> Option<&'a [PolicyRule]> {
+        match self {
+            Effective::Rules(r) => Some(r),
+            Effective::AcceptAll | Effective::Blocked => None,
+        }
+    }
+}
+
 /// Run `rules` on a route, changing `attrs` as the matching rule says.
 /// `None` (no policy) accepts unchanged.
 pub fn apply(rules: Option<&[PolicyRule]>, prefix: &IpNet, attrs: &mut PathAttrs) -> Outcome {
@@ -303,5 +335,15 @@ mod tests {
             "65000:100".parse::<Community>().unwrap().to_string(),
             "65000:100"
         );
+    }
+
+    #[test]
+    fn ebgp_without_rules_is_blocked_unless_allowed() {
+        let none = None;
+        let some = Some(vec![rule("{action: accept}")]);
+        assert_eq!(Effective::of(&none, true, true), Effective::Blocked);
+        assert_eq!(Effective::of(&none, true, false), Effective::AcceptAll);
+        assert_eq!(Effective::of(&none, false, true), Effective::AcceptAll);
+        assert!(matches!(Effective::of(&some, true, true), Effective::Rules(r) if r.len() == 1));
     }
 }

@@ -4,21 +4,14 @@
 //! shared by `Arc`, which is what keeps a path to a few dozen bytes.
 
 use crate::attrs::{Family, PathAttrs};
-use crate::speaker::RouteEntry;
+use crate::config::NextHopResolver;
+use crate::report::RouteEntry;
 use foldhash::{HashMap, HashSet};
 use ipnet::IpNet;
 use std::cmp::Ordering;
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
-
-/// Tells the speaker whether a next hop is reachable, and at what IGP cost
-/// (RFC 4271 §9.1.2 and §9.1.2.2 e). The embedder (the agent) implements it
-/// from the kernel's view; `starling-bgpd` uses none (everything reachable).
-pub trait NextHopResolver: Send + Sync {
-    /// `None`: unreachable, the path is not eligible. `Some(cost)`: reachable.
-    fn resolve(&self, next_hop: IpAddr) -> Option<u32>;
-}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Source {

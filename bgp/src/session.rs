@@ -5,10 +5,10 @@
 //! else with it.
 
 use crate::attrs::Family;
+use crate::config::{SessionConfig, SpeakerConfig};
 use crate::fsm::{self, Action, Event, State};
 use crate::sockopt;
-use crate::speaker::PeerConfig;
-use crate::wire::{self, GracefulRestart, Notify, OpenParams, PeerOpen};
+use crate::wire::{self, Cease, ErrorCode, GracefulRestart, Notify, OpenParams, PeerOpen};
 use bytes::BytesMut;
 use netgauze_bgp_pkt::BgpMessage;
 use netgauze_bgp_pkt::wire::deserializer::BgpParsingContext;
@@ -31,6 +31,23 @@ pub struct LocalInfo {
     pub connect_retry: u16,
     pub graceful_restart: Option<GracefulRestart>,
     pub extended_message: bool,
+}
+
+impl LocalInfo {
+    pub fn new(cfg: &SpeakerConfig) -> LocalInfo {
+        LocalInfo {
+            asn: cfg.asn,
+            router_id: cfg.router_id,
+            hold_time: cfg.hold_time,
+            connect_retry: cfg.connect_retry,
+            graceful_restart: cfg.graceful_restart.map(|t| GracefulRestart {
+                restart_time: t,
+                restarting: cfg.forwarding_preserved,
+                forwarding: cfg.forwarding_preserved,
+            }),
+            extended_message: cfg.extended_message,
+        }
+    }
 }
 
 /// What both sides agreed on in the OPEN exchange.
@@ -123,7 +140,7 @@ async fn connect_result(
 /// Apply the peer's socket options: MD5, GTSM or multihop TTL.
 pub fn prepare_socket(
     fd: &impl std::os::fd::AsRawFd,
-    cfg: &PeerConfig,
+    cfg: &SessionConfig,
     ebgp: bool,
 ) -> std::io::Result<()> {
     let v6 = cfg.address.is_ipv6();
@@ -139,7 +156,7 @@ pub fn prepare_socket(
     Ok(())
 }
 
-async fn connect(cfg: PeerConfig, ebgp: bool) -> std::io::Result<TcpStream> {
+async fn connect(cfg: SessionConfig, ebgp: bool) -> std::io::Result<TcpStream> {
     let sock = if cfg.address.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
     } else {
@@ -153,7 +170,7 @@ async fn connect(cfg: PeerConfig, ebgp: bool) -> std::io::Result<TcpStream> {
 }
 
 pub struct Driver {
-    cfg: PeerConfig,
+    cfg: SessionConfig,
     local: Arc<LocalInfo>,
     fsm: fsm::Session,
     conn: Option<Conn>,
@@ -177,7 +194,7 @@ pub struct Driver {
 
 impl Driver {
     pub fn new(
-        cfg: PeerConfig,
+        cfg: SessionConfig,
         local: Arc<LocalInfo>,
         tx: mpsc::UnboundedSender<FromSession>,
     ) -> Driver {
@@ -204,7 +221,7 @@ impl Driver {
     }
 
     fn ebgp(&self) -> bool {
-        self.cfg.asn != self.local.asn
+        self.cfg.ebgp(self.local.asn)
     }
 
     fn connect_retry(&self) -> Duration {
@@ -242,7 +259,7 @@ impl Driver {
             tokio::select! {
                 cmd = rx.recv() => match cmd {
                     None => {
-                        self.event(Event::ManualStop(Notify::new(6, 3, vec![], "peer de-configured"))).await;
+                        self.event(Event::ManualStop(Notify::new(Cease::PeerDeconfigured, vec![], "peer de-configured"))).await;
                         return;
                     }
                     Some(ToSession::Stop(n)) => {
@@ -386,7 +403,6 @@ impl Driver {
                     self.keepalive_at =
                         (s > 0).then(|| Instant::now() + Duration::from_secs(s as u64))
                 }
-                Action::ProcessUpdate => {}
                 Action::SessionUp => up = true,
                 Action::SessionDown => {
                     self.negotiated = None;
@@ -451,7 +467,11 @@ impl Driver {
                 // Manually stopped: refuse.
                 reject(
                     conn,
-                    Notify::new(6, 5, vec![], "connection rejected: session is stopped"),
+                    Notify::new(
+                        Cease::ConnectionRejected,
+                        vec![],
+                        "connection rejected: session is stopped",
+                    ),
                 )
                 .await;
             }
@@ -476,8 +496,7 @@ impl Driver {
                 reject(
                     conn,
                     Notify::new(
-                        6,
-                        7,
+                        Cease::ConnectionCollisionResolution,
                         vec![],
                         "connection collision with an Established session",
                     ),
@@ -505,9 +524,9 @@ impl Driver {
             match decoded {
                 Err(n) => {
                     warn!(peer = %self.cfg.address, "bad message: {n}");
-                    let ev = match n.code {
-                        2 => Event::BgpOpenMsgErr(n),
-                        3 => Event::UpdateMsgErr(n),
+                    let ev = match n.error {
+                        ErrorCode::OpenMessage(_) => Event::BgpOpenMsgErr(n),
+                        ErrorCode::UpdateMessage(_) => Event::UpdateMsgErr(n),
                         _ => Event::BgpHeaderErr(n),
                     };
                     self.event(ev).await;
@@ -652,7 +671,11 @@ impl Driver {
             info!(peer = %self.cfg.address, "connection collision: keeping our connection");
             reject(
                 p,
-                Notify::new(6, 7, vec![], "connection collision resolution"),
+                Notify::new(
+                    Cease::ConnectionCollisionResolution,
+                    vec![],
+                    "connection collision resolution",
+                ),
             )
             .await;
         }
@@ -670,4 +693,174 @@ pub fn now_unix() -> u64 {
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+/// Connection collisions (RFC 4271 §6.8) on real loopback TCP: the test
+/// plays the peer on both connections and reads what the session writes.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::{Cease, ErrorCode};
+    use tokio::net::TcpListener;
+
+    const PEER_ASN: u32 = 65001;
+    const DEADLINE: Duration = Duration::from_secs(10);
+
+    /// The peer's end of one connection.
+    struct PeerEnd {
+        s: TcpStream,
+        buf: Vec<u8>,
+    }
+
+    impl PeerEnd {
+        fn new(s: TcpStream) -> PeerEnd {
+            PeerEnd { s, buf: Vec::new() }
+        }
+
+        /// The next message the session wrote, or `None` once it closed.
+        async fn read(&mut self) -> Option<BgpMessage> {
+            loop {
+                if let Some(len) = wire::frame(&self.buf, wire::MAX_MESSAGE_LEN).unwrap() {
+                    let mut ctx = wire::parsing_context(true);
+                    let m = wire::decode(&self.buf[..len], &mut ctx).unwrap().0;
+                    self.buf.drain(..len);
+                    return Some(m);
+                }
+                let mut chunk = [0u8; 4096];
+                let n = tokio::time::timeout(DEADLINE, self.s.read(&mut chunk))
+                    .await
+                    .expect("the session writes or closes within the deadline")
+                    .unwrap_or(0);
+                if n == 0 {
+                    return None;
+                }
+                self.buf.extend_from_slice(&chunk[..n]);
+            }
+        }
+
+        /// The error of the NOTIFICATION read next, if that is what it is.
+        async fn notification(&mut self) -> Option<ErrorCode> {
+            match self.read().await {
+                Some(BgpMessage::Notification(n)) => ErrorCode::of_message(&n),
+                _ => None,
+            }
+        }
+
+        async fn send_open(&mut self, id: &str) {
+            let open = wire::build_open(&OpenParams {
+                asn: PEER_ASN,
+                hold_time: 90,
+                router_id: id.parse().unwrap(),
+                families: vec![Family::Ipv4],
+                graceful_restart: None,
+                extended_message: false,
+            });
+            self.s.write_all(&wire::encode(&open)).await.unwrap();
+        }
+
+        async fn send_keepalive(&mut self) {
+            self.s.write_all(&wire::keepalive()).await.unwrap();
+        }
+    }
+
+    struct Peer {
+        /// The session's outgoing connection, as the peer accepted it.
+        outgoing: PeerEnd,
+        events: mpsc::UnboundedReceiver<FromSession>,
+        cmd: mpsc::UnboundedSender<ToSession>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    /// A session for a peer on 127.0.0.1 (`our_id` is our BGP identifier),
+    /// up to OpenSent on its own outgoing connection, our OPEN read.
+    async fn session_in_open_sent(our_id: &str) -> Peer {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut cfg = SessionConfig::new("127.0.0.1".parse().unwrap(), PEER_ASN);
+        cfg.port = listener.local_addr().unwrap().port();
+        let mut speaker = SpeakerConfig::new(65000, our_id.parse().unwrap());
+        speaker.graceful_restart = None;
+        let local = Arc::new(LocalInfo::new(&speaker));
+        let (tx, events) = mpsc::unbounded_channel();
+        let (cmd, rx) = mpsc::unbounded_channel();
+        let task = tokio::spawn(Driver::new(cfg, local, tx).run(rx));
+        let (s, _) = tokio::time::timeout(DEADLINE, listener.accept())
+            .await
+            .expect("the session connects within the deadline")
+            .unwrap();
+        let mut outgoing = PeerEnd::new(s);
+        assert!(matches!(outgoing.read().await, Some(BgpMessage::Open(_))));
+        Peer {
+            outgoing,
+            events,
+            cmd,
+            task,
+        }
+    }
+
+    /// A second connection from the peer, handed to the session as a
+    /// listener would; returns the peer's end.
+    async fn connect_again(p: &Peer) -> PeerEnd {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let ours = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (theirs, _) = l.accept().await.unwrap();
+        p.cmd.send(ToSession::Incoming(theirs)).unwrap();
+        PeerEnd::new(ours)
+    }
+
+    async fn established(p: &mut Peer) -> Arc<Negotiated> {
+        loop {
+            let ev = tokio::time::timeout(DEADLINE, p.events.recv())
+                .await
+                .expect("Established within the deadline")
+                .unwrap();
+            if let FromSession::State {
+                state: State::Established,
+                negotiated: Some(n),
+                ..
+            } = ev
+            {
+                return n;
+            }
+        }
+    }
+
+    const COLLISION: ErrorCode = ErrorCode::Cease(Cease::ConnectionCollisionResolution);
+
+    #[tokio::test]
+    async fn the_higher_bgp_identifier_wins_the_peers_connection() {
+        // We are 192.0.2.1, the peer 192.0.2.9: its connection survives.
+        let mut p = session_in_open_sent("192.0.2.1").await;
+        let mut second = connect_again(&p).await;
+        second.send_open("192.0.2.9").await;
+        assert_eq!(p.outgoing.notification().await, Some(COLLISION));
+        assert!(p.outgoing.read().await.is_none(), "closed after the Cease");
+        assert!(matches!(second.read().await, Some(BgpMessage::Open(_))));
+        assert!(matches!(second.read().await, Some(BgpMessage::KeepAlive)));
+        second.send_keepalive().await;
+        let n = established(&mut p).await;
+        assert_eq!(n.peer.router_id, "192.0.2.9".parse::<Ipv4Addr>().unwrap());
+        p.task.abort();
+    }
+
+    #[tokio::test]
+    async fn the_higher_bgp_identifier_wins_our_connection() {
+        // We are 192.0.2.9, the peer 192.0.2.1: our connection survives.
+        let mut p = session_in_open_sent("192.0.2.9").await;
+        let mut second = connect_again(&p).await;
+        second.send_open("192.0.2.1").await;
+        assert_eq!(second.notification().await, Some(COLLISION));
+        assert!(second.read().await.is_none(), "closed after the Cease");
+        p.outgoing.send_open("192.0.2.1").await;
+        assert!(matches!(
+            p.outgoing.read().await,
+            Some(BgpMessage::KeepAlive)
+        ));
+        p.outgoing.send_keepalive().await;
+        established(&mut p).await;
+
+        // Established: a new connection is refused with the same Cease.
+        let mut third = connect_again(&p).await;
+        assert_eq!(third.notification().await, Some(COLLISION));
+        p.task.abort();
+    }
 }

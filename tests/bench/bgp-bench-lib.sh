@@ -17,7 +17,7 @@ bench_setup() {
     done
     # SKIP_BUILD=1: use the binaries already in $CARGO_TARGET_DIR/release.
     if [ -z "${SKIP_BUILD:-}" ]; then
-        cargo build --release -q -p starling-bgp --bin starling-bgpd
+        cargo build --release -q -p starling-bgpd
         cargo build --release -q -p starling-tests --bin bgp-loadgen
     fi
     BGPD=$CARGO_TARGET_DIR/release/starling-bgpd

@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 REPS=${REPS:-10}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
-cargo build --release -q -p starling-bgp --bin starling-bgpd
+cargo build --release -q -p starling-bgpd
 cargo build --release -q -p starling-tests --bin bgp-establish-bench
 exec "$CARGO_TARGET_DIR/release/bgp-establish-bench" --reps "$REPS" \
     --bgpd "$CARGO_TARGET_DIR/release/starling-bgpd"

@@ -50,7 +50,7 @@ fn main() -> Result<()> {
     };
     if !bgpd.is_file() {
         bail!(
-            "{} does not exist; build it with `cargo build --release -p starling-bgp`",
+            "{} does not exist; build it with `cargo build --release -p starling-bgpd`",
             bgpd.display()
         );
     }

@@ -271,7 +271,7 @@ pub fn bin(name: &str) -> PathBuf {
             .arg("--manifest-path")
             .arg(manifest);
         cmd.arg("--target-dir").arg(target_dir);
-        for p in ["starling-bgp", "starling-agent", "starling-cni"] {
+        for p in ["starling-bgpd", "starling-agent", "starling-cni"] {
             cmd.args(["-p", p]);
         }
         if release {

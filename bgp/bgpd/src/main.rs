@@ -1,10 +1,12 @@
 //! `starling-bgpd`: the speaker as a standalone daemon, configured by a YAML
 //! file and inspected through its control socket.
 
+mod config;
+
 use anyhow::{Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
+use config::DaemonConfig;
 use ipnet::IpNet;
-use starling_bgp::config::DaemonConfig;
 use starling_bgp::control::{self, Reply, Request};
 use starling_bgp::{RouteEvent, Speaker};
 use std::path::PathBuf;

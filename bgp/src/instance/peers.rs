@@ -1,0 +1,262 @@
+//! The peer table: adding, changing and removing peers, the session states
+//! the session tasks report, and the per-peer limits.
+
+use super::{Instance, PeerEntry};
+use crate::attrs::Family;
+use crate::config::{MaxPrefixAction, PeerConfig, PeerPolicy, SessionConfig};
+use crate::fsm::State;
+use crate::report::SessionStatus;
+use crate::rib::PeerMeta;
+use crate::session::{self, FromSession, Negotiated, ToSession};
+use crate::sockopt;
+use crate::wire::{Cease, Notify};
+use foldhash::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+impl Instance {
+    /// Add a peer, or apply a new configuration to one we have: a change of
+    /// policy keeps the session, any other change restarts it.
+    pub(super) fn add_peer(&mut self, cfg: PeerConfig) -> Result<(), String> {
+        cfg.validate()?;
+        let (session, policy) = cfg.split();
+        let addr = session.address;
+        if let Some(old) = self.peers.get(&addr) {
+            if old.session == session {
+                if old.policy != policy {
+                    self.update_policy(addr, policy);
+                }
+                return Ok(());
+            }
+            self.remove_peer(
+                addr,
+                Notify::new(
+                    Cease::OtherConfigurationChange,
+                    vec![],
+                    "peer configuration changed",
+                ),
+            );
+        }
+        self.start_peer(session, policy);
+        Ok(())
+    }
+
+    /// Policy, reflection or limits changed: keep the session, ask the peer
+    /// to send everything again when the import policy changed (RFC 2918),
+    /// and bring its Adj-RIB-Out in line with the new export policy.
+    fn update_policy(&mut self, addr: IpAddr, policy: PeerPolicy) {
+        let Some(old) = self.peers.get_mut(&addr) else {
+            return;
+        };
+        let import_changed = old.policy.import != policy.import;
+        let rr_client = policy.route_reflector_client;
+        old.policy = policy;
+        old.warned_policy = false;
+        old.warned_max_prefix = false;
+        if let Some(neg) = old.negotiated.clone() {
+            if let Some(meta) = self.rib.meta(addr).copied() {
+                self.rib.set_peer(addr, PeerMeta { rr_client, ..meta });
+            }
+            if import_changed {
+                for f in &neg.families {
+                    let _ = old.tx.send(ToSession::Refresh(*f));
+                }
+            }
+            let all = self.rib.all_prefixes();
+            self.export_to(addr, all, false);
+        }
+        info!(peer = %addr, "peer policy updated without a session reset");
+    }
+
+    fn start_peer(&mut self, session: SessionConfig, policy: PeerPolicy) {
+        if let Some(pw) = &session.md5_password {
+            self.set_listener_md5(session.address, Some(pw));
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        (self.start_session)(session.clone(), rx);
+        info!(peer = %session.address, asn = session.asn, "peer added");
+        self.peers.insert(
+            session.address,
+            PeerEntry {
+                session,
+                policy,
+                tx,
+                state: State::Idle,
+                since: session::now_unix(),
+                last_error: None,
+                negotiated: None,
+                adj_out: HashMap::default(),
+                warned_policy: false,
+                warned_max_prefix: false,
+            },
+        );
+    }
+
+    pub(super) fn remove_peer(&mut self, addr: IpAddr, n: Notify) -> bool {
+        let Some(p) = self.peers.remove(&addr) else {
+            return false;
+        };
+        let _ = p.tx.send(ToSession::Stop(n));
+        if p.session.md5_password.is_some() {
+            self.set_listener_md5(addr, None);
+        }
+        self.stale_until.remove(&addr);
+        let gone = self.rib.drop_peer(addr);
+        self.mark_dirty(gone);
+        self.check_sync();
+        true
+    }
+
+    /// TCP-MD5 (RFC 2385) needs the key on the listening socket too, or the
+    /// peer's SYN is dropped before we see it.
+    fn set_listener_md5(&self, addr: IpAddr, key: Option<&str>) {
+        for l in &self.listeners {
+            let fam_ok = l
+                .local_addr()
+                .map(|a| a.is_ipv4() == addr.is_ipv4())
+                .unwrap_or(false);
+            if fam_ok && let Err(e) = sockopt::set_md5(l.as_ref(), addr, key) {
+                warn!(peer = %addr, error = %e, "cannot set the TCP-MD5 key on the listener");
+            }
+        }
+    }
+
+    pub(super) fn session_event(&mut self, ev: FromSession) {
+        match ev {
+            FromSession::State {
+                peer,
+                state,
+                negotiated,
+                error,
+                graceful,
+            } => {
+                let Some(p) = self.peers.get_mut(&peer) else {
+                    return;
+                };
+                let was = p.state;
+                p.state = state;
+                p.since = session::now_unix();
+                if error.is_some() {
+                    p.last_error = error;
+                }
+                if state == State::Established {
+                    self.session_up(peer, negotiated);
+                } else if was == State::Established {
+                    self.session_left(peer, graceful);
+                }
+            }
+            FromSession::Update { peer, update } => self.update(peer, *update),
+            FromSession::RefreshRequest { peer, family } => {
+                // RFC 2918: resend the whole Adj-RIB-Out of that family.
+                if let Some(p) = self.peers.get_mut(&peer) {
+                    p.adj_out.retain(|k, _| Family::of(k) != family);
+                }
+                self.export_to(peer, self.rib.prefixes_of(family), false);
+            }
+        }
+    }
+
+    /// Established: the RIB learns who the peer is, a restarting peer's
+    /// stale routes are sorted out, and the peer gets our whole table and
+    /// End-of-RIB.
+    fn session_up(&mut self, peer: IpAddr, negotiated: Option<Arc<Negotiated>>) {
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        p.negotiated = negotiated.clone();
+        p.adj_out.clear();
+        let ebgp = p.ebgp(self.asn);
+        let rr_client = p.policy.route_reflector_client;
+        if let Some(neg) = &negotiated {
+            self.rib.set_peer(
+                peer,
+                PeerMeta {
+                    ebgp,
+                    router_id: neg.peer.router_id,
+                    rr_client,
+                },
+            );
+            self.resume_stale(peer, neg);
+        }
+        let all = self.rib.all_prefixes();
+        self.export_to(peer, all, true);
+    }
+
+    /// The session left Established: forget what we sent, and keep or drop
+    /// what we learned (graceful restart).
+    fn session_left(&mut self, peer: IpAddr, graceful: bool) {
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        let gr = p
+            .negotiated
+            .as_ref()
+            .and_then(|n| n.peer.graceful_restart.clone());
+        let cap = p.policy.max_restart_time;
+        p.negotiated = None;
+        p.adj_out.clear();
+        self.session_down(peer, gr, cap, graceful);
+    }
+
+    /// The peer sent more prefixes than its limit: warn once, or close the
+    /// session with Cease / Maximum Number of Prefixes Reached.
+    pub(super) fn check_max_prefixes(&mut self, peer: IpAddr) {
+        let count = self.rib.received_count(peer);
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        let Some(max) = p.policy.max_prefixes else {
+            return;
+        };
+        if count <= max.limit {
+            return;
+        }
+        match max.action {
+            MaxPrefixAction::Warn => {
+                if !p.warned_max_prefix {
+                    warn!(peer = %peer, count, limit = max.limit, "peer exceeds its prefix limit");
+                    p.warned_max_prefix = true;
+                }
+            }
+            MaxPrefixAction::Close => {
+                warn!(peer = %peer, count, limit = max.limit, "peer exceeds its prefix limit: closing the session");
+                // RFC 4486 §4: AFI, SAFI and the limit.
+                let mut data = vec![0, if peer.is_ipv4() { 1 } else { 2 }, 1];
+                data.extend_from_slice(&(max.limit.min(u32::MAX as usize) as u32).to_be_bytes());
+                let n = Notify::new(
+                    Cease::MaximumNumberOfPrefixesReached,
+                    data,
+                    format!("{count} prefixes exceed the limit of {}", max.limit),
+                );
+                let _ = p.tx.send(ToSession::Reset(n, Duration::from_secs(30)));
+            }
+        }
+    }
+
+    /// The session table.
+    pub(super) fn sessions(&self) -> Vec<SessionStatus> {
+        self.peers
+            .values()
+            .map(|p| SessionStatus {
+                peer: p.session.address,
+                asn: p.session.asn,
+                kind: if p.ebgp(self.asn) {
+                    "ebgp".into()
+                } else if p.policy.route_reflector_client {
+                    "ibgp rr-client".into()
+                } else {
+                    "ibgp".into()
+                },
+                state: p.state.to_string(),
+                since: p.since,
+                prefixes_received: self.rib.received_count(p.session.address),
+                prefixes_sent: p.adj_out.len(),
+                last_error: p.last_error.clone(),
+                description: p.policy.description.clone(),
+            })
+            .collect()
+    }
+}
