@@ -18,7 +18,7 @@ use std::str::FromStr;
 
 /// Interfaces `first-found` (and `skip-interface`) never pick: container
 /// bridges and veths, tunnels, loopback, kube-proxy's dummy, and our own pod
-/// veths (`stl…`, see `starling_cni::host_veth_name`).
+/// veths (`stl…`, see `starling_cni_proto::host_veth_name`).
 pub const DEFAULT_SKIP: &[&str] = &[
     "^docker.*",
     "^cbr.*",

@@ -179,11 +179,21 @@ impl Readiness {
     }
 }
 
-/// What the server answers from.
+/// What the server answers from; the agent's loops write both.
 #[derive(Clone, Debug)]
 pub struct Endpoints {
     pub metrics: Metrics,
     pub readiness: Readiness,
+}
+
+impl Endpoints {
+    /// Fresh metrics (labelled with the agent's `version`) and readiness.
+    pub fn new(version: &str) -> Endpoints {
+        Endpoints {
+            metrics: Metrics::new(version),
+            readiness: Readiness::new(),
+        }
+    }
 }
 
 /// Bind the configured addresses (one listener when they are equal) and

@@ -45,7 +45,7 @@ pub struct InstallOptions {
     #[arg(long, default_value = DEFAULT_CNI_CONF)]
     pub cni_conf: PathBuf,
     /// The agent's CNI socket, as the plugin on the host sees it.
-    #[arg(long, default_value = starling_cni::proto::DEFAULT_SOCKET)]
+    #[arg(long, default_value = starling_cni_proto::DEFAULT_SOCKET)]
     pub socket_path: PathBuf,
     /// Pod MTU written into the conflist; absent: the agent decides.
     #[arg(long)]
@@ -64,7 +64,7 @@ impl Default for InstallOptions {
             cni_binary: DEFAULT_CNI_BINARY.into(),
             cni_bin_dir: DEFAULT_CNI_BIN_DIR.into(),
             cni_conf: DEFAULT_CNI_CONF.into(),
-            socket_path: starling_cni::proto::DEFAULT_SOCKET.into(),
+            socket_path: starling_cni_proto::DEFAULT_SOCKET.into(),
             mtu: None,
             network_name: DEFAULT_NETWORK_NAME.into(),
             cni_version: DEFAULT_CNI_VERSION.into(),
@@ -534,7 +534,7 @@ mod tests {
         assert_eq!(endpoints.health.port(), 9099);
         assert_eq!(
             cfg["socketPath"].as_str(),
-            Some(starling_cni::proto::DEFAULT_SOCKET)
+            Some(starling_cni_proto::DEFAULT_SOCKET)
         );
     }
 }

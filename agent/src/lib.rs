@@ -1,6 +1,7 @@
 //! The Starling node agent: it joins the cluster model, the BGP speaker, the
 //! kernel FIB reconciler and IPAM on one node.
 pub mod autodetect;
+pub mod encap;
 pub mod fib;
 pub mod health;
 pub mod install;
@@ -9,3 +10,4 @@ pub mod lab;
 pub mod metrics;
 pub mod model;
 pub mod node;
+pub mod runtime;

@@ -19,7 +19,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 use starling_bgp::SessionStatus;
-use starling_cni::proto::{Request, StatusReply};
+use starling_cni_proto::{Request, StatusReply};
 
 use crate::fib::FibStatus;
 

@@ -1,14 +1,13 @@
-//! `starling-bgpd`'s control socket: one JSON request per line, one JSON
-//! reply per line, on a Unix socket that only root can open (mode 0600).
+//! `starling-bgpd`'s control socket: its requests and replies, spoken as
+//! JSON lines on a root-only Unix socket ([`crate::jsonl`]).
 
+use crate::jsonl::{self, ErrorReply};
 use crate::report::{RibSummary, RouteEntry, SessionStatus};
 use crate::speaker::Speaker;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{UnixListener, UnixStream};
+use std::time::Duration;
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
@@ -30,72 +29,52 @@ pub enum Reply {
     Error(String),
 }
 
-/// Serve the control socket until the process ends.
-pub async fn serve(path: &Path, speaker: Speaker) -> std::io::Result<()> {
-    let _ = std::fs::remove_file(path);
-    let listener = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    loop {
-        let (stream, _) = listener.accept().await?;
-        let speaker = speaker.clone();
-        tokio::spawn(async move {
-            let _ = handle(stream, speaker).await;
-        });
+impl ErrorReply for Reply {
+    fn error(message: String) -> Reply {
+        Reply::Error(message)
     }
 }
 
-async fn handle(stream: UnixStream, speaker: Speaker) -> std::io::Result<()> {
-    let (rd, mut wr) = stream.into_split();
-    let mut lines = BufReader::new(rd).lines();
-    while let Some(line) = lines.next_line().await? {
-        let reply = match serde_json::from_str::<Request>(&line) {
-            Err(e) => Reply::Error(format!("bad request: {e}")),
-            Ok(Request::Sessions) => match speaker.sessions().await {
-                Ok(s) => Reply::Sessions(s),
-                Err(e) => Reply::Error(e.to_string()),
-            },
-            Ok(Request::Summary) => match speaker.summary().await {
-                Ok(s) => Reply::Summary(s),
-                Err(e) => Reply::Error(e.to_string()),
-            },
-            Ok(Request::Routes) => match speaker.routes().await {
-                Ok(r) => Reply::Routes(r),
-                Err(e) => Reply::Error(e.to_string()),
-            },
-            Ok(Request::Announce { prefix }) => match speaker.announce(prefix) {
-                Ok(()) => Reply::Ok,
-                Err(e) => Reply::Error(e.to_string()),
-            },
-            Ok(Request::Withdraw { prefix }) => match speaker.withdraw(prefix) {
-                Ok(()) => Reply::Ok,
-                Err(e) => Reply::Error(e.to_string()),
-            },
-        };
-        let mut out =
-            serde_json::to_vec(&reply).unwrap_or_else(|_| b"{\"error\":\"encode\"}".to_vec());
-        out.push(b'\n');
-        wr.write_all(&out).await?;
+/// How long the CLI waits for the daemon's reply.
+const REQUEST_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Serve the control socket until the process ends.
+pub async fn serve(path: &Path, speaker: Speaker) -> std::io::Result<()> {
+    let listener = jsonl::bind(path)?;
+    jsonl::serve(listener, move |req| answer(speaker.clone(), req)).await
+}
+
+async fn answer(speaker: Speaker, req: Request) -> Reply {
+    match req {
+        Request::Sessions => match speaker.sessions().await {
+            Ok(s) => Reply::Sessions(s),
+            Err(e) => Reply::Error(e.to_string()),
+        },
+        Request::Summary => match speaker.summary().await {
+            Ok(s) => Reply::Summary(s),
+            Err(e) => Reply::Error(e.to_string()),
+        },
+        Request::Routes => match speaker.routes().await {
+            Ok(r) => Reply::Routes(r),
+            Err(e) => Reply::Error(e.to_string()),
+        },
+        Request::Announce { prefix } => match speaker.announce(prefix) {
+            Ok(()) => Reply::Ok,
+            Err(e) => Reply::Error(e.to_string()),
+        },
+        Request::Withdraw { prefix } => match speaker.withdraw(prefix) {
+            Ok(()) => Reply::Ok,
+            Err(e) => Reply::Error(e.to_string()),
+        },
     }
-    Ok(())
 }
 
 /// Send one request and wait for its reply (used by the CLI).
 pub fn request(path: &Path, req: &Request) -> Result<Reply, String> {
-    use std::io::{BufRead, Write};
-    let mut s = std::os::unix::net::UnixStream::connect(path).map_err(|e| {
-        format!(
-            "cannot connect to the control socket {}: {e} (is starling-bgpd running?)",
-            path.display()
-        )
-    })?;
-    let mut line = serde_json::to_vec(req).map_err(|e| e.to_string())?;
-    line.push(b'\n');
-    s.write_all(&line).map_err(|e| e.to_string())?;
-    let mut reply = String::new();
-    std::io::BufReader::new(s)
-        .read_line(&mut reply)
-        .map_err(|e| e.to_string())?;
-    serde_json::from_str(&reply).map_err(|e| format!("bad reply from starling-bgpd: {e}"))
+    jsonl::request(path, req, REQUEST_DEADLINE).map_err(|e| match e {
+        jsonl::RequestError::Connect { .. } => format!("{e} (is starling-bgpd running?)"),
+        e => e.to_string(),
+    })
 }
 
 /// The session table, in the shape of `calicoctl node status`.

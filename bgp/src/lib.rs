@@ -8,7 +8,8 @@
 //! - `attrs`: our model of a path's attributes. `wire`: the messages on the
 //!   wire, one file per message, converted to and from `attrs`.
 //!   `policy`: import/export rules over `attrs`. `fsm`: RFC 4271 §8 as a
-//!   pure function. `sockopt`: the socket options std lacks.
+//!   pure function. `sockopt`: the socket options std lacks. `jsonl`:
+//!   JSON-lines control sockets, with nothing of BGP in them.
 //! - `config` and `report`: the public types, what the embedder tells the
 //!   speaker and what it hears back.
 //! - `rib`: Adj-RIBs-In, the Loc-RIB and the decision process.
@@ -23,6 +24,7 @@ pub mod control;
 mod export;
 pub mod fsm;
 mod instance;
+pub mod jsonl;
 pub mod policy;
 pub mod report;
 pub mod rib;

@@ -14,13 +14,13 @@ use rscni_plugin::error::Error;
 use rscni_plugin::types::{Args, CNIResult, Interface, IpConfig, NetConf, Route};
 use rscni_plugin::version::SpecVersion;
 use serde_json::Value;
-use starling_cni::proto::{
-    self, AddRequest, AgentError, AttachmentKey, CallError, ErrorKind, GATEWAY_V4, GATEWAY_V6,
-    HOST_VETH_MAC, Reply, Request,
+use starling_cni_proto::{
+    self as proto, AddRequest, AgentError, AttachmentKey, CallError, ErrorKind, Reply, Request,
 };
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use wiring::{GATEWAY_V4, GATEWAY_V6, HOST_VETH_MAC};
 
 /// Plugin-specific error codes (the spec reserves 0-99).
 const CODE_EXHAUSTED: u32 = 100;
@@ -97,7 +97,7 @@ impl Attachment {
             .ifname()
             .map(|i| i.to_string())
             .ok_or_else(|| Error::missing_env(&["CNI_IFNAME"]))?;
-        let host_veth = starling_cni::host_veth_name(&container_id, &ifname);
+        let host_veth = proto::host_veth_name(&container_id, &ifname);
         Ok(Attachment {
             key: AttachmentKey {
                 container_id,
@@ -172,7 +172,7 @@ impl Cni for Starling {
             )
             .map_err(agent_error)?,
         );
-        let pod_mac = starling_cni::pod_mac(&att.key.container_id, &att.key.ifname);
+        let pod_mac = proto::pod_mac(&att.key.container_id, &att.key.ifname);
         let link = wiring::Link {
             netns: &netns,
             ifname: &att.key.ifname,
@@ -274,7 +274,7 @@ impl Cni for Starling {
             link: wiring::Link {
                 netns: &netns,
                 ifname: &att.key.ifname,
-                pod_mac: starling_cni::pod_mac(&att.key.container_id, &att.key.ifname),
+                pod_mac: proto::pod_mac(&att.key.container_id, &att.key.ifname),
                 host_veth: &att.host_veth,
             },
             ips: &allocation.ips,

@@ -14,13 +14,26 @@ use netlink_packet_route::link::{InfoData, InfoKind, InfoVeth};
 use netlink_packet_route::neighbour::NeighbourState;
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteProtocol, RouteScope};
 use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
-use starling_cni::proto::{GATEWAY_V4, GATEWAY_V6, HOST_VETH_MAC};
 use std::fs::File;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use crate::netns;
+
+/// The pod-side gateway for IPv4: never configured anywhere, answered by
+/// proxy ARP on the host side of every pod veth (the address Calico uses).
+pub const GATEWAY_V4: std::net::Ipv4Addr = std::net::Ipv4Addr::new(169, 254, 1, 1);
+
+/// The pod-side gateway for IPv6: the link-local address the kernel derives
+/// (EUI-64) from [`HOST_VETH_MAC`], so the host veth owns it without
+/// configuration.
+pub const GATEWAY_V6: std::net::Ipv6Addr =
+    std::net::Ipv6Addr::new(0xfe80, 0, 0, 0, 0xecee, 0xeeff, 0xfeee, 0xeeee);
+
+/// Every host-side veth gets this MAC: pods only ever talk to "the host", so
+/// one fixed address keeps their neighbour tables stable across restarts.
+pub const HOST_VETH_MAC: [u8; 6] = [0xee; 6];
 
 #[derive(Debug, thiserror::Error)]
 pub enum WiringError {
@@ -506,4 +519,20 @@ async fn has_route(handle: &Handle, v4: bool, wanted: impl Fn(IpNet, u32) -> boo
         }
     }
     Ok(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gateway_v6_is_the_eui64_link_local_of_the_host_mac() {
+        let m = HOST_VETH_MAC;
+        let eui = [m[0] ^ 0x02, m[1], m[2], 0xff, 0xfe, m[3], m[4], m[5]];
+        let mut b = [0u8; 16];
+        b[0] = 0xfe;
+        b[1] = 0x80;
+        b[8..].copy_from_slice(&eui);
+        assert_eq!(std::net::Ipv6Addr::from(b), GATEWAY_V6);
+    }
 }

@@ -209,9 +209,9 @@ fn start_agent(
     let mut agent = Daemon::spawn("starling-agent", cmd)?;
     wait_for("the agent's socket", Duration::from_secs(20), || {
         agent.check_alive()?;
-        Ok(starling_cni::proto::call(
+        Ok(starling_cni_proto::call(
             socket,
-            starling_cni::proto::Request::Status,
+            starling_cni_proto::Request::Status,
             Duration::from_secs(1),
         )
         .is_ok())

@@ -5,7 +5,7 @@
 use crate::{bin, wait_for};
 use anyhow::{Context, Result, anyhow, bail};
 use starling_agent::lab::{self, LabOptions, LabState, Topology};
-use starling_agent::node::control::NodeStatus;
+use starling_agent::node::control::{self, NodeStatus};
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
 use std::net::IpAddr;
@@ -318,21 +318,12 @@ pub fn wait_reachable(netns: &str, to: IpAddr) -> Result<Duration> {
     )
 }
 
-/// The peer types of a node's sessions, by peer address.
+/// The peer types of a node's sessions (PEER TYPE as `starlingctl status`
+/// derives it), by peer address.
 pub fn session_types(c: &Cluster, node: &str) -> Result<Vec<(String, String)>> {
-    Ok(c.status(node)?
-        .sessions
-        .iter()
-        .map(|s| {
-            (
-                s.peer.to_string(),
-                s.description
-                    .as_deref()
-                    .and_then(|d| d.split_once(": "))
-                    .map(|(k, _)| k.to_string())
-                    .unwrap_or_default(),
-            )
-        })
+    Ok(control::with_plan_types(&c.status(node)?.sessions)
+        .into_iter()
+        .map(|s| (s.peer.to_string(), s.kind))
         .collect())
 }
 

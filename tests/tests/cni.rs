@@ -6,7 +6,7 @@
 
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::{Value, json};
-use starling_cni::proto::{self, AttachmentKey, Reply, Request};
+use starling_cni_proto::{self as proto, AttachmentKey, Reply, Request};
 use starling_tests::{Daemon, Netns, TempDir, bin, require_tool, wait_for};
 use std::collections::HashSet;
 use std::io::Write;
@@ -355,7 +355,7 @@ fn add_ping_host_and_pod_then_del_cleans_everything() -> Result<()> {
         routes6.contains("via fe80::ecee:eeff:feee:eeee dev eth0"),
         "{routes6}"
     );
-    let veth = starling_cni::host_veth_name(&a.id, "eth0");
+    let veth = starling_cni_proto::host_veth_name(&a.id, "eth0");
     let link = node.ns.ip(&["link", "show", &veth])?;
     assert!(
         link.contains("ee:ee:ee:ee:ee:ee") && link.contains("mtu 1450"),
@@ -485,7 +485,7 @@ fn gc_releases_what_is_not_valid_and_the_leak_report_lists_it() -> Result<()> {
     assert!(node.leaks(valid)?.is_empty());
     assert_eq!(
         node.links()?,
-        vec![starling_cni::host_veth_name(&pods[0].id, "eth0")]
+        vec![starling_cni_proto::host_veth_name(&pods[0].id, "eth0")]
     );
 
     // The older key name still works.
@@ -855,7 +855,7 @@ fn chains_with_the_reference_portmap_and_bandwidth_plugins() -> Result<()> {
         nat.contains("--dport 18080") && nat.contains(&format!("{}:80", ips[0])),
         "portmap DNAT for the pod: {nat}"
     );
-    let veth = starling_cni::host_veth_name(&pod.id, "eth0");
+    let veth = starling_cni_proto::host_veth_name(&pod.id, "eth0");
     let qdisc = node.ns.ip(&["-j", "link", "show"])?;
     let tc = node.ns.exec("tc", &["qdisc", "show", "dev", &veth])?;
     assert!(

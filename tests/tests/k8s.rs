@@ -16,7 +16,7 @@ mod e2e;
 use anyhow::{Context, Result, ensure};
 use cluster::{Cluster, checked, cluster, log, repo_root, tool};
 use serde_json::{Value, json};
-use starling_cni::proto::{self, Reply, Request};
+use starling_cni_proto::{self as proto, Reply, Request};
 use starling_tests::{Daemon, Netns, TempDir, bin, require_tool, wait_for};
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};

@@ -4,9 +4,9 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 use starling_agent::lab;
 use starling_agent::model::{crd, file};
-use starling_agent::node::control::{self, Reply, Request};
+use starling_agent::node::control;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(Parser)]
@@ -106,13 +106,6 @@ enum Output {
     Json,
 }
 
-fn ask(agent: &AgentArgs, req: Request) -> Result<Reply> {
-    match control::request(&agent.socket, &req).map_err(anyhow::Error::msg)? {
-        Reply::Error(e) => anyhow::bail!("the agent says: {e}"),
-        r => Ok(r),
-    }
-}
-
 fn print_json<T: serde::Serialize>(v: &T) -> Result<ExitCode> {
     let mut out = serde_json::to_string_pretty(v)?;
     out.push('\n');
@@ -156,174 +149,182 @@ fn run(cli: Cli) -> Result<ExitCode> {
             std::io::stdout().lock().write_all(yaml.as_bytes())?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Validate { file: path } => match file::load_file(&path) {
-            Ok(s) => {
-                println!(
-                    "{}: ok: {} IPPool, {} BGPConfiguration, {} BGPPeer, {} StarlingNode, {} BlockAffinity",
-                    path.display(),
-                    s.pools.len(),
-                    usize::from(s.bgp_configuration.is_some()),
-                    s.peers.len(),
-                    s.nodes.len(),
-                    s.affinities.len()
-                );
-                Ok(ExitCode::SUCCESS)
-            }
-            Err(e) => {
-                eprintln!("{e}");
-                eprintln!("{} problem(s); nothing was loaded", e.problems.len());
-                Ok(ExitCode::FAILURE)
-            }
-        },
+        Command::Validate { file: path } => validate(&path),
         Command::Lab { command } => lab_command(command),
-        Command::Status { agent } => {
-            let Reply::Status(st) = ask(&agent, Request::Status)? else {
-                anyhow::bail!("unexpected reply to status");
-            };
-            if agent.output == Output::Json {
-                return print_json(&st);
-            }
-            let addrs: Vec<String> = st.addresses.iter().map(|a| a.to_string()).collect();
-            println!("Starling agent {} on node {}", st.version, st.node);
-            println!(
-                "  addresses {} (from {}), AS {}, router ID {}{}",
-                addrs.join(", "),
-                st.address_source,
-                st.asn,
-                st.router_id.map_or("-".into(), |r| r.to_string()),
-                st.cluster_id
-                    .map_or(String::new(), |c| format!(", route reflector cluster {c}"))
-            );
-            println!(
-                "  datastore {}{}",
-                st.datastore,
-                st.datastore_error
-                    .as_deref()
-                    .map_or(String::new(), |e| format!(" (newest version refused: {e})"))
-            );
-            println!(
-                "  FIB: {} routes of ours installed, {} unreachable, {} conflicts, {} errors; \
-                 {} blocks, {} pods; initial sync {}",
-                st.fib.installed,
-                st.fib.unreachable.len(),
-                st.fib.conflicts.len(),
-                st.fib.errors.len(),
-                st.blocks.len(),
-                st.pods,
-                if st.synced {
-                    "done"
-                } else {
-                    "waiting for End-of-RIB"
-                }
-            );
-            println!();
-            println!("IPv4 and IPv6 BGP status");
-            print!(
-                "{}",
-                starling_bgp::control::session_table(&control::with_plan_types(&st.sessions))
-            );
-            for d in &st.draining {
-                println!("draining {d}: kept until its routes are learned another way");
-            }
-            for w in &st.warnings {
-                println!("warning: {w}");
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Routes { agent } => {
-            let Reply::Routes(r) = ask(&agent, Request::Routes)? else {
-                anyhow::bail!("unexpected reply to routes");
-            };
-            if agent.output == Output::Json {
-                return print_json(&r);
-            }
-            let mut rows = vec![vec![
-                "PREFIX".to_string(),
-                "FROM".into(),
-                "NEXT HOP".into(),
-                "AS PATH".into(),
-                "BEST".into(),
-            ]];
-            for e in &r.bgp {
-                rows.push(vec![
-                    e.prefix.to_string(),
-                    e.peer.clone(),
-                    e.next_hop.map_or("-".into(), |h| h.to_string()),
-                    e.as_path
-                        .iter()
-                        .map(u32::to_string)
-                        .collect::<Vec<_>>()
-                        .join(" "),
-                    match (e.best, e.stale) {
-                        (true, false) => "*".into(),
-                        (true, true) => "* stale".into(),
-                        (false, true) => "stale".into(),
-                        (false, false) => String::new(),
-                    },
-                ]);
-            }
-            println!("BGP");
-            print!("{}", table(&rows));
-            println!();
-            println!("Kernel (desired)");
-            let mut rows = vec![vec!["DESTINATION".to_string(), "TARGET".into()]];
-            for route in &r.fib {
-                let target = match &route.target {
-                    starling_agent::fib::RouteTarget::Blackhole => "blackhole".to_string(),
-                    starling_agent::fib::RouteTarget::Device(d) => format!("dev {d}"),
-                    starling_agent::fib::RouteTarget::Via(hops) => hops
-                        .iter()
-                        .map(|h| format!("via {} ({:?})", h.gateway, h.encap))
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                };
-                rows.push(vec![route.dst.to_string(), target]);
-            }
-            print!("{}", table(&rows));
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Status { agent } => status(&agent),
+        Command::Routes { agent } => routes(&agent),
         Command::Ipam {
             command: IpamCommand::Show { agent },
-        } => {
-            let Reply::Ipam(r) = ask(&agent, Request::Ipam)? else {
-                anyhow::bail!("unexpected reply to ipam");
-            };
-            if agent.output == Output::Json {
-                return print_json(&r);
-            }
-            println!("IPAM on node {}", r.node);
-            let mut rows = vec![vec![
-                "IP POOL".to_string(),
-                "BLOCK SIZE".into(),
-                "BLOCKS HERE".into(),
-                "IPS HERE".into(),
-                "IPS IN USE".into(),
-                "IPS FREE".into(),
-            ]];
-            for p in &r.pools {
-                rows.push(vec![
-                    p.cidr.to_string(),
-                    format!("/{}", p.block_size),
-                    p.blocks.to_string(),
-                    p.addresses.to_string(),
-                    p.in_use.to_string(),
-                    p.addresses.saturating_sub(p.in_use as u128).to_string(),
-                ]);
-            }
-            print!("{}", table(&rows));
-            println!();
-            let mut rows = vec![vec!["BLOCK".to_string(), "IPS".into(), "IN USE".into()]];
-            for b in &r.blocks {
-                rows.push(vec![
-                    b.cidr.to_string(),
-                    b.addresses.to_string(),
-                    b.in_use.to_string(),
-                ]);
-            }
-            print!("{}", table(&rows));
+        } => ipam_show(&agent),
+    }
+}
+
+/// `starlingctl validate FILE`.
+fn validate(path: &Path) -> Result<ExitCode> {
+    match file::load_file(path) {
+        Ok(s) => {
+            println!(
+                "{}: ok: {} IPPool, {} BGPConfiguration, {} BGPPeer, {} StarlingNode, {} BlockAffinity",
+                path.display(),
+                s.pools.len(),
+                usize::from(s.bgp_configuration.is_some()),
+                s.peers.len(),
+                s.nodes.len(),
+                s.affinities.len()
+            );
             Ok(ExitCode::SUCCESS)
         }
+        Err(e) => {
+            eprintln!("{e}");
+            eprintln!("{} problem(s); nothing was loaded", e.problems.len());
+            Ok(ExitCode::FAILURE)
+        }
     }
+}
+
+/// `starlingctl status`.
+fn status(agent: &AgentArgs) -> Result<ExitCode> {
+    let st = control::status(&agent.socket)?;
+    if agent.output == Output::Json {
+        return print_json(&st);
+    }
+    let addrs: Vec<String> = st.addresses.iter().map(|a| a.to_string()).collect();
+    println!("Starling agent {} on node {}", st.version, st.node);
+    println!(
+        "  addresses {} (from {}), AS {}, router ID {}{}",
+        addrs.join(", "),
+        st.address_source,
+        st.asn,
+        st.router_id.map_or("-".into(), |r| r.to_string()),
+        st.cluster_id
+            .map_or(String::new(), |c| format!(", route reflector cluster {c}"))
+    );
+    println!(
+        "  datastore {}{}",
+        st.datastore,
+        st.datastore_error
+            .as_deref()
+            .map_or(String::new(), |e| format!(" (newest version refused: {e})"))
+    );
+    println!(
+        "  FIB: {} routes of ours installed, {} unreachable, {} conflicts, {} errors; \
+         {} blocks, {} pods; initial sync {}",
+        st.fib.installed,
+        st.fib.unreachable.len(),
+        st.fib.conflicts.len(),
+        st.fib.errors.len(),
+        st.blocks.len(),
+        st.pods,
+        if st.synced {
+            "done"
+        } else {
+            "waiting for End-of-RIB"
+        }
+    );
+    println!();
+    println!("IPv4 and IPv6 BGP status");
+    print!(
+        "{}",
+        starling_bgp::control::session_table(&control::with_plan_types(&st.sessions))
+    );
+    for d in &st.draining {
+        println!("draining {d}: kept until its routes are learned another way");
+    }
+    for w in &st.warnings {
+        println!("warning: {w}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `starlingctl routes`.
+fn routes(agent: &AgentArgs) -> Result<ExitCode> {
+    let r = control::routes(&agent.socket)?;
+    if agent.output == Output::Json {
+        return print_json(&r);
+    }
+    let mut rows = vec![vec![
+        "PREFIX".to_string(),
+        "FROM".into(),
+        "NEXT HOP".into(),
+        "AS PATH".into(),
+        "BEST".into(),
+    ]];
+    for e in &r.bgp {
+        rows.push(vec![
+            e.prefix.to_string(),
+            e.peer.clone(),
+            e.next_hop.map_or("-".into(), |h| h.to_string()),
+            e.as_path
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(" "),
+            match (e.best, e.stale) {
+                (true, false) => "*".into(),
+                (true, true) => "* stale".into(),
+                (false, true) => "stale".into(),
+                (false, false) => String::new(),
+            },
+        ]);
+    }
+    println!("BGP");
+    print!("{}", table(&rows));
+    println!();
+    println!("Kernel (desired)");
+    let mut rows = vec![vec!["DESTINATION".to_string(), "TARGET".into()]];
+    for route in &r.fib {
+        let target = match &route.target {
+            starling_agent::fib::RouteTarget::Blackhole => "blackhole".to_string(),
+            starling_agent::fib::RouteTarget::Device(d) => format!("dev {d}"),
+            starling_agent::fib::RouteTarget::Via(hops) => hops
+                .iter()
+                .map(|h| format!("via {} ({})", h.gateway, h.encap))
+                .collect::<Vec<_>>()
+                .join(", "),
+        };
+        rows.push(vec![route.dst.to_string(), target]);
+    }
+    print!("{}", table(&rows));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `starlingctl ipam show`.
+fn ipam_show(agent: &AgentArgs) -> Result<ExitCode> {
+    let r = control::ipam(&agent.socket)?;
+    if agent.output == Output::Json {
+        return print_json(&r);
+    }
+    println!("IPAM on node {}", r.node);
+    let mut rows = vec![vec![
+        "IP POOL".to_string(),
+        "BLOCK SIZE".into(),
+        "BLOCKS HERE".into(),
+        "IPS HERE".into(),
+        "IPS IN USE".into(),
+        "IPS FREE".into(),
+    ]];
+    for p in &r.pools {
+        rows.push(vec![
+            p.cidr.to_string(),
+            format!("/{}", p.block_size),
+            p.blocks.to_string(),
+            p.addresses.to_string(),
+            p.in_use.to_string(),
+            p.addresses.saturating_sub(p.in_use as u128).to_string(),
+        ]);
+    }
+    print!("{}", table(&rows));
+    println!();
+    let mut rows = vec![vec!["BLOCK".to_string(), "IPS".into(), "IN USE".into()]];
+    for b in &r.blocks {
+        rows.push(vec![
+            b.cidr.to_string(),
+            b.addresses.to_string(),
+            b.in_use.to_string(),
+        ]);
+    }
+    print!("{}", table(&rows));
+    Ok(ExitCode::SUCCESS)
 }
 
 fn say(msg: &str) {

@@ -19,8 +19,6 @@ use super::route::dst_of;
 
 /// The name the kernel gives the fallback IPIP device when `ipip` loads.
 pub const TUNL0: &str = "tunl0";
-/// Outer IPv4 header added by IPIP.
-pub const IPIP_OVERHEAD: u32 = 20;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Link {

@@ -3,7 +3,8 @@
 //!
 //! It knows nothing of BGP or IPAM; the agent hands it [`Route`]s (blackholes
 //! for local blocks, pod addresses on their devices, other nodes' blocks via
-//! their node address with an [`Encapsulation`], ECMP sets) and it converges
+//! their node address with an [`Encapsulation`](crate::encap::Encapsulation),
+//! ECMP sets) and it converges
 //! one table to them. It owns exactly the routes of that table that carry
 //! its [`RouteProtocol`] and never touches any other route, not even an
 //! identical one of another protocol.
@@ -30,9 +31,9 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-pub use host::{IPIP_OVERHEAD, IpipStatus, SysctlReport, TUNL0};
+pub use host::{IpipStatus, SysctlReport, TUNL0};
 pub use reconcile::{Fib, FibTask, Reconciler, SyncReport};
-pub use route::{Encapsulation, NextHop, Route, RouteTarget};
+pub use route::{NextHop, Route, RouteTarget};
 
 /// The `rtm_protocol` value that marks a route as ours.
 ///

@@ -11,12 +11,11 @@ use netlink_packet_route::RouteNetlinkMessage;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use super::host::{self, HostView, IPIP_OVERHEAD, IpipStatus, TUNL0};
-use super::netlink::{Event, EventSocket, RtSocket, errno_text};
+use super::host::{self, HostView, IpipStatus, Link, TUNL0};
+use super::netlink::{Event, EventSocket, Nack, RtSocket, errno_text};
 use super::route::{self, Found, KernelHop, KernelRoute, Stamp};
-use super::{
-    Encapsulation, FibConfig, FibError, FibStatus, NextHop, Route, RouteProblem, RouteTarget,
-};
+use super::{FibConfig, FibError, FibStatus, NextHop, Route, RouteProblem, RouteTarget};
+use crate::encap::{EncapMode, Encapsulation, IPIP_OVERHEAD};
 
 const RTM_NEWROUTE: u16 = 24;
 
@@ -111,6 +110,66 @@ struct Resolved {
     want: HashMap<IpNet, (u32, KernelRoute)>,
 }
 
+/// A netlink failure of operation `op`.
+fn nl(op: &'static str) -> impl FnOnce(std::io::Error) -> FibError {
+    move |source| FibError::Netlink { op, source }
+}
+
+/// Dump our routes and diff them against `want` as they arrive: one lookup
+/// per route of ours in the kernel; desired routes the dump did not show
+/// are added. A dump the kernel interrupted (the table changed under it) is
+/// taken again, up to five times.
+async fn dump_diff(
+    sock: &mut RtSocket,
+    want: &HashMap<IpNet, (u32, KernelRoute)>,
+    stamp: Stamp,
+    prune: bool,
+) -> Result<Diff, FibError> {
+    let mut diff = Diff::default();
+    for _attempt in 0..5 {
+        diff = Diff {
+            seen: vec![false; want.len()],
+            ..Diff::default()
+        };
+        let mut interrupted = false;
+        for v6 in [false, true] {
+            let req = RouteNetlinkMessage::GetRoute(route::dump_request(v6, stamp));
+            sock.dump_raw(req, |m| match m {
+                None => interrupted = true,
+                Some((RTM_NEWROUTE, body)) => {
+                    // The kernel filters with strict checking; check again
+                    // in case an older kernel ignored the filter.
+                    if let Some(r) = route::parse_raw(body)
+                        && r.protocol == stamp.protocol
+                        && r.table == stamp.table
+                    {
+                        diff.found(r.dst, r.found, want, prune, stamp);
+                    }
+                }
+                Some(_) => {}
+            })
+            .await
+            .map_err(nl("dump routes"))?;
+        }
+        if !interrupted {
+            break;
+        }
+    }
+    for (dst, (i, kr)) in want {
+        if !diff.seen[*i as usize] {
+            diff.push(
+                Op::Add,
+                *dst,
+                RouteNetlinkMessage::NewRoute(route::new_route_message(*dst, kr, stamp)),
+                // EXCL: a route of another protocol at the same key is not
+                // ours to overwrite; the kernel answers EEXIST instead.
+                NLM_F_CREATE | NLM_F_EXCL,
+            );
+        }
+    }
+    Ok(diff)
+}
+
 /// One synchronous reconciler over a netlink socket of the current network namespace.
 pub struct Fib {
     config: FibConfig,
@@ -191,41 +250,90 @@ impl Fib {
     /// One pass: converge the table to the desired set.
     pub async fn sync(&mut self) -> Result<SyncReport, FibError> {
         let t0 = Instant::now();
-        let nl = |op| move |source| FibError::Netlink { op, source };
         let desired = self.desired.clone();
         let mut view = HostView::read(&mut self.sock)
             .await
             .map_err(nl("read links and addresses"))?;
+        let uplink = self.find_uplink(&view).await?;
+        let uplink_link = uplink.as_deref().and_then(|u| view.link(u)).cloned();
+        self.status.uplink = uplink.clone();
+        self.status.uplink_mtu = uplink_link.as_ref().map(|l| l.mtu);
+        let tunl0 = self
+            .ensure_ipip(&desired, &mut view, uplink_link.as_ref())
+            .await;
+        if self.config.manage_sysctls {
+            self.set_sysctls(&desired, &view, tunl0.is_some());
+        }
+        self.resolve(&desired, view, uplink, tunl0);
+        let want = &self.resolved.as_ref().expect("resolved just above").want;
+        let wanted = want.len();
 
-        let uplink = match &self.config.uplink {
+        let t_dump = Instant::now();
+        let diff = dump_diff(&mut self.sock, want, self.stamp, self.prune).await?;
+        let mut report = SyncReport {
+            dump_us: t_dump.elapsed().as_micros() as u64,
+            adopted: diff.adopted,
+            ..SyncReport::default()
+        };
+
+        let t_write = Instant::now();
+        let nacks = if diff.msgs.is_empty() {
+            Vec::new()
+        } else {
+            self.sock
+                .batch(diff.msgs, self.config.batch_bytes)
+                .await
+                .map_err(nl("write routes"))?
+        };
+        report.write_us = t_write.elapsed().as_micros() as u64;
+        self.record_outcome(&diff.ops, &nacks, &mut report);
+        self.kept = diff.kept;
+        self.status.installed = wanted - self.failed.len() + self.kept.len();
+        report.total_us = t0.elapsed().as_micros() as u64;
+        self.status.last_sync = report.clone();
+        self.status.syncs += 1;
+        if report.added + report.replaced + report.removed + report.failed > 0 {
+            tracing::info!(?report, "FIB sync");
+        }
+        Ok(report)
+    }
+
+    /// The device towards other nodes: configured, or that of the default
+    /// route. Finding the default route dumps the whole main table: only at
+    /// start-up, on periodic resyncs and when links or addresses change.
+    async fn find_uplink(&mut self, view: &HostView) -> Result<Option<String>, FibError> {
+        Ok(match &self.config.uplink {
             Some(u) => Some(u.clone()),
-            // Finding the default route dumps the whole main table: only at
-            // start-up, on periodic resyncs and when links or addresses change.
             None if self.retry_ipip
                 || self.status.uplink.is_none()
-                || self.resolved.as_ref().is_none_or(|r| r.view != view) =>
+                || self.resolved.as_ref().is_none_or(|r| r.view != *view) =>
             {
-                host::default_route_device(&mut self.sock, &view)
+                host::default_route_device(&mut self.sock, view)
                     .await
                     .map_err(nl("find the default route"))?
             }
             None => self.status.uplink.clone(),
-        };
-        let uplink_link = uplink.as_deref().and_then(|u| view.link(u)).cloned();
-        self.status.uplink = uplink.clone();
-        self.status.uplink_mtu = uplink_link.as_ref().map(|l| l.mtu);
+        })
+    }
 
-        // IPIP is needed by Ipip hops and by CrossSubnet hops off our subnet.
+    /// `tunl0` when some desired route needs IPIP: Ipip hops, and
+    /// CrossSubnet hops off our subnet. Creating it is retried only on
+    /// start-up and periodic resyncs once it failed. Returns its ifindex
+    /// when it is ready.
+    async fn ensure_ipip(
+        &mut self,
+        desired: &[Route],
+        view: &mut HostView,
+        uplink: Option<&Link>,
+    ) -> Option<u32> {
         let needs_ipip = desired.iter().any(|r| match &r.target {
             RouteTarget::Via(hops) => hops.iter().any(|h| match h.encap {
-                Encapsulation::Ipip => true,
-                Encapsulation::CrossSubnet => {
-                    h.gateway.is_ipv4()
-                        && !uplink_link
-                            .as_ref()
-                            .is_some_and(|l| view.on_link(l.index, h.gateway))
+                Encapsulation::Ipip(EncapMode::Always) => true,
+                Encapsulation::Ipip(EncapMode::CrossSubnet) => {
+                    h.gateway.is_ipv4() && !uplink.is_some_and(|l| view.on_link(l.index, h.gateway))
                 }
-                Encapsulation::None => false,
+                // Refused by validation before a pass starts.
+                Encapsulation::None | Encapsulation::Vxlan(_) => false,
             }),
             _ => false,
         });
@@ -233,24 +341,19 @@ impl Fib {
             self.status.ipip = IpipStatus::NotNeeded;
         } else if self.retry_ipip || !matches!(self.status.ipip, IpipStatus::Unavailable { .. }) {
             let mtu = self.config.ipip_mtu.unwrap_or_else(|| {
-                uplink_link
-                    .as_ref()
+                uplink
                     .map(|l| l.mtu)
                     .unwrap_or(1500)
                     .saturating_sub(IPIP_OVERHEAD)
             });
             let before = self.status.ipip.clone();
-            self.status.ipip = match host::ensure_tunl0(
-                &mut self.sock,
-                &mut view,
-                mtu,
-                self.config.tunnel_address,
-            )
-            .await
-            {
-                Ok(ifindex) => IpipStatus::Ready { ifindex, mtu },
-                Err(error) => IpipStatus::Unavailable { error },
-            };
+            self.status.ipip =
+                match host::ensure_tunl0(&mut self.sock, view, mtu, self.config.tunnel_address)
+                    .await
+                {
+                    Ok(ifindex) => IpipStatus::Ready { ifindex, mtu },
+                    Err(error) => IpipStatus::Unavailable { error },
+                };
             if self.status.ipip != before {
                 match &self.status.ipip {
                     IpipStatus::Unavailable { error } => {
@@ -264,103 +367,47 @@ impl Fib {
             }
         }
         self.retry_ipip = false;
-        let tunl0 = match self.status.ipip {
+        match self.status.ipip {
             IpipStatus::Ready { ifindex, .. } => Some(ifindex),
             _ => None,
-        };
-
-        if self.config.manage_sysctls {
-            self.set_sysctls(&desired, &view, tunl0.is_some());
         }
+    }
 
+    /// Resolve the desired set against the host, unless the last resolution
+    /// still holds (same links, addresses, uplink and tunnel).
+    fn resolve(
+        &mut self,
+        desired: &[Route],
+        view: HostView,
+        uplink: Option<String>,
+        tunl0: Option<u32>,
+    ) {
         let fresh = self
             .resolved
             .as_ref()
             .is_some_and(|r| r.view == view && r.uplink == uplink && r.ipip == self.status.ipip);
-        if !fresh {
-            let (want, problems) =
-                resolve(&desired, &view, uplink.as_deref(), tunl0, &self.status.ipip);
-            report_new_problems(&self.status.unreachable, &problems);
-            self.status.unreachable = problems;
-            self.resolved = Some(Resolved {
-                view,
-                uplink,
-                ipip: self.status.ipip.clone(),
-                want,
-            });
+        if fresh {
+            return;
         }
-        let want = &self.resolved.as_ref().expect("resolved just above").want;
+        let (want, problems) = resolve(desired, &view, uplink.as_deref(), tunl0, &self.status.ipip);
+        report_new_problems(&self.status.unreachable, &problems);
+        self.status.unreachable = problems;
+        self.resolved = Some(Resolved {
+            view,
+            uplink,
+            ipip: self.status.ipip.clone(),
+            want,
+        });
+    }
 
-        // Diff while dumping: one lookup per route of ours in the kernel.
-        let t_dump = Instant::now();
-        let mut diff = Diff::default();
-        for _attempt in 0..5 {
-            diff = Diff {
-                seen: vec![false; want.len()],
-                ..Diff::default()
-            };
-            let mut interrupted = false;
-            for v6 in [false, true] {
-                let req = RouteNetlinkMessage::GetRoute(route::dump_request(v6, self.stamp));
-                let (stamp, prune) = (self.stamp, self.prune);
-                self.sock
-                    .dump_raw(req, |m| match m {
-                        None => interrupted = true,
-                        Some((RTM_NEWROUTE, body)) => {
-                            // The kernel filters with strict checking; check
-                            // again in case an older kernel ignored the filter.
-                            if let Some(r) = route::parse_raw(body)
-                                && r.protocol == stamp.protocol
-                                && r.table == stamp.table
-                            {
-                                diff.found(r.dst, r.found, want, prune, stamp);
-                            }
-                        }
-                        Some(_) => {}
-                    })
-                    .await
-                    .map_err(nl("dump routes"))?;
-            }
-            if !interrupted {
-                break;
-            }
-        }
-        for (dst, (i, kr)) in want {
-            if !diff.seen[*i as usize] {
-                diff.push(
-                    Op::Add,
-                    *dst,
-                    RouteNetlinkMessage::NewRoute(route::new_route_message(*dst, kr, self.stamp)),
-                    // EXCL: a route of another protocol at the same key is
-                    // not ours to overwrite; the kernel answers EEXIST instead.
-                    NLM_F_CREATE | NLM_F_EXCL,
-                );
-            }
-        }
-        let dump_us = t_dump.elapsed().as_micros() as u64;
-        let mut report = SyncReport {
-            dump_us,
-            adopted: diff.adopted,
-            ..SyncReport::default()
-        };
-
-        let t_write = Instant::now();
-        let ops = diff.ops;
-        let nacks = if diff.msgs.is_empty() {
-            Vec::new()
-        } else {
-            self.sock
-                .batch(diff.msgs, self.config.batch_bytes)
-                .await
-                .map_err(nl("write routes"))?
-        };
-        report.write_us = t_write.elapsed().as_micros() as u64;
-
+    /// Count what the kernel took, and record what it refused: a route of
+    /// another protocol in the way (a conflict, left alone) or an error.
+    fn record_outcome(&mut self, ops: &[(Op, IpNet)], nacks: &[Nack], report: &mut SyncReport) {
         let mut conflicts = Vec::new();
         let mut errors = Vec::new();
         let mut failed_ops: HashSet<usize> = HashSet::new();
         self.failed.clear();
-        for n in &nacks {
+        for n in nacks {
             let Some(&(op, dst)) = ops.get(n.index) else {
                 continue;
             };
@@ -388,7 +435,6 @@ impl Fib {
                 Op::Remove => report.removed += 1,
             }
         }
-        self.kept = diff.kept;
         report.failed = failed_ops.len();
         conflicts.sort();
         if conflicts != self.status.conflicts && !conflicts.is_empty() {
@@ -402,14 +448,6 @@ impl Fib {
         }
         self.status.conflicts = conflicts;
         self.status.errors = errors;
-        self.status.installed = want.len() - self.failed.len() + self.kept.len();
-        report.total_us = t0.elapsed().as_micros() as u64;
-        self.status.last_sync = report.clone();
-        self.status.syncs += 1;
-        if report.added + report.replaced + report.removed + report.failed > 0 {
-            tracing::info!(?report, "FIB sync");
-        }
-        Ok(report)
     }
 
     fn set_sysctls(&mut self, desired: &[Route], view: &HostView, ipip: bool) {
@@ -547,8 +585,8 @@ fn resolve(
                 let mut hop = |h: &NextHop| -> Option<KernelHop> {
                     let plain = uplink_link.filter(|l| view.on_link(l.index, h.gateway));
                     let tunnel = match (h.encap, plain) {
-                        (Encapsulation::Ipip, _) => true,
-                        (Encapsulation::CrossSubnet, None) => h.gateway.is_ipv4(),
+                        (Encapsulation::Ipip(EncapMode::Always), _) => true,
+                        (Encapsulation::Ipip(EncapMode::CrossSubnet), None) => h.gateway.is_ipv4(),
                         _ => false,
                     };
                     let reason = if tunnel {
@@ -796,12 +834,12 @@ mod tests {
             Route::via(
                 net("10.2.0.0/26"),
                 "192.0.2.2".parse().unwrap(),
-                Encapsulation::CrossSubnet,
+                Encapsulation::Ipip(EncapMode::CrossSubnet),
             ),
             Route::via(
                 net("10.3.0.0/26"),
                 "198.51.100.2".parse().unwrap(),
-                Encapsulation::CrossSubnet,
+                Encapsulation::Ipip(EncapMode::CrossSubnet),
             ),
         ];
         let ready = IpipStatus::Ready {
@@ -842,7 +880,7 @@ mod tests {
             Route::via(
                 net("10.5.0.0/26"),
                 "198.51.100.3".parse().unwrap(),
-                Encapsulation::Ipip,
+                Encapsulation::Ipip(EncapMode::Always),
             ),
             Route::ecmp(
                 net("10.6.0.0/26"),

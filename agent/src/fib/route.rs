@@ -15,21 +15,7 @@ use rtnetlink::{RouteMessageBuilder, RouteNextHopBuilder};
 use serde::{Deserialize, Serialize};
 
 use super::FibError;
-
-/// How packets for a remote block reach the node that owns it (Calico's
-/// `ipipMode`: Always = `Ipip`, CrossSubnet, Never = `None`).
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
-)]
-pub enum Encapsulation {
-    /// host-gw: `block via nodeIP dev uplink`; the node must be on-link.
-    #[default]
-    None,
-    /// `block via nodeIP dev tunl0 onlink` (IPv4 only).
-    Ipip,
-    /// Plain when the node is in the subnet of our uplink address, IPIP otherwise.
-    CrossSubnet,
-}
+use crate::encap::{EncapMode, Encapsulation};
 
 /// One path of a route towards another node.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -123,9 +109,15 @@ pub(crate) fn validate(routes: &[Route]) -> Result<(), FibError> {
                             h.gateway
                         )));
                     }
-                    if h.gateway.is_ipv6() && h.encap == Encapsulation::Ipip {
+                    if h.gateway.is_ipv6() && h.encap == Encapsulation::Ipip(EncapMode::Always) {
                         return Err(bad(format!(
                             "next hop {}: IPIP is IPv4 only; use Encapsulation::None for IPv6",
+                            h.gateway
+                        )));
+                    }
+                    if let Encapsulation::Vxlan(_) = h.encap {
+                        return Err(bad(format!(
+                            "next hop {}: VXLAN is not implemented; use None, Ipip or CrossSubnet",
                             h.gateway
                         )));
                     }
@@ -666,7 +658,11 @@ mod tests {
                 Route::blackhole(net("10.0.0.0/24")),
             ],
             vec![Route::via(net("10.0.0.0/24"), gw6, Encapsulation::None)],
-            vec![Route::via(net("2001:db8:5::/64"), gw6, Encapsulation::Ipip)],
+            vec![Route::via(
+                net("2001:db8:5::/64"),
+                gw6,
+                Encapsulation::Ipip(EncapMode::Always),
+            )],
             vec![Route::ecmp(net("10.0.0.0/24"), vec![])],
             vec![Route::device(net("10.0.0.0/24"), "")],
         ];
@@ -676,7 +672,11 @@ mod tests {
         }
         validate(&[
             Route::blackhole(net("10.0.0.0/24")),
-            Route::via(net("10.0.1.0/24"), gw4, Encapsulation::CrossSubnet),
+            Route::via(
+                net("10.0.1.0/24"),
+                gw4,
+                Encapsulation::Ipip(EncapMode::CrossSubnet),
+            ),
             Route::device(net("10.0.0.5/32"), "cali123"),
         ])
         .unwrap();

@@ -114,32 +114,18 @@ impl KubeBlockClaims {
     pub fn new(config: Config) -> Result<KubeBlockClaims, DatastoreError> {
         let (tx, rx) = mpsc::unbounded_channel();
         let (ready_tx, ready_rx) = std_mpsc::channel();
-        let thread = std::thread::Builder::new()
-            .name("ipam-kube".into())
-            .spawn(move || {
-                let rt = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(rt) => rt,
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(format!("cannot start a runtime: {e}")));
-                        return;
-                    }
-                };
-                rt.block_on(async move {
-                    match Client::try_from(config) {
-                        Ok(client) => {
-                            let _ = ready_tx.send(Ok(()));
-                            serve(client, rx).await;
-                        }
-                        Err(e) => {
-                            let _ = ready_tx.send(Err(format!("cannot make a client: {e}")));
-                        }
-                    }
-                });
-            })
-            .map_err(|e| api_error("*", format!("cannot start the IPAM thread: {e}")))?;
+        let thread = crate::runtime::spawn_with_runtime("ipam-kube", move || async move {
+            match Client::try_from(config) {
+                Ok(client) => {
+                    let _ = ready_tx.send(Ok(()));
+                    serve(client, rx).await;
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(format!("cannot make a client: {e}")));
+                }
+            }
+        })
+        .map_err(|e| api_error("*", format!("cannot start the IPAM thread: {e}")))?;
         match ready_rx.recv() {
             Ok(Ok(())) => Ok(KubeBlockClaims {
                 tx: Some(tx),
@@ -221,7 +207,7 @@ async fn list(api: &Api<DynamicObject>) -> Result<Vec<(String, Affinity)>, Datas
         match serde_json::from_value::<BlockAffinitySpec>(spec) {
             Ok(spec) => {
                 let rev = revision(&name, &o.metadata)?;
-                if let Some(a) = spec.to_ipam(rev) {
+                if let Some(a) = settled(&spec, rev) {
                     out.push((name, a));
                 }
             }
@@ -229,6 +215,15 @@ async fn list(api: &Api<DynamicObject>) -> Result<Vec<(String, Affinity)>, Datas
         }
     }
     Ok(out)
+}
+
+/// The claim a BlockAffinity records, when it is a settled one.
+fn settled(spec: &BlockAffinitySpec, revision: u64) -> Option<Affinity> {
+    (spec.state == AffinityState::Confirmed).then(|| Affinity {
+        block: spec.cidr,
+        node: spec.node.clone(),
+        revision,
+    })
 }
 
 async fn claim(

@@ -15,7 +15,7 @@ pub mod store;
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
-use starling_cni::proto::{AddRequest, Allocation, AttachmentKey, PodRoute, StatusReply};
+use starling_cni_proto::{AddRequest, Allocation, AttachmentKey, PodRoute, StatusReply};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -488,7 +488,7 @@ mod tests {
                 ifname: "eth0".into(),
             },
             netns: "/run/netns/x".into(),
-            host_veth: starling_cni::host_veth_name(c, "eth0"),
+            host_veth: starling_cni_proto::host_veth_name(c, "eth0"),
         }
     }
 

@@ -1,11 +1,13 @@
-//! IP pools (Calico's IPPool fields) and the node selector that picks which
-//! nodes may claim blocks from them.
+//! IP pools as IPAM takes them (Calico's IPPool fields that concern
+//! addresses): from the agent's own config, or from the model's IPPools.
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 use super::IpamError;
+use crate::model::IPPoolSpec;
+use crate::model::selector::NodeSelector;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -67,70 +69,16 @@ impl Pool {
     }
 }
 
-/// A conjunction of label tests, the subset of Calico's selector syntax that
-/// node pools use in practice.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NodeSelector(Vec<Term>);
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Term {
-    Eq(String, String),
-    Ne(String, String),
-    Has(String),
-}
-
-impl NodeSelector {
-    pub fn parse(text: &str) -> Result<NodeSelector, String> {
-        let text = text.trim();
-        if text.is_empty() || text == "all()" {
-            return Ok(NodeSelector(Vec::new()));
-        }
-        let mut terms = Vec::new();
-        for part in text.split("&&").map(str::trim) {
-            if let Some(inner) = part.strip_prefix("has(").and_then(|p| p.strip_suffix(')')) {
-                terms.push(Term::Has(label_key(inner)?));
-            } else if let Some((k, v)) = part.split_once("==") {
-                terms.push(Term::Eq(label_key(k)?, quoted(v)?));
-            } else if let Some((k, v)) = part.split_once("!=") {
-                terms.push(Term::Ne(label_key(k)?, quoted(v)?));
-            } else {
-                return Err(format!(
-                    "cannot parse `{part}`: expected key == 'value', key != 'value', has(key) or all()"
-                ));
-            }
-        }
-        Ok(NodeSelector(terms))
-    }
-
-    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
-        self.0.iter().all(|t| match t {
-            Term::Eq(k, v) => labels.get(k) == Some(v),
-            Term::Ne(k, v) => labels.get(k) != Some(v),
-            Term::Has(k) => labels.contains_key(k),
-        })
-    }
-}
-
-fn label_key(k: &str) -> Result<String, String> {
-    let k = k.trim();
-    if k.is_empty()
-        || !k
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c))
-    {
-        return Err(format!("`{k}` is not a label key"));
-    }
-    Ok(k.to_string())
-}
-
-fn quoted(v: &str) -> Result<String, String> {
-    let v = v.trim();
-    for q in ['\'', '"'] {
-        if let Some(inner) = v.strip_prefix(q).and_then(|s| s.strip_suffix(q)) {
-            return Ok(inner.to_string());
+impl From<&IPPoolSpec> for Pool {
+    /// The IPAM view of a model pool.
+    fn from(p: &IPPoolSpec) -> Pool {
+        Pool {
+            cidr: p.cidr,
+            block_size: p.block_size,
+            node_selector: p.node_selector.clone(),
+            disabled: p.disabled,
         }
     }
-    Err(format!("value {v} must be quoted"))
 }
 
 #[cfg(test)]
@@ -145,13 +93,13 @@ mod tests {
     }
 
     #[test]
-    fn selector_terms() {
-        let s = NodeSelector::parse("zone == 'a' && has(gpu) && rack != \"r2\"").unwrap();
-        assert!(s.matches(&labels(&[("zone", "a"), ("gpu", ""), ("rack", "r1")])));
-        assert!(!s.matches(&labels(&[("zone", "a"), ("gpu", ""), ("rack", "r2")])));
-        assert!(!s.matches(&labels(&[("zone", "a")])));
-        assert!(NodeSelector::parse("all()").unwrap().matches(&labels(&[])));
-        assert!(NodeSelector::parse("zone = a").is_err());
+    fn a_pool_selects_by_labels_and_a_disabled_one_selects_none() {
+        let mut p: Pool =
+            serde_json::from_str(r#"{"cidr":"10.0.0.0/16","nodeSelector":"zone == 'a'"}"#).unwrap();
+        assert!(p.selects(&labels(&[("zone", "a")])));
+        assert!(!p.selects(&labels(&[("zone", "b")])));
+        p.disabled = true;
+        assert!(!p.selects(&labels(&[("zone", "a")])));
     }
 
     #[test]

@@ -10,11 +10,10 @@
 //! checked on every connection (SO_PEERCRED).
 
 use ipnet::IpNet;
-use starling_cni::proto::{
-    self, AddReply, AgentError, Envelope, ErrorKind, PodRoute, Reply, Request, Response,
+use starling_cni_proto::{
+    self as proto, AddReply, AgentError, Envelope, ErrorKind, PodRoute, Reply, Request, Response,
 };
 use std::io;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -240,25 +239,6 @@ fn apply(
     }
 }
 
-/// Bind the plugin socket: parent directory created root-only if missing,
-/// a stale socket from a previous run replaced, mode 0600.
-pub fn bind(path: &Path) -> io::Result<UnixListener> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
-        && !dir.exists()
-    {
-        std::fs::create_dir_all(dir)?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
-    }
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    let listener = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(listener)
-}
-
 /// Accept plugin connections until the listener fails.
 pub async fn serve(listener: UnixListener, ipam: IpamHandle) -> io::Result<()> {
     loop {
@@ -319,7 +299,7 @@ pub fn default_store_path(state_dir: &Path) -> PathBuf {
 mod tests {
     use super::*;
     use crate::ipam::{FileDatastore, IpamConfig};
-    use starling_cni::proto::{AddRequest, AttachmentKey};
+    use starling_cni_proto::{AddRequest, AttachmentKey};
     use std::collections::{BTreeMap, HashSet};
 
     struct Scratch(PathBuf);
@@ -380,7 +360,7 @@ mod tests {
                     ifname: "eth0".into(),
                 },
                 netns: "/run/netns/x".into(),
-                host_veth: starling_cni::host_veth_name(c, "eth0"),
+                host_veth: starling_cni_proto::host_veth_name(c, "eth0"),
             }),
             timeout,
         )

@@ -2,14 +2,96 @@
 //! (fsync) before the agent answers the plugin, so a reply always describes
 //! durable state; redb's copy-on-write commit means a `kill -9` at any point
 //! leaves either the old or the new set of allocations, never a mix.
+//!
+//! What is on disk is the store's own `Record`, with an explicit version,
+//! not the CNI protocol's [`Allocation`]: the two are converted here, so a
+//! change to the wire types can never change (or strand) what a node has
+//! stored.
 
+use ipnet::IpNet;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
-use starling_cni::proto::{Allocation, AttachmentKey};
+use serde::{Deserialize, Serialize};
+use starling_cni_proto::{Allocation, AttachmentKey};
 use std::path::{Path, PathBuf};
 
 /// Attachment key (`containerID/ifname`: neither may contain `/`) to the
-/// allocation as JSON.
+/// `Record` as JSON.
 const ALLOCATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("allocations");
+
+/// The record version this code writes, and the newest it reads.
+const RECORD_VERSION: u32 = 1;
+
+/// One attachment's allocation as stored.
+///
+/// Versions:
+/// - 0 (no `version` field): written by agents before records had a type
+///   of their own (the CNI `Allocation` of that time as JSON); its fields
+///   are exactly those of version 1.
+/// - 1: the same fields, with `"version": 1`.
+///
+/// A field added later gets a default (so older records still read) and a
+/// new version number; a record newer than this code is refused by name
+/// rather than misread.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Record {
+    #[serde(default)]
+    version: u32,
+    key: RecordKey,
+    /// Host prefixes: a /32 for IPv4, a /128 for IPv6.
+    ips: Vec<IpNet>,
+    host_veth: String,
+    netns: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RecordKey {
+    container_id: String,
+    ifname: String,
+}
+
+impl From<&Allocation> for Record {
+    fn from(a: &Allocation) -> Record {
+        Record {
+            version: RECORD_VERSION,
+            key: RecordKey {
+                container_id: a.key.container_id.clone(),
+                ifname: a.key.ifname.clone(),
+            },
+            ips: a.ips.clone(),
+            host_veth: a.host_veth.clone(),
+            netns: a.netns.clone(),
+        }
+    }
+}
+
+impl From<Record> for Allocation {
+    fn from(r: Record) -> Allocation {
+        Allocation {
+            key: AttachmentKey {
+                container_id: r.key.container_id,
+                ifname: r.key.ifname,
+            },
+            ips: r.ips,
+            host_veth: r.host_veth,
+            netns: r.netns,
+        }
+    }
+}
+
+/// Read one stored value; `key` names it in errors.
+fn decode(key: &str, value: &[u8]) -> Result<Allocation, String> {
+    let record: Record = serde_json::from_slice(value).map_err(|e| format!("entry {key}: {e}"))?;
+    if record.version > RECORD_VERSION {
+        return Err(format!(
+            "entry {key}: record version {} was written by a newer agent (this one reads up to \
+             {RECORD_VERSION}); run that version again or remove the store",
+            record.version
+        ));
+    }
+    Ok(record.into())
+}
 
 #[derive(Debug, thiserror::Error)]
 #[error("allocation store {path}: {reason}")]
@@ -65,9 +147,7 @@ impl Store {
         let mut out = Vec::new();
         for entry in table.iter().map_err(|e| self.err(e))? {
             let (k, v) = entry.map_err(|e| self.err(e))?;
-            let alloc: Allocation = serde_json::from_slice(v.value())
-                .map_err(|e| self.err(format!("entry {}: {e}", k.value())))?;
-            out.push(alloc);
+            out.push(decode(k.value(), v.value()).map_err(|e| self.err(e))?);
         }
         Ok(out)
     }
@@ -83,7 +163,7 @@ impl Store {
             for change in changes {
                 match change {
                     Change::Put(a) => {
-                        let body = serde_json::to_vec(a).map_err(|e| self.err(e))?;
+                        let body = serde_json::to_vec(&Record::from(a)).map_err(|e| self.err(e))?;
                         table
                             .insert(key(&a.key).as_str(), body.as_slice())
                             .map_err(|e| self.err(e))?;
@@ -95,5 +175,86 @@ impl Store {
             }
         }
         tx.commit().map_err(|e| self.err(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A store written by the code of commit 32c6832 (before the store had
+    /// its own record type) still opens, with every allocation as it was
+    /// written. agent/tests/fixtures/README.md says how the file was made.
+    #[test]
+    fn store_written_before_the_record_type_still_opens() {
+        let fixture =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ipam-store-v0.redb");
+        // Opening writes (the table is created up front): work on a copy.
+        let dir =
+            std::env::temp_dir().join(format!("starling-store-fixture-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("allocations.redb");
+        std::fs::copy(&fixture, &path).expect("copy the fixture");
+        let store = Store::open(&path).expect("the old store opens");
+        let mut got = store.load().expect("the old store loads");
+        // Old and new records live side by side once the node allocates again.
+        store
+            .commit(&[Change::Put(allocation())])
+            .expect("a new record commits");
+        let mut mixed = store.load().expect("old and new records load");
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
+        got.sort_by(|a, b| a.key.cmp(&b.key));
+        mixed.sort_by(|a, b| a.key.cmp(&b.key));
+        let expected: Vec<Allocation> = [
+            r#"{"key":{"containerId":"4f1c0a9e3b7d2c6e8f0a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60","ifname":"eth0"},"ips":["10.244.1.2/32","fd00:10:244:1::2/128"],"hostVeth":"stl2abb2ae7204","netns":"/var/run/netns/cni-1f2e3d4c-5b6a-7980-a1b2-c3d4e5f60718"}"#,
+            r#"{"key":{"containerId":"c2","ifname":"eth0"},"ips":["10.244.1.3/32"],"hostVeth":"stl3151d414b3f","netns":"/run/netns/pod-c2"}"#,
+            r#"{"key":{"containerId":"c3","ifname":"net1"},"ips":["fd00:10:244:1::9/128"],"hostVeth":"stl071abff6c8c","netns":"/run/netns/pod-c3"}"#,
+        ]
+        .iter()
+        .map(|j| serde_json::from_str(j).expect("literal"))
+        .collect();
+        assert_eq!(got, expected);
+        let mut with_new = expected.clone();
+        with_new.push(allocation());
+        with_new.sort_by(|a, b| a.key.cmp(&b.key));
+        assert_eq!(mixed, with_new);
+    }
+
+    fn allocation() -> Allocation {
+        Allocation {
+            key: AttachmentKey {
+                container_id: "c1".into(),
+                ifname: "eth0".into(),
+            },
+            ips: vec![
+                "10.244.1.2/32".parse().unwrap(),
+                "fd00::2/128".parse().unwrap(),
+            ],
+            host_veth: "stl0123456789a".into(),
+            netns: "/run/netns/p".into(),
+        }
+    }
+
+    /// The bytes a record is stored as: a change here is a change of the
+    /// on-disk format and needs a new version.
+    #[test]
+    fn record_format_is_fixed() {
+        let body = serde_json::to_string(&Record::from(&allocation())).unwrap();
+        assert_eq!(
+            body,
+            r#"{"version":1,"key":{"containerId":"c1","ifname":"eth0"},"ips":["10.244.1.2/32","fd00::2/128"],"hostVeth":"stl0123456789a","netns":"/run/netns/p"}"#
+        );
+        assert_eq!(decode("c1/eth0", body.as_bytes()).unwrap(), allocation());
+    }
+
+    #[test]
+    fn a_record_from_a_newer_agent_is_refused_by_name() {
+        let body = r#"{"version":2,"key":{"containerId":"c1","ifname":"eth0"},"ips":[],"hostVeth":"x","netns":"y"}"#;
+        let err = decode("c1/eth0", body.as_bytes()).unwrap_err();
+        assert!(
+            err.contains("c1/eth0") && err.contains("version 2"),
+            "{err}"
+        );
     }
 }

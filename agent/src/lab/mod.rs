@@ -9,7 +9,7 @@
 //! Everything the lab started is recorded in `DIR/NAME/lab.json`, so `down`
 //! can remove it even after a crash.
 
-use crate::node::control::{self, NodeStatus, Reply, Request, RoutesReport};
+use crate::node::control::{self, NodeStatus, RoutesReport};
 use anyhow::{Context, Result, anyhow, bail};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -395,24 +395,12 @@ impl LabState {
     /// Ask a node's agent for its status.
     pub fn status_of(&self, node: &str) -> Result<NodeStatus> {
         let n = self.node(node)?;
-        match control::request(&n.dir.join("agent.sock"), &Request::Status)
-            .map_err(|e| anyhow!("{node}: {e}"))?
-        {
-            Reply::Status(s) => Ok(s),
-            Reply::Error(e) => bail!("{node}: {e}"),
-            _ => bail!("{node}: unexpected reply"),
-        }
+        control::status(&n.dir.join("agent.sock")).map_err(|e| anyhow!("{node}: {e}"))
     }
 
     pub fn routes_of(&self, node: &str) -> Result<RoutesReport> {
         let n = self.node(node)?;
-        match control::request(&n.dir.join("agent.sock"), &Request::Routes)
-            .map_err(|e| anyhow!("{node}: {e}"))?
-        {
-            Reply::Routes(r) => Ok(r),
-            Reply::Error(e) => bail!("{node}: {e}"),
-            _ => bail!("{node}: unexpected reply"),
-        }
+        control::routes(&n.dir.join("agent.sock")).map_err(|e| anyhow!("{node}: {e}"))
     }
 
     /// Create one pod on a node through the CNI plugin, as a runtime does.
@@ -528,6 +516,20 @@ impl LabState {
         if self.nodes.iter().any(|n| n.name == name) {
             bail!("lab {} already has {name}", self.name);
         }
+        self.build_node(i)?;
+        self.write_model()?;
+        if self.tor.is_some() {
+            self.configure_tor()?;
+        }
+        self.start_agent(&name)?;
+        Ok(name)
+    }
+
+    /// Node `nodeI`'s namespace on the fabric with its addresses and state
+    /// directory, recorded in the lab: what `up` and [`LabState::add_node`]
+    /// share (the model and the agent are theirs to do).
+    fn build_node(&mut self, i: usize) -> Result<()> {
+        let name = format!("node{i}");
         let netns = format!("{}-{name}", self.name);
         let ndir = state_dir(&self.dir, &self.name).join(&name);
         std::fs::create_dir_all(&ndir)?;
@@ -541,7 +543,7 @@ impl LabState {
         plug(&self.fabric, &netns, &port, &ipv4, ipv6.as_ref())
             .with_context(|| format!("{name}: wiring"))?;
         self.nodes.push(LabNode {
-            name: name.clone(),
+            name,
             netns,
             ipv4,
             ipv6,
@@ -549,13 +551,7 @@ impl LabState {
             port,
             pid: None,
         });
-        self.save()?;
-        self.write_model()?;
-        if self.tor.is_some() {
-            self.configure_tor()?;
-        }
-        self.start_agent(&name)?;
-        Ok(name)
+        self.save()
     }
 
     fn configure_tor(&self) -> Result<()> {
@@ -720,6 +716,62 @@ fn wait_gone(pid: u32, within: Duration) {
 
 /// Build a lab. `progress` is told each step.
 pub fn up(opts: LabOptions, progress: &mut dyn FnMut(&str)) -> Result<LabState> {
+    check_options(&opts)?;
+    let agent_bin = match &opts.agent_bin {
+        Some(p) => p.clone(),
+        None => sibling("starling-agent")?,
+    };
+    let cni_bin = match &opts.cni_bin {
+        Some(p) => p.clone(),
+        None => sibling("starling")?,
+    };
+    // A crashed earlier lab of the same name goes first.
+    down(&opts.dir, &opts.name, &mut |_| {})?;
+    let dir = state_dir(&opts.dir, &opts.name);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut lab = LabState {
+        name: opts.name.clone(),
+        dir: opts.dir.clone(),
+        options: opts.clone(),
+        fabric: format!("{}-fab", opts.name),
+        nodes: Vec::new(),
+        pods: Vec::new(),
+        tor: None,
+        agent_bin,
+        cni_bin,
+        mesh: opts.topology == Topology::Mesh,
+        reflectors: match opts.topology {
+            Topology::Mesh => vec![],
+            Topology::Reflectors => vec!["node1".into(), "node2".into()],
+        },
+    };
+    lab.save()?;
+    make_fabric(&lab.fabric, progress)?;
+    for i in 1..=opts.nodes {
+        progress(&format!(
+            "node{i}: namespace {}-node{i}, uplink eth0",
+            opts.name
+        ));
+        lab.build_node(i)?;
+    }
+    if let Some(kind) = opts.tor {
+        lab.start_tor(kind, progress)?;
+    }
+    lab.write_model()?;
+    for i in 0..lab.nodes.len() {
+        let name = lab.nodes[i].name.clone();
+        progress(&format!("{name}: starting starling-agent"));
+        lab.start_agent(&name)?;
+    }
+    lab.add_pods(opts.pods_per_node, progress)?;
+    progress("waiting for BGP sessions and routes");
+    lab.wait_converged(Duration::from_secs(90), progress)?;
+    progress("converged");
+    Ok(lab)
+}
+
+/// Refuse what `up` cannot build, before anything is made.
+fn check_options(opts: &LabOptions) -> Result<()> {
     if opts.nodes == 0 || opts.nodes > 50 {
         bail!("--nodes must be 1..=50 (got {})", opts.nodes);
     }
@@ -746,90 +798,46 @@ pub fn up(opts: LabOptions, progress: &mut dyn FnMut(&str)) -> Result<LabState> 
             opts.encapsulation
         );
     }
-    let agent_bin = match &opts.agent_bin {
-        Some(p) => p.clone(),
-        None => sibling("starling-agent")?,
-    };
-    let cni_bin = match &opts.cni_bin {
-        Some(p) => p.clone(),
-        None => sibling("starling")?,
-    };
     if let Some(Tor::Bird) = opts.tor
         && Command::new("bird").arg("--version").output().is_err()
     {
         bail!("--tor bird needs BIRD 2 (Debian package bird2)");
     }
-    // A crashed earlier lab of the same name goes first.
-    down(&opts.dir, &opts.name, &mut |_| {})?;
-    let dir = state_dir(&opts.dir, &opts.name);
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let fabric = format!("{}-fab", opts.name);
-    let mut lab = LabState {
-        name: opts.name.clone(),
-        dir: opts.dir.clone(),
-        options: opts.clone(),
-        fabric: fabric.clone(),
-        nodes: Vec::new(),
-        pods: Vec::new(),
-        tor: None,
-        agent_bin,
-        cni_bin,
-        mesh: opts.topology == Topology::Mesh,
-        reflectors: match opts.topology {
-            Topology::Mesh => vec![],
-            Topology::Reflectors => vec!["node1".into(), "node2".into()],
-        },
-    };
-    lab.save()?;
+    Ok(())
+}
+
+/// The underlay: a namespace holding the bridge every node plugs into.
+fn make_fabric(fabric: &str, progress: &mut dyn FnMut(&str)) -> Result<()> {
     progress(&format!("underlay: namespace {fabric} with bridge br0"));
-    ip("underlay", &["netns", "add", &fabric])?;
-    ip("underlay", &["-n", &fabric, "link", "set", "lo", "up"])?;
+    ip("underlay", &["netns", "add", fabric])?;
+    ip("underlay", &["-n", fabric, "link", "set", "lo", "up"])?;
     ip(
         "underlay",
-        &["-n", &fabric, "link", "add", "br0", "type", "bridge"],
+        &["-n", fabric, "link", "add", "br0", "type", "bridge"],
     )?;
-    ip("underlay", &["-n", &fabric, "link", "set", "br0", "up"])?;
-    for i in 1..=opts.nodes {
-        let name = format!("node{i}");
-        let netns = format!("{}-{name}", opts.name);
-        progress(&format!("{name}: namespace {netns}, uplink eth0"));
-        let ndir = dir.join(&name);
-        std::fs::create_dir_all(&ndir)?;
-        let port = format!("n{i}");
-        let ipv4: IpNet = format!("192.0.2.{}/24", 10 + i).parse()?;
-        let ipv6: Option<IpNet> = opts
-            .ipv6
-            .then(|| format!("2001:db8::{:x}/64", 0x10 + i).parse())
-            .transpose()?;
-        plug(&fabric, &netns, &port, &ipv4, ipv6.as_ref())
-            .with_context(|| format!("{name}: wiring"))?;
-        lab.nodes.push(LabNode {
-            name,
-            netns,
-            ipv4,
-            ipv6,
-            dir: ndir,
-            port,
-            pid: None,
-        });
-        lab.save()?;
-    }
-    if let Some(kind) = opts.tor {
-        let netns = format!("{}-tor", opts.name);
+    ip("underlay", &["-n", fabric, "link", "set", "br0", "up"])?;
+    Ok(())
+}
+
+impl LabState {
+    /// The top-of-rack router on the fabric, started with its config.
+    fn start_tor(&mut self, kind: Tor, progress: &mut dyn FnMut(&str)) -> Result<()> {
+        let dir = state_dir(&self.dir, &self.name);
+        let netns = format!("{}-tor", self.name);
         progress(&format!(
             "top-of-rack router: {kind:?} in {netns}, AS {TOR_AS}"
         ));
         let ipv4: IpNet = "192.0.2.254/24".parse()?;
-        plug(&fabric, &netns, "tor", &ipv4, None).context("top-of-rack router: wiring")?;
+        plug(&self.fabric, &netns, "tor", &ipv4, None).context("top-of-rack router: wiring")?;
         let socket = dir.join("tor.ctl");
-        lab.tor = Some(LabTor {
+        self.tor = Some(LabTor {
             kind,
             netns: netns.clone(),
             ipv4,
             pid: None,
             socket: socket.clone(),
         });
-        lab.configure_tor()?;
+        self.configure_tor()?;
         let conf = dir.join("bird.conf");
         let pidfile = dir.join("tor.pid");
         in_ns(
@@ -848,37 +856,31 @@ pub fn up(opts: LabOptions, progress: &mut dyn FnMut(&str)) -> Result<LabState> 
         let pid = std::fs::read_to_string(&pidfile)
             .ok()
             .and_then(|s| s.trim().parse().ok());
-        if let Some(t) = lab.tor.as_mut() {
+        if let Some(t) = self.tor.as_mut() {
             t.pid = pid;
         }
-        lab.save()?;
+        self.save()
     }
-    lab.write_model()?;
-    for i in 0..lab.nodes.len() {
-        let name = lab.nodes[i].name.clone();
-        progress(&format!("{name}: starting starling-agent"));
-        lab.start_agent(&name)?;
-    }
-    for i in 0..lab.nodes.len() {
-        let n = lab.nodes[i].clone();
-        for k in 1..=opts.pods_per_node {
-            let pod = format!("pod{k}");
-            let p = lab.add_pod(&n.name, &pod)?;
-            progress(&format!(
-                "{}: {pod} has {}",
-                n.name,
-                p.ips
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ));
+
+    /// `per_node` pods on every node, through the CNI plugin.
+    fn add_pods(&mut self, per_node: usize, progress: &mut dyn FnMut(&str)) -> Result<()> {
+        for i in 0..self.nodes.len() {
+            let node = self.nodes[i].name.clone();
+            for k in 1..=per_node {
+                let pod = format!("pod{k}");
+                let p = self.add_pod(&node, &pod)?;
+                progress(&format!(
+                    "{node}: {pod} has {}",
+                    p.ips
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+            }
         }
+        Ok(())
     }
-    progress("waiting for BGP sessions and routes");
-    lab.wait_converged(Duration::from_secs(90), progress)?;
-    progress("converged");
-    Ok(lab)
 }
 
 /// The last `lines` lines of a log file.

@@ -7,6 +7,7 @@
 //! Every CEL rule here has a twin in [`super::validate`], which the file
 //! loader runs; keep the two in step.
 
+use crate::encap::{EncapMode, Encapsulation};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use kube::{CustomResource, CustomResourceExt, KubeSchema};
 use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
@@ -81,13 +82,15 @@ impl IPPoolSpec {
             .unwrap_or(if self.cidr.addr().is_ipv4() { 26 } else { 122 })
     }
 
-    /// The IPAM view of this pool, for [`crate::ipam::Ipam`].
-    pub fn to_ipam(&self) -> crate::ipam::Pool {
-        crate::ipam::Pool {
-            cidr: self.cidr,
-            block_size: self.block_size,
-            node_selector: self.node_selector.clone(),
-            disabled: self.disabled,
+    /// How traffic to this pool's blocks on other nodes travels: the one
+    /// place `ipipMode` and `vxlanMode` become an [`Encapsulation`].
+    pub fn encapsulation(&self) -> Encapsulation {
+        match (self.vxlan_mode, self.ipip_mode) {
+            (VxlanMode::Never, IpipMode::Always) => Encapsulation::Ipip(EncapMode::Always),
+            (VxlanMode::Never, IpipMode::CrossSubnet) => {
+                Encapsulation::Ipip(EncapMode::CrossSubnet)
+            }
+            (VxlanMode::Never, IpipMode::Never) => Encapsulation::None,
         }
     }
 }
@@ -405,17 +408,6 @@ pub enum AffinityState {
     Confirmed,
     /// Being released: no new addresses come from it.
     PendingDeletion,
-}
-
-impl BlockAffinitySpec {
-    /// The IPAM claim this object records, when it is a settled one.
-    pub fn to_ipam(&self, revision: u64) -> Option<crate::ipam::Affinity> {
-        (self.state == AffinityState::Confirmed).then(|| crate::ipam::Affinity {
-            block: self.cidr,
-            node: self.node.clone(),
-            revision,
-        })
-    }
 }
 
 /// A Go duration as Kubernetes writes it (`120s`, `1m30s`, `500ms`).

@@ -123,7 +123,7 @@ pub async fn client(kubeconfig: Option<&std::path::Path>) -> Result<Client, kube
 }
 
 /// The client configuration [`client`] uses; the IPAM claim datastore
-/// ([`crate::ipam::kube`]) takes one to build its own client.
+/// (`ipam::kube`) takes one to build its own client.
 pub async fn config(kubeconfig: Option<&std::path::Path>) -> Result<kube::Config, kube::Error> {
     let bad = |e: String| kube::Error::Service(e.into());
     match kubeconfig {
@@ -483,15 +483,34 @@ fn build(
     warnings: &mut Vec<String>,
 ) -> (Snapshot, BTreeSet<String>) {
     let mut snap = Snapshot::default();
-    let mut secrets = BTreeSet::new();
-    let mut want = |p: &Option<Password>| {
-        if let Some(r) = p.as_ref().and_then(|p| p.secret_key_ref.as_ref()) {
-            secrets.insert(r.name.clone());
-        }
-    };
-    let name_of = |o: &DynamicObject| o.metadata.name.clone().unwrap_or_default();
+    add_pools(&mut snap, objects(Kind::IPPool), warnings);
+    add_bgp_configuration(&mut snap, objects(Kind::BGPConfiguration), warnings);
+    add_peers(&mut snap, objects(Kind::BGPPeer), warnings);
+    add_affinities(&mut snap, objects(Kind::BlockAffinity), warnings);
+    add_nodes(
+        &mut snap,
+        objects(Kind::StarlingNode),
+        objects(Kind::Node),
+        warnings,
+    );
+    let secrets = snap
+        .bgp_configuration
+        .iter()
+        .map(|c| &c.spec.node_mesh_password)
+        .chain(snap.peers.values().map(|p| &p.spec.password))
+        .filter_map(|p| p.as_ref().and_then(|p| p.secret_key_ref.as_ref()))
+        .map(|r| r.name.clone())
+        .collect();
+    (snap, secrets)
+}
 
-    for o in objects(Kind::IPPool) {
+fn name_of(o: &DynamicObject) -> String {
+    o.metadata.name.clone().unwrap_or_default()
+}
+
+/// Valid pools that overlap no pool taken before them.
+fn add_pools(snap: &mut Snapshot, objects: Vec<DynamicObject>, warnings: &mut Vec<String>) {
+    for o in objects {
         let name = name_of(&o);
         match spec::<IPPoolSpec>(Kind::IPPool, &o) {
             Err(e) => warnings.push(e),
@@ -518,14 +537,20 @@ fn build(
             }
         }
     }
-    for o in objects(Kind::BGPConfiguration) {
+}
+
+fn add_bgp_configuration(
+    snap: &mut Snapshot,
+    objects: Vec<DynamicObject>,
+    warnings: &mut Vec<String>,
+) {
+    for o in objects {
         let name = name_of(&o);
         match spec::<BGPConfigurationSpec>(Kind::BGPConfiguration, &o) {
             Err(e) => warnings.push(e),
             Ok(s) => {
                 let f = validate::bgp_configuration(&name, &s);
                 if f.is_empty() {
-                    want(&s.node_mesh_password);
                     snap.bgp_configuration = Some(BGPConfiguration {
                         metadata: meta(&o),
                         spec: s,
@@ -536,14 +561,16 @@ fn build(
             }
         }
     }
-    for o in objects(Kind::BGPPeer) {
+}
+
+fn add_peers(snap: &mut Snapshot, objects: Vec<DynamicObject>, warnings: &mut Vec<String>) {
+    for o in objects {
         let name = name_of(&o);
         match spec::<BGPPeerSpec>(Kind::BGPPeer, &o) {
             Err(e) => warnings.push(e),
             Ok(s) => {
                 let f = validate::bgp_peer(&s);
                 if f.is_empty() {
-                    want(&s.password);
                     snap.peers.insert(
                         name,
                         BGPPeer {
@@ -557,7 +584,10 @@ fn build(
             }
         }
     }
-    for o in objects(Kind::BlockAffinity) {
+}
+
+fn add_affinities(snap: &mut Snapshot, objects: Vec<DynamicObject>, warnings: &mut Vec<String>) {
+    for o in objects {
         let name = name_of(&o);
         match spec::<BlockAffinitySpec>(Kind::BlockAffinity, &o) {
             Err(e) => warnings.push(e),
@@ -577,11 +607,18 @@ fn build(
             }
         }
     }
+}
 
-    // Nodes: the core Node, overridden field by field by a StarlingNode of
-    // the same name.
+/// Nodes: the core Node, overridden field by field by a StarlingNode of the
+/// same name ([`node_spec`]).
+fn add_nodes(
+    snap: &mut Snapshot,
+    starling_nodes: Vec<DynamicObject>,
+    core_nodes: Vec<DynamicObject>,
+    warnings: &mut Vec<String>,
+) {
     let mut starling: BTreeMap<String, (ObjectMeta, StarlingNodeSpec)> = BTreeMap::new();
-    for o in objects(Kind::StarlingNode) {
+    for o in starling_nodes {
         match spec::<StarlingNodeSpec>(Kind::StarlingNode, &o) {
             Err(e) => warnings.push(e),
             Ok(s) => {
@@ -590,7 +627,7 @@ fn build(
         }
     }
     let mut core: BTreeMap<String, Node> = BTreeMap::new();
-    for o in objects(Kind::Node) {
+    for o in core_nodes {
         let name = name_of(&o);
         match serde_json::to_value(&o).and_then(serde_json::from_value::<Node>) {
             Ok(n) => {
@@ -615,7 +652,6 @@ fn build(
             refuse(kind, name, &f, warnings);
         }
     }
-    (snap, secrets)
 }
 
 /// One node's spec and labels, from its core Node and its StarlingNode:
@@ -645,65 +681,8 @@ pub fn node_spec(
     let mut labels = BTreeMap::new();
     if let Some(node) = core {
         labels = node.metadata.labels.clone().unwrap_or_default();
-        let ann = node.metadata.annotations.clone().unwrap_or_default();
-        let mut bad = |key: &str, why: String| {
-            warnings.push(format!(
-                "Node/{name}: metadata.annotations[{key}]: {why}; the annotation is ignored"
-            ))
-        };
-        if let Some(v) = ann.get(ANNOTATION_IPV4) {
-            match v.trim().parse::<IpNet>() {
-                Ok(IpNet::V4(n)) => spec.ipv4_address = Some(n),
-                _ => bad(
-                    ANNOTATION_IPV4,
-                    format!("`{v}` is not an IPv4 address with prefix length, e.g. 192.0.2.10/24"),
-                ),
-            }
-        }
-        if let Some(v) = ann.get(ANNOTATION_IPV6) {
-            match v.trim().parse::<IpNet>() {
-                Ok(IpNet::V6(n)) => spec.ipv6_address = Some(n),
-                _ => bad(
-                    ANNOTATION_IPV6,
-                    format!(
-                        "`{v}` is not an IPv6 address with prefix length, e.g. 2001:db8::10/64"
-                    ),
-                ),
-            }
-        }
-        if let Some(v) = ann.get(ANNOTATION_AS) {
-            match v.trim().parse::<u32>() {
-                Ok(n) if n > 0 => spec.as_number = Some(n),
-                _ => bad(
-                    ANNOTATION_AS,
-                    format!("`{v}` is not an AS number (1-4294967295)"),
-                ),
-            }
-        }
-        if let Some(v) = ann.get(ANNOTATION_RR_CLUSTER_ID) {
-            match v.trim().parse::<Ipv4Addr>() {
-                Ok(a) => spec.route_reflector_cluster_id = Some(a),
-                _ => bad(
-                    ANNOTATION_RR_CLUSTER_ID,
-                    format!("`{v}` is not an IPv4 address such as 224.0.0.1"),
-                ),
-            }
-        }
-        if let Some(s) = &node.spec {
-            let cidrs = match (&s.pod_cidrs, &s.pod_cidr) {
-                (Some(list), _) if !list.is_empty() => list.clone(),
-                (_, Some(one)) => vec![one.clone()],
-                _ => Vec::new(),
-            };
-            for (i, c) in cidrs.iter().enumerate() {
-                match c.parse::<IpNet>() {
-                    Ok(n) => spec.pod_cidrs.push(n),
-                    Err(_) => warnings.push(format!(
-                        "Node/{name}: spec.podCIDRs[{i}]: `{c}` is not a prefix; ignored"
-                    )),
-                }
-            }
-        }
+        from_annotations(node, name, &mut spec, warnings);
+        spec.pod_cidrs = pod_cidrs(node, name, warnings);
     }
     if let Some((meta, s)) = starling {
         spec.ipv4_address = s.ipv4_address.or(spec.ipv4_address);
@@ -717,23 +696,8 @@ pub fn node_spec(
         }
         labels.extend(meta.labels.clone().unwrap_or_default());
     }
-    if spec.ipv4_address.is_none()
-        && spec.ipv6_address.is_none()
-        && let Some(addresses) = core
-            .and_then(|n| n.status.as_ref())
-            .and_then(|s| s.addresses.as_ref())
-    {
-        for a in addresses.iter().filter(|a| a.type_ == "InternalIP") {
-            match a.address.parse::<IpAddr>() {
-                Ok(IpAddr::V4(ip)) if spec.ipv4_address.is_none() => {
-                    spec.ipv4_address = Some(ip.into());
-                }
-                Ok(IpAddr::V6(ip)) if spec.ipv6_address.is_none() => {
-                    spec.ipv6_address = Some(ip.into());
-                }
-                _ => {}
-            }
-        }
+    if spec.ipv4_address.is_none() && spec.ipv6_address.is_none() {
+        from_internal_ips(core, &mut spec);
     }
     let metadata = ObjectMeta {
         name: Some(name.to_string()),
@@ -741,6 +705,103 @@ pub fn node_spec(
         ..Default::default()
     };
     (metadata, spec)
+}
+
+/// The `starling.dev/*` annotations of a Node; a bad value is reported and
+/// ignored.
+fn from_annotations(
+    node: &Node,
+    name: &str,
+    spec: &mut StarlingNodeSpec,
+    warnings: &mut Vec<String>,
+) {
+    let ann = node.metadata.annotations.clone().unwrap_or_default();
+    let mut bad = |key: &str, why: String| {
+        warnings.push(format!(
+            "Node/{name}: metadata.annotations[{key}]: {why}; the annotation is ignored"
+        ))
+    };
+    if let Some(v) = ann.get(ANNOTATION_IPV4) {
+        match v.trim().parse::<IpNet>() {
+            Ok(IpNet::V4(n)) => spec.ipv4_address = Some(n),
+            _ => bad(
+                ANNOTATION_IPV4,
+                format!("`{v}` is not an IPv4 address with prefix length, e.g. 192.0.2.10/24"),
+            ),
+        }
+    }
+    if let Some(v) = ann.get(ANNOTATION_IPV6) {
+        match v.trim().parse::<IpNet>() {
+            Ok(IpNet::V6(n)) => spec.ipv6_address = Some(n),
+            _ => bad(
+                ANNOTATION_IPV6,
+                format!("`{v}` is not an IPv6 address with prefix length, e.g. 2001:db8::10/64"),
+            ),
+        }
+    }
+    if let Some(v) = ann.get(ANNOTATION_AS) {
+        match v.trim().parse::<u32>() {
+            Ok(n) if n > 0 => spec.as_number = Some(n),
+            _ => bad(
+                ANNOTATION_AS,
+                format!("`{v}` is not an AS number (1-4294967295)"),
+            ),
+        }
+    }
+    if let Some(v) = ann.get(ANNOTATION_RR_CLUSTER_ID) {
+        match v.trim().parse::<Ipv4Addr>() {
+            Ok(a) => spec.route_reflector_cluster_id = Some(a),
+            _ => bad(
+                ANNOTATION_RR_CLUSTER_ID,
+                format!("`{v}` is not an IPv4 address such as 224.0.0.1"),
+            ),
+        }
+    }
+}
+
+/// A Node's `spec.podCIDRs` (or `spec.podCIDR`); a bad prefix is reported
+/// and left out.
+fn pod_cidrs(node: &Node, name: &str, warnings: &mut Vec<String>) -> Vec<IpNet> {
+    let Some(s) = &node.spec else {
+        return Vec::new();
+    };
+    let cidrs = match (&s.pod_cidrs, &s.pod_cidr) {
+        (Some(list), _) if !list.is_empty() => list.clone(),
+        (_, Some(one)) => vec![one.clone()],
+        _ => Vec::new(),
+    };
+    let mut out = Vec::new();
+    for (i, c) in cidrs.iter().enumerate() {
+        match c.parse::<IpNet>() {
+            Ok(n) => out.push(n),
+            Err(_) => warnings.push(format!(
+                "Node/{name}: spec.podCIDRs[{i}]: `{c}` is not a prefix; ignored"
+            )),
+        }
+    }
+    out
+}
+
+/// The first InternalIP per family of the Node's `status.addresses`, as a
+/// host route.
+fn from_internal_ips(core: Option<&Node>, spec: &mut StarlingNodeSpec) {
+    let Some(addresses) = core
+        .and_then(|n| n.status.as_ref())
+        .and_then(|s| s.addresses.as_ref())
+    else {
+        return;
+    };
+    for a in addresses.iter().filter(|a| a.type_ == "InternalIP") {
+        match a.address.parse::<IpAddr>() {
+            Ok(IpAddr::V4(ip)) if spec.ipv4_address.is_none() => {
+                spec.ipv4_address = Some(ip.into());
+            }
+            Ok(IpAddr::V6(ip)) if spec.ipv6_address.is_none() => {
+                spec.ipv6_address = Some(ip.into());
+            }
+            _ => {}
+        }
+    }
 }
 
 /// Fill `snap.passwords` from the Secrets read; a missing one is reported

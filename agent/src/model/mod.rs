@@ -1,12 +1,18 @@
 //! The cluster model: the kinds operators write ([`crd`]), their checks
-//! ([`validate`]), where they are read from ([`Datastore`]; [`file`] now,
-//! Kubernetes later), and what the BGP speaker should do about them
-//! ([`plan`]).
+//! ([`validate`], [`selector`]), where they are read from ([`Datastore`]:
+//! [`file`](mod@file) or [`kube`]), and what the BGP speaker should do
+//! about them ([`plan`](mod@plan)).
+//!
+//! A leaf of the agent's domain: of the crate it imports only the
+//! vocabulary module `encap` (a pool's encapsulation). IPAM and the node
+//! take what they need from it (`ipam::Pool::from(&IPPoolSpec)`, block
+//! claims from BlockAffinity objects), never the other way round.
 
 pub mod crd;
 pub mod file;
 pub mod kube;
 pub mod plan;
+pub mod selector;
 pub mod validate;
 
 pub use crd::{
@@ -61,11 +67,6 @@ impl Snapshot {
             .get(node)
             .and_then(|n| n.metadata.labels.as_ref())
             .unwrap_or(&NO_LABELS)
-    }
-
-    /// The pools in the form IPAM takes them.
-    pub fn ipam_pools(&self) -> Vec<crate::ipam::Pool> {
-        self.pools.values().map(|p| p.spec.to_ipam()).collect()
     }
 }
 

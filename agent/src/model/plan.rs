@@ -5,7 +5,7 @@
 
 use super::Snapshot;
 use super::crd::*;
-use crate::ipam::pool::NodeSelector;
+use super::selector::NodeSelector;
 use starling_bgp::PeerConfig;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};

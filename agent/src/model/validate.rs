@@ -4,7 +4,7 @@
 //! document's root, so the loader can point at its line.
 
 use super::crd::*;
-use crate::ipam::pool::NodeSelector;
+use super::selector::NodeSelector;
 use std::fmt;
 
 /// One thing wrong with one object.

@@ -1,14 +1,21 @@
-//! The agent's control socket, for `starlingctl status|routes|ipam`: one
-//! JSON request per line, one JSON reply per line, mode 0600 (root only).
+//! The agent's control socket, for `starlingctl status|routes|ipam` and the
+//! lab: its requests and replies, spoken as JSON lines on a root-only Unix
+//! socket ([`starling_bgp::jsonl`]); the server, which answers from what the
+//! event loop publishes (`Shared`) and live queries to the speaker and
+//! the FIB; and [`ask`], the one client of it.
 
-use crate::fib::{FibStatus, Route};
+use crate::fib::{FibStatus, Reconciler, Route};
+use crate::model::IPPoolSpec;
+use anyhow::Context;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
-use starling_bgp::speaker::RibSummary;
-use starling_bgp::{RouteEntry, SessionStatus};
-use starling_cni::proto::PodRoute;
+use starling_bgp::jsonl::{self, ErrorReply, RequestError};
+use starling_bgp::{RibSummary, RouteEntry, SessionStatus, Speaker};
+use starling_cni_proto::PodRoute;
 use std::net::{IpAddr, Ipv4Addr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 /// Where `starlingctl` looks by default.
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/starling/agent.sock";
@@ -33,6 +40,12 @@ pub enum Reply {
     Ipam(IpamReport),
     Summary(RibSummary),
     Error(String),
+}
+
+impl ErrorReply for Reply {
+    fn error(message: String) -> Reply {
+        Reply::Error(message)
+    }
 }
 
 /// What `starlingctl status` shows.
@@ -105,25 +118,164 @@ pub fn size(net: &IpNet) -> u128 {
     1u128.checked_shl(host_bits).unwrap_or(u128::MAX)
 }
 
-/// Send one request and wait for its reply.
-pub fn request(path: &Path, req: &Request) -> Result<Reply, String> {
-    use std::io::{BufRead, Write};
-    let mut s = std::os::unix::net::UnixStream::connect(path).map_err(|e| {
-        format!(
-            "cannot connect to the agent's control socket {}: {e} (is starling-agent running? \
-             --socket names another one)",
-            path.display()
-        )
-    })?;
-    let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(10)));
-    let mut line = serde_json::to_vec(req).map_err(|e| e.to_string())?;
-    line.push(b'\n');
-    s.write_all(&line).map_err(|e| e.to_string())?;
-    let mut reply = String::new();
-    std::io::BufReader::new(s)
-        .read_line(&mut reply)
-        .map_err(|e| format!("reading the agent's reply: {e}"))?;
-    serde_json::from_str(&reply).map_err(|e| format!("bad reply from starling-agent: {e}"))
+/// What the control socket shows of the node; the event loop writes it
+/// after every change.
+#[derive(Default)]
+pub(super) struct Shared {
+    pub status: NodeStatus,
+    pub desired: Vec<Route>,
+    pub pods: Vec<PodRoute>,
+    pub pools: Vec<IPPoolSpec>,
+}
+
+/// The lock on [`Shared`]; a panic elsewhere never keeps the socket from
+/// answering.
+pub(super) fn lock(m: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Why the datastore refused the newest model, when it did.
+pub(super) type LastError = Arc<dyn Fn() -> Option<String> + Send + Sync>;
+
+/// The control socket's server: what it answers from.
+#[derive(Clone)]
+pub(super) struct Server {
+    pub shared: Arc<Mutex<Shared>>,
+    pub speaker: Speaker,
+    pub fib: Reconciler,
+    pub datastore_error: LastError,
+}
+
+impl Server {
+    /// Serve `path` until accepting fails.
+    pub(super) async fn serve(self, path: PathBuf) -> anyhow::Result<()> {
+        let listener =
+            jsonl::bind(&path).with_context(|| format!("cannot listen on {}", path.display()))?;
+        jsonl::serve(listener, move |req| {
+            let server = self.clone();
+            async move { server.answer(req).await }
+        })
+        .await?;
+        Ok(())
+    }
+
+    async fn answer(&self, req: Request) -> Reply {
+        match req {
+            Request::Status => match self.speaker.sessions().await {
+                Ok(sessions) => {
+                    let mut st = lock(&self.shared).status.clone();
+                    st.sessions = sessions;
+                    st.fib = self.fib.status();
+                    st.datastore_error = (self.datastore_error)();
+                    Reply::Status(st)
+                }
+                Err(e) => Reply::Error(e.to_string()),
+            },
+            Request::Routes => match self.speaker.routes().await {
+                Ok(bgp) => Reply::Routes(RoutesReport {
+                    bgp,
+                    fib: lock(&self.shared).desired.clone(),
+                }),
+                Err(e) => Reply::Error(e.to_string()),
+            },
+            Request::Ipam => Reply::Ipam(ipam_report(&lock(&self.shared))),
+            Request::Summary => match self.speaker.summary().await {
+                Ok(s) => Reply::Summary(s),
+                Err(e) => Reply::Error(e.to_string()),
+            },
+        }
+    }
+}
+
+fn ipam_report(sh: &Shared) -> IpamReport {
+    let in_block = |b: &IpNet| {
+        sh.pods
+            .iter()
+            .filter(|p| b.contains(&p.destination))
+            .count()
+    };
+    let blocks: Vec<BlockUsage> = sh
+        .status
+        .blocks
+        .iter()
+        .map(|b| BlockUsage {
+            cidr: *b,
+            addresses: size(b),
+            in_use: in_block(b),
+        })
+        .collect();
+    let pools = sh
+        .pools
+        .iter()
+        .map(|p| {
+            let mine: Vec<&BlockUsage> =
+                blocks.iter().filter(|b| p.cidr.contains(&b.cidr)).collect();
+            PoolUsage {
+                cidr: p.cidr,
+                block_size: p.block_size(),
+                blocks: mine.len(),
+                addresses: mine.iter().map(|b| b.addresses).sum(),
+                in_use: mine.iter().map(|b| b.in_use).sum(),
+            }
+        })
+        .collect();
+    IpamReport {
+        node: sh.status.node.clone(),
+        pools,
+        blocks,
+        pods: sh.pods.clone(),
+    }
+}
+
+/// How long a client waits for the agent's reply.
+const ASK_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Why [`ask`] got no answer it could use.
+#[derive(Debug, thiserror::Error)]
+pub enum AskError {
+    #[error("{0} (is starling-agent running? --socket names another one)")]
+    Unreachable(RequestError),
+    #[error(transparent)]
+    Socket(RequestError),
+    #[error("the agent says: {0}")]
+    Refused(String),
+    #[error("the agent answered {0} with another kind of reply")]
+    Unexpected(&'static str),
+}
+
+/// Send one request to the agent at `socket` and wait (at most 10 s) for
+/// its reply; the agent's refusal ([`Reply::Error`]) is an error.
+pub fn ask(socket: &Path, req: &Request) -> Result<Reply, AskError> {
+    match jsonl::request(socket, req, ASK_DEADLINE) {
+        Ok(Reply::Error(e)) => Err(AskError::Refused(e)),
+        Ok(reply) => Ok(reply),
+        Err(e @ RequestError::Connect { .. }) => Err(AskError::Unreachable(e)),
+        Err(e) => Err(AskError::Socket(e)),
+    }
+}
+
+/// The node's status (`starlingctl status`).
+pub fn status(socket: &Path) -> Result<NodeStatus, AskError> {
+    match ask(socket, &Request::Status)? {
+        Reply::Status(s) => Ok(s),
+        _ => Err(AskError::Unexpected("status")),
+    }
+}
+
+/// The RIB and the desired kernel routes (`starlingctl routes`).
+pub fn routes(socket: &Path) -> Result<RoutesReport, AskError> {
+    match ask(socket, &Request::Routes)? {
+        Reply::Routes(r) => Ok(r),
+        _ => Err(AskError::Unexpected("routes")),
+    }
+}
+
+/// IPAM on the node (`starlingctl ipam show`).
+pub fn ipam(socket: &Path) -> Result<IpamReport, AskError> {
+    match ask(socket, &Request::Ipam)? {
+        Reply::Ipam(r) => Ok(r),
+        _ => Err(AskError::Unexpected("ipam")),
+    }
 }
 
 /// Sessions with PEER TYPE as the plan names it ("node-to-node mesh",

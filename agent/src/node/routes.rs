@@ -1,10 +1,11 @@
 //! The node's desired FIB, from what it holds (blocks, pods) and what BGP
 //! taught it. Pure, so the rules are unit-tested without a kernel.
 
-use crate::fib::{Encapsulation, NextHop, Route};
-use crate::model::crd::{IPPoolSpec, IpipMode};
+use crate::encap::Encapsulation;
+use crate::fib::{NextHop, Route};
+use crate::model::crd::IPPoolSpec;
 use ipnet::IpNet;
-use starling_cni::proto::PodRoute;
+use starling_cni_proto::PodRoute;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
@@ -22,7 +23,8 @@ pub struct Inputs<'a> {
 }
 
 /// How traffic to `prefix` travels, from the pool that contains it (Felix's
-/// rule: the pool's ipipMode; prefixes outside every pool go plain).
+/// rule: the pool's mode; prefixes outside every pool go plain). IPIP is
+/// IPv4 only, so IPv6 prefixes go plain.
 pub fn encapsulation(pools: &[IPPoolSpec], prefix: &IpNet) -> Encapsulation {
     if !prefix.addr().is_ipv4() {
         return Encapsulation::None;
@@ -32,11 +34,7 @@ pub fn encapsulation(pools: &[IPPoolSpec], prefix: &IpNet) -> Encapsulation {
         .filter(|p| p.cidr.contains(prefix))
         // The most specific pool decides when pools nest.
         .max_by_key(|p| p.cidr.prefix_len())
-        .map_or(Encapsulation::None, |p| match p.ipip_mode {
-            IpipMode::Always => Encapsulation::Ipip,
-            IpipMode::CrossSubnet => Encapsulation::CrossSubnet,
-            IpipMode::Never => Encapsulation::None,
-        })
+        .map_or(Encapsulation::None, IPPoolSpec::encapsulation)
 }
 
 /// The routes the reconciler should converge the kernel to.
@@ -84,7 +82,9 @@ pub fn desired(i: &Inputs) -> Vec<Route> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::encap::EncapMode;
     use crate::fib::RouteTarget;
+    use crate::model::crd::IpipMode;
 
     fn pool(cidr: &str, mode: IpipMode) -> IPPoolSpec {
         serde_json::from_value(serde_json::json!({"cidr": cidr})).map_or_else(
@@ -112,11 +112,11 @@ mod tests {
         ];
         assert_eq!(
             encapsulation(&pools, &net("10.244.1.0/26")),
-            Encapsulation::CrossSubnet
+            Encapsulation::Ipip(EncapMode::CrossSubnet)
         );
         assert_eq!(
             encapsulation(&pools, &net("10.1.0.0/26")),
-            Encapsulation::Ipip
+            Encapsulation::Ipip(EncapMode::Always)
         );
         assert_eq!(
             encapsulation(&pools, &net("192.0.2.0/24")),

@@ -11,7 +11,8 @@ use std::time::Instant;
 use anyhow::{Result, bail};
 use clap::Parser;
 use ipnet::{IpNet, Ipv4Net};
-use starling_agent::fib::{Encapsulation, Fib, FibConfig, Route, RouteProtocol};
+use starling_agent::encap::Encapsulation;
+use starling_agent::fib::{Fib, FibConfig, Route, RouteProtocol};
 use starling_tests::bench_line;
 
 #[derive(Parser)]

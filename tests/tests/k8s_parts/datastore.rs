@@ -15,7 +15,7 @@ use starling_agent::ipam::kube::{KubeBlockClaims, block_name};
 use starling_agent::ipam::{Datastore as ClaimDatastore, DatastoreError, Ipam, IpamConfig, Pool};
 use starling_agent::model::kube::{KubeDatastore, KubeOptions, client, config};
 use starling_agent::model::{Datastore, Snapshot};
-use starling_cni::proto::{AddRequest, AttachmentKey};
+use starling_cni_proto::{AddRequest, AttachmentKey};
 use starling_tests::{Netns, wait_for};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Barrier, Mutex};

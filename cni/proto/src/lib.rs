@@ -1,4 +1,7 @@
-//! The protocol between the `starling` CNI plugin and the agent that owns IPAM.
+//! The protocol between the `starling` CNI plugin and the agent that owns
+//! IPAM, in a crate of its own so the agent builds none of the plugin's
+//! dependencies (rscni-plugin, rtnetlink): requests, replies, attachment
+//! keys, framing, and the naming rules both sides must agree on.
 //!
 //! One request per connection on a Unix socket (root-only, mode 0600). Each
 //! frame is a 4-byte big-endian length followed by that many bytes of JSON.
@@ -9,12 +12,13 @@
 //! agent commits, the runtime's DEL or GC releases it).
 //!
 //! Both sides import these types from here, so there is one definition of the
-//! wire format.
+//! wire format. The agent's allocation store converts [`Allocation`] to a
+//! versioned record of its own, so a change here never changes what is on
+//! disk.
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use std::io::{Read, Write};
-use std::net::IpAddr;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -25,20 +29,6 @@ pub const DEFAULT_SOCKET: &str = "/run/starling/cni.sock";
 /// Frames larger than this are refused on both sides: a GC request listing
 /// every attachment of a large node stays far below it.
 pub const MAX_FRAME: u32 = 16 << 20;
-
-/// The pod-side gateway for IPv4: never configured anywhere, answered by
-/// proxy ARP on the host side of every pod veth (the address Calico uses).
-pub const GATEWAY_V4: std::net::Ipv4Addr = std::net::Ipv4Addr::new(169, 254, 1, 1);
-
-/// The pod-side gateway for IPv6: the link-local address the kernel derives
-/// (EUI-64) from [`HOST_VETH_MAC`], so the host veth owns it without
-/// configuration.
-pub const GATEWAY_V6: std::net::Ipv6Addr =
-    std::net::Ipv6Addr::new(0xfe80, 0, 0, 0, 0xecee, 0xeeff, 0xfeee, 0xeeee);
-
-/// Every host-side veth gets this MAC: pods only ever talk to "the host", so
-/// one fixed address keeps their neighbour tables stable across restarts.
-pub const HOST_VETH_MAC: [u8; 6] = [0xee; 6];
 
 /// A pod attachment: what the runtime names with `CNI_CONTAINERID` and
 /// `CNI_IFNAME`, and what GC's valid-attachments list holds.
@@ -118,7 +108,8 @@ pub struct AddRequest {
     pub host_veth: String,
 }
 
-/// One attachment's addresses, as persisted by the agent.
+/// One attachment's addresses, as the agent reports them (its store keeps
+/// its own record of them).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Allocation {
@@ -330,9 +321,29 @@ pub fn call(socket: &Path, request: Request, timeout: Duration) -> Result<Reply,
     send(socket, request, timeout)?.wait()
 }
 
-/// The address family of a host prefix, for messages and sorting.
-pub fn family(ip: &IpAddr) -> &'static str {
-    if ip.is_ipv4() { "IPv4" } else { "IPv6" }
+/// The host-side veth name for a container: "stl" plus the first 11 hex
+/// digits of an FNV-1a hash of the container id and interface, so a
+/// retry or a DEL finds the same name without any stored state (15 bytes,
+/// the kernel's IFNAMSIZ limit).
+pub fn host_veth_name(container_id: &str, ifname: &str) -> String {
+    let h = fnv1a64(container_id.as_bytes(), ifname.as_bytes());
+    format!("stl{:011x}", h >> 20)
+}
+
+/// A locally administered unicast MAC for the pod side, derived from the same
+/// hash: a fixed pod MAC means the result needs no read-back from the kernel.
+pub fn pod_mac(container_id: &str, ifname: &str) -> [u8; 6] {
+    let h = fnv1a64(container_id.as_bytes(), ifname.as_bytes()).to_be_bytes();
+    [0x0a, h[0], h[1], h[2], h[3], h[4]]
+}
+
+fn fnv1a64(a: &[u8], b: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in a.iter().chain([0u8].iter()).chain(b.iter()) {
+        h ^= u64::from(*byte);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
 }
 
 #[cfg(test)]
@@ -364,13 +375,24 @@ mod tests {
     }
 
     #[test]
-    fn gateway_v6_is_the_eui64_link_local_of_the_host_mac() {
-        let m = HOST_VETH_MAC;
-        let eui = [m[0] ^ 0x02, m[1], m[2], 0xff, 0xfe, m[3], m[4], m[5]];
-        let mut b = [0u8; 16];
-        b[0] = 0xfe;
-        b[1] = 0x80;
-        b[8..].copy_from_slice(&eui);
-        assert_eq!(std::net::Ipv6Addr::from(b), GATEWAY_V6);
+    fn host_veth_name_fits_ifnamsiz_and_is_stable() {
+        let a = host_veth_name("0123456789abcdef0123456789abcdef", "eth0");
+        assert_eq!(a.len(), 14);
+        assert!(a.starts_with("stl"));
+        assert_eq!(
+            a,
+            host_veth_name("0123456789abcdef0123456789abcdef", "eth0")
+        );
+        assert_ne!(
+            a,
+            host_veth_name("0123456789abcdef0123456789abcdef", "eth1")
+        );
+    }
+
+    #[test]
+    fn pod_mac_is_locally_administered_unicast() {
+        let m = pod_mac("c", "eth0");
+        assert_eq!(m[0] & 0x01, 0, "unicast");
+        assert_eq!(m[0] & 0x02, 0x02, "locally administered");
     }
 }

@@ -1,0 +1,333 @@
+//! The event loop: one task owns the running node's state and takes its
+//! inputs one at a time — a new model, route changes from the speaker,
+//! IPAM's blocks and pod routes, the drain tick, the metrics tick. After
+//! each it recomputes the desired FIB ([`super::routes`]) and publishes what
+//! the control socket shows ([`Shared`]).
+
+use super::control::{NodeStatus, Shared, lock};
+use super::peering::Peering;
+use super::routes;
+use crate::autodetect::Detected;
+use crate::fib::{Reconciler, Route};
+use crate::health::Endpoints;
+use crate::model::Snapshot;
+use crate::model::plan::{self, LocalBgp};
+use anyhow::{Result, bail};
+use ipnet::IpNet;
+use starling_bgp::{RouteEvent, Speaker};
+use starling_cni_proto::{PodRoute, StatusReply};
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tracing::{info, warn};
+
+/// What start-up hands the event loop.
+pub(super) struct Started {
+    pub name: String,
+    pub speaker: Speaker,
+    pub fib: Reconciler,
+    pub local: LocalBgp,
+    /// The model with this node's autodetected address filled in.
+    pub snap: Arc<Snapshot>,
+    pub blocks: Vec<IpNet>,
+    pub pods: Vec<PodRoute>,
+    /// The FIB kept a previous run's routes (graceful restart F bit): stale
+    /// routes are pruned only after every peer's End-of-RIB.
+    pub forwarding_preserved: bool,
+    /// The longest a dropped session drains.
+    pub drain: Duration,
+    /// This node's address found by autodetection, when the model has none.
+    pub autodetected: Option<Detected>,
+    /// "file PATH" or "kubernetes", for status.
+    pub datastore: String,
+}
+
+/// The loop's inputs.
+pub(super) struct Inputs {
+    pub snaps: watch::Receiver<Arc<Snapshot>>,
+    pub events: mpsc::UnboundedReceiver<RouteEvent>,
+    pub blocks: watch::Receiver<Vec<IpNet>>,
+    pub pods: watch::Receiver<Vec<PodRoute>>,
+}
+
+pub(super) struct Node {
+    name: String,
+    speaker: Speaker,
+    fib: Reconciler,
+    local: LocalBgp,
+    snap: Arc<Snapshot>,
+    own: Vec<IpAddr>,
+    blocks: Vec<IpNet>,
+    pods: Vec<PodRoute>,
+    learned: BTreeMap<IpNet, Vec<IpAddr>>,
+    synced: bool,
+    peering: Peering,
+    last_desired: Option<Vec<Route>>,
+    shared: Arc<Mutex<Shared>>,
+    autodetected: Option<Detected>,
+}
+
+impl Node {
+    pub(super) fn new(s: Started) -> Node {
+        let status = NodeStatus {
+            node: s.name.clone(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            address_source: match &s.autodetected {
+                Some(d) => format!("autodetection ({})", d.reason),
+                None => format!("the model (node {})", s.name),
+            },
+            datastore: s.datastore,
+            forwarding_preserved: s.forwarding_preserved,
+            ..NodeStatus::default()
+        };
+        Node {
+            own: own_addresses(&s.snap, &s.name)
+                .iter()
+                .map(|n| n.addr())
+                .collect(),
+            peering: Peering::new(s.speaker.clone(), s.drain),
+            name: s.name,
+            speaker: s.speaker,
+            fib: s.fib,
+            local: s.local,
+            snap: s.snap,
+            blocks: s.blocks,
+            pods: s.pods,
+            learned: BTreeMap::new(),
+            synced: !s.forwarding_preserved,
+            last_desired: None,
+            shared: Arc::new(Mutex::new(Shared {
+                status,
+                ..Shared::default()
+            })),
+            autodetected: s.autodetected,
+        }
+    }
+
+    /// What the control socket answers from.
+    pub(super) fn shared(&self) -> Arc<Mutex<Shared>> {
+        self.shared.clone()
+    }
+
+    /// Apply the first plan, then take inputs until `until` finishes (its
+    /// result is the loop's) or an input stops, which is an error.
+    pub(super) async fn run(
+        mut self,
+        mut inputs: Inputs,
+        obs: &Endpoints,
+        until: impl Future<Output = Result<()>>,
+    ) -> Result<()> {
+        self.apply_plan().await;
+        self.publish()?;
+        tokio::pin!(until);
+        let mut observe = tokio::time::interval(Duration::from_secs(2));
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                r = &mut until => return r,
+                _ = observe.tick() => self.observe(obs).await,
+                r = inputs.snaps.changed() => {
+                    if r.is_err() { bail!("the datastore stopped"); }
+                    let s = inputs.snaps.borrow_and_update().clone();
+                    self.model_changed(s).await;
+                    self.publish()?;
+                }
+                ev = inputs.events.recv() => {
+                    let Some(ev) = ev else { bail!("the BGP speaker stopped") };
+                    self.route_event(ev);
+                    // Take the whole burst before recomputing.
+                    while let Ok(ev) = inputs.events.try_recv() {
+                        self.route_event(ev);
+                    }
+                    self.publish()?;
+                }
+                r = inputs.blocks.changed() => {
+                    if r.is_err() { bail!("IPAM stopped"); }
+                    let b = inputs.blocks.borrow_and_update().clone();
+                    self.blocks_changed(b).await?;
+                    self.publish()?;
+                }
+                r = inputs.pods.changed() => {
+                    if r.is_err() { bail!("IPAM stopped"); }
+                    self.pods = inputs.pods.borrow_and_update().clone();
+                    self.publish()?;
+                }
+                _ = tick.tick(), if self.peering.is_draining() => {
+                    self.peering.drain_step().await;
+                    self.publish()?;
+                }
+            }
+        }
+    }
+
+    /// Sessions, FIB and IPAM into the metrics and the readiness probe.
+    async fn observe(&self, obs: &Endpoints) {
+        if let Ok(sessions) = self.speaker.sessions().await {
+            obs.metrics.observe_sessions(&sessions);
+            obs.readiness.observe_sessions(&sessions);
+        }
+        obs.metrics.observe_fib(&self.fib.status());
+        obs.metrics.observe_ipam(&self.ipam_status());
+    }
+
+    fn route_event(&mut self, ev: RouteEvent) {
+        match ev {
+            RouteEvent::Change(c) => {
+                let hops: Vec<IpAddr> = c.paths.iter().filter_map(|p| p.next_hop).collect();
+                if hops.is_empty() {
+                    self.learned.remove(&c.prefix);
+                } else {
+                    self.learned.insert(c.prefix, hops);
+                }
+            }
+            RouteEvent::Synced => {
+                if !self.synced {
+                    info!(
+                        "every peer sent End-of-RIB: removing routes not refreshed since the restart"
+                    );
+                }
+                self.synced = true;
+                // Force a send: the same set now prunes.
+                self.last_desired = None;
+            }
+        }
+    }
+
+    async fn blocks_changed(&mut self, blocks: Vec<IpNet>) -> Result<()> {
+        for b in blocks.iter().filter(|b| !self.blocks.contains(b)) {
+            info!(block = %b, "announcing a new block");
+            self.speaker.announce(*b)?;
+        }
+        for b in self.blocks.iter().filter(|b| !blocks.contains(b)) {
+            info!(block = %b, "withdrawing a released block");
+            self.speaker.withdraw(*b)?;
+        }
+        self.blocks = blocks;
+        // eBGP export rules name the blocks.
+        self.apply_plan().await;
+        Ok(())
+    }
+
+    async fn model_changed(&mut self, snap: Arc<Snapshot>) {
+        let snap = with_address(snap, &self.name, self.autodetected.as_ref());
+        if snap.node(&self.name).is_none() {
+            // Deleting the node's object is not a reason to stop forwarding:
+            // keep the last plan until the operator removes the agent.
+            warn!(node = %self.name, "this node is no longer in the model; keeping the current sessions");
+            return;
+        }
+        if let Some(local) = plan::local(&snap, &self.name) {
+            if local.cluster_id != self.local.cluster_id
+                && let Some(id) = local.cluster_id
+            {
+                info!(cluster_id = %id, "this node is now a route reflector");
+                if let Err(e) = self.speaker.set_cluster_id(id) {
+                    warn!("cannot set the cluster ID: {e}");
+                }
+            }
+            if local.asn != self.local.asn || local.listen_port != self.local.listen_port {
+                warn!(
+                    old_asn = self.local.asn,
+                    new_asn = local.asn,
+                    "the node's AS number or BGP port changed; it takes effect when the agent restarts"
+                );
+            }
+            self.local.cluster_id = local.cluster_id;
+        }
+        self.own = own_addresses(&snap, &self.name)
+            .iter()
+            .map(|n| n.addr())
+            .collect();
+        self.snap = snap;
+        self.apply_plan().await;
+    }
+
+    async fn apply_plan(&mut self) {
+        let warnings = self
+            .peering
+            .apply(&self.snap, &self.name, self.local.asn, &self.blocks)
+            .await;
+        lock(&self.shared).status.warnings = warnings;
+    }
+
+    fn ipam_status(&self) -> StatusReply {
+        StatusReply {
+            ready: !self.blocks.is_empty(),
+            reason: String::new(),
+            node: self.name.clone(),
+            blocks: self.blocks.clone(),
+            // One host route per address: the gauges count addresses.
+            allocated: self.pods.len(),
+        }
+    }
+
+    /// Recompute the desired FIB and refresh what the control socket shows.
+    fn publish(&mut self) -> Result<()> {
+        let pools: Vec<_> = self.snap.pools.values().map(|p| p.spec.clone()).collect();
+        let desired = routes::desired(&routes::Inputs {
+            blocks: &self.blocks,
+            pods: &self.pods,
+            learned: &self.learned,
+            pools: &pools,
+            own: &self.own,
+        });
+        if self.last_desired.as_ref() != Some(&desired) {
+            if self.synced {
+                self.fib.set_desired(desired.clone())?;
+            } else {
+                self.fib.set_desired_keep_stale(desired.clone())?;
+            }
+            self.last_desired = Some(desired.clone());
+        }
+        let mut sh = lock(&self.shared);
+        sh.desired = desired;
+        sh.pods = self.pods.clone();
+        sh.pools = pools;
+        let st = &mut sh.status;
+        st.addresses = own_addresses(&self.snap, &self.name);
+        st.asn = self.local.asn;
+        st.router_id = self.local.router_id;
+        st.cluster_id = self.local.cluster_id;
+        st.synced = self.synced;
+        st.draining = self.peering.draining();
+        st.blocks = self.blocks.clone();
+        st.pods = self.pods.len();
+        Ok(())
+    }
+}
+
+/// This node's addresses in the model, as BGP uses them.
+fn own_addresses(snap: &Snapshot, node: &str) -> Vec<IpNet> {
+    snap.node(node)
+        .map(|n| {
+            n.ipv4_address
+                .map(IpNet::V4)
+                .into_iter()
+                .chain(n.ipv6_address.map(IpNet::V6))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The snapshot with this node's autodetected address filled in.
+pub(super) fn with_address(
+    snap: Arc<Snapshot>,
+    node: &str,
+    found: Option<&Detected>,
+) -> Arc<Snapshot> {
+    let Some(IpNet::V4(a)) = found.map(|d| d.address) else {
+        return snap;
+    };
+    if snap.node(node).is_none_or(|n| n.ipv4_address.is_some()) {
+        return snap;
+    }
+    let mut s = (*snap).clone();
+    if let Some(n) = s.nodes.get_mut(node) {
+        n.spec.ipv4_address = Some(a);
+    }
+    Arc::new(s)
+}

@@ -1,0 +1,427 @@
+//! Start-up: from the configuration to a running node, one phase per
+//! function — open the model, wait for this node in it, IPAM, the first FIB
+//! pass, the speaker — then the event loop ([`super::events`]) until
+//! SIGTERM. Without a datastore the agent serves IPAM only.
+
+use super::config::{AgentConfig, DatastoreConfig};
+use super::control::{self, LastError};
+use super::events::{Inputs, Node, Started, with_address};
+use super::routes;
+use crate::autodetect::{self, Detected};
+use crate::encap::Encapsulation;
+use crate::fib::{FibConfig, Reconciler};
+use crate::health::{EndpointConfig, Endpoints};
+use crate::ipam::server::{self as ipam_server, IpamHandle, PodDefaults};
+use crate::ipam::{self, Ipam, IpamConfig, Store};
+use crate::model::file::DEFAULT_POLL;
+use crate::model::plan::{self, LocalBgp};
+use crate::model::{Datastore, FileDatastore, Snapshot};
+use anyhow::{Context, Result, bail};
+use ipnet::IpNet;
+use starling_bgp::{RouteEvent, Speaker, SpeakerConfig};
+use starling_cni_proto::PodRoute;
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tracing::{info, warn};
+
+/// Run the agent until SIGTERM or ^C.
+pub async fn run(cfg: AgentConfig) -> Result<()> {
+    std::fs::create_dir_all(&cfg.state_dir)
+        .with_context(|| format!("cannot create stateDir {}", cfg.state_dir.display()))?;
+    match cfg.datastore.clone() {
+        None => run_ipam_only(cfg).await,
+        Some(ds) => {
+            let model = open_model(&cfg, ds).await?;
+            run_node(cfg, model).await
+        }
+    }
+}
+
+/// The cluster model and what comes with its kind of datastore.
+struct Model {
+    datastore: Arc<dyn Datastore>,
+    /// "file PATH" or "kubernetes", for status.
+    name: String,
+    last_error: LastError,
+    /// Where IPAM claims blocks.
+    claims: Box<dyn ipam::Datastore>,
+}
+
+/// Phase 1: open the datastore; a Kubernetes one only once every kind has
+/// been listed, since the model is incomplete before.
+async fn open_model(cfg: &AgentConfig, ds: DatastoreConfig) -> Result<Model> {
+    match ds {
+        DatastoreConfig::File { path, poll_ms } => {
+            let poll = poll_ms.map(Duration::from_millis).unwrap_or(DEFAULT_POLL);
+            let ds = FileDatastore::open(&path, poll)
+                .map_err(|e| anyhow::anyhow!("model file {}: {e}", path.display()))?;
+            let ds = Arc::new(ds);
+            let errors = ds.clone();
+            Ok(Model {
+                datastore: ds,
+                name: format!("file {}", path.display()),
+                last_error: Arc::new(move || errors.last_error().map(|e| e.to_string())),
+                claims: claims_file(cfg),
+            })
+        }
+        DatastoreConfig::Kubernetes { kubeconfig } => {
+            let kcfg = crate::model::kube::config(kubeconfig.as_deref())
+                .await
+                .context("Kubernetes client configuration")?;
+            let client = kube::Client::try_from(kcfg.clone()).context("Kubernetes client")?;
+            let ds = Arc::new(crate::model::kube::KubeDatastore::start(
+                client,
+                crate::model::kube::KubeOptions::default(),
+            ));
+            while let Err(e) = ds.wait_ready(Duration::from_secs(30)).await {
+                warn!("waiting for the Kubernetes API: {e}");
+            }
+            let claims = crate::ipam::kube::KubeBlockClaims::new(kcfg)
+                .context("IPAM block claims over the Kubernetes API")?;
+            let errors = ds.clone();
+            Ok(Model {
+                datastore: ds,
+                name: "kubernetes".into(),
+                last_error: Arc::new(move || errors.status().last_error),
+                claims: Box::new(claims),
+            })
+        }
+    }
+}
+
+/// The running node: the start-up phases in order, then the event loop.
+async fn run_node(cfg: AgentConfig, model: Model) -> Result<()> {
+    let name = cfg.node_name.clone();
+    let mut snaps = model.datastore.subscribe();
+    let snap = wait_for_node(&mut snaps, &name).await?;
+    let autodetected = autodetect_address(&cfg, &snap)?;
+    let snap = with_address(snap, &name, autodetected.as_ref());
+    let Some(local) = plan::local(&snap, &name) else {
+        bail!("node {name} vanished from the model");
+    };
+    let obs = Endpoints::new(env!("CARGO_PKG_VERSION"));
+    obs.readiness.set_datastore_synced(true);
+    obs.metrics.set_datastore_ready(true);
+
+    let ipam = start_ipam(&cfg, &snap, model.claims)?.with_metrics(obs.metrics.clone());
+    let (mut blocks_rx, mut pods_rx) = (ipam.blocks(), ipam.pod_routes());
+    let blocks = blocks_rx.borrow_and_update().clone();
+    let pods = pods_rx.borrow_and_update().clone();
+
+    let (fib, preserved) = first_fib_pass(&cfg, &blocks, &pods).await?;
+    obs.readiness.set_fib_synced(true);
+
+    let router_id = local
+        .router_id
+        .unwrap_or_else(|| router_id_from_name(&name));
+    let (speaker, events) = start_speaker(&cfg, &local, router_id, preserved, &blocks).await?;
+
+    let node = Node::new(Started {
+        name: name.clone(),
+        speaker: speaker.clone(),
+        fib: fib.clone(),
+        local,
+        snap,
+        blocks,
+        pods,
+        forwarding_preserved: preserved,
+        drain: Duration::from_secs(cfg.drain_seconds),
+        autodetected,
+        datastore: model.name,
+    });
+    let control = control::Server {
+        shared: node.shared(),
+        speaker,
+        fib,
+        datastore_error: model.last_error,
+    }
+    .serve(cfg.control_socket.clone());
+    let cni = serve_cni(&cfg, ipam);
+    obs.readiness.set_ipam_serving(true);
+    let endpoints = serve_endpoints(&obs, Some(cfg.endpoints.clone().unwrap_or_default()));
+    // The loop runs until a signal (a clean stop) or a server fails.
+    let until = async {
+        tokio::select! {
+            r = stopped() => r,
+            r = control => r.context("control socket"),
+            r = cni => r,
+            r = endpoints => r,
+        }
+    };
+    info!(node = %name, asn = local.asn, %router_id, "agent running");
+    let inputs = Inputs {
+        snaps,
+        events,
+        blocks: blocks_rx,
+        pods: pods_rx,
+    };
+    node.run(inputs, &obs, until).await?;
+    let _ = std::fs::remove_file(&cfg.socket_path);
+    let _ = std::fs::remove_file(&cfg.control_socket);
+    Ok(())
+}
+
+/// Phase 2: the first snapshot that has this node. Its agent may start
+/// before the operator adds it, so it waits.
+async fn wait_for_node(
+    snaps: &mut watch::Receiver<Arc<Snapshot>>,
+    name: &str,
+) -> Result<Arc<Snapshot>> {
+    loop {
+        let s = snaps.borrow_and_update().clone();
+        if s.node(name).is_some() {
+            return Ok(s);
+        }
+        warn!(node = %name, "this node is not in the model yet (no StarlingNode named {name}); waiting");
+        if snaps.changed().await.is_err() {
+            bail!("the datastore stopped before node {name} appeared");
+        }
+    }
+}
+
+/// This node's IPv4 address by autodetection, when configured and the
+/// model gives none.
+fn autodetect_address(cfg: &AgentConfig, snap: &Snapshot) -> Result<Option<Detected>> {
+    let Some(method) = &cfg.autodetect else {
+        return Ok(None);
+    };
+    if snap
+        .node(&cfg.node_name)
+        .is_some_and(|n| n.ipv4_address.is_some())
+    {
+        return Ok(None);
+    }
+    let m: autodetect::Method = method
+        .parse()
+        .map_err(|e| anyhow::anyhow!("config autodetect {method:?}: {e}"))?;
+    let d = autodetect::detect(&m, autodetect::Family::V4)
+        .map_err(|e| anyhow::anyhow!("autodetecting this node's address ({method}): {e}"))?;
+    info!(address = %d.address, reason = %d.reason, "node address autodetected");
+    Ok(Some(d))
+}
+
+/// Phase 3: IPAM. Pools and static blocks come from the model unless the
+/// agent's own config names them; labels from the model and the config.
+fn start_ipam(
+    cfg: &AgentConfig,
+    snap: &Snapshot,
+    claims: Box<dyn ipam::Datastore>,
+) -> Result<IpamHandle> {
+    let name = &cfg.node_name;
+    let mut ipam_cfg = cfg.ipam.clone();
+    if ipam_cfg.pools.is_empty() {
+        ipam_cfg.pools = snap
+            .pools
+            .values()
+            .map(|p| ipam::Pool::from(&p.spec))
+            .collect();
+    }
+    if let Some(n) = snap.node(name) {
+        for c in &n.pod_cidrs {
+            if !ipam_cfg.pod_cidrs.contains(c) {
+                ipam_cfg.pod_cidrs.push(*c);
+            }
+        }
+    }
+    let mut labels = snap.labels(name).clone();
+    labels.extend(cfg.node_labels.clone());
+    let defaults = pod_defaults(cfg, pools_encapsulation(snap))?;
+    open_ipam(cfg, labels, ipam_cfg, defaults, claims)
+}
+
+/// The encapsulation the enabled pools need at worst, for the pod MTU.
+fn pools_encapsulation(snap: &Snapshot) -> Encapsulation {
+    snap.pools
+        .values()
+        .filter(|p| !p.spec.disabled)
+        .map(|p| p.spec.encapsulation())
+        .max_by_key(|e| e.overhead())
+        .unwrap_or_default()
+}
+
+fn pod_defaults(cfg: &AgentConfig, pools: Encapsulation) -> Result<PodDefaults> {
+    Ok(PodDefaults {
+        mtu: cfg.pod_mtu(pools)?,
+        route_protocol: cfg.route_protocol().0,
+    })
+}
+
+/// The block-claim file shared by the agents of a file-datastore cluster.
+fn claims_file(cfg: &AgentConfig) -> Box<dyn ipam::Datastore> {
+    Box::new(ipam::FileDatastore::new(
+        cfg.ipam
+            .datastore_file
+            .clone()
+            .unwrap_or_else(|| cfg.state_dir.join("blocks.json")),
+    ))
+}
+
+/// Open the allocation store and start IPAM's owner thread.
+fn open_ipam(
+    cfg: &AgentConfig,
+    labels: BTreeMap<String, String>,
+    ipam_cfg: IpamConfig,
+    defaults: PodDefaults,
+    claims: Box<dyn ipam::Datastore>,
+) -> Result<IpamHandle> {
+    let store = Store::open(&ipam_server::default_store_path(&cfg.state_dir))?;
+    let existing = store.load()?;
+    let ipam = Ipam::new(&cfg.node_name, labels, ipam_cfg, claims, existing)?;
+    info!(
+        node = %cfg.node_name,
+        blocks = ?ipam.blocks(),
+        mtu = defaults.mtu,
+        socket = %cfg.socket_path.display(),
+        "IPAM ready"
+    );
+    Ok(IpamHandle::spawn(ipam, store, defaults))
+}
+
+/// Phase 4: the FIB first, with only what this node holds and keeping every
+/// other route of ours: after a restart the kernel still forwards with the
+/// routes the previous run installed. Returns the reconciler and whether
+/// it found more of our routes than the local ones (forwarding preserved).
+async fn first_fib_pass(
+    cfg: &AgentConfig,
+    blocks: &[IpNet],
+    pods: &[PodRoute],
+) -> Result<(Reconciler, bool)> {
+    let fib_cfg = FibConfig {
+        table: cfg.route_table.unwrap_or(crate::fib::MAIN_TABLE),
+        protocol: cfg.route_protocol(),
+        uplink: cfg.uplink.clone(),
+        ..FibConfig::default()
+    };
+    let (fib, task) = Reconciler::new(fib_cfg);
+    // Netlink waits for each reply: a current-thread runtime of its own.
+    crate::runtime::spawn_with_runtime("fib", move || async move {
+        if let Err(e) = task.run().await {
+            tracing::error!("FIB reconciler stopped: {e}");
+        }
+    })
+    .context("starting the FIB thread")?;
+    let local_routes = routes::desired(&routes::Inputs {
+        blocks,
+        pods,
+        learned: &BTreeMap::new(),
+        pools: &[],
+        own: &[],
+    });
+    let mut fib_status = fib.watch_status();
+    let generation = fib.set_desired_keep_stale(local_routes.clone())?;
+    let first = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            if fib_status.borrow_and_update().generation >= generation {
+                return Ok(fib_status.borrow().clone());
+            }
+            fib_status.changed().await?;
+        }
+    })
+    .await
+    .context("the FIB reconciler did not finish its first pass within 30 s")?
+    .map_err(|_: watch::error::RecvError| anyhow::anyhow!("the FIB reconciler stopped"))?;
+    // Routes of ours beyond the local ones: a previous run's learned routes,
+    // still forwarding. Peers are told (GR F bit) and this node defers its
+    // decisions until they have all sent End-of-RIB.
+    let preserved = first.installed > local_routes.len();
+    info!(
+        installed = first.installed,
+        local = local_routes.len(),
+        preserved,
+        "FIB first pass done"
+    );
+    Ok((fib, preserved))
+}
+
+/// Phase 5: the BGP speaker, announcing this node's blocks.
+async fn start_speaker(
+    cfg: &AgentConfig,
+    local: &LocalBgp,
+    router_id: Ipv4Addr,
+    forwarding_preserved: bool,
+    blocks: &[IpNet],
+) -> Result<(Speaker, mpsc::UnboundedReceiver<RouteEvent>)> {
+    let mut scfg = SpeakerConfig::new(local.asn, router_id);
+    scfg.listen = vec![
+        SocketAddr::from((Ipv4Addr::UNSPECIFIED, local.listen_port)),
+        SocketAddr::from((Ipv6Addr::UNSPECIFIED, local.listen_port)),
+    ];
+    scfg.graceful_restart = Some(local.restart_time.max(1));
+    scfg.forwarding_preserved = forwarding_preserved;
+    scfg.cluster_id = local.cluster_id;
+    scfg.max_paths = cfg.max_paths;
+    let (speaker, events) = Speaker::start(scfg)
+        .await
+        .context("starting the BGP speaker")?;
+    for b in blocks {
+        speaker.announce(*b)?;
+    }
+    Ok((speaker, events))
+}
+
+/// A router ID for a node without an IPv4 address: stable, from its name.
+fn router_id_from_name(name: &str) -> Ipv4Addr {
+    let mut h: u32 = 2166136261;
+    for b in name.bytes() {
+        h = (h ^ u32::from(b)).wrapping_mul(16777619);
+    }
+    // Class E space, so it never equals a real address.
+    Ipv4Addr::from(0xf000_0000 | (h & 0x0fff_ffff))
+}
+
+/// IPAM only: the CNI socket (and the endpoints when configured).
+async fn run_ipam_only(cfg: AgentConfig) -> Result<()> {
+    info!("no datastore configured: serving IPAM only (no BGP, no FIB)");
+    let defaults = pod_defaults(&cfg, Encapsulation::None)?;
+    let handle = open_ipam(
+        &cfg,
+        cfg.node_labels.clone(),
+        cfg.ipam.clone(),
+        defaults,
+        claims_file(&cfg),
+    )?;
+    let obs = Endpoints::new(env!("CARGO_PKG_VERSION"));
+    obs.readiness.set_datastore_synced(true);
+    obs.readiness.set_fib_synced(true);
+    obs.readiness.set_ipam_serving(true);
+    let handle = handle.with_metrics(obs.metrics.clone());
+    let endpoints = serve_endpoints(&obs, cfg.endpoints.clone());
+    tokio::select! {
+        r = serve_cni(&cfg, handle) => r?,
+        r = endpoints => r?,
+        r = stopped() => r?,
+    }
+    let _ = std::fs::remove_file(&cfg.socket_path);
+    Ok(())
+}
+
+async fn serve_cni(cfg: &AgentConfig, handle: IpamHandle) -> Result<()> {
+    let listener = starling_bgp::jsonl::bind(&cfg.socket_path)
+        .with_context(|| format!("cannot listen on {}", cfg.socket_path.display()))?;
+    ipam_server::serve(listener, handle)
+        .await
+        .context("serving the CNI socket")
+}
+
+/// Serve the health and metrics endpoints if configured; otherwise never
+/// finish.
+async fn serve_endpoints(obs: &Endpoints, cfg: Option<EndpointConfig>) -> Result<()> {
+    match cfg {
+        Some(c) => crate::health::run(&c, obs.clone())
+            .await
+            .context("health and metrics endpoints"),
+        None => std::future::pending().await,
+    }
+}
+
+async fn stopped() -> Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM: stopping; routes stay in the kernel and peers keep ours (graceful restart)"),
+        _ = tokio::signal::ctrl_c() => info!("interrupted: stopping"),
+    }
+    Ok(())
+}
