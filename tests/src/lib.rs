@@ -6,6 +6,7 @@
 //! it (`require_tool`); nothing here skips silently.
 
 pub mod cluster;
+pub mod kube_nodes;
 pub mod peers;
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -295,10 +296,25 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
+/// Say something in the test log even when libtest captures output (the
+/// `print!` macros are captured; a direct write to stderr is not).
+pub fn log_line(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+/// One benchmark figure as the JSON object the project's benchmarks print.
+pub fn bench_json(
+    bench: &str,
+    imp: &str,
+    metric: &str,
+    value: f64,
+    unit: &str,
+) -> serde_json::Value {
+    serde_json::json!({"bench": bench, "impl": imp, "metric": metric, "value": value, "unit": unit})
+}
+
 /// Print one benchmark figure as the JSON line the project's benchmarks use.
 pub fn bench_line(bench: &str, imp: &str, metric: &str, value: f64, unit: &str) {
-    println!(
-        "{}",
-        serde_json::json!({"bench": bench, "impl": imp, "metric": metric, "value": value, "unit": unit})
-    );
+    println!("{}", bench_json(bench, imp, metric, value, unit));
 }
