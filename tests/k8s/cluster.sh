@@ -52,6 +52,9 @@ API_PORT=6443
 CLUSTER_CIDR=10.244.0.0/16
 SERVICE_CIDR=10.96.0.0/16
 CONTROLLERS="systemd cpu cpuacct cpuset memory pids blkio devices freezer"
+# Where a node's cgroups end up: the v1 controllers, and the v2 hierarchy the
+# hybrid layout also mounts (runc creates the node's paths there too).
+HIERARCHIES="$CONTROLLERS unified"
 
 cmd_env() {
     echo "KUBECTL=$KUBECTL"
@@ -357,13 +360,14 @@ node_pids() { # dir node
     d=$(node_dir "$1" "$2")
     mnt=$(stat -L -c %i "$d/mnt" 2>/dev/null || true)
     net=$(stat -L -c %i "/var/run/netns/$(node_netns "$1" "$2")" 2>/dev/null || true)
-    for p in /proc/[0-9]*; do
-        { [ -n "$mnt" ] && [ "$(stat -L -c %i "$p/ns/mnt" 2>/dev/null)" = "$mnt" ]; } ||
-            { [ -n "$net" ] && [ "$(stat -L -c %i "$p/ns/net" 2>/dev/null)" = "$net" ]; } ||
-            continue
-        echo "${p#/proc/}"
-    done
-    for c in $CONTROLLERS; do
+    # One stat over every process (a fork per process makes `down` take tens
+    # of seconds): "inode /proc/PID/ns/KIND" lines.
+    if [ -n "$mnt" ] || [ -n "$net" ]; then
+        stat -L -c '%i %n' /proc/[0-9]*/ns/mnt /proc/[0-9]*/ns/net 2>/dev/null |
+            awk -v m="${mnt:-x}" -v n="${net:-x}" '
+                ($2 ~ /\/mnt$/ && $1 == m) || ($2 ~ /\/net$/ && $1 == n) { split($2, p, "/"); print p[3] }'
+    fi
+    for c in $HIERARCHIES; do
         [ -d "/sys/fs/cgroup/$c/$(node_netns "$1" "$2")" ] || continue
         find "/sys/fs/cgroup/$c/$(node_netns "$1" "$2")" -name cgroup.procs -exec cat {} + 2>/dev/null
     done
@@ -388,7 +392,7 @@ stop_node() { # dir node
     # tears down every mount made inside (containers' rootfs, volumes, pod
     # network namespace binds).
     if [ -e "$d/mnt" ]; then umount "$d/mnt" 2>/dev/null || umount -l "$d/mnt" 2>/dev/null || true; fi
-    for c in $CONTROLLERS; do
+    for c in $HIERARCHIES; do
         [ -d "/sys/fs/cgroup/$c/$ns" ] || continue
         for _ in $(seq 1 50); do
             find "/sys/fs/cgroup/$c/$ns" -depth -type d -exec rmdir {} + 2>/dev/null || true
