@@ -272,6 +272,28 @@ pub fn bin(name: &str) -> PathBuf {
             .arg("--manifest-path")
             .arg(manifest);
         cmd.arg("--target-dir").arg(target_dir);
+        // `cargo test` runs this process with the test crate's CARGO_*
+        // variables. Build scripts that watch one of them (ring's watches
+        // CARGO_MANIFEST_DIR) would see it change between that cargo and this
+        // one, and each run would rebuild ring, rustls, kube and the agent
+        // twice (minutes on this machine).
+        for (key, _) in std::env::vars_os() {
+            let k = key.to_string_lossy();
+            if k.starts_with("CARGO_PKG_")
+                || k.starts_with("CARGO_BIN_EXE_")
+                || [
+                    "CARGO_MANIFEST_DIR",
+                    "CARGO_MANIFEST_PATH",
+                    "CARGO_CRATE_NAME",
+                    "CARGO_PRIMARY_PACKAGE",
+                    "CARGO_TARGET_TMPDIR",
+                    "CARGO_RUSTC_CURRENT_DIR",
+                ]
+                .contains(&k.as_ref())
+            {
+                cmd.env_remove(&key);
+            }
+        }
         for p in ["starling-bgp", "starling-agent", "starling-cni"] {
             cmd.args(["-p", p]);
         }
