@@ -25,12 +25,17 @@ done
 if ! command -v cargo >/dev/null 2>&1 && [ -x "$HOME/.cargo/bin/cargo" ]; then
   echo "setup.sh: note: cargo is in $HOME/.cargo/bin; add it to PATH" >&2
 fi
-# --tests: also the Kubernetes control plane the `k8s` tests run against
-# (kube-apiserver, kubectl, cnitool built with Go; cached in
-# /var/cache/starling-k8s, so only the first run takes minutes).
+# Debian's containerd package starts its daemon where systemd runs; the
+# kubelet tests run one containerd per node of their own.
+if command -v systemctl >/dev/null 2>&1; then systemctl disable --now containerd >/dev/null 2>&1 || true; fi
+# --tests: also the Kubernetes the `k8s` and `kubelet` tests run
+# (kube-apiserver, kubectl, kube-controller-manager, kube-scheduler, kubelet
+# and cnitool built with Go; the pause and busybox images), cached in
+# /var/cache/starling-k8s, so only the first run takes minutes.
 if [ "${1:-}" = "--tests" ]; then
   export PATH="$PATH:/usr/local/go/bin"
   command -v go >/dev/null 2>&1 || { echo "setup.sh: the k8s tests build kube-apiserver with Go; install Go (https://go.dev/dl) into /usr/local/go" >&2; exit 1; }
   bash "$here/tests/k8s/control-plane.sh" build
+  bash "$here/tests/k8s/cluster.sh" images
 fi
 echo "setup.sh: ready"

@@ -6,6 +6,7 @@
 //! it (`require_tool`); nothing here skips silently.
 
 pub mod cluster;
+pub mod kube_nodes;
 pub mod peers;
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -271,6 +272,28 @@ pub fn bin(name: &str) -> PathBuf {
             .arg("--manifest-path")
             .arg(manifest);
         cmd.arg("--target-dir").arg(target_dir);
+        // `cargo test` runs this process with the test crate's CARGO_*
+        // variables. Build scripts that watch one of them (ring's watches
+        // CARGO_MANIFEST_DIR) would see it change between that cargo and this
+        // one, and each run would rebuild ring, rustls, kube and the agent
+        // twice (minutes on this machine).
+        for (key, _) in std::env::vars_os() {
+            let k = key.to_string_lossy();
+            if k.starts_with("CARGO_PKG_")
+                || k.starts_with("CARGO_BIN_EXE_")
+                || [
+                    "CARGO_MANIFEST_DIR",
+                    "CARGO_MANIFEST_PATH",
+                    "CARGO_CRATE_NAME",
+                    "CARGO_PRIMARY_PACKAGE",
+                    "CARGO_TARGET_TMPDIR",
+                    "CARGO_RUSTC_CURRENT_DIR",
+                ]
+                .contains(&k.as_ref())
+            {
+                cmd.env_remove(&key);
+            }
+        }
         for p in ["starling-bgpd", "starling-agent", "starling-cni"] {
             cmd.args(["-p", p]);
         }
@@ -295,10 +318,25 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
+/// Say something in the test log even when libtest captures output (the
+/// `print!` macros are captured; a direct write to stderr is not).
+pub fn log_line(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+/// One benchmark figure as the JSON object the project's benchmarks print.
+pub fn bench_json(
+    bench: &str,
+    imp: &str,
+    metric: &str,
+    value: f64,
+    unit: &str,
+) -> serde_json::Value {
+    serde_json::json!({"bench": bench, "impl": imp, "metric": metric, "value": value, "unit": unit})
+}
+
 /// Print one benchmark figure as the JSON line the project's benchmarks use.
 pub fn bench_line(bench: &str, imp: &str, metric: &str, value: f64, unit: &str) {
-    println!(
-        "{}",
-        serde_json::json!({"bench": bench, "impl": imp, "metric": metric, "value": value, "unit": unit})
-    );
+    println!("{}", bench_json(bench, imp, metric, value, unit));
 }

@@ -1,0 +1,679 @@
+//! Starling installed the way users install it, on real nodes: the image
+//! `scripts/image.sh` builds, the manifests applied as docs/install.md says,
+//! the DaemonSet rolled out by real kubelets, and pods the scheduler placed
+//! getting their addresses through kubelet -> containerd -> `starling`.
+//! The cluster is `tests/k8s/cluster.sh` (docs/testing.md, "Real nodes").
+//!
+//! Figures (JSON lines on stderr): DaemonSet rollout time; pod created ->
+//! Running as the kubelet reports it.
+
+use anyhow::{Context, Result, bail, ensure};
+use ipnet::IpNet;
+use serde::Deserialize;
+use serde_json::Value;
+use starling_tests::kube_nodes::{KubeCluster, repo_root, starling_image};
+use starling_tests::{Daemon, TempDir, bench_json, log_line, wait_for};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io::{BufRead, BufReader};
+use std::net::IpAddr;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+const NODES: usize = 3;
+/// The image reference the test gives the DaemonSet (imported, never pulled).
+const IMAGE: &str = "localhost/starling:kubelet-test";
+/// The reference manifests/daemonset.yaml ships with.
+const PLACEHOLDER_IMAGE: &str = "ghcr.io/starling-net/starling:0.1.0";
+/// kube-controller-manager's --cluster-cidr in cluster.sh: the pool covers it.
+const POOL: &str = "10.244.0.0/16";
+/// Where cluster.sh's API server listens, on the nodes' underlay.
+const API_HOST: &str = "192.0.2.1";
+const API_PORT: &str = "6443";
+const NS: &str = "kubelet-e2e";
+/// Deployment replicas: two per node with the spread constraint.
+const PER_NODE: usize = 2;
+
+fn figure(metric: &str, value: f64, unit: &str) {
+    log_line(&bench_json("kubelet", "starling", metric, value, unit).to_string());
+}
+
+#[test]
+fn the_daemonset_installs_starling_and_kubelet_pods_get_addresses_that_reach_each_other()
+-> Result<()> {
+    let work = TempDir::new("kubelet")?;
+    let (archive, rootfs) = starling_image(IMAGE, &work.path)?;
+    let c = KubeCluster::up(NODES)?;
+    c.import(&archive)?;
+    if let Err(e) = steps(&c, &work.path, &rootfs) {
+        bail!("{e:#}\n\n{}\n{}", state(&c), c.logs());
+    }
+    Ok(())
+}
+
+fn steps(c: &KubeCluster, work: &Path, rootfs: &Path) -> Result<()> {
+    install(c, work, rootfs)?;
+    let pods = pods_get_addresses(c)?;
+    pods_reach_each_other(c, &pods)?;
+    deleted_pods_release_their_addresses(c)?;
+    Ok(())
+}
+
+/// Step 1: apply as docs/install.md says; the DaemonSet rolls out, install-cni
+/// puts the plugin and conflist on every node, and only then do nodes turn Ready.
+fn install(c: &KubeCluster, work: &Path, rootfs: &Path) -> Result<()> {
+    for node in &c.nodes {
+        let (status, message) = ready_condition(c, node)?;
+        ensure!(
+            status == "False",
+            "{node} is Ready={status} before any CNI network is installed: {message}"
+        );
+        log_line(&format!("{node} before install: NotReady ({message})"));
+    }
+    let manifests = repo_root().join("manifests");
+    let daemonset = work.join("daemonset.yaml");
+    std::fs::write(&daemonset, daemonset_for_test()?)?;
+    let start = Instant::now();
+    // docs/install.md, "Apply", in its order.
+    for file in [manifests.join("crds.yaml"), manifests.join("rbac.yaml")] {
+        c.kubectl_ok(&["apply", "-f", file.to_str().context("path")?])?;
+    }
+    // The API server's address as the agent must use it: no kube-proxy runs,
+    // so the `kubernetes` Service's ClusterIP leads nowhere.
+    c.kubectl_stdin(
+        &["apply", "-f", "-"],
+        &format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: kubernetes-services-endpoint, namespace: kube-system}}\n\
+             data: {{KUBERNETES_SERVICE_HOST: \"{API_HOST}\", KUBERNETES_SERVICE_PORT: \"{API_PORT}\"}}\n"
+        ),
+    )?;
+    c.kubectl_ok(&["apply", "-f", daemonset.to_str().context("path")?])?;
+    c.kubectl_ok(&[
+        "wait",
+        "--for",
+        "condition=Established",
+        "--timeout",
+        "60s",
+        "-f",
+        manifests.join("crds.yaml").to_str().context("path")?,
+    ])?;
+    c.kubectl_stdin(
+        &["apply", "-f", "-"],
+        &format!(
+            "apiVersion: starling.dev/v1\nkind: IPPool\nmetadata: {{name: pods}}\nspec: {{cidr: {POOL}}}\n"
+        ),
+    )?;
+
+    wait_for(
+        "the starling-agent DaemonSet to be Ready on every node",
+        Duration::from_secs(240),
+        || {
+            let ds = c.get_json(&["daemonset", "starling-agent", "-n", "kube-system"])?;
+            let s = &ds["status"];
+            let n = |k: &str| s[k].as_u64().unwrap_or(0);
+            Ok(n("desiredNumberScheduled") == NODES as u64
+                && n("numberReady") == NODES as u64
+                && n("updatedNumberScheduled") == NODES as u64)
+        },
+    )?;
+    let rollout = start.elapsed();
+    figure("daemonset_rollout", rollout.as_secs_f64(), "s");
+
+    let agents = agent_pods(c)?;
+    for node in &c.nodes {
+        let pod = agents
+            .get(node)
+            .with_context(|| format!("no starling-agent pod on {node}"))?;
+        let p = c.get_json(&["pod", pod, "-n", "kube-system"])?;
+        let restarts: u64 = p["status"]["containerStatuses"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|s| s["restartCount"].as_u64().unwrap_or(0))
+            .sum();
+        ensure!(
+            restarts == 0,
+            "{pod} on {node} restarted {restarts} times during the rollout"
+        );
+    }
+
+    // install-cni's work, in each node's own directories.
+    let plugin = std::fs::read(rootfs.join("opt/starling/bin/starling"))?;
+    let mut conflist_written = HashMap::new();
+    for node in &c.nodes {
+        let bin = c.node_path(node, "/opt/cni/bin/starling")?;
+        let installed = std::fs::read(&bin)
+            .with_context(|| format!("{node}: install-cni left no {}", bin.display()))?;
+        ensure!(
+            installed == plugin,
+            "{node}: /opt/cni/bin/starling is not the image's plugin"
+        );
+        let conf = c.node_path(node, "/etc/cni/net.d/10-starling.conflist")?;
+        let text = std::fs::read_to_string(&conf)
+            .with_context(|| format!("{node}: install-cni left no {}", conf.display()))?;
+        let list: Value = serde_json::from_str(&text)
+            .with_context(|| format!("{node}: {} is not JSON", conf.display()))?;
+        ensure!(
+            list["plugins"][0]["type"] == "starling",
+            "{node}: the conflist's first plugin is not starling: {text}"
+        );
+        conflist_written.insert(node.clone(), std::fs::metadata(&conf)?.modified()?);
+    }
+
+    // Nodes turn Ready, and not before their conflist was there.
+    wait_for("every node Ready", Duration::from_secs(60), || {
+        Ok(c.nodes
+            .iter()
+            .map(|n| ready_condition(c, n))
+            .collect::<Result<Vec<_>>>()?
+            .iter()
+            .all(|(s, _)| s == "True"))
+    })?;
+    for node in &c.nodes {
+        let since = ready_since(c, node)?;
+        let written = conflist_written[node];
+        // The API's times have whole seconds: compare at that precision.
+        let secs = |t: SystemTime| -> Result<u64> {
+            Ok(t.duration_since(SystemTime::UNIX_EPOCH)?.as_secs())
+        };
+        ensure!(
+            secs(since)? >= secs(written)?,
+            "{node} turned Ready ({since:?}) before its conflist was written ({written:?})"
+        );
+    }
+    log_line(&format!(
+        "rollout: {NODES} agents Ready in {:.1}s; plugin and conflist on every node; nodes Ready after",
+        rollout.as_secs_f64()
+    ));
+    Ok(())
+}
+
+/// The DaemonSet manifest with the test's image. Until the manifests carry
+/// them themselves (issue 13), two more edits, each logged: the agent
+/// container gets its environment from the `kubernetes-services-endpoint`
+/// ConfigMap (optional, as Calico's; without kube-proxy that is how it finds
+/// the API server), and install-cni writes a conflist of CNI 1.0.0, the
+/// newest containerd 1.6 reads.
+fn daemonset_for_test() -> Result<String> {
+    let path = repo_root().join("manifests/daemonset.yaml");
+    let text = std::fs::read_to_string(&path)?;
+    let mut docs = Vec::new();
+    let mut images = 0;
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let mut d = serde_yaml::Value::deserialize(doc)
+            .with_context(|| format!("{} is not YAML", path.display()))?;
+        if d["kind"] == "DaemonSet" {
+            let spec = &mut d["spec"]["template"]["spec"];
+            for list in ["initContainers", "containers"] {
+                let Some(containers) = spec[list].as_sequence_mut() else {
+                    continue;
+                };
+                for ctr in containers {
+                    if ctr["image"] == PLACEHOLDER_IMAGE {
+                        ctr["image"] = IMAGE.into();
+                        images += 1;
+                    }
+                    let argv = serde_yaml::to_string(&ctr["args"])?;
+                    if ctr["name"] == "install-cni" && !argv.contains("--cni-version") {
+                        // containerd 1.6 (libcni 1.1) parses results up to
+                        // CNI 1.0.0; install-cni writes 1.1.0 by default.
+                        log_line(
+                            "manifests/daemonset.yaml: install-cni writes cniVersion 1.1.0, which containerd 1.6 cannot read; the test passes --cni-version 1.0.0",
+                        );
+                        ctr["args"] = serde_yaml::from_str("[install-cni, --cni-version, 1.0.0]")?;
+                    }
+                    let from = serde_yaml::to_string(&ctr["envFrom"])?;
+                    if ctr["name"] == "starling-agent"
+                        && !from.contains("kubernetes-services-endpoint")
+                    {
+                        log_line(
+                            "manifests/daemonset.yaml: the agent has no envFrom kubernetes-services-endpoint; the test adds it",
+                        );
+                        ctr["envFrom"] = serde_yaml::from_str(
+                            "[{configMapRef: {name: kubernetes-services-endpoint, optional: true}}]",
+                        )?;
+                    }
+                }
+            }
+        }
+        docs.push(serde_yaml::to_string(&d)?);
+    }
+    ensure!(
+        images >= 2,
+        "{}: expected the init and agent containers to use {PLACEHOLDER_IMAGE}",
+        path.display()
+    );
+    Ok(docs.join("---\n"))
+}
+
+/// The node's Ready condition: (status, message).
+fn ready_condition(c: &KubeCluster, node: &str) -> Result<(String, String)> {
+    let n = c.get_json(&["node", node])?;
+    let cond = ready(&n).with_context(|| format!("{node} has no Ready condition"))?;
+    Ok((
+        cond["status"].as_str().unwrap_or("").to_string(),
+        cond["message"].as_str().unwrap_or("").to_string(),
+    ))
+}
+
+fn ready(node: &Value) -> Option<&Value> {
+    node["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == "Ready")
+}
+
+/// When the node's Ready condition last changed.
+fn ready_since(c: &KubeCluster, node: &str) -> Result<SystemTime> {
+    let n = c.get_json(&["node", node])?;
+    let t = ready(&n)
+        .and_then(|c| c["lastTransitionTime"].as_str())
+        .with_context(|| format!("{node}: no Ready lastTransitionTime"))?;
+    rfc3339(t)
+}
+
+/// `2026-12-02T15:04:05Z` (what the API writes) as a SystemTime.
+fn rfc3339(t: &str) -> Result<SystemTime> {
+    let bad = || format!("`{t}` is not an RFC 3339 UTC time");
+    let (date, time) = t
+        .strip_suffix('Z')
+        .and_then(|t| t.split_once('T'))
+        .with_context(bad)?;
+    let d: Vec<i64> = date
+        .split('-')
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .with_context(bad)?;
+    let h: Vec<i64> = time
+        .split(':')
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .with_context(bad)?;
+    ensure!(d.len() == 3 && h.len() == 3, "{}", bad());
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let (y, m) = if d[1] <= 2 {
+        (d[0] - 1, d[1] + 9)
+    } else {
+        (d[0], d[1] - 3)
+    };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * m + 2) / 5 + d[2] - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + h[0] * 3600 + h[1] * 60 + h[2];
+    Ok(SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(secs)?))
+}
+
+/// The starling-agent pod on each node.
+fn agent_pods(c: &KubeCluster) -> Result<BTreeMap<String, String>> {
+    let list = c.get_json(&[
+        "pods",
+        "-n",
+        "kube-system",
+        "-l",
+        "app.kubernetes.io/name=starling-agent",
+    ])?;
+    Ok(list["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| {
+            Some((
+                p["spec"]["nodeName"].as_str()?.to_string(),
+                p["metadata"]["name"].as_str()?.to_string(),
+            ))
+        })
+        .collect())
+}
+
+/// A pod of the test: where it runs and its address.
+#[derive(Debug, Clone)]
+struct Pod {
+    name: String,
+    node: String,
+    ip: IpAddr,
+}
+
+fn test_pods(c: &KubeCluster) -> Result<Vec<Pod>> {
+    let list = c.get_json(&["pods", "-n", NS])?;
+    let mut pods = Vec::new();
+    for p in list["items"].as_array().into_iter().flatten() {
+        let name = p["metadata"]["name"].as_str().unwrap_or("").to_string();
+        if p["status"]["phase"] != "Running" {
+            bail!("{name} is {}", p["status"]["phase"]);
+        }
+        let ip = p["status"]["podIP"]
+            .as_str()
+            .with_context(|| format!("{name} is Running without a podIP"))?;
+        pods.push(Pod {
+            node: p["spec"]["nodeName"].as_str().unwrap_or("").to_string(),
+            ip: ip.parse().with_context(|| format!("{name}: podIP {ip}"))?,
+            name,
+        });
+    }
+    Ok(pods)
+}
+
+/// `starlingctl ipam show -o json`, run in the node's agent pod.
+fn ipam_show(c: &KubeCluster, agent: &str) -> Result<Value> {
+    let out = c.kubectl_ok(&[
+        "exec",
+        "-n",
+        "kube-system",
+        agent,
+        "-c",
+        "starling-agent",
+        "--",
+        "starlingctl",
+        "ipam",
+        "show",
+        "-o",
+        "json",
+    ])?;
+    serde_json::from_str(&out).with_context(|| format!("starlingctl ipam show in {agent}: {out}"))
+}
+
+/// The pod addresses IPAM has handed out on a node.
+fn allocated(report: &Value) -> BTreeSet<IpAddr> {
+    report["pods"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["destination"].as_str()?.parse::<IpNet>().ok())
+        .map(|n| n.addr())
+        .collect()
+}
+
+/// Records when each pod of a namespace is first reported Running, from a
+/// `kubectl get -w` stream (the kubelet's status updates as the API sees them).
+struct RunningWatch {
+    seen: Arc<Mutex<HashMap<String, Instant>>>,
+    _kubectl: Daemon,
+}
+
+impl RunningWatch {
+    fn start(c: &KubeCluster) -> Result<RunningWatch> {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &format!("{}-cp", c.tag)])
+            .arg(&c.env["KUBECTL"])
+            .arg("--kubeconfig")
+            .arg(c.dir.join("cp/admin.kubeconfig"))
+            .args([
+                "get",
+                "pods",
+                "-n",
+                NS,
+                "--watch",
+                "-o",
+                "jsonpath={.metadata.name} {.status.phase}{\"\\n\"}",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        let mut kubectl = Daemon::spawn("kubectl get pods --watch", cmd)?;
+        let stdout = kubectl.child.stdout.take().context("watch stdout")?;
+        let seen = Arc::new(Mutex::new(HashMap::new()));
+        let s = seen.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some((name, "Running")) = line.trim().split_once(' ') {
+                    s.lock()
+                        .expect("watch map")
+                        .entry(name.to_string())
+                        .or_insert_with(Instant::now);
+                }
+            }
+        });
+        Ok(RunningWatch {
+            seen,
+            _kubectl: kubectl,
+        })
+    }
+
+    fn running_at(&self) -> HashMap<String, Instant> {
+        self.seen.lock().expect("watch map").clone()
+    }
+}
+
+/// Step 2: a Deployment spread over the nodes and a pod pinned to each node;
+/// every pod gets an address from the pool through kubelet -> containerd ->
+/// starling, and the node's IPAM shows exactly the pods kubectl shows there.
+fn pods_get_addresses(c: &KubeCluster) -> Result<Vec<Pod>> {
+    let busybox = &c.env["BUSYBOX_IMAGE"];
+    c.kubectl_ok(&["create", "namespace", NS])?;
+    // The controller-manager creates the namespace's `default`
+    // ServiceAccount; pods are refused until it exists.
+    wait_for(
+        "the default ServiceAccount",
+        Duration::from_secs(30),
+        || {
+            Ok(
+                c.kubectl(&["get", "serviceaccount", "default", "-n", NS], None)?
+                    .status
+                    .success(),
+            )
+        },
+    )?;
+    let watch = RunningWatch::start(c)?;
+    let pod_spec = format!(
+        "terminationGracePeriodSeconds: 1\n    containers:\n    - name: busybox\n      image: {busybox}\n      \
+         imagePullPolicy: Never\n      command: [sleep, \"3600\"]"
+    );
+    let mut yaml = format!(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: spread, namespace: {NS}}}\nspec:\n  \
+         replicas: {}\n  selector: {{matchLabels: {{app: spread}}}}\n  template:\n    metadata: {{labels: {{app: spread}}}}\n    \
+         spec:\n      topologySpreadConstraints:\n      - {{maxSkew: 1, topologyKey: kubernetes.io/hostname, \
+         whenUnsatisfiable: DoNotSchedule, labelSelector: {{matchLabels: {{app: spread}}}}}}\n      {}\n",
+        PER_NODE * NODES,
+        pod_spec.replace("\n    ", "\n      ")
+    );
+    for node in &c.nodes {
+        yaml.push_str(&format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: pinned-{node}, namespace: {NS}, labels: {{pinned: \"true\"}}}}\n\
+             spec:\n    nodeSelector: {{kubernetes.io/hostname: {node}}}\n    {pod_spec}\n"
+        ));
+    }
+    let created = Instant::now();
+    c.kubectl_stdin(&["apply", "-f", "-"], &yaml)?;
+    let total = NODES * (PER_NODE + 1);
+    wait_for(
+        &format!("{total} test pods Running with an address"),
+        Duration::from_secs(180),
+        || Ok(test_pods(c)?.len() == total),
+    )?;
+    let pods = test_pods(c)?;
+    let at = watch.running_at();
+    let mut pinned: Vec<f64> = c
+        .nodes
+        .iter()
+        .filter_map(|n| at.get(&format!("pinned-{n}")))
+        .map(|t| t.duration_since(created).as_secs_f64())
+        .collect();
+    ensure!(
+        pinned.len() == NODES,
+        "the watch saw {} of {NODES} pinned pods Running: {at:?}",
+        pinned.len()
+    );
+    pinned.sort_by(f64::total_cmp);
+    figure("pod_created_to_running_p50", pinned[NODES / 2], "s");
+    figure("pod_created_to_running_max", pinned[NODES - 1], "s");
+    let all = at
+        .values()
+        .map(|t| t.duration_since(created).as_secs_f64())
+        .fold(0.0, f64::max);
+    figure("all_test_pods_running", all, "s");
+
+    let pool: IpNet = POOL.parse()?;
+    let mut per_node: BTreeMap<&str, BTreeSet<IpAddr>> = BTreeMap::new();
+    for p in &pods {
+        ensure!(
+            pool.contains(&p.ip),
+            "{} got {} outside the pool {pool}",
+            p.name,
+            p.ip
+        );
+        ensure!(
+            per_node.entry(&p.node).or_default().insert(p.ip),
+            "{} duplicates address {}",
+            p.name,
+            p.ip
+        );
+    }
+    let all_ips: BTreeSet<IpAddr> = pods.iter().map(|p| p.ip).collect();
+    ensure!(
+        all_ips.len() == pods.len(),
+        "two pods share an address: {pods:?}"
+    );
+    for node in &c.nodes {
+        let n = per_node.get(node.as_str()).map_or(0, BTreeSet::len);
+        ensure!(
+            n == PER_NODE + 1,
+            "{node} runs {n} test pods, expected {} (spread + pinned): {pods:?}",
+            PER_NODE + 1
+        );
+    }
+    // IPAM on each node holds exactly the addresses kubectl shows there, in
+    // blocks the node holds.
+    let agents = agent_pods(c)?;
+    for node in &c.nodes {
+        let report = ipam_show(c, &agents[node])?;
+        let held = allocated(&report);
+        let shown = per_node.get(node.as_str()).cloned().unwrap_or_default();
+        ensure!(
+            held == shown,
+            "{node}: starlingctl ipam show has {held:?}, kubectl get pods -o wide shows {shown:?}"
+        );
+        let blocks: Vec<IpNet> = report["blocks"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|b| b["cidr"].as_str()?.parse().ok())
+            .collect();
+        for ip in &shown {
+            ensure!(
+                blocks.iter().any(|b| b.contains(ip)),
+                "{node}: {ip} is in none of the node's blocks {blocks:?}"
+            );
+        }
+    }
+    log_line(&format!(
+        "{total} pods Running with addresses; pinned pods created -> Running in {:.1}-{:.1}s",
+        pinned[0],
+        pinned[NODES - 1]
+    ));
+    Ok(pods)
+}
+
+/// Every pod pings every other pod (kubectl exec in each source pod).
+fn pods_reach_each_other(c: &KubeCluster, pods: &[Pod]) -> Result<()> {
+    for from in pods {
+        let targets: Vec<String> = pods
+            .iter()
+            .filter(|p| p.name != from.name)
+            .map(|p| p.ip.to_string())
+            .collect();
+        let script = format!(
+            "for ip in {}; do ping -c 1 -W 2 $ip >/dev/null 2>&1 || echo \"no answer from $ip\"; done",
+            targets.join(" ")
+        );
+        // Routes arrive by BGP after the agents turned Ready: retry until the
+        // deadline, then report what is still unanswered.
+        let mut last = String::new();
+        wait_for(
+            &format!("{} ({}) to reach every other pod", from.name, from.node),
+            Duration::from_secs(60),
+            || {
+                last = c.kubectl_ok(&["exec", "-n", NS, &from.name, "--", "sh", "-c", &script])?;
+                Ok(last.trim().is_empty())
+            },
+        )
+        .with_context(|| format!("{}: {last}", from.name))?;
+    }
+    log_line(&format!(
+        "ping: each of {} pods reaches the {} others",
+        pods.len(),
+        pods.len() - 1
+    ));
+    Ok(())
+}
+
+/// Step 3: pods deleted -> the kubelet tears down their sandboxes, containerd
+/// calls DEL, and every address is released.
+fn deleted_pods_release_their_addresses(c: &KubeCluster) -> Result<()> {
+    c.kubectl_ok(&["delete", "deployment", "spread", "-n", NS, "--wait=false"])?;
+    c.kubectl_ok(&[
+        "delete",
+        "pods",
+        "-l",
+        "pinned=true",
+        "-n",
+        NS,
+        "--wait=false",
+    ])?;
+    wait_for("every test pod gone", Duration::from_secs(120), || {
+        Ok(c.get_json(&["pods", "-n", NS])?["items"]
+            .as_array()
+            .is_some_and(|a| a.is_empty()))
+    })?;
+    let agents = agent_pods(c)?;
+    for node in &c.nodes {
+        let mut held = BTreeSet::new();
+        wait_for(
+            &format!("{node}: every address released"),
+            Duration::from_secs(60),
+            || {
+                held = allocated(&ipam_show(c, &agents[node])?);
+                Ok(held.is_empty())
+            },
+        )
+        .with_context(|| format!("{node} still holds {held:?}"))?;
+        // The host side of each pod's veth is gone with it.
+        let links = starling_tests::run("ip", &["-n", &c.netns(node)?, "-o", "link", "show"])?;
+        let left: Vec<&str> = links
+            .lines()
+            // The node's own uplink is a veth too (to the underlay bridge).
+            .filter(|l| l.contains("link-netns") && !l.contains(" eth0@"))
+            .collect();
+        ensure!(left.is_empty(), "{node}: pod interfaces left: {left:?}");
+    }
+    log_line("delete: every address released, no pod interface left");
+    Ok(())
+}
+
+/// What the cluster looks like, for a failure message.
+fn state(c: &KubeCluster) -> String {
+    let mut s = String::new();
+    for args in [
+        &["get", "nodes", "-o", "wide"][..],
+        &["get", "pods", "-A", "-o", "wide"][..],
+        &["get", "events", "-A", "--sort-by", ".lastTimestamp"][..],
+    ] {
+        match c.kubectl(args, None) {
+            Ok(out) => s.push_str(&format!(
+                "$ kubectl {}\n{}{}\n",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )),
+            Err(e) => s.push_str(&format!("kubectl {}: {e:#}\n", args.join(" "))),
+        }
+    }
+    if let Ok(agents) = agent_pods(c) {
+        for (node, pod) in agents {
+            for ctr in ["install-cni", "starling-agent"] {
+                if let Ok(out) = c.kubectl(
+                    &["logs", "-n", "kube-system", &pod, "-c", ctr, "--tail", "30"],
+                    None,
+                ) {
+                    s.push_str(&format!(
+                        "--- {ctr} on {node} ({pod})\n{}{}\n",
+                        String::from_utf8_lossy(&out.stdout),
+                        String::from_utf8_lossy(&out.stderr)
+                    ));
+                }
+            }
+        }
+    }
+    s
+}
