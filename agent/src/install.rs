@@ -525,10 +525,17 @@ mod tests {
             "/etc/cni/net.d",
             "/var/lib/starling",
             "/run/starling",
-            "/lib/modules",
         ] {
             assert!(host_paths.contains(&p), "hostPath {p} in {host_paths:?}");
         }
+        // Nothing in the pod loads modules: creating tunl0 makes the kernel
+        // run the host's modprobe itself.
+        assert!(!host_paths.contains(&"/lib/modules"), "{host_paths:?}");
+        // Without kube-proxy the agent finds the API server from this
+        // ConfigMap (optional, as Calico's).
+        let from = &agent["envFrom"][0]["configMapRef"];
+        assert_eq!(from["name"], "kubernetes-services-endpoint");
+        assert_eq!(from["optional"], true);
     }
 
     #[test]

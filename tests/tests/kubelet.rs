@@ -9,10 +9,9 @@
 
 use anyhow::{Context, Result, bail, ensure};
 use ipnet::IpNet;
-use serde::Deserialize;
 use serde_json::Value;
-use starling_tests::kube_nodes::{KubeCluster, repo_root, starling_image};
-use starling_tests::{Daemon, TempDir, bench_json, log_line, wait_for};
+use starling_tests::kube_nodes::{KubeCluster, starling_image};
+use starling_tests::{Daemon, TempDir, bench_json, bin, log_line, run, wait_for};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::{BufRead, BufReader};
 use std::net::IpAddr;
@@ -24,8 +23,6 @@ use std::time::{Duration, Instant, SystemTime};
 const NODES: usize = 3;
 /// The image reference the test gives the DaemonSet (imported, never pulled).
 const IMAGE: &str = "localhost/starling:kubelet-test";
-/// The reference manifests/daemonset.yaml ships with.
-const PLACEHOLDER_IMAGE: &str = "ghcr.io/starling-net/starling:0.1.0";
 /// kube-controller-manager's --cluster-cidr in cluster.sh: the pool covers it.
 const POOL: &str = "10.244.0.0/16";
 /// Where cluster.sh's API server listens, on the nodes' underlay.
@@ -71,9 +68,19 @@ fn install(c: &KubeCluster, work: &Path, rootfs: &Path) -> Result<()> {
         );
         log_line(&format!("{node} before install: NotReady ({message})"));
     }
-    let manifests = repo_root().join("manifests");
-    let daemonset = work.join("daemonset.yaml");
-    std::fs::write(&daemonset, daemonset_for_test()?)?;
+    // docs/install.md: the manifests for the image, from one generator.
+    let manifests = work.join("manifests");
+    run(
+        bin("starlingctl").to_str().context("path")?,
+        &[
+            "manifests",
+            "--image",
+            IMAGE,
+            "--out",
+            manifests.to_str().context("path")?,
+        ],
+    )?;
+    let daemonset = manifests.join("daemonset.yaml");
     let start = Instant::now();
     // docs/install.md, "Apply", in its order.
     for file in [manifests.join("crds.yaml"), manifests.join("rbac.yaml")] {
@@ -187,64 +194,6 @@ fn install(c: &KubeCluster, work: &Path, rootfs: &Path) -> Result<()> {
         rollout.as_secs_f64()
     ));
     Ok(())
-}
-
-/// The DaemonSet manifest with the test's image. Until the manifests carry
-/// them themselves (issue 13), two more edits, each logged: the agent
-/// container gets its environment from the `kubernetes-services-endpoint`
-/// ConfigMap (optional, as Calico's; without kube-proxy that is how it finds
-/// the API server), and install-cni writes a conflist of CNI 1.0.0, the
-/// newest containerd 1.6 reads.
-fn daemonset_for_test() -> Result<String> {
-    let path = repo_root().join("manifests/daemonset.yaml");
-    let text = std::fs::read_to_string(&path)?;
-    let mut docs = Vec::new();
-    let mut images = 0;
-    for doc in serde_yaml::Deserializer::from_str(&text) {
-        let mut d = serde_yaml::Value::deserialize(doc)
-            .with_context(|| format!("{} is not YAML", path.display()))?;
-        if d["kind"] == "DaemonSet" {
-            let spec = &mut d["spec"]["template"]["spec"];
-            for list in ["initContainers", "containers"] {
-                let Some(containers) = spec[list].as_sequence_mut() else {
-                    continue;
-                };
-                for ctr in containers {
-                    if ctr["image"] == PLACEHOLDER_IMAGE {
-                        ctr["image"] = IMAGE.into();
-                        images += 1;
-                    }
-                    let argv = serde_yaml::to_string(&ctr["args"])?;
-                    if ctr["name"] == "install-cni" && !argv.contains("--cni-version") {
-                        // containerd 1.6 (libcni 1.1) parses results up to
-                        // CNI 1.0.0; install-cni writes 1.1.0 by default.
-                        log_line(
-                            "manifests/daemonset.yaml: install-cni writes cniVersion 1.1.0, which containerd 1.6 cannot read; the test passes --cni-version 1.0.0",
-                        );
-                        ctr["args"] = serde_yaml::from_str("[install-cni, --cni-version, 1.0.0]")?;
-                    }
-                    let from = serde_yaml::to_string(&ctr["envFrom"])?;
-                    if ctr["name"] == "starling-agent"
-                        && !from.contains("kubernetes-services-endpoint")
-                    {
-                        log_line(
-                            "manifests/daemonset.yaml: the agent has no envFrom kubernetes-services-endpoint; the test adds it",
-                        );
-                        ctr["envFrom"] = serde_yaml::from_str(
-                            "[{configMapRef: {name: kubernetes-services-endpoint, optional: true}}]",
-                        )?;
-                    }
-                }
-            }
-        }
-        docs.push(serde_yaml::to_string(&d)?);
-    }
-    ensure!(
-        images >= 2,
-        "{}: expected the init and agent containers to use {PLACEHOLDER_IMAGE}",
-        path.display()
-    );
-    Ok(docs.join("---\n"))
 }
 
 /// The node's Ready condition: (status, message).
