@@ -9,7 +9,8 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-const REGENERATE: &str = "cargo run -p starling-agent --bin starlingctl -- manifests --out manifests";
+const REGENERATE: &str =
+    "cargo run -p starling-agent --bin starlingctl -- manifests --out manifests";
 
 /// manifests/ is exactly what `starlingctl manifests` generates: the CRDs
 /// from the Rust types, the RBAC and DaemonSet from agent/src/manifests/.

@@ -326,12 +326,24 @@ fn ipam_show(c: &KubeCluster, agent: &str) -> Result<Value> {
 
 /// The pod addresses IPAM has handed out on a node.
 fn allocated(report: &Value) -> BTreeSet<IpAddr> {
+    owners(report).into_keys().collect()
+}
+
+/// Each address IPAM has handed out on a node, with the pod it recorded
+/// (`namespace/name` from CNI_ARGS; `-` when none was recorded).
+fn owners(report: &Value) -> BTreeMap<IpAddr, String> {
     report["pods"]
         .as_array()
         .into_iter()
         .flatten()
-        .filter_map(|p| p["destination"].as_str()?.parse::<IpNet>().ok())
-        .map(|n| n.addr())
+        .filter_map(|p| {
+            let ip = p["destination"].as_str()?.parse::<IpNet>().ok()?.addr();
+            let pod = match (p["pod"]["namespace"].as_str(), p["pod"]["name"].as_str()) {
+                (Some(ns), Some(name)) => format!("{ns}/{name}"),
+                _ => "-".to_string(),
+            };
+            Some((ip, pod))
+        })
         .collect()
 }
 
@@ -482,13 +494,18 @@ fn pods_get_addresses(c: &KubeCluster) -> Result<Vec<Pod>> {
             PER_NODE + 1
         );
     }
-    // IPAM on each node holds exactly the addresses kubectl shows there, in
+    // IPAM on each node holds exactly the pods kubectl shows there, by
+    // namespace/name and address (the plugin passes CNI_ARGS' pod on), in
     // blocks the node holds.
     let agents = agent_pods(c)?;
     for node in &c.nodes {
         let report = ipam_show(c, &agents[node])?;
-        let held = allocated(&report);
-        let shown = per_node.get(node.as_str()).cloned().unwrap_or_default();
+        let held = owners(&report);
+        let shown: BTreeMap<IpAddr, String> = pods
+            .iter()
+            .filter(|p| &p.node == node)
+            .map(|p| (p.ip, format!("{NS}/{}", p.name)))
+            .collect();
         ensure!(
             held == shown,
             "{node}: starlingctl ipam show has {held:?}, kubectl get pods -o wide shows {shown:?}"
@@ -499,7 +516,7 @@ fn pods_get_addresses(c: &KubeCluster) -> Result<Vec<Pod>> {
             .flatten()
             .filter_map(|b| b["cidr"].as_str()?.parse().ok())
             .collect();
-        for ip in &shown {
+        for ip in shown.keys() {
             ensure!(
                 blocks.iter().any(|b| b.contains(ip)),
                 "{node}: {ip} is in none of the node's blocks {blocks:?}"

@@ -2,9 +2,9 @@
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use starling_agent::{lab, manifests};
 use starling_agent::model::{crd, file};
 use starling_agent::node::control;
+use starling_agent::{lab, manifests};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -353,6 +353,20 @@ fn ipam_show(agent: &AgentArgs) -> Result<ExitCode> {
             b.cidr.to_string(),
             b.addresses.to_string(),
             b.in_use.to_string(),
+        ]);
+    }
+    print!("{}", table(&rows));
+    println!();
+    let mut rows = vec![vec![
+        "POD".to_string(),
+        "ADDRESS".into(),
+        "HOST INTERFACE".into(),
+    ]];
+    for p in &r.pods {
+        rows.push(vec![
+            p.pod.as_ref().map_or("-".into(), ToString::to_string),
+            p.destination.to_string(),
+            p.device.clone(),
         ]);
     }
     print!("{}", table(&rows));
