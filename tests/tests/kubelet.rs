@@ -126,6 +126,23 @@ fn install(c: &KubeCluster, work: &Path, rootfs: &Path) -> Result<()> {
     )?;
     let rollout = start.elapsed();
     figure("daemonset_rollout", rollout.as_secs_f64(), "s");
+    // The kubelet probes what docs/operations.md says: liveness /healthz
+    // (answers from the agent's first second), readiness /readyz (after the
+    // first sync); no agent restarted on the way (below).
+    let ds = c.get_json(&["daemonset", "starling-agent", "-n", "kube-system"])?;
+    let agent = ds["spec"]["template"]["spec"]["containers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["name"] == "starling-agent")
+        .context("no starling-agent container in the DaemonSet")?;
+    for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {
+        ensure!(
+            agent[probe]["httpGet"]["path"] == path,
+            "the DaemonSet's {probe} is {}, expected GET {path}",
+            agent[probe]
+        );
+    }
 
     let agents = agent_pods(c)?;
     for node in &c.nodes {
