@@ -54,6 +54,7 @@ fn steps(c: &KubeCluster, work: &Path, rootfs: &Path) -> Result<()> {
     let pods = pods_get_addresses(c)?;
     pods_reach_each_other(c, &pods)?;
     deleted_pods_release_their_addresses(c)?;
+    a_deleted_node_is_cleaned_up_by_one_agent(c)?;
     Ok(())
 }
 
@@ -621,6 +622,121 @@ fn deleted_pods_release_their_addresses(c: &KubeCluster) -> Result<()> {
         ensure!(left.is_empty(), "{node}: pod interfaces left: {left:?}");
     }
     log_line("delete: every address released, no pod interface left");
+    Ok(())
+}
+
+/// The blocks `node` claims, from the BlockAffinity objects.
+fn affinities_of(c: &KubeCluster, node: &str) -> Result<BTreeSet<IpNet>> {
+    let list = c.get_json(&["blockaffinities"])?;
+    Ok(list["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|a| a["spec"]["node"] == node)
+        .filter_map(|a| a["spec"]["cidr"].as_str()?.parse().ok())
+        .collect())
+}
+
+/// Starling's kernel route to `block` on `node`, if any.
+fn route_to(c: &KubeCluster, node: &str, block: &IpNet) -> Result<String> {
+    starling_tests::run(
+        "ip",
+        &[
+            "-n",
+            &c.netns(node)?,
+            "route",
+            "show",
+            "exact",
+            &block.to_string(),
+            "proto",
+            "73",
+        ],
+    )
+    .map(|s| s.trim().to_string())
+}
+
+/// Step 5: a node drained, powered off and deleted from the API. One agent,
+/// the holder of the `starling-node-cleanup` Lease, releases its blocks
+/// (their BlockAffinities go); the other nodes drop their routes to them.
+fn a_deleted_node_is_cleaned_up_by_one_agent(c: &KubeCluster) -> Result<()> {
+    let gone = c.nodes.last().context("no nodes")?.clone();
+    let others: Vec<String> = c.nodes.iter().filter(|n| **n != gone).cloned().collect();
+    let blocks = affinities_of(c, &gone)?;
+    ensure!(
+        !blocks.is_empty(),
+        "{gone} claims no block before it is deleted"
+    );
+    for node in &others {
+        for b in &blocks {
+            wait_for(
+                &format!("{node}: a route to {gone}'s block {b}"),
+                Duration::from_secs(60),
+                || Ok(!route_to(c, node, b)?.is_empty()),
+            )?;
+        }
+    }
+    c.kubectl_ok(&[
+        "drain",
+        &gone,
+        "--ignore-daemonsets",
+        "--delete-emptydir-data",
+        "--force",
+        "--timeout",
+        "60s",
+    ])?;
+    c.stop_node(&gone)?;
+    let deleted = Instant::now();
+    c.kubectl_ok(&["delete", "node", &gone])?;
+    wait_for(
+        &format!("{gone}'s BlockAffinities removed"),
+        Duration::from_secs(120),
+        || Ok(affinities_of(c, &gone)?.is_empty()),
+    )?;
+    figure(
+        "deleted_node_blocks_released",
+        deleted.elapsed().as_secs_f64(),
+        "s",
+    );
+    for node in &others {
+        for b in &blocks {
+            let mut last = String::new();
+            wait_for(
+                &format!("{node}: the route to {gone}'s block {b} withdrawn"),
+                Duration::from_secs(120),
+                || {
+                    last = route_to(c, node, b)?;
+                    Ok(last.is_empty())
+                },
+            )
+            .with_context(|| format!("still: {last}"))?;
+        }
+    }
+    // Exactly one agent did it: the Lease's holder.
+    let lease = c.get_json(&["lease", "starling-node-cleanup", "-n", "kube-system"])?;
+    let holder = lease["spec"]["holderIdentity"]
+        .as_str()
+        .context("the node-cleanup Lease has no holder")?
+        .to_string();
+    let agents = agent_pods(c)?;
+    let said = format!("released the blocks of deleted node {gone}");
+    let mut cleaners = Vec::new();
+    for node in &others {
+        let pod = agents
+            .get(node)
+            .with_context(|| format!("no starling-agent pod on {node}"))?;
+        let logs = c.kubectl_ok(&["logs", "-n", "kube-system", pod, "-c", "starling-agent"])?;
+        if logs.contains(&said) {
+            cleaners.push(node.clone());
+        }
+    }
+    ensure!(
+        cleaners == [holder.clone()],
+        "expected only the Lease holder {holder} to release {gone}'s blocks; logged by {cleaners:?}"
+    );
+    log_line(&format!(
+        "node delete: {gone}'s blocks {blocks:?} released by {holder} (the Lease holder) in {:.1}s, routes gone from {others:?}",
+        deleted.elapsed().as_secs_f64()
+    ));
     Ok(())
 }
 

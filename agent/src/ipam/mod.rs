@@ -7,6 +7,7 @@
 //! its own besides block claims; [`server`] owns it on one thread, batches
 //! requests into one store commit, and answers the plugin on a Unix socket.
 
+pub mod cleanup;
 pub mod datastore;
 pub mod kube;
 pub mod pool;

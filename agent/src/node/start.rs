@@ -78,6 +78,9 @@ struct Model {
     last_error: LastError,
     /// Where IPAM claims blocks.
     claims: Box<dyn ipam::Datastore>,
+    /// Kubernetes: the client configuration for the node-cleanup election,
+    /// and whether the model is current.
+    cleanup: Option<(kube::Config, super::cleanup::Connected)>,
 }
 
 /// Phase 1: open the datastore; a Kubernetes one only once every kind has
@@ -95,6 +98,7 @@ async fn open_model(cfg: &AgentConfig, ds: DatastoreConfig) -> Result<Model> {
                 name: format!("file {}", path.display()),
                 last_error: Arc::new(move || errors.last_error().map(|e| e.to_string())),
                 claims: claims_file(cfg),
+                cleanup: None,
             })
         }
         DatastoreConfig::Kubernetes { kubeconfig } => {
@@ -116,14 +120,16 @@ async fn open_model(cfg: &AgentConfig, ds: DatastoreConfig) -> Result<Model> {
                 wait = (wait * 2).min(Duration::from_secs(30));
             }
             info!(attempts = attempt, "the Kubernetes datastore is synced");
-            let claims = crate::ipam::kube::KubeBlockClaims::new(kcfg)
+            let claims = crate::ipam::kube::KubeBlockClaims::new(kcfg.clone())
                 .context("IPAM block claims over the Kubernetes API")?;
             let errors = ds.clone();
+            let current = ds.clone();
             Ok(Model {
                 datastore: ds,
                 name: "kubernetes".into(),
                 last_error: Arc::new(move || errors.status().last_error),
                 claims: Box::new(claims),
+                cleanup: Some((kcfg, Arc::new(move || current.status().connected))),
             })
         }
     }
@@ -186,6 +192,15 @@ async fn run_node(
     }
     .serve(cfg.control_socket.clone());
     let cni = serve_cni(&cfg, ipam);
+    if let Some((kcfg, connected)) = model.cleanup {
+        // Every agent stands; the Lease's holder releases deleted nodes' blocks.
+        tokio::spawn(super::cleanup::run(
+            kcfg,
+            name.clone(),
+            snaps.clone(),
+            connected,
+        ));
+    }
     obs.readiness.set_ipam_serving(true);
     // The loop runs until a signal (a clean stop) or a server fails.
     let until = async {
