@@ -53,6 +53,7 @@ fn steps(c: &KubeCluster, work: &Path, rootfs: &Path) -> Result<()> {
     install(c, work, rootfs)?;
     let pods = pods_get_addresses(c)?;
     pods_reach_each_other(c, &pods)?;
+    a_rolling_update_loses_no_packet(c, &pods)?;
     deleted_pods_release_their_addresses(c)?;
     a_deleted_node_is_cleaned_up_by_one_agent(c)?;
     Ok(())
@@ -578,6 +579,131 @@ fn pods_reach_each_other(c: &KubeCluster, pods: &[Pod]) -> Result<()> {
         "ping: each of {} pods reaches the {} others",
         pods.len(),
         pods.len() - 1
+    ));
+    Ok(())
+}
+
+/// `kubectl exec` in a test pod.
+fn in_pod(c: &KubeCluster, pod: &str, script: &str) -> Result<String> {
+    c.kubectl_ok(&["exec", "-n", NS, pod, "--", "sh", "-c", script])
+}
+
+/// Step 4: a rolling update of the DaemonSet (a change of its pod
+/// template) while a pod pings a pod on another node at 50 packets/s: none
+/// lost, and no node's kernel route of Starling's is deleted on the way
+/// (the restarted agents adopt what the old ones left; `ip monitor route`
+/// in every node's namespace would show a delete-and-re-add as `Deleted`).
+fn a_rolling_update_loses_no_packet(c: &KubeCluster, pods: &[Pod]) -> Result<()> {
+    let pinned = |n: &str| {
+        pods.iter()
+            .find(|p| p.name == format!("pinned-{n}"))
+            .with_context(|| format!("no pinned pod on {n}"))
+    };
+    let (from, to) = (pinned(&c.nodes[0])?, pinned(&c.nodes[1])?);
+    let mut monitors = Vec::new();
+    for node in &c.nodes {
+        let file = c.dir.join(format!("route-monitor-{node}.log"));
+        let mut cmd = Command::new("ip");
+        cmd.args(["-n", &c.netns(node)?, "-timestamp", "monitor", "route"])
+            .stdout(Stdio::from(std::fs::File::create(&file)?))
+            .stderr(Stdio::null());
+        monitors.push((node.clone(), file, Daemon::spawn("ip monitor route", cmd)?));
+    }
+    let before = agent_pods(c)?;
+    // busybox ping prints its statistics on SIGINT.
+    let pid = in_pod(
+        c,
+        &from.name,
+        &format!(
+            "ping -q -i 0.02 {} </dev/null >/tmp/rollout.ping 2>&1 & echo $!",
+            to.ip
+        ),
+    )?;
+    let pid = pid.trim().to_string();
+    wait_for("the ping to start", Duration::from_secs(10), || {
+        Ok(in_pod(c, &from.name, "cat /tmp/rollout.ping")?.contains("PING"))
+    })?;
+    let start = Instant::now();
+    c.kubectl_ok(&[
+        "-n",
+        "kube-system",
+        "set",
+        "env",
+        "daemonset/starling-agent",
+        "-c",
+        "starling-agent",
+        "STARLING_ROLLOUT_TEST=1",
+    ])?;
+    wait_for(
+        "the DaemonSet rolled out to every node",
+        Duration::from_secs(300),
+        || {
+            let ds = c.get_json(&["daemonset", "starling-agent", "-n", "kube-system"])?;
+            let s = &ds["status"];
+            let n = |k: &str| s[k].as_u64().unwrap_or(0);
+            let now = agent_pods(c)?;
+            Ok(s["observedGeneration"] == ds["metadata"]["generation"]
+                && n("updatedNumberScheduled") == NODES as u64
+                && n("numberReady") == NODES as u64
+                && n("numberAvailable") == NODES as u64
+                && now.len() == NODES
+                && now.iter().all(|(node, pod)| before.get(node) != Some(pod)))
+        },
+    )?;
+    let rollout = start.elapsed();
+    // A little more traffic after the last agent turned Ready.
+    std::thread::sleep(Duration::from_secs(2));
+    in_pod(c, &from.name, &format!("kill -INT {pid}"))?;
+    let mut stats = String::new();
+    wait_for("the ping's statistics", Duration::from_secs(10), || {
+        stats = in_pod(c, &from.name, "cat /tmp/rollout.ping")?;
+        Ok(stats.contains("packets received"))
+    })?;
+    for (_, _, mut d) in monitors {
+        d.kill();
+    }
+    let counts: Vec<u64> = stats
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .context("no statistics line")?
+        .split(',')
+        .filter_map(|part| part.split_whitespace().next()?.parse().ok())
+        .collect();
+    ensure!(
+        counts.len() >= 2,
+        "cannot read the ping statistics: {stats}"
+    );
+    let (sent, received) = (counts[0], counts[1]);
+    let lost = sent.saturating_sub(received);
+    figure("rolling_update", rollout.as_secs_f64(), "s");
+    figure("rolling_update_packets_sent", sent as f64, "packets");
+    figure("rolling_update_packets_lost", lost as f64, "packets");
+    ensure!(
+        sent as f64 >= rollout.as_secs_f64() * 50.0 * 0.8,
+        "only {sent} pings sent in {:.1}s: the ping did not run through the rollout: {stats}",
+        rollout.as_secs_f64()
+    );
+    ensure!(
+        lost == 0,
+        "{lost} of {sent} pings lost during the rolling update: {stats}"
+    );
+    for node in &c.nodes {
+        let file = c.dir.join(format!("route-monitor-{node}.log"));
+        let text = std::fs::read_to_string(&file)?;
+        let flaps: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains("Deleted") && l.contains("proto 73"))
+            .collect();
+        ensure!(
+            flaps.is_empty(),
+            "{node}: Starling's routes were deleted during the rolling update: {flaps:#?}"
+        );
+    }
+    log_line(&format!(
+        "rolling update: {NODES} agents replaced in {:.1}s; {sent} pings {} -> {}, {lost} lost; no route of ours deleted on any node",
+        rollout.as_secs_f64(),
+        from.node,
+        to.node
     ));
     Ok(())
 }
