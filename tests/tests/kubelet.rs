@@ -615,13 +615,13 @@ fn a_rolling_update_loses_no_packet(c: &KubeCluster, pods: &[Pod]) -> Result<()>
         c,
         &from.name,
         &format!(
-            "ping -q -i 0.02 {} </dev/null >/tmp/rollout.ping 2>&1 & echo $!",
+            "ping -q -i 0.02 {} </dev/null >/rollout.ping 2>&1 & echo $!",
             to.ip
         ),
     )?;
     let pid = pid.trim().to_string();
     wait_for("the ping to start", Duration::from_secs(10), || {
-        Ok(in_pod(c, &from.name, "cat /tmp/rollout.ping")?.contains("PING"))
+        Ok(in_pod(c, &from.name, "cat /rollout.ping")?.contains("PING"))
     })?;
     let start = Instant::now();
     c.kubectl_ok(&[
@@ -656,7 +656,7 @@ fn a_rolling_update_loses_no_packet(c: &KubeCluster, pods: &[Pod]) -> Result<()>
     in_pod(c, &from.name, &format!("kill -INT {pid}"))?;
     let mut stats = String::new();
     wait_for("the ping's statistics", Duration::from_secs(10), || {
-        stats = in_pod(c, &from.name, "cat /tmp/rollout.ping")?;
+        stats = in_pod(c, &from.name, "cat /rollout.ping")?;
         Ok(stats.contains("packets received"))
     })?;
     for (_, _, mut d) in monitors {
