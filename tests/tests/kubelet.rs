@@ -620,9 +620,13 @@ fn a_rolling_update_loses_no_packet(c: &KubeCluster, pods: &[Pod]) -> Result<()>
         ),
     )?;
     let pid = pid.trim().to_string();
-    wait_for("the ping to start", Duration::from_secs(10), || {
-        Ok(in_pod(c, &from.name, "cat /rollout.ping")?.contains("PING"))
-    })?;
+    // Its output goes to a file, block-buffered until it exits: check the
+    // process instead.
+    ensure!(
+        in_pod(c, &from.name, &format!("kill -0 {pid} && echo running"))?.contains("running"),
+        "the ping in {} did not start",
+        from.name
+    );
     let start = Instant::now();
     c.kubectl_ok(&[
         "-n",
@@ -651,6 +655,19 @@ fn a_rolling_update_loses_no_packet(c: &KubeCluster, pods: &[Pod]) -> Result<()>
         },
     )?;
     let rollout = start.elapsed();
+    for (node, pod) in agent_pods(c)? {
+        let p = c.get_json(&["pod", &pod, "-n", "kube-system"])?;
+        let restarts: u64 = p["status"]["containerStatuses"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|s| s["restartCount"].as_u64().unwrap_or(0))
+            .sum();
+        ensure!(
+            restarts == 0,
+            "{pod} on {node} restarted {restarts} times during the rolling update"
+        );
+    }
     // A little more traffic after the last agent turned Ready.
     std::thread::sleep(Duration::from_secs(2));
     in_pod(c, &from.name, &format!("kill -INT {pid}"))?;
