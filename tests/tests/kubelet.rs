@@ -53,14 +53,14 @@ fn steps(c: &KubeCluster, work: &Path, rootfs: &Path) -> Result<()> {
     install(c, work, rootfs)?;
     let pods = pods_get_addresses(c)?;
     pods_reach_each_other(c, &pods)?;
-    // A route flap fails the test, but only at the end: the later steps
-    // still run and report.
+    // Lost packets or a route flap fail the test, but only at the end: the
+    // later steps still run and report.
     let flaps = a_rolling_update_loses_no_packet(c, &pods)?;
     deleted_pods_release_their_addresses(c)?;
     a_deleted_node_is_cleaned_up_by_one_agent(c)?;
     ensure!(
         flaps.is_empty(),
-        "step 4: Starling's kernel routes were deleted (and re-added) during the rolling update:\n{}",
+        "step 4, the rolling update:\n{}",
         flaps.join("\n")
     );
     Ok(())
@@ -600,8 +600,8 @@ fn in_pod(c: &KubeCluster, pod: &str, script: &str) -> Result<String> {
 /// lost, and no node's kernel route of Starling's is deleted on the way
 /// (the restarted agents adopt what the old ones left; `ip monitor route`
 /// in every node's namespace would show a delete-and-re-add as `Deleted`).
-/// Returns the route deletions seen (the test fails on them after the
-/// later steps ran).
+/// Returns the packets lost and route deletions seen (the test fails on
+/// them after the later steps ran).
 fn a_rolling_update_loses_no_packet(c: &KubeCluster, pods: &[Pod]) -> Result<Vec<String>> {
     let pinned = |n: &str| {
         pods.iter()
@@ -624,7 +624,7 @@ fn a_rolling_update_loses_no_packet(c: &KubeCluster, pods: &[Pod]) -> Result<Vec
         c,
         &from.name,
         &format!(
-            "ping -q -i 0.02 {} </dev/null >/rollout.ping 2>&1 & echo $!",
+            "ping -i 0.02 {} </dev/null >/rollout.ping 2>&1 & echo $!",
             to.ip
         ),
     )?;
@@ -699,8 +699,23 @@ fn a_rolling_update_loses_no_packet(c: &KubeCluster, pods: &[Pod]) -> Result<Vec
         counts.len() >= 2,
         "cannot read the ping statistics: {stats}"
     );
-    let (sent, received) = (counts[0], counts[1]);
-    let lost = sent.saturating_sub(received);
+    let sent = counts[0];
+    // Lost: a sequence number without a reply, except the last one sent,
+    // whose reply may still have been on its way when SIGINT came.
+    let answered: BTreeSet<u64> = stats
+        .lines()
+        .filter_map(|l| {
+            l.split("seq=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    let lost = (0..sent.saturating_sub(1))
+        .filter(|seq| !answered.contains(seq))
+        .count() as u64;
     figure("rolling_update", rollout.as_secs_f64(), "s");
     figure("rolling_update_packets_sent", sent as f64, "packets");
     figure("rolling_update_packets_lost", lost as f64, "packets");
@@ -709,11 +724,20 @@ fn a_rolling_update_loses_no_packet(c: &KubeCluster, pods: &[Pod]) -> Result<Vec
         "only {sent} pings sent in {:.1}s: the ping did not run through the rollout: {stats}",
         rollout.as_secs_f64()
     );
-    ensure!(
-        lost == 0,
-        "{lost} of {sent} pings lost during the rolling update: {stats}"
-    );
+    // Loss and flaps fail the test at its end (after steps 3 and 5).
     let mut flaps = Vec::new();
+    if lost > 0 {
+        let summary: Vec<&str> = stats
+            .lines()
+            .filter(|l| !l.contains("seq=") || l.contains("DUP"))
+            .collect();
+        flaps.push(format!(
+            "{lost} of {sent} pings {} -> {} lost: {}",
+            from.name,
+            to.name,
+            summary.join("\n")
+        ));
+    }
     for node in &c.nodes {
         let file = c.dir.join(format!("route-monitor-{node}.log"));
         let text = std::fs::read_to_string(&file)?;
