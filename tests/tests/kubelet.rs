@@ -724,6 +724,21 @@ fn a_rolling_update_loses_no_packet(c: &KubeCluster, pods: &[Pod]) -> Result<Vec
         "only {sent} pings sent in {:.1}s: the ping did not run through the rollout: {stats}",
         rollout.as_secs_f64()
     );
+    let mut deleted = Vec::new();
+    for node in &c.nodes {
+        let file = c.dir.join(format!("route-monitor-{node}.log"));
+        let text = std::fs::read_to_string(&file)?;
+        deleted.extend(
+            text.lines()
+                .filter(|l| l.contains("Deleted") && l.contains("proto 73"))
+                .map(|l| format!("{node}: {}", l.trim())),
+        );
+    }
+    figure(
+        "rolling_update_routes_deleted",
+        deleted.len() as f64,
+        "routes",
+    );
     // Loss and flaps fail the test at its end (after steps 3 and 5).
     let mut flaps = Vec::new();
     if lost > 0 {
@@ -738,20 +753,7 @@ fn a_rolling_update_loses_no_packet(c: &KubeCluster, pods: &[Pod]) -> Result<Vec
             summary.join("\n")
         ));
     }
-    for node in &c.nodes {
-        let file = c.dir.join(format!("route-monitor-{node}.log"));
-        let text = std::fs::read_to_string(&file)?;
-        flaps.extend(
-            text.lines()
-                .filter(|l| l.contains("Deleted") && l.contains("proto 73"))
-                .map(|l| format!("{node}: {}", l.trim())),
-        );
-    }
-    figure(
-        "rolling_update_routes_deleted",
-        flaps.len() as f64,
-        "routes",
-    );
+    flaps.extend(deleted.iter().map(|d| format!("route deleted on {d}")));
     log_line(&format!(
         "rolling update: {NODES} agents replaced in {:.1}s; {sent} pings {} -> {}, {lost} lost; {} route(s) of ours deleted{}",
         rollout.as_secs_f64(),
