@@ -52,8 +52,13 @@ fn an_agent_waiting_for_the_api_server_is_live_and_turns_ready_when_it_comes() -
     let token = k.token_for("kube-system", "starling-agent")?;
     k.kubeconfig_with_token(&token, &kubeconfig)?;
     let ns = Netns::new("apidown")?;
-    ns.ip(&["link", "add", "eth0", "type", "dummy"])?;
+    // An uplink with a default route (no dummy module on every host: a
+    // veth pair, both ends in the namespace).
+    ns.ip(&[
+        "link", "add", "eth0", "type", "veth", "peer", "name", "eth1",
+    ])?;
     ns.ip(&["addr", "add", "192.0.2.10/24", "dev", "eth0"])?;
+    ns.ip(&["link", "set", "eth1", "up"])?;
     ns.ip(&["link", "set", "eth0", "up"])?;
     ns.ip(&["route", "add", "default", "via", "192.0.2.1", "dev", "eth0"])?;
     let config = dir.join("agent.yaml");
