@@ -75,6 +75,7 @@ struct Flags {
     datastore_synced: AtomicBool,
     ipam_serving: AtomicBool,
     fib_synced: AtomicBool,
+    speaker_running: AtomicBool,
     bgp_planned: AtomicUsize,
     bgp_established: AtomicUsize,
     stopped: Mutex<Option<String>>,
@@ -116,6 +117,41 @@ impl Readiness {
     /// The FIB reconciler finished its first pass.
     pub fn set_fib_synced(&self, v: bool) {
         self.flags.fib_synced.store(v, Ordering::Relaxed);
+    }
+
+    /// The BGP speaker is listening and announcing this node's blocks.
+    pub fn set_speaker_running(&self, v: bool) {
+        self.flags.speaker_running.store(v, Ordering::Relaxed);
+    }
+
+    /// Watch a thread the agent cannot do without: when it ends, returning
+    /// an error or not, or panics, `/healthz` fails naming `what` and why,
+    /// so the kubelet restarts the agent rather than leave it half alive.
+    pub fn supervise(
+        &self,
+        what: &'static str,
+        thread: std::thread::JoinHandle<Result<(), String>>,
+    ) -> io::Result<()> {
+        let readiness = self.clone();
+        std::thread::Builder::new()
+            .name(format!("watch {what}"))
+            .spawn(move || {
+                let why = match thread.join() {
+                    Ok(Ok(())) => format!("{what} ended"),
+                    Ok(Err(e)) => format!("{what} stopped: {e}"),
+                    Err(panic) => {
+                        let msg = panic
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_else(|| "no message".into());
+                        format!("{what} panicked: {msg}")
+                    }
+                };
+                tracing::error!("{why}; /healthz fails from now on");
+                readiness.set_stopped(why);
+            })
+            .map(|_| ())
     }
 
     /// How many BGP sessions the plan wants and how many are Established.
@@ -164,6 +200,9 @@ impl Readiness {
         }
         if !f.fib_synced.load(Ordering::Relaxed) {
             out.push("fib: the first route sync has not finished".to_string());
+        }
+        if !f.speaker_running.load(Ordering::Relaxed) {
+            out.push("bgp: the speaker has not started yet".to_string());
         }
         let planned = f.bgp_planned.load(Ordering::Relaxed);
         if planned > 0 && f.bgp_established.load(Ordering::Relaxed) == 0 {
@@ -510,11 +549,16 @@ mod tests {
         for part in ["datastore", "ipam", "fib"] {
             assert!(body.contains(&format!("- {part}:")), "{part} in {body}");
         }
-        assert!(!body.contains("bgp"), "no peers planned is ready: {body}");
+        assert!(
+            body.contains("- bgp: the speaker has not started yet"),
+            "{body}"
+        );
 
         ep.readiness.set_datastore_synced(true);
         ep.readiness.set_ipam_serving(true);
         ep.readiness.set_fib_synced(true);
+        ep.readiness.set_speaker_running(true);
+        assert!(ep.readiness.is_ready(), "no peers planned is ready");
         ep.readiness.set_bgp(3, 0);
         let (status, body) = get(addr, "/readyz?verbose").await;
         assert_eq!(status, 503);
@@ -536,6 +580,37 @@ mod tests {
                 "stopped: the FIB task ended: netlink socket closed\n".into()
             )
         );
+    }
+
+    #[tokio::test]
+    async fn a_dead_thread_fails_healthz_with_its_reason() {
+        for (what, body, expected) in [
+            (
+                "the FIB reconciler",
+                (|| Err("netlink socket closed".to_string())) as fn() -> Result<(), String>,
+                "stopped: the FIB reconciler stopped: netlink socket closed\n",
+            ),
+            (
+                "the FIB reconciler",
+                || panic!("dump parser bug"),
+                "stopped: the FIB reconciler panicked: dump parser bug\n",
+            ),
+            (
+                "the FIB reconciler",
+                || Ok(()),
+                "stopped: the FIB reconciler ended\n",
+            ),
+        ] {
+            let (addr, ep) = start().await;
+            assert_eq!(get(addr, "/healthz").await, (200, "ok\n".into()));
+            let thread = std::thread::spawn(body);
+            ep.readiness.supervise(what, thread).unwrap();
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while ep.readiness.stopped().is_none() && std::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            assert_eq!(get(addr, "/healthz").await, (503, expected.into()));
+        }
     }
 
     #[tokio::test]

@@ -28,7 +28,12 @@ pub const DEFAULT_CNI_BIN_DIR: &str = "/host/opt/cni/bin";
 pub const DEFAULT_CNI_CONF: &str = "/host/etc/cni/net.d/10-starling.conflist";
 /// Calico's network name, so tooling that looks for it keeps working.
 pub const DEFAULT_NETWORK_NAME: &str = "k8s-pod-network";
-pub const DEFAULT_CNI_VERSION: &str = "1.1.0";
+/// The conflist's `cniVersion` unless `--cni-version` says otherwise: 1.0.0,
+/// because containerd 1.6 (libcni 1.1, still the runtime of many LTS
+/// distributions) refuses a 1.1.0 result ("unsupported CNI result version")
+/// and every pod sandbox on the node fails. The plugin speaks 1.1.0 too; a
+/// runtime that sends GC and STATUS needs `--cni-version 1.1.0`.
+pub const DEFAULT_CNI_VERSION: &str = "1.0.0";
 /// The name the conflist's `"type": "starling"` makes the runtime exec.
 pub const PLUGIN_NAME: &str = "starling";
 
@@ -321,7 +326,7 @@ mod tests {
             conf,
             json!({
                 "name": "k8s-pod-network",
-                "cniVersion": "1.1.0",
+                "cniVersion": "1.0.0",
                 "plugins": [
                     {"type": "starling", "socketPath": "/run/starling/cni.sock", "mtu": 1440},
                     {"type": "portmap", "capabilities": {"portMappings": true}},
@@ -430,6 +435,10 @@ mod tests {
         let cli = Cli::try_parse_from(["x", "--mtu", "1450", "--cni-bin-dir", "/b"]).unwrap();
         assert_eq!(cli.opts.mtu, Some(1450));
         assert_eq!(cli.opts.cni_bin_dir, PathBuf::from("/b"));
+        // 1.0.0 by default (containerd 1.6 reads no newer); still overridable.
+        assert_eq!(InstallOptions::default().cni_version, "1.0.0");
+        let cli = Cli::try_parse_from(["x", "--cni-version", "1.1.0"]).unwrap();
+        assert_eq!(cli.opts.cni_version, "1.1.0");
     }
 
     /// The DaemonSet and ConfigMap in manifests/daemonset.yaml, by kind.
@@ -516,10 +525,17 @@ mod tests {
             "/etc/cni/net.d",
             "/var/lib/starling",
             "/run/starling",
-            "/lib/modules",
         ] {
             assert!(host_paths.contains(&p), "hostPath {p} in {host_paths:?}");
         }
+        // Nothing in the pod loads modules: creating tunl0 makes the kernel
+        // run the host's modprobe itself.
+        assert!(!host_paths.contains(&"/lib/modules"), "{host_paths:?}");
+        // Without kube-proxy the agent finds the API server from this
+        // ConfigMap (optional, as Calico's).
+        let from = &agent["envFrom"][0]["configMapRef"];
+        assert_eq!(from["name"], "kubernetes-services-endpoint");
+        assert_eq!(from["optional"], true);
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod health;
 pub mod install;
 pub mod ipam;
 pub mod lab;
+pub mod manifests;
 pub mod metrics;
 pub mod model;
 pub mod node;

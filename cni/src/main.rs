@@ -15,7 +15,8 @@ use rscni_plugin::types::{Args, CNIResult, Interface, IpConfig, NetConf, Route};
 use rscni_plugin::version::SpecVersion;
 use serde_json::Value;
 use starling_cni_proto::{
-    self as proto, AddRequest, AgentError, AttachmentKey, CallError, ErrorKind, Reply, Request,
+    self as proto, AddRequest, AgentError, AttachmentKey, CallError, ErrorKind, PodRef, Reply,
+    Request,
 };
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -159,6 +160,8 @@ impl Cni for Starling {
         let opts = Options::from_conf(args.config())?;
         let att = Attachment::from_args(&args)?;
         let netns = att.netns()?.to_path_buf();
+        let pod = PodRef::from_cni_args(args.args().unwrap_or(""))
+            .map_err(|e| Error::InvalidEnvValue(e.to_string()))?;
         // Unreachable agent: error 11 here, before anything is created.
         let mut pending = Some(
             proto::send(
@@ -167,6 +170,7 @@ impl Cni for Starling {
                     key: att.key.clone(),
                     netns: netns.display().to_string(),
                     host_veth: att.host_veth.clone(),
+                    pod,
                 }),
                 opts.timeout,
             )

@@ -23,6 +23,8 @@
 #   cluster.sh import DIR TAR... load image archives into every node's containerd
 #   cluster.sh kubectl DIR ARGS  kubectl as the admin, from the control plane's namespace
 #   cluster.sh exec DIR NODE CMD run CMD on a node (its network and mount namespaces)
+#   cluster.sh stop-node DIR NODE  power a node off: kill its kubelet, containerd and
+#                                containers, remove its namespaces (the Node object stays)
 #   cluster.sh down DIR          stop and remove everything `up DIR` made; idempotent,
 #                                also after a crash (finds processes by namespace and cgroup)
 set -euo pipefail
@@ -430,5 +432,6 @@ case "${1:-}" in
     kubectl) shift; d=${1:?usage: cluster.sh kubectl DIR ARGS}; shift; admin_kubectl "$d" "$@" ;;
     exec) shift; d=${1:?usage: cluster.sh exec DIR NODE CMD}; n=${2:?node}; shift 2; on_node "$d" "$n" "$@" ;;
     down) shift; cmd_down "$@" ;;
+    stop-node) shift; d=${1:?usage: cluster.sh stop-node DIR NODE}; n=${2:?node}; d="$(cd "$d" && pwd)"; stop_node "$d" "$n" ;;
     *) sed -n '2,28p' "$0" >&2; exit 2 ;;
 esac

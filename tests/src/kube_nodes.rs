@@ -235,6 +235,23 @@ impl KubeCluster {
         Ok(format!("{}-n{i}", self.tag))
     }
 
+    /// Power `node` off: its kubelet, containerd and containers killed, its
+    /// namespaces removed. The Node object stays (as when a machine dies).
+    pub fn stop_node(&self, node: &str) -> Result<()> {
+        let out = Command::new("bash")
+            .arg(cluster_script())
+            .args(["stop-node", self.dir.to_str().context("dir")?, node])
+            .stdin(Stdio::null())
+            .output()
+            .context("cannot run cluster.sh stop-node")?;
+        ensure!(
+            out.status.success(),
+            "cluster.sh stop-node {node} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    }
+
     /// Load an image archive into every node's containerd.
     pub fn import(&self, archive: &Path) -> Result<()> {
         let out = Command::new("bash")

@@ -10,32 +10,40 @@ use std::process::Command;
 use std::time::Duration;
 
 const REGENERATE: &str =
-    "cargo run -p starling-agent --bin starlingctl -- crds > manifests/crds.yaml";
+    "cargo run -p starling-agent --bin starlingctl -- manifests --out manifests";
 
-/// manifests/crds.yaml is exactly what the Rust types generate.
+/// manifests/ is exactly what `starlingctl manifests` generates: the CRDs
+/// from the Rust types, the RBAC and DaemonSet from agent/src/manifests/.
 #[test]
 fn manifests_are_current() -> Result<()> {
+    let dir = TempDir::new("manifests")?;
     let out = Command::new(bin("starlingctl"))
-        .arg("crds")
+        .args(["manifests", "--out"])
+        .arg(&dir.path)
         .output()
-        .context("running starlingctl crds")?;
+        .context("running starlingctl manifests")?;
     ensure!(
         out.status.success(),
-        "starlingctl crds failed: {}",
+        "starlingctl manifests failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let generated = String::from_utf8(out.stdout)?;
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/crds.yaml");
-    let committed = std::fs::read_to_string(&path).with_context(|| {
-        format!(
-            "{}: missing; generate it with `{REGENERATE}`",
-            path.display()
-        )
-    })?;
-    ensure!(
-        committed == generated,
-        "manifests/crds.yaml is stale (the model's Rust types changed): regenerate it with `{REGENERATE}`"
-    );
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests");
+    for file in ["crds.yaml", "rbac.yaml", "daemonset.yaml"] {
+        let generated = std::fs::read_to_string(dir.join(file))?;
+        let path = repo.join(file);
+        let committed = std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "{}: missing; generate it with `{REGENERATE}`",
+                path.display()
+            )
+        })?;
+        ensure!(
+            committed == generated,
+            "manifests/{file} is stale (the model's Rust types or agent/src/manifests/ changed): \
+             regenerate it with `{REGENERATE}`"
+        );
+    }
+    let generated = std::fs::read_to_string(dir.join("crds.yaml"))?;
     for kind in [
         "IPPool",
         "BGPConfiguration",
@@ -51,6 +59,26 @@ fn manifests_are_current() -> Result<()> {
     ensure!(
         generated.contains("x-kubernetes-validations"),
         "CEL rules missing"
+    );
+    // The image comes from the command line, into both containers.
+    let ds = Command::new(bin("starlingctl"))
+        .args(["manifests", "--image", "registry.example/starling:9.9.9"])
+        .output()?;
+    ensure!(ds.status.success(), "starlingctl manifests --image failed");
+    let stream = String::from_utf8(ds.stdout)?;
+    ensure!(
+        stream
+            .matches("image: registry.example/starling:9.9.9\n")
+            .count()
+            == 2,
+        "the image reference is not in both containers:\n{stream}"
+    );
+    let bad = Command::new(bin("starlingctl"))
+        .args(["manifests", "--image", "bad image"])
+        .output()?;
+    ensure!(
+        !bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("image `bad image`"),
+        "a bad image reference must be refused by name"
     );
     Ok(())
 }

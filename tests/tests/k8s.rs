@@ -12,6 +12,8 @@ mod cluster;
 mod datastore;
 #[path = "k8s_parts/e2e.rs"]
 mod e2e;
+#[path = "k8s_parts/health.rs"]
+mod health;
 
 use anyhow::{Context, Result, ensure};
 use cluster::{Cluster, checked, cluster, log, repo_root, tool};

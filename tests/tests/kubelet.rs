@@ -9,10 +9,9 @@
 
 use anyhow::{Context, Result, bail, ensure};
 use ipnet::IpNet;
-use serde::Deserialize;
 use serde_json::Value;
-use starling_tests::kube_nodes::{KubeCluster, repo_root, starling_image};
-use starling_tests::{Daemon, TempDir, bench_json, log_line, wait_for};
+use starling_tests::kube_nodes::{KubeCluster, starling_image};
+use starling_tests::{Daemon, TempDir, bench_json, bin, log_line, run, wait_for};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::{BufRead, BufReader};
 use std::net::IpAddr;
@@ -24,8 +23,6 @@ use std::time::{Duration, Instant, SystemTime};
 const NODES: usize = 3;
 /// The image reference the test gives the DaemonSet (imported, never pulled).
 const IMAGE: &str = "localhost/starling:kubelet-test";
-/// The reference manifests/daemonset.yaml ships with.
-const PLACEHOLDER_IMAGE: &str = "ghcr.io/starling-net/starling:0.1.0";
 /// kube-controller-manager's --cluster-cidr in cluster.sh: the pool covers it.
 const POOL: &str = "10.244.0.0/16";
 /// Where cluster.sh's API server listens, on the nodes' underlay.
@@ -56,7 +53,16 @@ fn steps(c: &KubeCluster, work: &Path, rootfs: &Path) -> Result<()> {
     install(c, work, rootfs)?;
     let pods = pods_get_addresses(c)?;
     pods_reach_each_other(c, &pods)?;
+    // Lost packets or a route flap fail the test, but only at the end: the
+    // later steps still run and report.
+    let flaps = a_rolling_update_loses_no_packet(c, &pods)?;
     deleted_pods_release_their_addresses(c)?;
+    a_deleted_node_is_cleaned_up_by_one_agent(c)?;
+    ensure!(
+        flaps.is_empty(),
+        "step 4, the rolling update:\n{}",
+        flaps.join("\n")
+    );
     Ok(())
 }
 
@@ -71,9 +77,19 @@ fn install(c: &KubeCluster, work: &Path, rootfs: &Path) -> Result<()> {
         );
         log_line(&format!("{node} before install: NotReady ({message})"));
     }
-    let manifests = repo_root().join("manifests");
-    let daemonset = work.join("daemonset.yaml");
-    std::fs::write(&daemonset, daemonset_for_test()?)?;
+    // docs/install.md: the manifests for the image, from one generator.
+    let manifests = work.join("manifests");
+    run(
+        bin("starlingctl").to_str().context("path")?,
+        &[
+            "manifests",
+            "--image",
+            IMAGE,
+            "--out",
+            manifests.to_str().context("path")?,
+        ],
+    )?;
+    let daemonset = manifests.join("daemonset.yaml");
     let start = Instant::now();
     // docs/install.md, "Apply", in its order.
     for file in [manifests.join("crds.yaml"), manifests.join("rbac.yaml")] {
@@ -119,6 +135,23 @@ fn install(c: &KubeCluster, work: &Path, rootfs: &Path) -> Result<()> {
     )?;
     let rollout = start.elapsed();
     figure("daemonset_rollout", rollout.as_secs_f64(), "s");
+    // The kubelet probes what docs/operations.md says: liveness /healthz
+    // (answers from the agent's first second), readiness /readyz (after the
+    // first sync); no agent restarted on the way (below).
+    let ds = c.get_json(&["daemonset", "starling-agent", "-n", "kube-system"])?;
+    let agent = ds["spec"]["template"]["spec"]["containers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["name"] == "starling-agent")
+        .context("no starling-agent container in the DaemonSet")?;
+    for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {
+        ensure!(
+            agent[probe]["httpGet"]["path"] == path,
+            "the DaemonSet's {probe} is {}, expected GET {path}",
+            agent[probe]
+        );
+    }
 
     let agents = agent_pods(c)?;
     for node in &c.nodes {
@@ -187,64 +220,6 @@ fn install(c: &KubeCluster, work: &Path, rootfs: &Path) -> Result<()> {
         rollout.as_secs_f64()
     ));
     Ok(())
-}
-
-/// The DaemonSet manifest with the test's image. Until the manifests carry
-/// them themselves (issue 13), two more edits, each logged: the agent
-/// container gets its environment from the `kubernetes-services-endpoint`
-/// ConfigMap (optional, as Calico's; without kube-proxy that is how it finds
-/// the API server), and install-cni writes a conflist of CNI 1.0.0, the
-/// newest containerd 1.6 reads.
-fn daemonset_for_test() -> Result<String> {
-    let path = repo_root().join("manifests/daemonset.yaml");
-    let text = std::fs::read_to_string(&path)?;
-    let mut docs = Vec::new();
-    let mut images = 0;
-    for doc in serde_yaml::Deserializer::from_str(&text) {
-        let mut d = serde_yaml::Value::deserialize(doc)
-            .with_context(|| format!("{} is not YAML", path.display()))?;
-        if d["kind"] == "DaemonSet" {
-            let spec = &mut d["spec"]["template"]["spec"];
-            for list in ["initContainers", "containers"] {
-                let Some(containers) = spec[list].as_sequence_mut() else {
-                    continue;
-                };
-                for ctr in containers {
-                    if ctr["image"] == PLACEHOLDER_IMAGE {
-                        ctr["image"] = IMAGE.into();
-                        images += 1;
-                    }
-                    let argv = serde_yaml::to_string(&ctr["args"])?;
-                    if ctr["name"] == "install-cni" && !argv.contains("--cni-version") {
-                        // containerd 1.6 (libcni 1.1) parses results up to
-                        // CNI 1.0.0; install-cni writes 1.1.0 by default.
-                        log_line(
-                            "manifests/daemonset.yaml: install-cni writes cniVersion 1.1.0, which containerd 1.6 cannot read; the test passes --cni-version 1.0.0",
-                        );
-                        ctr["args"] = serde_yaml::from_str("[install-cni, --cni-version, 1.0.0]")?;
-                    }
-                    let from = serde_yaml::to_string(&ctr["envFrom"])?;
-                    if ctr["name"] == "starling-agent"
-                        && !from.contains("kubernetes-services-endpoint")
-                    {
-                        log_line(
-                            "manifests/daemonset.yaml: the agent has no envFrom kubernetes-services-endpoint; the test adds it",
-                        );
-                        ctr["envFrom"] = serde_yaml::from_str(
-                            "[{configMapRef: {name: kubernetes-services-endpoint, optional: true}}]",
-                        )?;
-                    }
-                }
-            }
-        }
-        docs.push(serde_yaml::to_string(&d)?);
-    }
-    ensure!(
-        images >= 2,
-        "{}: expected the init and agent containers to use {PLACEHOLDER_IMAGE}",
-        path.display()
-    );
-    Ok(docs.join("---\n"))
 }
 
 /// The node's Ready condition: (status, message).
@@ -377,12 +352,24 @@ fn ipam_show(c: &KubeCluster, agent: &str) -> Result<Value> {
 
 /// The pod addresses IPAM has handed out on a node.
 fn allocated(report: &Value) -> BTreeSet<IpAddr> {
+    owners(report).into_keys().collect()
+}
+
+/// Each address IPAM has handed out on a node, with the pod it recorded
+/// (`namespace/name` from CNI_ARGS; `-` when none was recorded).
+fn owners(report: &Value) -> BTreeMap<IpAddr, String> {
     report["pods"]
         .as_array()
         .into_iter()
         .flatten()
-        .filter_map(|p| p["destination"].as_str()?.parse::<IpNet>().ok())
-        .map(|n| n.addr())
+        .filter_map(|p| {
+            let ip = p["destination"].as_str()?.parse::<IpNet>().ok()?.addr();
+            let pod = match (p["pod"]["namespace"].as_str(), p["pod"]["name"].as_str()) {
+                (Some(ns), Some(name)) => format!("{ns}/{name}"),
+                _ => "-".to_string(),
+            };
+            Some((ip, pod))
+        })
         .collect()
 }
 
@@ -533,13 +520,18 @@ fn pods_get_addresses(c: &KubeCluster) -> Result<Vec<Pod>> {
             PER_NODE + 1
         );
     }
-    // IPAM on each node holds exactly the addresses kubectl shows there, in
+    // IPAM on each node holds exactly the pods kubectl shows there, by
+    // namespace/name and address (the plugin passes CNI_ARGS' pod on), in
     // blocks the node holds.
     let agents = agent_pods(c)?;
     for node in &c.nodes {
         let report = ipam_show(c, &agents[node])?;
-        let held = allocated(&report);
-        let shown = per_node.get(node.as_str()).cloned().unwrap_or_default();
+        let held = owners(&report);
+        let shown: BTreeMap<IpAddr, String> = pods
+            .iter()
+            .filter(|p| &p.node == node)
+            .map(|p| (p.ip, format!("{NS}/{}", p.name)))
+            .collect();
         ensure!(
             held == shown,
             "{node}: starlingctl ipam show has {held:?}, kubectl get pods -o wide shows {shown:?}"
@@ -550,7 +542,7 @@ fn pods_get_addresses(c: &KubeCluster) -> Result<Vec<Pod>> {
             .flatten()
             .filter_map(|b| b["cidr"].as_str()?.parse().ok())
             .collect();
-        for ip in &shown {
+        for ip in shown.keys() {
             ensure!(
                 blocks.iter().any(|b| b.contains(ip)),
                 "{node}: {ip} is in none of the node's blocks {blocks:?}"
@@ -598,6 +590,185 @@ fn pods_reach_each_other(c: &KubeCluster, pods: &[Pod]) -> Result<()> {
     Ok(())
 }
 
+/// `kubectl exec` in a test pod.
+fn in_pod(c: &KubeCluster, pod: &str, script: &str) -> Result<String> {
+    c.kubectl_ok(&["exec", "-n", NS, pod, "--", "sh", "-c", script])
+}
+
+/// Step 4: a rolling update of the DaemonSet (a change of its pod
+/// template) while a pod pings a pod on another node at 50 packets/s: none
+/// lost, and no node's kernel route of Starling's is deleted on the way
+/// (the restarted agents adopt what the old ones left; `ip monitor route`
+/// in every node's namespace would show a delete-and-re-add as `Deleted`).
+/// Returns the packets lost and route deletions seen (the test fails on
+/// them after the later steps ran).
+fn a_rolling_update_loses_no_packet(c: &KubeCluster, pods: &[Pod]) -> Result<Vec<String>> {
+    let pinned = |n: &str| {
+        pods.iter()
+            .find(|p| p.name == format!("pinned-{n}"))
+            .with_context(|| format!("no pinned pod on {n}"))
+    };
+    let (from, to) = (pinned(&c.nodes[0])?, pinned(&c.nodes[1])?);
+    let mut monitors = Vec::new();
+    for node in &c.nodes {
+        let file = c.dir.join(format!("route-monitor-{node}.log"));
+        let mut cmd = Command::new("ip");
+        cmd.args(["-n", &c.netns(node)?, "-timestamp", "monitor", "route"])
+            .stdout(Stdio::from(std::fs::File::create(&file)?))
+            .stderr(Stdio::null());
+        monitors.push((node.clone(), file, Daemon::spawn("ip monitor route", cmd)?));
+    }
+    let before = agent_pods(c)?;
+    // busybox ping prints its statistics on SIGINT.
+    let pid = in_pod(
+        c,
+        &from.name,
+        &format!(
+            "ping -i 0.02 {} </dev/null >/rollout.ping 2>&1 & echo $!",
+            to.ip
+        ),
+    )?;
+    let pid = pid.trim().to_string();
+    // Its output goes to a file, block-buffered until it exits: check the
+    // process instead.
+    ensure!(
+        in_pod(c, &from.name, &format!("kill -0 {pid} && echo running"))?.contains("running"),
+        "the ping in {} did not start",
+        from.name
+    );
+    let start = Instant::now();
+    c.kubectl_ok(&[
+        "-n",
+        "kube-system",
+        "set",
+        "env",
+        "daemonset/starling-agent",
+        "-c",
+        "starling-agent",
+        "STARLING_ROLLOUT_TEST=1",
+    ])?;
+    wait_for(
+        "the DaemonSet rolled out to every node",
+        Duration::from_secs(300),
+        || {
+            let ds = c.get_json(&["daemonset", "starling-agent", "-n", "kube-system"])?;
+            let s = &ds["status"];
+            let n = |k: &str| s[k].as_u64().unwrap_or(0);
+            let now = agent_pods(c)?;
+            Ok(s["observedGeneration"] == ds["metadata"]["generation"]
+                && n("updatedNumberScheduled") == NODES as u64
+                && n("numberReady") == NODES as u64
+                && n("numberAvailable") == NODES as u64
+                && now.len() == NODES
+                && now.iter().all(|(node, pod)| before.get(node) != Some(pod)))
+        },
+    )?;
+    let rollout = start.elapsed();
+    for (node, pod) in agent_pods(c)? {
+        let p = c.get_json(&["pod", &pod, "-n", "kube-system"])?;
+        let restarts: u64 = p["status"]["containerStatuses"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|s| s["restartCount"].as_u64().unwrap_or(0))
+            .sum();
+        ensure!(
+            restarts == 0,
+            "{pod} on {node} restarted {restarts} times during the rolling update"
+        );
+    }
+    // A little more traffic after the last agent turned Ready.
+    std::thread::sleep(Duration::from_secs(2));
+    in_pod(c, &from.name, &format!("kill -INT {pid}"))?;
+    let mut stats = String::new();
+    wait_for("the ping's statistics", Duration::from_secs(10), || {
+        stats = in_pod(c, &from.name, "cat /rollout.ping")?;
+        Ok(stats.contains("packets received"))
+    })?;
+    for (_, _, mut d) in monitors {
+        d.kill();
+    }
+    let counts: Vec<u64> = stats
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .context("no statistics line")?
+        .split(',')
+        .filter_map(|part| part.split_whitespace().next()?.parse().ok())
+        .collect();
+    ensure!(
+        counts.len() >= 2,
+        "cannot read the ping statistics: {stats}"
+    );
+    let sent = counts[0];
+    // Lost: a sequence number without a reply, except the last one sent,
+    // whose reply may still have been on its way when SIGINT came.
+    let answered: BTreeSet<u64> = stats
+        .lines()
+        .filter_map(|l| {
+            l.split("seq=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    let lost = (0..sent.saturating_sub(1))
+        .filter(|seq| !answered.contains(seq))
+        .count() as u64;
+    figure("rolling_update", rollout.as_secs_f64(), "s");
+    figure("rolling_update_packets_sent", sent as f64, "packets");
+    figure("rolling_update_packets_lost", lost as f64, "packets");
+    ensure!(
+        sent as f64 >= rollout.as_secs_f64() * 50.0 * 0.8,
+        "only {sent} pings sent in {:.1}s: the ping did not run through the rollout: {stats}",
+        rollout.as_secs_f64()
+    );
+    let mut deleted = Vec::new();
+    for node in &c.nodes {
+        let file = c.dir.join(format!("route-monitor-{node}.log"));
+        let text = std::fs::read_to_string(&file)?;
+        deleted.extend(
+            text.lines()
+                .filter(|l| l.contains("Deleted") && l.contains("proto 73"))
+                .map(|l| format!("{node}: {}", l.trim())),
+        );
+    }
+    figure(
+        "rolling_update_routes_deleted",
+        deleted.len() as f64,
+        "routes",
+    );
+    // Loss and flaps fail the test at its end (after steps 3 and 5).
+    let mut flaps = Vec::new();
+    if lost > 0 {
+        let summary: Vec<&str> = stats
+            .lines()
+            .filter(|l| !l.contains("seq=") || l.contains("DUP"))
+            .collect();
+        flaps.push(format!(
+            "{lost} of {sent} pings {} -> {} lost: {}",
+            from.name,
+            to.name,
+            summary.join("\n")
+        ));
+    }
+    flaps.extend(deleted.iter().map(|d| format!("route deleted on {d}")));
+    log_line(&format!(
+        "rolling update: {NODES} agents replaced in {:.1}s; {sent} pings {} -> {}, {lost} lost; {} route(s) of ours deleted{}",
+        rollout.as_secs_f64(),
+        from.node,
+        to.node,
+        flaps.len(),
+        if flaps.is_empty() {
+            String::new()
+        } else {
+            format!(": {flaps:?}")
+        }
+    ));
+    Ok(flaps)
+}
+
 /// Step 3: pods deleted -> the kubelet tears down their sandboxes, containerd
 /// calls DEL, and every address is released.
 fn deleted_pods_release_their_addresses(c: &KubeCluster) -> Result<()> {
@@ -638,6 +809,121 @@ fn deleted_pods_release_their_addresses(c: &KubeCluster) -> Result<()> {
         ensure!(left.is_empty(), "{node}: pod interfaces left: {left:?}");
     }
     log_line("delete: every address released, no pod interface left");
+    Ok(())
+}
+
+/// The blocks `node` claims, from the BlockAffinity objects.
+fn affinities_of(c: &KubeCluster, node: &str) -> Result<BTreeSet<IpNet>> {
+    let list = c.get_json(&["blockaffinities"])?;
+    Ok(list["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|a| a["spec"]["node"] == node)
+        .filter_map(|a| a["spec"]["cidr"].as_str()?.parse().ok())
+        .collect())
+}
+
+/// Starling's kernel route to `block` on `node`, if any.
+fn route_to(c: &KubeCluster, node: &str, block: &IpNet) -> Result<String> {
+    starling_tests::run(
+        "ip",
+        &[
+            "-n",
+            &c.netns(node)?,
+            "route",
+            "show",
+            "exact",
+            &block.to_string(),
+            "proto",
+            "73",
+        ],
+    )
+    .map(|s| s.trim().to_string())
+}
+
+/// Step 5: a node drained, powered off and deleted from the API. One agent,
+/// the holder of the `starling-node-cleanup` Lease, releases its blocks
+/// (their BlockAffinities go); the other nodes drop their routes to them.
+fn a_deleted_node_is_cleaned_up_by_one_agent(c: &KubeCluster) -> Result<()> {
+    let gone = c.nodes.last().context("no nodes")?.clone();
+    let others: Vec<String> = c.nodes.iter().filter(|n| **n != gone).cloned().collect();
+    let blocks = affinities_of(c, &gone)?;
+    ensure!(
+        !blocks.is_empty(),
+        "{gone} claims no block before it is deleted"
+    );
+    for node in &others {
+        for b in &blocks {
+            wait_for(
+                &format!("{node}: a route to {gone}'s block {b}"),
+                Duration::from_secs(60),
+                || Ok(!route_to(c, node, b)?.is_empty()),
+            )?;
+        }
+    }
+    c.kubectl_ok(&[
+        "drain",
+        &gone,
+        "--ignore-daemonsets",
+        "--delete-emptydir-data",
+        "--force",
+        "--timeout",
+        "60s",
+    ])?;
+    c.stop_node(&gone)?;
+    let deleted = Instant::now();
+    c.kubectl_ok(&["delete", "node", &gone])?;
+    wait_for(
+        &format!("{gone}'s BlockAffinities removed"),
+        Duration::from_secs(120),
+        || Ok(affinities_of(c, &gone)?.is_empty()),
+    )?;
+    figure(
+        "deleted_node_blocks_released",
+        deleted.elapsed().as_secs_f64(),
+        "s",
+    );
+    for node in &others {
+        for b in &blocks {
+            let mut last = String::new();
+            wait_for(
+                &format!("{node}: the route to {gone}'s block {b} withdrawn"),
+                Duration::from_secs(120),
+                || {
+                    last = route_to(c, node, b)?;
+                    Ok(last.is_empty())
+                },
+            )
+            .with_context(|| format!("still: {last}"))?;
+        }
+    }
+    // Exactly one agent did it: the Lease's holder.
+    let lease = c.get_json(&["lease", "starling-node-cleanup", "-n", "kube-system"])?;
+    let holder = lease["spec"]["holderIdentity"]
+        .as_str()
+        .context("the node-cleanup Lease has no holder")?
+        .to_string();
+    let agents = agent_pods(c)?;
+    let said = format!("released the blocks of deleted node {gone}");
+    let mut cleaners = Vec::new();
+    for node in &others {
+        let pod = agents
+            .get(node)
+            .with_context(|| format!("no starling-agent pod on {node}"))?;
+        let logs = c.kubectl_ok(&["logs", "-n", "kube-system", pod, "-c", "starling-agent"])?;
+        if logs.contains(&said) {
+            cleaners.push(node.clone());
+        }
+    }
+    ensure!(
+        cleaners == [holder.clone()],
+        "expected only the Lease holder {holder} to release {gone}'s blocks; logged by {cleaners:?}"
+    );
+    log_line(&format!(
+        "node delete: {gone}'s blocks {blocks:?} released by {holder} (the Lease holder) in {:.1}s, routes gone from {others:?}",
+        deleted.elapsed().as_secs_f64()
+    ));
     Ok(())
 }
 

@@ -1,10 +1,10 @@
 //! `starlingctl`: the operator's command line for Starling.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use starling_agent::lab;
 use starling_agent::model::{crd, file};
 use starling_agent::node::control;
+use starling_agent::{lab, manifests};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -21,6 +21,18 @@ enum Command {
     /// Print the CustomResourceDefinitions of the model (manifests/crds.yaml
     /// is this output: `starlingctl crds > manifests/crds.yaml`).
     Crds,
+    /// Write the manifests users apply (crds.yaml, rbac.yaml,
+    /// daemonset.yaml) with the DaemonSet running IMAGE; the repository's
+    /// manifests/ is `starlingctl manifests --out manifests`.
+    Manifests {
+        /// The Starling image the DaemonSet runs (scripts/image.sh builds it).
+        #[arg(long, default_value = manifests::DEFAULT_IMAGE)]
+        image: String,
+        /// Directory to write the files into (created if missing); without
+        /// it, one YAML stream on stdout, in the order to apply.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Check a file datastore YAML stream as the agent would load it.
     Validate {
         /// The YAML file (several `---` separated documents).
@@ -149,6 +161,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             std::io::stdout().lock().write_all(yaml.as_bytes())?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Manifests { image, out } => write_manifests(&image, out.as_deref()),
         Command::Validate { file: path } => validate(&path),
         Command::Lab { command } => lab_command(command),
         Command::Status { agent } => status(&agent),
@@ -157,6 +170,25 @@ fn run(cli: Cli) -> Result<ExitCode> {
             command: IpamCommand::Show { agent },
         } => ipam_show(&agent),
     }
+}
+
+/// `starlingctl manifests`.
+fn write_manifests(image: &str, out: Option<&Path>) -> Result<ExitCode> {
+    let files = manifests::render(image)?;
+    let Some(dir) = out else {
+        let stream: Vec<&str> = files.iter().map(|m| m.text.as_str()).collect();
+        std::io::stdout()
+            .lock()
+            .write_all(stream.join("---\n").as_bytes())?;
+        return Ok(ExitCode::SUCCESS);
+    };
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    for m in &files {
+        let path = dir.join(m.file);
+        std::fs::write(&path, &m.text).with_context(|| format!("writing {}", path.display()))?;
+        println!("{}", path.display());
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `starlingctl validate FILE`.
@@ -321,6 +353,20 @@ fn ipam_show(agent: &AgentArgs) -> Result<ExitCode> {
             b.cidr.to_string(),
             b.addresses.to_string(),
             b.in_use.to_string(),
+        ]);
+    }
+    print!("{}", table(&rows));
+    println!();
+    let mut rows = vec![vec![
+        "POD".to_string(),
+        "ADDRESS".into(),
+        "HOST INTERFACE".into(),
+    ]];
+    for p in &r.pods {
+        rows.push(vec![
+            p.pod.as_ref().map_or("-".into(), ToString::to_string),
+            p.destination.to_string(),
+            p.device.clone(),
         ]);
     }
     print!("{}", table(&rows));

@@ -7,6 +7,7 @@
 //! its own besides block claims; [`server`] owns it on one thread, batches
 //! requests into one store commit, and answers the plugin on a Unix socket.
 
+pub mod cleanup;
 pub mod datastore;
 pub mod kube;
 pub mod pool;
@@ -182,12 +183,16 @@ impl Ipam {
     pub fn add(&mut self, req: &AddRequest) -> Result<(Allocation, Option<Change>), IpamError> {
         validate_key(&req.key)?;
         if let Some(existing) = self.by_key.get(&req.key) {
-            if existing.host_veth == req.host_veth && existing.netns == req.netns {
+            if existing.host_veth == req.host_veth
+                && existing.netns == req.netns
+                && existing.pod == req.pod
+            {
                 return Ok((existing.clone(), None));
             }
             let mut updated = existing.clone();
             updated.host_veth = req.host_veth.clone();
             updated.netns = req.netns.clone();
+            updated.pod = req.pod.clone();
             self.by_key.insert(req.key.clone(), updated.clone());
             return Ok((updated.clone(), Some(Change::Put(updated))));
         }
@@ -215,6 +220,7 @@ impl Ipam {
             ips,
             host_veth: req.host_veth.clone(),
             netns: req.netns.clone(),
+            pod: req.pod.clone(),
         };
         self.by_key.insert(req.key.clone(), alloc.clone());
         Ok((alloc.clone(), Some(Change::Put(alloc))))
@@ -489,6 +495,7 @@ mod tests {
             },
             netns: "/run/netns/x".into(),
             host_veth: starling_cni_proto::host_veth_name(c, "eth0"),
+            pod: None,
         }
     }
 

@@ -361,6 +361,7 @@ mod tests {
                 },
                 netns: "/run/netns/x".into(),
                 host_veth: starling_cni_proto::host_veth_name(c, "eth0"),
+                pod: None,
             }),
             timeout,
         )

@@ -11,7 +11,7 @@
 use ipnet::IpNet;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
-use starling_cni_proto::{Allocation, AttachmentKey};
+use starling_cni_proto::{Allocation, AttachmentKey, PodRef};
 use std::path::{Path, PathBuf};
 
 /// Attachment key (`containerID/ifname`: neither may contain `/`) to the
@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 const ALLOCATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("allocations");
 
 /// The record version this code writes, and the newest it reads.
-const RECORD_VERSION: u32 = 1;
+const RECORD_VERSION: u32 = 2;
 
 /// One attachment's allocation as stored.
 ///
@@ -28,6 +28,8 @@ const RECORD_VERSION: u32 = 1;
 ///   of their own (the CNI `Allocation` of that time as JSON); its fields
 ///   are exactly those of version 1.
 /// - 1: the same fields, with `"version": 1`.
+/// - 2: adds `pod` (`{namespace, name}` from the runtime's `CNI_ARGS`),
+///   absent when the runtime named no pod; older records read as absent.
 ///
 /// A field added later gets a default (so older records still read) and a
 /// new version number; a record newer than this code is refused by name
@@ -42,6 +44,15 @@ struct Record {
     ips: Vec<IpNet>,
     host_veth: String,
     netns: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pod: Option<RecordPod>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RecordPod {
+    namespace: String,
+    name: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -62,6 +73,10 @@ impl From<&Allocation> for Record {
             ips: a.ips.clone(),
             host_veth: a.host_veth.clone(),
             netns: a.netns.clone(),
+            pod: a.pod.as_ref().map(|p| RecordPod {
+                namespace: p.namespace.clone(),
+                name: p.name.clone(),
+            }),
         }
     }
 }
@@ -76,6 +91,10 @@ impl From<Record> for Allocation {
             ips: r.ips,
             host_veth: r.host_veth,
             netns: r.netns,
+            pod: r.pod.map(|p| PodRef {
+                namespace: p.namespace,
+                name: p.name,
+            }),
         }
     }
 }
@@ -233,6 +252,10 @@ mod tests {
             ],
             host_veth: "stl0123456789a".into(),
             netns: "/run/netns/p".into(),
+            pod: Some(PodRef {
+                namespace: "default".into(),
+                name: "web-0".into(),
+            }),
         }
     }
 
@@ -243,17 +266,33 @@ mod tests {
         let body = serde_json::to_string(&Record::from(&allocation())).unwrap();
         assert_eq!(
             body,
-            r#"{"version":1,"key":{"containerId":"c1","ifname":"eth0"},"ips":["10.244.1.2/32","fd00::2/128"],"hostVeth":"stl0123456789a","netns":"/run/netns/p"}"#
+            r#"{"version":2,"key":{"containerId":"c1","ifname":"eth0"},"ips":["10.244.1.2/32","fd00::2/128"],"hostVeth":"stl0123456789a","netns":"/run/netns/p","pod":{"namespace":"default","name":"web-0"}}"#
         );
         assert_eq!(decode("c1/eth0", body.as_bytes()).unwrap(), allocation());
+        // Without a pod (a runtime that is not Kubernetes) the field is absent.
+        let mut bare = allocation();
+        bare.pod = None;
+        let body = serde_json::to_string(&Record::from(&bare)).unwrap();
+        assert!(!body.contains("pod"), "{body}");
+        assert_eq!(decode("c1/eth0", body.as_bytes()).unwrap(), bare);
+    }
+
+    /// A version-1 record (written before pods were recorded) reads as an
+    /// allocation without a pod.
+    #[test]
+    fn a_version_1_record_reads_without_a_pod() {
+        let body = r#"{"version":1,"key":{"containerId":"c1","ifname":"eth0"},"ips":["10.244.1.2/32","fd00::2/128"],"hostVeth":"stl0123456789a","netns":"/run/netns/p"}"#;
+        let mut expected = allocation();
+        expected.pod = None;
+        assert_eq!(decode("c1/eth0", body.as_bytes()).unwrap(), expected);
     }
 
     #[test]
     fn a_record_from_a_newer_agent_is_refused_by_name() {
-        let body = r#"{"version":2,"key":{"containerId":"c1","ifname":"eth0"},"ips":[],"hostVeth":"x","netns":"y"}"#;
+        let body = r#"{"version":3,"key":{"containerId":"c1","ifname":"eth0"},"ips":[],"hostVeth":"x","netns":"y"}"#;
         let err = decode("c1/eth0", body.as_bytes()).unwrap_err();
         assert!(
-            err.contains("c1/eth0") && err.contains("version 2"),
+            err.contains("c1/eth0") && err.contains("version 3"),
             "{err}"
         );
     }

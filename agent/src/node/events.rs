@@ -22,7 +22,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 /// What start-up hands the event loop.
 pub(super) struct Started {
@@ -124,6 +124,7 @@ impl Node {
         self.publish()?;
         tokio::pin!(until);
         let mut observe = tokio::time::interval(Duration::from_secs(2));
+        let mut speaker_running = true;
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -136,8 +137,17 @@ impl Node {
                     self.model_changed(s).await;
                     self.publish()?;
                 }
-                ev = inputs.events.recv() => {
-                    let Some(ev) = ev else { bail!("the BGP speaker stopped") };
+                ev = inputs.events.recv(), if speaker_running => {
+                    let Some(ev) = ev else {
+                        // Its task ended or panicked. Routes stay as they
+                        // are; /healthz fails so the kubelet restarts us
+                        // (gracefully, keeping forwarding) rather than the
+                        // node running on without BGP.
+                        error!("the BGP speaker stopped; /healthz fails from now on");
+                        obs.readiness.set_stopped("the BGP speaker stopped");
+                        speaker_running = false;
+                        continue;
+                    };
                     self.route_event(ev);
                     // Take the whole burst before recomputing.
                     while let Ok(ev) = inputs.events.try_recv() {

@@ -11,6 +11,7 @@
 //! - [`routes`]: the desired FIB, a pure function of the node's state.
 //! - [`control`]: the control socket (`starlingctl`, the lab).
 
+mod cleanup;
 pub mod config;
 pub mod control;
 mod events;

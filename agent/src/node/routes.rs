@@ -135,6 +135,7 @@ mod tests {
         let pods = [PodRoute {
             destination: net("10.244.1.5/32"),
             device: "sta1".into(),
+            pod: None,
         }];
         let learned = BTreeMap::from([
             // Our own block, reflected back to us.

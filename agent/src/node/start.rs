@@ -10,7 +10,7 @@ use super::routes;
 use crate::autodetect::{self, Detected};
 use crate::encap::Encapsulation;
 use crate::fib::{FibConfig, Reconciler};
-use crate::health::{EndpointConfig, Endpoints};
+use crate::health::{EndpointConfig, Endpoints, Readiness};
 use crate::ipam::server::{self as ipam_server, IpamHandle, PodDefaults};
 use crate::ipam::{self, Ipam, IpamConfig, Store};
 use crate::model::file::DEFAULT_POLL;
@@ -21,22 +21,52 @@ use ipnet::IpNet;
 use starling_bgp::{RouteEvent, Speaker, SpeakerConfig};
 use starling_cni_proto::PodRoute;
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
 use tracing::{info, warn};
+
+/// The health and metrics server, running from the agent's first moment.
+type Served = JoinHandle<Result<()>>;
 
 /// Run the agent until SIGTERM or ^C.
 pub async fn run(cfg: AgentConfig) -> Result<()> {
     std::fs::create_dir_all(&cfg.state_dir)
         .with_context(|| format!("cannot create stateDir {}", cfg.state_dir.display()))?;
+    // The probes answer before anything waits: an agent waiting for an
+    // unreachable API server is alive (only not ready), and the kubelet
+    // must not kill it into CrashLoopBackOff.
+    let obs = Endpoints::new(env!("CARGO_PKG_VERSION"));
+    let endpoints = match cfg.datastore {
+        None => cfg.endpoints.clone(),
+        Some(_) => Some(cfg.endpoints.clone().unwrap_or_default()),
+    };
+    let mut served = tokio::spawn(serve_endpoints(obs.clone(), endpoints));
     match cfg.datastore.clone() {
-        None => run_ipam_only(cfg).await,
+        None => run_ipam_only(cfg, obs, served).await,
         Some(ds) => {
-            let model = open_model(&cfg, ds).await?;
-            run_node(cfg, model).await
+            let model = phase(open_model(&cfg, ds), &mut served).await?;
+            run_node(cfg, model, obs, served).await
         }
+    }
+}
+
+/// A start-up phase, cut short if the endpoints fail (a busy port).
+async fn phase<T>(f: impl Future<Output = Result<T>>, served: &mut Served) -> Result<T> {
+    tokio::select! {
+        r = f => r,
+        r = served => Err(endpoints_ended(r)),
+    }
+}
+
+fn endpoints_ended(r: Result<Result<()>, tokio::task::JoinError>) -> anyhow::Error {
+    match r {
+        Ok(Ok(())) => anyhow::anyhow!("the health and metrics endpoints stopped"),
+        Ok(Err(e)) => e,
+        Err(e) => anyhow::anyhow!("the health and metrics endpoints failed: {e}"),
     }
 }
 
@@ -48,6 +78,9 @@ struct Model {
     last_error: LastError,
     /// Where IPAM claims blocks.
     claims: Box<dyn ipam::Datastore>,
+    /// Kubernetes: the client configuration for the node-cleanup election,
+    /// and whether the model is current.
+    cleanup: Option<(kube::Config, super::cleanup::Connected)>,
 }
 
 /// Phase 1: open the datastore; a Kubernetes one only once every kind has
@@ -65,6 +98,7 @@ async fn open_model(cfg: &AgentConfig, ds: DatastoreConfig) -> Result<Model> {
                 name: format!("file {}", path.display()),
                 last_error: Arc::new(move || errors.last_error().map(|e| e.to_string())),
                 claims: claims_file(cfg),
+                cleanup: None,
             })
         }
         DatastoreConfig::Kubernetes { kubeconfig } => {
@@ -76,33 +110,46 @@ async fn open_model(cfg: &AgentConfig, ds: DatastoreConfig) -> Result<Model> {
                 client,
                 crate::model::kube::KubeOptions::default(),
             ));
-            while let Err(e) = ds.wait_ready(Duration::from_secs(30)).await {
-                warn!("waiting for the Kubernetes API: {e}");
+            // The watches retry on their own; this logs each wait with the
+            // latest error, backing off from 1 s to 30 s.
+            let mut wait = Duration::from_secs(1);
+            let mut attempt = 1u32;
+            while let Err(e) = ds.wait_ready(wait).await {
+                warn!(attempt, "waiting for the Kubernetes API: {e}");
+                attempt += 1;
+                wait = (wait * 2).min(Duration::from_secs(30));
             }
-            let claims = crate::ipam::kube::KubeBlockClaims::new(kcfg)
+            info!(attempts = attempt, "the Kubernetes datastore is synced");
+            let claims = crate::ipam::kube::KubeBlockClaims::new(kcfg.clone())
                 .context("IPAM block claims over the Kubernetes API")?;
             let errors = ds.clone();
+            let current = ds.clone();
             Ok(Model {
                 datastore: ds,
                 name: "kubernetes".into(),
                 last_error: Arc::new(move || errors.status().last_error),
                 claims: Box::new(claims),
+                cleanup: Some((kcfg, Arc::new(move || current.status().connected))),
             })
         }
     }
 }
 
 /// The running node: the start-up phases in order, then the event loop.
-async fn run_node(cfg: AgentConfig, model: Model) -> Result<()> {
+async fn run_node(
+    cfg: AgentConfig,
+    model: Model,
+    obs: Endpoints,
+    mut served: Served,
+) -> Result<()> {
     let name = cfg.node_name.clone();
     let mut snaps = model.datastore.subscribe();
-    let snap = wait_for_node(&mut snaps, &name).await?;
+    let snap = phase(wait_for_node(&mut snaps, &name), &mut served).await?;
     let autodetected = autodetect_address(&cfg, &snap)?;
     let snap = with_address(snap, &name, autodetected.as_ref());
     let Some(local) = plan::local(&snap, &name) else {
         bail!("node {name} vanished from the model");
     };
-    let obs = Endpoints::new(env!("CARGO_PKG_VERSION"));
     obs.readiness.set_datastore_synced(true);
     obs.metrics.set_datastore_ready(true);
 
@@ -111,13 +158,18 @@ async fn run_node(cfg: AgentConfig, model: Model) -> Result<()> {
     let blocks = blocks_rx.borrow_and_update().clone();
     let pods = pods_rx.borrow_and_update().clone();
 
-    let (fib, preserved) = first_fib_pass(&cfg, &blocks, &pods).await?;
+    let (fib, preserved) = phase(
+        first_fib_pass(&cfg, &blocks, &pods, &obs.readiness),
+        &mut served,
+    )
+    .await?;
     obs.readiness.set_fib_synced(true);
 
     let router_id = local
         .router_id
         .unwrap_or_else(|| router_id_from_name(&name));
     let (speaker, events) = start_speaker(&cfg, &local, router_id, preserved, &blocks).await?;
+    obs.readiness.set_speaker_running(true);
 
     let node = Node::new(Started {
         name: name.clone(),
@@ -140,15 +192,23 @@ async fn run_node(cfg: AgentConfig, model: Model) -> Result<()> {
     }
     .serve(cfg.control_socket.clone());
     let cni = serve_cni(&cfg, ipam);
+    if let Some((kcfg, connected)) = model.cleanup {
+        // Every agent stands; the Lease's holder releases deleted nodes' blocks.
+        tokio::spawn(super::cleanup::run(
+            kcfg,
+            name.clone(),
+            snaps.clone(),
+            connected,
+        ));
+    }
     obs.readiness.set_ipam_serving(true);
-    let endpoints = serve_endpoints(&obs, Some(cfg.endpoints.clone().unwrap_or_default()));
     // The loop runs until a signal (a clean stop) or a server fails.
     let until = async {
         tokio::select! {
             r = stopped() => r,
             r = control => r.context("control socket"),
             r = cni => r,
-            r = endpoints => r,
+            r = served => Err(endpoints_ended(r)),
         }
     };
     info!(node = %name, asn = local.asn, %router_id, "agent running");
@@ -288,6 +348,7 @@ async fn first_fib_pass(
     cfg: &AgentConfig,
     blocks: &[IpNet],
     pods: &[PodRoute],
+    readiness: &Readiness,
 ) -> Result<(Reconciler, bool)> {
     let fib_cfg = FibConfig {
         table: cfg.route_table.unwrap_or(crate::fib::MAIN_TABLE),
@@ -297,12 +358,14 @@ async fn first_fib_pass(
     };
     let (fib, task) = Reconciler::new(fib_cfg);
     // Netlink waits for each reply: a current-thread runtime of its own.
-    crate::runtime::spawn_with_runtime("fib", move || async move {
-        if let Err(e) = task.run().await {
-            tracing::error!("FIB reconciler stopped: {e}");
-        }
+    // Its end (error or panic) fails /healthz: without it no route changes.
+    let thread = crate::runtime::spawn_with_runtime("fib", move || async move {
+        task.run().await.map_err(|e| e.to_string())
     })
     .context("starting the FIB thread")?;
+    readiness
+        .supervise("the FIB reconciler", thread)
+        .context("starting the FIB thread's watcher")?;
     let local_routes = routes::desired(&routes::Inputs {
         blocks,
         pods,
@@ -373,7 +436,7 @@ fn router_id_from_name(name: &str) -> Ipv4Addr {
 }
 
 /// IPAM only: the CNI socket (and the endpoints when configured).
-async fn run_ipam_only(cfg: AgentConfig) -> Result<()> {
+async fn run_ipam_only(cfg: AgentConfig, obs: Endpoints, mut served: Served) -> Result<()> {
     info!("no datastore configured: serving IPAM only (no BGP, no FIB)");
     let defaults = pod_defaults(&cfg, Encapsulation::None)?;
     let handle = open_ipam(
@@ -383,15 +446,14 @@ async fn run_ipam_only(cfg: AgentConfig) -> Result<()> {
         defaults,
         claims_file(&cfg),
     )?;
-    let obs = Endpoints::new(env!("CARGO_PKG_VERSION"));
     obs.readiness.set_datastore_synced(true);
     obs.readiness.set_fib_synced(true);
+    obs.readiness.set_speaker_running(true);
     obs.readiness.set_ipam_serving(true);
     let handle = handle.with_metrics(obs.metrics.clone());
-    let endpoints = serve_endpoints(&obs, cfg.endpoints.clone());
     tokio::select! {
         r = serve_cni(&cfg, handle) => r?,
-        r = endpoints => r?,
+        r = &mut served => return Err(endpoints_ended(r)),
         r = stopped() => r?,
     }
     let _ = std::fs::remove_file(&cfg.socket_path);
@@ -408,9 +470,9 @@ async fn serve_cni(cfg: &AgentConfig, handle: IpamHandle) -> Result<()> {
 
 /// Serve the health and metrics endpoints if configured; otherwise never
 /// finish.
-async fn serve_endpoints(obs: &Endpoints, cfg: Option<EndpointConfig>) -> Result<()> {
+async fn serve_endpoints(obs: Endpoints, cfg: Option<EndpointConfig>) -> Result<()> {
     match cfg {
-        Some(c) => crate::health::run(&c, obs.clone())
+        Some(c) => crate::health::run(&c, obs)
             .await
             .context("health and metrics endpoints"),
         None => std::future::pending().await,

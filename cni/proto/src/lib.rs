@@ -45,6 +45,85 @@ impl std::fmt::Display for AttachmentKey {
     }
 }
 
+/// The Kubernetes pod an attachment belongs to, from the runtime's
+/// `CNI_ARGS` (`K8S_POD_NAMESPACE`, `K8S_POD_NAME`), so `starlingctl ipam
+/// show` names the pod behind every address.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl std::fmt::Display for PodRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Why `CNI_ARGS` could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CniArgsError {
+    #[error("CNI_ARGS: `{0}` is not KEY=VALUE")]
+    NotKeyValue(String),
+    #[error("CNI_ARGS: {key} `{value}` is not a Kubernetes name (1-253 of a-z 0-9 . -)")]
+    BadName { key: &'static str, value: String },
+    #[error("CNI_ARGS names {present} but not {missing}")]
+    Half {
+        present: &'static str,
+        missing: &'static str,
+    },
+}
+
+/// Namespace and pod names as the API server allows them (RFC 1123
+/// subdomains; namespaces are labels, a subset).
+fn kube_name(key: &'static str, value: &str) -> Result<String, CniArgsError> {
+    let ok = !value.is_empty()
+        && value.len() <= 253
+        && value
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '.' || c == '-');
+    if ok {
+        Ok(value.to_string())
+    } else {
+        Err(CniArgsError::BadName {
+            key,
+            value: value.to_string(),
+        })
+    }
+}
+
+impl PodRef {
+    /// The pod in `CNI_ARGS` (`IgnoreUnknown=1;K8S_POD_NAMESPACE=ns;K8S_POD_NAME=name;...`):
+    /// `None` when the runtime names no pod (not Kubernetes); other keys are
+    /// the runtime's business and left alone.
+    pub fn from_cni_args(args: &str) -> Result<Option<PodRef>, CniArgsError> {
+        let (mut namespace, mut name) = (None, None);
+        for pair in args.split(';').filter(|p| !p.is_empty()) {
+            let (k, v) = pair
+                .split_once('=')
+                .ok_or_else(|| CniArgsError::NotKeyValue(pair.to_string()))?;
+            match k {
+                "K8S_POD_NAMESPACE" => namespace = Some(kube_name("K8S_POD_NAMESPACE", v)?),
+                "K8S_POD_NAME" => name = Some(kube_name("K8S_POD_NAME", v)?),
+                _ => {}
+            }
+        }
+        match (namespace, name) {
+            (Some(namespace), Some(name)) => Ok(Some(PodRef { namespace, name })),
+            (None, None) => Ok(None),
+            (Some(_), None) => Err(CniArgsError::Half {
+                present: "K8S_POD_NAMESPACE",
+                missing: "K8S_POD_NAME",
+            }),
+            (None, Some(_)) => Err(CniArgsError::Half {
+                present: "K8S_POD_NAME",
+                missing: "K8S_POD_NAMESPACE",
+            }),
+        }
+    }
+}
+
 /// What the plugin sends.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -106,6 +185,9 @@ pub struct AddRequest {
     pub netns: String,
     /// Host-side veth name; the pod's host routes are `<ip> dev <host_veth>`.
     pub host_veth: String,
+    /// The pod, when the runtime named one in `CNI_ARGS`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<PodRef>,
 }
 
 /// One attachment's addresses, as the agent reports them (its store keeps
@@ -118,6 +200,9 @@ pub struct Allocation {
     pub ips: Vec<IpNet>,
     pub host_veth: String,
     pub netns: String,
+    /// The pod, when the runtime named one in `CNI_ARGS`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<PodRef>,
 }
 
 impl Allocation {
@@ -128,6 +213,7 @@ impl Allocation {
             .map(|ip| PodRoute {
                 destination: *ip,
                 device: self.host_veth.clone(),
+                pod: self.pod.clone(),
             })
             .collect()
     }
@@ -138,6 +224,9 @@ impl Allocation {
 pub struct PodRoute {
     pub destination: IpNet,
     pub device: String,
+    /// Whose route it is (not part of the kernel route; for reports).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<PodRef>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -360,12 +449,43 @@ mod tests {
                 },
                 netns: "/run/netns/p".into(),
                 host_veth: "stl0123456789a".into(),
+                pod: Some(PodRef {
+                    namespace: "default".into(),
+                    name: "web-0".into(),
+                }),
             }),
             Duration::from_secs(1),
         );
         let frame = encode(&env).unwrap();
         let back: Envelope = read_frame(&mut frame.as_slice()).unwrap();
         assert_eq!(back, env);
+    }
+
+    #[test]
+    fn the_pod_comes_from_cni_args() {
+        let pod = PodRef::from_cni_args(
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE=kube-system;K8S_POD_NAME=coredns-5d78c9869d-x2xkq;\
+             K8S_POD_INFRA_CONTAINER_ID=0123abcd;K8S_POD_UID=2b4e-11",
+        )
+        .unwrap();
+        assert_eq!(
+            pod,
+            Some(PodRef {
+                namespace: "kube-system".into(),
+                name: "coredns-5d78c9869d-x2xkq".into(),
+            })
+        );
+        assert_eq!(PodRef::from_cni_args("").unwrap(), None);
+        assert_eq!(PodRef::from_cni_args("IgnoreUnknown=1").unwrap(), None);
+        for (bad, names) in [
+            ("K8S_POD_NAMESPACE=ns", "K8S_POD_NAME"),
+            ("K8S_POD_NAMESPACE=ns;K8S_POD_NAME=Web", "`Web`"),
+            ("K8S_POD_NAMESPACE=;K8S_POD_NAME=w", "K8S_POD_NAMESPACE"),
+            ("IgnoreUnknown", "`IgnoreUnknown`"),
+        ] {
+            let e = PodRef::from_cni_args(bad).unwrap_err().to_string();
+            assert!(e.contains(names), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -279,7 +279,7 @@ impl Cluster {
                 "apiVersion: v1\nkind: Config\nclusters:\n- name: starling-test\n  cluster:\n    \
                  server: {}\n    certificate-authority: {}\nusers:\n- name: sa\n  user:\n    \
                  token: {token}\ncontexts:\n- name: sa\n  context:\n    cluster: starling-test\n    \
-                 user: sa\ncurrent-context: sa\n",
+                 user: sa\n    namespace: kube-system\ncurrent-context: sa\n",
                 self.server,
                 self.ca.display()
             ),

@@ -354,6 +354,7 @@ fn concurrent_block_claims_never_share_a_block() -> Result<()> {
                             },
                             netns: "/proc/1/ns/net".into(),
                             host_veth: format!("stl{n:011x}"),
+                            pod: None,
                         };
                         match ipam.add(&req) {
                             Ok(_) => {}

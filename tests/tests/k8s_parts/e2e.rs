@@ -17,7 +17,7 @@ use std::time::Duration;
 
 /// Bind a TCP listener inside a named network namespace (a thread of its
 /// own enters it; the socket stays there after the thread ends).
-fn listen_in(netns: &str, port: u16) -> Result<TcpListener> {
+pub(super) fn listen_in(netns: &str, port: u16) -> Result<TcpListener> {
     let path = format!("/var/run/netns/{netns}");
     std::thread::scope(|s| {
         s.spawn(|| -> Result<TcpListener> {
@@ -32,7 +32,7 @@ fn listen_in(netns: &str, port: u16) -> Result<TcpListener> {
     })
 }
 
-fn pipe(mut from: TcpStream, mut to: TcpStream) {
+pub(super) fn pipe(mut from: TcpStream, mut to: TcpStream) {
     let mut buf = [0u8; 16384];
     loop {
         match from.read(&mut buf) {
