@@ -163,6 +163,15 @@ impl Instance {
     /// stale routes are sorted out, and the peer gets our whole table and
     /// End-of-RIB.
     fn session_up(&mut self, peer: IpAddr, negotiated: Option<Arc<Negotiated>>) {
+        if !self.peers.contains_key(&peer) {
+            return;
+        }
+        // Decide what is waiting for the batch timer first: the table below
+        // is the Loc-RIB, and a prefix announced a few milliseconds ago
+        // (our own block, right after a restart) is not in it until then.
+        // Sent after End-of-RIB it would be swept by a peer that kept our
+        // routes across the restart (RFC 4724 §4.2), then re-added.
+        self.flush();
         let Some(p) = self.peers.get_mut(&peer) else {
             return;
         };

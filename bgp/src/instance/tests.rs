@@ -244,6 +244,25 @@ fn a_new_session_gets_the_table_and_end_of_rib() {
     assert_eq!(s.end_of_rib, vec![Family::Ipv4]);
 }
 
+/// A session that comes up within the batch interval of an announcement
+/// (a restarted agent's peers reconnect in about a millisecond) must get
+/// that prefix before End-of-RIB: a restarting peer's receiver sweeps what
+/// End-of-RIB did not refresh (RFC 4724 §4.2), and a prefix sent after it
+/// is a withdraw and a re-add in every peer's kernel.
+#[test]
+fn a_session_up_before_the_flush_gets_the_prefix_before_end_of_rib() {
+    let mut h = Harness::new(|_| {});
+    h.inst.command(Command::Announce(net("10.9.0.0/24")));
+    h.peer("192.0.2.2", ASN, |_| {});
+    h.up("192.0.2.2", None);
+    let s = h.sent("192.0.2.2");
+    assert_eq!(s.end_of_rib, vec![Family::Ipv4]);
+    assert!(
+        s.announced.contains_key(&net("10.9.0.0/24")),
+        "End-of-RIB went out without the prefix announced before the session came up: {s:?}"
+    );
+}
+
 #[test]
 fn reflection_follows_client_and_non_client_rules() {
     let mut h = Harness::new(|_| {});
