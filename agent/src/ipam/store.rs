@@ -14,12 +14,13 @@ use serde::{Deserialize, Serialize};
 use starling_cni_proto::{Allocation, AttachmentKey};
 use std::path::{Path, PathBuf};
 
-/// Attachment key (`containerID/ifname`: neither may contain `/`) to the
-/// `Record` as JSON.
+/// Attachment key (`network/containerID/ifname`, or `containerID/ifname`
+/// for records stored before keys named their network; none of the three
+/// may contain `/`) to the `Record` as JSON.
 const ALLOCATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("allocations");
 
 /// The record version this code writes, and the newest it reads.
-const RECORD_VERSION: u32 = 1;
+const RECORD_VERSION: u32 = 2;
 
 /// One attachment's allocation as stored.
 ///
@@ -28,6 +29,9 @@ const RECORD_VERSION: u32 = 1;
 ///   of their own (the CNI `Allocation` of that time as JSON); its fields
 ///   are exactly those of version 1.
 /// - 1: the same fields, with `"version": 1`.
+/// - 2: `key.network` (the network configuration's name) and
+///   `allocatedUnixMs`; versions 0 and 1 read with an empty network and 0
+///   (unknown time).
 ///
 /// A field added later gets a default (so older records still read) and a
 /// new version number; a record newer than this code is refused by name
@@ -42,11 +46,15 @@ struct Record {
     ips: Vec<IpNet>,
     host_veth: String,
     netns: String,
+    #[serde(default)]
+    allocated_unix_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct RecordKey {
+    #[serde(default)]
+    network: String,
     container_id: String,
     ifname: String,
 }
@@ -56,12 +64,14 @@ impl From<&Allocation> for Record {
         Record {
             version: RECORD_VERSION,
             key: RecordKey {
+                network: a.key.network.clone(),
                 container_id: a.key.container_id.clone(),
                 ifname: a.key.ifname.clone(),
             },
             ips: a.ips.clone(),
             host_veth: a.host_veth.clone(),
             netns: a.netns.clone(),
+            allocated_unix_ms: a.allocated_unix_ms,
         }
     }
 }
@@ -70,12 +80,14 @@ impl From<Record> for Allocation {
     fn from(r: Record) -> Allocation {
         Allocation {
             key: AttachmentKey {
+                network: r.key.network,
                 container_id: r.key.container_id,
                 ifname: r.key.ifname,
             },
             ips: r.ips,
             host_veth: r.host_veth,
             netns: r.netns,
+            allocated_unix_ms: r.allocated_unix_ms,
         }
     }
 }
@@ -113,7 +125,11 @@ pub struct Store {
 }
 
 fn key(k: &AttachmentKey) -> String {
-    format!("{}/{}", k.container_id, k.ifname)
+    if k.network.is_empty() {
+        format!("{}/{}", k.container_id, k.ifname)
+    } else {
+        format!("{}/{}/{}", k.network, k.container_id, k.ifname)
+    }
 }
 
 impl Store {
@@ -202,6 +218,19 @@ mod tests {
             .commit(&[Change::Put(allocation())])
             .expect("a new record commits");
         let mut mixed = store.load().expect("old and new records load");
+        // An old record is removed under the key it was stored by.
+        let old = got
+            .iter()
+            .find(|a| a.key.container_id == "c2")
+            .expect("c2 in the fixture")
+            .key
+            .clone();
+        store
+            .commit(&[Change::Remove(old.clone())])
+            .expect("removing an old record commits");
+        let left = store.load().expect("the store loads after the removal");
+        assert_eq!(left.len(), mixed.len() - 1);
+        assert!(left.iter().all(|a| a.key != old), "{left:?}");
         drop(store);
         let _ = std::fs::remove_dir_all(&dir);
         got.sort_by(|a, b| a.key.cmp(&b.key));
@@ -224,6 +253,7 @@ mod tests {
     fn allocation() -> Allocation {
         Allocation {
             key: AttachmentKey {
+                network: "k8s-pod-network".into(),
                 container_id: "c1".into(),
                 ifname: "eth0".into(),
             },
@@ -233,6 +263,7 @@ mod tests {
             ],
             host_veth: "stl0123456789a".into(),
             netns: "/run/netns/p".into(),
+            allocated_unix_ms: 1_764_000_000_000,
         }
     }
 
@@ -243,17 +274,31 @@ mod tests {
         let body = serde_json::to_string(&Record::from(&allocation())).unwrap();
         assert_eq!(
             body,
-            r#"{"version":1,"key":{"containerId":"c1","ifname":"eth0"},"ips":["10.244.1.2/32","fd00::2/128"],"hostVeth":"stl0123456789a","netns":"/run/netns/p"}"#
+            r#"{"version":2,"key":{"network":"k8s-pod-network","containerId":"c1","ifname":"eth0"},"ips":["10.244.1.2/32","fd00::2/128"],"hostVeth":"stl0123456789a","netns":"/run/netns/p","allocatedUnixMs":1764000000000}"#
         );
-        assert_eq!(decode("c1/eth0", body.as_bytes()).unwrap(), allocation());
+        assert_eq!(
+            decode("k8s-pod-network/c1/eth0", body.as_bytes()).unwrap(),
+            allocation()
+        );
+    }
+
+    /// A version 1 record (no network, no time) still reads: as a record
+    /// of no network, allocated at an unknown time.
+    #[test]
+    fn a_version_1_record_reads_without_network_or_time() {
+        let body = r#"{"version":1,"key":{"containerId":"c1","ifname":"eth0"},"ips":["10.244.1.2/32"],"hostVeth":"stl0123456789a","netns":"/run/netns/p"}"#;
+        let a = decode("c1/eth0", body.as_bytes()).unwrap();
+        assert_eq!(a.key.network, "");
+        assert_eq!(a.key.to_string(), "c1/eth0");
+        assert_eq!(a.allocated_unix_ms, 0);
     }
 
     #[test]
     fn a_record_from_a_newer_agent_is_refused_by_name() {
-        let body = r#"{"version":2,"key":{"containerId":"c1","ifname":"eth0"},"ips":[],"hostVeth":"x","netns":"y"}"#;
+        let body = r#"{"version":3,"key":{"containerId":"c1","ifname":"eth0"},"ips":[],"hostVeth":"x","netns":"y"}"#;
         let err = decode("c1/eth0", body.as_bytes()).unwrap_err();
         assert!(
-            err.contains("c1/eth0") && err.contains("version 2"),
+            err.contains("c1/eth0") && err.contains("version 3"),
             "{err}"
         );
     }
