@@ -320,7 +320,8 @@ impl Cni for Starling {
 /// `cni.dev/valid-attachments` (spec 1.1), or the older `cni.dev/attachments`,
 /// as keys of this network. Neither present is refused: GC releases what is
 /// not listed, so a missing list (a runtime bug, an old runtime) would read
-/// as "no pod is valid" and wipe the node.
+/// as "no pod is valid" and wipe the node. (`null` under the older key is
+/// libcni's empty list.)
 fn valid_attachments(conf: &NetConf) -> Result<Vec<AttachmentKey>, Error> {
     let network = conf.name.clone();
     if let Some(list) = &conf.valid_attachments {
@@ -334,7 +335,10 @@ fn valid_attachments(conf: &NetConf) -> Result<Vec<AttachmentKey>, Error> {
             .collect());
     }
     match conf.custom.get("cni.dev/attachments") {
-        None | Some(Value::Null) => Err(Error::InvalidNetworkConfig(format!(
+        // libcni sends both spellings, each `null` when no attachment is
+        // valid (a Go nil slice): the keys are there, the list is empty.
+        Some(Value::Null) => Ok(Vec::new()),
+        None => Err(Error::InvalidNetworkConfig(format!(
             "GC of network `{network}` without `cni.dev/valid-attachments`: refusing to \
              release anything (an absent list is not an empty one)"
         ))),

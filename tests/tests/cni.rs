@@ -571,6 +571,14 @@ fn gc_without_the_valid_attachments_list_is_refused_and_releases_nothing() -> Re
         "no host veth removed: {:?}",
         node.links()?
     );
+    // libcni's empty list: both spellings present, each `null` (a Go nil
+    // slice). That is a list, and an empty one: everything goes.
+    let mut libcni_empty = conf.clone();
+    libcni_empty["cni.dev/valid-attachments"] = Value::Null;
+    libcni_empty["cni.dev/attachments"] = Value::Null;
+    gc_with(&node, &libcni_empty)?.ok()?;
+    assert_eq!(node.allocated()?, 0);
+    assert!(node.links()?.is_empty());
     Ok(())
 }
 

@@ -715,8 +715,11 @@ fn cnitool_drives_the_plugin_through_libcni_add_check_del_gc_status() -> Result<
         "libcni dropped the cache entry"
     );
 
-    // GC: libcni DELs what it cached (b), and the plugin's own GC (spec 1.1)
-    // collects what the runtime lost track of (c, cache entry gone).
+    // GC: libcni DELs what it cached (b). cnitool then GCs the plugin
+    // without a valid-attachments list (it passes no GC arguments), and a GC
+    // without the list is refused, releasing nothing: c, whose cache entry is
+    // gone, keeps its address until a runtime's GC lists the valid
+    // attachments (the cni target covers that) or its DEL comes.
     let b = Netns::new("cnipb")?;
     let c = Netns::new("cnipc")?;
     cni.ok("add", &netns_path(&b))?;
@@ -729,15 +732,27 @@ fn cnitool_drives_the_plugin_through_libcni_add_check_del_gc_status() -> Result<
         .find(|p| std::fs::read_to_string(p).is_ok_and(|s| s.contains(&netns_path(&c))))
         .context("cache entry of pod c")?;
     std::fs::remove_file(c_entry)?;
-    cni.ok("gc", &netns_path(&b))?;
-    ensure!(node.allocated()? == 0, "GC released both");
-    for pod in [&b, &c] {
-        ensure!(
-            pod.ip(&["link", "show", "eth0"]).is_err(),
-            "GC removed {}'s eth0",
-            pod.name
-        );
-    }
+    let gc = cni.run("gc", &netns_path(&b))?;
+    ensure!(
+        !gc.status.success() && stderr(&gc).contains("cni.dev/valid-attachments"),
+        "a GC without the valid-attachments list must be refused by name: {} {}",
+        gc.status,
+        stderr(&gc)
+    );
+    ensure!(
+        node.allocated()? == 1,
+        "libcni's DEL released b, the refused GC released nothing"
+    );
+    ensure!(
+        b.ip(&["link", "show", "eth0"]).is_err(),
+        "libcni's DEL removed b's eth0"
+    );
+    ensure!(
+        c.ip(&["link", "show", "eth0"]).is_ok(),
+        "the refused GC left c wired"
+    );
+    cni.ok("del", &netns_path(&c))?;
+    ensure!(node.allocated()? == 0, "DEL released c");
     let links = node.ns.ip(&["-o", "link", "show"])?;
     ensure!(
         links.lines().count() == 1,
