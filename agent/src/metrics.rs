@@ -50,6 +50,11 @@ struct StateLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DirectionLabel {
     direction: &'static str,
 }
@@ -79,6 +84,7 @@ struct Series {
     registry: Registry,
     bgp_sessions: Family<StateLabel, Gauge>,
     bgp_prefixes: Family<DirectionLabel, Gauge>,
+    bgp_routes_refused: Family<ReasonLabel, Gauge>,
     fib_operations: Family<OpLabel, Counter>,
     fib_errors: Counter,
     fib_routes: Gauge,
@@ -125,6 +131,12 @@ impl Metrics {
             "bgp_prefixes",
             "Prefixes received from and sent to all BGP peers",
             bgp_prefixes.clone(),
+        );
+        let bgp_routes_refused = Family::<ReasonLabel, Gauge>::default();
+        registry.register(
+            "bgp_routes_refused",
+            "Learned prefixes kept out of the kernel because they would hijack this node, by reason",
+            bgp_routes_refused.clone(),
         );
         let fib_operations = Family::<OpLabel, Counter>::default();
         registry.register(
@@ -181,6 +193,7 @@ impl Metrics {
                 registry,
                 bgp_sessions,
                 bgp_prefixes,
+                bgp_routes_refused,
                 fib_operations,
                 fib_errors,
                 fib_routes,
@@ -243,6 +256,17 @@ impl Metrics {
         family
             .get_or_create(&DirectionLabel { direction: "sent" })
             .set(clamp(sent as u128));
+    }
+
+    /// Set `starling_bgp_routes_refused{reason}`: (reason label, count) for
+    /// every reason, zeros included.
+    pub fn set_routes_refused(&self, counts: impl IntoIterator<Item = (&'static str, usize)>) {
+        for (reason, n) in counts {
+            self.series
+                .bgp_routes_refused
+                .get_or_create(&ReasonLabel { reason })
+                .set(clamp(n as u128));
+        }
     }
 
     /// Both BGP gauges from the speaker's session table.

@@ -19,7 +19,7 @@ use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
 /// A reply type that can carry the server's refusal of a line it could not
@@ -48,10 +48,49 @@ pub fn bind(path: &Path) -> io::Result<UnixListener> {
     Ok(listener)
 }
 
+/// What a control connection may do: the longest request line, and how
+/// long the server waits for the next one before it hangs up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_line: usize,
+    pub idle: Duration,
+}
+
+impl Default for Limits {
+    /// 1 MiB (the largest real request is a few hundred bytes) and 60 s.
+    fn default() -> Limits {
+        Limits {
+            max_line: 1 << 20,
+            idle: Duration::from_secs(60),
+        }
+    }
+}
+
 /// Answer every connection on `listener` with `answer`, one task per
-/// connection, until accepting fails. A line that is not a `Req` gets
-/// `Rep::error("bad request: ...")` and the connection stays open.
+/// connection, until accepting fails, with the default [`Limits`]. A line
+/// that is not a `Req` gets `Rep::error("bad request: ...")` and the
+/// connection stays open.
 pub async fn serve<Req, Rep, A, F>(listener: UnixListener, answer: A) -> io::Result<()>
+where
+    Req: DeserializeOwned + Send + 'static,
+    Rep: Serialize + ErrorReply + Send + 'static,
+    A: Fn(Req) -> F + Clone + Send + 'static,
+    F: Future<Output = Rep> + Send + 'static,
+{
+    serve_with(listener, Limits::default(), answer).await
+}
+
+/// [`serve`] with explicit limits. Every connection is checked first: a
+/// peer that is not root (SO_PEERCRED uid 0) gets one error reply and is
+/// hung up on, even if the socket's mode was loosened. A line longer than
+/// `max_line` gets an error reply and the connection is closed (the rest of
+/// the line cannot be told from the next request); a client that sends
+/// nothing for `idle` is disconnected.
+pub async fn serve_with<Req, Rep, A, F>(
+    listener: UnixListener,
+    limits: Limits,
+    answer: A,
+) -> io::Result<()>
 where
     Req: DeserializeOwned + Send + 'static,
     Rep: Serialize + ErrorReply + Send + 'static,
@@ -62,36 +101,78 @@ where
         let (stream, _) = listener.accept().await?;
         let answer = answer.clone();
         tokio::spawn(async move {
-            if let Err(e) = connection(stream, answer).await {
+            if let Err(e) = connection(stream, limits, answer).await {
                 tracing::debug!(error = %e, "control connection ended");
             }
         });
     }
 }
 
-async fn connection<Req, Rep, A, F>(stream: UnixStream, answer: A) -> io::Result<()>
+async fn connection<Req, Rep, A, F>(stream: UnixStream, limits: Limits, answer: A) -> io::Result<()>
 where
     Req: DeserializeOwned,
     Rep: Serialize + ErrorReply,
     A: Fn(Req) -> F,
     F: Future<Output = Rep>,
 {
+    let uid = stream.peer_cred()?.uid();
     let (rd, mut wr) = stream.into_split();
-    let mut lines = BufReader::new(rd).lines();
-    while let Some(line) = lines.next_line().await? {
-        let reply = match serde_json::from_str::<Req>(&line) {
+    if uid != 0 {
+        tracing::warn!(
+            uid,
+            "control socket: refused a connection from a non-root peer"
+        );
+        let refusal = encode_reply(&Rep::error(format!(
+            "only root may use this socket (peer uid {uid})"
+        )))?;
+        return wr.write_all(&refusal).await;
+    }
+    let mut reader = BufReader::new(rd);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        // One byte past the limit tells an over-long line from one that fits.
+        let mut limited = (&mut reader).take(limits.max_line as u64 + 1);
+        let read = limited.read_until(b'\n', &mut line);
+        let n = match tokio::time::timeout(limits.idle, read).await {
+            Ok(r) => r?,
+            Err(_) => {
+                tracing::debug!(
+                    "control socket: client idle for {:?}; disconnected",
+                    limits.idle
+                );
+                return Ok(());
+            }
+        };
+        if n == 0 {
+            return Ok(());
+        }
+        if line.last() == Some(&b'\n') {
+            line.pop();
+        } else if line.len() > limits.max_line {
+            let refusal = encode_reply(&Rep::error(format!(
+                "request longer than {} bytes; closing the connection",
+                limits.max_line
+            )))?;
+            return wr.write_all(&refusal).await;
+        }
+        let reply = match serde_json::from_slice::<Req>(&line) {
             Err(e) => Rep::error(format!("bad request: {e}")),
             Ok(req) => answer(req).await,
         };
-        let mut out = match serde_json::to_vec(&reply) {
-            Ok(out) => out,
-            Err(e) => serde_json::to_vec(&Rep::error(format!("cannot encode the reply: {e}")))
-                .map_err(io::Error::other)?,
-        };
-        out.push(b'\n');
+        let out = encode_reply(&reply)?;
         wr.write_all(&out).await?;
     }
-    Ok(())
+}
+
+fn encode_reply<Rep: Serialize + ErrorReply>(reply: &Rep) -> io::Result<Vec<u8>> {
+    let mut out = match serde_json::to_vec(reply) {
+        Ok(out) => out,
+        Err(e) => serde_json::to_vec(&Rep::error(format!("cannot encode the reply: {e}")))
+            .map_err(io::Error::other)?,
+    };
+    out.push(b'\n');
+    Ok(out)
 }
 
 /// Why a [`request`] got no reply; each names the socket.
@@ -194,6 +275,10 @@ mod tests {
 
     /// A server on a fresh socket, answering from a thread of its own.
     fn server(tag: &str) -> (Scratch, PathBuf) {
+        server_with(tag, Limits::default())
+    }
+
+    fn server_with(tag: &str, limits: Limits) -> (Scratch, PathBuf) {
         let dir = std::env::temp_dir().join(format!("starling-jsonl-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let path = dir.join("sub").join("ctl.sock");
@@ -207,7 +292,7 @@ mod tests {
             rt.block_on(async move {
                 let listener = bind(&p).expect("bind");
                 ready_tx.send(()).expect("ready");
-                let _ = serve(listener, |req: Req| async move {
+                let _ = serve_with(listener, limits, |req: Req| async move {
                     match req {
                         Req::Double { n } => Rep::Doubled(2 * n),
                         Req::Stall => std::future::pending().await,
@@ -274,5 +359,104 @@ mod tests {
             err.to_string().contains(&path.display().to_string()),
             "{err}"
         );
+    }
+
+    #[test]
+    fn an_oversize_request_gets_an_error_and_the_connection_closes() {
+        use std::io::{BufRead, Write};
+        let limits = Limits {
+            max_line: 64,
+            ..Limits::default()
+        };
+        let (_dir, path) = server_with("oversize", limits);
+        let mut s = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let big = format!("{{\"cmd\":\"double\",\"n\":{}}}\n", "1".repeat(100));
+        // The server may hang up before reading it all.
+        let _ = s.write_all(big.as_bytes());
+        let mut r = std::io::BufReader::new(s);
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        let rep: Rep = serde_json::from_str(&line).unwrap();
+        assert!(
+            matches!(&rep, Rep::Error(e) if e.contains("longer than 64 bytes")),
+            "{rep:?}"
+        );
+        line.clear();
+        assert_eq!(
+            r.read_line(&mut line).unwrap(),
+            0,
+            "then the server hangs up"
+        );
+        // A request that fits still works on a new connection.
+        let ok: Rep = request(&path, &Req::Double { n: 3 }, Duration::from_secs(5)).unwrap();
+        assert_eq!(ok, Rep::Doubled(6));
+    }
+
+    #[test]
+    fn an_idle_client_is_disconnected() {
+        use std::io::Read;
+        let limits = Limits {
+            idle: Duration::from_millis(200),
+            ..Limits::default()
+        };
+        let (_dir, path) = server_with("idle", limits);
+        let mut s = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        // Far longer than the idle limit: the server, not this, ends it.
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut buf = [0u8; 16];
+        let n = s.read(&mut buf).expect("the server closes the connection");
+        assert_eq!(n, 0, "EOF from the server, nothing else");
+    }
+
+    /// A client running as nobody (uid 65534), on a socket whose mode was
+    /// loosened so the kernel lets it connect: the server still refuses it
+    /// by its credentials, before reading anything.
+    #[test]
+    fn a_non_root_peer_is_refused() {
+        use std::os::unix::process::CommandExt;
+        assert_eq!(
+            unsafe_free_euid(),
+            0,
+            "this test needs root (it runs a client as uid 65534)"
+        );
+        let (dir, path) = server("peercred");
+        for p in [dir.0.as_path(), path.parent().unwrap()] {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let client = "import socket,sys\n\
+s=socket.socket(socket.AF_UNIX)\n\
+s.connect(sys.argv[1])\n\
+s.settimeout(10)\n\
+sys.stdout.write(s.makefile().readline())\n";
+        let out = std::process::Command::new("python3")
+            .args(["-c", client])
+            .arg(&path)
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .expect("python3 runs the non-root client (Debian package python3)");
+        assert!(
+            out.status.success(),
+            "client failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let rep: Rep = serde_json::from_slice(&out.stdout).unwrap();
+        assert!(
+            matches!(&rep, Rep::Error(e) if e.contains("only root") && e.contains("65534")),
+            "{rep:?}"
+        );
+    }
+
+    /// The effective uid, read from /proc (no unsafe libc call).
+    fn unsafe_free_euid() -> u32 {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|u| u.parse().ok())
+            .expect("Uid line in /proc/self/status")
     }
 }

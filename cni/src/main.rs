@@ -101,6 +101,7 @@ impl Attachment {
         let host_veth = proto::host_veth_name(&container_id, &ifname);
         Ok(Attachment {
             key: AttachmentKey {
+                network: args.config().name.clone(),
                 container_id,
                 ifname,
             },
@@ -307,6 +308,7 @@ impl Cni for Starling {
         let reply = Self::call(
             &opts,
             Request::Gc {
+                network: args.config().name.clone(),
                 valid,
                 dry_run: false,
             },
@@ -319,19 +321,31 @@ impl Cni for Starling {
     }
 }
 
-/// `cni.dev/valid-attachments` (spec 1.1), or the older `cni.dev/attachments`.
+/// `cni.dev/valid-attachments` (spec 1.1), or the older `cni.dev/attachments`,
+/// as keys of this network. Neither present is refused: GC releases what is
+/// not listed, so a missing list (a runtime bug, an old runtime) would read
+/// as "no pod is valid" and wipe the node. (`null` under the older key is
+/// libcni's empty list.)
 fn valid_attachments(conf: &NetConf) -> Result<Vec<AttachmentKey>, Error> {
+    let network = conf.name.clone();
     if let Some(list) = &conf.valid_attachments {
         return Ok(list
             .iter()
             .map(|a| AttachmentKey {
+                network: network.clone(),
                 container_id: a.container_id.clone(),
                 ifname: a.ifname.clone(),
             })
             .collect());
     }
     match conf.custom.get("cni.dev/attachments") {
-        None | Some(Value::Null) => Ok(Vec::new()),
+        // libcni sends both spellings, each `null` when no attachment is
+        // valid (a Go nil slice): the keys are there, the list is empty.
+        Some(Value::Null) => Ok(Vec::new()),
+        None => Err(Error::InvalidNetworkConfig(format!(
+            "GC of network `{network}` without `cni.dev/valid-attachments`: refusing to \
+             release anything (an absent list is not an empty one)"
+        ))),
         Some(v) => {
             #[derive(serde::Deserialize)]
             struct Old {
@@ -344,6 +358,7 @@ fn valid_attachments(conf: &NetConf) -> Result<Vec<AttachmentKey>, Error> {
             Ok(old
                 .into_iter()
                 .map(|o| AttachmentKey {
+                    network: network.clone(),
                     container_id: o.container_id,
                     ifname: o.ifname,
                 })

@@ -44,6 +44,7 @@ pub fn options_with_bins(tag: &str, nodes: usize, topology: Topology) -> LabOpti
         ipv6: false,
         tor: None,
         tor_password: None,
+        tor_announce: Vec::new(),
         agent_bin: None,
         cni_bin: None,
         kubeconfig: None,

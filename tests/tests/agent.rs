@@ -2,7 +2,9 @@
 //! generating the CRDs and checking a file datastore.
 
 use anyhow::{Context, Result, ensure};
+use ipnet::IpNet;
 use starling_agent::lab::Topology;
+use starling_agent::node::routes::RefusedReason;
 use starling_tests::cluster::{Cluster, options, session_types};
 use starling_tests::{TempDir, bin, require_tool, run};
 use std::path::Path;
@@ -447,5 +449,95 @@ fn mesh_to_reflectors_loses_nothing() -> Result<()> {
         count.lost(),
         count.sent
     );
+    Ok(())
+}
+
+/// A BIRD top-of-rack router (eBGP, a router outside the cluster) announces
+/// prefixes that would hijack a node: a prefix covering its address, a
+/// link-local one, and a prefix inside the node's own block. (BIRD does not
+/// announce loopback ranges at all; the unit tests of `node::routes` cover
+/// them.) Each node refuses them by reason, keeps them out of the kernel,
+/// shows them in `starlingctl routes`, and still installs an honest route.
+#[test]
+fn external_peer_cannot_hijack_a_node() -> Result<()> {
+    require_tool("bird", "bird2");
+    let mut o = options("hijack", 2, Topology::Mesh);
+    o.tor = Some(starling_agent::lab::Tor::Bird);
+    o.tor_announce = [
+        "203.0.113.0/24",     // honest
+        "192.0.2.0/25",       // covers both nodes' addresses
+        "169.254.169.254/32", // link-local (the metadata address)
+        "10.244.0.0/28",      // inside the pool's first block
+        "10.244.0.64/28",     // inside the second
+    ]
+    .iter()
+    .map(|p| p.parse())
+    .collect::<Result<_, _>>()?;
+    let c = Cluster::up(o)?;
+    c.converged(CONVERGE)?;
+    for n in ["node1", "node2"] {
+        let block = c.status(n)?.blocks[0];
+        let mut want: Vec<(String, RefusedReason)> = vec![
+            ("192.0.2.0/25".into(), RefusedReason::NodeAddress),
+            ("169.254.169.254/32".into(), RefusedReason::LinkLocal),
+        ];
+        for inner in ["10.244.0.0/28", "10.244.0.64/28"] {
+            if block.contains(&inner.parse::<IpNet>()?) {
+                want.push((inner.into(), RefusedReason::OwnBlock));
+            }
+        }
+        want.sort();
+        let mut got = Vec::new();
+        starling_tests::wait_for(
+            &format!("{n} to refuse the hijacking prefixes"),
+            CONVERGE,
+            || {
+                let r = c.lab.routes_of(n)?;
+                got = r
+                    .refused
+                    .iter()
+                    .map(|x| (x.prefix.to_string(), x.reason))
+                    .collect();
+                got.sort();
+                Ok(got == want && r.fib.iter().any(|x| x.dst.to_string() == "203.0.113.0/24"))
+            },
+        )
+        .with_context(|| format!("{n}: refused {got:?}, wanted {want:?}"))?;
+        // Nothing refused reached the kernel; the honest route did.
+        let ns = &c.lab.node(n)?.netns;
+        let kernel = run("ip", &["-n", ns, "route", "show", "proto", "73"])?;
+        for (p, _) in &want {
+            ensure!(
+                !kernel.lines().any(|l| l.starts_with(&format!("{p} "))
+                    || (p.ends_with("/32")
+                        && l.starts_with(&format!("{} ", p.trim_end_matches("/32"))))),
+                "{n}: refused {p} is in the kernel:\n{kernel}"
+            );
+        }
+        ensure!(
+            kernel.contains("203.0.113.0/24 via 192.0.2.254"),
+            "{n}: honest route missing:\n{kernel}"
+        );
+        // And `starlingctl routes` shows them with their reason.
+        let ctl = run(
+            bin("starlingctl").to_str().context("path")?,
+            &[
+                "routes",
+                "--socket",
+                c.lab
+                    .node(n)?
+                    .dir
+                    .join("agent.sock")
+                    .to_str()
+                    .context("path")?,
+            ],
+        )?;
+        ensure!(
+            ctl.contains("Refused")
+                && ctl.contains("169.254.169.254/32")
+                && ctl.contains("link local"),
+            "{n}: starlingctl routes:\n{ctl}"
+        );
+    }
     Ok(())
 }

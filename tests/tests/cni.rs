@@ -41,8 +41,10 @@ impl Pod {
         format!("/var/run/netns/{}", self.ns.name)
     }
 
+    /// The attachment in the network `Node::conf` names.
     fn key(&self) -> AttachmentKey {
         AttachmentKey {
+            network: NETWORK.into(),
             container_id: self.id.clone(),
             ifname: "eth0".into(),
         }
@@ -102,6 +104,9 @@ impl Outcome {
             .with_context(|| format!("no error code in {}", self.stdout))
     }
 }
+
+/// The network name of `Node::conf`.
+const NETWORK: &str = "k8s-pod-network";
 
 /// The default IPAM section: static podCIDRs, dual-stack.
 const POD_CIDRS: &str = "ipam:\n  podCIDRs: [\"10.244.1.0/24\", \"fd00:10:244:1::/64\"]\n";
@@ -191,7 +196,7 @@ impl Node {
     fn conf(&self, version: &str) -> Value {
         json!({
             "cniVersion": version,
-            "name": "k8s-pod-network",
+            "name": NETWORK,
             "type": "starling",
             "socketPath": self.socket,
         })
@@ -263,6 +268,7 @@ impl Node {
 
     fn leaks(&self, valid: Vec<AttachmentKey>) -> Result<Vec<proto::Allocation>> {
         match self.call(Request::Gc {
+            network: NETWORK.into(),
             valid,
             dry_run: true,
         })? {
@@ -456,7 +462,8 @@ fn check_notices_a_removed_address() -> Result<()> {
 
 #[test]
 fn gc_releases_what_is_not_valid_and_the_leak_report_lists_it() -> Result<()> {
-    let node = Node::new("node")?;
+    // No grace period: these pods are collected as soon as they are not valid.
+    let node = Node::with_ipam("node", &format!("{POD_CIDRS}  gcGracePeriodSeconds: 0\n"))?;
     let conf = node.conf("1.1.0");
     let pods: Vec<Pod> = (0..3)
         .map(|i| Pod::new(&format!("gc{i}")))
@@ -499,6 +506,155 @@ fn gc_releases_what_is_not_valid_and_the_leak_report_lists_it() -> Result<()> {
     .ok()?;
     assert_eq!(node.allocated()?, 0);
     assert!(node.links()?.is_empty());
+    Ok(())
+}
+
+/// Run the plugin for one pod with an explicit interface name and network
+/// configuration (Multus gives a pod a second interface from another
+/// conflist).
+fn plugin_for(
+    node: &Node,
+    command: &str,
+    pod: &Pod,
+    ifname: &str,
+    conf: &Value,
+) -> Result<Outcome> {
+    let path = pod.path();
+    node.run_plugin(
+        bin("starling").to_str().context("path")?,
+        &[
+            ("CNI_COMMAND", command),
+            ("CNI_CONTAINERID", &pod.id),
+            ("CNI_NETNS", &path),
+            ("CNI_IFNAME", ifname),
+        ],
+        &conf.to_string(),
+    )
+}
+
+fn gc_with(node: &Node, conf: &Value) -> Result<Outcome> {
+    node.run_plugin(
+        bin("starling").to_str().context("path")?,
+        &[("CNI_COMMAND", "GC")],
+        &conf.to_string(),
+    )
+}
+
+#[test]
+fn gc_without_the_valid_attachments_list_is_refused_and_releases_nothing() -> Result<()> {
+    let node = Node::with_ipam("node", &format!("{POD_CIDRS}  gcGracePeriodSeconds: 0\n"))?;
+    let conf = node.conf("1.1.0");
+    let pods: Vec<Pod> = (0..2)
+        .map(|i| Pod::new(&format!("gcr{i}")))
+        .collect::<Result<_>>()?;
+    for p in &pods {
+        node.starling("ADD", p, &conf)?.ok()?;
+    }
+    // No cni.dev/valid-attachments (nor the older cni.dev/attachments): a
+    // runtime bug or an old runtime, never "no pod is valid".
+    let out = gc_with(&node, &conf)?;
+    assert_eq!(
+        out.error_code()?,
+        7,
+        "refused as invalid configuration: {}",
+        out.stdout
+    );
+    let msg = out.json()?.to_string();
+    assert!(
+        msg.contains("cni.dev/valid-attachments"),
+        "the error names the field: {msg}"
+    );
+    assert_eq!(node.allocated()?, 2, "nothing released");
+    assert_eq!(
+        node.links()?.len(),
+        2,
+        "no host veth removed: {:?}",
+        node.links()?
+    );
+    // libcni's empty list: both spellings present, each `null` (a Go nil
+    // slice). That is a list, and an empty one: everything goes.
+    let mut libcni_empty = conf.clone();
+    libcni_empty["cni.dev/valid-attachments"] = Value::Null;
+    libcni_empty["cni.dev/attachments"] = Value::Null;
+    gc_with(&node, &libcni_empty)?.ok()?;
+    assert_eq!(node.allocated()?, 0);
+    assert!(node.links()?.is_empty());
+    Ok(())
+}
+
+#[test]
+fn gc_for_one_network_never_touches_another_networks_attachments() -> Result<()> {
+    let node = Node::with_ipam("node", &format!("{POD_CIDRS}  gcGracePeriodSeconds: 0\n"))?;
+    // Two conflists of type starling, as Multus uses them: the pod network
+    // and a second one, each with its own name.
+    let mut net_a = node.conf("1.1.0");
+    net_a["name"] = json!("net-a");
+    let mut net_b = node.conf("1.1.0");
+    net_b["name"] = json!("net-b");
+    let (p1, p2, p3) = (Pod::new("mn1")?, Pod::new("mn2")?, Pod::new("mn3")?);
+    plugin_for(&node, "ADD", &p1, "eth0", &net_a)?.ok()?;
+    plugin_for(&node, "ADD", &p1, "net1", &net_b)?.ok()?;
+    plugin_for(&node, "ADD", &p2, "eth0", &net_b)?.ok()?;
+    plugin_for(&node, "ADD", &p3, "eth0", &net_a)?.ok()?;
+    assert_eq!(node.allocated()?, 4);
+
+    // GC of net-a lists only net-a's attachments: p3 is gone from net-a.
+    let mut gc = net_a.clone();
+    gc["cni.dev/valid-attachments"] = json!([{"containerID": p1.id, "ifname": "eth0"}]);
+    gc_with(&node, &gc)?.ok()?;
+    assert_eq!(node.allocated()?, 3, "only net-a's stale attachment went");
+    let mut links = node.links()?;
+    links.sort();
+    let mut want = vec![
+        starling_cni_proto::host_veth_name(&p1.id, "eth0"),
+        starling_cni_proto::host_veth_name(&p1.id, "net1"),
+        starling_cni_proto::host_veth_name(&p2.id, "eth0"),
+    ];
+    want.sort();
+    assert_eq!(links, want, "net-b's veths untouched");
+
+    // GC of net-b with an empty list collects net-b's two and nothing of net-a.
+    let mut gc = net_b.clone();
+    gc["cni.dev/valid-attachments"] = json!([]);
+    gc_with(&node, &gc)?.ok()?;
+    assert_eq!(node.allocated()?, 1);
+    assert_eq!(
+        node.links()?,
+        vec![starling_cni_proto::host_veth_name(&p1.id, "eth0")]
+    );
+
+    // DEL names its network too: net-b's DEL of p1/eth0 releases nothing.
+    plugin_for(&node, "DEL", &p1, "eth0", &net_b)?.ok()?;
+    assert_eq!(
+        node.allocated()?,
+        1,
+        "another network's DEL kept net-a's allocation"
+    );
+    plugin_for(&node, "DEL", &p1, "eth0", &net_a)?.ok()?;
+    assert_eq!(node.allocated()?, 0);
+    Ok(())
+}
+
+#[test]
+fn gc_never_collects_an_allocation_younger_than_the_grace_period() -> Result<()> {
+    // Default grace period (60 s): GC racing an ADD keeps the new pod.
+    let node = Node::new("node")?;
+    let conf = node.conf("1.1.0");
+    let pod = Pod::new("young")?;
+    node.starling("ADD", &pod, &conf)?.ok()?;
+    let mut gc = conf.clone();
+    gc["cni.dev/valid-attachments"] = json!([]);
+    gc_with(&node, &gc)?.ok()?;
+    assert_eq!(
+        node.allocated()?,
+        1,
+        "the just-added pod kept its addresses"
+    );
+    assert_eq!(
+        node.links()?,
+        vec![starling_cni_proto::host_veth_name(&pod.id, "eth0")],
+        "and its veth"
+    );
     Ok(())
 }
 

@@ -315,16 +315,94 @@ fn agent_service_account_can_do_its_job_and_nothing_more() -> Result<()> {
     )?;
     ensure!(who == AGENT_USER, "token authenticates as {who}");
 
-    // Reads: list, get and watch of everything the agent follows.
+    // The whole grant, as the API server's authorizer answers it (`kubectl
+    // auth can-i --as` the ServiceAccount): every verb the code uses is
+    // granted and every neighbouring one is refused.
+    let sa = format!("--as={AGENT_USER}");
+    let can_i = |verb: &str, resource: &str, ns: Option<&str>| -> Result<bool> {
+        let mut args = vec!["auth", "can-i", verb, resource, sa.as_str()];
+        if let Some(ns) = ns {
+            args.extend(["-n", ns]);
+        }
+        let out = c.kubectl(&args);
+        let answer = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        match answer.as_str() {
+            "yes" => Ok(true),
+            "no" => Ok(false),
+            _ => anyhow::bail!("kubectl {}: {answer} {}", args.join(" "), stderr(&out)),
+        }
+    };
+    let config_kinds = ["ippools", "bgpconfigurations", "bgppeers", "starlingnodes"];
+    let mut grants: Vec<(&str, String, Option<&str>)> = vec![
+        ("list", "nodes".into(), None),
+        ("watch", "nodes".into(), None),
+        ("list", "blockaffinities.starling.dev".into(), None),
+        ("watch", "blockaffinities.starling.dev".into(), None),
+        ("get", "blockaffinities.starling.dev".into(), None),
+        ("create", "blockaffinities.starling.dev".into(), None),
+        ("delete", "blockaffinities.starling.dev".into(), None),
+        (
+            "get",
+            "secrets/starling-bgp-passwords".into(),
+            Some("kube-system"),
+        ),
+    ];
+    let mut refusals: Vec<(&str, String, Option<&str>)> = vec![
+        ("get", "nodes".into(), None),
+        ("update", "nodes".into(), None),
+        ("patch", "nodes".into(), None),
+        ("create", "nodes".into(), None),
+        ("delete", "nodes".into(), None),
+        ("update", "blockaffinities.starling.dev".into(), None),
+        ("patch", "blockaffinities.starling.dev".into(), None),
+        (
+            "deletecollection",
+            "blockaffinities.starling.dev".into(),
+            None,
+        ),
+        // Secrets by name only, that one name only, never listed or watched.
+        ("list", "secrets".into(), Some("kube-system")),
+        ("watch", "secrets".into(), Some("kube-system")),
+        (
+            "get",
+            "secrets/some-other-secret".into(),
+            Some("kube-system"),
+        ),
+        (
+            "get",
+            "secrets/starling-bgp-passwords".into(),
+            Some("default"),
+        ),
+        ("list", "secrets".into(), None),
+        ("create", "secrets".into(), Some("kube-system")),
+        ("create", "pods".into(), Some("default")),
+        ("create", "configmaps".into(), Some("default")),
+    ];
+    for kind in config_kinds {
+        let r = format!("{kind}.starling.dev");
+        grants.push(("list", r.clone(), None));
+        grants.push(("watch", r.clone(), None));
+        for verb in ["get", "create", "update", "patch", "delete"] {
+            refusals.push((verb, r.clone(), None));
+        }
+    }
+    for (verb, resource, ns) in &grants {
+        ensure!(
+            can_i(verb, resource, *ns)?,
+            "the agent must be allowed to {verb} {resource} ({ns:?})"
+        );
+    }
+    for (verb, resource, ns) in &refusals {
+        ensure!(
+            !can_i(verb, resource, *ns)?,
+            "the agent must NOT be allowed to {verb} {resource} ({ns:?})"
+        );
+    }
+
+    // The same through real requests with the ServiceAccount's token.
     agent.allowed(&["get", "nodes"], None)?;
-    // 404, not 403: the get was authorised and the node simply does not exist.
-    let missing = agent.run(&["get", "node", "no-such-node-starling"], None);
-    ensure!(
-        stderr(&missing).contains("NotFound"),
-        "get node: {}",
-        stderr(&missing)
-    );
     agent.watch("/api/v1/nodes")?;
+    agent.forbidden(&["get", "node", "no-such-node-starling"], None)?;
     for kind in [
         "ippools",
         "bgpconfigurations",
@@ -335,11 +413,35 @@ fn agent_service_account_can_do_its_job_and_nothing_more() -> Result<()> {
         agent.allowed(&["get", &format!("{kind}.starling.dev")], None)?;
         agent.watch(&format!("/apis/starling.dev/v1/{kind}"))?;
     }
-    agent.allowed(&["get", "secrets", "-n", "kube-system"], None)?;
-    agent.watch("/api/v1/namespaces/kube-system/secrets")?;
+    // The named Secret: the get is authorised (404 when it does not exist).
+    let named = agent.run(
+        &[
+            "get",
+            "secret",
+            "starling-bgp-passwords",
+            "-n",
+            "kube-system",
+        ],
+        None,
+    );
+    ensure!(
+        named.status.success() || stderr(&named).contains("NotFound"),
+        "get secret starling-bgp-passwords: {}",
+        stderr(&named)
+    );
+    agent.forbidden(&["get", "secrets", "-n", "kube-system"], None)?;
+    agent.forbidden(
+        &[
+            "get",
+            "secret",
+            "bootstrap-token-abcdef",
+            "-n",
+            "kube-system",
+        ],
+        None,
+    )?;
 
-    // IPAM writes: claim a block, update the claim (compare-and-swap on
-    // resourceVersion), release it.
+    // IPAM writes: claim a block, read the holder, release it; no update.
     let name = format!("rbac-check-{}", std::process::id());
     let affinity = format!(
         "apiVersion: starling.dev/v1\nkind: BlockAffinity\nmetadata: {{name: {name}}}\nspec: {{cidr: 198.51.100.0/26, node: rbac-check}}\n"
@@ -349,11 +451,11 @@ fn agent_service_account_can_do_its_job_and_nothing_more() -> Result<()> {
         &["get", "blockaffinity.starling.dev", &name, "-o", "json"],
         None,
     );
-    let updated = fetched.and_then(|json| {
+    let replaced = fetched.and_then(|json| {
         let mut obj: Value = serde_json::from_str(&json)?;
         ensure!(obj["metadata"]["resourceVersion"].is_string(), "{obj}");
         obj["spec"]["state"] = json!("pending");
-        agent.allowed(&["replace", "-f", "-"], Some(&obj.to_string()))
+        agent.forbidden(&["replace", "-f", "-"], Some(&obj.to_string()))
     });
     let deleted = agent.allowed(&["delete", "blockaffinity.starling.dev", &name], None);
     if deleted.is_err() {
@@ -364,7 +466,7 @@ fn agent_service_account_can_do_its_job_and_nothing_more() -> Result<()> {
             "--ignore-not-found",
         ]);
     }
-    updated?;
+    replaced?;
     deleted?;
 
     // Nothing more: writes outside the agent's needs are refused.
@@ -379,17 +481,6 @@ fn agent_service_account_can_do_its_job_and_nothing_more() -> Result<()> {
         None,
     )?;
     agent.forbidden(&["delete", "node", "no-such-node-starling"], None)?;
-    agent.forbidden(
-        &[
-            "run",
-            "starling-rbac-check",
-            "--image",
-            "busybox",
-            "-n",
-            "default",
-        ],
-        None,
-    )?;
     agent.forbidden(
         &["create", "-f", "-"],
         Some("apiVersion: starling.dev/v1\nkind: IPPool\nmetadata: {name: rbac-check}\nspec: {cidr: 10.250.0.0/16}\n"),
@@ -626,8 +717,11 @@ fn cnitool_drives_the_plugin_through_libcni_add_check_del_gc_status() -> Result<
         "libcni dropped the cache entry"
     );
 
-    // GC: libcni DELs what it cached (b), and the plugin's own GC (spec 1.1)
-    // collects what the runtime lost track of (c, cache entry gone).
+    // GC: libcni DELs what it cached (b). cnitool then GCs the plugin
+    // without a valid-attachments list (it passes no GC arguments), and a GC
+    // without the list is refused, releasing nothing: c, whose cache entry is
+    // gone, keeps its address until a runtime's GC lists the valid
+    // attachments (the cni target covers that) or its DEL comes.
     let b = Netns::new("cnipb")?;
     let c = Netns::new("cnipc")?;
     cni.ok("add", &netns_path(&b))?;
@@ -640,15 +734,27 @@ fn cnitool_drives_the_plugin_through_libcni_add_check_del_gc_status() -> Result<
         .find(|p| std::fs::read_to_string(p).is_ok_and(|s| s.contains(&netns_path(&c))))
         .context("cache entry of pod c")?;
     std::fs::remove_file(c_entry)?;
-    cni.ok("gc", &netns_path(&b))?;
-    ensure!(node.allocated()? == 0, "GC released both");
-    for pod in [&b, &c] {
-        ensure!(
-            pod.ip(&["link", "show", "eth0"]).is_err(),
-            "GC removed {}'s eth0",
-            pod.name
-        );
-    }
+    let gc = cni.run("gc", &netns_path(&b))?;
+    ensure!(
+        !gc.status.success() && stderr(&gc).contains("cni.dev/valid-attachments"),
+        "a GC without the valid-attachments list must be refused by name: {} {}",
+        gc.status,
+        stderr(&gc)
+    );
+    ensure!(
+        node.allocated()? == 1,
+        "libcni's DEL released b, the refused GC released nothing"
+    );
+    ensure!(
+        b.ip(&["link", "show", "eth0"]).is_err(),
+        "libcni's DEL removed b's eth0"
+    );
+    ensure!(
+        c.ip(&["link", "show", "eth0"]).is_ok(),
+        "the refused GC left c wired"
+    );
+    cni.ok("del", &netns_path(&c))?;
+    ensure!(node.allocated()? == 0, "DEL released c");
     let links = node.ns.ip(&["-o", "link", "show"])?;
     ensure!(
         links.lines().count() == 1,

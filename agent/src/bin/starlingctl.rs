@@ -317,6 +317,18 @@ fn routes(agent: &AgentArgs) -> Result<ExitCode> {
         rows.push(vec![route.dst.to_string(), target]);
     }
     print!("{}", table(&rows));
+    if !r.refused.is_empty() {
+        println!();
+        println!("Refused (learned, kept out of the kernel)");
+        let mut rows = vec![vec!["PREFIX".to_string(), "REASON".into()]];
+        for x in &r.refused {
+            rows.push(vec![
+                x.prefix.to_string(),
+                x.reason.label().replace('_', " "),
+            ]);
+        }
+        print!("{}", table(&rows));
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -51,7 +51,7 @@ pub fn release_node(ds: &dyn Datastore, node: &str) -> Result<Vec<IpNet>, Datast
     match held.into_iter().find(|a| a.node == node) {
         Some(a) => Err(DatastoreError::Stale {
             block: a.block,
-            expected: a.revision,
+            expected: a.revision.clone(),
         }),
         None => Ok(released),
     }
@@ -136,10 +136,8 @@ mod tests {
     fn a_claim_that_changed_meanwhile_is_read_again() {
         struct Racing {
             inner: FileDatastore,
-            raced: std::cell::Cell<bool>,
+            raced: std::sync::atomic::AtomicBool,
         }
-        // Datastore needs Send; the test never crosses threads.
-        unsafe impl Send for Racing {}
         impl Datastore for Racing {
             fn affinities(&self) -> Result<Vec<Affinity>, DatastoreError> {
                 self.inner.affinities()
@@ -148,12 +146,12 @@ mod tests {
                 self.inner.claim(block, node)
             }
             fn release(&self, a: &Affinity) -> Result<(), DatastoreError> {
-                if !self.raced.replace(true) {
+                if !self.raced.swap(true, std::sync::atomic::Ordering::SeqCst) {
                     // The claim was written between our read and our
                     // release: the revision we hold is stale.
                     return Err(DatastoreError::Stale {
                         block: a.block,
-                        expected: a.revision,
+                        expected: a.revision.clone(),
                     });
                 }
                 self.inner.release(a)
@@ -162,7 +160,7 @@ mod tests {
         let s = Scratch::new("race");
         let ds = Racing {
             inner: FileDatastore::new(s.0.join("blocks.json")),
-            raced: std::cell::Cell::new(false),
+            raced: std::sync::atomic::AtomicBool::new(false),
         };
         ds.claim(net("10.244.3.0/26"), "node3").unwrap();
         let released = release_node(&ds, "node3").unwrap();

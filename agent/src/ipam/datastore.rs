@@ -1,7 +1,8 @@
 //! Where nodes claim blocks. Every write is a compare-and-swap, so two nodes
 //! racing for one block end with one owner: the file flavour compares the
 //! claim's revision under an exclusive lock on the file; the Kubernetes
-//! flavour (later) compares the claim object's `resourceVersion`.
+//! flavour compares the claim object's `resourceVersion`, which is opaque:
+//! only ever compared for equality, never parsed or ordered.
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -10,13 +11,25 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// A node's claim on a block (Calico's block affinity).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Affinity {
     pub block: IpNet,
     pub node: String,
-    /// Bumped on every write; a CAS names the revision it read.
-    pub revision: u64,
+    /// The datastore's version of the claim; a CAS names the revision it read.
+    pub revision: Revision,
+}
+
+/// A claim's version as its datastore writes it, opaque to everyone else:
+/// equal or not, nothing more. A Kubernetes `resourceVersion` must not be
+/// parsed or ordered (the API conventions say so; etcd's numbers are an
+/// implementation detail another storage need not share).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Revision(pub String);
+
+impl std::fmt::Display for Revision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -25,7 +38,7 @@ pub enum DatastoreError {
     #[error("block {block} is claimed by node {holder}")]
     Conflict { block: IpNet, holder: String },
     #[error("block {block} changed since it was read (revision {expected} expected)")]
-    Stale { block: IpNet, expected: u64 },
+    Stale { block: IpNet, expected: Revision },
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -35,8 +48,9 @@ pub enum DatastoreError {
     Corrupt { path: PathBuf, reason: String },
 }
 
-/// The operations IPAM needs from a datastore.
-pub trait Datastore: Send {
+/// The operations IPAM needs from a datastore. `Sync` because block claims
+/// run on threads of their own, beside the IPAM thread that serves pods.
+pub trait Datastore: Send + Sync {
     /// Every claim, by every node.
     fn affinities(&self) -> Result<Vec<Affinity>, DatastoreError>;
     /// Claim `block` for `node` if nobody holds it (compare-and-swap on its
@@ -55,7 +69,27 @@ pub struct FileDatastore {
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct ClaimFile {
     #[serde(default)]
-    affinities: Vec<Affinity>,
+    affinities: Vec<FileClaim>,
+}
+
+/// One claim as the file stores it; the revision is this file's own
+/// counter.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct FileClaim {
+    block: IpNet,
+    node: String,
+    revision: u64,
+}
+
+impl From<&FileClaim> for Affinity {
+    fn from(c: &FileClaim) -> Affinity {
+        Affinity {
+            block: c.block,
+            node: c.node.clone(),
+            revision: Revision(c.revision.to_string()),
+        }
+    }
 }
 
 impl FileDatastore {
@@ -124,7 +158,7 @@ impl FileDatastore {
 impl Datastore for FileDatastore {
     fn affinities(&self) -> Result<Vec<Affinity>, DatastoreError> {
         let _lock = self.lock()?;
-        Ok(self.read()?.affinities)
+        Ok(self.read()?.affinities.iter().map(Affinity::from).collect())
     }
 
     fn claim(&self, block: IpNet, node: &str) -> Result<Affinity, DatastoreError> {
@@ -136,21 +170,21 @@ impl Datastore for FileDatastore {
             .find(|a| a.block.contains(&block.network()) || block.contains(&a.block.network()))
         {
             if held.block == block && held.node == node {
-                return Ok(held.clone());
+                return Ok(held.into());
             }
             return Err(DatastoreError::Conflict {
                 block,
                 holder: format!("{} (as {})", held.node, held.block),
             });
         }
-        let claim = Affinity {
+        let claim = FileClaim {
             block,
             node: node.to_string(),
             revision: 1,
         };
         file.affinities.push(claim.clone());
         self.write(&file)?;
-        Ok(claim)
+        Ok((&claim).into())
     }
 
     fn release(&self, affinity: &Affinity) -> Result<(), DatastoreError> {
@@ -163,10 +197,10 @@ impl Datastore for FileDatastore {
         else {
             return Ok(());
         };
-        if file.affinities[pos] != *affinity {
+        if Affinity::from(&file.affinities[pos]) != *affinity {
             return Err(DatastoreError::Stale {
                 block: affinity.block,
-                expected: affinity.revision,
+                expected: affinity.revision.clone(),
             });
         }
         file.affinities.remove(pos);
@@ -223,7 +257,7 @@ mod tests {
         let ds = FileDatastore::new(&path);
         let block: IpNet = "10.0.0.0/26".parse().unwrap();
         let mut claim = ds.claim(block, "n1").unwrap();
-        claim.revision += 1;
+        claim.revision = Revision("2".into());
         assert!(matches!(
             ds.release(&claim),
             Err(DatastoreError::Stale { .. })

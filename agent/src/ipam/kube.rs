@@ -2,15 +2,16 @@
 //! name is derived from the block (`10-244-3-0-26`), so creating it is the
 //! compare-and-swap on the block's absence: the API server lets exactly one
 //! create of a name succeed and answers the others 409 AlreadyExists. A
-//! claim's revision is the object's resourceVersion (etcd's revision, a
-//! number), and a release is a delete with that resourceVersion as its
-//! precondition.
+//! claim's revision is the object's resourceVersion, kept as the opaque
+//! string it is (never parsed, never ordered), and a release is a delete
+//! with that resourceVersion as its precondition.
 //!
 //! Blocks of one pool share a size and pools do not overlap, so two claims
 //! of overlapping blocks almost always have the same name. The exception (a
 //! static podCIDR inside a pool's range, claimed as a different-sized
 //! block) is settled after the create: a claimer that finds an older
-//! overlapping claim withdraws its own and reports a conflict.
+//! overlapping claim (by creationTimestamp, then by name, so every claimer
+//! decides alike) withdraws its own and reports a conflict.
 //!
 //! [`Datastore`] is synchronous and IPAM calls it from inside a tokio task,
 //! where `block_on` panics and where waiting on the caller's own runtime
@@ -20,9 +21,10 @@
 //! plain channel for the answer. Every call has a deadline, so a caller
 //! never waits forever on an unreachable API server.
 
-use super::datastore::{Affinity, Datastore, DatastoreError};
+use super::datastore::{Affinity, Datastore, DatastoreError, Revision};
 use crate::model::crd::{AffinityState, BlockAffinity, BlockAffinitySpec};
 use ipnet::IpNet;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{
     Api, ApiResource, DeleteParams, DynamicObject, ListParams, PostParams, Preconditions,
 };
@@ -93,13 +95,21 @@ fn api_error(name: &str, what: impl std::fmt::Display) -> DatastoreError {
     }
 }
 
-fn revision(name: &str, meta: &ObjectMeta) -> Result<u64, DatastoreError> {
-    let rv = meta.resource_version.as_deref().unwrap_or("");
-    rv.parse().map_err(|_| DatastoreError::Corrupt {
-        path: PathBuf::from(format!("blockaffinities.starling.dev/{name}")),
-        reason: format!("resourceVersion `{rv}` is not a number (etcd revisions are)"),
-    })
+/// The object's resourceVersion, as the opaque string it is.
+fn revision(name: &str, meta: &ObjectMeta) -> Result<Revision, DatastoreError> {
+    match meta.resource_version.as_deref() {
+        Some(rv) if !rv.is_empty() => Ok(Revision(rv.to_string())),
+        _ => Err(DatastoreError::Corrupt {
+            path: PathBuf::from(format!("blockaffinities.starling.dev/{name}")),
+            reason: "the API server sent no resourceVersion".into(),
+        }),
+    }
 }
+
+/// Which of two overlapping claims came first: the earlier creationTimestamp,
+/// then the smaller name. Every claimer sees the same two objects, so all
+/// decide alike, without reading anything into resourceVersions.
+type Age = (Option<Time>, String);
 
 fn status_code(e: &kube::Error) -> Option<u16> {
     match e {
@@ -193,9 +203,10 @@ async fn serve(client: Client, mut rx: mpsc::UnboundedReceiver<Request>) {
     }
 }
 
-/// Every settled claim with its object name. Objects our types refuse are
-/// skipped with a warning rather than failing every listing.
-async fn list(api: &Api<DynamicObject>) -> Result<Vec<(String, Affinity)>, DatastoreError> {
+/// Every settled claim with its age (creationTimestamp and object name).
+/// Objects our types refuse are skipped with a warning rather than failing
+/// every listing.
+async fn list(api: &Api<DynamicObject>) -> Result<Vec<(Age, Affinity)>, DatastoreError> {
     let objects = api
         .list(&ListParams::default())
         .await
@@ -208,7 +219,7 @@ async fn list(api: &Api<DynamicObject>) -> Result<Vec<(String, Affinity)>, Datas
             Ok(spec) => {
                 let rev = revision(&name, &o.metadata)?;
                 if let Some(a) = settled(&spec, rev) {
-                    out.push((name, a));
+                    out.push(((o.metadata.creation_timestamp.clone(), name), a));
                 }
             }
             Err(e) => warn!("BlockAffinity/{name}: spec: {e}; skipped"),
@@ -218,7 +229,7 @@ async fn list(api: &Api<DynamicObject>) -> Result<Vec<(String, Affinity)>, Datas
 }
 
 /// The claim a BlockAffinity records, when it is a settled one.
-fn settled(spec: &BlockAffinitySpec, revision: u64) -> Option<Affinity> {
+fn settled(spec: &BlockAffinitySpec, revision: Revision) -> Option<Affinity> {
     (spec.state == AffinityState::Confirmed).then(|| Affinity {
         block: spec.cidr,
         node: spec.node.clone(),
@@ -255,7 +266,8 @@ async fn claim(
                     node: node.to_string(),
                     revision: rev,
                 };
-                return settle_overlap(api, dynamic, &name, mine).await;
+                let age = (created.metadata.creation_timestamp.clone(), name.clone());
+                return settle_overlap(api, dynamic, &age, mine).await;
             }
             Err(e) if status_code(&e) == Some(409) => match api.get_opt(&name).await {
                 Ok(Some(held)) => {
@@ -285,18 +297,18 @@ async fn claim(
 }
 
 /// After creating `mine`: if an overlapping block (a different name) is
-/// claimed too, the older claim (smaller revision) keeps it.
+/// claimed too, the older claim (see [`Age`]) keeps it.
 async fn settle_overlap(
     api: &Api<BlockAffinity>,
     dynamic: &Api<DynamicObject>,
-    name: &str,
+    age: &Age,
     mine: Affinity,
 ) -> Result<Affinity, DatastoreError> {
     let all = list(dynamic).await?;
-    let older = all.iter().find(|(n, a)| {
-        n != name
+    let older = all.iter().find(|(other, a)| {
+        other.1 != age.1
             && (a.block.contains(&mine.block.network()) || mine.block.contains(&a.block.network()))
-            && a.revision < mine.revision
+            && other < age
     });
     let Some((_, older)) = older else {
         return Ok(mine);
@@ -313,7 +325,7 @@ async fn release(api: &Api<BlockAffinity>, a: &Affinity) -> Result<(), Datastore
     let name = block_name(a.block);
     let params = DeleteParams {
         preconditions: Some(Preconditions {
-            resource_version: Some(a.revision.to_string()),
+            resource_version: Some(a.revision.0.clone()),
             uid: None,
         }),
         ..Default::default()
@@ -323,7 +335,7 @@ async fn release(api: &Api<BlockAffinity>, a: &Affinity) -> Result<(), Datastore
         Err(e) if status_code(&e) == Some(404) => Ok(()),
         Err(e) if status_code(&e) == Some(409) => Err(DatastoreError::Stale {
             block: a.block,
-            expected: a.revision,
+            expected: a.revision.clone(),
         }),
         Err(e) => Err(api_error(&name, e)),
     }

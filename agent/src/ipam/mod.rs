@@ -20,13 +20,26 @@ use starling_cni_proto::{AddRequest, Allocation, AttachmentKey, PodRoute, Status
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
 
-pub use datastore::{Affinity, Datastore, DatastoreError, FileDatastore};
+pub use datastore::{Affinity, Datastore, DatastoreError, FileDatastore, Revision};
 pub use pool::Pool;
 pub use store::{Change, Store, StoreError};
 
 /// Calico's default cap on blocks one node may claim.
 pub const DEFAULT_MAX_BLOCKS_PER_NODE: usize = 20;
+
+/// GC leaves allocations younger than this alone unless configured
+/// otherwise: a GC whose valid list was read just before an ADD must not
+/// release the new pod.
+pub const DEFAULT_GC_GRACE_PERIOD: Duration = Duration::from_secs(60);
+
+/// How long a block claim may take unless configured otherwise: past it,
+/// the pods waiting for the block are answered (CNI code 11, try again) and
+/// the claim goes on in the background; if it succeeds, the block is
+/// adopted.
+pub const DEFAULT_BLOCK_CLAIM_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How many times a node re-reads the claims after losing block races
 /// before it reports the pools exhausted.
@@ -53,6 +66,13 @@ pub struct IpamConfig {
     /// `<stateDir>/blocks.json`.
     #[serde(default)]
     pub datastore_file: Option<PathBuf>,
+    /// GC never releases an allocation younger than this many seconds
+    /// (default 60).
+    #[serde(default)]
+    pub gc_grace_period_seconds: Option<u64>,
+    /// How long pods wait for a block claim, in seconds (default 10).
+    #[serde(default)]
+    pub block_claim_timeout_seconds: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +87,12 @@ pub enum IpamError {
     Datastore(#[from] DatastoreError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// No free address in the blocks held: a block must be claimed first
+    /// (see [`Ipam::claim_plan`]).
+    #[error("a new {} block is needed", if *v4 { "IPv4" } else { "IPv6" })]
+    NeedsBlock { v4: bool },
+    #[error("{0}")]
+    ClaimTimeout(String),
 }
 
 /// The node's IPAM state: its blocks and who holds which address.
@@ -74,7 +100,7 @@ pub struct Ipam {
     node: String,
     labels: BTreeMap<String, String>,
     config: IpamConfig,
-    datastore: Box<dyn Datastore>,
+    datastore: Arc<dyn Datastore>,
     /// Blocks this node holds, in claim order.
     blocks: Vec<IpNet>,
     by_key: HashMap<AttachmentKey, Allocation>,
@@ -123,7 +149,7 @@ impl Ipam {
             node: node.to_string(),
             labels,
             config,
-            datastore,
+            datastore: Arc::from(datastore),
             blocks,
             by_key: HashMap::new(),
             used: HashMap::new(),
@@ -154,6 +180,32 @@ impl Ipam {
         Ok(())
     }
 
+    /// How long pods wait for a block claim.
+    pub fn block_claim_timeout(&self) -> Duration {
+        self.config
+            .block_claim_timeout_seconds
+            .map_or(DEFAULT_BLOCK_CLAIM_TIMEOUT, Duration::from_secs)
+    }
+
+    fn gc_grace_period(&self) -> Duration {
+        self.config
+            .gc_grace_period_seconds
+            .map_or(DEFAULT_GC_GRACE_PERIOD, Duration::from_secs)
+    }
+
+    /// The stored key of the attachment: `key` itself, or the same
+    /// container and interface stored before keys named their network.
+    fn stored_key(&self, key: &AttachmentKey) -> Option<AttachmentKey> {
+        if self.by_key.contains_key(key) {
+            return Some(key.clone());
+        }
+        let legacy = AttachmentKey {
+            network: String::new(),
+            ..key.clone()
+        };
+        self.by_key.contains_key(&legacy).then_some(legacy)
+    }
+
     fn max_blocks(&self) -> usize {
         self.config
             .max_blocks_per_node
@@ -179,10 +231,30 @@ impl Ipam {
     }
 
     /// Allocate one address per family for the attachment, or return the
-    /// allocation it already has (a retried ADD after a lost reply).
+    /// allocation it already has (a retried ADD after a lost reply),
+    /// claiming blocks as needed on this thread.
     pub fn add(&mut self, req: &AddRequest) -> Result<(Allocation, Option<Change>), IpamError> {
+        // Each round claims (or adopts) at least one block of the missing
+        // family, or fails; the block limit ends the rounds.
+        loop {
+            match self.try_add(req) {
+                Err(IpamError::NeedsBlock { v4 }) => {
+                    let got = self.claim_plan(v4, Instant::now()).run()?;
+                    self.adopt(&got);
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// [`Ipam::add`] from the blocks already held: never waits on the
+    /// datastore. [`IpamError::NeedsBlock`] says a block must be claimed
+    /// first.
+    pub fn try_add(&mut self, req: &AddRequest) -> Result<(Allocation, Option<Change>), IpamError> {
         validate_key(&req.key)?;
-        if let Some(existing) = self.by_key.get(&req.key) {
+        if let Some(stored) = self.stored_key(&req.key)
+            && let Some(existing) = self.by_key.get(&stored)
+        {
             if existing.host_veth == req.host_veth
                 && existing.netns == req.netns
                 && existing.pod == req.pod
@@ -193,7 +265,7 @@ impl Ipam {
             updated.host_veth = req.host_veth.clone();
             updated.netns = req.netns.clone();
             updated.pod = req.pod.clone();
-            self.by_key.insert(req.key.clone(), updated.clone());
+            self.by_key.insert(stored, updated.clone());
             return Ok((updated.clone(), Some(Change::Put(updated))));
         }
         let families = self.families();
@@ -221,6 +293,7 @@ impl Ipam {
             host_veth: req.host_veth.clone(),
             netns: req.netns.clone(),
             pod: req.pod.clone(),
+            allocated_unix_ms: starling_cni_proto::unix_ms(SystemTime::now()),
         };
         self.by_key.insert(req.key.clone(), alloc.clone());
         Ok((alloc.clone(), Some(Change::Put(alloc))))
@@ -253,69 +326,35 @@ impl Ipam {
                 self.max_blocks()
             )));
         }
-        let block = self.claim_block(v4)?;
-        let ip = self.free_in(block).ok_or_else(|| {
-            IpamError::Exhausted(format!("freshly claimed block {block} has no free address"))
-        })?;
-        self.used.insert(ip, key.clone());
-        Ok(ip)
+        Err(IpamError::NeedsBlock { v4 })
     }
 
-    /// Claim the first block, in pool order, that nobody holds.
-    fn claim_block(&mut self, v4: bool) -> Result<IpNet, IpamError> {
-        let pools: Vec<Pool> = self
-            .config
-            .pools
-            .iter()
-            .filter(|p| p.cidr.addr().is_ipv4() == v4 && p.selects(&self.labels))
-            .cloned()
-            .collect();
-        // Each round reads every claim once; a round in which another node
-        // won a race for a candidate is repeated with a fresh read, so a lost
-        // race never reads as an exhausted pool.
-        for _round in 0..MAX_CLAIM_ROUNDS {
-            let held: Vec<IpNet> = self
-                .datastore
-                .affinities()?
-                .into_iter()
-                .map(|a| a.block)
-                .collect();
-            let mut raced = false;
-            for pool in &pools {
-                // Within `held.len() + 1` candidates one is free, unless the
-                // pool is smaller than that.
-                for block in pool.blocks().take(held.len() + 1) {
-                    if held
-                        .iter()
-                        .any(|h| h.contains(&block.network()) || block.contains(&h.network()))
-                    {
-                        continue;
-                    }
-                    match self.datastore.claim(block, &self.node) {
-                        Ok(a) => {
-                            self.blocks.push(a.block);
-                            return Ok(a.block);
-                        }
-                        // Another node won the race for it: try the next one.
-                        Err(DatastoreError::Conflict { .. }) => raced = true,
-                        Err(e) => return Err(e.into()),
-                    }
-                }
-            }
-            if !raced {
-                break;
+    /// What claiming a block of one family needs, to run away from the
+    /// thread that serves pods (see [`ClaimPlan::run`]).
+    pub fn claim_plan(&self, v4: bool, started: Instant) -> ClaimPlan {
+        ClaimPlan {
+            node: self.node.clone(),
+            v4,
+            pools: self
+                .config
+                .pools
+                .iter()
+                .filter(|p| p.cidr.addr().is_ipv4() == v4 && p.selects(&self.labels))
+                .cloned()
+                .collect(),
+            known: self.blocks.clone(),
+            datastore: self.datastore.clone(),
+            deadline: started + self.block_claim_timeout(),
+        }
+    }
+
+    /// Take blocks claimed (or found claimed) for this node into use.
+    pub fn adopt(&mut self, blocks: &[IpNet]) {
+        for b in blocks {
+            if !self.blocks.contains(b) {
+                self.blocks.push(*b);
             }
         }
-        Err(IpamError::Exhausted(format!(
-            "no free {} block for node {} in pools [{}]",
-            if v4 { "IPv4" } else { "IPv6" },
-            self.node,
-            pools
-                .iter()
-                .map(|p| p.cidr.to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        )))
     }
 
     fn free_in(&mut self, block: IpNet) -> Option<IpAddr> {
@@ -342,39 +381,64 @@ impl Ipam {
 
     /// Release the attachment's addresses; unknown attachments release nothing.
     pub fn del(&mut self, key: &AttachmentKey) -> (Option<Allocation>, Option<Change>) {
-        match self.by_key.remove(key) {
+        match self.stored_key(key).and_then(|k| self.by_key.remove(&k)) {
             Some(alloc) => {
                 for ip in &alloc.ips {
                     self.used.remove(&ip.addr());
                 }
-                (Some(alloc), Some(Change::Remove(key.clone())))
+                let stored = alloc.key.clone();
+                (Some(alloc), Some(Change::Remove(stored)))
             }
             None => (None, None),
         }
     }
 
     pub fn get(&self, key: &AttachmentKey) -> Option<&Allocation> {
-        self.by_key.get(key)
+        self.stored_key(key).and_then(|k| self.by_key.get(&k))
     }
 
-    /// Allocations whose attachment is not in `valid`: what GC releases, and
-    /// the leak report.
-    pub fn leaks(&self, valid: &[AttachmentKey]) -> Vec<Allocation> {
+    /// Allocations of `network` whose attachment is not in `valid` and that
+    /// are older than the grace period at `now`: what GC releases, and the
+    /// leak report. Other networks' allocations, and those stored before
+    /// keys named their network (which GC cannot attribute), are never in it;
+    /// DEL still releases the latter.
+    pub fn leaks(
+        &self,
+        network: &str,
+        valid: &[AttachmentKey],
+        now: SystemTime,
+    ) -> Result<Vec<Allocation>, IpamError> {
+        if network.is_empty() {
+            return Err(IpamError::Invalid(
+                "GC names no network; refusing to release anything".into(),
+            ));
+        }
         let valid: HashSet<&AttachmentKey> = valid.iter().collect();
+        let young_since = starling_cni_proto::unix_ms(now)
+            .saturating_sub(self.gc_grace_period().as_millis() as u64);
         let mut out: Vec<Allocation> = self
             .by_key
             .values()
-            .filter(|a| !valid.contains(&a.key))
+            .filter(|a| {
+                a.key.network == network
+                    && !valid.contains(&a.key)
+                    && a.allocated_unix_ms <= young_since
+            })
             .cloned()
             .collect();
         out.sort_by(|a, b| a.key.cmp(&b.key));
-        out
+        Ok(out)
     }
 
-    pub fn gc(&mut self, valid: &[AttachmentKey]) -> (Vec<Allocation>, Vec<Change>) {
-        let leaks = self.leaks(valid);
+    pub fn gc(
+        &mut self,
+        network: &str,
+        valid: &[AttachmentKey],
+        now: SystemTime,
+    ) -> Result<(Vec<Allocation>, Vec<Change>), IpamError> {
+        let leaks = self.leaks(network, valid, now)?;
         let changes = leaks.iter().filter_map(|a| self.del(&a.key).1).collect();
-        (leaks, changes)
+        Ok((leaks, changes))
     }
 
     /// The host routes every local pod needs, for the FIB reconciler.
@@ -408,7 +472,125 @@ impl Ipam {
     }
 }
 
+/// A block claim for one family, detached from [`Ipam`] so it can run on a
+/// thread of its own while the IPAM thread goes on serving pods from the
+/// blocks it holds.
+pub struct ClaimPlan {
+    node: String,
+    pub v4: bool,
+    /// Pools of the family that select this node, in order.
+    pools: Vec<Pool>,
+    /// Blocks the node knew it held when the plan was made.
+    known: Vec<IpNet>,
+    datastore: Arc<dyn Datastore>,
+    /// No new datastore call starts after this.
+    deadline: Instant,
+}
+
+impl ClaimPlan {
+    /// Claim the first block, in pool order, that nobody holds. Returns the
+    /// blocks to adopt: the new one, and any held by this node that it did
+    /// not know of (a claim that timed out on our side but succeeded on the
+    /// server, found by the next read instead of being orphaned).
+    pub fn run(&self) -> Result<Vec<IpNet>, IpamError> {
+        let family = if self.v4 { "IPv4" } else { "IPv6" };
+        let mut last_error = None;
+        // Each round reads every claim once; a round in which another node
+        // won a race for a candidate, or a claim failed without an answer,
+        // is repeated with a fresh read, so a lost race never reads as an
+        // exhausted pool and a lost answer never orphans a claim.
+        for _round in 0..MAX_CLAIM_ROUNDS {
+            self.in_time(family, &last_error)?;
+            let all = self.datastore.affinities()?;
+            let ours: Vec<IpNet> = all
+                .iter()
+                .filter(|a| a.node == self.node && !self.known.contains(&a.block))
+                .map(|a| a.block)
+                .collect();
+            if ours.iter().any(|b| b.addr().is_ipv4() == self.v4) {
+                return Ok(ours);
+            }
+            let held: Vec<IpNet> = all.into_iter().map(|a| a.block).collect();
+            let mut again = false;
+            'pools: for pool in &self.pools {
+                // Within `held.len() + 1` candidates one is free, unless the
+                // pool is smaller than that.
+                for block in pool.blocks().take(held.len() + 1) {
+                    if held
+                        .iter()
+                        .any(|h| h.contains(&block.network()) || block.contains(&h.network()))
+                    {
+                        continue;
+                    }
+                    self.in_time(family, &last_error)?;
+                    match self.datastore.claim(block, &self.node) {
+                        Ok(a) => {
+                            let mut got = ours;
+                            got.push(a.block);
+                            return Ok(got);
+                        }
+                        // Another node won the race for it: try the next one.
+                        Err(DatastoreError::Conflict { .. }) => again = true,
+                        // No answer, or an error: the claim may have been
+                        // made all the same. Read again before anything else.
+                        Err(e) => {
+                            tracing::warn!(node = %self.node, %block, error = %e, "block claim failed; re-reading the claims");
+                            last_error = Some(e);
+                            again = true;
+                            break 'pools;
+                        }
+                    }
+                }
+            }
+            if !again {
+                break;
+            }
+        }
+        if let Some(e) = last_error {
+            return Err(e.into());
+        }
+        Err(IpamError::Exhausted(format!(
+            "no free {family} block for node {} in pools [{}]",
+            self.node,
+            self.pools
+                .iter()
+                .map(|p| p.cidr.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )))
+    }
+
+    fn in_time(&self, family: &str, last: &Option<DatastoreError>) -> Result<(), IpamError> {
+        if Instant::now() < self.deadline {
+            return Ok(());
+        }
+        Err(IpamError::ClaimTimeout(format!(
+            "claiming an {family} block for node {} did not finish in time{}",
+            self.node,
+            last.as_ref()
+                .map(|e| format!(" (last error: {e})"))
+                .unwrap_or_default()
+        )))
+    }
+}
+
 fn validate_key(key: &AttachmentKey) -> Result<(), IpamError> {
+    // CNI spec, network configuration `name`.
+    let network_ok = key
+        .network
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphanumeric())
+        && key
+            .network
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+    if !network_ok {
+        return Err(IpamError::Invalid(format!(
+            "network name `{}` is empty or not of the form [a-zA-Z0-9][a-zA-Z0-9_.-]*",
+            key.network
+        )));
+    }
     let ok = |s: &str| {
         !s.is_empty()
             && s.len() <= 255
@@ -476,7 +658,7 @@ mod tests {
             let a = Affinity {
                 block,
                 node: node.into(),
-                revision: 1,
+                revision: Revision("1".into()),
             };
             v.push(a.clone());
             Ok(a)
@@ -490,6 +672,7 @@ mod tests {
     fn req(c: &str) -> AddRequest {
         AddRequest {
             key: AttachmentKey {
+                network: "pods".into(),
                 container_id: c.into(),
                 ifname: "eth0".into(),
             },
@@ -580,6 +763,11 @@ mod tests {
         assert_ne!(a.ips, b.ips);
     }
 
+    /// A minute and a bit from now: past the default grace period.
+    fn later() -> SystemTime {
+        SystemTime::now() + DEFAULT_GC_GRACE_PERIOD + Duration::from_secs(1)
+    }
+
     #[test]
     fn gc_releases_what_is_not_valid() {
         let mut ipam = ipam(IpamConfig {
@@ -591,16 +779,138 @@ mod tests {
         }
         let valid = vec![req("b").key];
         let report: Vec<String> = ipam
-            .leaks(&valid)
+            .leaks("pods", &valid, later())
+            .unwrap()
             .iter()
             .map(|a| a.key.container_id.clone())
             .collect();
         assert_eq!(report, ["a", "c"]);
-        let (released, changes) = ipam.gc(&valid);
+        let (released, changes) = ipam.gc("pods", &valid, later()).unwrap();
         assert_eq!(released.len(), 2);
         assert_eq!(changes.len(), 2);
         assert!(ipam.get(&req("b").key).is_some());
-        assert!(ipam.leaks(&valid).is_empty());
+        assert!(ipam.leaks("pods", &valid, later()).unwrap().is_empty());
+    }
+
+    #[test]
+    fn gc_keeps_young_allocations_other_networks_and_legacy_records() {
+        let mut ipam = ipam(IpamConfig {
+            pod_cidrs: vec!["10.0.0.0/28".parse().unwrap()],
+            ..Default::default()
+        });
+        ipam.add(&req("a")).unwrap();
+        let mut other = req("a");
+        other.key.network = "net-b".into();
+        other.key.ifname = "net1".into();
+        ipam.add(&other).unwrap();
+        // Just allocated: inside the grace period.
+        let (released, _) = ipam.gc("pods", &[], SystemTime::now()).unwrap();
+        assert!(released.is_empty(), "{released:?}");
+        // Later, GC of `pods` takes only its own.
+        let (released, _) = ipam.gc("pods", &[], later()).unwrap();
+        assert_eq!(released.len(), 1);
+        assert_eq!(released[0].key, req("a").key);
+        assert!(ipam.get(&other.key).is_some());
+        // No network named: refused, nothing released.
+        assert!(matches!(
+            ipam.gc("", &[], later()),
+            Err(IpamError::Invalid(_))
+        ));
+        assert!(ipam.get(&other.key).is_some());
+        // A record stored before keys named their network is found by DEL
+        // of any network, and never collected by GC.
+        let legacy = Allocation {
+            key: AttachmentKey {
+                network: String::new(),
+                container_id: "old".into(),
+                ifname: "eth0".into(),
+            },
+            ips: vec!["10.0.0.9/32".parse().unwrap()],
+            host_veth: "stlold".into(),
+            netns: "/run/netns/old".into(),
+            pod: None,
+            allocated_unix_ms: 0,
+        };
+        ipam.reset(vec![legacy.clone()]).unwrap();
+        assert!(ipam.gc("pods", &[], later()).unwrap().0.is_empty());
+        let (gone, change) = ipam.del(&req("old").key);
+        assert_eq!(gone, Some(legacy.clone()));
+        assert!(matches!(change, Some(Change::Remove(k)) if k == legacy.key));
+    }
+
+    /// A datastore whose first claim is made on the server but whose answer
+    /// is lost (a timeout on our side).
+    #[derive(Default)]
+    struct LostAnswer {
+        inner: MemDatastore,
+        lost: Mutex<bool>,
+    }
+
+    impl Datastore for LostAnswer {
+        fn affinities(&self) -> Result<Vec<Affinity>, DatastoreError> {
+            self.inner.affinities()
+        }
+        fn claim(&self, block: IpNet, node: &str) -> Result<Affinity, DatastoreError> {
+            let made = self.inner.claim(block, node)?;
+            let mut lost = self.lost.lock().unwrap();
+            if !*lost {
+                *lost = true;
+                return Err(DatastoreError::Io {
+                    path: "blockaffinities.starling.dev/x".into(),
+                    source: std::io::Error::other("no answer within 30s"),
+                });
+            }
+            Ok(made)
+        }
+        fn release(&self, a: &Affinity) -> Result<(), DatastoreError> {
+            self.inner.release(a)
+        }
+    }
+
+    #[test]
+    fn a_claim_that_timed_out_here_but_succeeded_on_the_server_is_adopted() {
+        let ds = std::sync::Arc::new(LostAnswer::default());
+        struct Shared(std::sync::Arc<LostAnswer>);
+        impl Datastore for Shared {
+            fn affinities(&self) -> Result<Vec<Affinity>, DatastoreError> {
+                self.0.affinities()
+            }
+            fn claim(&self, block: IpNet, node: &str) -> Result<Affinity, DatastoreError> {
+                self.0.claim(block, node)
+            }
+            fn release(&self, a: &Affinity) -> Result<(), DatastoreError> {
+                self.0.release(a)
+            }
+        }
+        let mut ipam = Ipam::new(
+            "n1",
+            BTreeMap::new(),
+            IpamConfig {
+                pools: vec![
+                    serde_json::from_str(r#"{"cidr":"10.1.0.0/24","blockSize":28}"#).unwrap(),
+                ],
+                ..Default::default()
+            },
+            Box::new(Shared(ds.clone())),
+            vec![],
+        )
+        .unwrap();
+        let (a, _) = ipam
+            .add(&req("c1"))
+            .expect("the lost claim is found and used");
+        let claims: Vec<IpNet> = ds
+            .affinities()
+            .unwrap()
+            .into_iter()
+            .map(|a| a.block)
+            .collect();
+        assert_eq!(
+            claims,
+            vec!["10.1.0.0/28".parse::<IpNet>().unwrap()],
+            "one claim, none orphaned"
+        );
+        assert_eq!(ipam.blocks(), claims.as_slice());
+        assert!(claims[0].contains(&a.ips[0].addr()));
     }
 
     #[test]

@@ -6,6 +6,12 @@
 //! handful of fsyncs rather than 200, and no reply ever describes state a
 //! crash could lose.
 //!
+//! Block claims (API calls) never run on that thread: an ADD that needs a
+//! new block waits while a claim thread talks to the datastore, and every
+//! other request, pods in blocks already held included, goes on being
+//! served. Pods wait for a claim at most the block claim timeout; a claim
+//! that finishes after it is still adopted.
+//!
 //! The socket is root-only twice over: mode 0600, and the peer's uid is
 //! checked on every connection (SO_PEERCRED).
 
@@ -15,12 +21,12 @@ use starling_cni_proto::{
 };
 use std::io;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::{Change, Ipam, IpamError, Store};
+use super::{Change, ClaimPlan, Ipam, IpamError, Store};
 use crate::metrics::{CniCommand, Metrics};
 
 /// Requests applied (and committed) together at most.
@@ -41,10 +47,25 @@ struct Job {
     reply: oneshot::Sender<Response>,
 }
 
+/// What the IPAM thread hears: requests, and how its block claims went.
+enum Msg {
+    Job(Job),
+    /// A claim for the family (`v4`) is past its timeout, still running.
+    ClaimLate {
+        v4: bool,
+        why: String,
+    },
+    /// A claim ended: the blocks to adopt, or why none.
+    Claimed {
+        v4: bool,
+        result: Result<Vec<IpNet>, IpamError>,
+    },
+}
+
 /// The running IPAM owner: send it requests, watch the pod routes it wants.
 #[derive(Clone)]
 pub struct IpamHandle {
-    jobs: mpsc::Sender<Job>,
+    jobs: mpsc::Sender<Msg>,
     routes: watch::Receiver<Vec<PodRoute>>,
     blocks: watch::Receiver<Vec<IpNet>>,
     metrics: Option<Metrics>,
@@ -56,9 +77,20 @@ impl IpamHandle {
         let (jobs, rx) = mpsc::channel(4 * MAX_BATCH);
         let (routes_tx, routes) = watch::channel(ipam.pod_routes());
         let (blocks_tx, blocks) = watch::channel(ipam.blocks().to_vec());
+        let owner = Owner {
+            ipam,
+            store,
+            defaults,
+            // Weak: the thread ends when the last handle goes.
+            claims_to: jobs.downgrade(),
+            claiming: [false; 2],
+            parked: Vec::new(),
+            routes: routes_tx,
+            blocks: blocks_tx,
+        };
         std::thread::Builder::new()
             .name("ipam".into())
-            .spawn(move || owner(ipam, store, defaults, rx, routes_tx, blocks_tx))
+            .spawn(move || owner.run(rx))
             .expect("spawning the IPAM thread");
         IpamHandle {
             jobs,
@@ -93,10 +125,10 @@ impl IpamHandle {
         let deadline = envelope.remaining();
         if self
             .jobs
-            .send(Job {
+            .send(Msg::Job(Job {
                 envelope,
                 reply: tx,
-            })
+            }))
             .await
             .is_err()
         {
@@ -126,7 +158,11 @@ fn error_response(e: IpamError) -> Response {
     let kind = match &e {
         IpamError::Exhausted(_) => ErrorKind::Exhausted,
         IpamError::Invalid(_) | IpamError::Config(_) => ErrorKind::InvalidRequest,
-        IpamError::Datastore(_) | IpamError::Store(_) => ErrorKind::Store,
+        IpamError::Datastore(_) | IpamError::Store(_) | IpamError::NeedsBlock { .. } => {
+            ErrorKind::Store
+        }
+        // Nothing was allocated; the plugin returns 11 (try again later).
+        IpamError::ClaimTimeout(_) => ErrorKind::DeadlineExceeded,
     };
     Response::Err(AgentError {
         kind,
@@ -134,46 +170,116 @@ fn error_response(e: IpamError) -> Response {
     })
 }
 
-fn owner(
-    mut ipam: Ipam,
+/// The IPAM thread's state.
+struct Owner {
+    ipam: Ipam,
     store: Store,
     defaults: PodDefaults,
-    mut rx: mpsc::Receiver<Job>,
+    claims_to: mpsc::WeakSender<Msg>,
+    /// A claim thread is running, per family (`[IPv4, IPv6]`).
+    claiming: [bool; 2],
+    /// ADDs waiting for a block of the family (`true`: IPv4).
+    parked: Vec<(Job, bool)>,
     routes: watch::Sender<Vec<PodRoute>>,
     blocks: watch::Sender<Vec<IpNet>>,
-) {
-    while let Some(first) = rx.blocking_recv() {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
+}
+
+/// What applying one request came to.
+enum Applied {
+    Answer(Box<Response>),
+    /// The ADD needs a block of the family (`true`: IPv4).
+    Park(bool),
+}
+
+impl Owner {
+    fn run(mut self, mut rx: mpsc::Receiver<Msg>) {
+        while let Some(first) = rx.blocking_recv() {
+            let mut batch = Vec::new();
+            let mut msg = Some(first);
+            while let Some(m) = msg.take() {
+                match m {
+                    Msg::Job(job) => batch.push(job),
+                    Msg::ClaimLate { v4, why } => self.answer_parked(v4, |_| {
+                        Response::Err(AgentError {
+                            kind: ErrorKind::DeadlineExceeded,
+                            message: format!("{why}; nothing allocated, try again"),
+                        })
+                    }),
+                    Msg::Claimed { v4, result } => {
+                        self.claiming[usize::from(!v4)] = false;
+                        match result {
+                            Ok(blocks) => {
+                                self.ipam.adopt(&blocks);
+                                // Apply the waiting ADDs again with the rest.
+                                let (again, rest): (Vec<_>, Vec<_>) =
+                                    self.parked.drain(..).partition(|(_, f)| *f == v4);
+                                self.parked = rest;
+                                batch.extend(again.into_iter().map(|(job, _)| job));
+                            }
+                            Err(e) => {
+                                let r = error_response(e);
+                                self.answer_parked(v4, |_| r.clone());
+                            }
+                        }
+                    }
+                }
+                if batch.len() < MAX_BATCH {
+                    msg = rx.try_recv().ok();
+                }
+            }
+            if !self.apply_batch(batch) {
+                return;
             }
         }
+    }
+
+    fn answer_parked(&mut self, v4: bool, response: impl Fn(&Job) -> Response) {
+        let (done, rest): (Vec<_>, Vec<_>) = self.parked.drain(..).partition(|(_, f)| *f == v4);
+        self.parked = rest;
+        for (job, _) in done {
+            let r = response(&job);
+            let _ = job.reply.send(r);
+        }
+    }
+
+    /// Apply, commit, answer. False when IPAM must stop.
+    fn apply_batch(&mut self, batch: Vec<Job>) -> bool {
         let mut changes = Vec::new();
         let mut answers = Vec::with_capacity(batch.len());
         for job in batch {
-            let response = if job.envelope.remaining().is_zero() {
-                Response::Err(AgentError {
+            let applied = if job.envelope.remaining().is_zero() {
+                Applied::Answer(Box::new(Response::Err(AgentError {
                     kind: ErrorKind::DeadlineExceeded,
                     message: "deadline passed before the request was applied; nothing changed"
                         .into(),
-                })
+                })))
             } else {
-                apply(&mut ipam, &job.envelope.request, defaults, &mut changes)
+                apply(
+                    &mut self.ipam,
+                    &job.envelope.request,
+                    self.defaults,
+                    &mut changes,
+                )
             };
-            answers.push((job.reply, response));
+            match applied {
+                Applied::Answer(response) => answers.push((job.reply, *response)),
+                Applied::Park(v4) => {
+                    self.parked.push((job, v4));
+                    self.start_claim(v4);
+                }
+            }
         }
         let mutated = !changes.is_empty();
-        if let Err(e) = store.commit(&changes) {
+        if let Err(e) = self.store.commit(&changes) {
             tracing::error!(error = %e, "IPAM commit failed; rolling back to the stored state");
-            if let Err(e) = store
+            if let Err(e) = self
+                .store
                 .load()
                 .map_err(IpamError::from)
-                .and_then(|all| ipam.reset(all))
+                .and_then(|all| self.ipam.reset(all))
             {
                 tracing::error!(error = %e, "cannot reload the IPAM store; stopping IPAM");
-                return;
+                return false;
             }
             for (reply, _) in answers {
                 let _ = reply.send(Response::Err(AgentError {
@@ -181,20 +287,79 @@ fn owner(
                     message: e.to_string(),
                 }));
             }
-            continue;
+            return true;
         }
         if mutated {
-            routes.send_replace(ipam.pod_routes());
-            blocks.send_if_modified(|b| {
-                let changed = b.as_slice() != ipam.blocks();
-                if changed {
-                    *b = ipam.blocks().to_vec();
-                }
-                changed
-            });
+            self.routes.send_replace(self.ipam.pod_routes());
         }
+        // Blocks change by claims as well as by commits.
+        self.blocks.send_if_modified(|b| {
+            let changed = b.as_slice() != self.ipam.blocks();
+            if changed {
+                *b = self.ipam.blocks().to_vec();
+            }
+            changed
+        });
         for (reply, response) in answers {
             let _ = reply.send(response);
+        }
+        true
+    }
+
+    /// Claim a block of the family on a thread of its own, unless one is
+    /// already being claimed. Past the claim timeout the waiting ADDs are
+    /// answered; the claim itself runs on, and its block is adopted.
+    fn start_claim(&mut self, v4: bool) {
+        let slot = usize::from(!v4);
+        if self.claiming[slot] {
+            return;
+        }
+        let Some(tx) = self.claims_to.upgrade() else {
+            return;
+        };
+        self.claiming[slot] = true;
+        let plan: ClaimPlan = self.ipam.claim_plan(v4, Instant::now());
+        let timeout = self.ipam.block_claim_timeout();
+        let spawned = std::thread::Builder::new()
+            .name("ipam-claim".into())
+            .spawn(move || {
+                let (done_tx, done_rx) = std::sync::mpsc::channel();
+                let worker = std::thread::Builder::new()
+                    .name("ipam-claim-call".into())
+                    .spawn(move || {
+                        let _ = done_tx.send(plan.run());
+                    });
+                let result = match worker {
+                    Err(e) => Err(IpamError::Config(format!(
+                        "cannot start a claim thread: {e}"
+                    ))),
+                    Ok(_) => match done_rx.recv_timeout(timeout) {
+                        Ok(r) => r,
+                        Err(_) => {
+                            let why = format!(
+                                "claiming an {} block took longer than {timeout:?}",
+                                if v4 { "IPv4" } else { "IPv6" }
+                            );
+                            tracing::warn!(
+                                "{why}; pods waiting for it are answered, the claim goes on"
+                            );
+                            let _ = tx.blocking_send(Msg::ClaimLate { v4, why });
+                            done_rx.recv().unwrap_or_else(|_| {
+                                Err(IpamError::Config(
+                                    "the claim thread ended without an answer".into(),
+                                ))
+                            })
+                        }
+                    },
+                };
+                let _ = tx.blocking_send(Msg::Claimed { v4, result });
+            });
+        if let Err(e) = spawned {
+            self.claiming[slot] = false;
+            let r = error_response(IpamError::Config(format!(
+                "cannot start a claim thread: {e}"
+            )));
+            self.answer_parked(v4, |_| r.clone());
         }
     }
 }
@@ -204,9 +369,9 @@ fn apply(
     request: &Request,
     defaults: PodDefaults,
     changes: &mut Vec<Change>,
-) -> Response {
-    match request {
-        Request::Add(add) => match ipam.add(add) {
+) -> Applied {
+    let response = match request {
+        Request::Add(add) => match ipam.try_add(add) {
             Ok((allocation, change)) => {
                 changes.extend(change);
                 Response::Ok(Reply::Added(AddReply {
@@ -215,6 +380,7 @@ fn apply(
                     route_protocol: defaults.route_protocol,
                 }))
             }
+            Err(IpamError::NeedsBlock { v4 }) => return Applied::Park(v4),
             Err(e) => error_response(e),
         },
         Request::Del { key } => {
@@ -225,18 +391,28 @@ fn apply(
         Request::Check { key } => Response::Ok(Reply::Found {
             allocation: ipam.get(key).cloned(),
         }),
-        Request::Gc { valid, dry_run } => {
-            let allocations = if *dry_run {
-                ipam.leaks(valid)
+        Request::Gc {
+            network,
+            valid,
+            dry_run,
+        } => {
+            let now = std::time::SystemTime::now();
+            let collected = if *dry_run {
+                ipam.leaks(network, valid, now)
             } else {
-                let (released, c) = ipam.gc(valid);
-                changes.extend(c);
-                released
+                ipam.gc(network, valid, now).map(|(released, c)| {
+                    changes.extend(c);
+                    released
+                })
             };
-            Response::Ok(Reply::Collected { allocations })
+            match collected {
+                Ok(allocations) => Response::Ok(Reply::Collected { allocations }),
+                Err(e) => error_response(e),
+            }
         }
         Request::Status => Response::Ok(Reply::Status(ipam.status())),
-    }
+    };
+    Applied::Answer(Box::new(response))
 }
 
 /// Accept plugin connections until the listener fails.
@@ -356,6 +532,7 @@ mod tests {
         Envelope::new(
             Request::Add(AddRequest {
                 key: AttachmentKey {
+                    network: "pods".into(),
                     container_id: c.into(),
                     ifname: "eth0".into(),
                 },
@@ -419,6 +596,215 @@ mod tests {
         // A retried ADD gets the same addresses back.
         let again = rt.block_on(h.request(add("c7", Duration::from_secs(5))));
         assert!(first.contains(&again), "{again:?}");
+    }
+
+    /// A datastore whose claims wait until the test opens the gate: an API
+    /// server that is slow or away.
+    struct Gated {
+        inner: FileDatastore,
+        open: std::sync::Mutex<bool>,
+        opened: std::sync::Condvar,
+        /// A claim is waiting at the gate.
+        waiting: std::sync::atomic::AtomicBool,
+    }
+
+    impl Gated {
+        fn open(&self) {
+            *self.open.lock().unwrap() = true;
+            self.opened.notify_all();
+        }
+    }
+
+    impl crate::ipam::Datastore for Gated {
+        fn affinities(&self) -> Result<Vec<crate::ipam::Affinity>, crate::ipam::DatastoreError> {
+            self.inner.affinities()
+        }
+        fn claim(
+            &self,
+            block: IpNet,
+            node: &str,
+        ) -> Result<crate::ipam::Affinity, crate::ipam::DatastoreError> {
+            let mut open = self.open.lock().unwrap();
+            while !*open {
+                self.waiting
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
+                open = self.opened.wait(open).unwrap();
+            }
+            self.inner.claim(block, node)
+        }
+        fn release(&self, a: &crate::ipam::Affinity) -> Result<(), crate::ipam::DatastoreError> {
+            self.inner.release(a)
+        }
+    }
+
+    struct SharedGate(std::sync::Arc<Gated>);
+
+    impl crate::ipam::Datastore for SharedGate {
+        fn affinities(&self) -> Result<Vec<crate::ipam::Affinity>, crate::ipam::DatastoreError> {
+            self.0.affinities()
+        }
+        fn claim(
+            &self,
+            block: IpNet,
+            node: &str,
+        ) -> Result<crate::ipam::Affinity, crate::ipam::DatastoreError> {
+            self.0.claim(block, node)
+        }
+        fn release(&self, a: &crate::ipam::Affinity) -> Result<(), crate::ipam::DatastoreError> {
+            self.0.release(a)
+        }
+    }
+
+    /// A node holding 10.9.0.0/31 (two addresses) that claims /30s from
+    /// 10.10.0.0/24 through a gated datastore.
+    fn gated(dir: &Path, claim_timeout: u64) -> (IpamHandle, std::sync::Arc<Gated>) {
+        let gate = std::sync::Arc::new(Gated {
+            inner: FileDatastore::new(dir.join("blocks.json")),
+            // Open while the podCIDR is claimed at start.
+            open: std::sync::Mutex::new(true),
+            opened: std::sync::Condvar::new(),
+            waiting: std::sync::atomic::AtomicBool::new(false),
+        });
+        let store = Store::open(&default_store_path(dir)).unwrap();
+        let ipam = Ipam::new(
+            "n1",
+            BTreeMap::new(),
+            IpamConfig {
+                pod_cidrs: vec!["10.9.0.0/31".parse().unwrap()],
+                pools: vec![
+                    serde_json::from_str(r#"{"cidr":"10.10.0.0/24","blockSize":30}"#).unwrap(),
+                ],
+                block_claim_timeout_seconds: Some(claim_timeout),
+                ..Default::default()
+            },
+            Box::new(SharedGate(gate.clone())),
+            vec![],
+        )
+        .unwrap();
+        *gate.open.lock().unwrap() = false;
+        let h = IpamHandle::spawn(
+            ipam,
+            store,
+            PodDefaults {
+                mtu: 1500,
+                route_protocol: 73,
+            },
+        );
+        (h, gate)
+    }
+
+    fn added(r: Response) -> IpNet {
+        match r {
+            Response::Ok(Reply::Added(a)) => a.allocation.ips[0],
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn pods_in_blocks_already_held_never_wait_for_a_claim() {
+        let dir = Scratch::new("gated");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let (h, gate) = gated(&dir.0, 60);
+        let held: IpNet = "10.9.0.0/31".parse().unwrap();
+        for c in ["c1", "c2"] {
+            assert!(
+                held.contains(
+                    &added(rt.block_on(h.request(add(c, Duration::from_secs(30))))).addr()
+                )
+            );
+        }
+        // c3 needs a new block: its claim hangs at the gate.
+        let h3 = h.clone();
+        let c3 = rt.spawn(async move { h3.request(add("c3", Duration::from_secs(30))).await });
+        let parked = rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(10), async {
+                while !gate.waiting.load(std::sync::atomic::Ordering::SeqCst) {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+            .await
+        });
+        assert!(parked.is_ok(), "c3's claim reached the datastore");
+        // Meanwhile c1 goes and c4 takes its address, answered at once.
+        let quick =
+            |r| rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), r).await });
+        let del = Envelope::new(
+            Request::Del {
+                key: AttachmentKey {
+                    network: "pods".into(),
+                    container_id: "c1".into(),
+                    ifname: "eth0".into(),
+                },
+            },
+            Duration::from_secs(30),
+        );
+        assert!(matches!(
+            quick(h.request(del)).expect("DEL answered while a claim hangs"),
+            Response::Ok(Reply::Released {
+                allocation: Some(_)
+            })
+        ));
+        let c4 = quick(h.request(add("c4", Duration::from_secs(30))))
+            .expect("an ADD served from a held block does not wait for the claim");
+        assert!(held.contains(&added(c4).addr()));
+        assert!(!c3.is_finished(), "c3 still waits for its block");
+        gate.open();
+        let c3 = rt.block_on(c3).unwrap();
+        let pool: IpNet = "10.10.0.0/24".parse().unwrap();
+        assert!(pool.contains(&added(c3).addr()));
+    }
+
+    #[test]
+    fn a_claim_past_its_timeout_answers_the_pod_and_its_block_is_adopted_later() {
+        let dir = Scratch::new("late");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let (h, gate) = gated(&dir.0, 1);
+        for c in ["c1", "c2"] {
+            added(rt.block_on(h.request(add(c, Duration::from_secs(30)))));
+        }
+        // The claim hangs past the 1 s claim timeout: c3 hears so, well
+        // before its own 30 s deadline.
+        match rt.block_on(async {
+            tokio::time::timeout(
+                Duration::from_secs(20),
+                h.request(add("c3", Duration::from_secs(30))),
+            )
+            .await
+        }) {
+            Ok(Response::Err(AgentError {
+                kind: ErrorKind::DeadlineExceeded,
+                message,
+            })) => assert!(message.contains("block"), "{message}"),
+            other => panic!("expected the claim timeout, got {other:?}"),
+        }
+        // The API server answers at last: the block is adopted, not orphaned.
+        let mut blocks = h.blocks();
+        gate.open();
+        rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(20), blocks.wait_for(|b| b.len() == 2))
+                .await
+                .map(|r| r.map(|_| ()))
+        })
+        .expect("the late claim's block is adopted")
+        .unwrap();
+        let claimed: IpNet = "10.10.0.0/30".parse().unwrap();
+        assert!(
+            claimed.contains(
+                &added(rt.block_on(h.request(add("c3", Duration::from_secs(30))))).addr()
+            )
+        );
+        let claims = crate::ipam::Datastore::affinities(&*gate).unwrap();
+        assert_eq!(
+            claims.iter().filter(|a| a.node == "n1").count(),
+            2,
+            "{claims:?}"
+        );
     }
 
     #[test]

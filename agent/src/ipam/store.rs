@@ -14,8 +14,9 @@ use serde::{Deserialize, Serialize};
 use starling_cni_proto::{Allocation, AttachmentKey, PodRef};
 use std::path::{Path, PathBuf};
 
-/// Attachment key (`containerID/ifname`: neither may contain `/`) to the
-/// `Record` as JSON.
+/// Attachment key (`network/containerID/ifname`, or `containerID/ifname`
+/// for records stored before keys named their network; none of the three
+/// may contain `/`) to the `Record` as JSON.
 const ALLOCATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("allocations");
 
 /// The record version this code writes, and the newest it reads.
@@ -28,8 +29,10 @@ const RECORD_VERSION: u32 = 2;
 ///   of their own (the CNI `Allocation` of that time as JSON); its fields
 ///   are exactly those of version 1.
 /// - 1: the same fields, with `"version": 1`.
-/// - 2: adds `pod` (`{namespace, name}` from the runtime's `CNI_ARGS`),
-///   absent when the runtime named no pod; older records read as absent.
+/// - 2: adds `key.network` (the network configuration's name),
+///   `allocatedUnixMs` and `pod` (`{namespace, name}` from the runtime's
+///   `CNI_ARGS`, absent when the runtime named no pod); versions 0 and 1
+///   read with an empty network, time 0 (unknown) and no pod.
 ///
 /// A field added later gets a default (so older records still read) and a
 /// new version number; a record newer than this code is refused by name
@@ -44,6 +47,8 @@ struct Record {
     ips: Vec<IpNet>,
     host_veth: String,
     netns: String,
+    #[serde(default)]
+    allocated_unix_ms: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pod: Option<RecordPod>,
 }
@@ -58,6 +63,8 @@ struct RecordPod {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct RecordKey {
+    #[serde(default)]
+    network: String,
     container_id: String,
     ifname: String,
 }
@@ -67,12 +74,14 @@ impl From<&Allocation> for Record {
         Record {
             version: RECORD_VERSION,
             key: RecordKey {
+                network: a.key.network.clone(),
                 container_id: a.key.container_id.clone(),
                 ifname: a.key.ifname.clone(),
             },
             ips: a.ips.clone(),
             host_veth: a.host_veth.clone(),
             netns: a.netns.clone(),
+            allocated_unix_ms: a.allocated_unix_ms,
             pod: a.pod.as_ref().map(|p| RecordPod {
                 namespace: p.namespace.clone(),
                 name: p.name.clone(),
@@ -85,12 +94,14 @@ impl From<Record> for Allocation {
     fn from(r: Record) -> Allocation {
         Allocation {
             key: AttachmentKey {
+                network: r.key.network,
                 container_id: r.key.container_id,
                 ifname: r.key.ifname,
             },
             ips: r.ips,
             host_veth: r.host_veth,
             netns: r.netns,
+            allocated_unix_ms: r.allocated_unix_ms,
             pod: r.pod.map(|p| PodRef {
                 namespace: p.namespace,
                 name: p.name,
@@ -132,7 +143,11 @@ pub struct Store {
 }
 
 fn key(k: &AttachmentKey) -> String {
-    format!("{}/{}", k.container_id, k.ifname)
+    if k.network.is_empty() {
+        format!("{}/{}", k.container_id, k.ifname)
+    } else {
+        format!("{}/{}/{}", k.network, k.container_id, k.ifname)
+    }
 }
 
 impl Store {
@@ -221,6 +236,19 @@ mod tests {
             .commit(&[Change::Put(allocation())])
             .expect("a new record commits");
         let mut mixed = store.load().expect("old and new records load");
+        // An old record is removed under the key it was stored by.
+        let old = got
+            .iter()
+            .find(|a| a.key.container_id == "c2")
+            .expect("c2 in the fixture")
+            .key
+            .clone();
+        store
+            .commit(&[Change::Remove(old.clone())])
+            .expect("removing an old record commits");
+        let left = store.load().expect("the store loads after the removal");
+        assert_eq!(left.len(), mixed.len() - 1);
+        assert!(left.iter().all(|a| a.key != old), "{left:?}");
         drop(store);
         let _ = std::fs::remove_dir_all(&dir);
         got.sort_by(|a, b| a.key.cmp(&b.key));
@@ -243,6 +271,7 @@ mod tests {
     fn allocation() -> Allocation {
         Allocation {
             key: AttachmentKey {
+                network: "k8s-pod-network".into(),
                 container_id: "c1".into(),
                 ifname: "eth0".into(),
             },
@@ -252,6 +281,7 @@ mod tests {
             ],
             host_veth: "stl0123456789a".into(),
             netns: "/run/netns/p".into(),
+            allocated_unix_ms: 1_764_000_000_000,
             pod: Some(PodRef {
                 namespace: "default".into(),
                 name: "web-0".into(),
@@ -266,25 +296,33 @@ mod tests {
         let body = serde_json::to_string(&Record::from(&allocation())).unwrap();
         assert_eq!(
             body,
-            r#"{"version":2,"key":{"containerId":"c1","ifname":"eth0"},"ips":["10.244.1.2/32","fd00::2/128"],"hostVeth":"stl0123456789a","netns":"/run/netns/p","pod":{"namespace":"default","name":"web-0"}}"#
+            r#"{"version":2,"key":{"network":"k8s-pod-network","containerId":"c1","ifname":"eth0"},"ips":["10.244.1.2/32","fd00::2/128"],"hostVeth":"stl0123456789a","netns":"/run/netns/p","allocatedUnixMs":1764000000000,"pod":{"namespace":"default","name":"web-0"}}"#
         );
-        assert_eq!(decode("c1/eth0", body.as_bytes()).unwrap(), allocation());
+        assert_eq!(
+            decode("k8s-pod-network/c1/eth0", body.as_bytes()).unwrap(),
+            allocation()
+        );
         // Without a pod (a runtime that is not Kubernetes) the field is absent.
         let mut bare = allocation();
         bare.pod = None;
         let body = serde_json::to_string(&Record::from(&bare)).unwrap();
-        assert!(!body.contains("pod"), "{body}");
-        assert_eq!(decode("c1/eth0", body.as_bytes()).unwrap(), bare);
+        assert!(!body.contains(r#""pod""#), "{body}");
+        assert_eq!(
+            decode("k8s-pod-network/c1/eth0", body.as_bytes()).unwrap(),
+            bare
+        );
     }
 
-    /// A version-1 record (written before pods were recorded) reads as an
-    /// allocation without a pod.
+    /// A version 1 record (no network, no time, no pod) still reads: as a
+    /// record of no network, allocated at an unknown time, for no pod.
     #[test]
-    fn a_version_1_record_reads_without_a_pod() {
-        let body = r#"{"version":1,"key":{"containerId":"c1","ifname":"eth0"},"ips":["10.244.1.2/32","fd00::2/128"],"hostVeth":"stl0123456789a","netns":"/run/netns/p"}"#;
-        let mut expected = allocation();
-        expected.pod = None;
-        assert_eq!(decode("c1/eth0", body.as_bytes()).unwrap(), expected);
+    fn a_version_1_record_reads_without_network_time_or_pod() {
+        let body = r#"{"version":1,"key":{"containerId":"c1","ifname":"eth0"},"ips":["10.244.1.2/32"],"hostVeth":"stl0123456789a","netns":"/run/netns/p"}"#;
+        let a = decode("c1/eth0", body.as_bytes()).unwrap();
+        assert_eq!(a.key.network, "");
+        assert_eq!(a.key.to_string(), "c1/eth0");
+        assert_eq!(a.allocated_unix_ms, 0);
+        assert_eq!(a.pod, None);
     }
 
     #[test]

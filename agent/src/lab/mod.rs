@@ -79,6 +79,11 @@ pub struct LabOptions {
     /// TCP-MD5 password of the sessions with the top-of-rack router.
     #[arg(long)]
     pub tor_password: Option<String>,
+    /// Prefixes the top-of-rack router announces to every node (static
+    /// blackholes in BIRD), e.g. to see the agent refuse hijacks.
+    #[arg(long, value_delimiter = ',')]
+    #[serde(default)]
+    pub tor_announce: Vec<IpNet>,
     /// The agent binary; default: next to this program.
     #[arg(long)]
     pub agent_bin: Option<PathBuf>,
@@ -564,8 +569,37 @@ impl LabState {
             }
             None => String::new(),
         };
+        let (v4, v6): (Vec<&IpNet>, Vec<&IpNet>) = self
+            .options
+            .tor_announce
+            .iter()
+            .partition(|p| p.addr().is_ipv4());
+        let mut statics = String::new();
+        for (family, list) in [("ipv4", &v4), ("ipv6", &v6)] {
+            if list.is_empty() {
+                continue;
+            }
+            let _ = writeln!(
+                statics,
+                "protocol static announced_{family} {{\n  {family};"
+            );
+            for p in list.iter() {
+                let _ = writeln!(statics, "  route {p} blackhole;");
+            }
+            statics.push_str("}\n");
+        }
+        let export = if v4.is_empty() {
+            "none"
+        } else {
+            "where source = RTS_STATIC"
+        };
+        let ipv6_channel = if v6.is_empty() {
+            String::new()
+        } else {
+            "  ipv6 { import none; export where source = RTS_STATIC; };\n".to_string()
+        };
         let mut c = format!(
-            "router id 192.0.2.254;\nprotocol device {{}}\ntemplate bgp tornode {{\n  local 192.0.2.254 as {TOR_AS};\n{password}  ipv4 {{ import all; export none; }};\n}}\n"
+            "router id 192.0.2.254;\nprotocol device {{}}\n{statics}template bgp tornode {{\n  local 192.0.2.254 as {TOR_AS};\n{password}  ipv4 {{ import all; export {export}; }};\n{ipv6_channel}}}\n"
         );
         for n in &self.nodes {
             let _ = writeln!(

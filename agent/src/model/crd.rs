@@ -304,6 +304,38 @@ pub struct BGPPeerSpec {
     pub keep_original_next_hop: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_hop_mode: Option<NextHopMode>,
+    /// The most prefixes this peer may send. Peers at `peerIP` (routers
+    /// outside the cluster) get 10000 with Close unless set here; peers
+    /// between nodes have no limit unless set here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_prefixes: Option<MaxPrefixes>,
+}
+
+/// Default for peers at `peerIP` (routers outside the cluster).
+pub const DEFAULT_EXTERNAL_MAX_PREFIXES: MaxPrefixes = MaxPrefixes {
+    limit: 10_000,
+    action: MaxPrefixAction::Close,
+};
+
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MaxPrefixes {
+    #[schemars(range(min = 1))]
+    pub limit: u32,
+    #[serde(default)]
+    pub action: MaxPrefixAction,
+}
+
+/// What happens when a peer sends more than `limit` prefixes.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum MaxPrefixAction {
+    /// Log a warning once and keep the session (and its routes).
+    Warn,
+    /// Close the session with a Cease NOTIFICATION, Maximum Number of
+    /// Prefixes Reached (RFC 4486), withdrawing its routes; it is retried
+    /// after 30 s.
+    #[default]
+    Close,
 }
 
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -229,6 +229,20 @@ impl Planner<'_> {
                 // BGP's usual ratio: the hold time is three keepalives.
                 pc.hold_time = spec.keepalive_time.map(|k| k.secs_u16().saturating_mul(3));
                 pc.next_hop_self = spec.next_hop_mode == Some(NextHopMode::SelfAddress);
+                // A router outside the cluster is not ours to trust with a
+                // full table: it gets a limit unless the peer sets one.
+                let limit = match (spec.max_prefixes, node_pair) {
+                    (Some(m), _) => Some(m),
+                    (None, false) => Some(DEFAULT_EXTERNAL_MAX_PREFIXES),
+                    (None, true) => None,
+                };
+                pc.max_prefixes = limit.map(|m| starling_bgp::MaxPrefixes {
+                    limit: m.limit as usize,
+                    action: match m.action {
+                        MaxPrefixAction::Warn => starling_bgp::MaxPrefixAction::Warn,
+                        MaxPrefixAction::Close => starling_bgp::MaxPrefixAction::Close,
+                    },
+                });
                 pc.description = Some(what.clone());
                 self.add(pc);
             }
@@ -549,7 +563,7 @@ mod tests {
             ),
             peer(
                 "rack",
-                "  nodeSelector: name != 'a'\n  peerIP: 198.51.100.1\n  asNumber: 65300\n",
+                "  nodeSelector: name != 'a'\n  peerIP: 198.51.100.1\n  asNumber: 65300\n  maxPrefixes: {limit: 50, action: Warn}\n",
             ),
             peer("to-b", "  node: c\n  peerSelector: name == 'b'\n"),
         ]);
@@ -595,6 +609,24 @@ mod tests {
         assert!(to_b.passive, "10.0.0.3 > 10.0.0.2");
         assert_eq!(to_b.description.as_deref(), Some("node specific: to-b"));
         assert_eq!(c.len(), 3);
+
+        // Routers outside the cluster get the default prefix limit unless
+        // they set one; sessions between nodes get none unless set.
+        let default = Some(starling_bgp::MaxPrefixes {
+            limit: 10_000,
+            action: starling_bgp::MaxPrefixAction::Close,
+        });
+        assert_eq!(tor.max_prefixes, default);
+        assert_eq!(rs.max_prefixes, default);
+        let rack = c.iter().find(|p| p.address == ip("198.51.100.1")).unwrap();
+        assert_eq!(
+            rack.max_prefixes,
+            Some(starling_bgp::MaxPrefixes {
+                limit: 50,
+                action: starling_bgp::MaxPrefixAction::Warn,
+            })
+        );
+        assert_eq!(to_b.max_prefixes, None);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -188,6 +188,12 @@ pub fn bgp_peer(spec: &BGPPeerSpec) -> Vec<Finding> {
     if spec.as_number == Some(0) {
         out.push(finding("spec.asNumber", "asNumber must be at least 1"));
     }
+    if spec.max_prefixes.is_some_and(|m| m.limit == 0) {
+        out.push(finding(
+            "spec.maxPrefixes.limit",
+            "maxPrefixes.limit must be at least 1",
+        ));
+    }
     if spec.keep_original_next_hop == Some(true) && spec.next_hop_mode.is_some() {
         out.push(finding(
             "spec.keepOriginalNextHop",
@@ -314,8 +320,17 @@ mod tests {
             ttl_security: None,
             keep_original_next_hop: None,
             next_hop_mode: None,
+            max_prefixes: None,
         };
         assert!(bgp_peer(&base).is_empty());
+        let zero = BGPPeerSpec {
+            max_prefixes: Some(crate::model::crd::MaxPrefixes {
+                limit: 0,
+                action: crate::model::crd::MaxPrefixAction::Warn,
+            }),
+            ..base.clone()
+        };
+        assert_eq!(bgp_peer(&zero)[0].field, "spec.maxPrefixes.limit");
         let both = BGPPeerSpec {
             node: Some("a".into()),
             node_selector: Some("all()".into()),

@@ -4,6 +4,7 @@
 //! event loop publishes (`Shared`) and live queries to the speaker and
 //! the FIB; and [`ask`], the one client of it.
 
+use super::routes::Refused;
 use crate::fib::{FibStatus, Reconciler, Route};
 use crate::model::IPPoolSpec;
 use anyhow::Context;
@@ -84,6 +85,9 @@ pub struct RoutesReport {
     pub bgp: Vec<RouteEntry>,
     /// The desired kernel routes (blackholes, pods, learned).
     pub fib: Vec<Route>,
+    /// Learned prefixes kept out of the kernel, with why.
+    #[serde(default)]
+    pub refused: Vec<Refused>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -124,6 +128,8 @@ pub fn size(net: &IpNet) -> u128 {
 pub(super) struct Shared {
     pub status: NodeStatus,
     pub desired: Vec<Route>,
+    /// Learned prefixes the import path refused (hijacks).
+    pub refused: Vec<Refused>,
     pub pods: Vec<PodRoute>,
     pub pools: Vec<IPPoolSpec>,
 }
@@ -172,10 +178,14 @@ impl Server {
                 Err(e) => Reply::Error(e.to_string()),
             },
             Request::Routes => match self.speaker.routes().await {
-                Ok(bgp) => Reply::Routes(RoutesReport {
-                    bgp,
-                    fib: lock(&self.shared).desired.clone(),
-                }),
+                Ok(bgp) => {
+                    let sh = lock(&self.shared);
+                    Reply::Routes(RoutesReport {
+                        bgp,
+                        fib: sh.desired.clone(),
+                        refused: sh.refused.clone(),
+                    })
+                }
                 Err(e) => Reply::Error(e.to_string()),
             },
             Request::Ipam => Reply::Ipam(ipam_report(&lock(&self.shared))),

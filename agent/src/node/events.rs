@@ -6,7 +6,7 @@
 
 use super::control::{NodeStatus, Shared, lock};
 use super::peering::Peering;
-use super::routes;
+use super::routes::{self, RefusedReason};
 use crate::autodetect::Detected;
 use crate::fib::{Reconciler, Route};
 use crate::health::Endpoints;
@@ -182,6 +182,12 @@ impl Node {
         }
         obs.metrics.observe_fib(&self.fib.status());
         obs.metrics.observe_ipam(&self.ipam_status());
+        let refused = lock(&self.shared).refused.clone();
+        obs.metrics.set_routes_refused(
+            RefusedReason::ALL
+                .iter()
+                .map(|r| (r.label(), refused.iter().filter(|x| x.reason == *r).count())),
+        );
     }
 
     fn route_event(&mut self, ev: RouteEvent) {
@@ -278,13 +284,20 @@ impl Node {
     /// Recompute the desired FIB and refresh what the control socket shows.
     fn publish(&mut self) -> Result<()> {
         let pools: Vec<_> = self.snap.pools.values().map(|p| p.spec.clone()).collect();
-        let desired = routes::desired(&routes::Inputs {
+        let routes::Desired {
+            routes: desired,
+            refused,
+        } = routes::desired(&routes::Inputs {
             blocks: &self.blocks,
             pods: &self.pods,
             learned: &self.learned,
             pools: &pools,
             own: &self.own,
         });
+        let was_refused = lock(&self.shared).refused.clone();
+        for r in refused.iter().filter(|r| !was_refused.contains(r)) {
+            tracing::warn!(prefix = %r.prefix, reason = r.reason.label(), "learned prefix refused: it would hijack this node");
+        }
         if self.last_desired.as_ref() != Some(&desired) {
             if self.synced {
                 self.fib.set_desired(desired.clone())?;
@@ -295,6 +308,7 @@ impl Node {
         }
         let mut sh = lock(&self.shared);
         sh.desired = desired;
+        sh.refused = refused;
         sh.pods = self.pods.clone();
         sh.pools = pools;
         let st = &mut sh.status;

@@ -5,6 +5,7 @@ use crate::encap::Encapsulation;
 use crate::fib::{NextHop, Route};
 use crate::model::crd::IPPoolSpec;
 use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
 use starling_cni_proto::PodRoute;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -22,6 +23,83 @@ pub struct Inputs<'a> {
     pub own: &'a [IpAddr],
 }
 
+/// Why a learned prefix was kept out of the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum RefusedReason {
+    /// Covers or sits inside one of this node's own addresses: it would
+    /// steal the node's own traffic (the default route, which covers
+    /// everything, is allowed).
+    NodeAddress,
+    /// Inside a block this node holds: it would steal its pods' traffic.
+    OwnBlock,
+    /// Link-local (169.254.0.0/16, fe80::/10): never routed off the link.
+    LinkLocal,
+    /// Loopback (127.0.0.0/8, ::1).
+    Loopback,
+}
+
+impl RefusedReason {
+    pub const ALL: [RefusedReason; 4] = [
+        RefusedReason::NodeAddress,
+        RefusedReason::OwnBlock,
+        RefusedReason::LinkLocal,
+        RefusedReason::Loopback,
+    ];
+
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            RefusedReason::NodeAddress => "node_address",
+            RefusedReason::OwnBlock => "own_block",
+            RefusedReason::LinkLocal => "link_local",
+            RefusedReason::Loopback => "loopback",
+        }
+    }
+}
+
+/// A learned prefix the import path refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refused {
+    pub prefix: IpNet,
+    pub reason: RefusedReason,
+}
+
+/// Would installing `prefix` hijack this node? Checked before anything a
+/// peer taught us reaches the kernel.
+pub fn hijack(prefix: &IpNet, blocks: &[IpNet], own: &[IpAddr]) -> Option<RefusedReason> {
+    let overlaps = |a: &IpNet, b: &IpNet| a.contains(&b.network()) || b.contains(&a.network());
+    let link_local: [IpNet; 2] = [
+        IpNet::V4("169.254.0.0/16".parse().ok()?),
+        IpNet::V6("fe80::/10".parse().ok()?),
+    ];
+    let loopback: [IpNet; 2] = [
+        IpNet::V4("127.0.0.0/8".parse().ok()?),
+        IpNet::V6("::1/128".parse().ok()?),
+    ];
+    // The default route covers every range; it is refused only by what
+    // it is, never for covering them.
+    let specific = prefix.prefix_len() > 0;
+    if specific && loopback.iter().any(|l| overlaps(l, prefix)) {
+        return Some(RefusedReason::Loopback);
+    }
+    if specific && link_local.iter().any(|l| overlaps(l, prefix)) {
+        return Some(RefusedReason::LinkLocal);
+    }
+    if specific && own.iter().any(|a| prefix.contains(a)) {
+        return Some(RefusedReason::NodeAddress);
+    }
+    // Strictly inside one of our blocks (the block itself echoed back is
+    // simply ours, see `desired`).
+    if blocks
+        .iter()
+        .any(|b| b.contains(prefix) && b.prefix_len() < prefix.prefix_len())
+    {
+        return Some(RefusedReason::OwnBlock);
+    }
+    None
+}
+
 /// How traffic to `prefix` travels, from the pool that contains it (Felix's
 /// rule: the pool's mode; prefixes outside every pool go plain). IPIP is
 /// IPv4 only, so IPv6 prefixes go plain.
@@ -37,8 +115,16 @@ pub fn encapsulation(pools: &[IPPoolSpec], prefix: &IpNet) -> Encapsulation {
         .map_or(Encapsulation::None, IPPoolSpec::encapsulation)
 }
 
+/// The routes the reconciler should converge the kernel to, and the learned
+/// prefixes refused as hijacks.
+pub struct Desired {
+    pub routes: Vec<Route>,
+    pub refused: Vec<Refused>,
+}
+
 /// The routes the reconciler should converge the kernel to.
-pub fn desired(i: &Inputs) -> Vec<Route> {
+pub fn desired(i: &Inputs) -> Desired {
+    let mut refused = Vec::new();
     let mut out: BTreeMap<IpNet, Route> = BTreeMap::new();
     for b in i.blocks {
         out.insert(*b, Route::blackhole(*b));
@@ -52,6 +138,13 @@ pub fn desired(i: &Inputs) -> Vec<Route> {
     for (prefix, hops) in i.learned {
         // Our own block or pod echoed back by a peer: ours wins.
         if out.contains_key(prefix) {
+            continue;
+        }
+        if let Some(reason) = hijack(prefix, i.blocks, i.own) {
+            refused.push(Refused {
+                prefix: *prefix,
+                reason,
+            });
             continue;
         }
         let encap = encapsulation(i.pools, prefix);
@@ -76,7 +169,10 @@ pub fn desired(i: &Inputs) -> Vec<Route> {
             .collect();
         out.insert(*prefix, Route::ecmp(*prefix, hops));
     }
-    out.into_values().collect()
+    Desired {
+        routes: out.into_values().collect(),
+        refused,
+    }
 }
 
 #[cfg(test)]
@@ -155,7 +251,8 @@ mod tests {
             learned: &learned,
             pools: &pools,
             own: &own,
-        });
+        })
+        .routes;
         let find = |p: &str| got.iter().find(|r| r.dst == net(p)).map(|r| &r.target);
         assert_eq!(find("10.244.1.0/26"), Some(&RouteTarget::Blackhole));
         assert_eq!(
@@ -178,5 +275,57 @@ mod tests {
             other => panic!("expected an ECMP route, got {other:?}"),
         }
         assert_eq!(got.len(), 4);
+    }
+
+    #[test]
+    fn hijacking_prefixes_are_refused_by_reason() {
+        let blocks = [net("10.244.1.0/26")];
+        let own = [ip("192.0.2.1"), ip("2001:db8::1")];
+        let learned: BTreeMap<IpNet, Vec<IpAddr>> = [
+            ("0.0.0.0/0", None),
+            ("::/0", None),
+            ("10.0.0.0/8", None),
+            ("10.244.2.0/26", None),
+            ("192.0.2.1/32", Some(RefusedReason::NodeAddress)),
+            ("192.0.2.0/25", Some(RefusedReason::NodeAddress)),
+            ("2001:db8::/64", Some(RefusedReason::NodeAddress)),
+            ("10.244.1.5/32", Some(RefusedReason::OwnBlock)),
+            ("10.244.1.32/27", Some(RefusedReason::OwnBlock)),
+            ("169.254.0.0/16", Some(RefusedReason::LinkLocal)),
+            ("169.254.169.254/32", Some(RefusedReason::LinkLocal)),
+            ("fe80::/64", Some(RefusedReason::LinkLocal)),
+            ("127.0.0.0/8", Some(RefusedReason::Loopback)),
+            ("127.0.0.1/32", Some(RefusedReason::Loopback)),
+            ("::1/128", Some(RefusedReason::Loopback)),
+        ]
+        .iter()
+        .map(|(p, why)| {
+            let p = net(p);
+            assert_eq!(hijack(&p, &blocks, &own), *why, "{p}");
+            let hop = if p.addr().is_ipv4() {
+                ip("192.0.2.2")
+            } else {
+                ip("2001:db8::2")
+            };
+            (p, vec![hop])
+        })
+        .collect();
+        let got = desired(&Inputs {
+            blocks: &blocks,
+            pods: &[],
+            learned: &learned,
+            pools: &[],
+            own: &own,
+        });
+        assert_eq!(got.refused.len(), 11, "{:?}", got.refused);
+        for r in &got.refused {
+            assert!(
+                got.routes.iter().all(|route| route.dst != r.prefix),
+                "{} refused yet installed",
+                r.prefix
+            );
+        }
+        // Five accepted plus our blackholed block.
+        assert_eq!(got.routes.len(), 5, "{:?}", got.routes);
     }
 }

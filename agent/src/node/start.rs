@@ -372,7 +372,8 @@ async fn first_fib_pass(
         learned: &BTreeMap::new(),
         pools: &[],
         own: &[],
-    });
+    })
+    .routes;
     let mut fib_status = fib.watch_status();
     let generation = fib.set_desired_keep_stale(local_routes.clone())?;
     let first = tokio::time::timeout(Duration::from_secs(30), async {

@@ -30,18 +30,31 @@ pub const DEFAULT_SOCKET: &str = "/run/starling/cni.sock";
 /// every attachment of a large node stays far below it.
 pub const MAX_FRAME: u32 = 16 << 20;
 
-/// A pod attachment: what the runtime names with `CNI_CONTAINERID` and
-/// `CNI_IFNAME`, and what GC's valid-attachments list holds.
+/// A pod attachment: the network configuration's `name`, and what the
+/// runtime names with `CNI_CONTAINERID` and `CNI_IFNAME`; what GC's
+/// valid-attachments list holds.
+///
+/// The network name is part of the key because two network configurations
+/// may both use this plugin (Multus: the pod network and a second one), and
+/// the runtime sends each its own GC with only its own attachments: without
+/// the name, GC of one network would release every attachment of the other.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct AttachmentKey {
+    /// Empty only in allocations stored before keys carried it.
+    #[serde(default)]
+    pub network: String,
     pub container_id: String,
     pub ifname: String,
 }
 
 impl std::fmt::Display for AttachmentKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.container_id, self.ifname)
+        if self.network.is_empty() {
+            write!(f, "{}/{}", self.container_id, self.ifname)
+        } else {
+            write!(f, "{}/{}/{}", self.network, self.container_id, self.ifname)
+        }
     }
 }
 
@@ -148,7 +161,8 @@ impl Envelope {
     }
 }
 
-fn unix_ms(t: SystemTime) -> u64 {
+/// Milliseconds since the Unix epoch; 0 for times before it.
+pub fn unix_ms(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
@@ -166,9 +180,12 @@ pub enum Request {
     Del { key: AttachmentKey },
     /// Return the attachment's allocation, if any.
     Check { key: AttachmentKey },
-    /// Release every allocation whose attachment is not in `valid`; with
-    /// `dry_run`, only report them (the leak report).
+    /// Release every allocation of `network` whose attachment is not in
+    /// `valid` and that is older than the agent's grace period; with
+    /// `dry_run`, only report them (the leak report). Allocations of other
+    /// networks are never touched.
     Gc {
+        network: String,
         valid: Vec<AttachmentKey>,
         #[serde(default)]
         dry_run: bool,
@@ -203,6 +220,11 @@ pub struct Allocation {
     /// The pod, when the runtime named one in `CNI_ARGS`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod: Option<PodRef>,
+    /// When the agent made it (milliseconds since the Unix epoch); 0 when
+    /// not known (stored before it was recorded). GC leaves allocations
+    /// younger than its grace period alone.
+    #[serde(default)]
+    pub allocated_unix_ms: u64,
 }
 
 impl Allocation {
@@ -444,6 +466,7 @@ mod tests {
         let env = Envelope::new(
             Request::Add(AddRequest {
                 key: AttachmentKey {
+                    network: "k8s-pod-network".into(),
                     container_id: "c1".into(),
                     ifname: "eth0".into(),
                 },

@@ -301,7 +301,8 @@ fn concurrent_block_claims_never_share_a_block() -> Result<()> {
         "claim is idempotent"
     );
     let stale = starling_agent::ipam::Affinity {
-        revision: winner.revision + 1_000_000,
+        // Any other resourceVersion: they are opaque, never computed.
+        revision: starling_agent::ipam::Revision(format!("{}-stale", winner.revision)),
         ..winner.clone()
     };
     ensure!(matches!(
@@ -349,6 +350,7 @@ fn concurrent_block_claims_never_share_a_block() -> Result<()> {
                         ensure!(n < 200, "{node}: 200 ADDs and only {:?}", ipam.blocks());
                         let req = AddRequest {
                             key: AttachmentKey {
+                                network: "k8s-pod-network".into(),
                                 container_id: format!("{node}-c{n}"),
                                 ifname: "eth0".into(),
                             },
