@@ -520,6 +520,14 @@ impl Driver {
                 }
             };
             let frame = c.buf.split_to(len);
+            if frame[18] == wire::MessageType::Update as u8 && self.fsm.state == State::Established
+            {
+                self.update(&frame).await;
+                if self.conn.is_none() {
+                    return;
+                }
+                continue;
+            }
             let decoded = wire::decode(&frame, &mut self.ctx);
             match decoded {
                 Err(n) => {
@@ -532,7 +540,7 @@ impl Driver {
                     self.event(ev).await;
                     return;
                 }
-                Ok((msg, ignored)) => self.message(msg, ignored).await,
+                Ok((msg, _)) => self.message(msg).await,
             }
             if self.conn.is_none() {
                 return;
@@ -540,11 +548,7 @@ impl Driver {
         }
     }
 
-    async fn message(
-        &mut self,
-        msg: BgpMessage,
-        ignored: netgauze_bgp_pkt::wire::deserializer::BgpParsingIgnoredErrors,
-    ) {
+    async fn message(&mut self, msg: BgpMessage) {
         match msg {
             BgpMessage::Open(open) => {
                 if self.fsm.state != State::OpenSent {
@@ -582,29 +586,35 @@ impl Driver {
                     self.event(Event::UpdateMsg).await;
                 }
             }
-            BgpMessage::Update(u) => {
-                if self.fsm.state != State::Established {
-                    self.event(Event::UpdateMsg).await;
-                    return;
+            // An UPDATE in Established goes through `update`; in any other
+            // state it is an FSM error (RFC 4271 §8.2.2, Event 27).
+            BgpMessage::Update(_) => self.event(Event::UpdateMsg).await,
+        }
+    }
+
+    /// An UPDATE in Established: RFC 7606 on the raw bytes, then the model.
+    async fn update(&mut self, frame: &[u8]) {
+        let n = self.negotiated.as_ref();
+        let screen = wire::Screen {
+            four_octet: n.is_some_and(|n| n.four_octet),
+            ebgp: self.ebgp(),
+            local_addr: n.map(|n| n.local_addr),
+        };
+        match wire::receive_update(frame, &mut self.ctx, &screen) {
+            Err(n) => {
+                warn!(peer = %self.cfg.address, "UPDATE error, resetting the session: {n}");
+                self.last_error = Some(n.to_string());
+                self.event(Event::UpdateMsgErr(n)).await;
+            }
+            Ok(update) => {
+                for p in &update.problems {
+                    warn!(peer = %self.cfg.address, "{p}");
                 }
-                let four = self.negotiated.as_ref().is_some_and(|n| n.four_octet);
-                match wire::decode_update(&u, &ignored, four, self.ebgp()) {
-                    Err(n) => {
-                        warn!(peer = %self.cfg.address, "UPDATE error, resetting the session: {n}");
-                        self.last_error = Some(n.to_string());
-                        self.event(Event::UpdateMsgErr(n)).await;
-                    }
-                    Ok(update) => {
-                        for p in &update.problems {
-                            warn!(peer = %self.cfg.address, "{p}");
-                        }
-                        self.event(Event::UpdateMsg).await;
-                        let _ = self.tx.send(FromSession::Update {
-                            peer: self.cfg.address,
-                            update: Box::new(update),
-                        });
-                    }
-                }
+                self.event(Event::UpdateMsg).await;
+                let _ = self.tx.send(FromSession::Update {
+                    peer: self.cfg.address,
+                    update: Box::new(update),
+                });
             }
         }
     }
