@@ -104,6 +104,7 @@ pub mod fuzzing {
                 asn: 65000,
                 router_id: "192.0.2.1".parse().expect("literal"),
                 hold_time: 90,
+                min_hold_time: 3,
                 connect_retry: 60,
                 graceful_restart: None,
                 extended_message: true,

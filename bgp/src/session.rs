@@ -28,6 +28,7 @@ pub struct LocalInfo {
     pub asn: u32,
     pub router_id: Ipv4Addr,
     pub hold_time: u16,
+    pub min_hold_time: u16,
     pub connect_retry: u16,
     pub graceful_restart: Option<GracefulRestart>,
     pub extended_message: bool,
@@ -39,6 +40,7 @@ impl LocalInfo {
             asn: cfg.asn,
             router_id: cfg.router_id,
             hold_time: cfg.hold_time,
+            min_hold_time: cfg.min_hold_time,
             connect_retry: cfg.connect_retry,
             graceful_restart: cfg.graceful_restart.map(|t| GracefulRestart {
                 restart_time: t,
@@ -95,7 +97,45 @@ pub enum FromSession {
         peer: IpAddr,
         family: Family,
     },
+    /// The session task panicked (a bug of ours, never the peer's input by
+    /// design): its connection is gone with it, and the instance resets the
+    /// session as if it had failed and starts a new task.
+    Panicked {
+        peer: IpAddr,
+        message: String,
+    },
 }
+
+/// Start a session task, watched: if it panics, the panic is caught by
+/// its task boundary and reported as `FromSession::Panicked`, so the
+/// speaker lives on and the instance can withdraw the peer's routes.
+pub fn spawn(
+    cfg: SessionConfig,
+    local: Arc<LocalInfo>,
+    tx: mpsc::UnboundedSender<FromSession>,
+    rx: mpsc::UnboundedReceiver<ToSession>,
+) {
+    let peer = cfg.address;
+    let task = tokio::spawn(Driver::new(cfg, local, tx.clone()).run(rx));
+    tokio::spawn(async move {
+        if let Err(e) = task.await
+            && e.is_panic()
+        {
+            let payload = e.into_panic();
+            let message = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "(no message)".into());
+            let _ = tx.send(FromSession::Panicked { peer, message });
+        }
+    });
+}
+
+/// A test-only hook: an UPDATE carrying this community makes the session
+/// task panic, so the tests can prove a panic is contained.
+#[cfg(test)]
+pub(crate) const PANIC_COMMUNITY: u32 = 0xffff_0bad;
 
 struct Conn {
     rd: OwnedReadHalf,
@@ -555,7 +595,10 @@ impl Driver {
                     self.event(Event::BgpOpen { hold_time: 0 }).await;
                     return;
                 }
-                match wire::check_open(&open, self.cfg.asn, self.local.router_id, !self.ebgp()) {
+                match wire::check_open(&open, self.cfg.asn, self.local.router_id, !self.ebgp())
+                    .and_then(|po| {
+                        wire::check_hold_time(po.hold_time, self.local.min_hold_time).map(|_| po)
+                    }) {
                     Err(n) => {
                         self.last_error = Some(n.to_string());
                         self.event(Event::BgpOpenMsgErr(n)).await
@@ -607,6 +650,10 @@ impl Driver {
                 self.event(Event::UpdateMsgErr(n)).await;
             }
             Ok(update) => {
+                #[cfg(test)]
+                if update.attrs.communities.contains(&PANIC_COMMUNITY) {
+                    panic!("test hook: UPDATE with the panic community");
+                }
                 for p in &update.problems {
                     warn!(peer = %self.cfg.address, "{p}");
                 }
@@ -655,7 +702,10 @@ impl Driver {
                 return;
             }
         };
-        let po = match wire::check_open(&open, self.cfg.asn, self.local.router_id, !self.ebgp()) {
+        let po = match wire::check_open(&open, self.cfg.asn, self.local.router_id, !self.ebgp())
+            .and_then(|po| {
+                wire::check_hold_time(po.hold_time, self.local.min_hold_time).map(|_| po)
+            }) {
             Ok(po) => po,
             Err(n) => {
                 if let Some(p) = self.pending.take() {
@@ -757,9 +807,13 @@ mod tests {
         }
 
         async fn send_open(&mut self, id: &str) {
+            self.send_open_hold(id, 90).await
+        }
+
+        async fn send_open_hold(&mut self, id: &str, hold_time: u16) {
             let open = wire::build_open(&OpenParams {
                 asn: PEER_ASN,
-                hold_time: 90,
+                hold_time,
                 router_id: id.parse().unwrap(),
                 families: vec![Family::Ipv4],
                 graceful_restart: None,
@@ -784,11 +838,16 @@ mod tests {
     /// A session for a peer on 127.0.0.1 (`our_id` is our BGP identifier),
     /// up to OpenSent on its own outgoing connection, our OPEN read.
     async fn session_in_open_sent(our_id: &str) -> Peer {
+        session_in_open_sent_with(our_id, |_| {}).await
+    }
+
+    async fn session_in_open_sent_with(our_id: &str, f: impl FnOnce(&mut SpeakerConfig)) -> Peer {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let mut cfg = SessionConfig::new("127.0.0.1".parse().unwrap(), PEER_ASN);
         cfg.port = listener.local_addr().unwrap().port();
         let mut speaker = SpeakerConfig::new(65000, our_id.parse().unwrap());
         speaker.graceful_restart = None;
+        f(&mut speaker);
         let local = Arc::new(LocalInfo::new(&speaker));
         let (tx, events) = mpsc::unbounded_channel();
         let (cmd, rx) = mpsc::unbounded_channel();
@@ -871,6 +930,27 @@ mod tests {
         // Established: a new connection is refused with the same Cease.
         let mut third = connect_again(&p).await;
         assert_eq!(third.notification().await, Some(COLLISION));
+        p.task.abort();
+    }
+
+    #[tokio::test]
+    async fn an_open_below_the_minimum_hold_time_is_refused_with_2_6() {
+        let mut p = session_in_open_sent_with("192.0.2.1", |s| s.min_hold_time = 30).await;
+        p.outgoing.send_open_hold("192.0.2.9", 10).await;
+        assert_eq!(
+            p.outgoing.notification().await,
+            Some(ErrorCode::OpenMessage(
+                crate::wire::OpenMessageError::UnacceptableHoldTime
+            ))
+        );
+        p.task.abort();
+        // At the minimum it is accepted.
+        let mut p = session_in_open_sent_with("192.0.2.1", |s| s.min_hold_time = 30).await;
+        p.outgoing.send_open_hold("192.0.2.9", 30).await;
+        assert!(matches!(
+            p.outgoing.read().await,
+            Some(BgpMessage::KeepAlive)
+        ));
         p.task.abort();
     }
 }

@@ -32,7 +32,7 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
-use tracing::info;
+use tracing::{info, warn};
 
 /// The handle's messages to the instance.
 pub(crate) enum Command {
@@ -103,6 +103,35 @@ pub(crate) struct Instance {
     eor: HashSet<(IpAddr, Family)>,
     synced: bool,
     sync_deadline: Instant,
+    refused: Refusals,
+}
+
+/// Connections refused from unknown addresses, and when one was last logged.
+#[derive(Default)]
+struct Refusals {
+    total: u64,
+    last_logged: Option<Instant>,
+    unlogged: u64,
+}
+
+impl Refusals {
+    /// At most one log line per this long.
+    const LOG_EVERY: Duration = Duration::from_secs(10);
+
+    /// Count one refusal; `Some(n)` when it is to be logged, `n` being the
+    /// refusals not logged since the last line.
+    fn count(&mut self, now: Instant) -> Option<u64> {
+        self.total += 1;
+        if self
+            .last_logged
+            .is_some_and(|t| now.duration_since(t) < Self::LOG_EVERY)
+        {
+            self.unlogged += 1;
+            return None;
+        }
+        self.last_logged = Some(now);
+        Some(std::mem::take(&mut self.unlogged))
+    }
 }
 
 impl Instance {
@@ -130,6 +159,7 @@ impl Instance {
             stale_until: HashMap::default(),
             eor: HashSet::default(),
             synced: false,
+            refused: Refusals::default(),
             sync_deadline: Instant::now() + Duration::from_secs(restart_time as u64),
         }
     }
@@ -186,8 +216,16 @@ impl Instance {
                 let _ = session::prepare_socket(&stream, &p.session, p.ebgp(self.asn));
                 let _ = p.tx.send(ToSession::Incoming(stream));
             }
+            // Dropping the stream closes it; nothing was read from it. The
+            // log is rate-limited: a scan of port 179 must not flood it.
             None => {
-                info!(from = %from, "refused a connection from an address that is not a configured peer")
+                if let Some(more) = self.refused.count(Instant::now()) {
+                    warn!(
+                        from = %from,
+                        "refused a connection from an address that is not a configured peer \
+                         ({more} more refused since the last such line)"
+                    );
+                }
             }
         }
     }
@@ -279,6 +317,7 @@ impl Instance {
                 .filter(|p| p.state == State::Established)
                 .count(),
             sessions_configured: self.peers.len(),
+            connections_refused: self.refused.total,
         }
     }
 }

@@ -15,7 +15,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 impl Instance {
     /// Add a peer, or apply a new configuration to one we have: a change of
@@ -149,6 +149,7 @@ impl Instance {
                 }
             }
             FromSession::Update { peer, update } => self.update(peer, *update),
+            FromSession::Panicked { peer, message } => self.session_panicked(peer, message),
             FromSession::RefreshRequest { peer, family } => {
                 // RFC 2918: resend the whole Adj-RIB-Out of that family.
                 if let Some(p) = self.peers.get_mut(&peer) {
@@ -157,6 +158,28 @@ impl Instance {
                 self.export_to(peer, self.rib.prefixes_of(family), false);
             }
         }
+    }
+
+    /// The peer's session task panicked and its connection went with it:
+    /// the session is down without a NOTIFICATION, so its routes are
+    /// withdrawn (not kept as for graceful restart: the task that lost them
+    /// was ours), and a new task starts the session again.
+    fn session_panicked(&mut self, peer: IpAddr, message: String) {
+        error!(peer = %peer, "the session task panicked: {message}; resetting the session");
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        let was = p.state;
+        p.state = State::Idle;
+        p.since = session::now_unix();
+        p.last_error = Some(format!("session task panicked: {message}"));
+        let (tx, rx) = mpsc::unbounded_channel();
+        p.tx = tx;
+        let cfg = p.session.clone();
+        if was == State::Established {
+            self.session_left(peer, false);
+        }
+        (self.start_session)(cfg, rx);
     }
 
     /// Established: the RIB learns who the peer is, a restarting peer's

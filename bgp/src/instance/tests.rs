@@ -607,3 +607,24 @@ async fn accepted_connections_go_to_their_peers_session() {
     h.inst.incoming(stream, "127.0.0.2:40000".parse().unwrap());
     assert!(h.sent("127.0.0.1").control.is_empty());
 }
+
+#[tokio::test]
+async fn unknown_addresses_are_refused_and_logged_at_a_rate_limit() {
+    let mut h = Harness::new(|_| {});
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut clients = Vec::new();
+    for _ in 0..50 {
+        clients.push(TcpStream::connect(l.local_addr().unwrap()).await.unwrap());
+        let (stream, _) = l.accept().await.unwrap();
+        h.inst.incoming(stream, "127.0.0.2:40000".parse().unwrap());
+    }
+    assert_eq!(h.inst.summary().connections_refused, 50);
+    // One line for the first; the other 49 wait for the next window.
+    assert_eq!(h.inst.refused.unlogged, 49);
+    let later = h.inst.refused.last_logged.unwrap() + Refusals::LOG_EVERY;
+    assert_eq!(h.inst.refused.count(later), Some(49));
+    // The refused connections were closed.
+    use tokio::io::AsyncReadExt;
+    let mut b = [0u8; 1];
+    assert_eq!(clients[0].read(&mut b).await.unwrap(), 0);
+}

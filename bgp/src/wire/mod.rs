@@ -29,7 +29,8 @@ pub use notification::{
     UpdateMessageError, describe_notification,
 };
 pub use open::{
-    GracefulRestart, OpenParams, PeerGracefulRestart, PeerOpen, build_open, check_open,
+    GracefulRestart, OpenParams, PeerGracefulRestart, PeerOpen, build_open, check_hold_time,
+    check_open,
 };
 pub use route_refresh::{encode_route_refresh, route_refresh_family};
 pub use update_decode::{Update, decode_update, receive_update};
