@@ -744,3 +744,217 @@ fn harness_reference_daemons_peer_with_bird() {
         );
     }
 }
+
+// ================================================ RFC 7606 over a real session
+
+/// What one malformed UPDATE should do to the route it carries.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Expect {
+    /// The route is learned (the error was an attribute discard, or a
+    /// non-unicast prefix beside it was ignored).
+    Kept,
+    /// The route, first learned from a valid UPDATE, is withdrawn by the
+    /// malformed one (treat-as-withdraw).
+    Withdrawn,
+}
+
+/// A sample of the RFC 7606 rules (docs/bgp.md has them all, with their
+/// in-process tests), sent over a real session by a hand-made peer to
+/// `starling-bgpd`: the session must stay Established with no NOTIFICATION,
+/// each route be kept or withdrawn as the RFC says, and a BIRD peer of the
+/// speaker see the same result. Last, the one sample the RFC answers with a
+/// session reset (a repeated MP_UNREACH_NLRI, §3 g) must reset it.
+#[test]
+fn rfc7606_from_a_hand_made_peer() {
+    use starling_tests::raw_peer::RawPeer;
+    use starling_tests::raw_peer::update::{
+        OPT, OPT_TRANS, WELL_KNOWN, attr, mandatory, message, nlri,
+    };
+    PeerKind::Bird.require_tools();
+    const RAW_AS: u32 = 65005;
+    let raw_addr = ip("192.0.2.5");
+    let bird_addr = ip("192.0.2.6");
+    let mut lan = Lan::new().expect("lan");
+    let me = Netns::new("me").expect("netns");
+    lan.attach(&me, &format!("{OURS_V4}/24")).expect("attach");
+    let raw_ns = Netns::new("raw").expect("netns");
+    lan.attach(&raw_ns, "192.0.2.5/24").expect("attach");
+    let bird_ns = Netns::new("bird").expect("netns");
+    lan.attach(&bird_ns, "192.0.2.6/24").expect("attach");
+    let bird = Peer::start(
+        PeerKind::Bird,
+        &bird_ns,
+        PeerSpec {
+            router_id: Ipv4Addr::new(192, 0, 2, 6),
+            local_as: OUR_AS,
+            local_addresses: vec![bird_addr],
+            neighbors: vec![Neighbor::new(ip(OURS_V4), OUR_AS)],
+            prefixes: vec![],
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    let mut raw_peer = StarlingPeer::new(raw_addr, RAW_AS);
+    raw_peer.passive = true;
+    let ours = Starling::start(
+        &me,
+        &starling_tests::bin("starling-bgpd"),
+        &StarlingSpec {
+            router_id: ip(OURS_V4).to_string().parse().expect("v4"),
+            asn: OUR_AS,
+            prefixes: vec![],
+            peers: vec![raw_peer, StarlingPeer::new(bird_addr, OUR_AS)],
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    let raw = RawPeer::establish(
+        &raw_ns,
+        ip(OURS_V4),
+        RAW_AS,
+        Ipv4Addr::new(192, 0, 2, 5),
+        starling_tests::peers::HOLD_TIME,
+        ESTABLISH,
+    )
+    .unwrap_or_else(|e| panic!("hand-made peer: {e:#}\n{}", ours.diagnostics()));
+    let ctx = || format!("{}{}", ours.diagnostics(), bird.diagnostics());
+    let check = |what: &str, cond: &mut dyn FnMut() -> Result<bool>| match wait_for(
+        what, PROPAGATE, cond,
+    ) {
+        Ok(t) => println!("rfc7606 {what} ok ({:.1}s)", t.as_secs_f64()),
+        Err(e) => panic!("rfc7606 {what}: {e:#}\n{}", ctx()),
+    };
+    check("session and BIRD up", &mut || {
+        Ok(ours.session_established(raw_addr)? && bird.session_established(ip(OURS_V4))?)
+    });
+
+    let nh = [192, 0, 2, 5];
+    let valid = |p: &str| {
+        message(
+            &[],
+            &mandatory(RAW_AS, nh),
+            &nlri(p.parse().expect("prefix")),
+        )
+    };
+    let with = |p: &str, extra: Vec<u8>| {
+        let mut a = mandatory(RAW_AS, nh);
+        a.push(extra);
+        message(&[], &a, &nlri(p.parse().expect("prefix")))
+    };
+    // (name, prefix, malformed UPDATE, expected)
+    let overrun = {
+        // MULTI_EXIT_DISC claims 9 octets, 4 remain in the attribute list (§4).
+        let mut a = mandatory(RAW_AS, nh);
+        a.push(vec![OPT, 4, 9, 0, 0, 0, 1]);
+        message(&[], &a, &nlri("10.50.7.0/24".parse().expect("prefix")))
+    };
+    let multicast_beside = {
+        let mut n = vec![16, 224, 1];
+        n.extend(nlri("10.50.5.0/24".parse().expect("prefix")));
+        message(&[8, 239], &mandatory(RAW_AS, nh), &n)
+    };
+    let cases: Vec<(&str, &str, Vec<u8>, Expect)> = vec![
+        (
+            "MED of length 3 (§7.4)",
+            "10.50.2.0/24",
+            with("10.50.2.0/24", attr(OPT, 4, &[0, 0, 1])),
+            Expect::Withdrawn,
+        ),
+        (
+            "COMMUNITIES of length 5 (§7.8)",
+            "10.50.4.0/24",
+            with("10.50.4.0/24", attr(OPT_TRANS, 8, &[0, 1, 0, 2, 9])),
+            Expect::Withdrawn,
+        ),
+        (
+            "LARGE_COMMUNITY of length 13 (RFC 8092 §6)",
+            "10.50.6.0/24",
+            with("10.50.6.0/24", attr(OPT_TRANS, 32, &[0; 13])),
+            Expect::Withdrawn,
+        ),
+        (
+            "attribute overruns the list (§4)",
+            "10.50.7.0/24",
+            overrun,
+            Expect::Withdrawn,
+        ),
+        (
+            "NEXT_HOP multicast (§7.3)",
+            "10.50.8.0/24",
+            {
+                let mut a = mandatory(RAW_AS, [224, 0, 0, 5]);
+                a.truncate(3);
+                message(&[], &a, &nlri("10.50.8.0/24".parse().expect("prefix")))
+            },
+            Expect::Withdrawn,
+        ),
+        (
+            "ATOMIC_AGGREGATE of length 1 (§7.6)",
+            "10.50.3.0/24",
+            with("10.50.3.0/24", attr(WELL_KNOWN, 6, &[1])),
+            Expect::Kept,
+        ),
+        (
+            "LOCAL_PREF from an external peer (§7.5)",
+            "10.50.9.0/24",
+            with("10.50.9.0/24", attr(WELL_KNOWN, 5, &[0, 0, 1])),
+            Expect::Kept,
+        ),
+        (
+            "multicast prefixes announced and withdrawn beside a unicast one (RFC 4271 §6.3)",
+            "10.50.5.0/24",
+            multicast_beside,
+            Expect::Kept,
+        ),
+    ];
+    raw.send(&valid("10.50.1.0/24")).expect("send");
+    for (_, p, _, e) in &cases {
+        if *e == Expect::Withdrawn {
+            raw.send(&valid(p)).expect("send");
+        }
+    }
+    check("valid routes learned, here and at BIRD", &mut || {
+        let have = ours.routes_from(raw_addr)?;
+        let at_bird = bird.received_prefixes()?;
+        Ok(have.contains_key("10.50.1.0/24")
+            && cases
+                .iter()
+                .filter(|c| c.3 == Expect::Withdrawn)
+                .all(|c| have.contains_key(c.1) && at_bird.contains(c.1)))
+    });
+    for (what, _, m, _) in &cases {
+        raw.send(m).unwrap_or_else(|e| panic!("send {what}: {e:#}"));
+    }
+    for (what, p, _, e) in &cases {
+        let want = *e == Expect::Kept;
+        check(&format!("{what}: {p} {e:?} here and at BIRD"), &mut || {
+            Ok(ours.routes_from(raw_addr)?.contains_key(*p) == want
+                && bird.received_prefixes()?.contains(*p) == want)
+        });
+    }
+    check(
+        "10.50.1.0/24 untouched, session Established, no NOTIFICATION",
+        &mut || {
+            if !raw.notifications().is_empty() || raw.closed() {
+                bail!(
+                    "the speaker sent {:?} / closed the session",
+                    raw.notifications()
+                );
+            }
+            Ok(ours.session_established(raw_addr)?
+                && ours.routes_from(raw_addr)?.contains_key("10.50.1.0/24"))
+        },
+    );
+
+    // §3 g: a repeated MP_UNREACH_NLRI is the one session reset here.
+    let un = attr(OPT, 15, &[0, 1, 1, 8, 10]);
+    raw.send(&message(&[], &[un.clone(), un], &[]))
+        .expect("send");
+    check(
+        "repeated MP_UNREACH_NLRI: NOTIFICATION 3/1, routes gone",
+        &mut || {
+            Ok(raw.notifications().contains(&(3, 1))
+                && !ours.session_established(raw_addr)?
+                && ours.routes_from(raw_addr)?.is_empty()
+                && !bird.received_prefixes()?.contains("10.50.1.0/24"))
+        },
+    );
+}
