@@ -958,3 +958,172 @@ fn rfc7606_from_a_hand_made_peer() {
         },
     );
 }
+
+// ================================================ a peer that stops reading
+
+/// Resident memory of a process, in MiB.
+fn rss_mib(pid: u32) -> Result<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb: f64 = s
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| anyhow!("no VmRSS for {pid}"))?;
+    Ok(kb / 1024.0)
+}
+
+/// A BIRD peer is frozen with SIGSTOP (process stopped, kernel alive, its
+/// socket reading nothing) while a hand-made peer feeds `starling-bgpd` a
+/// large table with one attribute set per prefix, which the speaker
+/// re-advertises to both BIRDs. The frozen one must be dropped within its
+/// hold time (send hold timer, RFC 9687, or its silence), the prefix it
+/// originated withdrawn, while the other BIRD gets the whole table and the
+/// feeding session stays up; the speaker's memory is printed and bounded.
+#[test]
+fn a_frozen_peer_is_dropped_and_the_others_get_the_table() {
+    use starling_tests::raw_peer::RawPeer;
+    use starling_tests::raw_peer::update::{OPT, attr, mandatory, message, nlri};
+    PeerKind::Bird.require_tools();
+    const RAW_AS: u32 = 65005;
+    const TABLE: u32 = 300_000;
+    let raw_addr = ip("192.0.2.5");
+    let (frozen_addr, healthy_addr) = (ip("192.0.2.6"), ip("192.0.2.7"));
+    let mut lan = Lan::new().expect("lan");
+    let me = Netns::new("me").expect("netns");
+    lan.attach(&me, &format!("{OURS_V4}/24")).expect("attach");
+    let raw_ns = Netns::new("raw").expect("netns");
+    lan.attach(&raw_ns, "192.0.2.5/24").expect("attach");
+    let mut birds = Vec::new();
+    for (n, tag) in [(6u8, "frozen"), (7, "healthy")] {
+        let ns = Netns::new(tag).expect("netns");
+        lan.attach(&ns, &format!("192.0.2.{n}/24")).expect("attach");
+        let bird = Peer::start(
+            PeerKind::Bird,
+            &ns,
+            PeerSpec {
+                router_id: Ipv4Addr::new(192, 0, 2, n),
+                local_as: OUR_AS,
+                local_addresses: vec![ip(&format!("192.0.2.{n}"))],
+                neighbors: vec![Neighbor::new(ip(OURS_V4), OUR_AS)],
+                prefixes: vec![net(&format!("10.6{n}.0.0/24"))],
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e:#}"));
+        birds.push((ns, bird));
+    }
+    let mut raw_peer = StarlingPeer::new(raw_addr, RAW_AS);
+    raw_peer.passive = true;
+    let ours = Starling::start(
+        &me,
+        &starling_tests::bin("starling-bgpd"),
+        &StarlingSpec {
+            router_id: ip(OURS_V4).to_string().parse().expect("v4"),
+            asn: OUR_AS,
+            prefixes: vec![],
+            peers: vec![
+                raw_peer,
+                StarlingPeer::new(frozen_addr, OUR_AS),
+                StarlingPeer::new(healthy_addr, OUR_AS),
+            ],
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    let raw = RawPeer::establish(
+        &raw_ns,
+        ip(OURS_V4),
+        RAW_AS,
+        Ipv4Addr::new(192, 0, 2, 5),
+        starling_tests::peers::HOLD_TIME,
+        ESTABLISH,
+    )
+    .unwrap_or_else(|e| panic!("hand-made peer: {e:#}\n{}", ours.diagnostics()));
+    let (frozen, healthy) = (&birds[0].1, &birds[1].1);
+    // Not the frozen BIRD's diagnostics: birdc would wait on it forever.
+    let ctx = || format!("{}{}", ours.diagnostics(), healthy.diagnostics());
+    let check =
+        |what: &str, timeout: Duration, cond: &mut dyn FnMut() -> Result<bool>| match wait_for(
+            what, timeout, cond,
+        ) {
+            Ok(t) => println!("frozen-peer {what} ok ({:.1}s)", t.as_secs_f64()),
+            Err(e) => panic!("frozen-peer {what}: {e:#}\n{}", ctx()),
+        };
+    check(
+        "sessions up, the BIRDs' prefixes learned",
+        ESTABLISH,
+        &mut || {
+            let r = ours.routes()?;
+            let has = |p: &str| r.iter().any(|x| x["prefix"] == p);
+            Ok(ours.session_established(frozen_addr)?
+                && ours.session_established(healthy_addr)?
+                && has("10.66.0.0/24")
+                && has("10.67.0.0/24"))
+        },
+    );
+    let rss_before = rss_mib(ours.daemon.pid()).expect("rss");
+
+    frozen.signal(libc::SIGSTOP).expect("SIGSTOP");
+    let frozen_at = Instant::now();
+    // One attribute set per prefix (MED = its index): nothing packs, so the
+    // speaker's output to the frozen BIRD is far beyond the socket buffers.
+    let mut batch = Vec::new();
+    for i in 0..TABLE {
+        let mut a = mandatory(RAW_AS, [192, 0, 2, 5]);
+        a.push(attr(OPT, 4, &i.to_be_bytes()));
+        let p = ipnet::Ipv4Net::new(Ipv4Addr::from(0x6440_0000 + i), 32).expect("prefix");
+        batch.extend(message(&[], &a, &nlri(p)));
+        if batch.len() > 1 << 20 {
+            raw.send(&batch).expect("feed");
+            batch.clear();
+        }
+    }
+    raw.send(&batch).expect("feed");
+
+    let hold = Duration::from_secs(starling_tests::peers::HOLD_TIME as u64);
+    check("the frozen BIRD dropped", hold + NOTICE_DOWN, &mut || {
+        Ok(!ours.session_established(frozen_addr)?)
+    });
+    let took = frozen_at.elapsed();
+    let why = ours
+        .session(frozen_addr)
+        .ok()
+        .flatten()
+        .map(|s| s["last_error"].to_string())
+        .unwrap_or_default();
+    println!(
+        "frozen-peer dropped after {:.1}s: {why}",
+        took.as_secs_f64()
+    );
+    check(
+        "its prefix withdrawn, here and at the healthy BIRD",
+        PROPAGATE,
+        &mut || {
+            Ok(
+                !ours.routes()?.iter().any(|x| x["prefix"] == "10.66.0.0/24")
+                    && !healthy.received_prefixes()?.contains("10.66.0.0/24"),
+            )
+        },
+    );
+    check(
+        "the healthy BIRD has the whole table",
+        Duration::from_secs(120),
+        &mut || Ok(healthy.received_prefixes()?.len() as u32 >= TABLE),
+    );
+    check("the feeding session is untouched", PROPAGATE, &mut || {
+        if !raw.notifications().is_empty() || raw.closed() {
+            bail!(
+                "the speaker sent {:?} / closed the session",
+                raw.notifications()
+            );
+        }
+        Ok(ours.session_established(raw_addr)?)
+    });
+    let rss_after = rss_mib(ours.daemon.pid()).expect("rss");
+    println!(
+        "frozen-peer starling-bgpd RSS {rss_before:.0} MiB before, {rss_after:.0} MiB with {TABLE} paths and the frozen peer dropped"
+    );
+    // The table itself: 300k paths with their own attribute sets, plus
+    // one Adj-RIB-Out. A frozen peer's unsent output must not add another.
+    assert!(rss_after < 512.0, "starling-bgpd uses {rss_after:.0} MiB");
+    frozen.signal(libc::SIGCONT).expect("SIGCONT");
+}
