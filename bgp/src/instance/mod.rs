@@ -69,7 +69,17 @@ struct PeerEntry {
     /// max-prefix warning, so the log says it once.
     warned_policy: bool,
     warned_max_prefix: bool,
+    /// ROUTE-REFRESH: when each family was last resent, and the families
+    /// asked for again inside the window (served when it ends).
+    refreshed_at: HashMap<Family, Instant>,
+    refresh_due: BTreeMap<Family, Instant>,
 }
+
+/// At most one ROUTE-REFRESH answer per peer and family in this long: each
+/// answer resends the whole Adj-RIB-Out of the family, so a peer asking in
+/// a loop must not turn us into an amplifier. Requests inside the window
+/// are coalesced into one answer at its end, so none is lost.
+const REFRESH_EVERY: Duration = Duration::from_secs(10);
 
 impl PeerEntry {
     fn ebgp(&self, local_asn: u32) -> bool {
@@ -200,6 +210,11 @@ impl Instance {
         [
             self.flush_at,
             self.stale_until.values().min().copied(),
+            self.peers
+                .values()
+                .flat_map(|p| p.refresh_due.values())
+                .min()
+                .copied(),
             (!self.synced).then_some(self.sync_deadline),
         ]
         .into_iter()
@@ -237,6 +252,7 @@ impl Instance {
             self.flush();
         }
         self.stale_timers(now);
+        self.refresh_timers(now);
         if !self.synced && self.sync_deadline <= now {
             info!("initial sync: not every peer sent End-of-RIB in time; going ahead");
             self.finish_sync();

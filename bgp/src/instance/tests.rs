@@ -628,3 +628,31 @@ async fn unknown_addresses_are_refused_and_logged_at_a_rate_limit() {
     let mut b = [0u8; 1];
     assert_eq!(clients[0].read(&mut b).await.unwrap(), 0);
 }
+
+#[test]
+fn route_refresh_is_rate_limited_per_peer_and_none_is_lost() {
+    let mut h = Harness::new(|_| {});
+    h.peer("192.0.2.2", ASN, |_| {});
+    h.up("192.0.2.2", None);
+    h.inst.command(Command::Announce(net("10.0.0.0/24")));
+    h.settle(&["192.0.2.2"]);
+    let t0 = Instant::now();
+    // The first request is answered at once with the whole table.
+    h.inst.refresh_request(ip("192.0.2.2"), Family::Ipv4, t0);
+    h.inst.flush();
+    assert_eq!(h.sent("192.0.2.2").announced.len(), 1);
+    // A hundred more inside the window: nothing now...
+    for i in 0..100 {
+        h.inst
+            .refresh_request(ip("192.0.2.2"), Family::Ipv4, t0 + Duration::from_millis(i));
+    }
+    h.inst.flush();
+    assert!(h.sent("192.0.2.2").announced.is_empty());
+    // ...and one answer when the window ends.
+    h.inst.timers(t0 + REFRESH_EVERY);
+    h.inst.flush();
+    assert_eq!(h.sent("192.0.2.2").announced.len(), 1);
+    h.inst.timers(t0 + REFRESH_EVERY * 3);
+    h.inst.flush();
+    assert!(h.sent("192.0.2.2").announced.is_empty());
+}
