@@ -158,9 +158,7 @@ impl Instance {
                 moved.push(p);
             }
         }
-        if moved.len() > 1024 {
-            self.rib.collect_garbage();
-        }
+        self.rib.collect_garbage();
         let mut items: Option<Vec<(IpNet, Option<Best>)>> = None;
         let addrs: Vec<IpAddr> = self.peers.keys().copied().collect();
         for a in addrs {

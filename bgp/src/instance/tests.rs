@@ -656,3 +656,24 @@ fn route_refresh_is_rate_limited_per_peer_and_none_is_lost() {
     h.inst.flush();
     assert!(h.sent("192.0.2.2").announced.is_empty());
 }
+
+#[test]
+fn a_million_flaps_with_a_changing_med_leave_the_attribute_sets_flat() {
+    let mut h = Harness::new(|_| {});
+    h.peer("192.0.2.2", ASN, |_| {});
+    h.up("192.0.2.2", None);
+    let mut most = 0;
+    for med in 0..1_000_000u32 {
+        let mut a = attrs(&[], "192.0.2.2");
+        a.med = Some(med);
+        h.announce("192.0.2.2", &["10.0.0.0/24"], a);
+        h.inst.flush();
+        // The embedder consumes its events (they hold the paths).
+        h.events();
+        most = most.max(h.inst.summary().attribute_sets);
+    }
+    // One prefix, one live set; what waits for collection is bounded.
+    // Collection runs once the set passes twice the live sets plus 1024.
+    assert!(most <= 1027, "{most} attribute sets at most");
+    assert_eq!(h.inst.summary().loc_rib_prefixes, 1);
+}
