@@ -677,3 +677,28 @@ fn a_million_flaps_with_a_changing_med_leave_the_attribute_sets_flat() {
     assert!(most <= 1027, "{most} attribute sets at most");
     assert_eq!(h.inst.summary().loc_rib_prefixes, 1);
 }
+
+#[test]
+fn an_attribute_set_too_large_for_the_peer_is_withdrawn_not_sent_over_long() {
+    let mut h = Harness::new(|c| c.ebgp_requires_policy = false);
+    h.peer("192.0.2.2", ASN, |_| {});
+    h.peer("198.51.100.2", 65001, |_| {});
+    h.up("192.0.2.2", None);
+    h.up("198.51.100.2", None);
+    h.announce("192.0.2.2", &["10.0.0.0/24"], attrs(&[], "192.0.2.2"));
+    h.inst.flush();
+    assert_eq!(h.sent("198.51.100.2").announced.len(), 1);
+    // 1100 communities: 4400 octets, past the 4096 the session allows.
+    let mut big = attrs(&[], "192.0.2.2");
+    big.communities = (0..1100).collect();
+    h.announce("192.0.2.2", &["10.0.0.0/24"], big);
+    h.inst.flush();
+    let sent = h.sent("198.51.100.2");
+    assert!(sent.announced.is_empty(), "{sent:?}");
+    assert_eq!(sent.withdrawn, [net("10.0.0.0/24")].into());
+    assert!(
+        !h.inst.peers[&ip("198.51.100.2")]
+            .adj_out
+            .contains_key(&net("10.0.0.0/24"))
+    );
+}
