@@ -39,6 +39,10 @@ pub struct SpeakerConfig {
     /// Addresses to accept connections on; empty: none (active sessions only).
     pub listen: Vec<SocketAddr>,
     pub hold_time: u16,
+    /// The smallest non-zero hold time accepted from a peer; an OPEN with
+    /// less is refused with 2/6 Unacceptable Hold Time (RFC 4271 §6.2 lets
+    /// an implementation refuse any value it finds too small). At least 3.
+    pub min_hold_time: u16,
     pub connect_retry: u16,
     /// Restart time advertised in the graceful restart capability; `None`: not advertised.
     pub graceful_restart: Option<u16>,
@@ -69,6 +73,7 @@ impl SpeakerConfig {
                 "[::]:179".parse().expect("literal"),
             ],
             hold_time: 90,
+            min_hold_time: 3,
             connect_retry: 5,
             graceful_restart: Some(120),
             forwarding_preserved: false,

@@ -48,16 +48,26 @@ pub mod fuzzing {
     use netgauze_bgp_pkt::BgpMessage;
 
     /// Frame and decode arbitrary bytes the way a session does, in both
-    /// 2- and 4-octet AS modes, and run the UPDATE and OPEN checks.
+    /// 2- and 4-octet AS modes and for internal and external peers, and run
+    /// the UPDATE (RFC 7606 screen included) and OPEN checks.
     pub fn decode(data: &[u8]) {
-        for asn4 in [true, false] {
+        for (asn4, ebgp) in [(true, true), (false, true), (true, false)] {
             let mut buf = data;
             let mut ctx = wire::parsing_context(asn4);
+            let screen = wire::Screen {
+                four_octet: asn4,
+                ebgp,
+                local_addr: Some("192.0.2.1".parse().expect("literal")),
+            };
             while let Ok(Some(len)) = wire::frame(buf, wire::MAX_EXTENDED_MESSAGE_LEN) {
-                match wire::decode(&buf[..len], &mut ctx) {
-                    Ok((BgpMessage::Update(u), ignored)) => {
-                        let _ = wire::decode_update(&u, &ignored, asn4, true);
+                if buf[18] == wire::MessageType::Update as u8 {
+                    if wire::receive_update(&buf[..len], &mut ctx, &screen).is_err() {
+                        break;
                     }
+                    buf = &buf[len..];
+                    continue;
+                }
+                match wire::decode(&buf[..len], &mut ctx) {
                     Ok((BgpMessage::Open(o), _)) => {
                         let _ = wire::check_open(
                             &o,
@@ -94,6 +104,7 @@ pub mod fuzzing {
                 asn: 65000,
                 router_id: "192.0.2.1".parse().expect("literal"),
                 hold_time: 90,
+                min_hold_time: 3,
                 connect_retry: 60,
                 graceful_restart: None,
                 extended_message: true,

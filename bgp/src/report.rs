@@ -55,6 +55,9 @@ pub struct RibSummary {
     pub attribute_sets: usize,
     pub sessions_established: usize,
     pub sessions_configured: usize,
+    /// Connections refused because their source is not a configured peer.
+    #[serde(default)]
+    pub connections_refused: u64,
 }
 
 /// A change of the best path of a prefix learned from a peer: what an

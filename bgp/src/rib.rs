@@ -53,6 +53,9 @@ pub struct Rib {
     stale: HashMap<IpAddr, HashSet<IpNet>>,
     loc: HashMap<IpNet, Best>,
     interned: HashSet<Arc<PathAttrs>>,
+    /// Interned sets left by the last collection: the next one is due when
+    /// the set has doubled since (amortised O(1) per interned set).
+    interned_after_gc: usize,
     pub max_paths: usize,
     pub resolver: Option<Arc<dyn NextHopResolver>>,
     /// Candidate buffer reused by `decide`.
@@ -90,9 +93,17 @@ impl Rib {
         a
     }
 
-    /// Forget attribute sets nobody uses any more.
+    /// Forget attribute sets nobody uses any more, once enough may have
+    /// gone out of use to be worth the walk: whenever the interned set has
+    /// doubled (plus 1024) since the last collection. One prefix flapping
+    /// with a new MED each time thus keeps the count bounded, where a rule
+    /// on the size of one flush never collected for it.
     pub fn collect_garbage(&mut self) {
+        if self.interned.len() <= 2 * self.interned_after_gc + 1024 {
+            return;
+        }
         self.interned.retain(|a| Arc::strong_count(a) > 1);
+        self.interned_after_gc = self.interned.len();
     }
 
     pub fn originate(&mut self, p: IpNet) -> bool {

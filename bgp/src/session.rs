@@ -28,6 +28,7 @@ pub struct LocalInfo {
     pub asn: u32,
     pub router_id: Ipv4Addr,
     pub hold_time: u16,
+    pub min_hold_time: u16,
     pub connect_retry: u16,
     pub graceful_restart: Option<GracefulRestart>,
     pub extended_message: bool,
@@ -39,6 +40,7 @@ impl LocalInfo {
             asn: cfg.asn,
             router_id: cfg.router_id,
             hold_time: cfg.hold_time,
+            min_hold_time: cfg.min_hold_time,
             connect_retry: cfg.connect_retry,
             graceful_restart: cfg.graceful_restart.map(|t| GracefulRestart {
                 restart_time: t,
@@ -95,12 +97,56 @@ pub enum FromSession {
         peer: IpAddr,
         family: Family,
     },
+    /// The session task panicked (a bug of ours, never the peer's input by
+    /// design): its connection is gone with it, and the instance resets the
+    /// session as if it had failed and starts a new task.
+    Panicked {
+        peer: IpAddr,
+        message: String,
+    },
 }
+
+/// Start a session task, watched: if it panics, the panic is caught by
+/// its task boundary and reported as `FromSession::Panicked`, so the
+/// speaker lives on and the instance can withdraw the peer's routes.
+pub fn spawn(
+    cfg: SessionConfig,
+    local: Arc<LocalInfo>,
+    tx: mpsc::UnboundedSender<FromSession>,
+    rx: mpsc::UnboundedReceiver<ToSession>,
+) {
+    let peer = cfg.address;
+    let task = tokio::spawn(Driver::new(cfg, local, tx.clone()).run(rx));
+    tokio::spawn(async move {
+        if let Err(e) = task.await
+            && e.is_panic()
+        {
+            let payload = e.into_panic();
+            let message = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "(no message)".into());
+            let _ = tx.send(FromSession::Panicked { peer, message });
+        }
+    });
+}
+
+/// A test-only hook: an UPDATE carrying this community makes the session
+/// task panic, so the tests can prove a panic is contained.
+#[cfg(test)]
+pub(crate) const PANIC_COMMUNITY: u32 = 0xffff_0bad;
 
 struct Conn {
     rd: OwnedReadHalf,
     wr: OwnedWriteHalf,
     buf: BytesMut,
+    /// Bytes queued for the peer and not yet taken by the kernel. Writing
+    /// never blocks the session task: what the socket does not take at once
+    /// waits here and goes out from the task's loop, which keeps reading
+    /// and running timers meanwhile (two speakers sending each other full
+    /// tables would otherwise both block in a write, neither reading).
+    out: BytesMut,
     local: SocketAddr,
 }
 
@@ -113,8 +159,60 @@ impl Conn {
             rd,
             wr,
             buf: BytesMut::with_capacity(64 * 1024),
+            out: BytesMut::new(),
             local,
         })
+    }
+
+    /// Hand the kernel as much of `out` as it takes now, without waiting.
+    /// `Ok(true)`: something was written.
+    fn flush_now(&mut self) -> std::io::Result<bool> {
+        let mut wrote = false;
+        while !self.out.is_empty() {
+            match self.wr.try_write(&self.out) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    let _ = self.out.split_to(n);
+                    wrote = true;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(wrote)
+    }
+}
+
+/// Per-peer output is bounded: beyond this many queued bytes the peer is
+/// not keeping up with even a full table, and the session is closed as for
+/// the send hold timer.
+const MAX_QUEUED_OUTPUT: usize = 256 << 20;
+
+/// RFC 9687 §4: with a hold time of 0 the send hold timer still runs, at
+/// its suggested 8 minutes.
+const SEND_HOLD_WITHOUT_HOLD_TIME: Duration = Duration::from_secs(8 * 60);
+
+/// What the main connection did: bytes read, or some of `out` written.
+enum Io {
+    Read(std::io::Result<usize>),
+    Wrote(std::io::Result<usize>),
+}
+
+/// Read from the connection and, while output waits, write some of it,
+/// whichever the socket allows first.
+async fn conn_io(c: &mut Option<Conn>) -> Io {
+    let Some(Conn {
+        rd, wr, buf, out, ..
+    }) = c
+    else {
+        return std::future::pending().await;
+    };
+    if out.is_empty() {
+        return Io::Read(rd.read_buf(buf).await);
+    }
+    tokio::select! {
+        r = rd.read_buf(buf) => Io::Read(r),
+        r = wr.write(out) => Io::Wrote(r),
     }
 }
 
@@ -184,6 +282,11 @@ pub struct Driver {
     negotiated: Option<Arc<Negotiated>>,
     connect_retry_at: Option<Instant>,
     hold_at: Option<Instant>,
+    /// RFC 9687 send hold timer: runs while output waits and the peer
+    /// takes none of it.
+    send_hold_at: Option<Instant>,
+    /// The output queue passed `MAX_QUEUED_OUTPUT`.
+    overflowed: bool,
     keepalive_at: Option<Instant>,
     restart_at: Option<Instant>,
     last_error: Option<String>,
@@ -212,6 +315,8 @@ impl Driver {
             negotiated: None,
             connect_retry_at: None,
             hold_at: None,
+            send_hold_at: None,
+            overflowed: false,
             keepalive_at: None,
             restart_at: None,
             last_error: None,
@@ -244,6 +349,7 @@ impl Driver {
             let deadline = [
                 self.connect_retry_at,
                 self.hold_at,
+                self.send_hold_at,
                 self.keepalive_at,
                 self.restart_at,
             ]
@@ -271,12 +377,12 @@ impl Driver {
                     }
                     Some(ToSession::Send(msgs)) => {
                         if self.fsm.state == State::Established {
-                            self.write(&msgs).await;
+                            self.write(&msgs);
                         }
                     }
                     Some(ToSession::Refresh(f)) => {
                         if self.fsm.state == State::Established && self.peer_open.as_ref().is_some_and(|p| p.route_refresh) {
-                            self.write(&[wire::encode_route_refresh(f)]).await;
+                            self.write(&[wire::encode_route_refresh(f)]);
                         }
                     }
                     Some(ToSession::Incoming(stream)) => self.incoming(stream).await,
@@ -299,7 +405,16 @@ impl Driver {
                         }
                     }
                 }
-                r = read_more(&mut self.conn) => match r {
+                io = conn_io(&mut self.conn) => match io {
+                    Io::Wrote(Ok(n)) if n > 0 => {
+                        if let Some(c) = &mut self.conn {
+                            let _ = c.out.split_to(n);
+                        }
+                        self.wrote();
+                    }
+                    Io::Wrote(Ok(_)) => self.write_failed(std::io::ErrorKind::WriteZero.into()),
+                    Io::Wrote(Err(e)) => self.write_failed(e),
+                    Io::Read(r) => match r {
                     Ok(0) | Err(_) => {
                         if let Err(e) = &r {
                             self.last_error = Some(format!("read: {e}"));
@@ -309,6 +424,7 @@ impl Driver {
                         self.event(Event::TcpConnectionFails).await;
                     }
                     Ok(_) => self.drain().await,
+                    },
                 },
                 r = read_more(&mut self.pending) => match r {
                     Ok(0) | Err(_) => self.pending = None,
@@ -341,6 +457,17 @@ impl Driver {
             self.last_error = Some("hold timer expired".into());
             self.event(Event::HoldTimerExpires).await;
         }
+        if due(&mut self.send_hold_at) {
+            let why = if std::mem::take(&mut self.overflowed) {
+                format!(
+                    "more than {} MiB of output queued for the peer",
+                    MAX_QUEUED_OUTPUT >> 20
+                )
+            } else {
+                "send hold timer expired: the peer took none of our output for the hold time (RFC 9687)".into()
+            };
+            self.send_hold_expired(&why).await;
+        }
         if due(&mut self.keepalive_at) {
             self.event(Event::KeepaliveTimerExpires).await;
         }
@@ -367,8 +494,14 @@ impl Driver {
                         h.abort();
                     }
                     if let Some(mut c) = self.conn.take() {
+                        // What is queued (a NOTIFICATION above all) gets a
+                        // moment to go out; a peer that reads nothing does
+                        // not hold the close up.
+                        let flush = c.wr.write_all(&c.out);
+                        let _ = tokio::time::timeout(Duration::from_secs(1), flush).await;
                         let _ = c.wr.shutdown().await;
                     }
+                    self.send_hold_at = None;
                     self.ctx = wire::parsing_context(true);
                     self.max_len = wire::MAX_MESSAGE_LEN;
                 }
@@ -383,14 +516,14 @@ impl Driver {
                         graceful_restart: self.local.graceful_restart.clone(),
                         extended_message: self.local.extended_message,
                     });
-                    self.write(&[wire::encode(&open)]).await;
+                    self.write(&[wire::encode(&open)]);
                 }
-                Action::SendKeepalive => self.write(&[wire::keepalive()]).await,
+                Action::SendKeepalive => self.write(&[wire::keepalive()]),
                 Action::SendNotification(n) => {
                     self.notified = true;
                     warn!(peer = %self.cfg.address, "sending NOTIFICATION {n}");
                     self.last_error = Some(format!("sent {n}"));
-                    self.write(&[wire::encode(&n.to_message())]).await;
+                    self.write(&[wire::encode(&n.to_message())]);
                 }
                 Action::StartConnectRetryTimer => {
                     self.connect_retry_at = Some(Instant::now() + self.connect_retry())
@@ -445,19 +578,75 @@ impl Driver {
         }
     }
 
-    async fn write(&mut self, msgs: &[Vec<u8>]) {
+    /// Queue messages for the peer and hand the kernel what it takes now;
+    /// the rest goes out from the task's loop (`write_some`).
+    fn write(&mut self, msgs: &[Vec<u8>]) {
         let Some(c) = &mut self.conn else { return };
-        // One write for the whole batch: a send() per UPDATE dominated the
-        // reflector fan-out profile.
-        let result = if msgs.len() == 1 {
-            c.wr.write_all(&msgs[0]).await
-        } else {
-            c.wr.write_all(&msgs.concat()).await
-        };
-        if let Err(e) = result {
-            self.last_error = Some(format!("write: {e}"));
-            // The read side will see the failure and raise TcpConnectionFails.
+        for m in msgs {
+            c.out.extend_from_slice(m);
         }
+        match c.flush_now() {
+            Ok(true) => self.wrote(),
+            Ok(false) => self.waiting(),
+            Err(e) => self.write_failed(e),
+        }
+        if self
+            .conn
+            .as_ref()
+            .is_some_and(|c| c.out.len() > MAX_QUEUED_OUTPUT)
+        {
+            // Closed from the loop (the timer is due now): closing runs the
+            // FSM, which writes.
+            self.overflowed = true;
+            self.send_hold_at = Some(Instant::now());
+        }
+    }
+
+    fn send_hold_time(&self) -> Duration {
+        match self.fsm.hold_time {
+            0 => SEND_HOLD_WITHOUT_HOLD_TIME,
+            h => Duration::from_secs(h as u64),
+        }
+    }
+
+    /// The peer took some output: the send hold timer starts over, or stops
+    /// when nothing is left.
+    fn wrote(&mut self) {
+        let pending = self.conn.as_ref().is_some_and(|c| !c.out.is_empty());
+        self.send_hold_at = pending.then(|| Instant::now() + self.send_hold_time());
+    }
+
+    /// Output is waiting and none was taken: the send hold timer runs.
+    fn waiting(&mut self) {
+        if self.send_hold_at.is_none() {
+            self.send_hold_at = Some(Instant::now() + self.send_hold_time());
+        }
+    }
+
+    fn write_failed(&mut self, e: std::io::Error) {
+        self.last_error = Some(format!("write: {e}"));
+        if let Some(c) = &mut self.conn {
+            // The read side will see the failure and raise TcpConnectionFails.
+            c.out.clear();
+        }
+        self.send_hold_at = None;
+    }
+
+    /// RFC 9687 §3: the peer is not reading. Queue NOTIFICATION 8 (Send
+    /// Hold Timer Expired) on a best-effort basis and close: the session
+    /// goes down, not gracefully, so the peer's routes are withdrawn.
+    async fn send_hold_expired(&mut self, why: &str) {
+        warn!(peer = %self.cfg.address, "{why}; closing the session");
+        self.last_error = Some(why.to_string());
+        self.notified = true;
+        if let Some(c) = &mut self.conn {
+            c.out.clear();
+            let mut n = vec![0xff; 16];
+            n.extend_from_slice(&[0, 21, 3, 8, 0]);
+            let _ = c.wr.try_write(&n);
+        }
+        self.send_hold_at = None;
+        self.event(Event::TcpConnectionFails).await;
     }
 
     async fn incoming(&mut self, stream: TcpStream) {
@@ -520,6 +709,14 @@ impl Driver {
                 }
             };
             let frame = c.buf.split_to(len);
+            if frame[18] == wire::MessageType::Update as u8 && self.fsm.state == State::Established
+            {
+                self.update(&frame).await;
+                if self.conn.is_none() {
+                    return;
+                }
+                continue;
+            }
             let decoded = wire::decode(&frame, &mut self.ctx);
             match decoded {
                 Err(n) => {
@@ -532,7 +729,7 @@ impl Driver {
                     self.event(ev).await;
                     return;
                 }
-                Ok((msg, ignored)) => self.message(msg, ignored).await,
+                Ok((msg, _)) => self.message(msg).await,
             }
             if self.conn.is_none() {
                 return;
@@ -540,18 +737,17 @@ impl Driver {
         }
     }
 
-    async fn message(
-        &mut self,
-        msg: BgpMessage,
-        ignored: netgauze_bgp_pkt::wire::deserializer::BgpParsingIgnoredErrors,
-    ) {
+    async fn message(&mut self, msg: BgpMessage) {
         match msg {
             BgpMessage::Open(open) => {
                 if self.fsm.state != State::OpenSent {
                     self.event(Event::BgpOpen { hold_time: 0 }).await;
                     return;
                 }
-                match wire::check_open(&open, self.cfg.asn, self.local.router_id, !self.ebgp()) {
+                match wire::check_open(&open, self.cfg.asn, self.local.router_id, !self.ebgp())
+                    .and_then(|po| {
+                        wire::check_hold_time(po.hold_time, self.local.min_hold_time).map(|_| po)
+                    }) {
                     Err(n) => {
                         self.last_error = Some(n.to_string());
                         self.event(Event::BgpOpenMsgErr(n)).await
@@ -582,29 +778,39 @@ impl Driver {
                     self.event(Event::UpdateMsg).await;
                 }
             }
-            BgpMessage::Update(u) => {
-                if self.fsm.state != State::Established {
-                    self.event(Event::UpdateMsg).await;
-                    return;
+            // An UPDATE in Established goes through `update`; in any other
+            // state it is an FSM error (RFC 4271 §8.2.2, Event 27).
+            BgpMessage::Update(_) => self.event(Event::UpdateMsg).await,
+        }
+    }
+
+    /// An UPDATE in Established: RFC 7606 on the raw bytes, then the model.
+    async fn update(&mut self, frame: &[u8]) {
+        let n = self.negotiated.as_ref();
+        let screen = wire::Screen {
+            four_octet: n.is_some_and(|n| n.four_octet),
+            ebgp: self.ebgp(),
+            local_addr: n.map(|n| n.local_addr),
+        };
+        match wire::receive_update(frame, &mut self.ctx, &screen) {
+            Err(n) => {
+                warn!(peer = %self.cfg.address, "UPDATE error, resetting the session: {n}");
+                self.last_error = Some(n.to_string());
+                self.event(Event::UpdateMsgErr(n)).await;
+            }
+            Ok(update) => {
+                #[cfg(test)]
+                if update.attrs.communities.contains(&PANIC_COMMUNITY) {
+                    panic!("test hook: UPDATE with the panic community");
                 }
-                let four = self.negotiated.as_ref().is_some_and(|n| n.four_octet);
-                match wire::decode_update(&u, &ignored, four, self.ebgp()) {
-                    Err(n) => {
-                        warn!(peer = %self.cfg.address, "UPDATE error, resetting the session: {n}");
-                        self.last_error = Some(n.to_string());
-                        self.event(Event::UpdateMsgErr(n)).await;
-                    }
-                    Ok(update) => {
-                        for p in &update.problems {
-                            warn!(peer = %self.cfg.address, "{p}");
-                        }
-                        self.event(Event::UpdateMsg).await;
-                        let _ = self.tx.send(FromSession::Update {
-                            peer: self.cfg.address,
-                            update: Box::new(update),
-                        });
-                    }
+                for p in &update.problems {
+                    warn!(peer = %self.cfg.address, "{p}");
                 }
+                self.event(Event::UpdateMsg).await;
+                let _ = self.tx.send(FromSession::Update {
+                    peer: self.cfg.address,
+                    update: Box::new(update),
+                });
             }
         }
     }
@@ -645,7 +851,10 @@ impl Driver {
                 return;
             }
         };
-        let po = match wire::check_open(&open, self.cfg.asn, self.local.router_id, !self.ebgp()) {
+        let po = match wire::check_open(&open, self.cfg.asn, self.local.router_id, !self.ebgp())
+            .and_then(|po| {
+                wire::check_hold_time(po.hold_time, self.local.min_hold_time).map(|_| po)
+            }) {
             Ok(po) => po,
             Err(n) => {
                 if let Some(p) = self.pending.take() {
@@ -747,9 +956,13 @@ mod tests {
         }
 
         async fn send_open(&mut self, id: &str) {
+            self.send_open_hold(id, 90).await
+        }
+
+        async fn send_open_hold(&mut self, id: &str, hold_time: u16) {
             let open = wire::build_open(&OpenParams {
                 asn: PEER_ASN,
-                hold_time: 90,
+                hold_time,
                 router_id: id.parse().unwrap(),
                 families: vec![Family::Ipv4],
                 graceful_restart: None,
@@ -774,11 +987,16 @@ mod tests {
     /// A session for a peer on 127.0.0.1 (`our_id` is our BGP identifier),
     /// up to OpenSent on its own outgoing connection, our OPEN read.
     async fn session_in_open_sent(our_id: &str) -> Peer {
+        session_in_open_sent_with(our_id, |_| {}).await
+    }
+
+    async fn session_in_open_sent_with(our_id: &str, f: impl FnOnce(&mut SpeakerConfig)) -> Peer {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let mut cfg = SessionConfig::new("127.0.0.1".parse().unwrap(), PEER_ASN);
         cfg.port = listener.local_addr().unwrap().port();
         let mut speaker = SpeakerConfig::new(65000, our_id.parse().unwrap());
         speaker.graceful_restart = None;
+        f(&mut speaker);
         let local = Arc::new(LocalInfo::new(&speaker));
         let (tx, events) = mpsc::unbounded_channel();
         let (cmd, rx) = mpsc::unbounded_channel();
@@ -862,5 +1080,149 @@ mod tests {
         let mut third = connect_again(&p).await;
         assert_eq!(third.notification().await, Some(COLLISION));
         p.task.abort();
+    }
+
+    #[tokio::test]
+    async fn an_open_below_the_minimum_hold_time_is_refused_with_2_6() {
+        let mut p = session_in_open_sent_with("192.0.2.1", |s| s.min_hold_time = 30).await;
+        p.outgoing.send_open_hold("192.0.2.9", 10).await;
+        assert_eq!(
+            p.outgoing.notification().await,
+            Some(ErrorCode::OpenMessage(
+                crate::wire::OpenMessageError::UnacceptableHoldTime
+            ))
+        );
+        p.task.abort();
+        // At the minimum it is accepted.
+        let mut p = session_in_open_sent_with("192.0.2.1", |s| s.min_hold_time = 30).await;
+        p.outgoing.send_open_hold("192.0.2.9", 30).await;
+        assert!(matches!(
+            p.outgoing.read().await,
+            Some(BgpMessage::KeepAlive)
+        ));
+        p.task.abort();
+    }
+
+    /// Until the session reports a state other than Established; its error.
+    async fn left_established(events: &mut mpsc::UnboundedReceiver<FromSession>) -> Option<String> {
+        loop {
+            let ev = tokio::time::timeout(DEADLINE, events.recv())
+                .await
+                .expect("the session leaves Established within the deadline")
+                .unwrap();
+            if let FromSession::State { state, error, .. } = ev
+                && state != State::Established
+            {
+                return error;
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_stops_reading_is_dropped_by_the_send_hold_timer() {
+        let mut p = session_in_open_sent("192.0.2.1").await;
+        p.outgoing.send_open_hold("192.0.2.9", 3).await;
+        assert!(matches!(
+            p.outgoing.read().await,
+            Some(BgpMessage::KeepAlive)
+        ));
+        p.outgoing.send_keepalive().await;
+        established(&mut p).await;
+        // 64 MiB for the peer, which from now on only sends KEEPALIVEs and
+        // reads nothing: the session must go on reading them (so its hold
+        // timer never fires) and close on the send hold timer.
+        let chunk = wire::keepalive().repeat(4 << 20 >> 4);
+        p.cmd.send(ToSession::Send(vec![chunk; 16])).unwrap();
+        let PeerEnd { s, .. } = p.outgoing;
+        let (_rd, mut wr) = s.into_split();
+        let keepalives = tokio::spawn(async move {
+            while wr.write_all(&wire::keepalive()).await.is_ok() {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        });
+        let error = left_established(&mut p.events).await.unwrap_or_default();
+        assert!(error.contains("send hold timer"), "{error}");
+        keepalives.abort();
+        p.task.abort();
+    }
+
+    /// An UPDATE withdrawing 1000 /24s under 10.`n`/16..: 4023 octets.
+    fn big_withdrawal(n: u8) -> Vec<u8> {
+        let mut w = Vec::new();
+        for i in 0..1000u32 {
+            w.extend_from_slice(&[24, 10, n.wrapping_add((i >> 8) as u8), i as u8]);
+        }
+        let mut m = vec![0xff; 16];
+        m.extend_from_slice(&((23 + w.len()) as u16).to_be_bytes());
+        m.push(2);
+        m.extend_from_slice(&(w.len() as u16).to_be_bytes());
+        m.extend_from_slice(&w);
+        m.extend_from_slice(&[0, 0]);
+        m
+    }
+
+    #[tokio::test]
+    async fn two_sessions_sending_each_other_much_at_once_never_deadlock() {
+        const MESSAGES: usize = 5000; // 20 MB each way, far past the socket buffers
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let start = |asn: u32, peer_asn: u32, id: &str, passive: bool| {
+            let mut cfg = SessionConfig::new("127.0.0.1".parse().unwrap(), peer_asn);
+            cfg.port = listener.local_addr().unwrap().port();
+            cfg.passive = passive;
+            let mut speaker = SpeakerConfig::new(asn, id.parse().unwrap());
+            speaker.graceful_restart = None;
+            let (tx, events) = mpsc::unbounded_channel();
+            let (cmd, rx) = mpsc::unbounded_channel();
+            let task =
+                tokio::spawn(Driver::new(cfg, Arc::new(LocalInfo::new(&speaker)), tx).run(rx));
+            (events, cmd, task)
+        };
+        let (mut a_events, a_cmd, a_task) = start(65000, 65001, "192.0.2.1", false);
+        let (mut b_events, b_cmd, b_task) = start(65001, 65000, "192.0.2.2", true);
+        let (s, _) = tokio::time::timeout(DEADLINE, listener.accept())
+            .await
+            .unwrap()
+            .unwrap();
+        b_cmd.send(ToSession::Incoming(s)).unwrap();
+        for events in [&mut a_events, &mut b_events] {
+            loop {
+                let ev = tokio::time::timeout(DEADLINE, events.recv())
+                    .await
+                    .unwrap()
+                    .unwrap();
+                if let FromSession::State {
+                    state: State::Established,
+                    ..
+                } = ev
+                {
+                    break;
+                }
+            }
+        }
+        let batch: Vec<Vec<u8>> = (0..MESSAGES).map(|i| big_withdrawal(i as u8)).collect();
+        a_cmd.send(ToSession::Send(batch.clone())).unwrap();
+        b_cmd.send(ToSession::Send(batch)).unwrap();
+        let count = async |events: &mut mpsc::UnboundedReceiver<FromSession>| {
+            let mut n = 0;
+            while n < MESSAGES {
+                match events.recv().await {
+                    Some(FromSession::Update { .. }) => n += 1,
+                    Some(FromSession::State { state, error, .. })
+                        if state != State::Established =>
+                    {
+                        panic!("session left Established: {error:?}")
+                    }
+                    Some(_) => {}
+                    None => panic!("session task ended"),
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(60), async {
+            tokio::join!(count(&mut a_events), count(&mut b_events))
+        })
+        .await
+        .expect("both sides receive everything (no deadlock)");
+        a_task.abort();
+        b_task.abort();
     }
 }

@@ -5,7 +5,7 @@
 use crate::config::{PeerConfig, SpeakerConfig};
 use crate::instance::{Command, Instance, SessionStarter};
 use crate::report::{RouteEntry, RouteEvent, SessionStatus};
-use crate::session::{Driver, LocalInfo};
+use crate::session::{self, LocalInfo};
 use ipnet::IpNet;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -49,7 +49,7 @@ impl Speaker {
         let listeners = listen(&cfg.listen, conn_tx)?;
         let local = Arc::new(LocalInfo::new(&cfg));
         let start_session: SessionStarter = Box::new(move |session, rx| {
-            tokio::spawn(Driver::new(session, local.clone(), sess_tx.clone()).run(rx));
+            session::spawn(session, local.clone(), sess_tx.clone(), rx)
         });
         let inst = Instance::new(&cfg, listeners, start_session, route_tx);
         tokio::spawn(inst.run(cmd_rx, sess_rx, conn_rx));
@@ -173,4 +173,111 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     s.bind(&addr.into())?;
     s.listen(128)?;
     TcpListener::from_std(s.into())
+}
+
+/// The speaker as an embedder runs it, against a peer played by the test
+/// over loopback TCP.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::PeerConfig;
+    use crate::fsm::State;
+    use crate::session::PANIC_COMMUNITY;
+    use crate::wire;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    const DEADLINE: Duration = Duration::from_secs(20);
+    const ASN: u32 = 65000;
+
+    /// Accept the speaker's connection and bring the session up.
+    async fn establish(l: &TcpListener) -> TcpStream {
+        let (mut s, _) = tokio::time::timeout(DEADLINE, l.accept())
+            .await
+            .expect("the speaker connects")
+            .unwrap();
+        let open = wire::build_open(&wire::OpenParams {
+            asn: ASN,
+            hold_time: 90,
+            router_id: "192.0.2.9".parse().unwrap(),
+            families: vec![crate::Family::Ipv4],
+            graceful_restart: None,
+            extended_message: false,
+        });
+        s.write_all(&wire::encode(&open)).await.unwrap();
+        s.write_all(&wire::keepalive()).await.unwrap();
+        s
+    }
+
+    /// An UPDATE for 10.0.0.0/8 with one community.
+    fn update(community: u32) -> Vec<u8> {
+        let mut attrs = vec![0x40, 1, 1, 0, 0x40, 2, 0, 0x40, 3, 4, 127, 0, 0, 2];
+        attrs.extend_from_slice(&[0xc0, 8, 4]);
+        attrs.extend_from_slice(&community.to_be_bytes());
+        let mut m = vec![0xff; 16];
+        let len = 19 + 4 + attrs.len() + 2;
+        m.extend_from_slice(&(len as u16).to_be_bytes());
+        m.extend_from_slice(&[2, 0, 0]);
+        m.extend_from_slice(&(attrs.len() as u16).to_be_bytes());
+        m.extend_from_slice(&attrs);
+        m.extend_from_slice(&[8, 10]);
+        m
+    }
+
+    async fn wait_until<F: AsyncFnMut() -> bool>(what: &str, mut cond: F) {
+        let until = tokio::time::Instant::now() + DEADLINE;
+        while !cond().await {
+            assert!(tokio::time::Instant::now() < until, "timed out: {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_panicking_session_is_reset_and_the_speaker_lives_on() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut cfg = SpeakerConfig::new(ASN, "192.0.2.1".parse().unwrap());
+        cfg.listen = vec![];
+        cfg.graceful_restart = None;
+        cfg.connect_retry = 1;
+        let (speaker, _events) = Speaker::start(cfg).await.unwrap();
+        let mut peer = PeerConfig::new("127.0.0.1".parse().unwrap(), ASN);
+        peer.port = l.local_addr().unwrap().port();
+        speaker.add_peer(peer).await.unwrap();
+
+        let mut s = establish(&l).await;
+        s.write_all(&update(1)).await.unwrap();
+        wait_until("10/8 learned", async || {
+            speaker.routes().await.unwrap().len() == 1
+        })
+        .await;
+
+        s.write_all(&update(PANIC_COMMUNITY)).await.unwrap();
+        wait_until("the session reset and its route withdrawn", async || {
+            let t = speaker.sessions().await.unwrap();
+            t[0].state != State::Established.to_string()
+                && t[0]
+                    .last_error
+                    .as_deref()
+                    .is_some_and(|e| e.contains("panicked"))
+                && speaker.routes().await.unwrap().is_empty()
+        })
+        .await;
+        // The connection went with the task.
+        let mut buf = [0u8; 4096];
+        loop {
+            match tokio::time::timeout(DEADLINE, s.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => break,
+                Ok(Ok(_)) => continue,
+                Err(_) => panic!("the panicked session's connection stays open"),
+            }
+        }
+        // A new session task comes up, and the speaker still answers.
+        let mut s = establish(&l).await;
+        s.write_all(&update(2)).await.unwrap();
+        wait_until("10/8 learned again", async || {
+            speaker.routes().await.unwrap().len() == 1
+        })
+        .await;
+        assert_eq!(speaker.summary().await.unwrap().sessions_established, 1);
+    }
 }

@@ -8,6 +8,7 @@
 pub mod cluster;
 pub mod kube_nodes;
 pub mod peers;
+pub mod raw_peer;
 
 use anyhow::{Context, Result, anyhow, bail};
 use std::path::{Path, PathBuf};

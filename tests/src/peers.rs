@@ -269,6 +269,23 @@ impl Peer {
         self.resume()
     }
 
+    /// Send `signal` to each of the daemon's process groups: SIGSTOP
+    /// freezes it (its kernel sockets stay open, nothing reads them),
+    /// SIGCONT thaws it.
+    pub fn signal(&self, signal: i32) -> Result<()> {
+        for p in &self.procs {
+            // SAFETY: kill(2) on a process group we started and still own.
+            if unsafe { libc::kill(-(p.child.id() as i32), signal) } != 0 {
+                bail!(
+                    "kill -{signal} {}: {}",
+                    p.name,
+                    std::io::Error::last_os_error()
+                );
+            }
+        }
+        Ok(())
+    }
+
     pub fn is_running(&self) -> bool {
         !self.procs.is_empty()
     }

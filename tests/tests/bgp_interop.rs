@@ -744,3 +744,386 @@ fn harness_reference_daemons_peer_with_bird() {
         );
     }
 }
+
+// ================================================ RFC 7606 over a real session
+
+/// What one malformed UPDATE should do to the route it carries.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Expect {
+    /// The route is learned (the error was an attribute discard, or a
+    /// non-unicast prefix beside it was ignored).
+    Kept,
+    /// The route, first learned from a valid UPDATE, is withdrawn by the
+    /// malformed one (treat-as-withdraw).
+    Withdrawn,
+}
+
+/// A sample of the RFC 7606 rules (docs/bgp.md has them all, with their
+/// in-process tests), sent over a real session by a hand-made peer to
+/// `starling-bgpd`: the session must stay Established with no NOTIFICATION,
+/// each route be kept or withdrawn as the RFC says, and a BIRD peer of the
+/// speaker see the same result. Last, the one sample the RFC answers with a
+/// session reset (a repeated MP_UNREACH_NLRI, §3 g) must reset it.
+#[test]
+fn rfc7606_from_a_hand_made_peer() {
+    use starling_tests::raw_peer::RawPeer;
+    use starling_tests::raw_peer::update::{
+        OPT, OPT_TRANS, WELL_KNOWN, attr, mandatory, message, nlri,
+    };
+    PeerKind::Bird.require_tools();
+    const RAW_AS: u32 = 65005;
+    let raw_addr = ip("192.0.2.5");
+    let bird_addr = ip("192.0.2.6");
+    let mut lan = Lan::new().expect("lan");
+    let me = Netns::new("me").expect("netns");
+    lan.attach(&me, &format!("{OURS_V4}/24")).expect("attach");
+    let raw_ns = Netns::new("raw").expect("netns");
+    lan.attach(&raw_ns, "192.0.2.5/24").expect("attach");
+    let bird_ns = Netns::new("bird").expect("netns");
+    lan.attach(&bird_ns, "192.0.2.6/24").expect("attach");
+    let bird = Peer::start(
+        PeerKind::Bird,
+        &bird_ns,
+        PeerSpec {
+            router_id: Ipv4Addr::new(192, 0, 2, 6),
+            local_as: OUR_AS,
+            local_addresses: vec![bird_addr],
+            neighbors: vec![Neighbor::new(ip(OURS_V4), OUR_AS)],
+            prefixes: vec![],
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    let mut raw_peer = StarlingPeer::new(raw_addr, RAW_AS);
+    raw_peer.passive = true;
+    let ours = Starling::start(
+        &me,
+        &starling_tests::bin("starling-bgpd"),
+        &StarlingSpec {
+            router_id: ip(OURS_V4).to_string().parse().expect("v4"),
+            asn: OUR_AS,
+            prefixes: vec![],
+            peers: vec![raw_peer, StarlingPeer::new(bird_addr, OUR_AS)],
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    let raw = RawPeer::establish(
+        &raw_ns,
+        ip(OURS_V4),
+        RAW_AS,
+        Ipv4Addr::new(192, 0, 2, 5),
+        starling_tests::peers::HOLD_TIME,
+        ESTABLISH,
+    )
+    .unwrap_or_else(|e| panic!("hand-made peer: {e:#}\n{}", ours.diagnostics()));
+    let ctx = || format!("{}{}", ours.diagnostics(), bird.diagnostics());
+    let check = |what: &str, cond: &mut dyn FnMut() -> Result<bool>| match wait_for(
+        what, PROPAGATE, cond,
+    ) {
+        Ok(t) => println!("rfc7606 {what} ok ({:.1}s)", t.as_secs_f64()),
+        Err(e) => panic!("rfc7606 {what}: {e:#}\n{}", ctx()),
+    };
+    check("session and BIRD up", &mut || {
+        Ok(ours.session_established(raw_addr)? && bird.session_established(ip(OURS_V4))?)
+    });
+
+    let nh = [192, 0, 2, 5];
+    let valid = |p: &str| {
+        message(
+            &[],
+            &mandatory(RAW_AS, nh),
+            &nlri(p.parse().expect("prefix")),
+        )
+    };
+    let with = |p: &str, extra: Vec<u8>| {
+        let mut a = mandatory(RAW_AS, nh);
+        a.push(extra);
+        message(&[], &a, &nlri(p.parse().expect("prefix")))
+    };
+    // (name, prefix, malformed UPDATE, expected)
+    let overrun = {
+        // MULTI_EXIT_DISC claims 9 octets, 4 remain in the attribute list (§4).
+        let mut a = mandatory(RAW_AS, nh);
+        a.push(vec![OPT, 4, 9, 0, 0, 0, 1]);
+        message(&[], &a, &nlri("10.50.7.0/24".parse().expect("prefix")))
+    };
+    let multicast_beside = {
+        let mut n = vec![16, 224, 1];
+        n.extend(nlri("10.50.5.0/24".parse().expect("prefix")));
+        message(&[8, 239], &mandatory(RAW_AS, nh), &n)
+    };
+    let cases: Vec<(&str, &str, Vec<u8>, Expect)> = vec![
+        (
+            "MED of length 3 (§7.4)",
+            "10.50.2.0/24",
+            with("10.50.2.0/24", attr(OPT, 4, &[0, 0, 1])),
+            Expect::Withdrawn,
+        ),
+        (
+            "COMMUNITIES of length 5 (§7.8)",
+            "10.50.4.0/24",
+            with("10.50.4.0/24", attr(OPT_TRANS, 8, &[0, 1, 0, 2, 9])),
+            Expect::Withdrawn,
+        ),
+        (
+            "LARGE_COMMUNITY of length 13 (RFC 8092 §6)",
+            "10.50.6.0/24",
+            with("10.50.6.0/24", attr(OPT_TRANS, 32, &[0; 13])),
+            Expect::Withdrawn,
+        ),
+        (
+            "attribute overruns the list (§4)",
+            "10.50.7.0/24",
+            overrun,
+            Expect::Withdrawn,
+        ),
+        (
+            "NEXT_HOP multicast (§7.3)",
+            "10.50.8.0/24",
+            {
+                let mut a = mandatory(RAW_AS, [224, 0, 0, 5]);
+                a.truncate(3);
+                message(&[], &a, &nlri("10.50.8.0/24".parse().expect("prefix")))
+            },
+            Expect::Withdrawn,
+        ),
+        (
+            "ATOMIC_AGGREGATE of length 1 (§7.6)",
+            "10.50.3.0/24",
+            with("10.50.3.0/24", attr(WELL_KNOWN, 6, &[1])),
+            Expect::Kept,
+        ),
+        (
+            "LOCAL_PREF from an external peer (§7.5)",
+            "10.50.9.0/24",
+            with("10.50.9.0/24", attr(WELL_KNOWN, 5, &[0, 0, 1])),
+            Expect::Kept,
+        ),
+        (
+            "multicast prefixes announced and withdrawn beside a unicast one (RFC 4271 §6.3)",
+            "10.50.5.0/24",
+            multicast_beside,
+            Expect::Kept,
+        ),
+    ];
+    raw.send(&valid("10.50.1.0/24")).expect("send");
+    for (_, p, _, e) in &cases {
+        if *e == Expect::Withdrawn {
+            raw.send(&valid(p)).expect("send");
+        }
+    }
+    check("valid routes learned, here and at BIRD", &mut || {
+        let have = ours.routes_from(raw_addr)?;
+        let at_bird = bird.received_prefixes()?;
+        Ok(have.contains_key("10.50.1.0/24")
+            && cases
+                .iter()
+                .filter(|c| c.3 == Expect::Withdrawn)
+                .all(|c| have.contains_key(c.1) && at_bird.contains(c.1)))
+    });
+    for (what, _, m, _) in &cases {
+        raw.send(m).unwrap_or_else(|e| panic!("send {what}: {e:#}"));
+    }
+    for (what, p, _, e) in &cases {
+        let want = *e == Expect::Kept;
+        check(&format!("{what}: {p} {e:?} here and at BIRD"), &mut || {
+            Ok(ours.routes_from(raw_addr)?.contains_key(*p) == want
+                && bird.received_prefixes()?.contains(*p) == want)
+        });
+    }
+    check(
+        "10.50.1.0/24 untouched, session Established, no NOTIFICATION",
+        &mut || {
+            if !raw.notifications().is_empty() || raw.closed() {
+                bail!(
+                    "the speaker sent {:?} / closed the session",
+                    raw.notifications()
+                );
+            }
+            Ok(ours.session_established(raw_addr)?
+                && ours.routes_from(raw_addr)?.contains_key("10.50.1.0/24"))
+        },
+    );
+
+    // §3 g: a repeated MP_UNREACH_NLRI is the one session reset here.
+    let un = attr(OPT, 15, &[0, 1, 1, 8, 10]);
+    raw.send(&message(&[], &[un.clone(), un], &[]))
+        .expect("send");
+    check(
+        "repeated MP_UNREACH_NLRI: NOTIFICATION 3/1, routes gone",
+        &mut || {
+            Ok(raw.notifications().contains(&(3, 1))
+                && !ours.session_established(raw_addr)?
+                && ours.routes_from(raw_addr)?.is_empty()
+                && !bird.received_prefixes()?.contains("10.50.1.0/24"))
+        },
+    );
+}
+
+// ================================================ a peer that stops reading
+
+/// Resident memory of a process, in MiB.
+fn rss_mib(pid: u32) -> Result<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb: f64 = s
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| anyhow!("no VmRSS for {pid}"))?;
+    Ok(kb / 1024.0)
+}
+
+/// A BIRD peer is frozen with SIGSTOP (process stopped, kernel alive, its
+/// socket reading nothing) while a hand-made peer feeds `starling-bgpd` a
+/// large table with one attribute set per prefix, which the speaker
+/// re-advertises to both BIRDs. The frozen one must be dropped within its
+/// hold time (send hold timer, RFC 9687, or its silence), the prefix it
+/// originated withdrawn, while the other BIRD gets the whole table and the
+/// feeding session stays up; the speaker's memory is printed and bounded.
+#[test]
+fn a_frozen_peer_is_dropped_and_the_others_get_the_table() {
+    use starling_tests::raw_peer::RawPeer;
+    use starling_tests::raw_peer::update::{OPT, attr, mandatory, message, nlri};
+    PeerKind::Bird.require_tools();
+    const RAW_AS: u32 = 65005;
+    const TABLE: u32 = 300_000;
+    let raw_addr = ip("192.0.2.5");
+    let (frozen_addr, healthy_addr) = (ip("192.0.2.6"), ip("192.0.2.7"));
+    let mut lan = Lan::new().expect("lan");
+    let me = Netns::new("me").expect("netns");
+    lan.attach(&me, &format!("{OURS_V4}/24")).expect("attach");
+    let raw_ns = Netns::new("raw").expect("netns");
+    lan.attach(&raw_ns, "192.0.2.5/24").expect("attach");
+    let mut birds = Vec::new();
+    for (n, tag) in [(6u8, "frozen"), (7, "healthy")] {
+        let ns = Netns::new(tag).expect("netns");
+        lan.attach(&ns, &format!("192.0.2.{n}/24")).expect("attach");
+        let bird = Peer::start(
+            PeerKind::Bird,
+            &ns,
+            PeerSpec {
+                router_id: Ipv4Addr::new(192, 0, 2, n),
+                local_as: OUR_AS,
+                local_addresses: vec![ip(&format!("192.0.2.{n}"))],
+                neighbors: vec![Neighbor::new(ip(OURS_V4), OUR_AS)],
+                prefixes: vec![net(&format!("10.6{n}.0.0/24"))],
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e:#}"));
+        birds.push((ns, bird));
+    }
+    let mut raw_peer = StarlingPeer::new(raw_addr, RAW_AS);
+    raw_peer.passive = true;
+    let ours = Starling::start(
+        &me,
+        &starling_tests::bin("starling-bgpd"),
+        &StarlingSpec {
+            router_id: ip(OURS_V4).to_string().parse().expect("v4"),
+            asn: OUR_AS,
+            prefixes: vec![],
+            peers: vec![
+                raw_peer,
+                StarlingPeer::new(frozen_addr, OUR_AS),
+                StarlingPeer::new(healthy_addr, OUR_AS),
+            ],
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    let raw = RawPeer::establish(
+        &raw_ns,
+        ip(OURS_V4),
+        RAW_AS,
+        Ipv4Addr::new(192, 0, 2, 5),
+        starling_tests::peers::HOLD_TIME,
+        ESTABLISH,
+    )
+    .unwrap_or_else(|e| panic!("hand-made peer: {e:#}\n{}", ours.diagnostics()));
+    let (frozen, healthy) = (&birds[0].1, &birds[1].1);
+    // Not the frozen BIRD's diagnostics: birdc would wait on it forever.
+    let ctx = || format!("{}{}", ours.diagnostics(), healthy.diagnostics());
+    let check =
+        |what: &str, timeout: Duration, cond: &mut dyn FnMut() -> Result<bool>| match wait_for(
+            what, timeout, cond,
+        ) {
+            Ok(t) => println!("frozen-peer {what} ok ({:.1}s)", t.as_secs_f64()),
+            Err(e) => panic!("frozen-peer {what}: {e:#}\n{}", ctx()),
+        };
+    check(
+        "sessions up, the BIRDs' prefixes learned",
+        ESTABLISH,
+        &mut || {
+            let r = ours.routes()?;
+            let has = |p: &str| r.iter().any(|x| x["prefix"] == p);
+            Ok(ours.session_established(frozen_addr)?
+                && ours.session_established(healthy_addr)?
+                && has("10.66.0.0/24")
+                && has("10.67.0.0/24"))
+        },
+    );
+    let rss_before = rss_mib(ours.daemon.pid()).expect("rss");
+
+    frozen.signal(libc::SIGSTOP).expect("SIGSTOP");
+    let frozen_at = Instant::now();
+    // One attribute set per prefix (MED = its index): nothing packs, so the
+    // speaker's output to the frozen BIRD is far beyond the socket buffers.
+    let mut batch = Vec::new();
+    for i in 0..TABLE {
+        let mut a = mandatory(RAW_AS, [192, 0, 2, 5]);
+        a.push(attr(OPT, 4, &i.to_be_bytes()));
+        let p = ipnet::Ipv4Net::new(Ipv4Addr::from(0x6440_0000 + i), 32).expect("prefix");
+        batch.extend(message(&[], &a, &nlri(p)));
+        if batch.len() > 1 << 20 {
+            raw.send(&batch).expect("feed");
+            batch.clear();
+        }
+    }
+    raw.send(&batch).expect("feed");
+
+    let hold = Duration::from_secs(starling_tests::peers::HOLD_TIME as u64);
+    check("the frozen BIRD dropped", hold + NOTICE_DOWN, &mut || {
+        Ok(!ours.session_established(frozen_addr)?)
+    });
+    let took = frozen_at.elapsed();
+    let why = ours
+        .session(frozen_addr)
+        .ok()
+        .flatten()
+        .map(|s| s["last_error"].to_string())
+        .unwrap_or_default();
+    println!(
+        "frozen-peer dropped after {:.1}s: {why}",
+        took.as_secs_f64()
+    );
+    check(
+        "its prefix withdrawn, here and at the healthy BIRD",
+        PROPAGATE,
+        &mut || {
+            Ok(
+                !ours.routes()?.iter().any(|x| x["prefix"] == "10.66.0.0/24")
+                    && !healthy.received_prefixes()?.contains("10.66.0.0/24"),
+            )
+        },
+    );
+    check(
+        "the healthy BIRD has the whole table",
+        Duration::from_secs(120),
+        &mut || Ok(healthy.received_prefixes()?.len() as u32 >= TABLE),
+    );
+    check("the feeding session is untouched", PROPAGATE, &mut || {
+        if !raw.notifications().is_empty() || raw.closed() {
+            bail!(
+                "the speaker sent {:?} / closed the session",
+                raw.notifications()
+            );
+        }
+        ours.session_established(raw_addr)
+    });
+    let rss_after = rss_mib(ours.daemon.pid()).expect("rss");
+    println!(
+        "frozen-peer starling-bgpd RSS {rss_before:.0} MiB before, {rss_after:.0} MiB with {TABLE} paths and the frozen peer dropped"
+    );
+    // The table itself: 300k paths with their own attribute sets, plus
+    // one Adj-RIB-Out. A frozen peer's unsent output must not add another.
+    assert!(rss_after < 512.0, "starling-bgpd uses {rss_after:.0} MiB");
+    frozen.signal(libc::SIGCONT).expect("SIGCONT");
+}

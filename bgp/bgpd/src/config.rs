@@ -39,6 +39,10 @@ pub struct DaemonConfig {
     pub control_socket: PathBuf,
     #[serde(default)]
     pub hold_time: Option<u16>,
+    /// The smallest non-zero hold time accepted from a peer (default 3);
+    /// an OPEN with less is refused with 2/6 (RFC 4271 §6.2).
+    #[serde(default)]
+    pub min_hold_time: Option<u16>,
     #[serde(default)]
     pub connect_retry: Option<u16>,
     #[serde(default)]
@@ -190,6 +194,9 @@ impl DaemonConfig {
         if let Some(c) = self.connect_retry {
             s.connect_retry = c;
         }
+        if let Some(m) = self.min_hold_time {
+            s.min_hold_time = m;
+        }
         s.cluster_id = self.cluster_id;
         if let Some(m) = self.max_paths {
             s.max_paths = m.max(1);
@@ -257,5 +264,21 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(e.line, Some(4));
+    }
+
+    #[test]
+    fn min_hold_time_reaches_the_speaker() {
+        let c = DaemonConfig::parse(
+            "router_id: 192.0.2.1\nasn: 65000\ncontrol_socket: /x\nmin_hold_time: 30\n",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(c.speaker().min_hold_time, 30);
+        let c = DaemonConfig::parse(
+            "router_id: 192.0.2.1\nasn: 65000\ncontrol_socket: /x\n",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(c.speaker().min_hold_time, 3);
     }
 }

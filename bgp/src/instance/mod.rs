@@ -32,7 +32,7 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
-use tracing::info;
+use tracing::{info, warn};
 
 /// The handle's messages to the instance.
 pub(crate) enum Command {
@@ -69,7 +69,17 @@ struct PeerEntry {
     /// max-prefix warning, so the log says it once.
     warned_policy: bool,
     warned_max_prefix: bool,
+    /// ROUTE-REFRESH: when each family was last resent, and the families
+    /// asked for again inside the window (served when it ends).
+    refreshed_at: HashMap<Family, Instant>,
+    refresh_due: BTreeMap<Family, Instant>,
 }
+
+/// At most one ROUTE-REFRESH answer per peer and family in this long: each
+/// answer resends the whole Adj-RIB-Out of the family, so a peer asking in
+/// a loop must not turn us into an amplifier. Requests inside the window
+/// are coalesced into one answer at its end, so none is lost.
+const REFRESH_EVERY: Duration = Duration::from_secs(10);
 
 impl PeerEntry {
     fn ebgp(&self, local_asn: u32) -> bool {
@@ -103,6 +113,35 @@ pub(crate) struct Instance {
     eor: HashSet<(IpAddr, Family)>,
     synced: bool,
     sync_deadline: Instant,
+    refused: Refusals,
+}
+
+/// Connections refused from unknown addresses, and when one was last logged.
+#[derive(Default)]
+struct Refusals {
+    total: u64,
+    last_logged: Option<Instant>,
+    unlogged: u64,
+}
+
+impl Refusals {
+    /// At most one log line per this long.
+    const LOG_EVERY: Duration = Duration::from_secs(10);
+
+    /// Count one refusal; `Some(n)` when it is to be logged, `n` being the
+    /// refusals not logged since the last line.
+    fn count(&mut self, now: Instant) -> Option<u64> {
+        self.total += 1;
+        if self
+            .last_logged
+            .is_some_and(|t| now.duration_since(t) < Self::LOG_EVERY)
+        {
+            self.unlogged += 1;
+            return None;
+        }
+        self.last_logged = Some(now);
+        Some(std::mem::take(&mut self.unlogged))
+    }
 }
 
 impl Instance {
@@ -130,6 +169,7 @@ impl Instance {
             stale_until: HashMap::default(),
             eor: HashSet::default(),
             synced: false,
+            refused: Refusals::default(),
             sync_deadline: Instant::now() + Duration::from_secs(restart_time as u64),
         }
     }
@@ -170,6 +210,11 @@ impl Instance {
         [
             self.flush_at,
             self.stale_until.values().min().copied(),
+            self.peers
+                .values()
+                .flat_map(|p| p.refresh_due.values())
+                .min()
+                .copied(),
             (!self.synced).then_some(self.sync_deadline),
         ]
         .into_iter()
@@ -186,8 +231,16 @@ impl Instance {
                 let _ = session::prepare_socket(&stream, &p.session, p.ebgp(self.asn));
                 let _ = p.tx.send(ToSession::Incoming(stream));
             }
+            // Dropping the stream closes it; nothing was read from it. The
+            // log is rate-limited: a scan of port 179 must not flood it.
             None => {
-                info!(from = %from, "refused a connection from an address that is not a configured peer")
+                if let Some(more) = self.refused.count(Instant::now()) {
+                    warn!(
+                        from = %from,
+                        "refused a connection from an address that is not a configured peer \
+                         ({more} more refused since the last such line)"
+                    );
+                }
             }
         }
     }
@@ -199,6 +252,7 @@ impl Instance {
             self.flush();
         }
         self.stale_timers(now);
+        self.refresh_timers(now);
         if !self.synced && self.sync_deadline <= now {
             info!("initial sync: not every peer sent End-of-RIB in time; going ahead");
             self.finish_sync();
@@ -279,6 +333,7 @@ impl Instance {
                 .filter(|p| p.state == State::Established)
                 .count(),
             sessions_configured: self.peers.len(),
+            connections_refused: self.refused.total,
         }
     }
 }

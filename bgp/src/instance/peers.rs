@@ -1,7 +1,7 @@
 //! The peer table: adding, changing and removing peers, the session states
 //! the session tasks report, and the per-peer limits.
 
-use super::{Instance, PeerEntry};
+use super::{Instance, PeerEntry, REFRESH_EVERY};
 use crate::attrs::Family;
 use crate::config::{MaxPrefixAction, PeerConfig, PeerPolicy, SessionConfig};
 use crate::fsm::State;
@@ -15,7 +15,8 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
-use tracing::{info, warn};
+use tokio::time::Instant;
+use tracing::{error, info, warn};
 
 impl Instance {
     /// Add a peer, or apply a new configuration to one we have: a change of
@@ -91,6 +92,8 @@ impl Instance {
                 adj_out: HashMap::default(),
                 warned_policy: false,
                 warned_max_prefix: false,
+                refreshed_at: HashMap::default(),
+                refresh_due: Default::default(),
             },
         );
     }
@@ -149,14 +152,76 @@ impl Instance {
                 }
             }
             FromSession::Update { peer, update } => self.update(peer, *update),
+            FromSession::Panicked { peer, message } => self.session_panicked(peer, message),
             FromSession::RefreshRequest { peer, family } => {
-                // RFC 2918: resend the whole Adj-RIB-Out of that family.
-                if let Some(p) = self.peers.get_mut(&peer) {
-                    p.adj_out.retain(|k, _| Family::of(k) != family);
-                }
-                self.export_to(peer, self.rib.prefixes_of(family), false);
+                self.refresh_request(peer, family, Instant::now())
             }
         }
+    }
+
+    /// A ROUTE-REFRESH from the peer, rate-limited (`REFRESH_EVERY`).
+    pub(super) fn refresh_request(&mut self, peer: IpAddr, family: Family, now: Instant) {
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        match p.refreshed_at.get(&family) {
+            Some(t) if now.duration_since(*t) < REFRESH_EVERY => {
+                if let std::collections::btree_map::Entry::Vacant(e) = p.refresh_due.entry(family) {
+                    info!(peer = %peer, %family, "ROUTE-REFRESH within {}s of the last: answered when the window ends", REFRESH_EVERY.as_secs());
+                    e.insert(*t + REFRESH_EVERY);
+                }
+            }
+            _ => self.refresh(peer, family, now),
+        }
+    }
+
+    /// Deferred ROUTE-REFRESH answers whose window has ended.
+    pub(super) fn refresh_timers(&mut self, now: Instant) {
+        let due: Vec<(IpAddr, Family)> = self
+            .peers
+            .iter()
+            .flat_map(|(a, p)| {
+                p.refresh_due
+                    .iter()
+                    .filter(|(_, t)| **t <= now)
+                    .map(|(f, _)| (*a, *f))
+            })
+            .collect();
+        for (peer, family) in due {
+            self.refresh(peer, family, now);
+        }
+    }
+
+    /// RFC 2918: resend the whole Adj-RIB-Out of that family.
+    fn refresh(&mut self, peer: IpAddr, family: Family, now: Instant) {
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.adj_out.retain(|k, _| Family::of(k) != family);
+            p.refreshed_at.insert(family, now);
+            p.refresh_due.remove(&family);
+        }
+        self.export_to(peer, self.rib.prefixes_of(family), false);
+    }
+
+    /// The peer's session task panicked and its connection went with it:
+    /// the session is down without a NOTIFICATION, so its routes are
+    /// withdrawn (not kept as for graceful restart: the task that lost them
+    /// was ours), and a new task starts the session again.
+    fn session_panicked(&mut self, peer: IpAddr, message: String) {
+        error!(peer = %peer, "the session task panicked: {message}; resetting the session");
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        let was = p.state;
+        p.state = State::Idle;
+        p.since = session::now_unix();
+        p.last_error = Some(format!("session task panicked: {message}"));
+        let (tx, rx) = mpsc::unbounded_channel();
+        p.tx = tx;
+        let cfg = p.session.clone();
+        if was == State::Established {
+            self.session_left(peer, false);
+        }
+        (self.start_session)(cfg, rx);
     }
 
     /// Established: the RIB learns who the peer is, a restarting peer's

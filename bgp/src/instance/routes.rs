@@ -158,9 +158,7 @@ impl Instance {
                 moved.push(p);
             }
         }
-        if moved.len() > 1024 {
-            self.rib.collect_garbage();
-        }
+        self.rib.collect_garbage();
         let mut items: Option<Vec<(IpNet, Option<Best>)>> = None;
         let addrs: Vec<IpAddr> = self.peers.keys().copied().collect();
         for a in addrs {
@@ -210,7 +208,7 @@ impl Instance {
             local_addr: neg.local_addr,
         };
         let changes = adj_out_changes(&mut p.adj_out, &mut self.rib, items, &to, policy, &neg);
-        let out = changes.encode(&neg, ebgp, end_of_rib);
+        let out = changes.encode(&neg, ebgp, end_of_rib, &mut p.adj_out, addr);
         if !out.is_empty() {
             let _ = p.tx.send(ToSession::Send(out));
         }
@@ -272,21 +270,52 @@ fn adj_out_changes(
 impl AdjOutChanges {
     /// The UPDATEs to send: withdrawals first, then announcements packed by
     /// attribute set, then End-of-RIB when asked (RFC 4724 §2).
-    fn encode(self, neg: &Negotiated, ebgp: bool, end_of_rib: bool) -> Vec<Vec<u8>> {
-        let mut out = Vec::new();
-        for (family, prefixes) in self.withdraw {
-            out.extend(wire::encode_withdraw(family, &prefixes, neg.max_len));
-        }
+    ///
+    /// An attribute set that does not fit the peer's maximum message size
+    /// (RFC 4271 §4.1, RFC 8654) is never sent over-long: its prefixes are
+    /// withdrawn instead (the peer may hold an older path for them) and
+    /// taken out of the Adj-RIB-Out, which records only what was sent.
+    fn encode(
+        self,
+        neg: &Negotiated,
+        ebgp: bool,
+        end_of_rib: bool,
+        adj_out: &mut HashMap<IpNet, Arc<PathAttrs>>,
+        peer: IpAddr,
+    ) -> Vec<Vec<u8>> {
+        let mut withdraw = self.withdraw;
+        let mut announcements = Vec::new();
         for ((family, _), (attrs, prefixes)) in self.announce {
-            out.extend(wire::encode_announce(
+            let msgs = wire::encode_announce(
                 family,
                 &prefixes,
                 &attrs,
                 neg.four_octet,
                 !ebgp,
                 neg.max_len,
-            ));
+            );
+            if msgs.iter().any(|m| m.is_empty() || m.len() > neg.max_len) {
+                warn!(
+                    peer = %peer,
+                    %family,
+                    prefixes = prefixes.len(),
+                    first = %prefixes[0],
+                    "an attribute set does not fit the peer's maximum message size of {} octets: withdrawing its prefixes instead",
+                    neg.max_len
+                );
+                for p in &prefixes {
+                    adj_out.remove(p);
+                }
+                withdraw.entry(family).or_default().extend(prefixes);
+                continue;
+            }
+            announcements.extend(msgs);
         }
+        let mut out = Vec::new();
+        for (family, prefixes) in withdraw {
+            out.extend(wire::encode_withdraw(family, &prefixes, neg.max_len));
+        }
+        out.extend(announcements);
         if end_of_rib {
             out.extend(neg.families.iter().map(|f| wire::encode_end_of_rib(*f)));
         }

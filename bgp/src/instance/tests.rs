@@ -626,3 +626,98 @@ async fn accepted_connections_go_to_their_peers_session() {
     h.inst.incoming(stream, "127.0.0.2:40000".parse().unwrap());
     assert!(h.sent("127.0.0.1").control.is_empty());
 }
+
+#[tokio::test]
+async fn unknown_addresses_are_refused_and_logged_at_a_rate_limit() {
+    let mut h = Harness::new(|_| {});
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut clients = Vec::new();
+    for _ in 0..50 {
+        clients.push(TcpStream::connect(l.local_addr().unwrap()).await.unwrap());
+        let (stream, _) = l.accept().await.unwrap();
+        h.inst.incoming(stream, "127.0.0.2:40000".parse().unwrap());
+    }
+    assert_eq!(h.inst.summary().connections_refused, 50);
+    // One line for the first; the other 49 wait for the next window.
+    assert_eq!(h.inst.refused.unlogged, 49);
+    let later = h.inst.refused.last_logged.unwrap() + Refusals::LOG_EVERY;
+    assert_eq!(h.inst.refused.count(later), Some(49));
+    // The refused connections were closed.
+    use tokio::io::AsyncReadExt;
+    let mut b = [0u8; 1];
+    assert_eq!(clients[0].read(&mut b).await.unwrap(), 0);
+}
+
+#[test]
+fn route_refresh_is_rate_limited_per_peer_and_none_is_lost() {
+    let mut h = Harness::new(|_| {});
+    h.peer("192.0.2.2", ASN, |_| {});
+    h.up("192.0.2.2", None);
+    h.inst.command(Command::Announce(net("10.0.0.0/24")));
+    h.settle(&["192.0.2.2"]);
+    let t0 = Instant::now();
+    // The first request is answered at once with the whole table.
+    h.inst.refresh_request(ip("192.0.2.2"), Family::Ipv4, t0);
+    h.inst.flush();
+    assert_eq!(h.sent("192.0.2.2").announced.len(), 1);
+    // A hundred more inside the window: nothing now...
+    for i in 0..100 {
+        h.inst
+            .refresh_request(ip("192.0.2.2"), Family::Ipv4, t0 + Duration::from_millis(i));
+    }
+    h.inst.flush();
+    assert!(h.sent("192.0.2.2").announced.is_empty());
+    // ...and one answer when the window ends.
+    h.inst.timers(t0 + REFRESH_EVERY);
+    h.inst.flush();
+    assert_eq!(h.sent("192.0.2.2").announced.len(), 1);
+    h.inst.timers(t0 + REFRESH_EVERY * 3);
+    h.inst.flush();
+    assert!(h.sent("192.0.2.2").announced.is_empty());
+}
+
+#[test]
+fn a_million_flaps_with_a_changing_med_leave_the_attribute_sets_flat() {
+    let mut h = Harness::new(|_| {});
+    h.peer("192.0.2.2", ASN, |_| {});
+    h.up("192.0.2.2", None);
+    let mut most = 0;
+    for med in 0..1_000_000u32 {
+        let mut a = attrs(&[], "192.0.2.2");
+        a.med = Some(med);
+        h.announce("192.0.2.2", &["10.0.0.0/24"], a);
+        h.inst.flush();
+        // The embedder consumes its events (they hold the paths).
+        h.events();
+        most = most.max(h.inst.summary().attribute_sets);
+    }
+    // One prefix, one live set; what waits for collection is bounded.
+    // Collection runs once the set passes twice the live sets plus 1024.
+    assert!(most <= 1027, "{most} attribute sets at most");
+    assert_eq!(h.inst.summary().loc_rib_prefixes, 1);
+}
+
+#[test]
+fn an_attribute_set_too_large_for_the_peer_is_withdrawn_not_sent_over_long() {
+    let mut h = Harness::new(|c| c.ebgp_requires_policy = false);
+    h.peer("192.0.2.2", ASN, |_| {});
+    h.peer("198.51.100.2", 65001, |_| {});
+    h.up("192.0.2.2", None);
+    h.up("198.51.100.2", None);
+    h.announce("192.0.2.2", &["10.0.0.0/24"], attrs(&[], "192.0.2.2"));
+    h.inst.flush();
+    assert_eq!(h.sent("198.51.100.2").announced.len(), 1);
+    // 1100 communities: 4400 octets, past the 4096 the session allows.
+    let mut big = attrs(&[], "192.0.2.2");
+    big.communities = (0..1100).collect();
+    h.announce("192.0.2.2", &["10.0.0.0/24"], big);
+    h.inst.flush();
+    let sent = h.sent("198.51.100.2");
+    assert!(sent.announced.is_empty(), "{sent:?}");
+    assert_eq!(sent.withdrawn, [net("10.0.0.0/24")].into());
+    assert!(
+        !h.inst.peers[&ip("198.51.100.2")]
+            .adj_out
+            .contains_key(&net("10.0.0.0/24"))
+    );
+}

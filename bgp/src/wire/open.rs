@@ -139,6 +139,23 @@ pub fn check_open(
     Ok(p)
 }
 
+/// RFC 4271 §6.2: a non-zero hold time below our minimum (`min`, never
+/// less than 3: §4.2 forbids 1 and 2) is refused with 2/6 Unacceptable Hold
+/// Time. Zero (no keepalives at all) is the peer's right under §4.2.
+pub fn check_hold_time(hold_time: u16, min: u16) -> Result<(), Notify> {
+    if hold_time != 0 && hold_time < min.max(3) {
+        return Err(Notify::new(
+            OpenMessageError::UnacceptableHoldTime,
+            hold_time.to_be_bytes().to_vec(),
+            format!(
+                "unacceptable hold time {hold_time}: the minimum is {}",
+                min.max(3)
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// The OPEN's fields and the capabilities we understand; the others are
 /// ignored (RFC 5492 §3).
 fn read_capabilities(open: &BgpOpenMessage) -> PeerOpen {

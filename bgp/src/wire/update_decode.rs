@@ -1,8 +1,8 @@
-//! UPDATE, received (RFC 4271 §4.3): netgauze's parsed message into our
-//! `Update`, one step per attribute, under the revised error handling of
-//! RFC 7606. Every error a step finds goes through `Decoder::handle` with
-//! the RFC 7606 §2 approach its rule calls for, so changing what we do about
-//! one attribute is a change to that attribute's rule alone.
+//! UPDATE, received (RFC 4271 §4.3): `receive_update` screens the raw bytes
+//! (`update_screen`, where RFC 7606's per-attribute rules live), lets
+//! netgauze parse the clean message, and turns it into our `Update`, one
+//! step per attribute. What netgauze still refuses in a screened message
+//! (attributes the screen does not know) goes through `unparsed_rule`.
 //!
 //! ```text
 //! +-----------------------------------------------------+
@@ -18,18 +18,20 @@
 //! +-----------------------------------------------------+
 //! ```
 
+use super::framing::decode;
 use super::iana::{AS_TRANS, AS4_AGGREGATOR, family_of};
 use super::notification::{Notify, UpdateMessageError};
+use super::update_screen::{Screen, screen_update};
 use crate::attrs::{AsSegment, Family, Origin, PathAttrs, SegmentKind, UnknownAttr};
 use ipnet::IpNet;
+use netgauze_bgp_pkt::BgpMessage;
 use netgauze_bgp_pkt::path_attribute::{
     self as pa, AsPath, AsPathSegmentType, MpReach, MpUnreach, PathAttribute, PathAttributeValue,
     UnknownAttribute,
 };
 use netgauze_bgp_pkt::update::BgpUpdateMessage;
-use netgauze_bgp_pkt::wire::deserializer::BgpParsingIgnoredErrors;
 use netgauze_bgp_pkt::wire::deserializer::path_attribute::PathAttributeParsingError;
-use std::collections::BTreeSet;
+use netgauze_bgp_pkt::wire::deserializer::{BgpParsingContext, BgpParsingIgnoredErrors};
 use std::net::{IpAddr, Ipv4Addr};
 
 /// A decoded UPDATE in our model, after RFC 7606 handling.
@@ -52,6 +54,34 @@ enum ErrorHandling {
     TreatAsWithdraw,
     /// Close the session with this NOTIFICATION.
     SessionReset(Notify),
+}
+
+/// One framed UPDATE off the wire (header included) into our model: RFC
+/// 7606 on the raw bytes first, then netgauze's parser on what passed.
+pub fn receive_update(
+    msg: &[u8],
+    ctx: &mut BgpParsingContext,
+    screen: &Screen,
+) -> Result<Update, Notify> {
+    let screened = screen_update(msg, screen)?;
+    let (parsed, ignored) = decode(&screened.message, ctx)?;
+    let BgpMessage::Update(u) = parsed else {
+        return Err(Notify::new(
+            UpdateMessageError::MalformedAttributeList,
+            vec![],
+            "a screened UPDATE did not parse as an UPDATE",
+        ));
+    };
+    let mut update = decode_update(&u, &ignored, screen.four_octet, screen.ebgp)?;
+    update.end_of_rib = screened.end_of_rib;
+    if screened.treat_as_withdraw {
+        let announced = std::mem::take(&mut update.announced);
+        update.withdrawn.extend(announced);
+    }
+    let mut problems = screened.problems;
+    problems.append(&mut update.problems);
+    update.problems = problems;
+    Ok(update)
 }
 
 /// Turn a parsed UPDATE into our model. `four_octet` is whether the session
@@ -122,14 +152,13 @@ struct Decoder {
     u: Update,
     ebgp: bool,
     treat_as_withdraw: bool,
-    /// Attribute type codes seen, for RFC 7606 §3 g.
-    seen: BTreeSet<u8>,
+    /// Prefixes in the UPDATE's own NLRI field, which need NEXT_HOP.
+    nlri_field: usize,
     as4_path: Option<Vec<AsSegment>>,
     as4_aggregator: Option<(u32, Ipv4Addr)>,
     has_origin: bool,
     has_as_path: bool,
     has_next_hop: bool,
-    has_mp_reach: bool,
 }
 
 impl Decoder {
@@ -141,13 +170,12 @@ impl Decoder {
             },
             ebgp,
             treat_as_withdraw: false,
-            seen: BTreeSet::new(),
+            nlri_field: msg.nlri().len(),
             as4_path: None,
             as4_aggregator: None,
             has_origin: false,
             has_as_path: false,
             has_next_hop: false,
-            has_mp_reach: false,
         }
     }
 
@@ -190,11 +218,9 @@ impl Decoder {
         }
     }
 
-    /// One attribute: the repeat check, then its own step.
+    /// One attribute's own step (repeats never get here: the screen drops
+    /// them, RFC 7606 §3 g).
     fn attribute(&mut self, attr: &PathAttribute) -> Result<(), Notify> {
-        if !self.first_of_its_type(attr)? {
-            return Ok(());
-        }
         match attr.value() {
             PathAttributeValue::Origin(o) => self.origin(o),
             PathAttributeValue::AsPath(p) => self.as_path(p),
@@ -214,35 +240,6 @@ impl Decoder {
             _ => {}
         }
         Ok(())
-    }
-
-    /// RFC 7606 §3 g: a repeated MP_REACH_NLRI or MP_UNREACH_NLRI resets the
-    /// session; any other repeat is discarded, the first one kept.
-    fn first_of_its_type(&mut self, attr: &PathAttribute) -> Result<bool, Notify> {
-        let code = attr
-            .path_attribute_type()
-            .map(|t| t as u8)
-            .unwrap_or_else(|c| c);
-        if self.seen.insert(code) {
-            return Ok(true);
-        }
-        let mp = matches!(
-            attr.value(),
-            PathAttributeValue::MpReach(_) | PathAttributeValue::MpUnreach(_)
-        );
-        if mp {
-            let n = Notify::new(
-                UpdateMessageError::MalformedAttributeList,
-                vec![],
-                format!("attribute {code} appears twice"),
-            );
-            self.handle(ErrorHandling::SessionReset(n), String::new())?;
-        }
-        self.handle(
-            ErrorHandling::AttributeDiscard,
-            format!("duplicate attribute {code} discarded (RFC 7606)"),
-        )?;
-        Ok(false)
     }
 
     /// ORIGIN (RFC 4271 §5.1.1).
@@ -335,7 +332,6 @@ impl Decoder {
     /// MP_REACH_NLRI (RFC 4760 §3) of the families we carry: its next hop
     /// (IPv6: global and link-local, RFC 2545 §3) and prefixes.
     fn mp_reach(&mut self, r: &MpReach) {
-        self.has_mp_reach = true;
         let a = &mut self.u.attrs;
         match r {
             MpReach::Ipv4Unicast { next_hop, nlri, .. } => {
@@ -428,7 +424,7 @@ impl Decoder {
     }
 
     /// RFC 7606 §3 d: an UPDATE that announces prefixes without ORIGIN,
-    /// AS_PATH or a next hop is treat-as-withdraw.
+    /// AS_PATH or (for the NLRI field's) NEXT_HOP is treat-as-withdraw.
     fn mandatory_present(&mut self) {
         if self.u.announced.is_empty() {
             return;
@@ -440,7 +436,8 @@ impl Decoder {
         if !self.has_as_path {
             missing.push("AS_PATH");
         }
-        if !self.has_next_hop && !self.has_mp_reach {
+        // RFC 4760 §3: NEXT_HOP is needed only for the NLRI field's prefixes.
+        if !self.has_next_hop && self.nlri_field > 0 {
             missing.push("NEXT_HOP");
         }
         if !missing.is_empty() {
