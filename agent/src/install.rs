@@ -91,7 +91,13 @@ pub struct InstallReport {
     pub binary_outcome: Outcome,
     pub conflist: PathBuf,
     pub conflist_outcome: Outcome,
+    /// What could not be checked (a chained plugin missing or not
+    /// answering VERSION): the install went ahead; the caller logs these.
+    pub warnings: Vec<String>,
 }
+
+/// The plugins the conflist chains after `starling`.
+pub const CHAINED_PLUGINS: [&str; 1] = ["portmap"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum InstallError {
@@ -103,6 +109,19 @@ pub enum InstallError {
     SourceMissing { path: PathBuf },
     #[error("option --{field}: {why}")]
     Invalid { field: &'static str, why: String },
+    #[error(
+        "{plugin} ({}) speaks CNI {supported}, not the conflist's {version}: the runtime \
+         would fail every pod (and STATUS) on this node. Install reference plugins that speak \
+         {version} (containernetworking-plugins 1.5 or later) or pass --cni-version {newest}",
+        path.display()
+    )]
+    ChainedPluginTooOld {
+        plugin: &'static str,
+        path: PathBuf,
+        version: String,
+        supported: String,
+        newest: String,
+    },
     #[error("{}: {op}: {source}", path.display())]
     Io {
         path: PathBuf,
@@ -138,6 +157,7 @@ pub fn install_cni(opts: &InstallOptions) -> Result<InstallReport, InstallError>
             why: format!("{} is empty", opts.cni_binary.display()),
         });
     }
+    let warnings = check_chained_plugins(opts)?;
     let dest = opts.cni_bin_dir.join(PLUGIN_NAME);
     let binary_outcome = write_atomic(&dest, &binary, 0o755)?;
     let conflist_outcome = write_atomic(&opts.cni_conf, conflist.as_bytes(), 0o644)?;
@@ -146,7 +166,78 @@ pub fn install_cni(opts: &InstallOptions) -> Result<InstallReport, InstallError>
         binary_outcome,
         conflist: opts.cni_conf.clone(),
         conflist_outcome,
+        warnings,
     })
+}
+
+/// The spec wants every plugin of a list to speak the list's version; a
+/// runtime sends a 1.1.0 list's STATUS to each, and an older portmap answers
+/// "missing containerID", so the node never turns Ready. Ask each chained
+/// plugin in the bin directory (VERSION, as a runtime would) before writing
+/// a conflist it cannot serve.
+fn check_chained_plugins(opts: &InstallOptions) -> Result<Vec<String>, InstallError> {
+    let mut warnings = Vec::new();
+    for plugin in CHAINED_PLUGINS {
+        let path = opts.cni_bin_dir.join(plugin);
+        if !path.exists() {
+            warnings.push(format!(
+                "{} is missing: pods on this node fail until the reference plugins are installed",
+                path.display()
+            ));
+            continue;
+        }
+        let supported = match plugin_versions(&path) {
+            Ok(v) => v,
+            Err(why) => {
+                warnings.push(format!(
+                    "{}: VERSION did not answer ({why}); not checked",
+                    path.display()
+                ));
+                continue;
+            }
+        };
+        if !supported.contains(&opts.cni_version) {
+            let newest = starling_cni_proto::CNI_VERSIONS
+                .iter()
+                .rev()
+                .find(|v| supported.iter().any(|s| s == *v))
+                .unwrap_or(&"0.3.1");
+            return Err(InstallError::ChainedPluginTooOld {
+                plugin,
+                path,
+                version: opts.cni_version.clone(),
+                supported: supported.join(", "),
+                newest: newest.to_string(),
+            });
+        }
+    }
+    Ok(warnings)
+}
+
+/// A plugin's `supportedVersions` from its VERSION command.
+fn plugin_versions(path: &Path) -> Result<Vec<String>, String> {
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(path)
+        .env("CNI_COMMAND", "VERSION")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    if let Some(mut stdin) = child.stdin.take() {
+        // The spec's VERSION input; a plugin that ignores it is fine too.
+        let _ = stdin.write_all(br#"{"cniVersion":"0.3.1"}"#);
+    }
+    let out = child.wait_with_output().map_err(|e| e.to_string())?;
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).map_err(|e| format!("output is not JSON: {e}"))?;
+    let list = v["supportedVersions"]
+        .as_array()
+        .ok_or("no supportedVersions in its output")?;
+    Ok(list
+        .iter()
+        .filter_map(|x| x.as_str().map(str::to_string))
+        .collect())
 }
 
 /// The network configuration list `install_cni` writes.
@@ -167,11 +258,14 @@ pub fn conflist(opts: &InstallOptions) -> Result<String, InstallError> {
             ),
         );
     }
-    let v: Vec<&str> = opts.cni_version.split('.').collect();
-    if v.len() != 3 || v.iter().any(|p| p.parse::<u32>().is_err()) {
+    if !starling_cni_proto::CNI_VERSIONS.contains(&opts.cni_version.as_str()) {
         return invalid(
             "cni-version",
-            format!("`{}` is not a version like 1.1.0", opts.cni_version),
+            format!(
+                "`{}` is not a version the plugin speaks ({})",
+                opts.cni_version,
+                starling_cni_proto::CNI_VERSIONS.join(", ")
+            ),
         );
     }
     if !opts.socket_path.is_absolute() {
@@ -294,6 +388,47 @@ mod tests {
         }
     }
 
+    /// A stand-in for a reference plugin that answers VERSION.
+    fn fake_plugin(dir: &Path, name: &str, versions: &[&str]) {
+        fs::create_dir_all(dir).unwrap();
+        let list: Vec<String> = versions.iter().map(|v| format!("\"{v}\"")).collect();
+        let script = format!(
+            "#!/bin/sh\ncat >/dev/null\necho '{{\"cniVersion\":\"1.0.0\",\"supportedVersions\":[{}]}}'\n",
+            list.join(",")
+        );
+        let p = dir.join(name);
+        fs::write(&p, script).unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).unwrap();
+    }
+
+    #[test]
+    fn a_chained_plugin_that_cannot_speak_the_version_stops_the_install() {
+        let s = Scratch::new("chained");
+        let mut opts = options(&s.0);
+        fake_plugin(&opts.cni_bin_dir, "portmap", &["0.3.1", "0.4.0", "1.0.0"]);
+        opts.cni_version = "1.1.0".into();
+        let e = install_cni(&opts).unwrap_err().to_string();
+        assert!(
+            e.contains("portmap") && e.contains("1.1.0") && e.contains("--cni-version 1.0.0"),
+            "{e}"
+        );
+        assert!(
+            !opts.cni_conf.exists(),
+            "a conflist the plugins cannot serve"
+        );
+        // The same plugins serve 1.0.0; a missing plugin is a warning.
+        opts.cni_version = "1.0.0".into();
+        let r = install_cni(&opts).unwrap();
+        assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+        fs::remove_file(opts.cni_bin_dir.join("portmap")).unwrap();
+        let r = install_cni(&opts).unwrap();
+        assert!(
+            r.warnings[0].contains("portmap is missing"),
+            "{:?}",
+            r.warnings
+        );
+    }
+
     fn mode(p: &Path) -> u32 {
         fs::metadata(p).unwrap().permissions().mode() & 0o7777
     }
@@ -412,6 +547,7 @@ mod tests {
             ),
             (|o| o.network_name = "has space".into(), "--network-name"),
             (|o| o.cni_version = "1.1".into(), "--cni-version"),
+            (|o| o.cni_version = "2.0.0".into(), "--cni-version"),
             (|o| o.socket_path = "run/cni.sock".into(), "--socket-path"),
         ] {
             let mut opts = options(&s.0);

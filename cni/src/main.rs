@@ -435,7 +435,7 @@ fn result(
 }
 
 fn main() {
-    let versions = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]
+    let versions = proto::CNI_VERSIONS
         .iter()
         .filter_map(|v| v.parse::<SpecVersion>().ok())
         .collect();

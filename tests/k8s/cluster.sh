@@ -39,8 +39,11 @@ log() { echo "cluster.sh: $*" >&2; }
 KUBELET="$KUBE_DIR/kubelet"
 KUBE_CONTROLLER_MANAGER="$KUBE_DIR/kube-controller-manager"
 KUBE_SCHEDULER="$KUBE_DIR/kube-scheduler"
-CONTAINERD="${CONTAINERD:-/usr/bin/containerd}"
-CTR="${CTR:-/usr/bin/ctr}"
+# containerd 2.x from the cache (control-plane.sh build): it calls the CNI
+# STATUS verb. CONTAINERD_DIR=/usr/bin runs Debian's 1.6 instead (no STATUS;
+# then generate the manifests without `--cni-version 1.1.0`).
+CONTAINERD="$CONTAINERD_DIR/containerd"
+CTR="$CONTAINERD_DIR/ctr"
 RUNC="${RUNC:-/usr/sbin/runc}"
 IMAGES_DIR="$CACHE/images-$K8S_VERSION"
 PAUSE_TAR="$IMAGES_DIR/pause.tar"
@@ -65,6 +68,7 @@ cmd_env() {
     echo "KUBE_SCHEDULER=$KUBE_SCHEDULER"
     echo "KUBE_APISERVER=$KUBE_APISERVER"
     echo "CONTAINERD=$CONTAINERD"
+    echo "CTR=$CTR"
     echo "RUNC=$RUNC"
     echo "PAUSE_TAR=$PAUSE_TAR"
     echo "PAUSE_IMAGE=$PAUSE_IMAGE"
@@ -148,8 +152,12 @@ require_tools() {
     for t in "$KUBE_APISERVER" "$KUBECTL" "$KUBELET" "$KUBE_CONTROLLER_MANAGER" "$KUBE_SCHEDULER" "$ETCD"; do
         [ -x "$t" ] || die "missing $t; run: bash tests/k8s/control-plane.sh build"
     done
-    [ -x "$CONTAINERD" ] || die "missing $CONTAINERD (Debian package containerd; .ci/packages lists it)"
-    [ -x "$CTR" ] || die "missing $CTR (Debian package containerd)"
+    [ -x "$CONTAINERD" ] || die "missing $CONTAINERD; run: bash tests/k8s/control-plane.sh build"
+    [ -x "$CTR" ] || die "missing $CTR; run: bash tests/k8s/control-plane.sh build"
+    for t in loopback portmap; do
+        [ -x "$PLUGINS_DIR/$t" ] || die "missing $PLUGINS_DIR/$t; run: bash tests/k8s/control-plane.sh build"
+    done
+    [ -x "$CONTAINERD_DIR/containerd-shim-runc-v2" ] || die "missing $CONTAINERD_DIR/containerd-shim-runc-v2; run: bash tests/k8s/control-plane.sh build"
     [ -x "$RUNC" ] || die "missing $RUNC (Debian package runc)"
     [ -e /usr/lib/cni/loopback ] || die "missing /usr/lib/cni/loopback (Debian package containernetworking-plugins)"
     for t in openssl nsenter unshare ip; do
@@ -222,11 +230,12 @@ start_node() { # dir index
         mount -t overlay overlay -o "lowerdir=/etc,upperdir=$r/etc.upper,workdir=$r/etc.work" /etc
         mount -t overlay overlay -o "lowerdir=/opt,upperdir=$r/opt.upper,workdir=$r/opt.work" /opt
         mkdir -p /etc/cni/net.d /opt/cni/bin /run/netns
-        # containerd 1.6 execs plugins from ONE bin_dir and its CRI always
-        # calls `loopback`: the reference plugins sit next to what the node
-        # installs (install-cni adds `starling`).
-        for p in /usr/lib/cni/*; do ln -s "$p" /opt/cni/bin/; done
-    ' bash "$r"
+        # The CRI always calls `loopback` from the CNI bin directory of the node:
+        # the reference plugins sit next to what the node installs
+        # (install-cni adds `starling`), as on a kubeadm node; portmap and
+        # loopback at a release that speaks CNI 1.1.0.
+        for p in /usr/lib/cni/* "$2"/*; do ln -sf "$p" /opt/cni/bin/; done
+    ' bash "$r" "$PLUGINS_DIR"
 
     for c in $CONTROLLERS; do mkdir -p "/sys/fs/cgroup/$c$cg"; done
     cat /sys/fs/cgroup/cpuset/cpuset.cpus >"/sys/fs/cgroup/cpuset$cg/cpuset.cpus"
@@ -234,19 +243,21 @@ start_node() { # dir index
 
     # Standard paths inside the node: /run/containerd, /var/lib/containerd.
     cat >"$d/containerd.toml" <<EOF
-version = 2
-[plugins."io.containerd.grpc.v1.cri"]
+version = 3
+[plugins.'io.containerd.cri.v1.images'.pinned_images]
+  sandbox = "$PAUSE_IMAGE"
+[plugins.'io.containerd.cri.v1.runtime']
   # This sandbox's root lacks CAP_SYS_RESOURCE: runc cannot set the pause
   # container's oom_score_adj of -998 below our own.
   restrict_oom_score_adj = true
-  sandbox_image = "$PAUSE_IMAGE"
-  [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "/opt/cni/bin"
+  [plugins.'io.containerd.cri.v1.runtime'.cni]
+    bin_dirs = ["/opt/cni/bin"]
     conf_dir = "/etc/cni/net.d"
-  [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+  [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc]
     runtime_type = "io.containerd.runc.v2"
 EOF
-    setsid nsenter --mount="$d/mnt" --net="/var/run/netns/$ns" "$CONTAINERD" --config "$d/containerd.toml" \
+    # The shim is looked up on PATH: the one built with this containerd first.
+    PATH="$CONTAINERD_DIR:$PATH" setsid nsenter --mount="$d/mnt" --net="/var/run/netns/$ns" "$CONTAINERD" --config "$d/containerd.toml" \
         >"$d/containerd.log" 2>&1 </dev/null &
     echo $! >"$d/containerd.pid"
 

@@ -16,11 +16,20 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # kube-apiserver matches the k8s-openapi feature the agent compiles against (v1_33).
 K8S_VERSION="${K8S_VERSION:-v1.33.13}"
 CNI_VERSION="${CNI_VERSION:-v1.3.0}"
+# The nodes' container runtime (tests/k8s/cluster.sh): 2.x calls the CNI
+# STATUS verb, Debian's 1.6 never does. Pinned in containerd/go.mod.
+CONTAINERD_VERSION="${CONTAINERD_VERSION:-v2.1.9}"
 # Survives between runs on one machine; override to measure a cold build.
 CACHE="${STARLING_K8S_CACHE:-/var/cache/starling-k8s}"
 
 KUBE_DIR="$CACHE/$K8S_VERSION"
 CNITOOL_DIR="$CACHE/cnitool-$CNI_VERSION"
+CONTAINERD_DIR="$CACHE/containerd-$CONTAINERD_VERSION"
+# The reference plugins the nodes use (pinned in plugins/go.mod): portmap,
+# chained after `starling`, and loopback, which the CRI calls, at a release
+# that speaks CNI 1.1.0.
+PLUGINS_VERSION="${PLUGINS_VERSION:-v1.9.0}"
+PLUGINS_DIR="$CACHE/cni-plugins-$PLUGINS_VERSION"
 # The Kubernetes commands built from the wrapper module (its `tool` block).
 KUBE_TOOLS="kube-apiserver kubectl kube-controller-manager kube-scheduler kubelet"
 KUBE_APISERVER="$KUBE_DIR/kube-apiserver"
@@ -44,6 +53,8 @@ cmd_env() {
     echo "KUBELET=$KUBE_DIR/kubelet"
     echo "ETCD=$ETCD"
     echo "CNITOOL=$CNITOOL"
+    echo "CONTAINERD_DIR=$CONTAINERD_DIR"
+    echo "PLUGINS_DIR=$PLUGINS_DIR"
     echo "K8S_VERSION=$K8S_VERSION"
 }
 
@@ -81,6 +92,31 @@ go_build() { # dir out pkg ldflags
     (cd "$dir" && GOFLAGS="-buildvcs=false -mod=readonly" CGO_ENABLED=0 \
         go build -trimpath -ldflags "$ldflags" -o "$tmp" "$pkg")
     mv -f "$tmp" "$out" # never leave a half-written binary under the final name
+}
+
+# Build the commands NAME:PACKAGE of the wrapper module in $here/MODULE into
+# OUT, each only if missing, in one `go build`; never a half-written binary
+# under a final name.
+build_tools() { # module out tags ldflags name:pkg...
+    local module=$1 out=$2 tags=$3 ldflags=$4 spec t tmp missing=() pkgs=(); shift 4
+    for spec in "$@"; do
+        [ -x "$out/${spec%%:*}" ] || { missing+=("${spec%%:*}"); pkgs+=("${spec#*:}"); }
+    done
+    if [ ${#missing[@]} -eq 0 ]; then
+        log "$module: cached ($out)"
+        return 0
+    fi
+    t=$(date +%s)
+    log "building ${missing[*]} from tests/k8s/$module ..."
+    mkdir -p "$out"
+    tmp="$out/.build.$$"
+    rm -rf "$tmp"; mkdir -p "$tmp"
+    (cd "$here/$module" && GOFLAGS="-buildvcs=false -mod=readonly" CGO_ENABLED=0 \
+        go build -trimpath -tags "$tags" -ldflags "$ldflags" -o "$tmp/" "${pkgs[@]}") ||
+        { rm -rf "$tmp"; die "go build ${missing[*]} (tests/k8s/$module) failed"; }
+    for spec in "${missing[@]}"; do mv -f "$tmp/$spec" "$out/$spec"; done
+    rm -rf "$tmp"
+    log "built ${missing[*]} in $(( $(date +%s) - t ))s"
 }
 
 cmd_build() {
@@ -122,6 +158,16 @@ cmd_build() {
         go_build "$here/cnitool" "$CNITOOL" github.com/containernetworking/cni/cnitool "-s -w"
         log "built cnitool in $(( $(date +%s) - t ))s"
     fi
+    # Static (CGO off) like the release's shim; the snapshotters that need
+    # cgo or host libraries are left out: the nodes use overlayfs.
+    build_tools containerd "$CONTAINERD_DIR" "no_btrfs no_devmapper no_zfs" \
+        "-s -w -X github.com/containerd/containerd/v2/version.Version=$CONTAINERD_VERSION" \
+        containerd:github.com/containerd/containerd/v2/cmd/containerd \
+        containerd-shim-runc-v2:github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2 \
+        ctr:github.com/containerd/containerd/v2/cmd/ctr
+    build_tools plugins "$PLUGINS_DIR" "" "-s -w" \
+        loopback:github.com/containernetworking/plugins/plugins/main/loopback \
+        portmap:github.com/containernetworking/plugins/plugins/meta/portmap
     [ -x "$ETCD" ] || die "needs etcd at $ETCD (Debian package \`etcd-server\`; .ci/packages lists it)"
     log "build done in $(( $(date +%s) - t0 ))s (0s means everything was cached)"
 }

@@ -53,6 +53,7 @@ fn steps(c: &KubeCluster, work: &Path, rootfs: &Path) -> Result<()> {
     install(c, work, rootfs)?;
     let pods = pods_get_addresses(c)?;
     pods_reach_each_other(c, &pods)?;
+    the_runtime_calls_status(c)?;
     // Lost packets or a route flap fail the test, but only at the end: the
     // later steps still run and report.
     let flaps = a_rolling_update_loses_no_packet(c, &pods)?;
@@ -85,6 +86,10 @@ fn install(c: &KubeCluster, work: &Path, rootfs: &Path) -> Result<()> {
             "manifests",
             "--image",
             IMAGE,
+            // docs/install.md: containerd 2.x reads CNI 1.1.0 and then
+            // calls the plugin's STATUS.
+            "--cni-version",
+            "1.1.0",
             "--out",
             manifests.to_str().context("path")?,
         ],
@@ -190,6 +195,10 @@ fn install(c: &KubeCluster, work: &Path, rootfs: &Path) -> Result<()> {
         ensure!(
             list["plugins"][0]["type"] == "starling",
             "{node}: the conflist's first plugin is not starling: {text}"
+        );
+        ensure!(
+            list["cniVersion"] == "1.1.0",
+            "{node}: the conflist is not the 1.1.0 the manifests asked for: {text}"
         );
         conflist_written.insert(node.clone(), std::fs::metadata(&conf)?.modified()?);
     }
@@ -771,6 +780,59 @@ fn a_rolling_update_loses_no_packet(c: &KubeCluster, pods: &[Pod]) -> Result<Vec
 
 /// Step 3: pods deleted -> the kubelet tears down their sandboxes, containerd
 /// calls DEL, and every address is released.
+/// Step 3, STATUS: the kubelet asks the runtime for its status every few
+/// seconds and containerd 2.x answers NetworkReady from the plugin's STATUS
+/// (CNI 1.1), which the plugin asks the agent over the CNI socket. Those
+/// calls are the only STATUS requests the agent's socket gets, so its
+/// `cmd="status"` count rising on every node is containerd calling it.
+/// (No containerd calls CHECK; the `k8s` target drives it through libcni.)
+fn the_runtime_calls_status(c: &KubeCluster) -> Result<()> {
+    let before: Vec<f64> = c
+        .nodes
+        .iter()
+        .map(|n| status_calls(c, n))
+        .collect::<Result<_>>()?;
+    for (node, was) in c.nodes.iter().zip(before) {
+        let mut now = was;
+        wait_for(
+            &format!("{node}: containerd calling the plugin's STATUS"),
+            Duration::from_secs(30),
+            || {
+                now = status_calls(c, node)?;
+                Ok(now > was)
+            },
+        )?;
+        log_line(&format!(
+            "{node}: STATUS calls from containerd {was} -> {now}"
+        ));
+    }
+    Ok(())
+}
+
+/// `starling_cni_request_duration_seconds_count{cmd="status"}` from the
+/// agent's metrics listener on `node` (hostNetwork, port 9091).
+fn status_calls(c: &KubeCluster, node: &str) -> Result<f64> {
+    let text = starling_tests::run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &c.netns(node)?,
+            "python3",
+            "-c",
+            "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:9091/metrics', timeout=5).read().decode())",
+        ],
+    )?;
+    let key = r#"starling_cni_request_duration_seconds_count{cmd="status"}"#;
+    Ok(text
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .map(|v| v.trim().parse::<f64>())
+        .transpose()
+        .with_context(|| format!("{node}: {key} is not a number"))?
+        .unwrap_or(0.0))
+}
+
 fn deleted_pods_release_their_addresses(c: &KubeCluster) -> Result<()> {
     c.kubectl_ok(&["delete", "deployment", "spread", "-n", NS, "--wait=false"])?;
     c.kubectl_ok(&[

@@ -47,6 +47,9 @@ fn main() -> Result<()> {
         }
         Command::InstallCni(opts) => {
             let r = starling_agent::install::install_cni(&opts)?;
+            for w in &r.warnings {
+                eprintln!("install-cni: warning: {w}");
+            }
             println!(
                 "install-cni: {} {:?}, {} {:?}",
                 r.binary.display(),

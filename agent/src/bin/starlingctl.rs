@@ -32,6 +32,11 @@ enum Command {
         /// it, one YAML stream on stdout, in the order to apply.
         #[arg(long)]
         out: Option<PathBuf>,
+        /// The conflist's cniVersion (install-cni's `--cni-version`; 1.0.0
+        /// when absent). 1.1.0 for runtimes that speak it, such as
+        /// containerd 2.x, which then calls the plugin's STATUS.
+        #[arg(long)]
+        cni_version: Option<String>,
     },
     /// Check a file datastore YAML stream as the agent would load it.
     Validate {
@@ -161,7 +166,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             std::io::stdout().lock().write_all(yaml.as_bytes())?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Manifests { image, out } => write_manifests(&image, out.as_deref()),
+        Command::Manifests {
+            image,
+            out,
+            cni_version,
+        } => write_manifests(&image, out.as_deref(), cni_version.as_deref()),
         Command::Validate { file: path } => validate(&path),
         Command::Lab { command } => lab_command(command),
         Command::Status { agent } => status(&agent),
@@ -173,8 +182,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
 }
 
 /// `starlingctl manifests`.
-fn write_manifests(image: &str, out: Option<&Path>) -> Result<ExitCode> {
-    let files = manifests::render(image)?;
+fn write_manifests(image: &str, out: Option<&Path>, cni_version: Option<&str>) -> Result<ExitCode> {
+    let files = manifests::render(image, cni_version)?;
     let Some(dir) = out else {
         let stream: Vec<&str> = files.iter().map(|m| m.text.as_str()).collect();
         std::io::stdout()

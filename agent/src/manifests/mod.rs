@@ -2,9 +2,10 @@
 //! the image reference the user built.
 //!
 //! The CRDs come from the model's Rust types (`model::crd`); the RBAC and the
-//! DaemonSet from the templates beside this file, whose only parameter is
-//! the image. `manifests/` in the repository is this output for
-//! [`DEFAULT_IMAGE`], and the `agent` system test fails when it is stale, so
+//! DaemonSet from the templates beside this file, whose parameters are the
+//! image and, optionally, the conflist's CNI version. `manifests/` in the
+//! repository is this output for [`DEFAULT_IMAGE`] and install-cni's default
+//! version, and the `agent` system test fails when it is stale, so
 //! the files users apply and the files the tests apply cannot drift apart.
 
 use crate::model::crd;
@@ -16,6 +17,8 @@ const RBAC: &str = include_str!("rbac.yaml");
 const DAEMONSET: &str = include_str!("daemonset.yaml");
 /// What the templates hold where the image goes.
 const IMAGE_SLOT: &str = "\"@IMAGE@\"";
+/// install-cni's arguments in the DaemonSet template.
+const INSTALL_CNI_ARGS: &str = "args: [\"install-cni\"]";
 
 /// One generated file: its name in the output directory and its text.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,6 +33,8 @@ pub enum ManifestError {
         "image `{image}`: {why} (expected a reference like registry.example/starling:0.1.0 or name@sha256:...)"
     )]
     BadImage { image: String, why: &'static str },
+    #[error("CNI version `{0}`: the plugin speaks 0.3.0, 0.3.1, 0.4.0, 1.0.0 and 1.1.0")]
+    BadCniVersion(String),
     #[error("CRDs: {0}")]
     Crds(String),
 }
@@ -68,9 +73,21 @@ fn header(template: &str) -> String {
 }
 
 /// `manifests/`: crds.yaml, rbac.yaml and daemonset.yaml, in the order they
-/// are applied, the DaemonSet's containers running `image`.
-pub fn render(image: &str) -> Result<Vec<Manifest>, ManifestError> {
+/// are applied, the DaemonSet's containers running `image`. `cni_version`
+/// becomes install-cni's `--cni-version` (its default, 1.0.0, otherwise):
+/// 1.1.0 makes a runtime that speaks it (containerd 2.x) call STATUS.
+pub fn render(image: &str, cni_version: Option<&str>) -> Result<Vec<Manifest>, ManifestError> {
     check_image(image)?;
+    let mut daemonset = DAEMONSET.replace(IMAGE_SLOT, image);
+    if let Some(v) = cni_version {
+        if !starling_cni_proto::CNI_VERSIONS.contains(&v) {
+            return Err(ManifestError::BadCniVersion(v.to_string()));
+        }
+        daemonset = daemonset.replace(
+            INSTALL_CNI_ARGS,
+            &format!("args: [\"install-cni\", \"--cni-version\", \"{v}\"]"),
+        );
+    }
     let crds = crd::crds_yaml().map_err(|e| ManifestError::Crds(e.to_string()))?;
     Ok(vec![
         Manifest {
@@ -83,7 +100,7 @@ pub fn render(image: &str) -> Result<Vec<Manifest>, ManifestError> {
         },
         Manifest {
             file: "daemonset.yaml",
-            text: header("daemonset.yaml") + &DAEMONSET.replace(IMAGE_SLOT, image),
+            text: header("daemonset.yaml") + &daemonset,
         },
     ])
 }
@@ -94,7 +111,7 @@ mod tests {
 
     #[test]
     fn the_image_lands_in_both_containers_and_nowhere_else() {
-        let files = render("registry.example/starling@sha256:0123abcd").unwrap();
+        let files = render("registry.example/starling@sha256:0123abcd", None).unwrap();
         let names: Vec<&str> = files.iter().map(|m| m.file).collect();
         assert_eq!(names, ["crds.yaml", "rbac.yaml", "daemonset.yaml"]);
         let ds = &files[2].text;
@@ -111,7 +128,7 @@ mod tests {
     #[test]
     fn a_bad_image_reference_is_refused_by_name() {
         for bad in ["", "a b", "x\ny: z", "\"q\"", "-dash", "name#1"] {
-            let e = render(bad).unwrap_err().to_string();
+            let e = render(bad, None).unwrap_err().to_string();
             assert!(e.contains(&format!("image `{bad}`")), "{e}");
         }
     }
@@ -120,5 +137,20 @@ mod tests {
     fn the_templates_hold_one_image_slot_per_container() {
         assert_eq!(DAEMONSET.matches(IMAGE_SLOT).count(), 2);
         assert!(!RBAC.contains("@IMAGE@"));
+    }
+
+    #[test]
+    fn a_cni_version_reaches_install_cni_and_a_typo_is_refused() {
+        let ds = |v| render(DEFAULT_IMAGE, v).map(|f| f[2].text.clone());
+        assert!(ds(None).unwrap().contains("args: [\"install-cni\"]\n"));
+        let with = ds(Some("1.1.0")).unwrap();
+        assert_eq!(
+            with.matches("args: [\"install-cni\", \"--cni-version\", \"1.1.0\"]\n")
+                .count(),
+            1,
+            "{with}"
+        );
+        let e = ds(Some("1.1")).unwrap_err().to_string();
+        assert!(e.contains("`1.1`") && e.contains("1.1.0"), "{e}");
     }
 }

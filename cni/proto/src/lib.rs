@@ -23,6 +23,10 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+/// The CNI spec versions the `starling` plugin speaks: what a conflist's
+/// `cniVersion` may name.
+pub const CNI_VERSIONS: [&str; 5] = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
+
 /// Where the agent listens unless configured otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/starling/cni.sock";
 
