@@ -34,6 +34,9 @@ pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:9091";
 const MAX_HEAD: usize = 8 * 1024;
 /// How long a client may take to send its request.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a client may take to read the response: one that stops
+/// reading must not hold a connection slot (and its response) for ever.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Connections served at once; more wait in the listen backlog.
 const MAX_CONNECTIONS: usize = 32;
 /// After answering, how long and how much unread input is drained.
@@ -301,8 +304,22 @@ async fn connection(mut stream: TcpStream, endpoints: &Endpoints) -> io::Result<
             Ok(req) => answer(&req, endpoints),
         },
     };
-    stream.write_all(&response.to_bytes()).await?;
-    stream.shutdown().await?;
+    let send = async {
+        stream.write_all(&response.to_bytes()).await?;
+        stream.shutdown().await
+    };
+    match tokio::time::timeout(WRITE_TIMEOUT, send).await {
+        Ok(r) => r?,
+        Err(_) => {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "the client did not read the response within {}s",
+                    WRITE_TIMEOUT.as_secs()
+                ),
+            ));
+        }
+    }
     // Closing with unread input makes the kernel send a reset, which can
     // destroy the response before the client reads it (an oversized
     // request): read what is left, bounded, until the client closes.
@@ -580,6 +597,56 @@ mod tests {
                 "stopped: the FIB task ended: netlink socket closed\n".into()
             )
         );
+    }
+
+    /// Clients that ask for a large answer and never read it, as many as
+    /// the listener serves at once: the next client is still answered, and
+    /// promptly. The answer (a 256 KiB stop reason on /healthz) is far
+    /// larger than the socket buffers, kept small on both sides (the
+    /// listener's are inherited by the sockets it accepts), so the server's
+    /// writes to the stuck clients really block.
+    #[tokio::test]
+    async fn clients_that_never_read_do_not_hold_the_listener() {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.set_send_buffer_size(4096).unwrap();
+        sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = sock.listen(1024).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let endpoints = Endpoints {
+            metrics: Metrics::new("1.2.3"),
+            readiness: Readiness::new(),
+        };
+        let reason = "x".repeat(256 << 10);
+        endpoints.readiness.set_stopped(reason.clone());
+        tokio::spawn(serve(listener, endpoints));
+        let mut stuck = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            let s = tokio::net::TcpSocket::new_v4().unwrap();
+            s.set_recv_buffer_size(4096).unwrap();
+            let mut s = s.connect(addr).await.unwrap();
+            s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                .await
+                .unwrap();
+            stuck.push(s);
+        }
+        // The write timeout plus a margin for a loaded box; without a
+        // write deadline the answer never comes.
+        let limit = WRITE_TIMEOUT + Duration::from_secs(15);
+        let started = std::time::Instant::now();
+        let (status, body) = tokio::time::timeout(limit, get(addr, "/healthz"))
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "not answered within {limit:?} while {MAX_CONNECTIONS} clients leave their answers unread"
+                )
+            });
+        assert_eq!(status, 503);
+        assert_eq!(body, format!("stopped: {reason}\n"));
+        println!(
+            "answered after {:.1}s behind {MAX_CONNECTIONS} non-reading clients",
+            started.elapsed().as_secs_f64()
+        );
+        drop(stuck);
     }
 
     #[tokio::test]

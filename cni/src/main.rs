@@ -122,7 +122,10 @@ fn agent_error(e: CallError) -> Error {
         CallError::Unreachable { .. } | CallError::NoAnswer { .. } => {
             Error::TryAgainLater(e.to_string())
         }
-        CallError::Agent(AgentError { kind, message }) => match kind {
+        CallError::Agent {
+            error: AgentError { kind, message },
+            ..
+        } => match kind {
             ErrorKind::DeadlineExceeded | ErrorKind::NotReady => Error::TryAgainLater(message),
             ErrorKind::InvalidRequest => Error::InvalidNetworkConfig(message),
             ErrorKind::Exhausted => {

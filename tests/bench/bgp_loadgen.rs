@@ -56,6 +56,9 @@ enum Cmd {
     Ingest(IngestArgs),
     /// Route-reflector clients announcing one /26 each; time until every client holds all.
     Fanout(FanoutArgs),
+    /// One prefix re-announced with a new MED many times into starling-bgpd;
+    /// its RSS and attribute-set count before and after.
+    Flap(FlapArgs),
 }
 
 #[derive(Args)]
@@ -120,7 +123,23 @@ struct FanoutArgs {
     clients: usize,
 }
 
+#[derive(Args)]
+struct FlapArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Announcements of the flapping prefix, each with the next MED.
+    #[arg(long, default_value_t = 1_000_000)]
+    flaps: u32,
+    /// Rounds of `flaps` on the same session and daemon.
+    #[arg(long, default_value_t = 3)]
+    rounds: u32,
+    /// starling-bgpd's control socket, for its summary.
+    #[arg(long)]
+    socket: PathBuf,
+}
+
 const BENCH_INGEST: &str = "bgp-ingest";
+const BENCH_FLAP: &str = "bgp-flap";
 const BENCH_FANOUT: &str = "rr-fanout";
 
 fn main() -> Result<()> {
@@ -133,6 +152,7 @@ fn main() -> Result<()> {
     match cli.cmd {
         Cmd::Ingest(a) => ingest(&rt, a),
         Cmd::Fanout(a) => fanout(&rt, a),
+        Cmd::Flap(a) => flap(&rt, a),
     }
 }
 
@@ -1058,4 +1078,148 @@ fn client_index(p: &IpNet, clients: usize) -> Option<usize> {
     }
     let off = u32::from(n.network()).checked_sub(0x0a00_0000)? as usize / 64;
     (off < clients).then_some(off)
+}
+
+/// `starling-bgpd`'s summary over its control socket.
+fn bgpd_summary(socket: &std::path::Path) -> Result<serde_json::Value> {
+    let s = UnixStream::connect(socket)
+        .with_context(|| format!("cannot connect to {}", socket.display()))?;
+    let mut r = BufReader::new(s);
+    r.get_mut().write_all(b"{\"cmd\":\"summary\"}\n")?;
+    let mut line = String::new();
+    r.read_line(&mut line)?;
+    let v: serde_json::Value =
+        serde_json::from_str(&line).with_context(|| format!("bad summary reply: {line}"))?;
+    Ok(v["summary"].clone())
+}
+
+/// A `/proc/PID/status` field in MiB (`VmRSS`, `VmHWM`).
+fn status_mib(pid: u32, field: &str) -> Result<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    s.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .map(|kb| kb / 1024.0)
+        .with_context(|| format!("no {field} for process {pid}"))
+}
+
+/// 10.0.0.0/24 announced `flaps` times, MED 1, 2, 3, ...: every UPDATE
+/// makes a new attribute set and drops the previous one. Then a marker
+/// prefix (10.0.1.0/24, 10.0.2.0/24, ... one per round) is announced on
+/// the same session; the speaker handles a session's UPDATEs in order, so
+/// once its Loc-RIB holds the marker every flap has been processed. Each
+/// round prints the RSS and attribute-set count after it: a leak grows
+/// them round after round, the high-water mark of the input backlog
+/// (the generator writes faster than the speaker decides) does not.
+fn flap(rt: &tokio::runtime::Runtime, a: FlapArgs) -> Result<()> {
+    let c = &a.common;
+    let pid = c
+        .daemon_pid
+        .context("--daemon-pid: the speaker's process, for its RSS")?;
+    let target = resolve_target(&c.target)?;
+    let deadline = Instant::now() + Duration::from_secs(c.timeout);
+    let sets = |v: &serde_json::Value| {
+        v["attribute_sets"]
+            .as_f64()
+            .context("no attribute_sets in the summary")
+    };
+    let line =
+        |metric: &str, value: f64, unit: &str| bench_line(BENCH_FLAP, &c.imp, metric, value, unit);
+    line("flaps_per_round", f64::from(a.flaps), "updates");
+    line("rss_before", status_mib(pid, "VmRSS")?, "MiB");
+    line(
+        "attribute_sets_before",
+        sets(&bgpd_summary(&a.socket)?)?,
+        "sets",
+    );
+    rt.block_on(async {
+        let connect = Instant::now() + Duration::from_secs(c.connect_timeout);
+        let mut sessions =
+            establish_all(&[c.source_base], target, c.asn, c.hold_time, connect).await?;
+        let Session { mut rd, mut wr, .. } = sessions.pop().context("no session")?;
+        // Whatever the speaker sends (KEEPALIVEs) is read and dropped.
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 65536];
+            while matches!(rd.read(&mut buf).await, Ok(n) if n > 0) {}
+        });
+        let flapping = nth_prefix(0, 24)?;
+        let mut med = 0u32;
+        for round in 1..=a.rounds {
+            let started = Instant::now();
+            let mut blob = Vec::with_capacity(1 << 20);
+            for _ in 0..a.flaps {
+                med = med.wrapping_add(1);
+                let attrs = PathAttrs {
+                    origin: Origin::Igp,
+                    next_hop: Some(IpAddr::V4(c.source_base)),
+                    local_pref: Some(100),
+                    med: Some(med),
+                    ..PathAttrs::default()
+                };
+                for u in wire::encode_announce(
+                    Family::Ipv4,
+                    &[flapping],
+                    &attrs,
+                    true,
+                    true,
+                    MAX_MESSAGE_LEN,
+                ) {
+                    blob.extend_from_slice(&u);
+                }
+                if blob.len() >= 1 << 20 {
+                    wr.write_all(&blob).await?;
+                    blob.clear();
+                }
+            }
+            let attrs = PathAttrs {
+                origin: Origin::Igp,
+                next_hop: Some(IpAddr::V4(c.source_base)),
+                ..PathAttrs::default()
+            };
+            let marker = nth_prefix(round as usize, 24)?;
+            for u in
+                wire::encode_announce(Family::Ipv4, &[marker], &attrs, true, true, MAX_MESSAGE_LEN)
+            {
+                blob.extend_from_slice(&u);
+            }
+            wr.write_all(&blob).await?;
+            let want = 1 + u64::from(round);
+            loop {
+                let n = bgpd_summary(&a.socket)?["loc_rib_prefixes"]
+                    .as_u64()
+                    .unwrap_or(0);
+                if n >= want {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!(
+                        "starling-bgpd did not process round {round} within {} s",
+                        c.timeout
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let took = started.elapsed().as_secs_f64();
+            line(&format!("round{round}_seconds"), took, "s");
+            line(
+                &format!("round{round}_flaps_per_sec"),
+                f64::from(a.flaps) / took,
+                "updates/s",
+            );
+            line(
+                &format!("round{round}_rss_after"),
+                status_mib(pid, "VmRSS")?,
+                "MiB",
+            );
+            line(
+                &format!("round{round}_attribute_sets_after"),
+                sets(&bgpd_summary(&a.socket)?)?,
+                "sets",
+            );
+        }
+        drop(wr);
+        anyhow::Ok(())
+    })?;
+    line("peak_rss", status_mib(pid, "VmHWM")?, "MiB");
+    Ok(())
 }

@@ -5,6 +5,7 @@
 //! Every test that needs a tool the machine lacks fails with a message naming
 //! it (`require_tool`); nothing here skips silently.
 
+pub mod capture;
 pub mod cluster;
 pub mod kube_nodes;
 pub mod peers;

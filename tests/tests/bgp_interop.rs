@@ -1127,3 +1127,178 @@ fn a_frozen_peer_is_dropped_and_the_others_get_the_table() {
     assert!(rss_after < 512.0, "starling-bgpd uses {rss_after:.0} MiB");
     frozen.signal(libc::SIGCONT).expect("SIGCONT");
 }
+
+// ================================================ the fuzz seed corpus
+
+/// Not a check: records what BIRD, FRR and GoBGP really send and writes it
+/// as the fuzz seed corpus (fuzz/seeds/, docs/bgp.md "Fuzzing"). For each
+/// implementation and each of an iBGP and an eBGP daemon, one IPv4 and one
+/// IPv6 session to a recording listener: the OPEN, the table up to
+/// End-of-RIB, the UPDATE after one prefix is withdrawn at runtime, and the
+/// NOTIFICATION the daemon sends back for a message of bad length.
+/// `decode` gets one file per message; `session` gets, per session, the
+/// UPDATEs in order behind the setup octet of each configuration that fits
+/// (eBGP, eBGP with graceful restart; iBGP, reflector client, reflector
+/// client with graceful restart). Run by hand:
+/// `STARLING_FUZZ_SEEDS=$PWD/fuzz/seeds cargo test --release -p starling-tests
+/// --test bgp_interop capture_fuzz_corpus -- --ignored --nocapture`.
+#[test]
+#[ignore = "writes the fuzz seed corpus; run by hand"]
+fn capture_fuzz_corpus() {
+    let out = std::path::PathBuf::from(
+        std::env::var("STARLING_FUZZ_SEEDS")
+            .expect("STARLING_FUZZ_SEEDS names the directory to write (fuzz/seeds)"),
+    );
+    // Identical messages (KEEPALIVEs above all) are written once.
+    let mut seen = std::collections::BTreeSet::new();
+    for kind in [PeerKind::Bird, PeerKind::Frr, PeerKind::Gobgp] {
+        for ebgp in [false, true] {
+            capture_daemon(kind, ebgp, &out, &mut seen)
+                .unwrap_or_else(|e| panic!("capturing {}: {e:#}", kind.name()));
+        }
+    }
+}
+
+fn capture_daemon(
+    kind: PeerKind,
+    ebgp: bool,
+    out: &std::path::Path,
+    seen: &mut std::collections::BTreeSet<Vec<u8>>,
+) -> Result<()> {
+    use starling_bgp::Family;
+    use starling_bgp::fuzzing::{EXTERNAL_AS, LOCAL_AS, Role, SessionSetup};
+    use starling_tests::capture::{self, NOTIFICATION, Recording};
+    kind.require_tools();
+    let mut lan = Lan::new()?;
+    let me = Netns::new("me")?;
+    lan.attach(&me, &format!("{OURS_V4}/24,{OURS_V6}/64"))?;
+    let ns = Netns::new("ref")?;
+    lan.attach(&ns, "192.0.2.1/24,2001:db8::1/64")?;
+    let role = if ebgp { "ebgp" } else { "ibgp" };
+    let asn = if ebgp { EXTERNAL_AS } else { LOCAL_AS };
+    let listeners = [
+        (
+            Family::Ipv4,
+            capture::listen_in(&me, format!("{OURS_V4}:179").parse()?)?,
+        ),
+        (
+            Family::Ipv6,
+            capture::listen_in(&me, format!("[{OURS_V6}]:179").parse()?)?,
+        ),
+    ];
+    let prefixes = [
+        "10.1.0.0/24",
+        "10.1.128.0/17",
+        "2001:db8:100::/48",
+        "2001:db8:101:8000::/56",
+    ];
+    let mut peer = Peer::start(
+        kind,
+        &ns,
+        PeerSpec {
+            router_id: Ipv4Addr::new(192, 0, 2, 1),
+            local_as: asn,
+            local_addresses: vec![ip("192.0.2.1"), ip("2001:db8::1")],
+            neighbors: vec![
+                Neighbor::new(ip(OURS_V4), LOCAL_AS),
+                Neighbor::new(ip(OURS_V6), LOCAL_AS),
+            ],
+            prefixes: prefixes.iter().map(|p| net(p)).collect(),
+        },
+    )?;
+    let setups: &[SessionSetup] = if ebgp {
+        &[
+            SessionSetup {
+                role: Role::External,
+                graceful_restart: false,
+            },
+            SessionSetup {
+                role: Role::External,
+                graceful_restart: true,
+            },
+        ]
+    } else {
+        &[
+            SessionSetup {
+                role: Role::Internal,
+                graceful_restart: false,
+            },
+            SessionSetup {
+                role: Role::ReflectorClient,
+                graceful_restart: false,
+            },
+            SessionSetup {
+                role: Role::ReflectorClient,
+                graceful_restart: true,
+            },
+        ]
+    };
+    for (family, l) in &listeners {
+        let fam = if *family == Family::Ipv4 { "v4" } else { "v6" };
+        let mut rec = Recording::accept(l, LOCAL_AS, ESTABLISH)?;
+        // The whole table: End-of-RIB, or (GoBGP sends none unless it
+        // has graceful restart configured itself) both of its prefixes.
+        let mut got = 0;
+        rec.until("the table", |m| {
+            got += capture::announced(m, *family);
+            capture::is_end_of_rib(m, *family) || got >= 2
+        })?;
+        let gone = net(if *family == Family::Ipv4 {
+            prefixes[0]
+        } else {
+            prefixes[2]
+        });
+        peer.withdraw(gone)?;
+        rec.until("the runtime withdrawal", |m| {
+            capture::is_withdrawal(m, *family)
+        })?;
+        // A header whose length (16) is below the minimum: the daemon must
+        // answer 1/2 Bad Message Length (RFC 4271 §6.1).
+        let mut bad = vec![0xff; 16];
+        bad.extend_from_slice(&[0, 16, 4]);
+        rec.send(&bad)?;
+        rec.until("a NOTIFICATION", |m| m[18] == NOTIFICATION)?;
+        peer.announce(gone)?;
+        let stem = format!("{}-{role}-{fam}", kind.name());
+        let mut session = Vec::new();
+        for (i, m) in rec.messages.iter().enumerate() {
+            let what = match m[18] {
+                capture::OPEN => "open",
+                capture::UPDATE => "update",
+                capture::NOTIFICATION => "notification",
+                capture::KEEPALIVE => "keepalive",
+                _ => "other",
+            };
+            if m[18] == capture::UPDATE || m[18] == NOTIFICATION {
+                session.extend_from_slice(m);
+            }
+            if seen.insert(m.clone()) {
+                write_seed(out, "decode", &format!("{stem}-{i:02}-{what}"), m)?;
+            }
+        }
+        for s in setups {
+            let name = match (s.role, s.graceful_restart) {
+                (Role::ReflectorClient, false) => "rr-client",
+                (Role::ReflectorClient, true) => "rr-client-gr",
+                (_, true) => "gr",
+                _ => "plain",
+            };
+            let mut seed = vec![s.octet()];
+            seed.extend_from_slice(&session);
+            write_seed(out, "session", &format!("{stem}-{name}"), &seed)?;
+        }
+        println!(
+            "{stem}: {} messages, {} octets of UPDATEs and NOTIFICATION",
+            rec.messages.len(),
+            session.len()
+        );
+    }
+    Ok(())
+}
+
+fn write_seed(out: &std::path::Path, target: &str, name: &str, bytes: &[u8]) -> Result<()> {
+    let dir = out.join(target);
+    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    let path = dir.join(name);
+    std::fs::write(&path, bytes).with_context(|| format!("write {}", path.display()))
+}

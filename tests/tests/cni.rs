@@ -675,9 +675,20 @@ fn agent_down_status_is_50_and_add_is_11_with_nothing_created() -> Result<()> {
         &conf.to_string(),
     )?;
     assert_eq!(status.error_code()?, 50);
+    let socket = node.socket.display().to_string();
+    assert!(
+        status.stdout.contains(&socket),
+        "the error names the socket: {}",
+        status.stdout
+    );
     let pod = Pod::new("down")?;
     let add = node.starling("ADD", &pod, &conf)?;
     assert_eq!(add.error_code()?, 11);
+    assert!(
+        add.stdout.contains(&socket),
+        "the error names the socket: {}",
+        add.stdout
+    );
     assert!(
         node.links()?.is_empty(),
         "nothing half-done: {:?}",
@@ -1074,5 +1085,111 @@ fn pools_hand_out_blocks_through_the_datastore_up_to_the_limit() -> Result<()> {
     assert_eq!(out.error_code()?, 100, "exhausted: {}", out.stdout);
     assert!(out.stdout.contains("strictAffinity"), "{}", out.stdout);
     assert!(pods[8].ns.ip(&["link", "show", "eth0"]).is_err());
+    Ok(())
+}
+
+/// The CNI socket's own guards (agent/src/ipam/server.rs over the socket
+/// `starling_bgp::jsonl::bind` makes), exercised on the socket a running
+/// agent serves: a non-root plugin is stopped by the socket's modes and,
+/// with the modes loosened, by the peer-credential check; a frame longer
+/// than the protocol's bound gets an error naming the limit; a client that
+/// sends nothing is hung up on; and through all of it the agent keeps
+/// serving root. The plugin's error names the socket in each refusal.
+#[test]
+fn the_cni_socket_refuses_non_root_peers_oversized_frames_and_idle_clients() -> Result<()> {
+    use std::io::Read;
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::net::UnixStream;
+    require_tool("setpriv", "util-linux");
+    let node = Node::new("sock")?;
+    let conf = node.conf("1.1.0");
+    let plugin = bin("starling");
+    let plugin = plugin.to_str().context("path")?;
+    let socket = node.socket.display().to_string();
+    // STATUS as uid/gid 65534 (nobody), from inside the node namespace.
+    let nobody = |node: &Node| -> Result<Outcome> {
+        let mut cmd = node.ns.command("setpriv");
+        cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", plugin])
+            .env_remove("CNI_COMMAND")
+            .env("CNI_COMMAND", "STATUS")
+            .env("CNI_PATH", "/usr/lib/cni")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().context("cannot run setpriv")?;
+        child
+            .stdin
+            .take()
+            .context("stdin")?
+            .write_all(conf.to_string().as_bytes())?;
+        finish(child)
+    };
+
+    // 1. The socket's own modes (directory 0700, socket 0600).
+    let out = nobody(&node)?;
+    let code = out.error_code()?;
+    let err = out.json()?;
+    println!("non-root, modes as made: code {code}: {err}");
+    assert_eq!(code, 50, "STATUS without an agent to talk to: {err}");
+    assert!(
+        err.to_string().contains(&socket) && err.to_string().contains("denied"),
+        "the error names the socket and the refusal: {err}"
+    );
+
+    // 2. Modes loosened (as a careless operator might): the agent's
+    // SO_PEERCRED check still refuses, and the plugin says where.
+    for dir in [node.dir.path.clone(), node.dir.join("run")] {
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+    }
+    std::fs::set_permissions(&node.socket, std::fs::Permissions::from_mode(0o666))?;
+    let out = nobody(&node)?;
+    let code = out.error_code()?;
+    let err = out.json()?;
+    println!("non-root, modes loosened: code {code}: {err}");
+    assert_eq!(code, 50, "{err}");
+    assert!(
+        err.to_string()
+            .contains("only root may use this socket (peer uid 65534)"),
+        "the agent's refusal: {err}"
+    );
+    assert!(
+        err.to_string().contains(&socket),
+        "the error names the socket: {err}"
+    );
+
+    // 3. A frame header announcing more than the protocol's bound: an
+    // error reply naming the limit, before any body is read.
+    let mut s = UnixStream::connect(&node.socket)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.write_all(&(proto::MAX_FRAME + 1).to_be_bytes())?;
+    match proto::read_frame::<proto::Response>(&mut s)? {
+        proto::Response::Err(e) => {
+            println!("oversized frame: {e}");
+            assert!(
+                e.message.contains("exceeds") && e.message.contains(&proto::MAX_FRAME.to_string()),
+                "{e}"
+            );
+        }
+        other => bail!("an oversized frame was answered {other:?}"),
+    }
+
+    // 4. A client that sends nothing is disconnected (the agent's 5 s
+    // read timeout), well within this deadline.
+    let mut idle = UnixStream::connect(&node.socket)?;
+    idle.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 64];
+    let n = idle
+        .read(&mut buf)
+        .context("the agent keeps an idle client for over 30 s")?;
+    assert_eq!(n, 0, "an idle client gets no reply, only a close");
+    println!(
+        "idle client closed after {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+
+    // 5. Root is still served.
+    node.run_plugin(plugin, &[("CNI_COMMAND", "STATUS")], &conf.to_string())?
+        .ok()?;
     Ok(())
 }

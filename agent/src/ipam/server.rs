@@ -433,6 +433,11 @@ async fn connection(mut stream: UnixStream, ipam: IpamHandle) -> io::Result<()> 
     let mut cmd = CniCommand::Invalid;
     let uid = stream.peer_cred()?.uid();
     let response = if uid != 0 {
+        // Take the request before refusing it: closing with it unread
+        // resets the connection, and the plugin would see a broken pipe
+        // instead of the refusal. Discarded as it comes, within the read
+        // timeout.
+        let _ = tokio::time::timeout(READ_TIMEOUT, discard_request(&mut stream)).await;
         Response::Err(AgentError {
             kind: ErrorKind::InvalidRequest,
             message: format!("only root may use this socket (peer uid {uid})"),
@@ -456,6 +461,15 @@ async fn connection(mut stream: UnixStream, ipam: IpamHandle) -> io::Result<()> 
         m.observe_cni(cmd, started.elapsed());
     }
     stream.shutdown().await
+}
+
+/// Read one frame and drop it unparsed.
+async fn discard_request(stream: &mut UnixStream) -> Result<(), proto::FrameError> {
+    let mut header = [0u8; 4];
+    stream.read_exact(&mut header).await?;
+    let len = proto::frame_len(header)? as u64;
+    tokio::io::copy(&mut (&mut *stream).take(len), &mut tokio::io::sink()).await?;
+    Ok(())
 }
 
 async fn read_envelope(stream: &mut UnixStream) -> Result<Envelope, proto::FrameError> {

@@ -381,8 +381,8 @@ pub enum CallError {
     /// Connected, but no answer before the deadline (or the agent died mid-call).
     #[error("no answer from the starling agent at {path} before the deadline: {source}")]
     NoAnswer { path: PathBuf, source: FrameError },
-    #[error("the starling agent refused the request: {0}")]
-    Agent(AgentError),
+    #[error("the starling agent at {path} refused the request: {error}")]
+    Agent { path: PathBuf, error: AgentError },
 }
 
 /// A request sent to the agent whose answer has not been read yet.
@@ -422,7 +422,10 @@ impl Pending {
     pub fn wait(mut self) -> Result<Reply, CallError> {
         match read_frame::<Response>(&mut self.stream) {
             Ok(Response::Ok(reply)) => Ok(reply),
-            Ok(Response::Err(e)) => Err(CallError::Agent(e)),
+            Ok(Response::Err(error)) => Err(CallError::Agent {
+                path: self.path,
+                error,
+            }),
             Err(source) => Err(CallError::NoAnswer {
                 path: self.path,
                 source,
