@@ -10,5 +10,6 @@ pub mod lab;
 pub mod manifests;
 pub mod metrics;
 pub mod model;
+pub mod nat;
 pub mod node;
 pub mod runtime;

@@ -12,6 +12,7 @@ use crate::fib::{Reconciler, Route};
 use crate::health::Endpoints;
 use crate::model::Snapshot;
 use crate::model::plan::{self, LocalBgp};
+use crate::nat::{self, NatPool, NatReconciler};
 use anyhow::{Result, bail};
 use ipnet::IpNet;
 use starling_bgp::{RouteEvent, Speaker};
@@ -29,6 +30,7 @@ pub(super) struct Started {
     pub name: String,
     pub speaker: Speaker,
     pub fib: Reconciler,
+    pub nat: NatReconciler,
     pub local: LocalBgp,
     /// The model with this node's autodetected address filled in.
     pub snap: Arc<Snapshot>,
@@ -57,6 +59,7 @@ pub(super) struct Node {
     name: String,
     speaker: Speaker,
     fib: Reconciler,
+    nat: NatReconciler,
     local: LocalBgp,
     snap: Arc<Snapshot>,
     own: Vec<IpAddr>,
@@ -92,6 +95,7 @@ impl Node {
             name: s.name,
             speaker: s.speaker,
             fib: s.fib,
+            nat: s.nat,
             local: s.local,
             snap: s.snap,
             blocks: s.blocks,
@@ -181,6 +185,7 @@ impl Node {
             obs.readiness.observe_sessions(&sessions);
         }
         obs.metrics.observe_fib(&self.fib.status());
+        obs.metrics.observe_nat(&self.nat.status());
         obs.metrics.observe_ipam(&self.ipam_status());
         let refused = lock(&self.shared).refused.clone();
         obs.metrics.set_routes_refused(
@@ -284,6 +289,15 @@ impl Node {
     /// Recompute the desired FIB and refresh what the control socket shows.
     fn publish(&mut self) -> Result<()> {
         let pools: Vec<_> = self.snap.pools.values().map(|p| p.spec.clone()).collect();
+        let nat_pools: Vec<NatPool> = pools
+            .iter()
+            .map(|p| NatPool {
+                cidr: p.cidr,
+                nat_outgoing: p.nat_outgoing,
+            })
+            .collect();
+        // Sent only when it changed; the task applies it within a pass.
+        self.nat.set_desired(nat::desired(&nat_pools));
         let routes::Desired {
             routes: desired,
             refused,

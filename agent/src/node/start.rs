@@ -16,6 +16,7 @@ use crate::ipam::{self, Ipam, IpamConfig, Store};
 use crate::model::file::DEFAULT_POLL;
 use crate::model::plan::{self, LocalBgp};
 use crate::model::{Datastore, FileDatastore, Snapshot};
+use crate::nat::NatReconciler;
 use anyhow::{Context, Result, bail};
 use ipnet::IpNet;
 use starling_bgp::{RouteEvent, Speaker, SpeakerConfig};
@@ -164,6 +165,7 @@ async fn run_node(
     )
     .await?;
     obs.readiness.set_fib_synced(true);
+    let nat = start_nat()?;
 
     let router_id = local
         .router_id
@@ -175,6 +177,7 @@ async fn run_node(
         name: name.clone(),
         speaker: speaker.clone(),
         fib: fib.clone(),
+        nat: nat.clone(),
         local,
         snap,
         blocks,
@@ -188,6 +191,7 @@ async fn run_node(
         shared: node.shared(),
         speaker,
         fib,
+        nat,
         datastore_error: model.last_error,
     }
     .serve(cfg.control_socket.clone());
@@ -398,6 +402,17 @@ async fn first_fib_pass(
         "FIB first pass done"
     );
     Ok((fib, preserved))
+}
+
+/// The NAT reconciler on a thread of its own (it runs `nft`). It does
+/// nothing until the event loop's first desired rules, so a restarted
+/// agent leaves the previous run's table in place until it knows the pools.
+/// A failure of `nft` is its status and metric, never the agent's end.
+fn start_nat() -> Result<NatReconciler> {
+    let (nat, task) = NatReconciler::new(None);
+    crate::runtime::spawn_with_runtime("nat", move || task.run())
+        .context("starting the NAT thread")?;
+    Ok(nat)
 }
 
 /// Phase 5: the BGP speaker, announcing this node's blocks.
