@@ -8,10 +8,12 @@ use super::control::{NodeStatus, Shared, lock};
 use super::peering::Peering;
 use super::routes::{self, RefusedReason};
 use crate::autodetect::Detected;
+use crate::encap::Encapsulation;
 use crate::fib::{Reconciler, Route};
 use crate::health::Endpoints;
 use crate::model::Snapshot;
 use crate::model::plan::{self, LocalBgp};
+use crate::mtu::PodMtu;
 use crate::nat::{self, NatPool, NatReconciler};
 use anyhow::{Result, bail};
 use ipnet::IpNet;
@@ -31,6 +33,10 @@ pub(super) struct Started {
     pub speaker: Speaker,
     pub fib: Reconciler,
     pub nat: NatReconciler,
+    /// The pod MTU's rule, shared with IPAM: new addresses and pools go in.
+    pub pod_mtu: PodMtu,
+    /// The config's `encapsulation`, which overrides the pools' for the MTU.
+    pub mtu_encapsulation: Option<Encapsulation>,
     pub local: LocalBgp,
     /// The model with this node's autodetected address filled in.
     pub snap: Arc<Snapshot>,
@@ -60,6 +66,8 @@ pub(super) struct Node {
     speaker: Speaker,
     fib: Reconciler,
     nat: NatReconciler,
+    pod_mtu: PodMtu,
+    mtu_encapsulation: Option<Encapsulation>,
     local: LocalBgp,
     snap: Arc<Snapshot>,
     own: Vec<IpAddr>,
@@ -96,6 +104,8 @@ impl Node {
             speaker: s.speaker,
             fib: s.fib,
             nat: s.nat,
+            pod_mtu: s.pod_mtu,
+            mtu_encapsulation: s.mtu_encapsulation,
             local: s.local,
             snap: s.snap,
             blocks: s.blocks,
@@ -263,6 +273,10 @@ impl Node {
             .iter()
             .map(|n| n.addr())
             .collect();
+        let encap = self
+            .mtu_encapsulation
+            .unwrap_or_else(|| pools_encapsulation(&snap));
+        self.pod_mtu.update(self.own.clone(), encap.overhead());
         self.snap = snap;
         self.apply_plan().await;
     }
@@ -338,8 +352,18 @@ impl Node {
     }
 }
 
+/// The encapsulation the enabled pools need at worst, for the pod MTU.
+pub(super) fn pools_encapsulation(snap: &Snapshot) -> Encapsulation {
+    snap.pools
+        .values()
+        .filter(|p| !p.spec.disabled)
+        .map(|p| p.spec.encapsulation())
+        .max_by_key(|e| e.overhead())
+        .unwrap_or_default()
+}
+
 /// This node's addresses in the model, as BGP uses them.
-fn own_addresses(snap: &Snapshot, node: &str) -> Vec<IpNet> {
+pub(super) fn own_addresses(snap: &Snapshot, node: &str) -> Vec<IpNet> {
     snap.node(node)
         .map(|n| {
             n.ipv4_address

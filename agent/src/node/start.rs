@@ -5,7 +5,7 @@
 
 use super::config::{AgentConfig, DatastoreConfig};
 use super::control::{self, LastError};
-use super::events::{Inputs, Node, Started, with_address};
+use super::events::{Inputs, Node, Started, own_addresses, pools_encapsulation, with_address};
 use super::routes;
 use crate::autodetect::{self, Detected};
 use crate::encap::Encapsulation;
@@ -16,6 +16,7 @@ use crate::ipam::{self, Ipam, IpamConfig, Store};
 use crate::model::file::DEFAULT_POLL;
 use crate::model::plan::{self, LocalBgp};
 use crate::model::{Datastore, FileDatastore, Snapshot};
+use crate::mtu::{MtuRule, PodMtu};
 use crate::nat::NatReconciler;
 use anyhow::{Context, Result, bail};
 use ipnet::IpNet;
@@ -154,7 +155,8 @@ async fn run_node(
     obs.readiness.set_datastore_synced(true);
     obs.metrics.set_datastore_ready(true);
 
-    let ipam = start_ipam(&cfg, &snap, model.claims)?.with_metrics(obs.metrics.clone());
+    let (ipam, pod_mtu) = start_ipam(&cfg, &snap, model.claims)?;
+    let ipam = ipam.with_metrics(obs.metrics.clone());
     let (mut blocks_rx, mut pods_rx) = (ipam.blocks(), ipam.pod_routes());
     let blocks = blocks_rx.borrow_and_update().clone();
     let pods = pods_rx.borrow_and_update().clone();
@@ -178,6 +180,8 @@ async fn run_node(
         speaker: speaker.clone(),
         fib: fib.clone(),
         nat: nat.clone(),
+        pod_mtu,
+        mtu_encapsulation: cfg.encapsulation,
         local,
         snap,
         blocks,
@@ -273,7 +277,7 @@ fn start_ipam(
     cfg: &AgentConfig,
     snap: &Snapshot,
     claims: Box<dyn ipam::Datastore>,
-) -> Result<IpamHandle> {
+) -> Result<(IpamHandle, PodMtu)> {
     let name = &cfg.node_name;
     let mut ipam_cfg = cfg.ipam.clone();
     if ipam_cfg.pools.is_empty() {
@@ -292,25 +296,18 @@ fn start_ipam(
     }
     let mut labels = snap.labels(name).clone();
     labels.extend(cfg.node_labels.clone());
-    let defaults = pod_defaults(cfg, pools_encapsulation(snap))?;
-    open_ipam(cfg, labels, ipam_cfg, defaults, claims)
+    let addresses = own_addresses(snap, name).iter().map(|a| a.addr()).collect();
+    let rule = cfg.mtu_rule(pools_encapsulation(snap), addresses)?;
+    let defaults = pod_defaults(cfg, rule);
+    let mtu = defaults.mtu.clone();
+    Ok((open_ipam(cfg, labels, ipam_cfg, defaults, claims)?, mtu))
 }
 
-/// The encapsulation the enabled pools need at worst, for the pod MTU.
-fn pools_encapsulation(snap: &Snapshot) -> Encapsulation {
-    snap.pools
-        .values()
-        .filter(|p| !p.spec.disabled)
-        .map(|p| p.spec.encapsulation())
-        .max_by_key(|e| e.overhead())
-        .unwrap_or_default()
-}
-
-fn pod_defaults(cfg: &AgentConfig, pools: Encapsulation) -> Result<PodDefaults> {
-    Ok(PodDefaults {
-        mtu: cfg.pod_mtu(pools)?,
+fn pod_defaults(cfg: &AgentConfig, rule: MtuRule) -> PodDefaults {
+    PodDefaults {
+        mtu: PodMtu::new(rule),
         route_protocol: cfg.route_protocol().0,
-    })
+    }
 }
 
 /// The block-claim file shared by the agents of a file-datastore cluster.
@@ -337,7 +334,7 @@ fn open_ipam(
     info!(
         node = %cfg.node_name,
         blocks = ?ipam.blocks(),
-        mtu = defaults.mtu,
+        mtu = %defaults.mtu.current().mtu,
         socket = %cfg.socket_path.display(),
         "IPAM ready"
     );
@@ -454,7 +451,7 @@ fn router_id_from_name(name: &str) -> Ipv4Addr {
 /// IPAM only: the CNI socket (and the endpoints when configured).
 async fn run_ipam_only(cfg: AgentConfig, obs: Endpoints, mut served: Served) -> Result<()> {
     info!("no datastore configured: serving IPAM only (no BGP, no FIB)");
-    let defaults = pod_defaults(&cfg, Encapsulation::None)?;
+    let defaults = pod_defaults(&cfg, cfg.mtu_rule(Encapsulation::None, Vec::new())?);
     let handle = open_ipam(
         &cfg,
         cfg.node_labels.clone(),
