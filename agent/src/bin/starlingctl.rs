@@ -468,7 +468,29 @@ fn lab_command(cmd: LabCommand) -> Result<ExitCode> {
                 results.len() - failed.len(),
                 results.len()
             );
-            Ok(if failed.is_empty() {
+            // Pods to the outside host: through the node's masquerade.
+            let outside = l.check_outside();
+            for (pod, addr, ok) in &outside {
+                println!(
+                    "{pod} -> outside {addr}: {}",
+                    if *ok { "ok" } else { "no answer" }
+                );
+            }
+            let out_failed = outside.iter().filter(|r| !r.2).count();
+            if !outside.is_empty() {
+                println!(
+                    "{} of {} pods reach the outside host{}",
+                    outside.len() - out_failed,
+                    outside.len(),
+                    if l.nat_outgoing {
+                        ""
+                    } else {
+                        " (natOutgoing is off: no answer is expected)"
+                    }
+                );
+            }
+            let out_ok = out_failed == 0 || !l.nat_outgoing;
+            Ok(if failed.is_empty() && out_ok {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE
