@@ -623,3 +623,47 @@ fn nat_outgoing_ipv6() -> Result<()> {
     ensure!(results.iter().all(|r| r.2), "{results:?}");
     Ok(())
 }
+
+/// Without `nft` the agent runs on and says so: its status names the
+/// missing program and the package, `starling_nat_ready` is 0, and IPAM
+/// still serves pods. Started again with `nft`, the table is adopted.
+#[test]
+fn nat_without_nft_is_reported_not_fatal() -> Result<()> {
+    let mut c = Cluster::up(options("nonft", 1, Topology::Mesh))?;
+    let ns1 = c.lab.node("node1")?.netns.clone();
+    // A PATH with `ip` (the lab starts the agent with `ip netns exec`) and no `nft`.
+    let path = c.dir().join("path-without-nft");
+    std::fs::create_dir_all(&path)?;
+    let ip = starling_tests::run("sh", &["-c", "command -v ip"])?;
+    std::os::unix::fs::symlink(ip.trim(), path.join("ip"))?;
+    let path_s = path.to_str().context("path")?.to_string();
+    c.lab.kill_agent("node1")?;
+    c.lab.start_agent_with_env("node1", &[("PATH", &path_s)])?;
+    wait_for("the missing nft in node1's status", CONVERGE, || {
+        let e = c.status("node1")?.nat.error.unwrap_or_default();
+        Ok(e.contains("cannot run nft") && e.contains("nftables"))
+    })?;
+    let metrics = || -> Result<String> {
+        let url = "http://127.0.0.1:9091/metrics";
+        starling_tests::run("ip", &["netns", "exec", &ns1, "curl", "-s", url])
+    };
+    wait_for("starling_nat_ready 0", CONVERGE, || {
+        Ok(metrics()?.contains("starling_nat_ready 0"))
+    })?;
+    println!(
+        "node1 without nft: {}",
+        c.status("node1")?.nat.error.unwrap_or_default()
+    );
+    let pod = c.lab.add_pod("node1", "without-nft")?;
+    ensure!(!pod.ips.is_empty());
+    c.lab.kill_agent("node1")?;
+    c.lab.start_agent("node1")?;
+    wait_for("natOutgoing applied with nft back", CONVERGE, || {
+        let st = c.status("node1")?.nat;
+        Ok(st.generation > 0 && st.error.is_none() && st.table_present)
+    })?;
+    wait_for("starling_nat_ready 1", CONVERGE, || {
+        Ok(metrics()?.contains("starling_nat_ready 1"))
+    })?;
+    Ok(())
+}

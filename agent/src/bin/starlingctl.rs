@@ -253,6 +253,7 @@ fn status(agent: &AgentArgs) -> Result<ExitCode> {
             "waiting for End-of-RIB"
         }
     );
+    println!("  {}", nat_line(&st.nat));
     println!();
     println!("IPv4 and IPv6 BGP status");
     print!(
@@ -432,6 +433,7 @@ fn lab_command(cmd: LabCommand) -> Result<ExitCode> {
                             st.fib.installed,
                             if st.synced { "done" } else { "waiting" }
                         );
+                        println!("{}", nat_line(&st.nat));
                     }
                     Err(e) => println!("agent not answering: {e:#}"),
                 }
@@ -500,5 +502,20 @@ fn lab_command(cmd: LabCommand) -> Result<ExitCode> {
             lab::down(&which.dir, &which.name, &mut say)?;
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// natOutgoing in one line: the table in place, absent, or why not.
+fn nat_line(nat: &starling_agent::nat::NatStatus) -> String {
+    match (&nat.error, nat.generation, nat.table_present) {
+        (Some(e), _, _) => format!("natOutgoing: NOT APPLIED: {e}"),
+        (None, 0, _) => "natOutgoing: not yet applied".into(),
+        (None, _, true) => format!(
+            "natOutgoing: nftables table {} in place ({} writes, {} passes found it right)",
+            starling_agent::nat::TABLE,
+            nat.writes,
+            nat.adopted
+        ),
+        (None, _, false) => "natOutgoing: no pool has it (no table)".into(),
     }
 }

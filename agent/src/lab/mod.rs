@@ -360,6 +360,12 @@ impl LabState {
 
     /// Start (or restart) a node's agent in its namespace.
     pub fn start_agent(&mut self, node: &str) -> Result<u32> {
+        self.start_agent_with_env(node, &[])
+    }
+
+    /// [`LabState::start_agent`] with extra environment for the agent (and
+    /// the `ip netns exec` that starts it), e.g. a `PATH` without `nft`.
+    pub fn start_agent_with_env(&mut self, node: &str, env: &[(&str, &str)]) -> Result<u32> {
         let n = self.node(node)?.clone();
         let cfg = n.dir.join("agent.yaml");
         // A killed agent leaves its socket behind; the new one's appearing
@@ -379,6 +385,7 @@ impl LabState {
             .arg(&cfg)
             .env("RUST_LOG", "info")
             .env_remove("RUST_BACKTRACE")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
