@@ -136,17 +136,16 @@ impl AgentConfig {
     }
 
     /// How the pod MTU is found: `mtu` as it is; else `uplink`'s MTU less
-    /// the overhead of the encapsulation (configured, or what the pools
+    /// `overhead` (the encapsulation's: configured, or what the pools
     /// need); else Calico's rule over the node's `addresses`
     /// ([`crate::mtu`]).
-    pub fn mtu_rule(&self, pools_encap: Encapsulation, addresses: Vec<IpAddr>) -> Result<MtuRule> {
+    pub fn mtu_rule(&self, overhead: u32, addresses: Vec<IpAddr>) -> Result<MtuRule> {
         if let Some(mtu) = self.mtu {
             if !(576..=65535).contains(&mtu) {
                 bail!("mtu {mtu} is outside 576..=65535");
             }
             return Ok(MtuRule::Fixed(mtu));
         }
-        let overhead = self.encapsulation.unwrap_or(pools_encap).overhead();
         Ok(match &self.uplink {
             Some(device) => MtuRule::Uplink {
                 device: device.clone(),

@@ -273,10 +273,8 @@ impl Node {
             .iter()
             .map(|n| n.addr())
             .collect();
-        let encap = self
-            .mtu_encapsulation
-            .unwrap_or_else(|| pools_encapsulation(&snap));
-        self.pod_mtu.update(self.own.clone(), encap.overhead());
+        let overhead = mtu_overhead(&snap, self.mtu_encapsulation);
+        self.pod_mtu.update(self.own.clone(), overhead);
         self.snap = snap;
         self.apply_plan().await;
     }
@@ -352,14 +350,21 @@ impl Node {
     }
 }
 
-/// The encapsulation the enabled pools need at worst, for the pod MTU.
-pub(super) fn pools_encapsulation(snap: &Snapshot) -> Encapsulation {
+/// The overhead the pod MTU must leave free: the worst of the enabled
+/// pools' encapsulations, each over its own family (VXLAN: 50 for an IPv4
+/// pool, 70 for an IPv6 one; Calico takes the smallest MTU of the two).
+/// `configured` (the config's `encapsulation`) replaces the pools' own.
+pub(super) fn mtu_overhead(snap: &Snapshot, configured: Option<Encapsulation>) -> u32 {
     snap.pools
         .values()
         .filter(|p| !p.spec.disabled)
-        .map(|p| p.spec.encapsulation())
-        .max_by_key(|e| e.overhead())
-        .unwrap_or_default()
+        .map(|p| {
+            configured
+                .unwrap_or_else(|| p.spec.encapsulation())
+                .overhead(p.spec.cidr.addr().is_ipv6())
+        })
+        .max()
+        .unwrap_or_else(|| configured.map_or(0, |e| e.overhead(false)))
 }
 
 /// This node's addresses in the model, as BGP uses them.
@@ -392,4 +397,37 @@ pub(super) fn with_address(
         n.spec.ipv4_address = Some(a);
     }
     Arc::new(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::encap::EncapMode;
+    use std::path::Path;
+
+    fn snap(pools: &str) -> Snapshot {
+        let mut y = String::new();
+        for (i, spec) in pools.lines().filter(|l| !l.trim().is_empty()).enumerate() {
+            y.push_str(&format!(
+                "---\napiVersion: starling.dev/v1\nkind: IPPool\nmetadata: {{name: p{i}}}\nspec: {spec}\n"
+            ));
+        }
+        crate::model::file::load_str(Path::new("test.yaml"), &y).unwrap()
+    }
+
+    #[test]
+    fn the_mtu_overhead_is_the_worst_enabled_pool_over_its_own_family() {
+        let s = snap(
+            "{cidr: 10.244.0.0/16, ipipMode: Always}\n{cidr: \"fd00:10:244::/56\"}\n{cidr: 10.96.0.0/16, ipipMode: Always, disabled: true}",
+        );
+        assert_eq!(mtu_overhead(&s, None), 20);
+        // The config's encapsulation replaces the pools': VXLAN over the
+        // IPv6 pool's underlay is the worst, 70.
+        let vxlan = Some(Encapsulation::Vxlan(EncapMode::Always));
+        assert_eq!(mtu_overhead(&s, vxlan), 70);
+        let v4_only = snap("{cidr: 10.244.0.0/16}");
+        assert_eq!(mtu_overhead(&v4_only, vxlan), 50);
+        assert_eq!(mtu_overhead(&v4_only, None), 0);
+        assert_eq!(mtu_overhead(&snap(""), None), 0);
+    }
 }

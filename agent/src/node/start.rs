@@ -5,10 +5,9 @@
 
 use super::config::{AgentConfig, DatastoreConfig};
 use super::control::{self, LastError};
-use super::events::{Inputs, Node, Started, own_addresses, pools_encapsulation, with_address};
+use super::events::{Inputs, Node, Started, mtu_overhead, own_addresses, with_address};
 use super::routes;
 use crate::autodetect::{self, Detected};
-use crate::encap::Encapsulation;
 use crate::fib::{FibConfig, Reconciler};
 use crate::health::{EndpointConfig, Endpoints, Readiness};
 use crate::ipam::server::{self as ipam_server, IpamHandle, PodDefaults};
@@ -297,7 +296,7 @@ fn start_ipam(
     let mut labels = snap.labels(name).clone();
     labels.extend(cfg.node_labels.clone());
     let addresses = own_addresses(snap, name).iter().map(|a| a.addr()).collect();
-    let rule = cfg.mtu_rule(pools_encapsulation(snap), addresses)?;
+    let rule = cfg.mtu_rule(mtu_overhead(snap, cfg.encapsulation), addresses)?;
     let defaults = pod_defaults(cfg, rule);
     let mtu = defaults.mtu.clone();
     Ok((open_ipam(cfg, labels, ipam_cfg, defaults, claims)?, mtu))
@@ -451,7 +450,8 @@ fn router_id_from_name(name: &str) -> Ipv4Addr {
 /// IPAM only: the CNI socket (and the endpoints when configured).
 async fn run_ipam_only(cfg: AgentConfig, obs: Endpoints, mut served: Served) -> Result<()> {
     info!("no datastore configured: serving IPAM only (no BGP, no FIB)");
-    let defaults = pod_defaults(&cfg, cfg.mtu_rule(Encapsulation::None, Vec::new())?);
+    let overhead = cfg.encapsulation.map_or(0, |e| e.overhead(false));
+    let defaults = pod_defaults(&cfg, cfg.mtu_rule(overhead, Vec::new())?);
     let handle = open_ipam(
         &cfg,
         cfg.node_labels.clone(),
