@@ -52,6 +52,15 @@ fn cli_up_status_check_down() -> Result<()> {
     let text = String::from_utf8_lossy(&check.stdout);
     ensure!(check.status.success(), "lab check failed:\n{text}");
     ensure!(text.contains("30 of 30 pairs answer"), "{text}");
+    // Pods to the outside host, through their node's masquerade.
+    ensure!(
+        text.contains("node3-pod2 -> outside 203.0.113.1: ok"),
+        "{text}"
+    );
+    ensure!(
+        text.contains("6 of 6 pods reach the outside host"),
+        "{text}"
+    );
     let down = ctl(&["down"])?;
     ensure!(
         down.status.success(),
