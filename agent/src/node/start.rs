@@ -166,7 +166,7 @@ async fn run_node(
     )
     .await?;
     obs.readiness.set_fib_synced(true);
-    let nat = start_nat()?;
+    let nat = start_nat(&obs.readiness)?;
 
     let router_id = local
         .router_id
@@ -403,11 +403,18 @@ async fn first_fib_pass(
 /// The NAT reconciler on a thread of its own (it runs `nft`). It does
 /// nothing until the event loop's first desired rules, so a restarted
 /// agent leaves the previous run's table in place until it knows the pools.
-/// A failure of `nft` is its status and metric, never the agent's end.
-fn start_nat() -> Result<NatReconciler> {
+/// A failure of `nft` is its status and metric, never the agent's end; the
+/// thread's end (a panic) fails /healthz, as the FIB's does.
+fn start_nat(readiness: &Readiness) -> Result<NatReconciler> {
     let (nat, task) = NatReconciler::new(None);
-    crate::runtime::spawn_with_runtime("nat", move || task.run())
-        .context("starting the NAT thread")?;
+    let thread = crate::runtime::spawn_with_runtime("nat", move || async move {
+        task.run().await;
+        Ok(())
+    })
+    .context("starting the NAT thread")?;
+    readiness
+        .supervise("the NAT reconciler", thread)
+        .context("starting the NAT thread's watcher")?;
     Ok(nat)
 }
 
