@@ -64,11 +64,16 @@ cmd_rootfs() {
     strip --strip-debug -o "$root$BIN_DIR_IN_IMAGE/starling-agent" "$bins/starling-agent"
     strip --strip-debug -o "$root$BIN_DIR_IN_IMAGE/starlingctl" "$bins/starlingctl"
     strip --strip-debug -o "$root$PLUGIN_PATH" "$bins/starling"
-    # Every library the three binaries link, at the path the loader looks
+    # natOutgoing runs `nft` (docs/nat.md): the build machine's, with its
+    # libraries below.
+    local nft
+    nft=$(command -v nft) || die "needs \`nft\` for natOutgoing in the image (Debian package nftables)"
+    cp "$nft" "$root$BIN_DIR_IN_IMAGE/nft"
+    # Every library the three binaries and nft link, at the path the loader looks
     # for it, with the symlinks on the way (/lib -> usr/lib on Debian 12).
     local libs
-    libs=$(for b in starling-agent starlingctl starling; do
-        ldd "$bins/$b" | awk '/=> \// {print $3} /^[ \t]*\// {print $1}'
+    libs=$(for b in "$bins/starling-agent" "$bins/starlingctl" "$bins/starling" "$nft"; do
+        ldd "$b" | awk '/=> \// {print $3} /^[ \t]*\// {print $1}'
     done | sort -u)
     [ -n "$libs" ] || die "ldd found no libraries: are the binaries dynamically linked?"
     python3 - "$root" $libs <<'PY'

@@ -182,6 +182,8 @@ pub struct InterfaceAddress {
     pub interface: String,
     pub index: u32,
     pub address: IpNet,
+    /// The interface is administratively up (IFF_UP).
+    pub up: bool,
 }
 
 /// The chosen address and why.
@@ -232,6 +234,7 @@ pub fn interface_addresses() -> Result<Vec<InterfaceAddress>, DetectError> {
             interface: name.to_string_lossy().into_owned(),
             index,
             address,
+            up: ifa.ifa_flags & libc::IFF_UP as u32 != 0,
         });
     }
     // SAFETY: `head` came from getifaddrs and is freed once.
@@ -396,6 +399,7 @@ mod tests {
             interface: interface.into(),
             index,
             address: address.parse().unwrap(),
+            up: true,
         }
     }
 

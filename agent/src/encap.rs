@@ -17,6 +17,9 @@ pub const IPIP_OVERHEAD: u32 = 20;
 /// inner Ethernet 14).
 pub const VXLAN_OVERHEAD: u32 = 50;
 
+/// Bytes VXLAN adds over IPv6: the outer header is IPv6's 40, not 20.
+pub const VXLAN_V6_OVERHEAD: u32 = 70;
+
 /// The encapsulation of traffic towards another node (Calico's pool modes:
 /// `ipipMode`/`vxlanMode` Always or CrossSubnet; Never for both is `None`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -42,13 +45,15 @@ pub enum EncapMode {
 }
 
 impl Encapsulation {
-    /// Bytes the encapsulation adds to a packet: what the pod MTU must
-    /// leave free. CrossSubnet encapsulates some traffic, so it is sized
-    /// for the worst case.
-    pub fn overhead(self) -> u32 {
+    /// Bytes the encapsulation adds to a packet of a pool of the family
+    /// (`v6`: an IPv6 pool, carried over the IPv6 underlay as Calico's
+    /// VXLAN does): what the pod MTU must leave free. CrossSubnet
+    /// encapsulates some traffic, so it is sized for the worst case.
+    pub fn overhead(self, v6: bool) -> u32 {
         match self {
             Encapsulation::None => 0,
             Encapsulation::Ipip(_) => IPIP_OVERHEAD,
+            Encapsulation::Vxlan(_) if v6 => VXLAN_V6_OVERHEAD,
             Encapsulation::Vxlan(_) => VXLAN_OVERHEAD,
         }
     }
@@ -136,8 +141,15 @@ mod tests {
 
     #[test]
     fn overhead_is_the_worst_case_of_the_mode() {
-        assert_eq!(Encapsulation::None.overhead(), 0);
-        assert_eq!(Encapsulation::Ipip(EncapMode::CrossSubnet).overhead(), 20);
-        assert_eq!(Encapsulation::Vxlan(EncapMode::Always).overhead(), 50);
+        assert_eq!(Encapsulation::None.overhead(false), 0);
+        assert_eq!(
+            Encapsulation::Ipip(EncapMode::CrossSubnet).overhead(false),
+            20
+        );
+        assert_eq!(Encapsulation::Vxlan(EncapMode::Always).overhead(false), 50);
+        assert_eq!(
+            Encapsulation::Vxlan(EncapMode::CrossSubnet).overhead(true),
+            70
+        );
     }
 }

@@ -10,5 +10,7 @@ pub mod lab;
 pub mod manifests;
 pub mod metrics;
 pub mod model;
+pub mod mtu;
+pub mod nat;
 pub mod node;
 pub mod runtime;

@@ -22,6 +22,7 @@ use starling_bgp::SessionStatus;
 use starling_cni_proto::{Request, StatusReply};
 
 use crate::fib::FibStatus;
+use crate::nat::NatStatus;
 
 /// The content type of [`Metrics::encode`]'s output.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -95,6 +96,7 @@ struct Series {
     ipam_blocks: Gauge,
     cni_duration: HistogramFamily,
     datastore_ready: Gauge,
+    nat_ready: Gauge,
 }
 
 /// The agent's metrics; clone it into every task that reports.
@@ -181,6 +183,12 @@ impl Metrics {
             "1 once the cluster model has been read in full, 0 before or after losing it",
             datastore_ready.clone(),
         );
+        let nat_ready = Gauge::default();
+        registry.register(
+            "nat_ready",
+            "1 when the natOutgoing rules (nftables table inet starling) are as the pools want, 0 when the last pass failed (nft missing or refused)",
+            nat_ready.clone(),
+        );
         registry.register(
             "agent",
             "The running agent's version",
@@ -202,6 +210,7 @@ impl Metrics {
                 ipam_blocks,
                 cni_duration,
                 datastore_ready,
+                nat_ready,
             }),
         };
         // Every fixed label value exists from the start: a series that
@@ -360,6 +369,13 @@ impl Metrics {
     /// `starling_datastore_ready`: the model has been read in full.
     pub fn set_datastore_ready(&self, ready: bool) {
         self.series.datastore_ready.set(i64::from(ready));
+    }
+
+    /// `starling_nat_ready` from the NAT reconciler's status: 1 once a
+    /// pass succeeded and none has failed since.
+    pub fn observe_nat(&self, status: &NatStatus) {
+        let ok = status.error.is_none() && status.generation > 0;
+        self.series.nat_ready.set(i64::from(ok));
     }
 
     /// The OpenMetrics text exposition of every series.

@@ -52,6 +52,15 @@ fn cli_up_status_check_down() -> Result<()> {
     let text = String::from_utf8_lossy(&check.stdout);
     ensure!(check.status.success(), "lab check failed:\n{text}");
     ensure!(text.contains("30 of 30 pairs answer"), "{text}");
+    // Pods to the outside host, through their node's masquerade.
+    ensure!(
+        text.contains("node3-pod2 -> outside 203.0.113.1: ok"),
+        "{text}"
+    );
+    ensure!(
+        text.contains("6 of 6 pods reach the outside host"),
+        "{text}"
+    );
     let down = ctl(&["down"])?;
     ensure!(
         down.status.success(),
@@ -235,5 +244,435 @@ fn mesh_to_reflectors_switch() -> Result<()> {
     let count = mesh_to_reflectors("lm2r")?;
     report("lab-mesh-to-reflectors", count);
     ensure!(count.lost() == 0, "{count:?}");
+    Ok(())
+}
+
+/// A TCP echo server in a namespace that writes each client's address to a
+/// file: how the outside host (or a pod) shows which source it saw.
+/// Killed when dropped.
+struct EchoServer {
+    child: std::process::Child,
+    log: std::path::PathBuf,
+}
+
+const ECHO_SERVER: &str = r#"
+import socketserver, sys
+log = open(sys.argv[2], 'a', buffering=1)
+class H(socketserver.StreamRequestHandler):
+    def handle(self):
+        log.write(self.client_address[0].removeprefix('::ffff:') + '\n')
+        for line in self.rfile:
+            self.wfile.write(line)
+class S(socketserver.ThreadingTCPServer):
+    allow_reuse_address = True
+    daemon_threads = True
+S(('0.0.0.0', int(sys.argv[1])), H).serve_forever()
+"#;
+
+/// One exchange: connect, send a line, print the echo. Exit 1 on failure.
+const ECHO_ONCE: &str = r#"
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=float(sys.argv[3]))
+s.sendall(b'hello\n')
+print(s.makefile().readline().strip())
+"#;
+
+/// A long connection: one line every 50 ms for N lines, each echoed within
+/// 2 s, or exit 1 naming the line that stalled.
+const ECHO_LONG: &str = r#"
+import socket, sys, time
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=2)
+f = s.makefile()
+n = int(sys.argv[3])
+for i in range(n):
+    s.sendall(b'%d\n' % i)
+    got = f.readline().strip()
+    if got != str(i):
+        print('line %d: got %r' % (i, got), flush=True)
+        sys.exit(1)
+    print(i, flush=True)
+    time.sleep(0.05)
+print('done', n, flush=True)
+"#;
+
+impl EchoServer {
+    fn start(netns: &str, port: u16, dir: &std::path::Path) -> Result<EchoServer> {
+        let log = dir.join(format!("echo-{netns}-{port}.log"));
+        std::fs::write(&log, "")?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", netns, "python3", "-c", ECHO_SERVER])
+            .arg(port.to_string())
+            .arg(&log)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            // A client gone mid-line is no news (BrokenPipeError).
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("starting the echo server (python3)")?;
+        let probe = ["netns", "exec", netns, "ss", "-ltn"];
+        wait_for("the echo server listening", Duration::from_secs(10), || {
+            Ok(starling_tests::run("ip", &probe)?.contains(&format!(":{port}")))
+        })?;
+        Ok(EchoServer { child, log })
+    }
+
+    /// The client addresses seen so far, in order.
+    fn peers(&self) -> Result<Vec<String>> {
+        Ok(std::fs::read_to_string(&self.log)?
+            .lines()
+            .map(String::from)
+            .collect())
+    }
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One TCP exchange from a pod; the echo, or why not.
+fn tcp_once(netns: &str, to: std::net::IpAddr, port: u16, timeout_s: f64) -> Result<String> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", netns, "python3", "-c", ECHO_ONCE])
+        .args([to.to_string(), port.to_string(), timeout_s.to_string()])
+        .output()
+        .context("running python3")?;
+    ensure!(
+        out.status.success(),
+        "TCP from {netns} to {to}:{port} failed: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// `nft list table inet starling` in a node, or None when it is absent.
+fn our_table(netns: &str) -> Option<String> {
+    starling_tests::run(
+        "ip",
+        &[
+            "netns", "exec", netns, "nft", "list", "table", "inet", "starling",
+        ],
+    )
+    .ok()
+}
+
+/// What another tool owns in a node: a table of its own and an
+/// iptables-nft rule, listed for a byte-for-byte comparison.
+fn foreign_rules(netns: &str) -> Result<String> {
+    let table = starling_tests::run(
+        "ip",
+        &[
+            "netns", "exec", netns, "nft", "list", "table", "ip", "foreign",
+        ],
+    )?;
+    let ipt = starling_tests::run(
+        "ip",
+        &["netns", "exec", netns, "iptables-nft", "-S", "FORWARD"],
+    )?;
+    let nat = starling_tests::run(
+        "ip",
+        &["netns", "exec", netns, "iptables-nft", "-t", "nat", "-S"],
+    )?;
+    Ok(format!("{table}\n{ipt}\n{nat}"))
+}
+
+/// natOutgoing end to end: every pod reaches the outside host (which knows
+/// no pod route) by ping and TCP, and the outside sees the node's address;
+/// pod to pod keeps the pod's address; turning natOutgoing off and on
+/// applies within 1 s; our rule deleted by hand comes back; another tool's
+/// nftables table and iptables-nft rules stay byte-for-byte; an agent
+/// SIGKILLed and restarted keeps an established connection flowing and
+/// adopts the table without rewriting it.
+#[test]
+fn nat_outgoing_to_the_outside_host() -> Result<()> {
+    let mut c = Cluster::up(options("nat", 3, Topology::Mesh))?;
+    c.converged(CONVERGE)?;
+    let outside = c
+        .lab
+        .outside
+        .clone()
+        .context("the lab has no outside host")?;
+    let out_v4 = outside.addresses[0];
+    let n1 = c.lab.node("node1")?.netns.clone();
+    // Another tool's rules, before anything of ours changes.
+    let ns = |args: &[&str]| -> Result<String> {
+        let mut a = vec!["netns", "exec", n1.as_str()];
+        a.extend_from_slice(args);
+        starling_tests::run("ip", &a)
+    };
+    ns(&["nft", "add", "table", "ip", "foreign"])?;
+    ns(&[
+        "nft",
+        "add",
+        "chain",
+        "ip",
+        "foreign",
+        "out",
+        "{ type filter hook output priority 10; policy accept; }",
+    ])?;
+    ns(&[
+        "nft",
+        "add",
+        "rule",
+        "ip",
+        "foreign",
+        "out",
+        "ip",
+        "daddr",
+        "198.51.100.7",
+        "accept",
+    ])?;
+    ns(&[
+        "iptables-nft",
+        "-A",
+        "FORWARD",
+        "-s",
+        "198.51.100.7",
+        "-j",
+        "ACCEPT",
+    ])?;
+    ns(&[
+        "iptables-nft",
+        "-t",
+        "nat",
+        "-A",
+        "POSTROUTING",
+        "-d",
+        "198.51.100.8",
+        "-j",
+        "RETURN",
+    ])?;
+    let foreign_before = foreign_rules(&n1)?;
+
+    // Ping and TCP from every node's pod; the outside sees the node.
+    let results = c.lab.check_outside();
+    ensure!(
+        results.len() == 3 && results.iter().all(|r| r.2),
+        "{results:?}"
+    );
+    let server = EchoServer::start(&outside.netns, 8080, &c.dir())?;
+    for node in ["node1", "node2", "node3"] {
+        let pod = c.pod(node)?.netns.clone();
+        ensure!(tcp_once(&pod, out_v4, 8080, 3.0)? == "hello");
+        let seen = server.peers()?;
+        let want = c.lab.node(node)?.ipv4.addr().to_string();
+        ensure!(
+            seen.last() == Some(&want),
+            "the outside saw {seen:?}; {node} is {want}"
+        );
+    }
+    // Pod to pod across nodes: no NAT.
+    let pod2 = c.pod("node2")?.clone();
+    let pod_server = EchoServer::start(&pod2.netns, 8081, &c.dir())?;
+    let pod1 = c.pod("node1")?.clone();
+    ensure!(tcp_once(&pod1.netns, pod2.ips[0], 8081, 3.0)? == "hello");
+    let seen = pod_server.peers()?;
+    ensure!(
+        seen == vec![pod1.ips[0].to_string()],
+        "node2's pod saw {seen:?}, not node1's pod {}",
+        pod1.ips[0]
+    );
+
+    // Off, then on: every node's table follows within 1 s.
+    let nodes: Vec<String> = c.lab.nodes.iter().map(|n| n.netns.clone()).collect();
+    for on in [false, true] {
+        c.lab.set_nat_outgoing(on)?;
+        let took = wait_for(
+            &format!(
+                "natOutgoing {} on every node",
+                if on { "on" } else { "off" }
+            ),
+            Duration::from_secs(1),
+            || Ok(nodes.iter().all(|n| our_table(n).is_some() == on)),
+        )?;
+        bench_line(
+            "lab-nat-outgoing",
+            "starling",
+            if on { "turned_on" } else { "turned_off" },
+            took.as_secs_f64() * 1000.0,
+            "ms",
+        );
+        let r = tcp_once(&pod1.netns, out_v4, 8080, 1.0);
+        ensure!(
+            r.is_ok() == on,
+            "natOutgoing {on}: TCP to the outside: {r:?}"
+        );
+    }
+
+    // Drift: our rules flushed by hand come back.
+    let table_before = our_table(&n1).context("our table")?;
+    ns(&["nft", "flush", "chain", "inet", "starling", "postrouting"])?;
+    let took = wait_for("our flushed rules restored", Duration::from_secs(5), || {
+        Ok(our_table(&n1).as_deref() == Some(table_before.as_str()))
+    })?;
+    bench_line(
+        "lab-nat-drift",
+        "starling",
+        "restored",
+        took.as_secs_f64() * 1000.0,
+        "ms",
+    );
+    ns(&["nft", "delete", "table", "inet", "starling"])?;
+    wait_for("our deleted table restored", Duration::from_secs(5), || {
+        Ok(our_table(&n1).as_deref() == Some(table_before.as_str()))
+    })?;
+
+    // An established connection through the NAT survives SIGKILL + start.
+    let mut long = Command::new("ip")
+        .args(["netns", "exec", &pod1.netns, "python3", "-c", ECHO_LONG])
+        .args([out_v4.to_string(), "8080".into(), "200".into()])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("starting the long connection")?;
+    let stdout = long.stdout.take().context("its stdout")?;
+    let echoed = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let reader = {
+        let echoed = echoed.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                echoed.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+            }
+        })
+    };
+    let lines = || echoed.lock().unwrap_or_else(|e| e.into_inner()).len();
+    wait_for(
+        "the long connection flowing",
+        Duration::from_secs(10),
+        || Ok(lines() >= 10),
+    )?;
+    let writes_before = c.status("node1")?.nat.writes;
+    c.lab.kill_agent("node1")?;
+    c.lab.start_agent("node1")?;
+    wait_for("node1's NAT pass after the restart", CONVERGE, || {
+        let st = c.status("node1")?.nat;
+        Ok(st.generation > 0 && st.error.is_none())
+    })?;
+    let st = c.status("node1")?.nat;
+    ensure!(
+        st.writes == 0 && st.adopted >= 1 && st.table_present,
+        "the restarted agent rewrote the table instead of adopting it: {st:?} (before: {writes_before} writes)"
+    );
+    let at_restart = lines();
+    ensure!(
+        at_restart < 200,
+        "the connection ended before the agent was back: nothing was proven"
+    );
+    let status = long.wait()?;
+    let _ = reader.join();
+    let text = echoed.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    ensure!(
+        status.success() && text.last().map(String::as_str) == Some("done 200"),
+        "the established connection broke across the restart ({at_restart} lines before it): {:?}",
+        text.last()
+    );
+    ensure!(our_table(&n1).as_deref() == Some(table_before.as_str()));
+    // Another tool's rules: untouched by all of the above.
+    ensure!(
+        foreign_rules(&n1)? == foreign_before,
+        "another tool's rules changed:\nbefore:\n{foreign_before}\nafter:\n{}",
+        foreign_rules(&n1)?
+    );
+    c.all_pairs_answer()?;
+    Ok(())
+}
+
+/// The pod MTU follows the uplink: 9000 and then 1460 on node1's eth0
+/// reach the next pod (no encapsulation: no overhead), and the pod made
+/// at 9000 keeps it.
+#[test]
+fn pod_mtu_follows_the_uplink() -> Result<()> {
+    let mut c = Cluster::up(options("mtu", 1, Topology::Mesh))?;
+    let ns1 = c.lab.node("node1")?.netns.clone();
+    let mtu_of = |netns: &str| -> Result<u32> {
+        Ok(starling_tests::run(
+            "ip",
+            &["netns", "exec", netns, "cat", "/sys/class/net/eth0/mtu"],
+        )?
+        .trim()
+        .parse()?)
+    };
+    ensure!(mtu_of(&c.pod("node1")?.netns.clone())? == 1500);
+    let mut made = Vec::new();
+    for mtu in [9000u32, 1460] {
+        starling_tests::run(
+            "ip",
+            &["-n", &ns1, "link", "set", "eth0", "mtu", &mtu.to_string()],
+        )?;
+        let p = c.lab.add_pod("node1", &format!("mtu{mtu}"))?;
+        let got = mtu_of(&p.netns)?;
+        ensure!(got == mtu, "a pod made with a {mtu} uplink got MTU {got}");
+        made.push((p.netns, mtu));
+    }
+    for (netns, mtu) in made {
+        ensure!(mtu_of(&netns)? == mtu, "{netns} no longer has {mtu}");
+    }
+    Ok(())
+}
+
+/// natOutgoing over IPv6: with `--ipv6` every pod reaches the outside
+/// host's IPv6 address (which knows no pod route) through its node's
+/// masquerade, as well as its IPv4 one.
+#[test]
+fn nat_outgoing_ipv6() -> Result<()> {
+    let mut o = options("nat6", 2, Topology::Mesh);
+    o.ipv6 = true;
+    let c = Cluster::up(o)?;
+    c.converged(CONVERGE)?;
+    let results = c.lab.check_outside();
+    ensure!(
+        results.iter().filter(|r| r.1.is_ipv6()).count() == 2,
+        "no IPv6 outside check: {results:?}"
+    );
+    ensure!(results.iter().all(|r| r.2), "{results:?}");
+    Ok(())
+}
+
+/// Without `nft` the agent runs on and says so: its status names the
+/// missing program and the package, `starling_nat_ready` is 0, and IPAM
+/// still serves pods. Started again with `nft`, the table is adopted.
+#[test]
+fn nat_without_nft_is_reported_not_fatal() -> Result<()> {
+    let mut c = Cluster::up(options("nonft", 1, Topology::Mesh))?;
+    let ns1 = c.lab.node("node1")?.netns.clone();
+    // A PATH with `ip` (the lab starts the agent with `ip netns exec`) and no `nft`.
+    let path = c.dir().join("path-without-nft");
+    std::fs::create_dir_all(&path)?;
+    let ip = starling_tests::run("sh", &["-c", "command -v ip"])?;
+    std::os::unix::fs::symlink(ip.trim(), path.join("ip"))?;
+    let path_s = path.to_str().context("path")?.to_string();
+    c.lab.kill_agent("node1")?;
+    c.lab.start_agent_with_env("node1", &[("PATH", &path_s)])?;
+    wait_for("the missing nft in node1's status", CONVERGE, || {
+        let e = c.status("node1")?.nat.error.unwrap_or_default();
+        Ok(e.contains("cannot run nft") && e.contains("nftables"))
+    })?;
+    let metrics = || -> Result<String> {
+        let url = "http://127.0.0.1:9091/metrics";
+        starling_tests::run("ip", &["netns", "exec", &ns1, "curl", "-s", url])
+    };
+    wait_for("starling_nat_ready 0", CONVERGE, || {
+        Ok(metrics()?.contains("starling_nat_ready 0"))
+    })?;
+    println!(
+        "node1 without nft: {}",
+        c.status("node1")?.nat.error.unwrap_or_default()
+    );
+    let pod = c.lab.add_pod("node1", "without-nft")?;
+    ensure!(!pod.ips.is_empty());
+    c.lab.kill_agent("node1")?;
+    c.lab.start_agent("node1")?;
+    wait_for("natOutgoing applied with nft back", CONVERGE, || {
+        let st = c.status("node1")?.nat;
+        Ok(st.generation > 0 && st.error.is_none() && st.table_present)
+    })?;
+    wait_for("starling_nat_ready 1", CONVERGE, || {
+        Ok(metrics()?.contains("starling_nat_ready 1"))
+    })?;
     Ok(())
 }

@@ -262,6 +262,7 @@ fn status(agent: &AgentArgs) -> Result<ExitCode> {
             "waiting for End-of-RIB"
         }
     );
+    println!("  {}", nat_line(&st.nat));
     println!();
     println!("IPv4 and IPv6 BGP status");
     print!(
@@ -441,6 +442,7 @@ fn lab_command(cmd: LabCommand) -> Result<ExitCode> {
                             st.fib.installed,
                             if st.synced { "done" } else { "waiting" }
                         );
+                        println!("{}", nat_line(&st.nat));
                     }
                     Err(e) => println!("agent not answering: {e:#}"),
                 }
@@ -477,7 +479,29 @@ fn lab_command(cmd: LabCommand) -> Result<ExitCode> {
                 results.len() - failed.len(),
                 results.len()
             );
-            Ok(if failed.is_empty() {
+            // Pods to the outside host: through the node's masquerade.
+            let outside = l.check_outside();
+            for (pod, addr, ok) in &outside {
+                println!(
+                    "{pod} -> outside {addr}: {}",
+                    if *ok { "ok" } else { "no answer" }
+                );
+            }
+            let out_failed = outside.iter().filter(|r| !r.2).count();
+            if !outside.is_empty() {
+                println!(
+                    "{} of {} pods reach the outside host{}",
+                    outside.len() - out_failed,
+                    outside.len(),
+                    if l.nat_outgoing {
+                        ""
+                    } else {
+                        " (natOutgoing is off: no answer is expected)"
+                    }
+                );
+            }
+            let out_ok = out_failed == 0 || !l.nat_outgoing;
+            Ok(if failed.is_empty() && out_ok {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE
@@ -487,5 +511,20 @@ fn lab_command(cmd: LabCommand) -> Result<ExitCode> {
             lab::down(&which.dir, &which.name, &mut say)?;
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// natOutgoing in one line: the table in place, absent, or why not.
+fn nat_line(nat: &starling_agent::nat::NatStatus) -> String {
+    match (&nat.error, nat.generation, nat.table_present) {
+        (Some(e), _, _) => format!("natOutgoing: NOT APPLIED: {e}"),
+        (None, 0, _) => "natOutgoing: not yet applied".into(),
+        (None, _, true) => format!(
+            "natOutgoing: nftables table {} in place ({} writes, {} passes found it right)",
+            starling_agent::nat::TABLE,
+            nat.writes,
+            nat.adopted
+        ),
+        (None, _, false) => "natOutgoing: no pool has it (no table)".into(),
     }
 }

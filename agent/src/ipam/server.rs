@@ -28,6 +28,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{Change, ClaimPlan, Ipam, IpamError, Store};
 use crate::metrics::{CniCommand, Metrics};
+use crate::mtu::PodMtu;
 
 /// Requests applied (and committed) together at most.
 const MAX_BATCH: usize = 256;
@@ -36,10 +37,19 @@ const MAX_BATCH: usize = 256;
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What the agent tells the plugin besides addresses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct PodDefaults {
-    pub mtu: u32,
+    /// Worked out for every batch of requests: a changed uplink MTU
+    /// reaches the next pod.
+    pub mtu: PodMtu,
     pub route_protocol: u8,
+}
+
+/// [`PodDefaults`] as they are for one batch.
+#[derive(Debug, Clone, Copy)]
+struct Answer {
+    mtu: u32,
+    route_protocol: u8,
 }
 
 struct Job {
@@ -244,6 +254,10 @@ impl Owner {
 
     /// Apply, commit, answer. False when IPAM must stop.
     fn apply_batch(&mut self, batch: Vec<Job>) -> bool {
+        let answer = Answer {
+            mtu: self.defaults.mtu.current().mtu,
+            route_protocol: self.defaults.route_protocol,
+        };
         let mut changes = Vec::new();
         let mut answers = Vec::with_capacity(batch.len());
         for job in batch {
@@ -254,12 +268,7 @@ impl Owner {
                         .into(),
                 })))
             } else {
-                apply(
-                    &mut self.ipam,
-                    &job.envelope.request,
-                    self.defaults,
-                    &mut changes,
-                )
+                apply(&mut self.ipam, &job.envelope.request, answer, &mut changes)
             };
             match applied {
                 Applied::Answer(response) => answers.push((job.reply, *response)),
@@ -367,7 +376,7 @@ impl Owner {
 fn apply(
     ipam: &mut Ipam,
     request: &Request,
-    defaults: PodDefaults,
+    defaults: Answer,
     changes: &mut Vec<Change>,
 ) -> Applied {
     let response = match request {
@@ -489,6 +498,7 @@ pub fn default_store_path(state_dir: &Path) -> PathBuf {
 mod tests {
     use super::*;
     use crate::ipam::{FileDatastore, IpamConfig};
+    use crate::mtu::MtuRule;
     use starling_cni_proto::{AddRequest, AttachmentKey};
     use std::collections::{BTreeMap, HashSet};
 
@@ -536,7 +546,7 @@ mod tests {
             ipam,
             store,
             PodDefaults {
-                mtu: 1500,
+                mtu: PodMtu::new(MtuRule::Fixed(1500)),
                 route_protocol: 73,
             },
         )
@@ -700,7 +710,7 @@ mod tests {
             ipam,
             store,
             PodDefaults {
-                mtu: 1500,
+                mtu: PodMtu::new(MtuRule::Fixed(1500)),
                 route_protocol: 73,
             },
         );

@@ -5,9 +5,15 @@
 //! Layout (for lab `NAME`): a fabric namespace `NAME-fab` holds the underlay
 //! bridge; node `nodeI` is namespace `NAME-nodeI` with `eth0` on the bridge
 //! at 192.0.2.(10+I)/24 (and 2001:db8::(10+I)/64 with IPv6); pods are
-//! namespaces `NAME-nodeI-podK`; the router is `NAME-tor` at 192.0.2.254.
+//! namespaces `NAME-nodeI-podK`; the router is `NAME-tor` at 192.0.2.254;
+//! the outside host `NAME-out` ([`outside`]) is the nodes' default gateway
+//! at 192.0.2.250 and knows no pod route.
 //! Everything the lab started is recorded in `DIR/NAME/lab.json`, so `down`
 //! can remove it even after a crash.
+
+mod outside;
+
+pub use outside::{LabOutside, OUTSIDE_V4, OUTSIDE_V6};
 
 use crate::node::control::{self, NodeStatus, RoutesReport};
 use anyhow::{Context, Result, anyhow, bail};
@@ -113,6 +119,12 @@ pub struct LabState {
     pub mesh: bool,
     /// Nodes that are route reflectors (cluster ID 224.0.0.1).
     pub reflectors: Vec<String>,
+    /// The host beyond the cluster (labs saved before it existed have none).
+    #[serde(default)]
+    pub outside: Option<LabOutside>,
+    /// The pools' `natOutgoing`.
+    #[serde(default)]
+    pub nat_outgoing: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -245,12 +257,14 @@ impl LabState {
         };
         let _ = write!(
             y,
-            "---\napiVersion: starling.dev/v1\nkind: IPPool\nmetadata: {{name: pool-v4}}\nspec: {{cidr: {POOL_V4}, blockSize: 26, ipipMode: {ipip}}}\n"
+            "---\napiVersion: starling.dev/v1\nkind: IPPool\nmetadata: {{name: pool-v4}}\nspec: {{cidr: {POOL_V4}, blockSize: 26, ipipMode: {ipip}, natOutgoing: {}}}\n",
+            self.nat_outgoing
         );
         if self.options.ipv6 {
             let _ = write!(
                 y,
-                "---\napiVersion: starling.dev/v1\nkind: IPPool\nmetadata: {{name: pool-v6}}\nspec: {{cidr: \"{POOL_V6}\", blockSize: 122}}\n"
+                "---\napiVersion: starling.dev/v1\nkind: IPPool\nmetadata: {{name: pool-v6}}\nspec: {{cidr: \"{POOL_V6}\", blockSize: 122, natOutgoing: {}}}\n",
+                self.nat_outgoing
             );
         }
         for n in &self.nodes {
@@ -333,7 +347,7 @@ impl LabState {
             ),
         };
         format!(
-            "nodeName: {}\nstateDir: {}\nsocketPath: {}\ncontrolSocket: {}\nuplink: eth0\ndatastore: {datastore}\nipam: {{datastoreFile: {}}}\n",
+            "nodeName: {}\nstateDir: {}\nsocketPath: {}\ncontrolSocket: {}\ndatastore: {datastore}\nipam: {{datastoreFile: {}}}\n",
             n.name,
             n.dir.display(),
             n.dir.join("cni.sock").display(),
@@ -346,6 +360,12 @@ impl LabState {
 
     /// Start (or restart) a node's agent in its namespace.
     pub fn start_agent(&mut self, node: &str) -> Result<u32> {
+        self.start_agent_with_env(node, &[])
+    }
+
+    /// [`LabState::start_agent`] with extra environment for the agent (and
+    /// the `ip netns exec` that starts it), e.g. a `PATH` without `nft`.
+    pub fn start_agent_with_env(&mut self, node: &str, env: &[(&str, &str)]) -> Result<u32> {
         let n = self.node(node)?.clone();
         let cfg = n.dir.join("agent.yaml");
         // A killed agent leaves its socket behind; the new one's appearing
@@ -365,6 +385,7 @@ impl LabState {
             .arg(&cfg)
             .env("RUST_LOG", "info")
             .env_remove("RUST_BACKTRACE")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -546,6 +567,8 @@ impl LabState {
             .then(|| format!("2001:db8::{:x}/64", 0x10 + i).parse())
             .transpose()?;
         plug(&self.fabric, &netns, &port, &ipv4, ipv6.as_ref())
+            .with_context(|| format!("{name}: wiring"))?;
+        self.route_via_outside(&netns)
             .with_context(|| format!("{name}: wiring"))?;
         self.nodes.push(LabNode {
             name,
@@ -778,9 +801,16 @@ pub fn up(opts: LabOptions, progress: &mut dyn FnMut(&str)) -> Result<LabState> 
             Topology::Mesh => vec![],
             Topology::Reflectors => vec!["node1".into(), "node2".into()],
         },
+        outside: None,
+        nat_outgoing: true,
     };
     lab.save()?;
     make_fabric(&lab.fabric, progress)?;
+    progress(&format!(
+        "outside host: namespace {}-out at {OUTSIDE_V4}, the nodes' gateway, no pod routes",
+        opts.name
+    ));
+    lab.build_outside()?;
     for i in 1..=opts.nodes {
         progress(&format!(
             "node{i}: namespace {}-node{i}, uplink eth0",

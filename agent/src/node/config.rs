@@ -6,9 +6,11 @@ use crate::encap::Encapsulation;
 use crate::fib::RouteProtocol;
 use crate::health::EndpointConfig;
 use crate::ipam::IpamConfig;
+use crate::mtu::MtuRule;
 use anyhow::{Context, Result, bail};
 use serde::Deserialize;
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 /// Where the cluster model comes from.
@@ -51,10 +53,13 @@ pub struct AgentConfig {
     /// FIB), from the `ipam` section.
     #[serde(default)]
     pub datastore: Option<DatastoreConfig>,
-    /// Pod MTU; when absent, the uplink's MTU minus the encapsulation overhead.
+    /// Pod MTU, as it is. When absent: the `uplink`'s MTU, or without one
+    /// the smallest MTU of the up interfaces carrying the node's addresses
+    /// (Calico's rule), less the encapsulation's overhead.
     #[serde(default)]
     pub mtu: Option<u32>,
-    /// The device towards other nodes; default: that of the IPv4 default route.
+    /// The device towards other nodes; default: that of the IPv4 default
+    /// route. When set, the pod MTU follows this device's MTU.
     #[serde(default)]
     pub uplink: Option<String>,
     /// Overrides the encapsulation the pools imply, for the MTU.
@@ -130,28 +135,27 @@ impl AgentConfig {
             .map_or(RouteProtocol::STARLING, RouteProtocol)
     }
 
-    /// The pod MTU: the configured one, or the uplink's less the overhead
-    /// of the encapsulation (configured, or what the pools need).
-    pub fn pod_mtu(&self, pools_encap: Encapsulation) -> Result<u32> {
+    /// How the pod MTU is found: `mtu` as it is; else `uplink`'s MTU less
+    /// `overhead` (the encapsulation's: configured, or what the pools
+    /// need); else Calico's rule over the node's `addresses`
+    /// ([`crate::mtu`]).
+    pub fn mtu_rule(&self, overhead: u32, addresses: Vec<IpAddr>) -> Result<MtuRule> {
         if let Some(mtu) = self.mtu {
             if !(576..=65535).contains(&mtu) {
                 bail!("mtu {mtu} is outside 576..=65535");
             }
-            return Ok(mtu);
+            return Ok(MtuRule::Fixed(mtu));
         }
-        let uplink_mtu = match &self.uplink {
-            Some(dev) => {
-                let p = format!("/sys/class/net/{dev}/mtu");
-                std::fs::read_to_string(&p)
-                    .with_context(|| format!("uplink {dev}: cannot read {p}"))?
-                    .trim()
-                    .parse::<u32>()
-                    .with_context(|| format!("uplink {dev}: {p} is not a number"))?
-            }
-            None => 1500,
-        };
-        let encap = self.encapsulation.unwrap_or(pools_encap);
-        Ok(uplink_mtu.saturating_sub(encap.overhead()))
+        Ok(match &self.uplink {
+            Some(device) => MtuRule::Uplink {
+                device: device.clone(),
+                overhead,
+            },
+            None => MtuRule::Detect {
+                addresses,
+                overhead,
+            },
+        })
     }
 }
 

@@ -7,6 +7,7 @@
 use super::routes::Refused;
 use crate::fib::{FibStatus, Reconciler, Route};
 use crate::model::IPPoolSpec;
+use crate::nat::{NatReconciler, NatStatus};
 use anyhow::Context;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -77,6 +78,9 @@ pub struct NodeStatus {
     pub blocks: Vec<IpNet>,
     pub pods: usize,
     pub fib: FibStatus,
+    /// natOutgoing: our nftables table, or why it is not in place.
+    #[serde(default)]
+    pub nat: NatStatus,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -149,6 +153,7 @@ pub(super) struct Server {
     pub shared: Arc<Mutex<Shared>>,
     pub speaker: Speaker,
     pub fib: Reconciler,
+    pub nat: NatReconciler,
     pub datastore_error: LastError,
 }
 
@@ -172,6 +177,7 @@ impl Server {
                     let mut st = lock(&self.shared).status.clone();
                     st.sessions = sessions;
                     st.fib = self.fib.status();
+                    st.nat = self.nat.status();
                     st.datastore_error = (self.datastore_error)();
                     Reply::Status(st)
                 }

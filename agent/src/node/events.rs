@@ -8,10 +8,13 @@ use super::control::{NodeStatus, Shared, lock};
 use super::peering::Peering;
 use super::routes::{self, RefusedReason};
 use crate::autodetect::Detected;
+use crate::encap::Encapsulation;
 use crate::fib::{Reconciler, Route};
 use crate::health::Endpoints;
 use crate::model::Snapshot;
 use crate::model::plan::{self, LocalBgp};
+use crate::mtu::PodMtu;
+use crate::nat::{self, NatPool, NatReconciler};
 use anyhow::{Result, bail};
 use ipnet::IpNet;
 use starling_bgp::{RouteEvent, Speaker};
@@ -29,6 +32,11 @@ pub(super) struct Started {
     pub name: String,
     pub speaker: Speaker,
     pub fib: Reconciler,
+    pub nat: NatReconciler,
+    /// The pod MTU's rule, shared with IPAM: new addresses and pools go in.
+    pub pod_mtu: PodMtu,
+    /// The config's `encapsulation`, which overrides the pools' for the MTU.
+    pub mtu_encapsulation: Option<Encapsulation>,
     pub local: LocalBgp,
     /// The model with this node's autodetected address filled in.
     pub snap: Arc<Snapshot>,
@@ -57,6 +65,9 @@ pub(super) struct Node {
     name: String,
     speaker: Speaker,
     fib: Reconciler,
+    nat: NatReconciler,
+    pod_mtu: PodMtu,
+    mtu_encapsulation: Option<Encapsulation>,
     local: LocalBgp,
     snap: Arc<Snapshot>,
     own: Vec<IpAddr>,
@@ -92,6 +103,9 @@ impl Node {
             name: s.name,
             speaker: s.speaker,
             fib: s.fib,
+            nat: s.nat,
+            pod_mtu: s.pod_mtu,
+            mtu_encapsulation: s.mtu_encapsulation,
             local: s.local,
             snap: s.snap,
             blocks: s.blocks,
@@ -181,6 +195,7 @@ impl Node {
             obs.readiness.observe_sessions(&sessions);
         }
         obs.metrics.observe_fib(&self.fib.status());
+        obs.metrics.observe_nat(&self.nat.status());
         obs.metrics.observe_ipam(&self.ipam_status());
         let refused = lock(&self.shared).refused.clone();
         obs.metrics.set_routes_refused(
@@ -258,6 +273,8 @@ impl Node {
             .iter()
             .map(|n| n.addr())
             .collect();
+        let overhead = mtu_overhead(&snap, self.mtu_encapsulation);
+        self.pod_mtu.update(self.own.clone(), overhead);
         self.snap = snap;
         self.apply_plan().await;
     }
@@ -284,6 +301,15 @@ impl Node {
     /// Recompute the desired FIB and refresh what the control socket shows.
     fn publish(&mut self) -> Result<()> {
         let pools: Vec<_> = self.snap.pools.values().map(|p| p.spec.clone()).collect();
+        let nat_pools: Vec<NatPool> = pools
+            .iter()
+            .map(|p| NatPool {
+                cidr: p.cidr,
+                nat_outgoing: p.nat_outgoing,
+            })
+            .collect();
+        // Sent only when it changed; the task applies it within a pass.
+        self.nat.set_desired(nat::desired(&nat_pools));
         let routes::Desired {
             routes: desired,
             refused,
@@ -324,8 +350,25 @@ impl Node {
     }
 }
 
+/// The overhead the pod MTU must leave free: the worst of the enabled
+/// pools' encapsulations, each over its own family (VXLAN: 50 for an IPv4
+/// pool, 70 for an IPv6 one; Calico takes the smallest MTU of the two).
+/// `configured` (the config's `encapsulation`) replaces the pools' own.
+pub(super) fn mtu_overhead(snap: &Snapshot, configured: Option<Encapsulation>) -> u32 {
+    snap.pools
+        .values()
+        .filter(|p| !p.spec.disabled)
+        .map(|p| {
+            configured
+                .unwrap_or_else(|| p.spec.encapsulation())
+                .overhead(p.spec.cidr.addr().is_ipv6())
+        })
+        .max()
+        .unwrap_or_else(|| configured.map_or(0, |e| e.overhead(false)))
+}
+
 /// This node's addresses in the model, as BGP uses them.
-fn own_addresses(snap: &Snapshot, node: &str) -> Vec<IpNet> {
+pub(super) fn own_addresses(snap: &Snapshot, node: &str) -> Vec<IpNet> {
     snap.node(node)
         .map(|n| {
             n.ipv4_address
@@ -354,4 +397,37 @@ pub(super) fn with_address(
         n.spec.ipv4_address = Some(a);
     }
     Arc::new(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::encap::EncapMode;
+    use std::path::Path;
+
+    fn snap(pools: &str) -> Snapshot {
+        let mut y = String::new();
+        for (i, spec) in pools.lines().filter(|l| !l.trim().is_empty()).enumerate() {
+            y.push_str(&format!(
+                "---\napiVersion: starling.dev/v1\nkind: IPPool\nmetadata: {{name: p{i}}}\nspec: {spec}\n"
+            ));
+        }
+        crate::model::file::load_str(Path::new("test.yaml"), &y).unwrap()
+    }
+
+    #[test]
+    fn the_mtu_overhead_is_the_worst_enabled_pool_over_its_own_family() {
+        let s = snap(
+            "{cidr: 10.244.0.0/16, ipipMode: Always}\n{cidr: \"fd00:10:244::/56\"}\n{cidr: 10.96.0.0/16, ipipMode: Always, disabled: true}",
+        );
+        assert_eq!(mtu_overhead(&s, None), 20);
+        // The config's encapsulation replaces the pools': VXLAN over the
+        // IPv6 pool's underlay is the worst, 70.
+        let vxlan = Some(Encapsulation::Vxlan(EncapMode::Always));
+        assert_eq!(mtu_overhead(&s, vxlan), 70);
+        let v4_only = snap("{cidr: 10.244.0.0/16}");
+        assert_eq!(mtu_overhead(&v4_only, vxlan), 50);
+        assert_eq!(mtu_overhead(&v4_only, None), 0);
+        assert_eq!(mtu_overhead(&snap(""), None), 0);
+    }
 }

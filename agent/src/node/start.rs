@@ -5,10 +5,9 @@
 
 use super::config::{AgentConfig, DatastoreConfig};
 use super::control::{self, LastError};
-use super::events::{Inputs, Node, Started, with_address};
+use super::events::{Inputs, Node, Started, mtu_overhead, own_addresses, with_address};
 use super::routes;
 use crate::autodetect::{self, Detected};
-use crate::encap::Encapsulation;
 use crate::fib::{FibConfig, Reconciler};
 use crate::health::{EndpointConfig, Endpoints, Readiness};
 use crate::ipam::server::{self as ipam_server, IpamHandle, PodDefaults};
@@ -16,6 +15,8 @@ use crate::ipam::{self, Ipam, IpamConfig, Store};
 use crate::model::file::DEFAULT_POLL;
 use crate::model::plan::{self, LocalBgp};
 use crate::model::{Datastore, FileDatastore, Snapshot};
+use crate::mtu::{MtuRule, PodMtu};
+use crate::nat::NatReconciler;
 use anyhow::{Context, Result, bail};
 use ipnet::IpNet;
 use starling_bgp::{RouteEvent, Speaker, SpeakerConfig};
@@ -153,7 +154,8 @@ async fn run_node(
     obs.readiness.set_datastore_synced(true);
     obs.metrics.set_datastore_ready(true);
 
-    let ipam = start_ipam(&cfg, &snap, model.claims)?.with_metrics(obs.metrics.clone());
+    let (ipam, pod_mtu) = start_ipam(&cfg, &snap, model.claims)?;
+    let ipam = ipam.with_metrics(obs.metrics.clone());
     let (mut blocks_rx, mut pods_rx) = (ipam.blocks(), ipam.pod_routes());
     let blocks = blocks_rx.borrow_and_update().clone();
     let pods = pods_rx.borrow_and_update().clone();
@@ -164,6 +166,7 @@ async fn run_node(
     )
     .await?;
     obs.readiness.set_fib_synced(true);
+    let nat = start_nat(&obs.readiness)?;
 
     let router_id = local
         .router_id
@@ -175,6 +178,9 @@ async fn run_node(
         name: name.clone(),
         speaker: speaker.clone(),
         fib: fib.clone(),
+        nat: nat.clone(),
+        pod_mtu,
+        mtu_encapsulation: cfg.encapsulation,
         local,
         snap,
         blocks,
@@ -188,6 +194,7 @@ async fn run_node(
         shared: node.shared(),
         speaker,
         fib,
+        nat,
         datastore_error: model.last_error,
     }
     .serve(cfg.control_socket.clone());
@@ -269,7 +276,7 @@ fn start_ipam(
     cfg: &AgentConfig,
     snap: &Snapshot,
     claims: Box<dyn ipam::Datastore>,
-) -> Result<IpamHandle> {
+) -> Result<(IpamHandle, PodMtu)> {
     let name = &cfg.node_name;
     let mut ipam_cfg = cfg.ipam.clone();
     if ipam_cfg.pools.is_empty() {
@@ -288,25 +295,18 @@ fn start_ipam(
     }
     let mut labels = snap.labels(name).clone();
     labels.extend(cfg.node_labels.clone());
-    let defaults = pod_defaults(cfg, pools_encapsulation(snap))?;
-    open_ipam(cfg, labels, ipam_cfg, defaults, claims)
+    let addresses = own_addresses(snap, name).iter().map(|a| a.addr()).collect();
+    let rule = cfg.mtu_rule(mtu_overhead(snap, cfg.encapsulation), addresses)?;
+    let defaults = pod_defaults(cfg, rule);
+    let mtu = defaults.mtu.clone();
+    Ok((open_ipam(cfg, labels, ipam_cfg, defaults, claims)?, mtu))
 }
 
-/// The encapsulation the enabled pools need at worst, for the pod MTU.
-fn pools_encapsulation(snap: &Snapshot) -> Encapsulation {
-    snap.pools
-        .values()
-        .filter(|p| !p.spec.disabled)
-        .map(|p| p.spec.encapsulation())
-        .max_by_key(|e| e.overhead())
-        .unwrap_or_default()
-}
-
-fn pod_defaults(cfg: &AgentConfig, pools: Encapsulation) -> Result<PodDefaults> {
-    Ok(PodDefaults {
-        mtu: cfg.pod_mtu(pools)?,
+fn pod_defaults(cfg: &AgentConfig, rule: MtuRule) -> PodDefaults {
+    PodDefaults {
+        mtu: PodMtu::new(rule),
         route_protocol: cfg.route_protocol().0,
-    })
+    }
 }
 
 /// The block-claim file shared by the agents of a file-datastore cluster.
@@ -333,7 +333,7 @@ fn open_ipam(
     info!(
         node = %cfg.node_name,
         blocks = ?ipam.blocks(),
-        mtu = defaults.mtu,
+        mtu = %defaults.mtu.current().mtu,
         socket = %cfg.socket_path.display(),
         "IPAM ready"
     );
@@ -400,6 +400,24 @@ async fn first_fib_pass(
     Ok((fib, preserved))
 }
 
+/// The NAT reconciler on a thread of its own (it runs `nft`). It does
+/// nothing until the event loop's first desired rules, so a restarted
+/// agent leaves the previous run's table in place until it knows the pools.
+/// A failure of `nft` is its status and metric, never the agent's end; the
+/// thread's end (a panic) fails /healthz, as the FIB's does.
+fn start_nat(readiness: &Readiness) -> Result<NatReconciler> {
+    let (nat, task) = NatReconciler::new(None);
+    let thread = crate::runtime::spawn_with_runtime("nat", move || async move {
+        task.run().await;
+        Ok(())
+    })
+    .context("starting the NAT thread")?;
+    readiness
+        .supervise("the NAT reconciler", thread)
+        .context("starting the NAT thread's watcher")?;
+    Ok(nat)
+}
+
 /// Phase 5: the BGP speaker, announcing this node's blocks.
 async fn start_speaker(
     cfg: &AgentConfig,
@@ -439,7 +457,8 @@ fn router_id_from_name(name: &str) -> Ipv4Addr {
 /// IPAM only: the CNI socket (and the endpoints when configured).
 async fn run_ipam_only(cfg: AgentConfig, obs: Endpoints, mut served: Served) -> Result<()> {
     info!("no datastore configured: serving IPAM only (no BGP, no FIB)");
-    let defaults = pod_defaults(&cfg, Encapsulation::None)?;
+    let overhead = cfg.encapsulation.map_or(0, |e| e.overhead(false));
+    let defaults = pod_defaults(&cfg, cfg.mtu_rule(overhead, Vec::new())?);
     let handle = open_ipam(
         &cfg,
         cfg.node_labels.clone(),
