@@ -237,3 +237,6 @@ fn mesh_to_reflectors_switch() -> Result<()> {
     ensure!(count.lost() == 0, "{count:?}");
     Ok(())
 }
+
+#[path = "lab_parts/vxlan.rs"]
+mod vxlan;

@@ -6,8 +6,15 @@
 //! bridge; node `nodeI` is namespace `NAME-nodeI` with `eth0` on the bridge
 //! at 192.0.2.(10+I)/24 (and 2001:db8::(10+I)/64 with IPv6); pods are
 //! namespaces `NAME-nodeI-podK`; the router is `NAME-tor` at 192.0.2.254.
+//! With `--underlay two-subnets`, even nodes sit on a second bridge and
+//! subnet (198.51.100.0/24) behind the router namespace `NAME-rtr`
+//! (`underlay`).
 //! Everything the lab started is recorded in `DIR/NAME/lab.json`, so `down`
 //! can remove it even after a crash.
+
+mod underlay;
+
+pub use underlay::{LabRouter, RouterCounters, Underlay};
 
 use crate::node::control::{self, NodeStatus, RoutesReport};
 use anyhow::{Context, Result, anyhow, bail};
@@ -46,6 +53,10 @@ pub enum LabEncapsulation {
     None,
     Ipip,
     CrossSubnet,
+    /// VXLAN to every other node (`vxlanMode: Always`).
+    Vxlan,
+    /// VXLAN to nodes on another subnet, plain on ours (`vxlanMode: CrossSubnet`).
+    VxlanCrossSubnet,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -68,6 +79,10 @@ pub struct LabOptions {
     pub topology: Topology,
     #[arg(long, value_enum, default_value_t = LabEncapsulation::None)]
     pub encapsulation: LabEncapsulation,
+    /// One subnet for all nodes, or two joined by a router.
+    #[arg(long, value_enum, default_value_t = Underlay::Flat)]
+    #[serde(default)]
+    pub underlay: Underlay,
     #[arg(long, default_value_t = 2)]
     pub pods_per_node: usize,
     /// Give nodes and pods IPv6 addresses too.
@@ -107,6 +122,9 @@ pub struct LabState {
     pub nodes: Vec<LabNode>,
     pub pods: Vec<LabPod>,
     pub tor: Option<LabTor>,
+    /// The router between the subnets (`--underlay two-subnets`).
+    #[serde(default)]
+    pub router: Option<LabRouter>,
     pub agent_bin: PathBuf,
     pub cni_bin: PathBuf,
     /// The node-to-node mesh is on.
@@ -238,14 +256,16 @@ impl LabState {
             "apiVersion: starling.dev/v1\nkind: BGPConfiguration\nmetadata: {{name: default}}\nspec:\n  asNumber: {NODE_AS}\n  nodeToNodeMeshEnabled: {}\n  nodeMeshMaxRestartTime: 120s\n",
             self.mesh
         );
-        let ipip = match self.options.encapsulation {
-            LabEncapsulation::None => "Never",
-            LabEncapsulation::Ipip => "Always",
-            LabEncapsulation::CrossSubnet => "CrossSubnet",
+        let (ipip, vxlan) = match self.options.encapsulation {
+            LabEncapsulation::None => ("Never", "Never"),
+            LabEncapsulation::Ipip => ("Always", "Never"),
+            LabEncapsulation::CrossSubnet => ("CrossSubnet", "Never"),
+            LabEncapsulation::Vxlan => ("Never", "Always"),
+            LabEncapsulation::VxlanCrossSubnet => ("Never", "CrossSubnet"),
         };
         let _ = write!(
             y,
-            "---\napiVersion: starling.dev/v1\nkind: IPPool\nmetadata: {{name: pool-v4}}\nspec: {{cidr: {POOL_V4}, blockSize: 26, ipipMode: {ipip}}}\n"
+            "---\napiVersion: starling.dev/v1\nkind: IPPool\nmetadata: {{name: pool-v4}}\nspec: {{cidr: {POOL_V4}, blockSize: 26, ipipMode: {ipip}, vxlanMode: {vxlan}}}\n"
         );
         if self.options.ipv6 {
             let _ = write!(
@@ -539,14 +559,15 @@ impl LabState {
         let ndir = state_dir(&self.dir, &self.name).join(&name);
         std::fs::create_dir_all(&ndir)?;
         let port = format!("n{i}");
-        let ipv4: IpNet = format!("192.0.2.{}/24", 10 + i).parse()?;
+        let (bridge, ipv4) = underlay::node_address(self.options.underlay, i)?;
         let ipv6: Option<IpNet> = self
             .options
             .ipv6
             .then(|| format!("2001:db8::{:x}/64", 0x10 + i).parse())
             .transpose()?;
-        plug(&self.fabric, &netns, &port, &ipv4, ipv6.as_ref())
+        plug(&self.fabric, &netns, &port, bridge, &ipv4, ipv6.as_ref())
             .with_context(|| format!("{name}: wiring"))?;
+        underlay::route_node(self, &netns, &ipv4).with_context(|| format!("{name}: wiring"))?;
         self.nodes.push(LabNode {
             name,
             netns,
@@ -771,6 +792,7 @@ pub fn up(opts: LabOptions, progress: &mut dyn FnMut(&str)) -> Result<LabState> 
         nodes: Vec::new(),
         pods: Vec::new(),
         tor: None,
+        router: None,
         agent_bin,
         cni_bin,
         mesh: opts.topology == Topology::Mesh,
@@ -781,6 +803,8 @@ pub fn up(opts: LabOptions, progress: &mut dyn FnMut(&str)) -> Result<LabState> 
     };
     lab.save()?;
     make_fabric(&lab.fabric, progress)?;
+    underlay::make_bridges(&lab.fabric, opts.underlay)?;
+    underlay::start_router(&mut lab, progress)?;
     for i in 1..=opts.nodes {
         progress(&format!(
             "node{i}: namespace {}-node{i}, uplink eth0",
@@ -824,11 +848,17 @@ fn check_options(opts: &LabOptions) -> Result<()> {
             opts.name
         );
     }
-    if opts.encapsulation != LabEncapsulation::None && !ipip_available() {
+    underlay::check(opts)?;
+    if matches!(
+        opts.encapsulation,
+        LabEncapsulation::Ipip | LabEncapsulation::CrossSubnet
+    ) && !ipip_available()
+    {
         bail!(
             "--encapsulation {:?} needs the kernel's ipip module, which this kernel lacks \
              (`ip link add type ipip` fails). Run the lab on a kernel with ipip, or use the \
-             QEMU recipe in tests/vm/ipip-vm.sh; --encapsulation none works here",
+             QEMU recipe in tests/vm/ipip-vm.sh; --encapsulation none, vxlan and \
+             vxlan-cross-subnet work here",
             opts.encapsulation
         );
     }
@@ -862,7 +892,8 @@ impl LabState {
             "top-of-rack router: {kind:?} in {netns}, AS {TOR_AS}"
         ));
         let ipv4: IpNet = "192.0.2.254/24".parse()?;
-        plug(&self.fabric, &netns, "tor", &ipv4, None).context("top-of-rack router: wiring")?;
+        plug(&self.fabric, &netns, "tor", "br0", &ipv4, None)
+            .context("top-of-rack router: wiring")?;
         let socket = dir.join("tor.ctl");
         self.tor = Some(LabTor {
             kind,
@@ -944,8 +975,15 @@ fn wait_for_socket(p: &Path, pid: Option<u32>, within: Duration) -> Result<()> {
     Ok(())
 }
 
-/// A namespace with `eth0` on the fabric bridge.
-fn plug(fabric: &str, netns: &str, port: &str, v4: &IpNet, v6: Option<&IpNet>) -> Result<()> {
+/// A namespace with `eth0` on fabric bridge `bridge`.
+fn plug(
+    fabric: &str,
+    netns: &str,
+    port: &str,
+    bridge: &str,
+    v4: &IpNet,
+    v6: Option<&IpNet>,
+) -> Result<()> {
     ip("namespace", &["netns", "add", netns])?;
     ip("loopback", &["-n", netns, "link", "set", "lo", "up"])?;
     ip(
@@ -957,7 +995,7 @@ fn plug(fabric: &str, netns: &str, port: &str, v4: &IpNet, v6: Option<&IpNet>) -
     )?;
     ip(
         "bridge port",
-        &["-n", fabric, "link", "set", port, "master", "br0", "up"],
+        &["-n", fabric, "link", "set", port, "master", bridge, "up"],
     )?;
     ip(
         "address",
