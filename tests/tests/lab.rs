@@ -240,3 +240,6 @@ fn mesh_to_reflectors_switch() -> Result<()> {
 
 #[path = "lab_parts/vxlan.rs"]
 mod vxlan;
+
+#[path = "lab_parts/tor.rs"]
+mod tor;

@@ -12,6 +12,7 @@
 //! Everything the lab started is recorded in `DIR/NAME/lab.json`, so `down`
 //! can remove it even after a crash.
 
+mod tor_frr;
 mod underlay;
 
 pub use underlay::{LabRouter, RouterCounters, Underlay};
@@ -63,6 +64,8 @@ pub enum LabEncapsulation {
 #[serde(rename_all = "kebab-case")]
 pub enum Tor {
     Bird,
+    /// FRR's zebra and bgpd.
+    Frr,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, clap::Args)]
@@ -583,6 +586,16 @@ impl LabState {
     fn configure_tor(&self) -> Result<()> {
         let Some(t) = &self.tor else { return Ok(()) };
         let dir = state_dir(&self.dir, &self.name);
+        if t.kind == Tor::Frr {
+            if let Some(p) = &self.options.tor_password {
+                std::fs::write(dir.join("tor.password"), p)?;
+            }
+            // Started with every node; later nodes are added in place.
+            return match t.pid {
+                Some(_) => tor_frr::reconfigure(self),
+                None => Ok(()),
+            };
+        }
         let password = match &self.options.tor_password {
             Some(p) => {
                 std::fs::write(dir.join("tor.password"), p)?;
@@ -867,6 +880,11 @@ fn check_options(opts: &LabOptions) -> Result<()> {
     {
         bail!("--tor bird needs BIRD 2 (Debian package bird2)");
     }
+    if let Some(Tor::Frr) = opts.tor
+        && !Path::new("/usr/lib/frr/bgpd").exists()
+    {
+        bail!("--tor frr needs FRR's zebra and bgpd in /usr/lib/frr (Debian package frr)");
+    }
     Ok(())
 }
 
@@ -884,6 +902,23 @@ fn make_fabric(fabric: &str, progress: &mut dyn FnMut(&str)) -> Result<()> {
 }
 
 impl LabState {
+    /// The top-of-rack router's BGP table, as its own CLI prints it.
+    pub fn tor_routes(&self) -> Result<String> {
+        let Some(t) = &self.tor else {
+            bail!("lab {} has no top-of-rack router", self.name)
+        };
+        match t.kind {
+            Tor::Bird => sh(
+                "top-of-rack router: birdc",
+                Command::new("birdc")
+                    .arg("-s")
+                    .arg(&t.socket)
+                    .args(["show", "route"]),
+            ),
+            Tor::Frr => tor_frr::vtysh(self, &["show bgp ipv4 unicast"]),
+        }
+    }
+
     /// The top-of-rack router on the fabric, started with its config.
     fn start_tor(&mut self, kind: Tor, progress: &mut dyn FnMut(&str)) -> Result<()> {
         let dir = state_dir(&self.dir, &self.name);
@@ -903,6 +938,13 @@ impl LabState {
             socket: socket.clone(),
         });
         self.configure_tor()?;
+        if kind == Tor::Frr {
+            let pid = tor_frr::start(self, &netns)?;
+            if let Some(t) = self.tor.as_mut() {
+                t.pid = pid;
+            }
+            return self.save();
+        }
         let conf = dir.join("bird.conf");
         let pidfile = dir.join("tor.pid");
         in_ns(
@@ -1077,6 +1119,12 @@ pub fn down(dir: &Path, name: &str, progress: &mut dyn FnMut(&str)) -> Result<()
         }
         ip(&format!("removing namespace {ns}"), &["netns", "del", ns])?;
         removed += 1;
+    }
+    // After every process is gone: a dying zebra may still write there.
+    if let Ok(lab) = LabState::load(dir, name)
+        && lab.tor.as_ref().is_some_and(|t| t.kind == Tor::Frr)
+    {
+        tor_frr::clean(&lab);
     }
     let sdir = state_dir(dir, name);
     if sdir.exists() {
