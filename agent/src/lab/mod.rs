@@ -13,6 +13,7 @@
 //! can remove it even after a crash.
 
 mod tor_frr;
+mod tor_gobgp;
 mod underlay;
 
 pub use underlay::{LabRouter, RouterCounters, Underlay};
@@ -66,6 +67,8 @@ pub enum Tor {
     Bird,
     /// FRR's zebra and bgpd.
     Frr,
+    /// GoBGP's gobgpd.
+    Gobgp,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, clap::Args)]
@@ -586,14 +589,15 @@ impl LabState {
     fn configure_tor(&self) -> Result<()> {
         let Some(t) = &self.tor else { return Ok(()) };
         let dir = state_dir(&self.dir, &self.name);
-        if t.kind == Tor::Frr {
+        if t.kind != Tor::Bird {
             if let Some(p) = &self.options.tor_password {
                 std::fs::write(dir.join("tor.password"), p)?;
             }
             // Started with every node; later nodes are added in place.
-            return match t.pid {
-                Some(_) => tor_frr::reconfigure(self),
-                None => Ok(()),
+            return match (t.kind, t.pid) {
+                (_, None) => Ok(()),
+                (Tor::Gobgp, Some(_)) => tor_gobgp::reconfigure(self, t),
+                _ => tor_frr::reconfigure(self),
             };
         }
         let password = match &self.options.tor_password {
@@ -885,6 +889,11 @@ fn check_options(opts: &LabOptions) -> Result<()> {
     {
         bail!("--tor frr needs FRR's zebra and bgpd in /usr/lib/frr (Debian package frr)");
     }
+    if let Some(Tor::Gobgp) = opts.tor
+        && Command::new("gobgpd").arg("--version").output().is_err()
+    {
+        bail!("--tor gobgp needs gobgpd and gobgp (Debian package gobgpd)");
+    }
     Ok(())
 }
 
@@ -916,6 +925,7 @@ impl LabState {
                     .args(["show", "route"]),
             ),
             Tor::Frr => tor_frr::vtysh(self, &["show bgp ipv4 unicast"]),
+            Tor::Gobgp => tor_gobgp::routes(t),
         }
     }
 
@@ -938,8 +948,11 @@ impl LabState {
             socket: socket.clone(),
         });
         self.configure_tor()?;
-        if kind == Tor::Frr {
-            let pid = tor_frr::start(self, &netns)?;
+        if kind != Tor::Bird {
+            let pid = match (kind, &self.tor) {
+                (Tor::Gobgp, Some(t)) => Some(tor_gobgp::start(self, t)?),
+                _ => tor_frr::start(self, &netns)?,
+            };
             if let Some(t) = self.tor.as_mut() {
                 t.pid = pid;
             }

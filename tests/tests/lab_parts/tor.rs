@@ -39,3 +39,27 @@ fn frr_top_of_rack_learns_every_block() -> Result<()> {
     c.all_pairs_answer()?;
     Ok(())
 }
+
+#[test]
+fn gobgp_top_of_rack_learns_every_block() -> Result<()> {
+    require_tool("gobgpd", "gobgpd");
+    require_tool("gobgp", "gobgpd");
+    let mut o = options("tgob", 2, Topology::Mesh);
+    o.tor = Some(Tor::Gobgp);
+    o.tor_password = Some("s3cret-tor".into());
+    let mut c = Cluster::up(o)?;
+    c.converged(CONVERGE)?;
+    let name = c.lab.add_node(3)?;
+    c.lab.add_pod(&name, "pod1")?;
+    c.converged(CONVERGE)?;
+    for n in ["node1", "node2", "node3"] {
+        let addr = c.lab.node(n)?.ipv4.addr().to_string();
+        let block = c.status(n)?.blocks[0].to_string();
+        wait_for(&format!("GoBGP route {block} via {addr}"), CONVERGE, || {
+            tor_has(&c, &block, &addr)
+        })
+        .with_context(|| c.lab.tor_routes().unwrap_or_default())?;
+    }
+    c.all_pairs_answer()?;
+    Ok(())
+}
