@@ -108,7 +108,7 @@ impl Recording {
     }
 
     /// Read one whole message (header included) and record it.
-    pub fn next(&mut self) -> Result<Vec<u8>> {
+    pub fn next_message(&mut self) -> Result<Vec<u8>> {
         let mut head = [0u8; 19];
         self.stream
             .read_exact(&mut head)
@@ -129,7 +129,7 @@ impl Recording {
     /// Read until a message satisfies `done`; fails at the read timeout.
     pub fn until(&mut self, what: &str, mut done: impl FnMut(&[u8]) -> bool) -> Result<()> {
         loop {
-            let m = self.next().with_context(|| format!("waiting for {what}"))?;
+            let m = self.next_message().with_context(|| format!("waiting for {what}"))?;
             if done(&m) {
                 return Ok(());
             }

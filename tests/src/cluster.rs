@@ -40,6 +40,7 @@ pub fn options_with_bins(tag: &str, nodes: usize, topology: Topology) -> LabOpti
         nodes,
         topology,
         encapsulation: lab::LabEncapsulation::None,
+        underlay: lab::Underlay::Flat,
         pods_per_node: 1,
         ipv6: false,
         tor: None,

@@ -908,3 +908,6 @@ fn uplink_defaults_to_the_device_of_the_default_route() -> Result<()> {
     );
     Ok(())
 }
+
+#[path = "fib_parts/vxlan.rs"]
+mod vxlan;

@@ -676,3 +676,8 @@ fn nat_without_nft_is_reported_not_fatal() -> Result<()> {
     })?;
     Ok(())
 }
+#[path = "lab_parts/vxlan.rs"]
+mod vxlan;
+
+#[path = "lab_parts/tor.rs"]
+mod tor;

@@ -454,14 +454,9 @@ fn lab_command(cmd: LabCommand) -> Result<ExitCode> {
             }
             if let Some(t) = &l.tor {
                 println!("== top-of-rack {:?} ({}, {})", t.kind, t.netns, t.ipv4);
-                let out = std::process::Command::new("birdc")
-                    .arg("-s")
-                    .arg(&t.socket)
-                    .args(["show", "route"])
-                    .output();
-                match out {
-                    Ok(o) => print!("{}", String::from_utf8_lossy(&o.stdout)),
-                    Err(e) => println!("birdc: {e}"),
+                match l.tor_routes() {
+                    Ok(o) => print!("{o}"),
+                    Err(e) => println!("{e:#}"),
                 }
             }
             Ok(ExitCode::SUCCESS)

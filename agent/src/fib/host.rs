@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use super::netlink::RtSocket;
 use super::route::dst_of;
+use super::vxlan::{VXLAN_DEVICE, VxlanLink};
 
 /// The name the kernel gives the fallback IPIP device when `ipip` loads.
 pub const TUNL0: &str = "tunl0";
@@ -32,6 +33,8 @@ pub(crate) struct Link {
 pub(crate) struct HostView {
     pub links: HashMap<String, Link>,
     pub addrs: HashMap<u32, Vec<IpNet>>,
+    /// The VXLAN device, when there is one, with its settings.
+    pub vxlan: Option<VxlanLink>,
 }
 
 impl HostView {
@@ -48,6 +51,12 @@ impl HostView {
         )
         .await?;
         for l in links {
+            if l.attributes
+                .iter()
+                .any(|a| matches!(a, LinkAttribute::IfName(n) if n == VXLAN_DEVICE))
+            {
+                view.vxlan = Some(VxlanLink::from_message(&l));
+            }
             let mut name = None;
             let mut mtu = 0;
             for a in l.attributes {

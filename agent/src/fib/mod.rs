@@ -24,6 +24,7 @@ mod host;
 mod netlink;
 mod reconcile;
 mod route;
+mod vxlan;
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
@@ -34,6 +35,7 @@ use serde::{Deserialize, Serialize};
 pub use host::{IpipStatus, SysctlReport, TUNL0};
 pub use reconcile::{Fib, FibTask, Reconciler, SyncReport};
 pub use route::{NextHop, Route, RouteTarget};
+pub use vxlan::{VXLAN_DEVICE, VXLAN_PORT, VXLAN_VNI, VxlanStatus, vtep_mac};
 
 /// The `rtm_protocol` value that marks a route as ours.
 ///
@@ -71,6 +73,10 @@ pub struct FibConfig {
     pub ipip_mtu: Option<u32>,
     /// An address for `tunl0` (Calico gives it one from the pool), as a /32.
     pub tunnel_address: Option<Ipv4Addr>,
+    /// This node's VTEP: the underlay address `vxlan.starling` sends from,
+    /// which other nodes use as this node's next hop. None: the uplink's
+    /// first IPv4 address.
+    pub vxlan_local: Option<Ipv4Addr>,
     /// Bytes of route messages per netlink write.
     pub batch_bytes: usize,
     /// How long to gather netlink events before acting on them.
@@ -88,6 +94,7 @@ impl Default for FibConfig {
             uplink: None,
             ipip_mtu: None,
             tunnel_address: None,
+            vxlan_local: None,
             batch_bytes: 256 * 1024,
             debounce: Duration::from_millis(20),
             manage_sysctls: true,
@@ -153,6 +160,8 @@ pub struct FibStatus {
     pub uplink: Option<String>,
     pub uplink_mtu: Option<u32>,
     pub ipip: IpipStatus,
+    #[serde(default)]
+    pub vxlan: VxlanStatus,
     /// Next hops not on-link, missing devices, IPIP unavailable.
     pub unreachable: Vec<RouteProblem>,
     /// Desired prefixes where a route of another protocol sits; left alone.

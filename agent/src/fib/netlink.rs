@@ -29,6 +29,8 @@ const SOCKET_BUFFER: i32 = 32 << 20;
 
 /// The multicast groups that tell us our table, our links or our addresses changed.
 const RTNLGRP_LINK: u32 = 1;
+/// Neighbour and FDB changes (the VXLAN device's entries).
+const RTNLGRP_NEIGH: u32 = 3;
 const RTNLGRP_IPV4_IFADDR: u32 = 5;
 const RTNLGRP_IPV4_ROUTE: u32 = 7;
 const RTNLGRP_IPV6_IFADDR: u32 = 9;
@@ -291,7 +293,7 @@ pub(crate) enum Event {
     Overrun,
 }
 
-/// The subscription to route, link and address changes.
+/// The subscription to route, link, address and neighbour changes.
 pub(crate) struct EventSocket {
     sock: TokioSocket,
     rx: Vec<u8>,
@@ -303,6 +305,7 @@ impl EventSocket {
         sock.socket_mut().bind_auto()?;
         for g in [
             RTNLGRP_LINK,
+            RTNLGRP_NEIGH,
             RTNLGRP_IPV4_IFADDR,
             RTNLGRP_IPV4_ROUTE,
             RTNLGRP_IPV6_IFADDR,

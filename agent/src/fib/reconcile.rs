@@ -2,6 +2,8 @@
 //! that keeps doing it.
 
 use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -14,6 +16,7 @@ use tokio::sync::watch;
 use super::host::{self, HostView, IpipStatus, Link, TUNL0};
 use super::netlink::{Event, EventSocket, Nack, RtSocket, errno_text};
 use super::route::{self, Found, KernelHop, KernelRoute, Stamp};
+use super::vxlan::{self, VXLAN_DEVICE, VxlanStatus};
 use super::{FibConfig, FibError, FibStatus, NextHop, Route, RouteProblem, RouteTarget};
 use crate::encap::{EncapMode, Encapsulation, IPIP_OVERHEAD};
 
@@ -29,6 +32,12 @@ pub struct SyncReport {
     pub adopted: usize,
     /// Refused by the kernel (conflicts and errors, see the status).
     pub failed: usize,
+    /// FDB and neighbour entries of the VXLAN device written (added or
+    /// corrected) and removed.
+    #[serde(default)]
+    pub neighbours_written: usize,
+    #[serde(default)]
+    pub neighbours_removed: usize,
     /// Dumping our routes and diffing them against the desired set.
     pub dump_us: u64,
     /// Writing the difference.
@@ -105,9 +114,12 @@ struct Resolved {
     view: HostView,
     uplink: Option<String>,
     ipip: IpipStatus,
+    vxlan: Option<u32>,
     /// Destination -> (position, kernel route); the position indexes the
     /// `seen` bitmap of a pass.
     want: HashMap<IpNet, (u32, KernelRoute)>,
+    /// Remote VTEPs: the next hops of `want` on the VXLAN device.
+    peers: BTreeSet<Ipv4Addr>,
 }
 
 /// A netlink failure of operation `op`.
@@ -261,11 +273,32 @@ impl Fib {
         let tunl0 = self
             .ensure_ipip(&desired, &mut view, uplink_link.as_ref())
             .await;
+        let vxlan_dev = self
+            .ensure_vxlan(&desired, &mut view, uplink_link.as_ref())
+            .await;
         if self.config.manage_sysctls {
-            self.set_sysctls(&desired, &view, tunl0.is_some());
+            self.set_sysctls(&desired, &view, tunl0.is_some(), vxlan_dev.is_some());
         }
-        self.resolve(&desired, view, uplink, tunl0);
-        let want = &self.resolved.as_ref().expect("resolved just above").want;
+        self.resolve(&desired, view, uplink, tunl0, vxlan_dev);
+        let resolved = self.resolved.as_ref().expect("resolved just above");
+        // The FDB and neighbours before the routes that use them.
+        let mut neighbours = (0, 0);
+        let mut vxlan_error = None;
+        if let Some(ifindex) = vxlan_dev {
+            match vxlan::sync_peers(&mut self.sock, ifindex, &resolved.peers, self.prune).await {
+                Ok(w) => {
+                    neighbours = (w.written, w.removed);
+                    if let VxlanStatus::Ready { peers, .. } = &mut self.status.vxlan {
+                        *peers = resolved.peers.len();
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "VXLAN peers not converged");
+                    vxlan_error = Some(e);
+                }
+            }
+        }
+        let want = &resolved.want;
         let wanted = want.len();
 
         let t_dump = Instant::now();
@@ -273,6 +306,8 @@ impl Fib {
         let mut report = SyncReport {
             dump_us: t_dump.elapsed().as_micros() as u64,
             adopted: diff.adopted,
+            neighbours_written: neighbours.0,
+            neighbours_removed: neighbours.1,
             ..SyncReport::default()
         };
 
@@ -287,12 +322,20 @@ impl Fib {
         };
         report.write_us = t_write.elapsed().as_micros() as u64;
         self.record_outcome(&diff.ops, &nacks, &mut report);
+        self.status.errors.extend(vxlan_error);
         self.kept = diff.kept;
         self.status.installed = wanted - self.failed.len() + self.kept.len();
         report.total_us = t0.elapsed().as_micros() as u64;
         self.status.last_sync = report.clone();
         self.status.syncs += 1;
-        if report.added + report.replaced + report.removed + report.failed > 0 {
+        if report.added
+            + report.replaced
+            + report.removed
+            + report.failed
+            + report.neighbours_written
+            + report.neighbours_removed
+            > 0
+        {
             tracing::info!(?report, "FIB sync");
         }
         Ok(report)
@@ -373,6 +416,104 @@ impl Fib {
         }
     }
 
+    /// `vxlan.starling` when some desired route needs VXLAN: Vxlan hops,
+    /// and VxlanCrossSubnet hops off our subnet. Made, adopted or repaired
+    /// on every pass (a check of the link list when nothing is wrong); when
+    /// no route needs it any more it is removed, but not while stale routes
+    /// are kept (`prune` off), as they may still use it. Returns its
+    /// ifindex when it is ready.
+    async fn ensure_vxlan(
+        &mut self,
+        desired: &[Route],
+        view: &mut HostView,
+        uplink: Option<&Link>,
+    ) -> Option<u32> {
+        let needs_vxlan = desired.iter().any(|r| match &r.target {
+            RouteTarget::Via(hops) => hops.iter().any(|h| match h.encap {
+                Encapsulation::Vxlan(EncapMode::Always) => true,
+                Encapsulation::Vxlan(EncapMode::CrossSubnet) => {
+                    !uplink.is_some_and(|l| view.on_link(l.index, h.gateway))
+                }
+                Encapsulation::None | Encapsulation::Ipip(_) => false,
+            }),
+            _ => false,
+        });
+        if !needs_vxlan {
+            if self.prune
+                && let Some(dev) = view.vxlan.clone()
+            {
+                match vxlan::delete_device(&mut self.sock, dev.index).await {
+                    Ok(()) => {
+                        tracing::info!("{VXLAN_DEVICE} removed: no route needs it");
+                        view.links.remove(VXLAN_DEVICE);
+                        view.addrs.remove(&dev.index);
+                        view.vxlan = None;
+                    }
+                    Err(error) => tracing::warn!(%error, "{VXLAN_DEVICE} not removed"),
+                }
+            }
+            self.status.vxlan = VxlanStatus::NotNeeded;
+            return None;
+        }
+        let made = match uplink {
+            None => Err(format!(
+                "VXLAN needs an uplink to send from: configure one, or give the node an IPv4 default route; {VXLAN_DEVICE} not made"
+            )),
+            Some(l) => match vxlan::local_address(self.config.vxlan_local, view, l) {
+                None => Err(format!(
+                    "the uplink (ifindex {}) has no IPv4 address for {VXLAN_DEVICE} to send from; add one or configure the VTEP address",
+                    l.index
+                )),
+                Some(local) => {
+                    // The device's MTU leaves room for the outer headers.
+                    let mtu = l
+                        .mtu
+                        .saturating_sub(Encapsulation::Vxlan(EncapMode::Always).overhead(false));
+                    vxlan::ensure_device(&mut self.sock, view, l, local, mtu)
+                        .await
+                        .map(|ifindex| (ifindex, mtu, local))
+                }
+            },
+        };
+        let before = self.status.vxlan.clone();
+        self.status.vxlan = match made {
+            Ok((ifindex, mtu, local)) => VxlanStatus::Ready {
+                ifindex,
+                mtu,
+                local,
+                mac: vxlan::mac_text(&vxlan::vtep_mac(local)),
+                peers: match before {
+                    VxlanStatus::Ready { peers, .. } => peers,
+                    _ => 0,
+                },
+            },
+            Err(error) => VxlanStatus::Unavailable { error },
+        };
+        let changed = match (&before, &self.status.vxlan) {
+            (VxlanStatus::Ready { ifindex: a, .. }, VxlanStatus::Ready { ifindex: b, .. }) => {
+                a != b
+            }
+            (a, b) => a != b,
+        };
+        if changed {
+            match &self.status.vxlan {
+                VxlanStatus::Unavailable { error } => tracing::error!(%error, "VXLAN unavailable"),
+                VxlanStatus::Ready {
+                    ifindex,
+                    mtu,
+                    local,
+                    mac,
+                    ..
+                } => tracing::info!(ifindex, mtu, %local, %mac, "{VXLAN_DEVICE} ready"),
+                VxlanStatus::NotNeeded => {}
+            }
+        }
+        match self.status.vxlan {
+            VxlanStatus::Ready { ifindex, .. } => Some(ifindex),
+            _ => None,
+        }
+    }
+
     /// Resolve the desired set against the host, unless the last resolution
     /// still holds (same links, addresses, uplink and tunnel).
     fn resolve(
@@ -381,22 +522,34 @@ impl Fib {
         view: HostView,
         uplink: Option<String>,
         tunl0: Option<u32>,
+        vxlan_dev: Option<u32>,
     ) {
-        let fresh = self
-            .resolved
-            .as_ref()
-            .is_some_and(|r| r.view == view && r.uplink == uplink && r.ipip == self.status.ipip);
+        let fresh = self.resolved.as_ref().is_some_and(|r| {
+            r.view == view
+                && r.uplink == uplink
+                && r.ipip == self.status.ipip
+                && r.vxlan == vxlan_dev
+        });
         if fresh {
             return;
         }
-        let (want, problems) = resolve(desired, &view, uplink.as_deref(), tunl0, &self.status.ipip);
+        let tunnels = Tunnels {
+            tunl0,
+            ipip: &self.status.ipip,
+            vxlan: vxlan_dev,
+            vxlan_status: &self.status.vxlan,
+        };
+        let (want, problems) = resolve(desired, &view, uplink.as_deref(), &tunnels);
+        let peers = vxlan_dev.map_or_else(BTreeSet::new, |dev| vteps(&want, dev));
         report_new_problems(&self.status.unreachable, &problems);
         self.status.unreachable = problems;
         self.resolved = Some(Resolved {
             view,
             uplink,
             ipip: self.status.ipip.clone(),
+            vxlan: vxlan_dev,
             want,
+            peers,
         });
     }
 
@@ -450,7 +603,7 @@ impl Fib {
         self.status.errors = errors;
     }
 
-    fn set_sysctls(&mut self, desired: &[Route], view: &HostView, ipip: bool) {
+    fn set_sysctls(&mut self, desired: &[Route], view: &HostView, ipip: bool, vxlan: bool) {
         let mut reports = vec![host::ensure_sysctl(&["net", "ipv4", "ip_forward"], "1")];
         if desired.iter().any(|r| r.dst.addr().is_ipv6()) {
             reports.push(host::ensure_sysctl(
@@ -485,6 +638,13 @@ impl Fib {
             // route to their source (CrossSubnet); strict rp_filter would drop them.
             reports.push(host::ensure_sysctl(
                 &["net", "ipv4", "conf", TUNL0, "rp_filter"],
+                "2",
+            ));
+        }
+        if vxlan {
+            // The same for the VXLAN device under CrossSubnet.
+            reports.push(host::ensure_sysctl(
+                &["net", "ipv4", "conf", VXLAN_DEVICE, "rp_filter"],
                 "2",
             ));
         }
@@ -529,6 +689,29 @@ impl Fib {
                     }
                 }
             }
+            RouteNetlinkMessage::NewNeighbour(n) | RouteNetlinkMessage::DelNeighbour(n) => {
+                let VxlanStatus::Ready { ifindex, .. } = self.status.vxlan else {
+                    return false;
+                };
+                let Some(e) = vxlan::Entry::from_message(n) else {
+                    return false;
+                };
+                if e.ifindex != ifindex {
+                    return false;
+                }
+                let Some(peers) = self.resolved.as_ref().map(|r| &r.peers) else {
+                    return true;
+                };
+                if matches!(m, RouteNetlinkMessage::NewNeighbour(_)) {
+                    // Our own writes echo back as ours; anything else on a
+                    // peer's address, or any entry we would remove, is drift.
+                    !e.is_ours_for(peers)
+                        && (e.bridge || e.permanent || e.ip.is_some_and(|ip| peers.contains(&ip)))
+                } else {
+                    // One of ours gone (our own removals are not ours).
+                    e.is_ours_for(peers)
+                }
+            }
             RouteNetlinkMessage::NewLink(_)
             | RouteNetlinkMessage::DelLink(_)
             | RouteNetlinkMessage::NewAddress(_)
@@ -551,21 +734,50 @@ fn report_new_problems(before: &[RouteProblem], now: &[RouteProblem]) {
     }
 }
 
+/// The tunnel devices a pass may route through, and why one is missing.
+struct Tunnels<'a> {
+    tunl0: Option<u32>,
+    ipip: &'a IpipStatus,
+    vxlan: Option<u32>,
+    vxlan_status: &'a VxlanStatus,
+}
+
+/// The remote VTEPs: every IPv4 next hop of `want` on the VXLAN device.
+fn vteps(want: &HashMap<IpNet, (u32, KernelRoute)>, dev: u32) -> BTreeSet<Ipv4Addr> {
+    let mut out = BTreeSet::new();
+    let mut add = |h: &KernelHop| {
+        if let (true, IpAddr::V4(v4)) = (h.oif == dev, h.gateway) {
+            out.insert(v4);
+        }
+    };
+    for (_, kr) in want.values() {
+        match kr {
+            KernelRoute::Via(h) => add(h),
+            KernelRoute::Ecmp(hops) => hops.iter().for_each(&mut add),
+            _ => {}
+        }
+    }
+    out
+}
+
 /// Turn desired routes into kernel routes given the links and addresses of
 /// this node; anything that cannot be installed correctly is reported instead.
 fn resolve(
     desired: &[Route],
     view: &HostView,
     uplink: Option<&str>,
-    tunl0: Option<u32>,
-    ipip: &IpipStatus,
+    tunnels: &Tunnels,
 ) -> (HashMap<IpNet, (u32, KernelRoute)>, Vec<RouteProblem>) {
     let mut want = HashMap::with_capacity(desired.len());
     let mut problems = Vec::new();
     let uplink_link = uplink.and_then(|u| view.link(u));
-    let ipip_missing = || match ipip {
+    let ipip_missing = || match tunnels.ipip {
         IpipStatus::Unavailable { error } => error.clone(),
         _ => format!("{TUNL0} is not ready"),
+    };
+    let vxlan_missing = || match tunnels.vxlan_status {
+        VxlanStatus::Unavailable { error } => error.clone(),
+        _ => format!("{VXLAN_DEVICE} is not ready"),
     };
     for r in desired {
         let kr = match &r.target {
@@ -584,13 +796,25 @@ fn resolve(
             RouteTarget::Via(hops) => {
                 let mut hop = |h: &NextHop| -> Option<KernelHop> {
                     let plain = uplink_link.filter(|l| view.on_link(l.index, h.gateway));
+                    // (device, is it VXLAN) of the tunnel the hop needs.
                     let tunnel = match (h.encap, plain) {
-                        (Encapsulation::Ipip(EncapMode::Always), _) => true,
-                        (Encapsulation::Ipip(EncapMode::CrossSubnet), None) => h.gateway.is_ipv4(),
-                        _ => false,
+                        (Encapsulation::Ipip(EncapMode::Always), _) => Some((tunnels.tunl0, false)),
+                        (Encapsulation::Ipip(EncapMode::CrossSubnet), None)
+                            if h.gateway.is_ipv4() =>
+                        {
+                            Some((tunnels.tunl0, false))
+                        }
+                        (Encapsulation::Vxlan(EncapMode::Always), _)
+                        | (Encapsulation::Vxlan(EncapMode::CrossSubnet), None) => {
+                            Some((tunnels.vxlan, true))
+                        }
+                        _ => None,
                     };
-                    let reason = if tunnel {
-                        match tunl0 {
+                    let reason = if let Some((dev, is_vxlan)) = tunnel {
+                        match dev {
+                            // Both tunnels take `via <node> dev <tunnel> onlink`:
+                            // for VXLAN the neighbour entry of <node> gives the
+                            // inner MAC and the FDB the outer destination.
                             Some(oif) => {
                                 return Some(KernelHop {
                                     gateway: h.gateway,
@@ -598,6 +822,7 @@ fn resolve(
                                     onlink: true,
                                 });
                             }
+                            None if is_vxlan => vxlan_missing(),
                             None => ipip_missing(),
                         }
                     } else if let Some(l) = plain {
@@ -616,7 +841,7 @@ fn resolve(
                     } else {
                         format!(
                             "next hop is not on-link: no address of uplink {} covers it \
-                             (host-gw needs the nodes in one L2 subnet; use Ipip or CrossSubnet)",
+                             (host-gw needs the nodes in one L2 subnet; use an encapsulation)",
                             uplink.unwrap_or_default()
                         )
                     };
@@ -821,6 +1046,90 @@ mod tests {
         s.parse().unwrap()
     }
 
+    fn ipip_only(tunl0: Option<u32>, ipip: &IpipStatus) -> Tunnels<'_> {
+        Tunnels {
+            tunl0,
+            ipip,
+            vxlan: None,
+            vxlan_status: &VxlanStatus::NotNeeded,
+        }
+    }
+
+    #[test]
+    fn vxlan_hops_go_onlink_through_the_device_and_name_their_vteps() {
+        let desired = vec![
+            Route::via(
+                net("10.2.0.0/26"),
+                "192.0.2.2".parse().unwrap(),
+                Encapsulation::Vxlan(EncapMode::CrossSubnet),
+            ),
+            Route::via(
+                net("10.3.0.0/26"),
+                "198.51.100.2".parse().unwrap(),
+                Encapsulation::Vxlan(EncapMode::CrossSubnet),
+            ),
+            Route::ecmp(
+                net("10.4.0.0/26"),
+                vec![
+                    hop("192.0.2.3", Encapsulation::Vxlan(EncapMode::Always)),
+                    hop("198.51.100.3", Encapsulation::Vxlan(EncapMode::Always)),
+                ],
+            ),
+        ];
+        let ready = VxlanStatus::Ready {
+            ifindex: 11,
+            mtu: 1450,
+            local: "192.0.2.1".parse().unwrap(),
+            mac: String::new(),
+            peers: 0,
+        };
+        let t = Tunnels {
+            tunl0: None,
+            ipip: &IpipStatus::NotNeeded,
+            vxlan: Some(11),
+            vxlan_status: &ready,
+        };
+        let (want, problems) = resolve(&desired, &view(), Some("up0"), &t);
+        assert!(problems.is_empty(), "{problems:?}");
+        // CrossSubnet: plain on our subnet, VXLAN across.
+        assert_eq!(
+            want[&net("10.2.0.0/26")].1,
+            KernelRoute::Via(KernelHop {
+                gateway: "192.0.2.2".parse().unwrap(),
+                oif: 2,
+                onlink: false
+            })
+        );
+        assert_eq!(
+            want[&net("10.3.0.0/26")].1,
+            KernelRoute::Via(KernelHop {
+                gateway: "198.51.100.2".parse().unwrap(),
+                oif: 11,
+                onlink: true
+            })
+        );
+        let peers: Vec<String> = vteps(&want, 11).iter().map(|a| a.to_string()).collect();
+        assert_eq!(peers, ["192.0.2.3", "198.51.100.2", "198.51.100.3"]);
+
+        // Without the device the hops are reported with its error, never installed plain.
+        let down = VxlanStatus::Unavailable {
+            error: "creating vxlan.starling: no".into(),
+        };
+        let t = Tunnels {
+            vxlan: None,
+            vxlan_status: &down,
+            ..t
+        };
+        let (want, problems) = resolve(&desired, &view(), Some("up0"), &t);
+        assert!(!want.contains_key(&net("10.3.0.0/26")));
+        assert!(!want.contains_key(&net("10.4.0.0/26")));
+        assert!(
+            problems.iter().any(
+                |p| p.dst == net("10.3.0.0/26") && p.reason.contains("creating vxlan.starling")
+            )
+        );
+    }
+
     fn hop(gw: &str, encap: Encapsulation) -> NextHop {
         NextHop {
             gateway: gw.parse().unwrap(),
@@ -846,7 +1155,7 @@ mod tests {
             ifindex: 9,
             mtu: 1480,
         };
-        let (want, problems) = resolve(&desired, &view(), Some("up0"), Some(9), &ready);
+        let (want, problems) = resolve(&desired, &view(), Some("up0"), &ipip_only(Some(9), &ready));
         assert!(problems.is_empty());
         assert_eq!(
             want[&net("10.2.0.0/26")].1,
@@ -893,7 +1202,7 @@ mod tests {
             Route::device(net("10.1.0.8/32"), "veth1"),
             Route::blackhole(net("2001:db8:9::/64")),
         ];
-        let (want, problems) = resolve(&desired, &view(), Some("up0"), None, &missing);
+        let (want, problems) = resolve(&desired, &view(), Some("up0"), &ipip_only(None, &missing));
         assert!(!want.contains_key(&net("10.4.0.0/26")));
         assert!(!want.contains_key(&net("10.5.0.0/26")));
         assert!(!want.contains_key(&net("10.1.0.7/32")));
@@ -933,7 +1242,12 @@ mod tests {
                 hop("192.0.2.3", Encapsulation::None),
             ],
         )];
-        let (want, _) = resolve(&desired, &view(), Some("up0"), None, &IpipStatus::NotNeeded);
+        let (want, _) = resolve(
+            &desired,
+            &view(),
+            Some("up0"),
+            &ipip_only(None, &IpipStatus::NotNeeded),
+        );
         let KernelRoute::Ecmp(h) = &want[&net("10.7.0.0/26")].1 else {
             panic!()
         };

@@ -115,9 +115,11 @@ pub(crate) fn validate(routes: &[Route]) -> Result<(), FibError> {
                             h.gateway
                         )));
                     }
-                    if let Encapsulation::Vxlan(_) = h.encap {
+                    if let Encapsulation::Vxlan(_) = h.encap
+                        && h.gateway.is_ipv6()
+                    {
                         return Err(bad(format!(
-                            "next hop {}: VXLAN is not implemented; use None, Ipip or CrossSubnet",
+                            "next hop {}: VXLAN over IPv6 is not implemented; use Encapsulation::None for IPv6",
                             h.gateway
                         )));
                     }
@@ -664,6 +666,11 @@ mod tests {
                 Encapsulation::Ipip(EncapMode::Always),
             )],
             vec![Route::ecmp(net("10.0.0.0/24"), vec![])],
+            vec![Route::via(
+                net("2001:db8:6::/64"),
+                gw6,
+                Encapsulation::Vxlan(EncapMode::Always),
+            )],
             vec![Route::device(net("10.0.0.0/24"), "")],
         ];
         for set in bad {
@@ -678,6 +685,11 @@ mod tests {
                 Encapsulation::Ipip(EncapMode::CrossSubnet),
             ),
             Route::device(net("10.0.0.5/32"), "cali123"),
+            Route::via(
+                net("10.0.2.0/24"),
+                gw4,
+                Encapsulation::Vxlan(EncapMode::CrossSubnet),
+            ),
         ])
         .unwrap();
     }

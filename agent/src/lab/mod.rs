@@ -7,13 +7,19 @@
 //! at 192.0.2.(10+I)/24 (and 2001:db8::(10+I)/64 with IPv6); pods are
 //! namespaces `NAME-nodeI-podK`; the router is `NAME-tor` at 192.0.2.254;
 //! the outside host `NAME-out` ([`outside`]) is the nodes' default gateway
-//! at 192.0.2.250 and knows no pod route.
+//! at 192.0.2.250 and knows no pod route. With `--underlay two-subnets`,
+//! even nodes sit on a second bridge and subnet (198.51.100.0/24) behind the
+//! router namespace `NAME-rtr` (`underlay`), and there is no outside host.
 //! Everything the lab started is recorded in `DIR/NAME/lab.json`, so `down`
 //! can remove it even after a crash.
 
 mod outside;
+mod tor_frr;
+mod tor_gobgp;
+mod underlay;
 
 pub use outside::{LabOutside, OUTSIDE_V4, OUTSIDE_V6};
+pub use underlay::{LabRouter, RouterCounters, Underlay};
 
 use crate::node::control::{self, NodeStatus, RoutesReport};
 use anyhow::{Context, Result, anyhow, bail};
@@ -52,12 +58,20 @@ pub enum LabEncapsulation {
     None,
     Ipip,
     CrossSubnet,
+    /// VXLAN to every other node (`vxlanMode: Always`).
+    Vxlan,
+    /// VXLAN to nodes on another subnet, plain on ours (`vxlanMode: CrossSubnet`).
+    VxlanCrossSubnet,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Tor {
     Bird,
+    /// FRR's zebra and bgpd.
+    Frr,
+    /// GoBGP's gobgpd.
+    Gobgp,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, clap::Args)]
@@ -74,6 +88,10 @@ pub struct LabOptions {
     pub topology: Topology,
     #[arg(long, value_enum, default_value_t = LabEncapsulation::None)]
     pub encapsulation: LabEncapsulation,
+    /// One subnet for all nodes, or two joined by a router.
+    #[arg(long, value_enum, default_value_t = Underlay::Flat)]
+    #[serde(default)]
+    pub underlay: Underlay,
     #[arg(long, default_value_t = 2)]
     pub pods_per_node: usize,
     /// Give nodes and pods IPv6 addresses too.
@@ -113,6 +131,9 @@ pub struct LabState {
     pub nodes: Vec<LabNode>,
     pub pods: Vec<LabPod>,
     pub tor: Option<LabTor>,
+    /// The router between the subnets (`--underlay two-subnets`).
+    #[serde(default)]
+    pub router: Option<LabRouter>,
     pub agent_bin: PathBuf,
     pub cni_bin: PathBuf,
     /// The node-to-node mesh is on.
@@ -250,14 +271,16 @@ impl LabState {
             "apiVersion: starling.dev/v1\nkind: BGPConfiguration\nmetadata: {{name: default}}\nspec:\n  asNumber: {NODE_AS}\n  nodeToNodeMeshEnabled: {}\n  nodeMeshMaxRestartTime: 120s\n",
             self.mesh
         );
-        let ipip = match self.options.encapsulation {
-            LabEncapsulation::None => "Never",
-            LabEncapsulation::Ipip => "Always",
-            LabEncapsulation::CrossSubnet => "CrossSubnet",
+        let (ipip, vxlan) = match self.options.encapsulation {
+            LabEncapsulation::None => ("Never", "Never"),
+            LabEncapsulation::Ipip => ("Always", "Never"),
+            LabEncapsulation::CrossSubnet => ("CrossSubnet", "Never"),
+            LabEncapsulation::Vxlan => ("Never", "Always"),
+            LabEncapsulation::VxlanCrossSubnet => ("Never", "CrossSubnet"),
         };
         let _ = write!(
             y,
-            "---\napiVersion: starling.dev/v1\nkind: IPPool\nmetadata: {{name: pool-v4}}\nspec: {{cidr: {POOL_V4}, blockSize: 26, ipipMode: {ipip}, natOutgoing: {}}}\n",
+            "---\napiVersion: starling.dev/v1\nkind: IPPool\nmetadata: {{name: pool-v4}}\nspec: {{cidr: {POOL_V4}, blockSize: 26, ipipMode: {ipip}, vxlanMode: {vxlan}, natOutgoing: {}}}\n",
             self.nat_outgoing
         );
         if self.options.ipv6 {
@@ -560,14 +583,15 @@ impl LabState {
         let ndir = state_dir(&self.dir, &self.name).join(&name);
         std::fs::create_dir_all(&ndir)?;
         let port = format!("n{i}");
-        let ipv4: IpNet = format!("192.0.2.{}/24", 10 + i).parse()?;
+        let (bridge, ipv4) = underlay::node_address(self.options.underlay, i)?;
         let ipv6: Option<IpNet> = self
             .options
             .ipv6
             .then(|| format!("2001:db8::{:x}/64", 0x10 + i).parse())
             .transpose()?;
-        plug(&self.fabric, &netns, &port, &ipv4, ipv6.as_ref())
+        plug(&self.fabric, &netns, &port, bridge, &ipv4, ipv6.as_ref())
             .with_context(|| format!("{name}: wiring"))?;
+        underlay::route_node(self, &netns, &ipv4).with_context(|| format!("{name}: wiring"))?;
         self.route_via_outside(&netns)
             .with_context(|| format!("{name}: wiring"))?;
         self.nodes.push(LabNode {
@@ -585,6 +609,17 @@ impl LabState {
     fn configure_tor(&self) -> Result<()> {
         let Some(t) = &self.tor else { return Ok(()) };
         let dir = state_dir(&self.dir, &self.name);
+        if t.kind != Tor::Bird {
+            if let Some(p) = &self.options.tor_password {
+                std::fs::write(dir.join("tor.password"), p)?;
+            }
+            // Started with every node; later nodes are added in place.
+            return match (t.kind, t.pid) {
+                (_, None) => Ok(()),
+                (Tor::Gobgp, Some(_)) => tor_gobgp::reconfigure(self, t),
+                _ => tor_frr::reconfigure(self),
+            };
+        }
         let password = match &self.options.tor_password {
             Some(p) => {
                 std::fs::write(dir.join("tor.password"), p)?;
@@ -794,6 +829,7 @@ pub fn up(opts: LabOptions, progress: &mut dyn FnMut(&str)) -> Result<LabState> 
         nodes: Vec::new(),
         pods: Vec::new(),
         tor: None,
+        router: None,
         agent_bin,
         cni_bin,
         mesh: opts.topology == Topology::Mesh,
@@ -806,11 +842,19 @@ pub fn up(opts: LabOptions, progress: &mut dyn FnMut(&str)) -> Result<LabState> 
     };
     lab.save()?;
     make_fabric(&lab.fabric, progress)?;
-    progress(&format!(
-        "outside host: namespace {}-out at {OUTSIDE_V4}, the nodes' gateway, no pod routes",
-        opts.name
-    ));
-    lab.build_outside()?;
+    underlay::make_bridges(&lab.fabric, opts.underlay)?;
+    underlay::start_router(&mut lab, progress)?;
+    if opts.underlay == Underlay::TwoSubnets {
+        progress(
+            "outside host: none with --underlay two-subnets (the nodes' gateway is the subnet router)",
+        );
+    } else {
+        progress(&format!(
+            "outside host: namespace {}-out at {OUTSIDE_V4}, the nodes' gateway, no pod routes",
+            opts.name
+        ));
+        lab.build_outside()?;
+    }
     for i in 1..=opts.nodes {
         progress(&format!(
             "node{i}: namespace {}-node{i}, uplink eth0",
@@ -854,11 +898,17 @@ fn check_options(opts: &LabOptions) -> Result<()> {
             opts.name
         );
     }
-    if opts.encapsulation != LabEncapsulation::None && !ipip_available() {
+    underlay::check(opts)?;
+    if matches!(
+        opts.encapsulation,
+        LabEncapsulation::Ipip | LabEncapsulation::CrossSubnet
+    ) && !ipip_available()
+    {
         bail!(
             "--encapsulation {:?} needs the kernel's ipip module, which this kernel lacks \
              (`ip link add type ipip` fails). Run the lab on a kernel with ipip, or use the \
-             QEMU recipe in tests/vm/ipip-vm.sh; --encapsulation none works here",
+             QEMU recipe in tests/vm/ipip-vm.sh; --encapsulation none, vxlan and \
+             vxlan-cross-subnet work here",
             opts.encapsulation
         );
     }
@@ -866,6 +916,16 @@ fn check_options(opts: &LabOptions) -> Result<()> {
         && Command::new("bird").arg("--version").output().is_err()
     {
         bail!("--tor bird needs BIRD 2 (Debian package bird2)");
+    }
+    if let Some(Tor::Frr) = opts.tor
+        && !Path::new("/usr/lib/frr/bgpd").exists()
+    {
+        bail!("--tor frr needs FRR's zebra and bgpd in /usr/lib/frr (Debian package frr)");
+    }
+    if let Some(Tor::Gobgp) = opts.tor
+        && Command::new("gobgpd").arg("--version").output().is_err()
+    {
+        bail!("--tor gobgp needs gobgpd and gobgp (Debian package gobgpd)");
     }
     Ok(())
 }
@@ -884,6 +944,24 @@ fn make_fabric(fabric: &str, progress: &mut dyn FnMut(&str)) -> Result<()> {
 }
 
 impl LabState {
+    /// The top-of-rack router's BGP table, as its own CLI prints it.
+    pub fn tor_routes(&self) -> Result<String> {
+        let Some(t) = &self.tor else {
+            bail!("lab {} has no top-of-rack router", self.name)
+        };
+        match t.kind {
+            Tor::Bird => sh(
+                "top-of-rack router: birdc",
+                Command::new("birdc")
+                    .arg("-s")
+                    .arg(&t.socket)
+                    .args(["show", "route"]),
+            ),
+            Tor::Frr => tor_frr::vtysh(self, &["show bgp ipv4 unicast"]),
+            Tor::Gobgp => tor_gobgp::routes(t),
+        }
+    }
+
     /// The top-of-rack router on the fabric, started with its config.
     fn start_tor(&mut self, kind: Tor, progress: &mut dyn FnMut(&str)) -> Result<()> {
         let dir = state_dir(&self.dir, &self.name);
@@ -892,7 +970,8 @@ impl LabState {
             "top-of-rack router: {kind:?} in {netns}, AS {TOR_AS}"
         ));
         let ipv4: IpNet = "192.0.2.254/24".parse()?;
-        plug(&self.fabric, &netns, "tor", &ipv4, None).context("top-of-rack router: wiring")?;
+        plug(&self.fabric, &netns, "tor", "br0", &ipv4, None)
+            .context("top-of-rack router: wiring")?;
         let socket = dir.join("tor.ctl");
         self.tor = Some(LabTor {
             kind,
@@ -902,6 +981,16 @@ impl LabState {
             socket: socket.clone(),
         });
         self.configure_tor()?;
+        if kind != Tor::Bird {
+            let pid = match (kind, &self.tor) {
+                (Tor::Gobgp, Some(t)) => Some(tor_gobgp::start(self, t)?),
+                _ => tor_frr::start(self, &netns)?,
+            };
+            if let Some(t) = self.tor.as_mut() {
+                t.pid = pid;
+            }
+            return self.save();
+        }
         let conf = dir.join("bird.conf");
         let pidfile = dir.join("tor.pid");
         in_ns(
@@ -974,8 +1063,15 @@ fn wait_for_socket(p: &Path, pid: Option<u32>, within: Duration) -> Result<()> {
     Ok(())
 }
 
-/// A namespace with `eth0` on the fabric bridge.
-fn plug(fabric: &str, netns: &str, port: &str, v4: &IpNet, v6: Option<&IpNet>) -> Result<()> {
+/// A namespace with `eth0` on fabric bridge `bridge`.
+fn plug(
+    fabric: &str,
+    netns: &str,
+    port: &str,
+    bridge: &str,
+    v4: &IpNet,
+    v6: Option<&IpNet>,
+) -> Result<()> {
     ip("namespace", &["netns", "add", netns])?;
     ip("loopback", &["-n", netns, "link", "set", "lo", "up"])?;
     ip(
@@ -987,7 +1083,7 @@ fn plug(fabric: &str, netns: &str, port: &str, v4: &IpNet, v6: Option<&IpNet>) -
     )?;
     ip(
         "bridge port",
-        &["-n", fabric, "link", "set", port, "master", "br0", "up"],
+        &["-n", fabric, "link", "set", port, "master", bridge, "up"],
     )?;
     ip(
         "address",
@@ -1069,6 +1165,12 @@ pub fn down(dir: &Path, name: &str, progress: &mut dyn FnMut(&str)) -> Result<()
         }
         ip(&format!("removing namespace {ns}"), &["netns", "del", ns])?;
         removed += 1;
+    }
+    // After every process is gone: a dying zebra may still write there.
+    if let Ok(lab) = LabState::load(dir, name)
+        && lab.tor.as_ref().is_some_and(|t| t.kind == Tor::Frr)
+    {
+        tor_frr::clean(&lab);
     }
     let sdir = state_dir(dir, name);
     if sdir.exists() {

@@ -38,7 +38,8 @@ impl LabState {
             .ipv6
             .then(|| format!("{GATEWAY_V6}/64").parse())
             .transpose()?;
-        plug(&self.fabric, &netns, "out", &v4, v6.as_ref()).context("outside host: wiring")?;
+        plug(&self.fabric, &netns, "out", "br0", &v4, v6.as_ref())
+            .context("outside host: wiring")?;
         let mut addresses = vec![OUTSIDE_V4.parse::<IpAddr>()?];
         ip(
             "outside host: its address",

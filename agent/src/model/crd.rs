@@ -46,6 +46,10 @@ pub const DEFAULT_AS_NUMBER: u32 = 64512;
         .message("blockSize must not be shorter than the pool's own prefix length"),
     validation = Rule::new("!isCIDR(self.cidr) || cidr(self.cidr).ip().family() == 4 || self.ipipMode == 'Never'")
         .message("ipipMode applies to IPv4 pools only: use Never for an IPv6 pool"),
+    validation = Rule::new("!isCIDR(self.cidr) || cidr(self.cidr).ip().family() == 4 || self.vxlanMode == 'Never'")
+        .message("vxlanMode is implemented for IPv4 pools only: use Never for an IPv6 pool"),
+    validation = Rule::new("self.ipipMode == 'Never' || self.vxlanMode == 'Never'")
+        .message("ipipMode and vxlanMode cannot both be enabled: set one of them to Never"),
 )]
 pub struct IPPoolSpec {
     /// The pool's prefix, e.g. 10.244.0.0/16.
@@ -60,7 +64,8 @@ pub struct IPPoolSpec {
     /// IP-in-IP encapsulation of pod traffic between nodes.
     #[serde(default)]
     pub ipip_mode: IpipMode,
-    /// VXLAN is not implemented; only Never is accepted.
+    /// VXLAN encapsulation of pod traffic between nodes (IPv4 pools; not
+    /// together with ipipMode).
     #[serde(default)]
     pub vxlan_mode: VxlanMode,
     /// Masquerade traffic from pods to destinations outside every pool.
@@ -83,9 +88,14 @@ impl IPPoolSpec {
     }
 
     /// How traffic to this pool's blocks on other nodes travels: the one
-    /// place `ipipMode` and `vxlanMode` become an [`Encapsulation`].
+    /// place `ipipMode` and `vxlanMode` become an [`Encapsulation`]. A pool
+    /// with both enabled is refused by the checks (`validate::ip_pool`);
+    /// should one get here, VXLAN wins, as it is the mode that needs no
+    /// kernel module.
     pub fn encapsulation(&self) -> Encapsulation {
         match (self.vxlan_mode, self.ipip_mode) {
+            (VxlanMode::Always, _) => Encapsulation::Vxlan(EncapMode::Always),
+            (VxlanMode::CrossSubnet, _) => Encapsulation::Vxlan(EncapMode::CrossSubnet),
             (VxlanMode::Never, IpipMode::Always) => Encapsulation::Ipip(EncapMode::Always),
             (VxlanMode::Never, IpipMode::CrossSubnet) => {
                 Encapsulation::Ipip(EncapMode::CrossSubnet)
@@ -108,6 +118,11 @@ pub enum IpipMode {
 
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum VxlanMode {
+    /// Encapsulate all traffic to other nodes in VXLAN (UDP 4789, VNI 4096).
+    Always,
+    /// Encapsulate in VXLAN only traffic to nodes outside this node's
+    /// uplink subnet.
+    CrossSubnet,
     #[default]
     Never,
 }

@@ -114,6 +114,19 @@ pub fn ip_pool(spec: &IPPoolSpec) -> Vec<Finding> {
             "ipipMode applies to IPv4 pools only: use Never for an IPv6 pool",
         ));
     }
+    if cidr.addr().is_ipv6() && spec.vxlan_mode != VxlanMode::Never {
+        out.push(finding(
+            "spec.vxlanMode",
+            "vxlanMode is implemented for IPv4 pools only: use Never for an IPv6 pool",
+        ));
+    }
+    // Calico refuses the same: one encapsulation per pool.
+    if spec.ipip_mode != IpipMode::Never && spec.vxlan_mode != VxlanMode::Never {
+        out.push(finding(
+            "spec.vxlanMode",
+            "ipipMode and vxlanMode cannot both be enabled: set one of them to Never",
+        ));
+    }
     selector("spec.nodeSelector", &spec.node_selector, &mut out);
     out
 }
@@ -300,6 +313,18 @@ mod tests {
         let mut v6 = pool("fd00::/48", None);
         v6.ipip_mode = IpipMode::Always;
         assert_eq!(ip_pool(&v6)[0].field, "spec.ipipMode");
+        let mut v6x = pool("fd00::/48", None);
+        v6x.vxlan_mode = VxlanMode::Always;
+        assert_eq!(ip_pool(&v6x)[0].field, "spec.vxlanMode");
+        let mut both = pool("10.0.0.0/16", None);
+        both.ipip_mode = IpipMode::CrossSubnet;
+        both.vxlan_mode = VxlanMode::Always;
+        let f = ip_pool(&both);
+        assert_eq!(f.len(), 1, "{f:?}");
+        assert!(f[0].message.contains("cannot both be enabled"), "{f:?}");
+        let mut vx = pool("10.0.0.0/16", None);
+        vx.vxlan_mode = VxlanMode::CrossSubnet;
+        assert!(ip_pool(&vx).is_empty());
         let mut sel = pool("10.0.0.0/16", None);
         sel.node_selector = "zone = a".into();
         assert_eq!(ip_pool(&sel)[0].field, "spec.nodeSelector");

@@ -102,7 +102,8 @@ pub fn hijack(prefix: &IpNet, blocks: &[IpNet], own: &[IpAddr]) -> Option<Refuse
 
 /// How traffic to `prefix` travels, from the pool that contains it (Felix's
 /// rule: the pool's mode; prefixes outside every pool go plain). IPIP is
-/// IPv4 only, so IPv6 prefixes go plain.
+/// IPv4 only, and so is VXLAN here (the model refuses `vxlanMode` on IPv6
+/// pools), so IPv6 prefixes go plain.
 pub fn encapsulation(pools: &[IPPoolSpec], prefix: &IpNet) -> Encapsulation {
     if !prefix.addr().is_ipv4() {
         return Encapsulation::None;
@@ -181,6 +182,28 @@ mod tests {
     use crate::encap::EncapMode;
     use crate::fib::RouteTarget;
     use crate::model::crd::IpipMode;
+
+    #[test]
+    fn vxlan_pools_give_their_mode_to_learned_prefixes() {
+        let mut vx = pool("10.244.0.0/16", IpipMode::Never);
+        vx.vxlan_mode = crate::model::crd::VxlanMode::CrossSubnet;
+        let learned = BTreeMap::from([(net("10.244.2.0/26"), vec![ip("198.51.100.2")])]);
+        let got = desired(&Inputs {
+            blocks: &[],
+            pods: &[],
+            learned: &learned,
+            pools: &[vx],
+            own: &[],
+        })
+        .routes;
+        assert_eq!(
+            got[0].target,
+            RouteTarget::Via(vec![NextHop {
+                gateway: ip("198.51.100.2"),
+                encap: Encapsulation::Vxlan(EncapMode::CrossSubnet)
+            }])
+        );
+    }
 
     fn pool(cidr: &str, mode: IpipMode) -> IPPoolSpec {
         serde_json::from_value(serde_json::json!({"cidr": cidr})).map_or_else(

@@ -160,8 +160,14 @@ async fn run_node(
     let blocks = blocks_rx.borrow_and_update().clone();
     let pods = pods_rx.borrow_and_update().clone();
 
+    // The VXLAN device sends from the node's address: the next hop the
+    // other nodes install for its blocks, from which they derive its VTEP.
+    let vtep = snap
+        .node(&name)
+        .and_then(|n| n.ipv4_address)
+        .map(|a| a.addr());
     let (fib, preserved) = phase(
-        first_fib_pass(&cfg, &blocks, &pods, &obs.readiness),
+        first_fib_pass(&cfg, vtep, &blocks, &pods, &obs.readiness),
         &mut served,
     )
     .await?;
@@ -346,6 +352,7 @@ fn open_ipam(
 /// it found more of our routes than the local ones (forwarding preserved).
 async fn first_fib_pass(
     cfg: &AgentConfig,
+    vtep: Option<std::net::Ipv4Addr>,
     blocks: &[IpNet],
     pods: &[PodRoute],
     readiness: &Readiness,
@@ -354,6 +361,7 @@ async fn first_fib_pass(
         table: cfg.route_table.unwrap_or(crate::fib::MAIN_TABLE),
         protocol: cfg.route_protocol(),
         uplink: cfg.uplink.clone(),
+        vxlan_local: vtep,
         ..FibConfig::default()
     };
     let (fib, task) = Reconciler::new(fib_cfg);
