@@ -430,4 +430,94 @@ mod tests {
         assert_eq!(mtu_overhead(&v4_only, None), 0);
         assert_eq!(mtu_overhead(&snap(""), None), 0);
     }
+
+    /// `GET path` from the health server: status and body.
+    async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        let status = out[9..12].parse().unwrap();
+        let body = out.split_once("\r\n\r\n").unwrap().1.to_string();
+        (status, body)
+    }
+
+    /// The speaker's task ending (here by its own shutdown; a panic closes
+    /// the same channel) fails `/healthz` with the reason, and the event
+    /// loop keeps running: the kubelet restarts the agent, forwarding stays.
+    #[tokio::test]
+    async fn a_stopped_speaker_fails_healthz_and_the_loop_runs_on() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let obs = Endpoints::new("test");
+        tokio::spawn(crate::health::serve(listener, obs.clone()));
+
+        let mut cfg = starling_bgp::SpeakerConfig::new(64512, "192.0.2.1".parse().unwrap());
+        cfg.listen = vec!["127.0.0.1:0".parse().unwrap()];
+        let (speaker, events) = Speaker::start(cfg).await.unwrap();
+        // The tasks behind the handles are not run: this test is about the
+        // speaker; their handles take the desired state regardless.
+        let (fib, _fib_task) = Reconciler::new(crate::fib::FibConfig::default());
+        let (nat, _nat_task) = NatReconciler::new(None);
+        let snapshot = Arc::new(snap(""));
+        let node = Node::new(Started {
+            name: "n1".into(),
+            speaker: speaker.clone(),
+            fib,
+            nat,
+            pod_mtu: PodMtu::new(crate::mtu::MtuRule::Fixed(1500)),
+            mtu_encapsulation: None,
+            local: LocalBgp {
+                asn: 64512,
+                router_id: Some("192.0.2.1".parse().unwrap()),
+                cluster_id: None,
+                listen_port: 179,
+                restart_time: 120,
+            },
+            snap: snapshot.clone(),
+            blocks: vec![],
+            pods: vec![],
+            forwarding_preserved: false,
+            drain: Duration::from_secs(1),
+            autodetected: None,
+            datastore: "test".into(),
+        });
+        let (_snaps_tx, snaps) = watch::channel(snapshot);
+        let (_blocks_tx, blocks) = watch::channel(vec![]);
+        let (_pods_tx, pods) = watch::channel(vec![]);
+        let inputs = Inputs {
+            snaps,
+            events,
+            blocks,
+            pods,
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let loop_obs = obs.clone();
+        let run = tokio::spawn(async move {
+            node.run(inputs, &loop_obs, async {
+                let _ = stopped.await;
+                Ok(())
+            })
+            .await
+        });
+        assert_eq!(get(addr, "/healthz").await, (200, "ok\n".into()));
+
+        speaker.shutdown("test: the speaker stops").await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while obs.readiness.stopped().is_none() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(
+            get(addr, "/healthz").await,
+            (503, "stopped: the BGP speaker stopped\n".into())
+        );
+        // The loop serves on (the control socket, IPAM's routes) until the
+        // kubelet restarts the agent.
+        assert!(!run.is_finished(), "the event loop ended with the speaker");
+        stop.send(()).unwrap();
+        run.await.unwrap().unwrap();
+    }
 }
