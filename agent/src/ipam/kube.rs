@@ -357,4 +357,31 @@ mod tests {
             assert!(crate::model::validate::name(&got).is_empty(), "{got}");
         }
     }
+
+    /// resourceVersion is opaque: whatever the API server sends, numeric
+    /// or not, past u64 or not, is kept byte for byte (and only ever
+    /// compared for equality: `Revision` has no ordering); none is an
+    /// error naming the object, never a default.
+    #[test]
+    fn resource_versions_are_kept_as_opaque_strings() {
+        for rv in ["42", "a1b2/c3==", "99999999999999999999999", "0x10", " 7 "] {
+            let meta = ObjectMeta {
+                resource_version: Some(rv.into()),
+                ..Default::default()
+            };
+            assert_eq!(revision("10-0-0-0-26", &meta).unwrap(), Revision(rv.into()));
+        }
+        for none in [None, Some(String::new())] {
+            let meta = ObjectMeta {
+                resource_version: none,
+                ..Default::default()
+            };
+            let e = revision("10-0-0-0-26", &meta).unwrap_err().to_string();
+            assert!(
+                e.contains("blockaffinities.starling.dev/10-0-0-0-26")
+                    && e.contains("no resourceVersion"),
+                "{e}"
+            );
+        }
+    }
 }
