@@ -540,6 +540,77 @@ fn large_communities_wrong_length_is_treat_as_withdraw() {
     withdrawn(&with(&[attr(OPT_TRANS, 32, &[])]), &IBGP);
 }
 
+/// The flags errors and NEXT_HOP values the table lists that the tests
+/// above do not send one by one: each gets its attribute's own rule (§3 c).
+#[test]
+fn every_remaining_flags_conflict_and_next_hop_value_gets_its_rule() {
+    let nh = |flags: u8, v: [u8; 4]| message(&[], &[origin(), as_path(), attr(flags, 3, &v)], NLRI);
+    for (what, m) in [
+        ("NEXT_HOP optional", nh(OPT_TRANS, [192, 0, 2, 1])),
+        ("NEXT_HOP 0.0.0.0", nh(WELL_KNOWN, [0, 0, 0, 0])),
+        ("NEXT_HOP class E", nh(WELL_KNOWN, [240, 0, 0, 1])),
+        (
+            "LOCAL_PREF optional",
+            with(&[attr(OPT, 5, &[0, 0, 0, 100])]),
+        ),
+        (
+            "ORIGINATOR_ID transitive",
+            with(&[attr(OPT_TRANS, 9, &[192, 0, 2, 7])]),
+        ),
+        (
+            "CLUSTER_LIST transitive",
+            with(&[attr(OPT_TRANS, 10, &[192, 0, 2, 7])]),
+        ),
+        (
+            "CLUSTER_LIST well-known",
+            with(&[attr(WELL_KNOWN, 10, &[192, 0, 2, 7])]),
+        ),
+        (
+            "EXTENDED_COMMUNITIES well-known",
+            with(&[attr(WELL_KNOWN, 16, &[0; 8])]),
+        ),
+        (
+            "IPv6 EXTENDED_COMMUNITIES well-known",
+            with(&[attr(WELL_KNOWN, 25, &[0; 20])]),
+        ),
+        (
+            "LARGE_COMMUNITY well-known",
+            with(&[attr(WELL_KNOWN, 32, &[0; 12])]),
+        ),
+    ] {
+        let u = receive(&m, &IBGP).unwrap_or_else(|n| panic!("{what}: session reset: {n}"));
+        assert!(
+            u.announced.is_empty() && u.withdrawn == vec![net("10.0.0.0/8")],
+            "{what}: {u:?}"
+        );
+        assert!(
+            u.problems.iter().any(|p| p.contains("treat-as-withdraw")),
+            "{what}: {u:?}"
+        );
+    }
+    // AS4_PATH and AS4_AGGREGATOR with well-known flags on a 2-octet
+    // session: discarded (RFC 6793 §6), the routes kept with AS_PATH.
+    for (what, a) in [
+        (
+            "AS4_PATH well-known",
+            attr(WELL_KNOWN, 17, &[2, 1, 0, 1, 0, 0]),
+        ),
+        (
+            "AS4_AGGREGATOR well-known",
+            attr(WELL_KNOWN, 18, &[0, 1, 0, 0, 192, 0, 2, 1]),
+        ),
+    ] {
+        let u = receive(&two_octet_update(a), &two_octet())
+            .unwrap_or_else(|n| panic!("{what}: session reset: {n}"));
+        assert_eq!(u.announced, vec![net("10.0.0.0/8")], "{what}: {u:?}");
+        assert!(
+            u.problems.iter().any(|p| p.contains("discard")),
+            "{what}: {u:?}"
+        );
+        assert_eq!(u.attrs.as_path_flat(), vec![23456], "{what}: {u:?}");
+    }
+}
+
 // ---- §4 lengths
 
 #[test]
