@@ -130,6 +130,12 @@ impl Ours {
             .collect())
     }
 
+    /// `show summary`: table sizes, cheap with millions of paths.
+    fn summary(&self) -> Result<Value> {
+        let out = self.ctl(&["show", "summary", "-o", "json"])?;
+        serde_json::from_str(&out).with_context(|| format!("not JSON: {out}"))
+    }
+
     fn log(&self) -> String {
         starling_tests::peers::tail(&self.dir.join("bgpd.log"), 40)
     }
@@ -724,6 +730,127 @@ fn our_reflectors_in_one_cluster_and_in_two() -> Result<()> {
     .map_err(|e| anyhow!("{e:#}\n{}", diag()))?;
     check(
         "reflectors in two clusters: a client's route crosses both to the other client",
+        t0,
+    );
+    Ok(())
+}
+
+/// Two speakers sending each other full tables at once never deadlock: two
+/// `starling-bgpd` (iBGP between them) are each fed a large table by a
+/// hand-made eBGP peer at the same moment, one attribute set per prefix so
+/// nothing packs; each re-advertises its table to the other while receiving
+/// the other's, both directions far beyond the socket buffers. Both must end
+/// up with both tables, the session between them never leaving Established.
+#[test]
+fn two_speakers_sending_each_other_full_tables_never_deadlock() -> Result<()> {
+    use starling_tests::raw_peer::RawPeer;
+    use starling_tests::raw_peer::update::{OPT, attr, mandatory, message, nlri};
+    use std::net::Ipv4Addr;
+    const TABLE: u32 = 300_000;
+    let t0 = Instant::now();
+    let mut lan = Lan::new()?;
+    let names = ["dla", "dlb", "dlfa", "dlfb"];
+    let ns: Vec<Netns> = names.iter().map(|n| Netns::new(n)).collect::<Result<_>>()?;
+    for (i, n) in ns.iter().enumerate() {
+        lan.attach(n, &format!("192.0.2.{}/24", 61 + i))?;
+    }
+    let speaker = |me: &str, other: &str, feeder: &str, feeder_as: u32| {
+        format!(
+            "router_id: {me}\nasn: 65000\npeers:\n- {{address: {other}, asn: 65000}}\n\
+             - {{address: {feeder}, asn: {feeder_as}, passive: true, import: [{{action: accept}}], export: [{{action: reject}}]}}\n"
+        )
+    };
+    let a = Ours::start(
+        &ns[0],
+        &speaker("192.0.2.61", "192.0.2.62", "192.0.2.63", 65101),
+    )?;
+    let b = Ours::start(
+        &ns[1],
+        &speaker("192.0.2.62", "192.0.2.61", "192.0.2.64", 65102),
+    )?;
+    let diag = || format!("{}\n{}", a.log(), b.log());
+    let feeder = |n: usize, asn: u32| {
+        RawPeer::establish(
+            &ns[n],
+            ip(&format!("192.0.2.{}", 59 + n)),
+            asn,
+            Ipv4Addr::new(192, 0, 2, 61 + n as u8),
+            starling_tests::peers::HOLD_TIME,
+            SESSION_UP,
+        )
+        .map_err(|e| anyhow!("hand-made peer {asn}: {e:#}\n{}", diag()))
+    };
+    let (fa, fb) = (feeder(2, 65101)?, feeder(3, 65102)?);
+    wait_for(
+        "A and B to be Established with each other",
+        SESSION_UP,
+        || Ok(a.established("192.0.2.62")? && b.established("192.0.2.61")?),
+    )
+    .map_err(|e| anyhow!("{e:#}\n{}", diag()))?;
+    let since = |o: &Ours, peer: &str| -> Result<u64> {
+        o.session(peer)?["since"]
+            .as_u64()
+            .ok_or_else(|| anyhow!("no since for {peer}"))
+    };
+    let (a_since, b_since) = (since(&a, "192.0.2.62")?, since(&b, "192.0.2.61")?);
+    check("A-B and both feeders Established", t0);
+
+    // Each feeder sends its table as fast as the speaker takes it, both at
+    // once: while A sends its table to B, B sends its own to A.
+    let feed = |peer: &RawPeer, asn: u32, nh: [u8; 4], base: u32| -> Result<()> {
+        let mut batch = Vec::new();
+        for i in 0..TABLE {
+            let mut at = mandatory(asn, nh);
+            at.push(attr(OPT, 4, &i.to_be_bytes()));
+            let p = ipnet::Ipv4Net::new(Ipv4Addr::from(base + i), 32)?;
+            batch.extend(message(&[], &at, &nlri(p)));
+            if batch.len() > 1 << 20 {
+                peer.send(&batch)?;
+                batch.clear();
+            }
+        }
+        peer.send(&batch)
+    };
+    std::thread::scope(|s| -> Result<()> {
+        let ta = s.spawn(|| feed(&fa, 65101, [192, 0, 2, 63], 0x6440_0000));
+        let tb = s.spawn(|| feed(&fb, 65102, [192, 0, 2, 64], 0x6480_0000));
+        ta.join().map_err(|_| anyhow!("feeder A panicked"))??;
+        tb.join().map_err(|_| anyhow!("feeder B panicked"))??;
+        Ok(())
+    })?;
+    check("both tables fed", t0);
+
+    let full = 2 * TABLE as u64;
+    wait_for(
+        "each speaker to hold both tables",
+        Duration::from_secs(300),
+        || {
+            for (o, peer, started) in [(&a, "192.0.2.62", a_since), (&b, "192.0.2.61", b_since)] {
+                // A reset between them would show as a later `since`.
+                if !o.established(peer)? || since(o, peer)? != started {
+                    bail!("the session with {peer} left Established");
+                }
+            }
+            Ok(a.summary()?["paths"] == full && b.summary()?["paths"] == full)
+        },
+    )
+    .map_err(|e| {
+        let s = |o: &Ours| o.summary().map(|v| v.to_string()).unwrap_or_default();
+        anyhow!("{e:#}\nA {}\nB {}\n{}", s(&a), s(&b), diag())
+    })?;
+    for (o, peer) in [(&a, "192.0.2.62"), (&b, "192.0.2.61")] {
+        let got = o.session(peer)?["prefixes_received"].as_u64();
+        if got != Some(TABLE as u64) {
+            bail!("{peer} sent {got:?} prefixes, not {TABLE}");
+        }
+    }
+    for (f, who) in [(&fa, "A's feeder"), (&fb, "B's feeder")] {
+        if !f.notifications().is_empty() || f.closed() {
+            bail!("{who}'s session was closed: {:?}", f.notifications());
+        }
+    }
+    check(
+        &format!("{TABLE} paths each way at once: both tables everywhere, no session reset"),
         t0,
     );
     Ok(())
