@@ -538,6 +538,45 @@ fn external_peer_cannot_hijack_a_node() -> Result<()> {
                 && ctl.contains("link local"),
             "{n}: starlingctl routes:\n{ctl}"
         );
+        // And the metric counts them by reason (the agent samples every 2 s).
+        let count = |r: RefusedReason| want.iter().filter(|(_, x)| *x == r).count();
+        let series: Vec<String> = [
+            RefusedReason::NodeAddress,
+            RefusedReason::OwnBlock,
+            RefusedReason::LinkLocal,
+            RefusedReason::Loopback,
+        ]
+        .into_iter()
+        .map(|r| {
+            format!(
+                "starling_bgp_routes_refused{{reason=\"{}\"}} {}\n",
+                r.label(),
+                count(r)
+            )
+        })
+        .collect();
+        let mut metrics = String::new();
+        starling_tests::wait_for(
+            &format!("{n}'s metrics to count the refused prefixes by reason"),
+            CONVERGE,
+            || {
+                metrics = run(
+                    "ip",
+                    &[
+                        "netns",
+                        "exec",
+                        ns,
+                        "curl",
+                        "-s",
+                        "-m",
+                        "2",
+                        "http://127.0.0.1:9091/metrics",
+                    ],
+                )?;
+                Ok(series.iter().all(|s| metrics.contains(s.as_str())))
+            },
+        )
+        .with_context(|| format!("{n}: wanted {series:?} in\n{metrics}"))?;
     }
     Ok(())
 }
