@@ -253,7 +253,7 @@ pub const CALICO_FIELDS: &[(&str, &str, Support)] = &[
         "BGPPeer",
         "spec.numAllowedLocalASNumbers",
         Warned {
-            instead: "Starling refuses routes whose AS path holds its own AS (as with 0)",
+            instead: "Starling refuses routes from eBGP peers whose AS path holds its own AS (as with 0)",
             same: &["0"],
         },
     ),
@@ -294,7 +294,7 @@ pub const CALICO_FIELDS: &[(&str, &str, Support)] = &[
         "BGPFilter",
         "spec.exportV4",
         Warned {
-            instead: "not applied: Starling sends IPv4 routes as with no filter",
+            instead: "Starling sends IPv4 routes as with no filter",
             same: &["[]"],
         },
     ),
@@ -302,7 +302,7 @@ pub const CALICO_FIELDS: &[(&str, &str, Support)] = &[
         "BGPFilter",
         "spec.importV4",
         Warned {
-            instead: "not applied: Starling accepts IPv4 routes as with no filter",
+            instead: "Starling accepts IPv4 routes as with no filter",
             same: &["[]"],
         },
     ),
@@ -310,7 +310,7 @@ pub const CALICO_FIELDS: &[(&str, &str, Support)] = &[
         "BGPFilter",
         "spec.exportV6",
         Warned {
-            instead: "not applied: Starling sends IPv6 routes as with no filter",
+            instead: "Starling sends IPv6 routes as with no filter",
             same: &["[]"],
         },
     ),
@@ -318,7 +318,7 @@ pub const CALICO_FIELDS: &[(&str, &str, Support)] = &[
         "BGPFilter",
         "spec.importV6",
         Warned {
-            instead: "not applied: Starling accepts IPv6 routes as with no filter",
+            instead: "Starling accepts IPv6 routes as with no filter",
             same: &["[]"],
         },
     ),
