@@ -500,7 +500,10 @@ impl Loader<'_> {
         let ours = format!("{GROUP}/{VERSION}");
         if api_version != ours && !(calico_kind && api_version == CALICO_API_VERSION) {
             let also = if calico_kind {
-                format!(" or {CALICO_API_VERSION}")
+                format!(
+                    " or {CALICO_API_VERSION} or {}",
+                    calico::CALICO_CRD_API_VERSION
+                )
             } else {
                 String::new()
             };
