@@ -194,6 +194,204 @@ spec:
     Ok(())
 }
 
+/// Calico YAML as users have it, through the real binaries into a running
+/// agent: `starlingctl validate` prints the warnings and exits 0,
+/// `starlingctl import-calico` writes Starling's kinds, and the agents of a
+/// two-node lab load both (the export's route reflector takes effect; the
+/// agent logs the warnings when it loads the Calico file).
+#[test]
+fn calico_export_validates_imports_and_loads() -> Result<()> {
+    let c = Cluster::up(options("cal", 2, Topology::Mesh))?;
+    c.converged(CONVERGE)?;
+    let (n1, n2) = (c.lab.node("node1")?, c.lab.node("node2")?);
+    let dir = TempDir::new("calico")?;
+    let calico = dir.join("calico.yaml");
+    // calicoctl's BGPConfiguration, BGPPeer, BGPFilter and Nodes; kubectl's
+    // IPPool CRD with its metadata noise.
+    let text = format!(
+        r#"apiVersion: projectcalico.org/v3
+kind: BGPConfiguration
+metadata:
+  creationTimestamp: "2025-03-01T09:12:44Z"
+  name: default
+  resourceVersion: "1044"
+  uid: 3f0c2b7e-1d2a-4b5c-9e8f-0a1b2c3d4e5f
+spec:
+  asNumber: {asn}
+  nodeToNodeMeshEnabled: false
+  nodeMeshMaxRestartTime: 2m0s
+  bindMode: NodeIP
+---
+apiVersion: v1
+kind: List
+items:
+- apiVersion: crd.projectcalico.org/v1
+  kind: IPPool
+  metadata:
+    annotations:
+      projectcalico.org/metadata: '{{"uid":"0b5d1f0e","creationTimestamp":"2025-03-01T09:12:44Z"}}'
+    generation: 1
+    managedFields:
+    - apiVersion: crd.projectcalico.org/v1
+      fieldsType: FieldsV1
+      fieldsV1:
+        f:spec:
+          f:cidr: {{}}
+      manager: calico-node
+      operation: Update
+    name: default-ipv4-ippool
+    resourceVersion: "812"
+    uid: 0b5d1f0e-8a44-4a07-9d0a-3f6c2a9b7e11
+  spec:
+    allowedUses: [Workload, Tunnel]
+    blockSize: 26
+    cidr: {pool}
+    ipipMode: Never
+    natOutgoing: false
+    nodeSelector: all()
+    vxlanMode: Never
+---
+apiVersion: projectcalico.org/v3
+kind: BGPPeer
+metadata:
+  name: reflectors
+spec:
+  nodeSelector: all()
+  peerSelector: has(nothing)
+  filters: [no-default]
+---
+apiVersion: projectcalico.org/v3
+kind: BGPFilter
+metadata:
+  name: no-default
+spec:
+  exportV4:
+  - action: Reject
+    cidr: 0.0.0.0/0
+    matchOperator: Equal
+---
+apiVersion: projectcalico.org/v3
+kind: NodeList
+items:
+- apiVersion: projectcalico.org/v3
+  kind: Node
+  metadata:
+    name: node1
+  spec:
+    bgp:
+      ipv4Address: {a1}
+      routeReflectorClusterID: 224.0.0.1
+    orchRefs:
+    - nodeName: node1
+      orchestrator: k8s
+- apiVersion: projectcalico.org/v3
+  kind: Node
+  metadata:
+    name: node2
+  spec:
+    bgp:
+      ipv4Address: {a2}
+"#,
+        asn = starling_agent::lab::NODE_AS,
+        pool = starling_agent::lab::POOL_V4,
+        a1 = n1.ipv4,
+        a2 = n2.ipv4,
+    );
+    std::fs::write(&calico, &text)?;
+
+    let ctl = |args: &[&str]| -> Result<(bool, String, String)> {
+        let out = Command::new(bin("starlingctl"))
+            .args(args)
+            .output()
+            .context("running starlingctl")?;
+        Ok((
+            out.status.success(),
+            String::from_utf8(out.stdout)?,
+            String::from_utf8(out.stderr)?,
+        ))
+    };
+    let path = calico.to_str().context("path")?;
+    let (ok, stdout, stderr) = ctl(&["validate", path])?;
+    ensure!(ok, "validate refused the export:\n{stderr}");
+    ensure!(
+        stdout.contains("1 IPPool, 1 BGPConfiguration, 1 BGPPeer, 2 StarlingNode"),
+        "{stdout}"
+    );
+    let line_of = |needle: &str| text.lines().position(|l| l.contains(needle)).map(|i| i + 1);
+    for (needle, object, field) in [
+        ("bindMode", "BGPConfiguration/default", "spec.bindMode"),
+        ("filters:", "BGPPeer/reflectors", "spec.filters"),
+        ("exportV4", "BGPFilter/no-default", "spec.exportV4"),
+        ("orchRefs", "Node/node1", "spec.orchRefs"),
+    ] {
+        let want = format!("warning: {path}:{}: ", line_of(needle).context(needle)?);
+        ensure!(
+            stderr
+                .lines()
+                .any(|l| l.starts_with(&want) && l.contains(object) && l.contains(field)),
+            "no warning at {want} for {object} {field}:\n{stderr}"
+        );
+    }
+
+    let imported = dir.join("imported.yaml");
+    let (ok, _, stderr) = ctl(&[
+        "import-calico",
+        path,
+        "-o",
+        imported.to_str().context("path")?,
+    ])?;
+    ensure!(ok, "import-calico failed:\n{stderr}");
+    ensure!(stderr.contains("spec.bindMode"), "{stderr}");
+    let out = std::fs::read_to_string(&imported)?;
+    for gone in [
+        "uid",
+        "managedFields",
+        "projectcalico.org",
+        "BGPFilter",
+        "filters",
+        "bindMode",
+    ] {
+        ensure!(!out.contains(gone), "{gone} carried over:\n{out}");
+    }
+    let (ok, stdout, stderr) = ctl(&["validate", imported.to_str().context("path")?])?;
+    ensure!(ok && !stderr.contains("warning"), "{stdout}{stderr}");
+
+    // The imported file as the lab's model: the export's reflector (node1)
+    // and client (node2) replace the mesh.
+    let model = c.dir().join("model.yaml");
+    let replace = |from: &Path| -> Result<()> {
+        let tmp = model.with_extension("import");
+        std::fs::copy(from, &tmp)?;
+        std::fs::rename(&tmp, &model)?;
+        Ok(())
+    };
+    replace(&imported)?;
+    let reflector = |c: &Cluster| -> Result<bool> {
+        let t1 = session_types(c, "node1")?;
+        let t2 = session_types(c, "node2")?;
+        Ok(t1.iter().any(|(_, k)| k == "route reflector client")
+            && t2.iter().any(|(_, k)| k == "route reflector")
+            && c.established("node1")?.len() == 1
+            && c.established("node2")?.len() == 1)
+    };
+    starling_tests::wait_for("node1 reflects for node2", CONVERGE, || reflector(&c))?;
+
+    // The Calico file itself as the model: same sessions, and the agent
+    // logs what it does not act on.
+    replace(&calico)?;
+    let log = n1.dir.join("agent.log");
+    starling_tests::wait_for("the agent logs the Calico warnings", CONVERGE, || {
+        let l = std::fs::read_to_string(&log)?;
+        Ok(l.contains("BGPConfiguration/default") && l.contains("spec.bindMode"))
+    })?;
+    ensure!(
+        reflector(&c)?,
+        "sessions changed: {:?}",
+        session_types(&c, "node1")?
+    );
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------
 // Multi-node clusters: real agents in network namespaces, the file datastore,
 // pods wired by the real CNI plugin.

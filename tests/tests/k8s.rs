@@ -254,6 +254,103 @@ fn invalid_resources_are_rejected_with_our_validation_messages() -> Result<()> {
     Ok(())
 }
 
+/// `starlingctl import-calico` of a kubectl export of Calico's CRDs and
+/// Nodes writes objects the real API server takes as they are: strict field
+/// validation (no unknown field is pruned away) and our CEL rules, in a
+/// server-side dry run.
+#[test]
+fn imported_calico_yaml_is_accepted_by_the_apiserver() -> Result<()> {
+    let c = cluster();
+    c.ensure_manifests()?;
+    let dir = TempDir::new("calico-k8s")?;
+    let calico = dir.join("calico.yaml");
+    std::fs::write(
+        &calico,
+        r#"apiVersion: v1
+kind: List
+items:
+- apiVersion: crd.projectcalico.org/v1
+  kind: IPPool
+  metadata:
+    annotations:
+      projectcalico.org/metadata: '{"uid":"0b5d1f0e","creationTimestamp":"2025-03-01T09:12:44Z"}'
+    generation: 1
+    managedFields:
+    - apiVersion: crd.projectcalico.org/v1
+      fieldsType: FieldsV1
+      fieldsV1:
+        f:spec:
+          f:cidr: {}
+      manager: calico-node
+      operation: Update
+    name: calico-import-pool
+    resourceVersion: "812"
+    uid: 0b5d1f0e-8a44-4a07-9d0a-3f6c2a9b7e11
+  spec:
+    allowedUses: [Workload, Tunnel]
+    blockSize: 26
+    cidr: 10.250.0.0/16
+    ipipMode: CrossSubnet
+    natOutgoing: true
+    nodeSelector: all()
+    vxlanMode: Never
+- apiVersion: crd.projectcalico.org/v1
+  kind: BGPPeer
+  metadata:
+    name: calico-import-tor
+    uid: 1c3e0a52-9b7d-4f8e-8b0f-2d4c6e8a0b44
+  spec:
+    asNumber: 64567
+    nodeSelector: rack == 'r1'
+    peerIP: 192.0.2.1
+    password:
+      secretKeyRef: {name: starling-bgp-passwords, key: tor, optional: false}
+    filters: [no-default]
+---
+apiVersion: v1
+kind: Node
+metadata:
+  annotations:
+    projectcalico.org/IPv4Address: 192.0.2.11/24
+    projectcalico.org/ASNumber: "64513"
+    projectcalico.org/RouteReflectorClusterID: 224.0.0.1
+  labels:
+    kubernetes.io/os: linux
+  name: calico-import-node
+status:
+  addresses:
+  - address: 192.0.2.11
+    type: InternalIP
+"#,
+    )?;
+    let out = Command::new(bin("starlingctl"))
+        .arg("import-calico")
+        .arg(&calico)
+        .output()?;
+    ensure!(out.status.success(), "import-calico: {}", stderr(&out));
+    ensure!(
+        stderr(&out).contains("BGPPeer/calico-import-tor") && stderr(&out).contains("spec.filters"),
+        "{}",
+        stderr(&out)
+    );
+    let yaml = String::from_utf8(out.stdout)?;
+    ensure!(
+        yaml.matches("apiVersion: starling.dev/v1").count() == 3,
+        "{yaml}"
+    );
+    let args = ["create", "--dry-run=server", "--validate=strict", "-f", "-"];
+    let created = checked(&args, c.kubectl_stdin(&args, &yaml))
+        .with_context(|| format!("the API server refused the import:\n{yaml}"))?;
+    for object in [
+        "ippool.starling.dev/calico-import-pool",
+        "bgppeer.starling.dev/calico-import-tor",
+        "starlingnode.starling.dev/calico-import-node",
+    ] {
+        ensure!(created.contains(object), "{object} not created: {created}");
+    }
+    Ok(())
+}
+
 /// kubectl as the agent's ServiceAccount.
 struct Agent<'a> {
     c: &'a Cluster,

@@ -38,10 +38,27 @@ enum Command {
         #[arg(long)]
         cni_version: Option<String>,
     },
-    /// Check a file datastore YAML stream as the agent would load it.
+    /// Check a YAML stream (Starling's kinds, or Calico YAML as calicoctl
+    /// or kubectl export it) as the agent would load it. Problems exit 1;
+    /// warnings (fields Starling accepts but does not act on) are printed
+    /// and exit 0.
     Validate {
-        /// The YAML file (several `---` separated documents).
+        /// The YAML file (several `---` separated documents, Lists).
         file: PathBuf,
+        /// Check for the Kubernetes datastore (password secretKeyRefs stay
+        /// references) rather than the file datastore.
+        #[arg(long, value_enum, default_value_t = Datastore::File)]
+        datastore: Datastore,
+    },
+    /// Turn Calico YAML (`calicoctl get -o yaml`, `kubectl get -o yaml` of
+    /// Calico's CRDs or Nodes) into Starling's kinds for the Kubernetes
+    /// datastore; what is not carried over is printed as warnings.
+    ImportCalico {
+        /// The Calico YAML file.
+        file: PathBuf,
+        /// Write the result here instead of stdout.
+        #[arg(short = 'o', long)]
+        out: Option<PathBuf>,
     },
     /// The node's BGP sessions, as `calicoctl node status` shows them.
     Status {
@@ -118,6 +135,12 @@ struct AgentArgs {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Datastore {
+    File,
+    Kubernetes,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum Output {
     Table,
     Json,
@@ -171,7 +194,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             out,
             cni_version,
         } => write_manifests(&image, out.as_deref(), cni_version.as_deref()),
-        Command::Validate { file: path } => validate(&path),
+        Command::Validate {
+            file: path,
+            datastore,
+        } => validate(&path, datastore),
+        Command::ImportCalico { file: path, out } => import_calico(&path, out.as_deref()),
         Command::Lab { command } => lab_command(command),
         Command::Status { agent } => status(&agent),
         Command::Routes { agent } => routes(&agent),
@@ -200,24 +227,73 @@ fn write_manifests(image: &str, out: Option<&Path>, cni_version: Option<&str>) -
     Ok(ExitCode::SUCCESS)
 }
 
+fn print_warnings(warnings: &[file::Problem]) {
+    for w in warnings {
+        eprintln!("warning: {w}");
+    }
+}
+
 /// `starlingctl validate FILE`.
-fn validate(path: &Path) -> Result<ExitCode> {
-    match file::load_file(path) {
-        Ok(s) => {
+fn validate(path: &Path, datastore: Datastore) -> Result<ExitCode> {
+    let mode = match datastore {
+        Datastore::File => file::Mode::File,
+        Datastore::Kubernetes => file::Mode::Kubernetes,
+    };
+    let (result, warnings) = file::check_file(path, mode);
+    print_warnings(&warnings);
+    match result {
+        Ok(l) => {
+            let s = &l.snapshot;
             println!(
-                "{}: ok: {} IPPool, {} BGPConfiguration, {} BGPPeer, {} StarlingNode, {} BlockAffinity",
+                "{}: ok: {} IPPool, {} BGPConfiguration, {} BGPPeer, {} StarlingNode, {} BlockAffinity{}",
                 path.display(),
                 s.pools.len(),
                 usize::from(s.bgp_configuration.is_some()),
                 s.peers.len(),
                 s.nodes.len(),
-                s.affinities.len()
+                s.affinities.len(),
+                match warnings.len() {
+                    0 => String::new(),
+                    n => format!("; {n} warning(s)"),
+                }
             );
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {
             eprintln!("{e}");
             eprintln!("{} problem(s); nothing was loaded", e.problems.len());
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+/// `starlingctl import-calico FILE [-o OUT]`.
+fn import_calico(path: &Path, out: Option<&Path>) -> Result<ExitCode> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let (result, warnings) = file::import_str(path, &text);
+    print_warnings(&warnings);
+    match result {
+        Ok(yaml) => {
+            match out {
+                Some(o) => {
+                    let tmp = o.with_extension("tmp");
+                    std::fs::write(&tmp, &yaml)
+                        .with_context(|| format!("writing {}", tmp.display()))?;
+                    std::fs::rename(&tmp, o).with_context(|| format!("writing {}", o.display()))?;
+                    eprintln!(
+                        "{}: written; {} warning(s) (what was not carried over is above)",
+                        o.display(),
+                        warnings.len()
+                    );
+                }
+                None => std::io::stdout().lock().write_all(yaml.as_bytes())?,
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            eprintln!("{} problem(s); nothing was imported", e.problems.len());
             Ok(ExitCode::FAILURE)
         }
     }

@@ -3,10 +3,12 @@
 //! [`Snapshot`] and reloaded when the file changes. A new file that does not
 //! pass every check leaves the last good snapshot in place.
 
+use super::calico::{self, Normalized, Target};
 use super::crd::*;
 use super::validate::{self, Finding};
 use super::{Datastore, Snapshot};
 use serde::Deserialize;
+use serde::Serialize;
 use serde::de::{DeserializeOwned, IgnoredAny};
 use std::collections::BTreeMap;
 use std::fmt;
@@ -78,11 +80,27 @@ impl fmt::Display for LoadError {
 
 impl std::error::Error for LoadError {}
 
-/// One `---` separated document and where it starts.
+/// One `---` separated document (or one item of a `List`, or a Calico
+/// object turned into Starling's) and where it starts.
 struct Document {
+    /// What is parsed.
     text: String,
+    /// The file's own text of it, when `text` is not (a List item, a
+    /// normalised Calico object): fields are located in it.
+    source: Option<String>,
     first_line: usize,
     index: usize,
+    /// `Kind/name` as the file wrote it (a Calico Node is parsed as a
+    /// StarlingNode).
+    label: Option<String>,
+    /// Normalised from Calico YAML: BGPFilter is a kind here.
+    calico: bool,
+}
+
+impl Document {
+    fn located_text(&self) -> &str {
+        self.source.as_deref().unwrap_or(&self.text)
+    }
 }
 
 fn split_documents(text: &str) -> Vec<Document> {
@@ -98,8 +116,11 @@ fn split_documents(text: &str) -> Vec<Document> {
             index += 1;
             docs.push(Document {
                 text: std::mem::take(cur),
+                source: None,
                 first_line,
                 index,
+                label: None,
+                calico: false,
             });
         }
         cur.clear();
@@ -137,7 +158,7 @@ fn strip_positions(text: &str) -> String {
 /// The line of `path` (e.g. `spec.communities[0].value`) in `doc`: each
 /// segment's key is looked for after the previous one's line.
 fn field_line(doc: &Document, path: &str) -> usize {
-    let lines: Vec<&str> = doc.text.lines().collect();
+    let lines: Vec<&str> = doc.located_text().lines().collect();
     let mut from = 0;
     let mut found = None;
     for seg in path.split('.') {
@@ -241,6 +262,13 @@ impl Meta {
 struct Loader<'a> {
     file: &'a Path,
     problems: Vec<Problem>,
+    /// Accepted, but not (all) acted on: Calico fields Starling does not
+    /// implement, stored fields, kinds left out.
+    warnings: Vec<Problem>,
+    /// File: passwords are read now. Kubernetes: they stay references.
+    target: Target,
+    /// `import-calico`: every object loaded, as Starling YAML, in order.
+    emitted: Option<Vec<String>>,
 }
 
 impl Loader<'_> {
@@ -266,6 +294,33 @@ impl Loader<'_> {
         });
     }
 
+    fn warning(&mut self, doc: &Document, object: &str, f: Finding) {
+        self.warnings.push(Problem {
+            file: self.file.to_path_buf(),
+            line: Some(field_line(doc, &f.field)),
+            document: Some(doc.index),
+            object: Some(object.to_string()),
+            field: Some(f.field),
+            message: f.message,
+        });
+    }
+
+    fn emit<T: Serialize>(&mut self, object: &T) {
+        if let Some(out) = &mut self.emitted {
+            match serde_yaml::to_string(object) {
+                Ok(y) => out.push(y),
+                Err(e) => self.problems.push(Problem {
+                    file: self.file.to_path_buf(),
+                    line: None,
+                    document: None,
+                    object: None,
+                    field: None,
+                    message: format!("cannot write the imported object: {e}"),
+                }),
+            }
+        }
+    }
+
     fn yaml_error(&mut self, doc: &Document, object: Option<String>, e: &serde_yaml::Error) {
         // serde_yaml writes positions as " at line L column C", relative
         // to the document; the file line replaces them.
@@ -277,9 +332,21 @@ impl Loader<'_> {
             }
             _ => (None, text),
         };
+        // Without serde's position (a List item, a normalised Calico
+        // object), an unknown field is found under its parent.
+        let unknown = message
+            .strip_prefix("unknown field `")
+            .and_then(|m| m.split_once('`'))
+            .map(|(name, _)| name);
         let line = e
             .location()
+            .filter(|_| doc.source.is_none())
             .map(|l| doc.first_line + l.line().saturating_sub(1))
+            .or_else(|| match (field.as_deref(), unknown) {
+                (Some(f), Some(u)) => Some(field_line(doc, &format!("{f}.{u}"))),
+                (None, Some(u)) => Some(field_line(doc, u)),
+                _ => None,
+            })
             .or_else(|| field.as_deref().map(|f| field_line(doc, f)))
             .unwrap_or(doc.first_line);
         self.problems.push(Problem {
@@ -332,7 +399,90 @@ impl Loader<'_> {
         }
     }
 
+    /// One document: a List's items one by one, Calico YAML through
+    /// [`calico::normalize`], Starling's own kinds as they are.
     fn document(&mut self, doc: &Document, snap: &mut Snapshot) {
+        let value: serde_yaml::Value = match serde_yaml::from_str(&doc.text) {
+            Ok(v) => v,
+            Err(e) => return self.yaml_error(doc, None, &e),
+        };
+        let s = |k: &str| value.get(k).and_then(serde_yaml::Value::as_str);
+        let (api_version, kind) = (s("apiVersion").unwrap_or_default(), s("kind"));
+        if let (Some(kind), Some(serde_yaml::Value::Sequence(items))) = (kind, value.get("items"))
+            && kind.ends_with("List")
+        {
+            let starts: Vec<usize> = (0..items.len())
+                .map(|i| field_line(doc, &format!("items[{i}]")))
+                .collect();
+            let lines: Vec<&str> = doc.located_text().lines().collect();
+            for (i, item) in items.iter().enumerate() {
+                let from = starts[i].saturating_sub(doc.first_line);
+                let to = starts
+                    .get(i + 1)
+                    .map(|l| l.saturating_sub(doc.first_line))
+                    .unwrap_or(lines.len())
+                    .max(from);
+                let source = lines[from.min(lines.len())..to.min(lines.len())].join("\n");
+                let text = match serde_yaml::to_string(item) {
+                    Ok(t) => t,
+                    Err(e) => return self.yaml_error(doc, None, &e),
+                };
+                let sub = Document {
+                    text,
+                    source: Some(source),
+                    first_line: starts[i],
+                    index: doc.index,
+                    label: None,
+                    calico: false,
+                };
+                self.document(&sub, snap);
+            }
+            return;
+        }
+        let Some(kind) = kind else {
+            return self.native(doc, snap);
+        };
+        if !calico::is_calico(api_version, kind) {
+            return self.native(doc, snap);
+        }
+        let name = value
+            .get("metadata")
+            .and_then(|m| m.get("name"))
+            .and_then(serde_yaml::Value::as_str)
+            .unwrap_or_default();
+        let object = format!("{kind}/{name}");
+        match calico::normalize(&value, self.target) {
+            Normalized::Object {
+                value, warnings, ..
+            } => {
+                for w in warnings {
+                    self.warning(doc, &object, w);
+                }
+                let text = match serde_yaml::to_string(&value) {
+                    Ok(t) => t,
+                    Err(e) => return self.yaml_error(doc, Some(object), &e),
+                };
+                let sub = Document {
+                    text,
+                    source: Some(doc.located_text().to_string()),
+                    first_line: doc.first_line,
+                    index: doc.index,
+                    label: Some(object),
+                    calico: true,
+                };
+                self.native(&sub, snap);
+            }
+            Normalized::Skipped { warnings } => {
+                for w in warnings {
+                    self.warning(doc, &object, w);
+                }
+            }
+            Normalized::Refused { problems } => self.findings(doc, &object, problems),
+        }
+    }
+
+    /// A Starling object (or a normalised Calico one).
+    fn native(&mut self, doc: &Document, snap: &mut Snapshot) {
         let header: Header = match serde_yaml::from_str(&doc.text) {
             Ok(h) => h,
             Err(e) => return self.yaml_error(doc, None, &e),
@@ -341,13 +491,19 @@ impl Loader<'_> {
             return self.problem(Some(doc), None, Some("kind"), "kind is missing");
         };
         let name = header.metadata.and_then(|m| m.name).unwrap_or_default();
-        let object = format!("{kind}/{name}");
+        let object = doc
+            .label
+            .clone()
+            .unwrap_or_else(|| format!("{kind}/{name}"));
         let calico_kind = matches!(kind.as_str(), "IPPool" | "BGPConfiguration" | "BGPPeer");
         let api_version = header.api_version.unwrap_or_default();
         let ours = format!("{GROUP}/{VERSION}");
         if api_version != ours && !(calico_kind && api_version == CALICO_API_VERSION) {
             let also = if calico_kind {
-                format!(" or {CALICO_API_VERSION}")
+                format!(
+                    " or {CALICO_API_VERSION} or {}",
+                    calico::CALICO_CRD_API_VERSION
+                )
             } else {
                 String::new()
             };
@@ -394,7 +550,9 @@ impl Loader<'_> {
                             self.problem(Some(doc), Some(object), Some("spec.cidr"), msg);
                             return;
                         }
-                        snap.pools.insert(name, IPPool { metadata, spec });
+                        let pool = IPPool { metadata, spec };
+                        self.emit(&pool);
+                        snap.pools.insert(name, pool);
                     }
                     self.findings(doc, &object, f);
                 }
@@ -407,7 +565,12 @@ impl Loader<'_> {
                         self.password(p, "spec.nodeMeshPassword", snap, &mut f);
                     }
                     if f.is_empty() {
-                        snap.bgp_configuration = Some(BGPConfiguration { metadata, spec });
+                        for w in validate::unsupported_bgp_configuration(&spec) {
+                            self.warning(doc, &object, w);
+                        }
+                        let config = BGPConfiguration { metadata, spec };
+                        self.emit(&config);
+                        snap.bgp_configuration = Some(config);
                     }
                     self.findings(doc, &object, f);
                 }
@@ -419,7 +582,12 @@ impl Loader<'_> {
                         self.password(p, "spec.password", snap, &mut f);
                     }
                     if f.is_empty() {
-                        snap.peers.insert(name, BGPPeer { metadata, spec });
+                        for w in validate::unsupported_bgp_peer(&spec) {
+                            self.warning(doc, &object, w);
+                        }
+                        let peer = BGPPeer { metadata, spec };
+                        self.emit(&peer);
+                        snap.peers.insert(name, peer);
                     }
                     self.findings(doc, &object, f);
                 }
@@ -428,7 +596,9 @@ impl Loader<'_> {
                 if let Some((metadata, Some(spec))) = self.parse::<StarlingNodeSpec>(doc, &object, true) {
                     let f = validate::starling_node(&spec);
                     if f.is_empty() {
-                        snap.nodes.insert(name, StarlingNode { metadata, spec });
+                        let node = StarlingNode { metadata, spec };
+                        self.emit(&node);
+                        snap.nodes.insert(name, node);
                     }
                     self.findings(doc, &object, f);
                 }
@@ -437,8 +607,18 @@ impl Loader<'_> {
                 if let Some((metadata, Some(spec))) = self.parse::<BlockAffinitySpec>(doc, &object, true) {
                     let f = validate::block_affinity(&spec);
                     if f.is_empty() {
-                        snap.affinities.insert(name, BlockAffinity { metadata, spec });
+                        let affinity = BlockAffinity { metadata, spec };
+                        self.emit(&affinity);
+                        snap.affinities.insert(name, affinity);
                     }
+                    self.findings(doc, &object, f);
+                }
+            }
+            // Calico's: checked, warned about (calico::normalize), not loaded.
+            "BGPFilter" if doc.calico => {
+                if let Some((_, spec)) = self.parse::<calico::BGPFilterSpec>(doc, &object, false)
+                {
+                    let f = spec.map(|s| calico::bgp_filter(&s)).unwrap_or_default();
                     self.findings(doc, &object, f);
                 }
             }
@@ -456,6 +636,9 @@ impl Loader<'_> {
     /// Resolve a password now, so the peering plan stays pure and a missing
     /// file is reported with the rest of the file's problems.
     fn password(&mut self, p: &Password, field: &str, snap: &mut Snapshot, out: &mut Vec<Finding>) {
+        if self.target == Target::Kubernetes {
+            return; // the Kubernetes datastore resolves Secrets itself
+        }
         if p.secret_key_ref.is_some() {
             out.push(Finding {
                 field: format!("{field}.secretKeyRef"),
@@ -500,40 +683,127 @@ impl Loader<'_> {
     }
 }
 
-/// Parse and check a YAML stream; `file` names it in problems. Password
-/// files it names are read.
-pub fn load_str(file: &Path, text: &str) -> Result<Snapshot, LoadError> {
+/// A loaded file and what it says that Starling does not act on.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub snapshot: Snapshot,
+    /// Accepted fields and objects Starling does not (fully) act on, each
+    /// saying what Starling does instead; same shape as problems.
+    pub warnings: Vec<Problem>,
+}
+
+/// What a stream is checked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// As the file datastore loads it (password files are read).
+    #[default]
+    File,
+    /// As objects for the Kubernetes datastore: passwords stay
+    /// references (`secretKeyRef`), a Calico Node's labels are left to the
+    /// Node.
+    Kubernetes,
+}
+
+fn run(
+    file: &Path,
+    text: &str,
+    mode: Mode,
+    emit: bool,
+) -> (Result<Snapshot, LoadError>, Vec<Problem>, Vec<String>) {
     let mut loader = Loader {
         file,
         problems: Vec::new(),
+        warnings: Vec::new(),
+        target: match mode {
+            Mode::File => Target::File,
+            Mode::Kubernetes => Target::Kubernetes,
+        },
+        emitted: emit.then(Vec::new),
     };
     let mut snap = Snapshot::default();
     for doc in split_documents(text) {
         loader.document(&doc, &mut snap);
     }
-    if loader.problems.is_empty() {
+    let result = if loader.problems.is_empty() {
         Ok(snap)
     } else {
         Err(LoadError {
             problems: loader.problems,
         })
+    };
+    (result, loader.warnings, loader.emitted.unwrap_or_default())
+}
+
+/// Parse and check a YAML stream; `file` names it in problems. Password
+/// files it names are read. Warnings are dropped: see [`check_str`].
+pub fn load_str(file: &Path, text: &str) -> Result<Snapshot, LoadError> {
+    run(file, text, Mode::File, false).0
+}
+
+/// Like [`load_str`], with the warnings; these come also when there are
+/// problems.
+pub fn check_str(file: &Path, text: &str, mode: Mode) -> (Result<Loaded, LoadError>, Vec<Problem>) {
+    let (result, warnings, _) = run(file, text, mode, false);
+    let result = result.map(|snapshot| Loaded {
+        snapshot,
+        warnings: warnings.clone(),
+    });
+    (result, warnings)
+}
+
+/// `starlingctl import-calico`: the stream as Starling's own kinds
+/// (`starling.dev/v1`) for the Kubernetes datastore, one YAML document per
+/// object loaded, with the warnings about what was not carried over.
+pub fn import_str(file: &Path, text: &str) -> (Result<String, LoadError>, Vec<Problem>) {
+    let (result, warnings, emitted) = run(file, text, Mode::Kubernetes, true);
+    let result = result.map(|_| {
+        let mut out = format!(
+            "# Imported by `starlingctl import-calico` from {}.\n",
+            file.display()
+        );
+        for doc in emitted {
+            out.push_str("---\n");
+            out.push_str(&doc);
+        }
+        out
+    });
+    (result, warnings)
+}
+
+fn unreadable(file: &Path, e: std::io::Error) -> LoadError {
+    LoadError {
+        problems: vec![Problem {
+            file: file.to_path_buf(),
+            line: None,
+            document: None,
+            object: None,
+            field: None,
+            message: format!("cannot read: {e}"),
+        }],
     }
 }
 
 pub fn load_file(file: &Path) -> Result<Snapshot, LoadError> {
+    check_file(file, Mode::File).0.map(|l| l.snapshot)
+}
+
+/// [`check_str`] of a file.
+pub fn check_file(file: &Path, mode: Mode) -> (Result<Loaded, LoadError>, Vec<Problem>) {
     match std::fs::read_to_string(file) {
-        Ok(text) => load_str(file, &text),
-        Err(e) => Err(LoadError {
-            problems: vec![Problem {
-                file: file.to_path_buf(),
-                line: None,
-                document: None,
-                object: None,
-                field: None,
-                message: format!("cannot read: {e}"),
-            }],
-        }),
+        Ok(text) => check_str(file, &text, mode),
+        Err(e) => (Err(unreadable(file, e)), Vec::new()),
     }
+}
+
+/// Load for the agent: what the file says that Starling does not act on is
+/// logged, at start and at every reload.
+fn load_logged(path: &Path) -> Result<Snapshot, LoadError> {
+    let (result, _) = check_file(path, Mode::File);
+    let loaded = result?;
+    for w in &loaded.warnings {
+        warn!("model: {w}");
+    }
+    Ok(loaded.snapshot)
 }
 
 /// What identifies one version of a file: a replace by rename changes the
@@ -568,7 +838,7 @@ impl FileDatastore {
     /// ([`DEFAULT_POLL`] normally).
     pub fn open(path: impl Into<PathBuf>, poll: Duration) -> Result<FileDatastore, LoadError> {
         let path = path.into();
-        let first = load_file(&path)?;
+        let first = load_logged(&path)?;
         let mut seen = fingerprints(&path, &first);
         let (tx, _) = watch::channel(Arc::new(first));
         let last_error = Arc::new(Mutex::new(None));
@@ -584,7 +854,7 @@ impl FileDatastore {
                         if now == seen {
                             continue;
                         }
-                        match load_file(path) {
+                        match load_logged(path) {
                             Ok(snap) => {
                                 seen = fingerprints(path, &snap);
                                 info!(file = %path.display(), "model reloaded");

@@ -388,7 +388,10 @@ impl Joiner {
         resolve_passwords(&mut snap, &self.secrets, &self.options, &mut warnings);
         let now: HashSet<String> = warnings.into_iter().collect();
         for w in now.difference(&self.warned) {
-            warn!("refused: {w}");
+            match w.strip_prefix(ACCEPTED) {
+                Some(w) => warn!("model: {w}"),
+                None => warn!("refused: {w}"),
+            }
         }
         self.warned = now;
         let snap = Arc::new(snap);
@@ -468,6 +471,19 @@ fn spec<S: DeserializeOwned>(kind: Kind, o: &DynamicObject) -> Result<S, String>
     let name = o.metadata.name.as_deref().unwrap_or("");
     let value = o.data.get("spec").cloned().unwrap_or(serde_json::json!({}));
     serde_json::from_value(value).map_err(|e| format!("{}/{name}: spec: {e}", kind.name()))
+}
+
+/// Marks a line of `warnings` about an object that was loaded, with a field
+/// Starling does not act on (`validate::unsupported_*`).
+const ACCEPTED: &str = "accepted: ";
+
+fn accepted(kind: &str, name: &str, findings: &[Finding], out: &mut Vec<String>) {
+    for f in findings {
+        out.push(format!(
+            "{ACCEPTED}{kind}/{name}: {}: {}",
+            f.field, f.message
+        ));
+    }
 }
 
 fn refuse(kind: &str, name: &str, findings: &[Finding], out: &mut Vec<String>) {
@@ -551,6 +567,8 @@ fn add_bgp_configuration(
             Ok(s) => {
                 let f = validate::bgp_configuration(&name, &s);
                 if f.is_empty() {
+                    let u = validate::unsupported_bgp_configuration(&s);
+                    accepted("BGPConfiguration", &name, &u, warnings);
                     snap.bgp_configuration = Some(BGPConfiguration {
                         metadata: meta(&o),
                         spec: s,
@@ -571,6 +589,12 @@ fn add_peers(snap: &mut Snapshot, objects: Vec<DynamicObject>, warnings: &mut Ve
             Ok(s) => {
                 let f = validate::bgp_peer(&s);
                 if f.is_empty() {
+                    accepted(
+                        "BGPPeer",
+                        &name,
+                        &validate::unsupported_bgp_peer(&s),
+                        warnings,
+                    );
                     snap.peers.insert(
                         name,
                         BGPPeer {
@@ -927,6 +951,33 @@ mod tests {
         assert!(
             all.contains("BGPConfiguration/main: metadata.name"),
             "{all}"
+        );
+    }
+
+    #[test]
+    fn fields_not_acted_on_are_loaded_with_a_warning() {
+        let list = [
+            (
+                Kind::BGPConfiguration,
+                json!({"metadata": {"name": "default"}, "spec": {"communities": [{"name": "a", "value": "1:2"}]}}),
+            ),
+            (
+                Kind::BGPPeer,
+                json!({"metadata": {"name": "tor"}, "spec": {"peerIP": "192.0.2.1", "asNumber": 65000, "nextHopMode": "Keep"}}),
+            ),
+        ];
+        let mut w = Vec::new();
+        let (snap, _) = build(objects(&list), &mut w);
+        assert!(snap.bgp_configuration.is_some() && snap.peers.contains_key("tor"));
+        assert_eq!(
+            w.iter().filter(|l| l.starts_with(ACCEPTED)).count(),
+            2,
+            "{w:?}"
+        );
+        assert!(
+            w.iter()
+                .any(|l| l.contains("BGPPeer/tor: spec.nextHopMode")),
+            "{w:?}"
         );
     }
 

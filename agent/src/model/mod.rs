@@ -8,6 +8,7 @@
 //! take what they need from it (`ipam::Pool::from(&IPPoolSpec)`, block
 //! claims from BlockAffinity objects), never the other way round.
 
+pub mod calico;
 pub mod crd;
 pub mod file;
 pub mod kube;
@@ -19,7 +20,7 @@ pub use crd::{
     BGPConfiguration, BGPConfigurationSpec, BGPPeer, BGPPeerSpec, BlockAffinity, BlockAffinitySpec,
     IPPool, IPPoolSpec, Password, StarlingNode, StarlingNodeSpec,
 };
-pub use file::{FileDatastore, LoadError, Problem};
+pub use file::{FileDatastore, LoadError, Loaded, Problem};
 pub use plan::plan;
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -230,6 +230,44 @@ pub fn bgp_peer(spec: &BGPPeerSpec) -> Vec<Finding> {
     out
 }
 
+/// Fields Starling's BGPConfiguration accepts and does not act on (yet):
+/// warnings, not problems.
+pub fn unsupported_bgp_configuration(spec: &BGPConfigurationSpec) -> Vec<Finding> {
+    let mut out = Vec::new();
+    if !spec.service_cluster_ips.is_empty() {
+        out.push(finding(
+            "spec.serviceClusterIPs",
+            "stored, not applied: Starling does not advertise Service addresses yet",
+        ));
+    }
+    if !spec.communities.is_empty() {
+        out.push(finding(
+            "spec.communities",
+            "stored, not applied: Starling sends no communities yet",
+        ));
+    }
+    if spec.log_severity_screen.is_some() {
+        out.push(finding(
+            "spec.logSeverityScreen",
+            "ignored: the agent's log level is its own setting (RUST_LOG)",
+        ));
+    }
+    out
+}
+
+/// Values of a BGPPeer Starling accepts and does not act on: warnings.
+pub fn unsupported_bgp_peer(spec: &BGPPeerSpec) -> Vec<Finding> {
+    let mut out = Vec::new();
+    let instead = "Starling has no Keep: next hops it sends to eBGP peers are this node's address, as with Auto (towards iBGP peers they are kept either way)";
+    if spec.keep_original_next_hop == Some(true) {
+        out.push(finding("spec.keepOriginalNextHop", instead));
+    }
+    if spec.next_hop_mode == Some(NextHopMode::Keep) {
+        out.push(finding("spec.nextHopMode", instead));
+    }
+    out
+}
+
 pub fn starling_node(spec: &StarlingNodeSpec) -> Vec<Finding> {
     let mut out = Vec::new();
     if spec.ipv4_address.is_none() && spec.ipv6_address.is_none() {
