@@ -291,7 +291,7 @@ impl LabState {
         if self.options.ipv6 {
             let _ = write!(
                 y,
-                "---\napiVersion: starling.dev/v1\nkind: IPPool\nmetadata: {{name: pool-v6}}\nspec: {{cidr: \"{POOL_V6}\", blockSize: 122, natOutgoing: {}}}\n",
+                "---\napiVersion: starling.dev/v1\nkind: IPPool\nmetadata: {{name: pool-v6}}\nspec: {{cidr: \"{POOL_V6}\", blockSize: 122, vxlanMode: {vxlan}, natOutgoing: {}}}\n",
                 self.nat_outgoing
             );
         }

@@ -173,8 +173,12 @@ async fn run_node(
         .node(&name)
         .and_then(|n| n.ipv4_address)
         .map(|a| a.addr());
+    let vtep6 = snap
+        .node(&name)
+        .and_then(|n| n.ipv6_address)
+        .map(|a| a.addr());
     let (fib, preserved) = phase(
-        first_fib_pass(&cfg, vtep, &blocks, &pods, &obs.readiness),
+        first_fib_pass(&cfg, (vtep, vtep6), &blocks, &pods, &obs.readiness),
         &mut served,
     )
     .await?;
@@ -373,7 +377,7 @@ fn open_ipam(
 /// it found more of our routes than the local ones (forwarding preserved).
 async fn first_fib_pass(
     cfg: &AgentConfig,
-    vtep: Option<std::net::Ipv4Addr>,
+    (vtep, vtep6): (Option<std::net::Ipv4Addr>, Option<std::net::Ipv6Addr>),
     blocks: &[IpNet],
     pods: &[PodRoute],
     readiness: &Readiness,
@@ -383,6 +387,7 @@ async fn first_fib_pass(
         protocol: cfg.route_protocol(),
         uplink: cfg.uplink.clone(),
         vxlan_local: vtep,
+        vxlan_local_v6: vtep6,
         ..FibConfig::default()
     };
     let (fib, task) = Reconciler::new(fib_cfg);
