@@ -234,6 +234,21 @@ fn vxlan_cross_subnet_is_plain_on_our_subnet_and_leaving_peers_are_removed() -> 
     wait_for("vxlan.starling removed once unused", WAIT, || {
         Ok(n.ip(&["link", "show", "vxlan.starling"]).is_err())
     })?;
+
+    // And back: the address goes, the node is across subnets again, the
+    // route is VXLAN again through a device made anew.
+    n.ip(&["addr", "del", "198.51.100.1/24", "dev", "up0"])?;
+    wait_for("CrossSubnet re-decided to VXLAN", WAIT, || {
+        Ok(has_line(
+            &routes(&n, &["proto", "73"])?,
+            "10.70.3.0/26 via 198.51.100.7 dev vxlan.starling onlink",
+        ))
+    })?;
+    assert!(
+        fdb(&n)?.contains("dst 198.51.100.7 self permanent"),
+        "{}",
+        fdb(&n)?
+    );
     Ok(())
 }
 
