@@ -223,5 +223,31 @@ fn vxlan_ipv6_pods_reach_each_other_through_vxlan6() -> Result<()> {
         after >= before + 20,
         "IPv6 pod traffic not through vxlan6.starling ({before} -> {after})"
     );
+
+    // Agent restart under an IPv6 ping through vxlan6.starling: the
+    // device, routes, FDB and neighbour entries are adopted; 0 lost.
+    let mut c = c;
+    let ifindex = || -> Result<String> {
+        let link =
+            starling_tests::run("ip", &["-n", &ns1, "-o", "link", "show", "vxlan6.starling"])?;
+        Ok(link.split(':').next().unwrap_or_default().to_string())
+    };
+    let index_before = ifindex()?;
+    let ping = Pinger::start(&from, to)?;
+    c.lab.kill_agent("node1")?;
+    c.lab.start_agent("node1")?;
+    wait_for("node1 synced after its restart", CONVERGE, || {
+        let st = c.status("node1")?;
+        Ok(st.synced && st.forwarding_preserved)
+    })?;
+    c.converged(CONVERGE)?;
+    let count = ping.stop()?;
+    report("lab-vxlan6-agent-restart", count);
+    ensure!(count.lost() == 0, "{count:?}");
+    ensure!(
+        ifindex()? == index_before,
+        "vxlan6.starling was made again on restart (ifindex {index_before} -> {})",
+        ifindex()?
+    );
     Ok(())
 }
