@@ -43,6 +43,7 @@ pub fn options_with_bins(tag: &str, nodes: usize, topology: Topology) -> LabOpti
         underlay: lab::Underlay::Flat,
         pods_per_node: 1,
         ipv6: false,
+        no_bgp: false,
         tor: None,
         tor_password: None,
         tor_announce: Vec::new(),

@@ -159,11 +159,6 @@ const INVALID: &[Invalid] = &[
         message: "ipipMode applies to IPv4 pools only: use Never for an IPv6 pool",
     },
     Invalid {
-        what: "IPv6 IPPool with VXLAN",
-        yaml: "apiVersion: starling.dev/v1\nkind: IPPool\nmetadata: {name: bad-vxlan6}\nspec: {cidr: 'fd00:10:244::/56', vxlanMode: Always}\n",
-        message: "vxlanMode is implemented for IPv4 pools only: use Never for an IPv6 pool",
-    },
-    Invalid {
         what: "IPPool with IPIP and VXLAN",
         yaml: "apiVersion: starling.dev/v1\nkind: IPPool\nmetadata: {name: bad-both-encaps}\nspec: {cidr: 10.245.0.0/16, ipipMode: CrossSubnet, vxlanMode: Always}\n",
         message: "ipipMode and vxlanMode cannot both be enabled: set one of them to Never",

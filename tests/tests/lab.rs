@@ -681,3 +681,6 @@ mod vxlan;
 
 #[path = "lab_parts/tor.rs"]
 mod tor;
+
+#[path = "lab_parts/nobgp.rs"]
+mod nobgp;

@@ -317,11 +317,16 @@ fn status(agent: &AgentArgs) -> Result<ExitCode> {
             .map_or(String::new(), |c| format!(", route reflector cluster {c}"))
     );
     println!(
-        "  datastore {}{}",
+        "  datastore {}{}; other nodes' blocks from {}",
         st.datastore,
         st.datastore_error
             .as_deref()
-            .map_or(String::new(), |e| format!(" (newest version refused: {e})"))
+            .map_or(String::new(), |e| format!(" (newest version refused: {e})")),
+        if st.route_source == "datastore" {
+            "the datastore (BGP off)"
+        } else {
+            "BGP"
+        }
     );
     println!(
         "  FIB: {} routes of ours installed, {} unreachable, {} conflicts, {} errors; \

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use super::netlink::RtSocket;
 use super::route::dst_of;
-use super::vxlan::{VXLAN_DEVICE, VxlanLink};
+use super::vxlan::{VXLAN_DEVICE, VXLAN_DEVICE_V6, VxlanLink};
 
 /// The name the kernel gives the fallback IPIP device when `ipip` loads.
 pub const TUNL0: &str = "tunl0";
@@ -35,6 +35,8 @@ pub(crate) struct HostView {
     pub addrs: HashMap<u32, Vec<IpNet>>,
     /// The VXLAN device, when there is one, with its settings.
     pub vxlan: Option<VxlanLink>,
+    /// The IPv6 underlay's VXLAN device.
+    pub vxlan6: Option<VxlanLink>,
 }
 
 impl HostView {
@@ -51,11 +53,16 @@ impl HostView {
         )
         .await?;
         for l in links {
-            if l.attributes
-                .iter()
-                .any(|a| matches!(a, LinkAttribute::IfName(n) if n == VXLAN_DEVICE))
-            {
-                view.vxlan = Some(VxlanLink::from_message(&l));
+            for a in &l.attributes {
+                match a {
+                    LinkAttribute::IfName(n) if n == VXLAN_DEVICE => {
+                        view.vxlan = Some(VxlanLink::from_message(&l));
+                    }
+                    LinkAttribute::IfName(n) if n == VXLAN_DEVICE_V6 => {
+                        view.vxlan6 = Some(VxlanLink::from_message(&l));
+                    }
+                    _ => {}
+                }
             }
             let mut name = None;
             let mut mtu = 0;
@@ -119,6 +126,11 @@ impl HostView {
 
     /// Whether `gw` is directly reachable on link `index`: inside the subnet
     /// of one of its addresses, or an IPv6 link-local address.
+    /// The VXLAN device of one underlay family.
+    pub fn vxlan_of(&self, v6: bool) -> &Option<VxlanLink> {
+        if v6 { &self.vxlan6 } else { &self.vxlan }
+    }
+
     pub fn on_link(&self, index: u32, gw: IpAddr) -> bool {
         if let IpAddr::V6(v6) = gw
             && v6.is_unicast_link_local()

@@ -35,7 +35,10 @@ use serde::{Deserialize, Serialize};
 pub use host::{IpipStatus, SysctlReport, TUNL0};
 pub use reconcile::{Fib, FibTask, Reconciler, SyncReport};
 pub use route::{NextHop, Route, RouteTarget};
-pub use vxlan::{VXLAN_DEVICE, VXLAN_PORT, VXLAN_VNI, VxlanStatus, vtep_mac};
+pub use vxlan::{
+    VXLAN_DEVICE, VXLAN_DEVICE_V6, VXLAN_PORT, VXLAN_VNI, VxlanStatus, neighbour_address,
+    vtep_link_local, vtep_mac, vtep_mac_of, vtep_mac_v6,
+};
 
 /// The `rtm_protocol` value that marks a route as ours.
 ///
@@ -77,6 +80,9 @@ pub struct FibConfig {
     /// which other nodes use as this node's next hop. None: the uplink's
     /// first IPv4 address.
     pub vxlan_local: Option<Ipv4Addr>,
+    /// The same for `vxlan6.starling` over IPv6. None: the uplink's first
+    /// IPv6 address that is not link-local.
+    pub vxlan_local_v6: Option<std::net::Ipv6Addr>,
     /// Bytes of route messages per netlink write.
     pub batch_bytes: usize,
     /// How long to gather netlink events before acting on them.
@@ -95,6 +101,7 @@ impl Default for FibConfig {
             ipip_mtu: None,
             tunnel_address: None,
             vxlan_local: None,
+            vxlan_local_v6: None,
             batch_bytes: 256 * 1024,
             debounce: Duration::from_millis(20),
             manage_sysctls: true,
@@ -162,6 +169,9 @@ pub struct FibStatus {
     pub ipip: IpipStatus,
     #[serde(default)]
     pub vxlan: VxlanStatus,
+    /// `vxlan6.starling`, for IPv6 pools with a vxlanMode.
+    #[serde(default)]
+    pub vxlan6: VxlanStatus,
     /// Next hops not on-link, missing devices, IPIP unavailable.
     pub unreachable: Vec<RouteProblem>,
     /// Desired prefixes where a route of another protocol sits; left alone.

@@ -3,7 +3,7 @@
 
 use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use std::collections::BTreeSet;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -115,11 +115,14 @@ struct Resolved {
     uplink: Option<String>,
     ipip: IpipStatus,
     vxlan: Option<u32>,
+    vxlan6: Option<u32>,
     /// Destination -> (position, kernel route); the position indexes the
     /// `seen` bitmap of a pass.
     want: HashMap<IpNet, (u32, KernelRoute)>,
     /// Remote VTEPs: the next hops of `want` on the VXLAN device.
-    peers: BTreeSet<Ipv4Addr>,
+    peers: BTreeSet<IpAddr>,
+    /// The same on the IPv6 underlay's device.
+    peers6: BTreeSet<IpAddr>,
 }
 
 /// A netlink failure of operation `op`.
@@ -274,27 +277,40 @@ impl Fib {
             .ensure_ipip(&desired, &mut view, uplink_link.as_ref())
             .await;
         let vxlan_dev = self
-            .ensure_vxlan(&desired, &mut view, uplink_link.as_ref())
+            .ensure_vxlan(&desired, &mut view, uplink_link.as_ref(), false)
+            .await;
+        let vxlan6_dev = self
+            .ensure_vxlan(&desired, &mut view, uplink_link.as_ref(), true)
             .await;
         if self.config.manage_sysctls {
             self.set_sysctls(&desired, &view, tunl0.is_some(), vxlan_dev.is_some());
         }
-        self.resolve(&desired, view, uplink, tunl0, vxlan_dev);
+        self.resolve(&desired, view, uplink, tunl0, (vxlan_dev, vxlan6_dev));
         let resolved = self.resolved.as_ref().expect("resolved just above");
         // The FDB and neighbours before the routes that use them.
         let mut neighbours = (0, 0);
-        let mut vxlan_error = None;
-        if let Some(ifindex) = vxlan_dev {
-            match vxlan::sync_peers(&mut self.sock, ifindex, &resolved.peers, self.prune).await {
+        let mut vxlan_error = Vec::new();
+        for (v6, dev, want_peers) in [
+            (false, vxlan_dev, &resolved.peers),
+            (true, vxlan6_dev, &resolved.peers6),
+        ] {
+            let Some(ifindex) = dev else { continue };
+            match vxlan::sync_peers(&mut self.sock, ifindex, want_peers, self.prune, v6).await {
                 Ok(w) => {
-                    neighbours = (w.written, w.removed);
-                    if let VxlanStatus::Ready { peers, .. } = &mut self.status.vxlan {
-                        *peers = resolved.peers.len();
+                    neighbours.0 += w.written;
+                    neighbours.1 += w.removed;
+                    let st = if v6 {
+                        &mut self.status.vxlan6
+                    } else {
+                        &mut self.status.vxlan
+                    };
+                    if let VxlanStatus::Ready { peers, .. } = st {
+                        *peers = want_peers.len();
                     }
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "VXLAN peers not converged");
-                    vxlan_error = Some(e);
+                    vxlan_error.push(e);
                 }
             }
         }
@@ -427,61 +443,76 @@ impl Fib {
         desired: &[Route],
         view: &mut HostView,
         uplink: Option<&Link>,
+        v6: bool,
     ) -> Option<u32> {
+        let name = vxlan::device_name(v6);
+        let family = if v6 { "IPv6" } else { "IPv4" };
         let needs_vxlan = desired.iter().any(|r| match &r.target {
-            RouteTarget::Via(hops) => hops.iter().any(|h| match h.encap {
-                Encapsulation::Vxlan(EncapMode::Always) => true,
-                Encapsulation::Vxlan(EncapMode::CrossSubnet) => {
-                    !uplink.is_some_and(|l| view.on_link(l.index, h.gateway))
-                }
-                Encapsulation::None | Encapsulation::Ipip(_) => false,
+            RouteTarget::Via(hops) => hops.iter().any(|h| {
+                h.gateway.is_ipv6() == v6
+                    && match h.encap {
+                        Encapsulation::Vxlan(EncapMode::Always) => true,
+                        Encapsulation::Vxlan(EncapMode::CrossSubnet) => {
+                            !uplink.is_some_and(|l| view.on_link(l.index, h.gateway))
+                        }
+                        Encapsulation::None | Encapsulation::Ipip(_) => false,
+                    }
             }),
             _ => false,
         });
         if !needs_vxlan {
             if self.prune
-                && let Some(dev) = view.vxlan.clone()
+                && let Some(dev) = view.vxlan_of(v6).clone()
             {
-                match vxlan::delete_device(&mut self.sock, dev.index).await {
+                match vxlan::delete_device(&mut self.sock, dev.index, name).await {
                     Ok(()) => {
-                        tracing::info!("{VXLAN_DEVICE} removed: no route needs it");
-                        view.links.remove(VXLAN_DEVICE);
+                        tracing::info!("{name} removed: no route needs it");
+                        view.links.remove(name);
                         view.addrs.remove(&dev.index);
-                        view.vxlan = None;
+                        if v6 {
+                            view.vxlan6 = None;
+                        } else {
+                            view.vxlan = None;
+                        }
                     }
-                    Err(error) => tracing::warn!(%error, "{VXLAN_DEVICE} not removed"),
+                    Err(error) => tracing::warn!(%error, "{name} not removed"),
                 }
             }
-            self.status.vxlan = VxlanStatus::NotNeeded;
+            *self.vxlan_status_mut(v6) = VxlanStatus::NotNeeded;
             return None;
         }
+        let configured = if v6 {
+            self.config.vxlan_local_v6.map(IpAddr::V6)
+        } else {
+            self.config.vxlan_local.map(IpAddr::V4)
+        };
         let made = match uplink {
             None => Err(format!(
-                "VXLAN needs an uplink to send from: configure one, or give the node an IPv4 default route; {VXLAN_DEVICE} not made"
+                "VXLAN needs an uplink to send from: configure one, or give the node an IPv4 default route; {name} not made"
             )),
-            Some(l) => match vxlan::local_address(self.config.vxlan_local, view, l) {
+            Some(l) => match vxlan::local_address(configured, view, l, v6) {
                 None => Err(format!(
-                    "the uplink (ifindex {}) has no IPv4 address for {VXLAN_DEVICE} to send from; add one or configure the VTEP address",
+                    "the uplink (ifindex {}) has no {family} address for {name} to send from; add one or configure the VTEP address",
                     l.index
                 )),
                 Some(local) => {
                     // The device's MTU leaves room for the outer headers.
                     let mtu = l
                         .mtu
-                        .saturating_sub(Encapsulation::Vxlan(EncapMode::Always).overhead(false));
+                        .saturating_sub(Encapsulation::Vxlan(EncapMode::Always).overhead(v6));
                     vxlan::ensure_device(&mut self.sock, view, l, local, mtu)
                         .await
                         .map(|ifindex| (ifindex, mtu, local))
                 }
             },
         };
-        let before = self.status.vxlan.clone();
-        self.status.vxlan = match made {
+        let before = self.vxlan_status_mut(v6).clone();
+        let now = match made {
             Ok((ifindex, mtu, local)) => VxlanStatus::Ready {
                 ifindex,
                 mtu,
                 local,
-                mac: vxlan::mac_text(&vxlan::vtep_mac(local)),
+                mac: vxlan::mac_text(&vxlan::vtep_mac_of(local)),
                 peers: match before {
                     VxlanStatus::Ready { peers, .. } => peers,
                     _ => 0,
@@ -489,28 +520,40 @@ impl Fib {
             },
             Err(error) => VxlanStatus::Unavailable { error },
         };
-        let changed = match (&before, &self.status.vxlan) {
+        *self.vxlan_status_mut(v6) = now.clone();
+        let changed = match (&before, &now) {
             (VxlanStatus::Ready { ifindex: a, .. }, VxlanStatus::Ready { ifindex: b, .. }) => {
                 a != b
             }
             (a, b) => a != b,
         };
         if changed {
-            match &self.status.vxlan {
-                VxlanStatus::Unavailable { error } => tracing::error!(%error, "VXLAN unavailable"),
+            match &now {
+                VxlanStatus::Unavailable { error } => {
+                    tracing::error!(%error, "VXLAN ({family}) unavailable")
+                }
                 VxlanStatus::Ready {
                     ifindex,
                     mtu,
                     local,
                     mac,
                     ..
-                } => tracing::info!(ifindex, mtu, %local, %mac, "{VXLAN_DEVICE} ready"),
+                } => tracing::info!(ifindex, mtu, %local, %mac, "{name} ready"),
                 VxlanStatus::NotNeeded => {}
             }
         }
-        match self.status.vxlan {
+        match now {
             VxlanStatus::Ready { ifindex, .. } => Some(ifindex),
             _ => None,
+        }
+    }
+
+    /// The status of the VXLAN device of one underlay family.
+    fn vxlan_status_mut(&mut self, v6: bool) -> &mut VxlanStatus {
+        if v6 {
+            &mut self.status.vxlan6
+        } else {
+            &mut self.status.vxlan
         }
     }
 
@@ -522,13 +565,14 @@ impl Fib {
         view: HostView,
         uplink: Option<String>,
         tunl0: Option<u32>,
-        vxlan_dev: Option<u32>,
+        (vxlan_dev, vxlan6_dev): (Option<u32>, Option<u32>),
     ) {
         let fresh = self.resolved.as_ref().is_some_and(|r| {
             r.view == view
                 && r.uplink == uplink
                 && r.ipip == self.status.ipip
                 && r.vxlan == vxlan_dev
+                && r.vxlan6 == vxlan6_dev
         });
         if fresh {
             return;
@@ -538,9 +582,26 @@ impl Fib {
             ipip: &self.status.ipip,
             vxlan: vxlan_dev,
             vxlan_status: &self.status.vxlan,
+            vxlan6: vxlan6_dev,
+            vxlan6_status: &self.status.vxlan6,
         };
         let (want, problems) = resolve(desired, &view, uplink.as_deref(), &tunnels);
         let peers = vxlan_dev.map_or_else(BTreeSet::new, |dev| vteps(&want, dev));
+        // The IPv6 routes carry the VTEPs' link-local addresses: the peers
+        // are the node addresses behind them.
+        let peers6 = vxlan6_dev.map_or_else(BTreeSet::new, |dev| {
+            let link_locals = vteps(&want, dev);
+            desired
+                .iter()
+                .filter_map(|r| match &r.target {
+                    RouteTarget::Via(hops) => Some(hops),
+                    _ => None,
+                })
+                .flatten()
+                .map(|h| h.gateway)
+                .filter(|g| g.is_ipv6() && link_locals.contains(&vxlan::neighbour_address(*g)))
+                .collect()
+        });
         report_new_problems(&self.status.unreachable, &problems);
         self.status.unreachable = problems;
         self.resolved = Some(Resolved {
@@ -548,8 +609,10 @@ impl Fib {
             uplink,
             ipip: self.status.ipip.clone(),
             vxlan: vxlan_dev,
+            vxlan6: vxlan6_dev,
             want,
             peers,
+            peers6,
         });
     }
 
@@ -690,23 +753,28 @@ impl Fib {
                 }
             }
             RouteNetlinkMessage::NewNeighbour(n) | RouteNetlinkMessage::DelNeighbour(n) => {
-                let VxlanStatus::Ready { ifindex, .. } = self.status.vxlan else {
-                    return false;
-                };
                 let Some(e) = vxlan::Entry::from_message(n) else {
                     return false;
                 };
-                if e.ifindex != ifindex {
+                let on = |st: &VxlanStatus| matches!(st, VxlanStatus::Ready { ifindex, .. } if *ifindex == e.ifindex);
+                let v6 = if on(&self.status.vxlan) {
+                    false
+                } else if on(&self.status.vxlan6) {
+                    true
+                } else {
                     return false;
-                }
-                let Some(peers) = self.resolved.as_ref().map(|r| &r.peers) else {
+                };
+                let Some(peers) = self
+                    .resolved
+                    .as_ref()
+                    .map(|r| if v6 { &r.peers6 } else { &r.peers })
+                else {
                     return true;
                 };
                 if matches!(m, RouteNetlinkMessage::NewNeighbour(_)) {
                     // Our own writes echo back as ours; anything else on a
                     // peer's address, or any entry we would remove, is drift.
-                    !e.is_ours_for(peers)
-                        && (e.bridge || e.permanent || e.ip.is_some_and(|ip| peers.contains(&ip)))
+                    !e.is_ours_for(peers) && (e.bridge || e.permanent || e.peer(peers).is_some())
                 } else {
                     // One of ours gone (our own removals are not ours).
                     e.is_ours_for(peers)
@@ -740,14 +808,16 @@ struct Tunnels<'a> {
     ipip: &'a IpipStatus,
     vxlan: Option<u32>,
     vxlan_status: &'a VxlanStatus,
+    vxlan6: Option<u32>,
+    vxlan6_status: &'a VxlanStatus,
 }
 
-/// The remote VTEPs: every IPv4 next hop of `want` on the VXLAN device.
-fn vteps(want: &HashMap<IpNet, (u32, KernelRoute)>, dev: u32) -> BTreeSet<Ipv4Addr> {
+/// The remote VTEPs: every next hop of `want` on the VXLAN device `dev`.
+fn vteps(want: &HashMap<IpNet, (u32, KernelRoute)>, dev: u32) -> BTreeSet<IpAddr> {
     let mut out = BTreeSet::new();
     let mut add = |h: &KernelHop| {
-        if let (true, IpAddr::V4(v4)) = (h.oif == dev, h.gateway) {
-            out.insert(v4);
+        if h.oif == dev {
+            out.insert(h.gateway);
         }
     };
     for (_, kr) in want.values() {
@@ -775,9 +845,13 @@ fn resolve(
         IpipStatus::Unavailable { error } => error.clone(),
         _ => format!("{TUNL0} is not ready"),
     };
-    let vxlan_missing = || match tunnels.vxlan_status {
+    let vxlan_missing = |v6: bool| match if v6 {
+        tunnels.vxlan6_status
+    } else {
+        tunnels.vxlan_status
+    } {
         VxlanStatus::Unavailable { error } => error.clone(),
-        _ => format!("{VXLAN_DEVICE} is not ready"),
+        _ => format!("{} is not ready", vxlan::device_name(v6)),
     };
     for r in desired {
         let kr = match &r.target {
@@ -806,7 +880,11 @@ fn resolve(
                         }
                         (Encapsulation::Vxlan(EncapMode::Always), _)
                         | (Encapsulation::Vxlan(EncapMode::CrossSubnet), None) => {
-                            Some((tunnels.vxlan, true))
+                            if h.gateway.is_ipv6() {
+                                Some((tunnels.vxlan6, true))
+                            } else {
+                                Some((tunnels.vxlan, true))
+                            }
                         }
                         _ => None,
                     };
@@ -815,6 +893,15 @@ fn resolve(
                             // Both tunnels take `via <node> dev <tunnel> onlink`:
                             // for VXLAN the neighbour entry of <node> gives the
                             // inner MAC and the FDB the outer destination.
+                            // IPv6 VXLAN goes via the VTEP's link-local
+                            // address (see `vxlan::vtep_link_local`).
+                            Some(oif) if is_vxlan && h.gateway.is_ipv6() => {
+                                return Some(KernelHop {
+                                    gateway: vxlan::neighbour_address(h.gateway),
+                                    oif,
+                                    onlink: false,
+                                });
+                            }
                             Some(oif) => {
                                 return Some(KernelHop {
                                     gateway: h.gateway,
@@ -822,7 +909,7 @@ fn resolve(
                                     onlink: true,
                                 });
                             }
-                            None if is_vxlan => vxlan_missing(),
+                            None if is_vxlan => vxlan_missing(h.gateway.is_ipv6()),
                             None => ipip_missing(),
                         }
                     } else if let Some(l) = plain {
@@ -1052,7 +1139,83 @@ mod tests {
             ipip,
             vxlan: None,
             vxlan_status: &VxlanStatus::NotNeeded,
+            vxlan6: None,
+            vxlan6_status: &VxlanStatus::NotNeeded,
         }
+    }
+
+    #[test]
+    fn ipv6_vxlan_hops_go_through_the_ipv6_device() {
+        let desired = vec![
+            Route::via(
+                net("fd00:10:244::/122"),
+                "2001:db8:1::2".parse().unwrap(),
+                Encapsulation::Vxlan(EncapMode::CrossSubnet),
+            ),
+            Route::via(
+                net("fd00:10:244::40/122"),
+                "2001:db8:2::2".parse().unwrap(),
+                Encapsulation::Vxlan(EncapMode::CrossSubnet),
+            ),
+            Route::via(
+                net("10.4.0.0/26"),
+                "198.51.100.3".parse().unwrap(),
+                Encapsulation::Vxlan(EncapMode::Always),
+            ),
+        ];
+        let ready = |ifindex: u32, local: &str| VxlanStatus::Ready {
+            ifindex,
+            mtu: 1430,
+            local: local.parse().unwrap(),
+            mac: String::new(),
+            peers: 0,
+        };
+        let (v4, v6) = (ready(11, "192.0.2.1"), ready(12, "2001:db8:1::1"));
+        let t = Tunnels {
+            tunl0: None,
+            ipip: &IpipStatus::NotNeeded,
+            vxlan: Some(11),
+            vxlan_status: &v4,
+            vxlan6: Some(12),
+            vxlan6_status: &v6,
+        };
+        let (want, problems) = resolve(&desired, &view(), Some("up0"), &t);
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(
+            want[&net("fd00:10:244::/122")].1,
+            KernelRoute::Via(KernelHop {
+                gateway: "2001:db8:1::2".parse().unwrap(),
+                oif: 2,
+                onlink: false
+            })
+        );
+        let ll = vxlan::neighbour_address("2001:db8:2::2".parse().unwrap());
+        assert_eq!(
+            want[&net("fd00:10:244::40/122")].1,
+            KernelRoute::Via(KernelHop {
+                gateway: ll,
+                oif: 12,
+                onlink: false
+            })
+        );
+        assert_eq!(vteps(&want, 12), BTreeSet::from([ll]));
+        let peers4: Vec<String> = vteps(&want, 11).iter().map(|a| a.to_string()).collect();
+        assert_eq!(peers4, ["198.51.100.3"]);
+        // No IPv6 device: its hops are reported naming it, the IPv4 ones stay.
+        let t = Tunnels {
+            vxlan6: None,
+            vxlan6_status: &VxlanStatus::NotNeeded,
+            ..t
+        };
+        let (want, problems) = resolve(&desired, &view(), Some("up0"), &t);
+        assert!(want.contains_key(&net("10.4.0.0/26")));
+        assert!(!want.contains_key(&net("fd00:10:244::40/122")));
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.reason.contains("vxlan6.starling is not ready")),
+            "{problems:?}"
+        );
     }
 
     #[test]
@@ -1088,6 +1251,8 @@ mod tests {
             ipip: &IpipStatus::NotNeeded,
             vxlan: Some(11),
             vxlan_status: &ready,
+            vxlan6: None,
+            vxlan6_status: &VxlanStatus::NotNeeded,
         };
         let (want, problems) = resolve(&desired, &view(), Some("up0"), &t);
         assert!(problems.is_empty(), "{problems:?}");

@@ -115,14 +115,6 @@ pub(crate) fn validate(routes: &[Route]) -> Result<(), FibError> {
                             h.gateway
                         )));
                     }
-                    if let Encapsulation::Vxlan(_) = h.encap
-                        && h.gateway.is_ipv6()
-                    {
-                        return Err(bad(format!(
-                            "next hop {}: VXLAN over IPv6 is not implemented; use Encapsulation::None for IPv6",
-                            h.gateway
-                        )));
-                    }
                 }
             }
         }
@@ -666,11 +658,6 @@ mod tests {
                 Encapsulation::Ipip(EncapMode::Always),
             )],
             vec![Route::ecmp(net("10.0.0.0/24"), vec![])],
-            vec![Route::via(
-                net("2001:db8:6::/64"),
-                gw6,
-                Encapsulation::Vxlan(EncapMode::Always),
-            )],
             vec![Route::device(net("10.0.0.0/24"), "")],
         ];
         for set in bad {
@@ -689,6 +676,12 @@ mod tests {
                 net("10.0.2.0/24"),
                 gw4,
                 Encapsulation::Vxlan(EncapMode::CrossSubnet),
+            ),
+            // VXLAN is either family (vxlan6.starling for IPv6).
+            Route::via(
+                net("2001:db8:6::/64"),
+                gw6,
+                Encapsulation::Vxlan(EncapMode::Always),
             ),
         ])
         .unwrap();

@@ -97,6 +97,11 @@ pub struct LabOptions {
     /// Give nodes and pods IPv6 addresses too.
     #[arg(long)]
     pub ipv6: bool,
+    /// Agents with `bgpEnabled: false`: no BGP at all, the other nodes'
+    /// blocks come from the datastore (the shared claim file and the model).
+    #[arg(long)]
+    #[serde(default)]
+    pub no_bgp: bool,
     /// Add a top-of-rack router that peers with every node.
     #[arg(long, value_enum)]
     pub tor: Option<Tor>,
@@ -286,7 +291,7 @@ impl LabState {
         if self.options.ipv6 {
             let _ = write!(
                 y,
-                "---\napiVersion: starling.dev/v1\nkind: IPPool\nmetadata: {{name: pool-v6}}\nspec: {{cidr: \"{POOL_V6}\", blockSize: 122, natOutgoing: {}}}\n",
+                "---\napiVersion: starling.dev/v1\nkind: IPPool\nmetadata: {{name: pool-v6}}\nspec: {{cidr: \"{POOL_V6}\", blockSize: 122, vxlanMode: {vxlan}, natOutgoing: {}}}\n",
                 self.nat_outgoing
             );
         }
@@ -370,14 +375,15 @@ impl LabState {
             ),
         };
         format!(
-            "nodeName: {}\nstateDir: {}\nsocketPath: {}\ncontrolSocket: {}\ndatastore: {datastore}\nipam: {{datastoreFile: {}}}\n",
+            "nodeName: {}\nstateDir: {}\nsocketPath: {}\ncontrolSocket: {}\ndatastore: {datastore}\nipam: {{datastoreFile: {}}}\nbgpEnabled: {}\n",
             n.name,
             n.dir.display(),
             n.dir.join("cni.sock").display(),
             n.dir.join("agent.sock").display(),
             state_dir(&self.dir, &self.name)
                 .join("blocks.json")
-                .display()
+                .display(),
+            !self.options.no_bgp
         )
     }
 
@@ -899,6 +905,12 @@ fn check_options(opts: &LabOptions) -> Result<()> {
         );
     }
     underlay::check(opts)?;
+    if opts.no_bgp && opts.tor.is_some() {
+        bail!("--no-bgp and --tor cannot be combined: the top-of-rack router peers over BGP");
+    }
+    if opts.no_bgp && opts.topology == Topology::Reflectors {
+        bail!("--no-bgp and --topology reflectors cannot be combined: reflectors are BGP");
+    }
     if matches!(
         opts.encapsulation,
         LabEncapsulation::Ipip | LabEncapsulation::CrossSubnet

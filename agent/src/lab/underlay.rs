@@ -84,28 +84,20 @@ pub(super) fn make_bridges(fabric: &str, underlay: Underlay) -> Result<()> {
     Ok(())
 }
 
-/// The other subnet through the router, for a node of the two-subnets underlay.
+/// The default route through the subnet's router, for a node of the
+/// two-subnets underlay, as a cloud VM has one via its subnet's gateway: it
+/// reaches the other subnet, and it is how the agent finds its uplink
+/// (there is no outside host on this underlay).
 pub(super) fn route_node(lab: &LabState, netns: &str, addr: &IpNet) -> Result<()> {
     if lab.options.underlay != Underlay::TwoSubnets {
         return Ok(());
     }
-    for (_, net, prefix) in SUBNETS {
-        if !prefix.parse::<IpNet>()?.contains(&addr.addr()) {
-            ip(
-                "route to the other subnet",
-                &[
-                    "-n",
-                    netns,
-                    "route",
-                    "add",
-                    prefix,
-                    "via",
-                    &format!("{}.1", own_net(addr)?),
-                ],
-            )
-            .with_context(|| format!("{netns}: route to {net}.0/24"))?;
-        }
-    }
+    let gateway = format!("{}.1", own_net(addr)?);
+    ip(
+        "default route via the subnet router",
+        &["-n", netns, "route", "add", "default", "via", &gateway],
+    )
+    .with_context(|| format!("{netns}: default route via {gateway}"))?;
     Ok(())
 }
 

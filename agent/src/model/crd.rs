@@ -46,8 +46,6 @@ pub const DEFAULT_AS_NUMBER: u32 = 64512;
         .message("blockSize must not be shorter than the pool's own prefix length"),
     validation = Rule::new("!isCIDR(self.cidr) || cidr(self.cidr).ip().family() == 4 || self.ipipMode == 'Never'")
         .message("ipipMode applies to IPv4 pools only: use Never for an IPv6 pool"),
-    validation = Rule::new("!isCIDR(self.cidr) || cidr(self.cidr).ip().family() == 4 || self.vxlanMode == 'Never'")
-        .message("vxlanMode is implemented for IPv4 pools only: use Never for an IPv6 pool"),
     validation = Rule::new("self.ipipMode == 'Never' || self.vxlanMode == 'Never'")
         .message("ipipMode and vxlanMode cannot both be enabled: set one of them to Never"),
 )]
@@ -64,8 +62,8 @@ pub struct IPPoolSpec {
     /// IP-in-IP encapsulation of pod traffic between nodes.
     #[serde(default)]
     pub ipip_mode: IpipMode,
-    /// VXLAN encapsulation of pod traffic between nodes (IPv4 pools; not
-    /// together with ipipMode).
+    /// VXLAN encapsulation of pod traffic between nodes (IPv4 and IPv6
+    /// pools; not together with ipipMode).
     #[serde(default)]
     pub vxlan_mode: VxlanMode,
     /// Masquerade traffic from pods to destinations outside every pool.

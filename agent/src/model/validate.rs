@@ -114,12 +114,6 @@ pub fn ip_pool(spec: &IPPoolSpec) -> Vec<Finding> {
             "ipipMode applies to IPv4 pools only: use Never for an IPv6 pool",
         ));
     }
-    if cidr.addr().is_ipv6() && spec.vxlan_mode != VxlanMode::Never {
-        out.push(finding(
-            "spec.vxlanMode",
-            "vxlanMode is implemented for IPv4 pools only: use Never for an IPv6 pool",
-        ));
-    }
     // Calico refuses the same: one encapsulation per pool.
     if spec.ipip_mode != IpipMode::Never && spec.vxlan_mode != VxlanMode::Never {
         out.push(finding(
@@ -351,9 +345,10 @@ mod tests {
         let mut v6 = pool("fd00::/48", None);
         v6.ipip_mode = IpipMode::Always;
         assert_eq!(ip_pool(&v6)[0].field, "spec.ipipMode");
+        // VXLAN is for IPv6 pools too (over the IPv6 underlay).
         let mut v6x = pool("fd00::/48", None);
         v6x.vxlan_mode = VxlanMode::Always;
-        assert_eq!(ip_pool(&v6x)[0].field, "spec.vxlanMode");
+        assert!(ip_pool(&v6x).is_empty());
         let mut both = pool("10.0.0.0/16", None);
         both.ipip_mode = IpipMode::CrossSubnet;
         both.vxlan_mode = VxlanMode::Always;

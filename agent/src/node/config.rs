@@ -89,6 +89,17 @@ pub struct AgentConfig {
     /// set; an IPAM-only agent serves them only when set.
     #[serde(default)]
     pub endpoints: Option<EndpointConfig>,
+    /// BGP on (the default): the other nodes' blocks are learned over BGP
+    /// and this node's announced. Off (Calico's `calico_backend: vxlan`):
+    /// no BGP port, no sessions; the other nodes' blocks come from the
+    /// datastore (block claims and `podCIDRs`), each via its node's address
+    /// in the model, plain or encapsulated as its pool says.
+    #[serde(default = "default_bgp_enabled")]
+    pub bgp_enabled: bool,
+}
+
+fn default_bgp_enabled() -> bool {
+    true
 }
 
 fn default_socket() -> PathBuf {

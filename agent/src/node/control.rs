@@ -64,6 +64,10 @@ pub struct NodeStatus {
     pub cluster_id: Option<Ipv4Addr>,
     /// "file /etc/starling/model.yaml" or "kubernetes".
     pub datastore: String,
+    /// Where the other nodes' blocks come from: "bgp", or "datastore" with
+    /// `bgpEnabled: false` (no BGP port, no sessions).
+    #[serde(default)]
+    pub route_source: String,
     /// Why the newest model was refused, when it was (the last good one is in force).
     pub datastore_error: Option<String>,
     /// Forwarding state was kept across a restart (graceful restart F bit).

@@ -5,6 +5,7 @@
 //! the control socket shows ([`Shared`]).
 
 use super::control::{NodeStatus, Shared, lock};
+use super::datastore_routes::{self, Claim};
 use super::peering::Peering;
 use super::routes::{self, RefusedReason};
 use crate::autodetect::Detected;
@@ -51,6 +52,11 @@ pub(super) struct Started {
     pub autodetected: Option<Detected>,
     /// "file PATH" or "kubernetes", for status.
     pub datastore: String,
+    /// `bgpEnabled`: off, the other nodes' blocks come from the datastore.
+    pub bgp_enabled: bool,
+    /// The block claims of the claim file as read at start (BGP off, file
+    /// datastore); later versions come through [`Inputs::claims`].
+    pub claims: Vec<Claim>,
 }
 
 /// The loop's inputs.
@@ -59,6 +65,8 @@ pub(super) struct Inputs {
     pub events: mpsc::UnboundedReceiver<RouteEvent>,
     pub blocks: watch::Receiver<Vec<IpNet>>,
     pub pods: watch::Receiver<Vec<PodRoute>>,
+    /// The claim file's claims (BGP off with the file datastore).
+    pub claims: Option<watch::Receiver<Vec<Claim>>>,
 }
 
 pub(super) struct Node {
@@ -79,6 +87,8 @@ pub(super) struct Node {
     last_desired: Option<Vec<Route>>,
     shared: Arc<Mutex<Shared>>,
     autodetected: Option<Detected>,
+    bgp_enabled: bool,
+    claims: Vec<Claim>,
 }
 
 impl Node {
@@ -91,10 +101,11 @@ impl Node {
                 None => format!("the model (node {})", s.name),
             },
             datastore: s.datastore,
+            route_source: if s.bgp_enabled { "bgp" } else { "datastore" }.into(),
             forwarding_preserved: s.forwarding_preserved,
             ..NodeStatus::default()
         };
-        Node {
+        let mut node = Node {
             own: own_addresses(&s.snap, &s.name)
                 .iter()
                 .map(|n| n.addr())
@@ -111,13 +122,28 @@ impl Node {
             blocks: s.blocks,
             pods: s.pods,
             learned: BTreeMap::new(),
-            synced: !s.forwarding_preserved,
+            // Without BGP no End-of-RIB comes: the datastore, complete
+            // from the start, is the whole truth at once, so the first
+            // desired set (with every remote block) prunes only what is
+            // really gone.
+            synced: !s.forwarding_preserved || !s.bgp_enabled,
             last_desired: None,
             shared: Arc::new(Mutex::new(Shared {
                 status,
                 ..Shared::default()
             })),
             autodetected: s.autodetected,
+            bgp_enabled: s.bgp_enabled,
+            claims: s.claims,
+        };
+        node.refresh_remote_blocks();
+        node
+    }
+
+    /// BGP off: the other nodes' blocks from the datastore, as if learned.
+    fn refresh_remote_blocks(&mut self) {
+        if !self.bgp_enabled {
+            self.learned = datastore_routes::remote_blocks(&self.snap, &self.claims, &self.name);
         }
     }
 
@@ -136,6 +162,7 @@ impl Node {
     ) -> Result<()> {
         self.apply_plan().await;
         self.publish()?;
+        let mut claims = inputs.claims.take();
         tokio::pin!(until);
         let mut observe = tokio::time::interval(Duration::from_secs(2));
         let mut speaker_running = true;
@@ -180,6 +207,14 @@ impl Node {
                     self.pods = inputs.pods.borrow_and_update().clone();
                     self.publish()?;
                 }
+                r = claims_changed(&mut claims) => {
+                    if r.is_err() { bail!("the block claim reader stopped"); }
+                    if let Some(rx) = claims.as_mut() {
+                        self.claims = rx.borrow_and_update().clone();
+                    }
+                    self.refresh_remote_blocks();
+                    self.publish()?;
+                }
                 _ = tick.tick(), if self.peering.is_draining() => {
                     self.peering.drain_step().await;
                     self.publish()?;
@@ -207,6 +242,8 @@ impl Node {
 
     fn route_event(&mut self, ev: RouteEvent) {
         match ev {
+            // BGP off: the speaker has no peers; the datastore alone routes.
+            RouteEvent::Change(_) if !self.bgp_enabled => {}
             RouteEvent::Change(c) => {
                 let hops: Vec<IpAddr> = c.paths.iter().filter_map(|p| p.next_hop).collect();
                 if hops.is_empty() {
@@ -229,6 +266,11 @@ impl Node {
     }
 
     async fn blocks_changed(&mut self, blocks: Vec<IpNet>) -> Result<()> {
+        if !self.bgp_enabled {
+            // Nothing to announce: the other nodes read the claim.
+            self.blocks = blocks;
+            return Ok(());
+        }
         for b in blocks.iter().filter(|b| !self.blocks.contains(b)) {
             info!(block = %b, "announcing a new block");
             self.speaker.announce(*b)?;
@@ -276,10 +318,15 @@ impl Node {
         let overhead = mtu_overhead(&snap, self.mtu_encapsulation);
         self.pod_mtu.update(self.own.clone(), overhead);
         self.snap = snap;
+        self.refresh_remote_blocks();
         self.apply_plan().await;
     }
 
     async fn apply_plan(&mut self) {
+        if !self.bgp_enabled {
+            lock(&self.shared).status.warnings = bgp_off_warnings(&self.snap);
+            return;
+        }
         let warnings = self
             .peering
             .apply(&self.snap, &self.name, self.local.asn, &self.blocks)
@@ -348,6 +395,36 @@ impl Node {
         st.pods = self.pods.len();
         Ok(())
     }
+}
+
+/// A change of the claim file's claims; never, without a claim reader.
+async fn claims_changed(
+    claims: &mut Option<watch::Receiver<Vec<Claim>>>,
+) -> Result<(), watch::error::RecvError> {
+    match claims {
+        Some(rx) => rx.changed().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// With BGP off, what of the model goes unused, so it is not silently
+/// ignored: BGPPeer objects and the node-to-node mesh.
+fn bgp_off_warnings(snap: &Snapshot) -> Vec<String> {
+    let mut w = Vec::new();
+    if !snap.peers.is_empty() {
+        let names: Vec<&str> = snap.peers.keys().map(String::as_str).collect();
+        w.push(format!(
+            "bgpEnabled is false: BGPPeer {} not used (no BGP sessions)",
+            names.join(", ")
+        ));
+    }
+    if snap.bgp_configuration.is_some() {
+        w.push(
+            "bgpEnabled is false: the BGPConfiguration (AS, mesh, timers) is not used;              routes to other nodes come from the datastore"
+                .into(),
+        );
+    }
+    w
 }
 
 /// The overhead the pod MTU must leave free: the worst of the enabled

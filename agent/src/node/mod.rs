@@ -9,11 +9,14 @@
 //! - `events`: the event loop that owns the node's state.
 //! - `peering`: the speaker's peers brought to the plan, and draining.
 //! - [`routes`]: the desired FIB, a pure function of the node's state.
+//! - [`datastore_routes`]: with BGP off, the other nodes' blocks from the
+//!   datastore instead of BGP.
 //! - [`control`]: the control socket (`starlingctl`, the lab).
 
 mod cleanup;
 pub mod config;
 pub mod control;
+pub mod datastore_routes;
 mod events;
 mod peering;
 pub mod routes;

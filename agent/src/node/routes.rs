@@ -102,18 +102,19 @@ pub fn hijack(prefix: &IpNet, blocks: &[IpNet], own: &[IpAddr]) -> Option<Refuse
 
 /// How traffic to `prefix` travels, from the pool that contains it (Felix's
 /// rule: the pool's mode; prefixes outside every pool go plain). IPIP is
-/// IPv4 only, and so is VXLAN here (the model refuses `vxlanMode` on IPv6
-/// pools), so IPv6 prefixes go plain.
+/// IPv4 only (the model refuses `ipipMode` on IPv6 pools); VXLAN is either
+/// family, over an underlay of the prefix's family.
 pub fn encapsulation(pools: &[IPPoolSpec], prefix: &IpNet) -> Encapsulation {
-    if !prefix.addr().is_ipv4() {
-        return Encapsulation::None;
-    }
-    pools
+    let encap = pools
         .iter()
         .filter(|p| p.cidr.contains(prefix))
         // The most specific pool decides when pools nest.
         .max_by_key(|p| p.cidr.prefix_len())
-        .map_or(Encapsulation::None, IPPoolSpec::encapsulation)
+        .map_or(Encapsulation::None, IPPoolSpec::encapsulation);
+    match encap {
+        Encapsulation::Ipip(_) if prefix.addr().is_ipv6() => Encapsulation::None,
+        e => e,
+    }
 }
 
 /// The routes the reconciler should converge the kernel to, and the learned
@@ -159,14 +160,7 @@ pub fn desired(i: &Inputs) -> Desired {
         }
         let hops = hops
             .into_iter()
-            .map(|gateway| NextHop {
-                gateway,
-                encap: if gateway.is_ipv4() {
-                    encap
-                } else {
-                    Encapsulation::None
-                },
-            })
+            .map(|gateway| NextHop { gateway, encap })
             .collect();
         out.insert(*prefix, Route::ecmp(*prefix, hops));
     }
@@ -244,6 +238,12 @@ mod tests {
         assert_eq!(
             encapsulation(&pools, &net("fd00::/64")),
             Encapsulation::None
+        );
+        let mut vx6 = pool("fd00:10:244::/56", IpipMode::Never);
+        vx6.vxlan_mode = crate::model::crd::VxlanMode::Always;
+        assert_eq!(
+            encapsulation(&[vx6], &net("fd00:10:244::40/122")),
+            Encapsulation::Vxlan(EncapMode::Always)
         );
     }
 

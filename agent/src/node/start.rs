@@ -5,6 +5,7 @@
 
 use super::config::{AgentConfig, DatastoreConfig};
 use super::control::{self, LastError};
+use super::datastore_routes::Claim;
 use super::events::{Inputs, Node, Started, mtu_overhead, own_addresses, with_address};
 use super::routes;
 use crate::autodetect::{self, Detected};
@@ -82,6 +83,10 @@ struct Model {
     /// Kubernetes: the client configuration for the node-cleanup election,
     /// and whether the model is current.
     cleanup: Option<(kube::Config, super::cleanup::Connected)>,
+    /// File datastore: the claim file, read again every `poll` by a node
+    /// with BGP off (with Kubernetes the claims are BlockAffinity objects,
+    /// already in the model).
+    claim_reader: Option<(Box<dyn ipam::Datastore>, Duration)>,
 }
 
 /// Phase 1: open the datastore; a Kubernetes one only once every kind has
@@ -100,6 +105,7 @@ async fn open_model(cfg: &AgentConfig, ds: DatastoreConfig) -> Result<Model> {
                 last_error: Arc::new(move || errors.last_error().map(|e| e.to_string())),
                 claims: claims_file(cfg),
                 cleanup: None,
+                claim_reader: Some((claims_file(cfg), poll)),
             })
         }
         DatastoreConfig::Kubernetes { kubeconfig } => {
@@ -131,6 +137,7 @@ async fn open_model(cfg: &AgentConfig, ds: DatastoreConfig) -> Result<Model> {
                 last_error: Arc::new(move || errors.status().last_error),
                 claims: Box::new(claims),
                 cleanup: Some((kcfg, Arc::new(move || current.status().connected))),
+                claim_reader: None,
             })
         }
     }
@@ -166,13 +173,28 @@ async fn run_node(
         .node(&name)
         .and_then(|n| n.ipv4_address)
         .map(|a| a.addr());
+    let vtep6 = snap
+        .node(&name)
+        .and_then(|n| n.ipv6_address)
+        .map(|a| a.addr());
     let (fib, preserved) = phase(
-        first_fib_pass(&cfg, vtep, &blocks, &pods, &obs.readiness),
+        first_fib_pass(&cfg, (vtep, vtep6), &blocks, &pods, &obs.readiness),
         &mut served,
     )
     .await?;
     obs.readiness.set_fib_synced(true);
     let nat = start_nat(&obs.readiness)?;
+    let (claims, claims_rx) = match (cfg.bgp_enabled, model.claim_reader) {
+        (false, Some((reader, poll))) => {
+            let first = read_claims(&*reader)?;
+            let rx = watch_claims(reader, poll, first.clone());
+            (first, Some(rx))
+        }
+        _ => (Vec::new(), None),
+    };
+    if !cfg.bgp_enabled {
+        info!("bgpEnabled is false: no BGP; the other nodes' blocks come from the datastore");
+    }
 
     let router_id = local
         .router_id
@@ -195,6 +217,8 @@ async fn run_node(
         drain: Duration::from_secs(cfg.drain_seconds),
         autodetected,
         datastore: model.name,
+        bgp_enabled: cfg.bgp_enabled,
+        claims,
     });
     let control = control::Server {
         shared: node.shared(),
@@ -230,6 +254,7 @@ async fn run_node(
         events,
         blocks: blocks_rx,
         pods: pods_rx,
+        claims: claims_rx,
     };
     node.run(inputs, &obs, until).await?;
     let _ = std::fs::remove_file(&cfg.socket_path);
@@ -352,7 +377,7 @@ fn open_ipam(
 /// it found more of our routes than the local ones (forwarding preserved).
 async fn first_fib_pass(
     cfg: &AgentConfig,
-    vtep: Option<std::net::Ipv4Addr>,
+    (vtep, vtep6): (Option<std::net::Ipv4Addr>, Option<std::net::Ipv6Addr>),
     blocks: &[IpNet],
     pods: &[PodRoute],
     readiness: &Readiness,
@@ -362,6 +387,7 @@ async fn first_fib_pass(
         protocol: cfg.route_protocol(),
         uplink: cfg.uplink.clone(),
         vxlan_local: vtep,
+        vxlan_local_v6: vtep6,
         ..FibConfig::default()
     };
     let (fib, task) = Reconciler::new(fib_cfg);
@@ -435,10 +461,16 @@ async fn start_speaker(
     blocks: &[IpNet],
 ) -> Result<(Speaker, mpsc::UnboundedReceiver<RouteEvent>)> {
     let mut scfg = SpeakerConfig::new(local.asn, router_id);
-    scfg.listen = vec![
-        SocketAddr::from((Ipv4Addr::UNSPECIFIED, local.listen_port)),
-        SocketAddr::from((Ipv6Addr::UNSPECIFIED, local.listen_port)),
-    ];
+    // BGP off: the speaker stays without listeners and without peers (the
+    // event loop gives it none), so the node opens no BGP port.
+    scfg.listen = if cfg.bgp_enabled {
+        vec![
+            SocketAddr::from((Ipv4Addr::UNSPECIFIED, local.listen_port)),
+            SocketAddr::from((Ipv6Addr::UNSPECIFIED, local.listen_port)),
+        ]
+    } else {
+        Vec::new()
+    };
     scfg.graceful_restart = Some(local.restart_time.max(1));
     scfg.forwarding_preserved = forwarding_preserved;
     scfg.cluster_id = local.cluster_id;
@@ -450,6 +482,62 @@ async fn start_speaker(
         speaker.announce(*b)?;
     }
     Ok((speaker, events))
+}
+
+/// The claim file's claims, sorted, for a node with BGP off.
+fn read_claims(reader: &dyn ipam::Datastore) -> Result<Vec<Claim>> {
+    let mut claims: Vec<Claim> = reader
+        .affinities()
+        .context(
+            "reading the block claims (bgpEnabled is false: they route the other nodes' blocks)",
+        )?
+        .into_iter()
+        .map(|a| (a.block, a.node))
+        .collect();
+    claims.sort();
+    Ok(claims)
+}
+
+/// Re-read the claim file every `poll`; a change goes to the event loop.
+/// A read that fails keeps the last claims (logged once per error).
+fn watch_claims(
+    reader: Box<dyn ipam::Datastore>,
+    poll: Duration,
+    first: Vec<Claim>,
+) -> watch::Receiver<Vec<Claim>> {
+    let (tx, rx) = watch::channel(first);
+    let reader: Arc<dyn ipam::Datastore> = Arc::from(reader);
+    tokio::spawn(async move {
+        let mut last_error = String::new();
+        let mut every = tokio::time::interval(poll);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            let r = reader.clone();
+            match tokio::task::spawn_blocking(move || read_claims(&*r)).await {
+                Ok(Ok(claims)) => {
+                    last_error.clear();
+                    tx.send_if_modified(|c| {
+                        let changed = *c != claims;
+                        *c = claims;
+                        changed
+                    });
+                }
+                Ok(Err(e)) => {
+                    let e = format!("{e:#}");
+                    if e != last_error {
+                        warn!("{e}; keeping the claims last read");
+                        last_error = e;
+                    }
+                }
+                Err(e) => warn!("reading the block claims: {e}"),
+            }
+            if tx.is_closed() {
+                return;
+            }
+        }
+    });
+    rx
 }
 
 /// A router ID for a node without an IPv4 address: stable, from its name.

@@ -234,28 +234,98 @@ fn vxlan_cross_subnet_is_plain_on_our_subnet_and_leaving_peers_are_removed() -> 
     wait_for("vxlan.starling removed once unused", WAIT, || {
         Ok(n.ip(&["link", "show", "vxlan.starling"]).is_err())
     })?;
+
+    // And back: the address goes, the node is across subnets again, the
+    // route is VXLAN again through a device made anew.
+    n.ip(&["addr", "del", "198.51.100.1/24", "dev", "up0"])?;
+    wait_for("CrossSubnet re-decided to VXLAN", WAIT, || {
+        Ok(has_line(
+            &routes(&n, &["proto", "73"])?,
+            "10.70.3.0/26 via 198.51.100.7 dev vxlan.starling onlink",
+        ))
+    })?;
+    assert!(
+        fdb(&n)?.contains("dst 198.51.100.7 self permanent"),
+        "{}",
+        fdb(&n)?
+    );
     Ok(())
 }
 
+/// IPv6 pools: a second device, `vxlan6.starling`, over the IPv6 underlay,
+/// with its own FDB and neighbour entries, repaired when deleted and
+/// removed with the last route that needs it.
 #[test]
-fn vxlan_over_ipv6_is_refused_naming_the_prefix() -> Result<()> {
+fn ipv6_vxlan_has_its_own_device_fdb_and_neighbours() -> Result<()> {
+    require_tool("bridge", "iproute2");
     let (n, _peer) = one_node()?;
     let mut f = FibNode::start(&n, &["--uplink", "up0"])?;
-    writeln!(
-        f.stdin,
-        "{}",
-        Value::Array(vec![via("2001:db8:70::/64", "2001:db8:1::2", "Vxlan")])
-    )?;
-    f.stdin.flush()?;
-    let err_file = f.status.with_extension("error");
-    wait_for("fib-node to report the refusal", WAIT, || {
-        f.daemon.check_alive()?;
-        Ok(err_file.exists())
-    })?;
-    let err = std::fs::read_to_string(&err_file)?;
+    let s = f.set(&[via("2001:db8:70::/64", "2001:db8:1::2", "Vxlan")])?;
+    assert_eq!(s["vxlan6"]["state"], "ready", "{s:#}");
+    assert_eq!(s["vxlan6"]["peers"], 1, "{s:#}");
+    assert_eq!(s["vxlan"]["state"], "not_needed", "{s:#}");
+    let dev = n.ip(&["-d", "link", "show", "vxlan6.starling"])?;
+    for want in [
+        "vxlan id 4096",
+        "local 2001:db8:1::1",
+        "dev up0",
+        "dstport 4789",
+        "nolearning",
+        "mtu 1430",
+    ] {
+        assert!(dev.contains(want), "`{want}` missing from:\n{dev}");
+    }
+    // Via the VTEP's link-local address: the kernel refuses an IPv6
+    // onlink gateway that is on-link on another device (up0).
+    let ll = starling_agent::fib::vtep_link_local("2001:db8:1::2".parse()?);
+    let table = routes(&n, &["-6", "proto", "73"])?;
     assert!(
-        err.contains("2001:db8:70::/64") && err.contains("VXLAN over IPv6"),
-        "{err}"
+        table
+            .lines()
+            .any(|l| l.starts_with(&format!("2001:db8:70::/64 via {ll} dev vxlan6.starling"))),
+        "{table}\n{s:#}"
+    );
+    let mac = starling_agent::fib::vtep_mac_v6("2001:db8:1::2".parse()?)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":");
+    let fdb6 = || n.exec("bridge", &["fdb", "show", "dev", "vxlan6.starling"]);
+    let neigh6 = || n.ip(&["-6", "neigh", "show", "dev", "vxlan6.starling"]);
+    let fdb_entry = format!("{mac} dst 2001:db8:1::2 self permanent");
+    let neigh_entry = format!("{ll} lladdr {mac} PERMANENT");
+    assert!(has_entry(&fdb6()?, &fdb_entry), "{}", fdb6()?);
+    assert!(has_entry(&neigh6()?, &neigh_entry), "{}", neigh6()?);
+
+    n.exec(
+        "bridge",
+        &[
+            "fdb",
+            "del",
+            &mac,
+            "dev",
+            "vxlan6.starling",
+            "dst",
+            "2001:db8:1::2",
+        ],
+    )?;
+    n.ip(&[
+        "-6",
+        "neigh",
+        "del",
+        &ll.to_string(),
+        "dev",
+        "vxlan6.starling",
+    ])?;
+    wait_for("IPv6 FDB and neighbour entries restored", WAIT, || {
+        Ok(has_entry(&fdb6()?, &fdb_entry) && has_entry(&neigh6()?, &neigh_entry))
+    })?;
+
+    let s = f.set(&[])?;
+    assert_eq!(s["vxlan6"]["state"], "not_needed", "{s:#}");
+    assert!(
+        n.ip(&["link", "show", "vxlan6.starling"]).is_err(),
+        "vxlan6.starling left behind"
     );
     Ok(())
 }

@@ -190,3 +190,72 @@ fn three_nodes_through_the_api_server() -> Result<()> {
     }
     Ok(())
 }
+
+/// Routing without BGP through a real API server (`bgpEnabled: false`):
+/// Nodes without podCIDRs, so every block is claimed by IPAM as a
+/// BlockAffinity object, and the other agents route those blocks from the
+/// watched BlockAffinities and Nodes alone (VXLAN Always): no session,
+/// every pod reaches every other.
+#[test]
+fn three_nodes_without_bgp_through_the_api_server() -> Result<()> {
+    let k = Cluster::private("e2enobgp")?;
+    k.apply_manifests()?;
+    let port: u16 = k
+        .server
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.trim_end_matches('/').parse().ok())
+        .with_context(|| format!("no port in {}", k.server))?;
+    let mut yaml = String::from(
+        "apiVersion: starling.dev/v1\nkind: IPPool\nmetadata: {name: pods}\nspec: {cidr: 10.244.0.0/16, blockSize: 26, vxlanMode: Always}\n",
+    );
+    for i in 1..=3 {
+        yaml.push_str(&format!(
+            "---\napiVersion: v1\nkind: Node\nmetadata:\n  name: node{i}\n  annotations:\n    \
+             starling.dev/ipv4-address: 192.0.2.{}/24\n",
+            10 + i
+        ));
+    }
+    let out = k.kubectl_stdin(&["apply", "-f", "-"], &yaml);
+    super::cluster::checked(&["apply"], out)?;
+
+    let dir = starling_tests::TempDir::new("e2enobgp")?;
+    let kubeconfig = dir.join("agent.kubeconfig");
+    let token = k.token_for("kube-system", "starling-agent")?;
+    k.kubeconfig_with_token(&token, &kubeconfig)?;
+
+    let mut opts = lab::options("k8snb", 3, Topology::Mesh);
+    opts.kubeconfig = Some(kubeconfig);
+    opts.no_bgp = true;
+    let stop = Arc::new(AtomicBool::new(false));
+    relay(opts.name.clone(), 3, port, stop.clone());
+    let c = lab::Cluster::up(opts);
+    stop.store(true, Ordering::Relaxed);
+    let c = c?;
+    c.converged(Duration::from_secs(60))?;
+    let answered = c.all_pairs_answer()?;
+    ensure!(answered == 6, "{answered} of 6 pairs answered");
+    let claims = k.kubectl_ok(&[
+        "get",
+        "blockaffinities",
+        "-o",
+        "jsonpath={.items[*].spec.cidr}",
+    ])?;
+    for i in 1..=3 {
+        let n = format!("node{i}");
+        let st = c.status(&n)?;
+        ensure!(st.route_source == "datastore", "{n}: {}", st.route_source);
+        ensure!(st.sessions.is_empty(), "{n}: sessions {:?}", st.sessions);
+        for b in &st.blocks {
+            ensure!(
+                claims.contains(&b.to_string()),
+                "{n}'s block {b} has no BlockAffinity: {claims}"
+            );
+        }
+        ensure!(
+            c.kernel_routes(&n)?.contains("dev vxlan.starling"),
+            "{n}: no route through vxlan.starling"
+        );
+    }
+    Ok(())
+}

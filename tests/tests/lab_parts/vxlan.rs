@@ -168,3 +168,86 @@ fn vxlan_always_on_two_subnets() -> Result<()> {
     ensure!(r1.plain_pod == 0, "{r1:?}");
     Ok(())
 }
+
+/// IPv6 pools with vxlanMode Always (`lab up --ipv6 --encapsulation
+/// vxlan`): every pod reaches every other over both families; IPv6 pod
+/// traffic leaves through `vxlan6.starling` (its counter rises), routed
+/// `via <node IPv6> dev vxlan6.starling`.
+#[test]
+fn vxlan_ipv6_pods_reach_each_other_through_vxlan6() -> Result<()> {
+    let mut o = options("vx6", 3, Topology::Mesh);
+    o.encapsulation = LabEncapsulation::Vxlan;
+    o.ipv6 = true;
+    let c = Cluster::up(o)?;
+    c.converged(CONVERGE)?;
+    let answered = c.all_pairs_answer()?;
+    ensure!(
+        answered == 12,
+        "{answered} of 12 (6 pairs x 2 families) answered"
+    );
+    let ns1 = c.lab.node("node1")?.netns.clone();
+    let routes = starling_tests::run("ip", &["-n", &ns1, "-6", "route", "show", "proto", "73"])?;
+    let ll = starling_agent::fib::vtep_link_local("2001:db8::12".parse()?);
+    ensure!(
+        routes.contains(&format!("via {ll} dev vxlan6.starling")),
+        "{routes}"
+    );
+    let to = c
+        .pod("node2")?
+        .ips
+        .iter()
+        .find(|a| a.is_ipv6())
+        .copied()
+        .context("node2's pod has no IPv6 address")?;
+    let from = c.pod("node1")?.netns.clone();
+    let before = c.lab.tx_packets("node1", "vxlan6.starling")?;
+    starling_tests::run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &from,
+            "ping",
+            "-q",
+            "-c",
+            "20",
+            "-i",
+            "0.02",
+            "-W",
+            "1",
+            &to.to_string(),
+        ],
+    )?;
+    let after = c.lab.tx_packets("node1", "vxlan6.starling")?;
+    ensure!(
+        after >= before + 20,
+        "IPv6 pod traffic not through vxlan6.starling ({before} -> {after})"
+    );
+
+    // Agent restart under an IPv6 ping through vxlan6.starling: the
+    // device, routes, FDB and neighbour entries are adopted; 0 lost.
+    let mut c = c;
+    let ifindex = || -> Result<String> {
+        let link =
+            starling_tests::run("ip", &["-n", &ns1, "-o", "link", "show", "vxlan6.starling"])?;
+        Ok(link.split(':').next().unwrap_or_default().to_string())
+    };
+    let index_before = ifindex()?;
+    let ping = Pinger::start(&from, to)?;
+    c.lab.kill_agent("node1")?;
+    c.lab.start_agent("node1")?;
+    wait_for("node1 synced after its restart", CONVERGE, || {
+        let st = c.status("node1")?;
+        Ok(st.synced && st.forwarding_preserved)
+    })?;
+    c.converged(CONVERGE)?;
+    let count = ping.stop()?;
+    report("lab-vxlan6-agent-restart", count);
+    ensure!(count.lost() == 0, "{count:?}");
+    ensure!(
+        ifindex()? == index_before,
+        "vxlan6.starling was made again on restart (ifindex {index_before} -> {})",
+        ifindex()?
+    );
+    Ok(())
+}
