@@ -129,7 +129,9 @@ impl Recording {
     /// Read until a message satisfies `done`; fails at the read timeout.
     pub fn until(&mut self, what: &str, mut done: impl FnMut(&[u8]) -> bool) -> Result<()> {
         loop {
-            let m = self.next_message().with_context(|| format!("waiting for {what}"))?;
+            let m = self
+                .next_message()
+                .with_context(|| format!("waiting for {what}"))?;
             if done(&m) {
                 return Ok(());
             }
