@@ -18,6 +18,24 @@ pub const REFLECTOR_CLIENT: &str = "route reflector client";
 pub const GLOBAL: &str = "global";
 pub const NODE_SPECIFIC: &str = "node specific";
 
+/// A full mesh of more nodes than this gets [`mesh_advice`] (Calico's docs
+/// advise route reflectors beyond about 100 nodes).
+pub const DEFAULT_MESH_WARN_NODES: usize = 100;
+
+/// The advice to switch to route reflectors when the node-to-node mesh
+/// spans more than `limit` nodes (0: never): every node keeps a session to
+/// every other, so sessions grow with the square of the cluster.
+pub fn mesh_advice(snapshot: &Snapshot, limit: usize) -> Option<String> {
+    let nodes = snapshot.nodes.len();
+    if limit == 0 || !snapshot.bgp().node_to_node_mesh_enabled || nodes <= limit {
+        return None;
+    }
+    Some(format!(
+        "the node-to-node mesh spans {nodes} nodes (more than meshWarnNodes {limit}): each node keeps {} sessions and every route goes to every node; use route reflectors (nodeToNodeMeshEnabled: false and routeReflectorClusterID on two or more nodes; docs/operations.md, \"Mesh or reflectors?\"); the switch loses no packets",
+        nodes - 1
+    ))
+}
+
 /// A plan and what could not be planned (a peer whose password is not
 /// resolved, a peer at one of this node's own addresses, ...).
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -663,5 +681,29 @@ mod tests {
         let d = plan_detailed(&s, "a");
         assert_eq!(d.peers.len(), 1);
         assert!(d.warnings[0].contains("password"), "{:?}", d.warnings);
+    }
+
+    #[test]
+    fn a_mesh_past_the_limit_gets_the_advice_to_use_reflectors() {
+        let three = [
+            node("a", "10.0.0.1/24", ""),
+            node("b", "10.0.0.2/24", ""),
+            node("c", "10.0.0.3/24", ""),
+        ];
+        let s = snap(&three);
+        assert_eq!(mesh_advice(&s, 3), None, "3 nodes are not more than 3");
+        let w = mesh_advice(&s, 2).expect("3 nodes are more than 2");
+        assert!(
+            w.contains("spans 3 nodes") && w.contains("meshWarnNodes 2"),
+            "{w}"
+        );
+        assert!(
+            w.contains("2 sessions") && w.contains("route reflectors"),
+            "{w}"
+        );
+        assert_eq!(mesh_advice(&s, 0), None, "0 turns it off");
+        let mut parts = three.to_vec();
+        parts.push(config(false));
+        assert_eq!(mesh_advice(&snap(&parts), 2), None, "no mesh, no advice");
     }
 }

@@ -6,6 +6,7 @@ use crate::encap::Encapsulation;
 use crate::fib::RouteProtocol;
 use crate::health::EndpointConfig;
 use crate::ipam::IpamConfig;
+use crate::model::plan;
 use crate::mtu::MtuRule;
 use anyhow::{Context, Result, bail};
 use serde::Deserialize;
@@ -77,6 +78,11 @@ pub struct AgentConfig {
     /// not yet learned another way (make-before-break), in seconds.
     #[serde(default = "default_drain")]
     pub drain_seconds: u64,
+    /// A node-to-node mesh of more nodes than this is reported (log and
+    /// `starlingctl status`) with the advice to use route reflectors: each
+    /// node holds a session to every other. 0 turns the advice off.
+    #[serde(default = "default_mesh_warn_nodes")]
+    pub mesh_warn_nodes: usize,
     #[serde(default)]
     pub ipam: IpamConfig,
     /// How to find this node's IPv4 address when the model gives none:
@@ -116,6 +122,10 @@ fn default_max_paths() -> usize {
 
 fn default_drain() -> u64 {
     30
+}
+
+fn default_mesh_warn_nodes() -> usize {
+    plan::DEFAULT_MESH_WARN_NODES
 }
 
 impl AgentConfig {

@@ -48,6 +48,8 @@ pub(super) struct Started {
     pub forwarding_preserved: bool,
     /// The longest a dropped session drains.
     pub drain: Duration,
+    /// `meshWarnNodes`: a larger full mesh is reported.
+    pub mesh_warn_nodes: usize,
     /// This node's address found by autodetection, when the model has none.
     pub autodetected: Option<Detected>,
     /// "file PATH" or "kubernetes", for status.
@@ -110,7 +112,7 @@ impl Node {
                 .iter()
                 .map(|n| n.addr())
                 .collect(),
-            peering: Peering::new(s.speaker.clone(), s.drain),
+            peering: Peering::new(s.speaker.clone(), s.drain, s.mesh_warn_nodes),
             name: s.name,
             speaker: s.speaker,
             fib: s.fib,

@@ -28,15 +28,18 @@ pub(super) struct Peering {
     draining: BTreeMap<IpAddr, Instant>,
     /// The longest a session drains (`drainSeconds`).
     drain: Duration,
+    /// `meshWarnNodes`.
+    mesh_warn_nodes: usize,
 }
 
 impl Peering {
-    pub(super) fn new(speaker: Speaker, drain: Duration) -> Peering {
+    pub(super) fn new(speaker: Speaker, drain: Duration, mesh_warn_nodes: usize) -> Peering {
         Peering {
             speaker,
             applied: BTreeMap::new(),
             draining: BTreeMap::new(),
             drain,
+            mesh_warn_nodes,
         }
     }
 
@@ -61,7 +64,9 @@ impl Peering {
         asn: u32,
         blocks: &[IpNet],
     ) -> Vec<String> {
-        let p = plan::plan_detailed(snap, node);
+        let mut p = plan::plan_detailed(snap, node);
+        p.warnings
+            .extend(plan::mesh_advice(snap, self.mesh_warn_nodes));
         for w in &p.warnings {
             warn!("peering plan: {w}");
         }

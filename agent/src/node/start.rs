@@ -215,6 +215,7 @@ async fn run_node(
         pods,
         forwarding_preserved: preserved,
         drain: Duration::from_secs(cfg.drain_seconds),
+        mesh_warn_nodes: cfg.mesh_warn_nodes,
         autodetected,
         datastore: model.name,
         bgp_enabled: cfg.bgp_enabled,
