@@ -561,8 +561,11 @@ mod tests {
             pods: vec![],
             forwarding_preserved: false,
             drain: Duration::from_secs(1),
+            mesh_warn_nodes: 100,
             autodetected: None,
             datastore: "test".into(),
+            bgp_enabled: true,
+            claims: vec![],
         });
         let (_snaps_tx, snaps) = watch::channel(snapshot);
         let (_blocks_tx, blocks) = watch::channel(vec![]);
@@ -572,6 +575,7 @@ mod tests {
             events,
             blocks,
             pods,
+            claims: None,
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let loop_obs = obs.clone();
