@@ -64,7 +64,9 @@ pub const CALICO_FIELDS: &[(&str, &str, Support)] = &[
     (
         "IPPool",
         "spec.vxlanMode",
-        Partly("Always and CrossSubnet on IPv4 pools; refused on an IPv6 pool"),
+        Partly(
+            "Always and CrossSubnet on IPv4 and IPv6 pools; refused together with an enabled ipipMode",
+        ),
     ),
     ("IPPool", "spec.natOutgoing", Implemented),
     ("IPPool", "spec.disabled", Implemented),
