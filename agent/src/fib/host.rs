@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use super::netlink::RtSocket;
 use super::route::dst_of;
-use super::vxlan::{VXLAN_DEVICE, VXLAN_DEVICE_V6, VxlanLink};
+use super::vxlan_link::{VXLAN_DEVICE, VXLAN_DEVICE_V6, VxlanLink};
 
 /// The name the kernel gives the fallback IPIP device when `ipip` loads.
 pub const TUNL0: &str = "tunl0";

@@ -25,6 +25,7 @@ mod netlink;
 mod reconcile;
 mod route;
 mod vxlan;
+mod vxlan_link;
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;

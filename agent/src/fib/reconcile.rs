@@ -830,6 +830,27 @@ fn vteps(want: &HashMap<IpNet, (u32, KernelRoute)>, dev: u32) -> BTreeSet<IpAddr
     out
 }
 
+/// (device, is it VXLAN) of the tunnel next hop `h` needs, or `None` for a
+/// plain route; `plain`: the hop is on-link on the uplink (CrossSubnet
+/// encapsulates only when it is not).
+fn tunnel_for(h: &NextHop, plain: bool, tunnels: &Tunnels) -> Option<(Option<u32>, bool)> {
+    match (h.encap, plain) {
+        (Encapsulation::Ipip(EncapMode::Always), _) => Some((tunnels.tunl0, false)),
+        (Encapsulation::Ipip(EncapMode::CrossSubnet), false) if h.gateway.is_ipv4() => {
+            Some((tunnels.tunl0, false))
+        }
+        (Encapsulation::Vxlan(EncapMode::Always), _)
+        | (Encapsulation::Vxlan(EncapMode::CrossSubnet), false) => {
+            if h.gateway.is_ipv6() {
+                Some((tunnels.vxlan6, true))
+            } else {
+                Some((tunnels.vxlan, true))
+            }
+        }
+        _ => None,
+    }
+}
+
 /// Turn desired routes into kernel routes given the links and addresses of
 /// this node; anything that cannot be installed correctly is reported instead.
 fn resolve(
@@ -870,24 +891,7 @@ fn resolve(
             RouteTarget::Via(hops) => {
                 let mut hop = |h: &NextHop| -> Option<KernelHop> {
                     let plain = uplink_link.filter(|l| view.on_link(l.index, h.gateway));
-                    // (device, is it VXLAN) of the tunnel the hop needs.
-                    let tunnel = match (h.encap, plain) {
-                        (Encapsulation::Ipip(EncapMode::Always), _) => Some((tunnels.tunl0, false)),
-                        (Encapsulation::Ipip(EncapMode::CrossSubnet), None)
-                            if h.gateway.is_ipv4() =>
-                        {
-                            Some((tunnels.tunl0, false))
-                        }
-                        (Encapsulation::Vxlan(EncapMode::Always), _)
-                        | (Encapsulation::Vxlan(EncapMode::CrossSubnet), None) => {
-                            if h.gateway.is_ipv6() {
-                                Some((tunnels.vxlan6, true))
-                            } else {
-                                Some((tunnels.vxlan, true))
-                            }
-                        }
-                        _ => None,
-                    };
+                    let tunnel = tunnel_for(h, plain.is_some(), tunnels);
                     let reason = if let Some((dev, is_vxlan)) = tunnel {
                         match dev {
                             // Both tunnels take `via <node> dev <tunnel> onlink`:

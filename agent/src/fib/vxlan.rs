@@ -21,9 +21,7 @@ use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use netlink_packet_core::{NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE};
-use netlink_packet_route::link::{
-    InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
-};
+use netlink_packet_route::link::LinkMessage;
 use netlink_packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
 };
@@ -33,12 +31,8 @@ use serde::{Deserialize, Serialize};
 
 use super::host::{HostView, Link};
 use super::netlink::RtSocket;
-
-/// The device's name (Calico's is `vxlan.calico`).
-pub const VXLAN_DEVICE: &str = "vxlan.starling";
-/// The IPv6 underlay's device (Calico's is `vxlan-v6.calico`; ours must fit
-/// the kernel's 15 characters).
-pub const VXLAN_DEVICE_V6: &str = "vxlan6.starling";
+pub(crate) use super::vxlan_link::VxlanLink;
+pub use super::vxlan_link::{VXLAN_DEVICE, VXLAN_DEVICE_V6};
 
 /// The device of one underlay family.
 pub fn device_name(v6: bool) -> &'static str {
@@ -115,62 +109,7 @@ pub(crate) fn mac_text(mac: &[u8]) -> String {
         .join(":")
 }
 
-/// The VXLAN device as a link dump shows it: what we compare to decide
-/// whether to adopt it, fix it in place, or make it again.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub(crate) struct VxlanLink {
-    pub index: u32,
-    pub is_vxlan: bool,
-    pub vni: Option<u32>,
-    pub port: Option<u16>,
-    pub local: Option<IpAddr>,
-    pub learning: Option<bool>,
-    /// The underlay device (IFLA_VXLAN_LINK).
-    pub dev: Option<u32>,
-    pub mac: Option<Vec<u8>>,
-    pub mtu: u32,
-    pub up: bool,
-}
-
 impl VxlanLink {
-    /// Read our device out of a link message (any link named [`VXLAN_DEVICE`]).
-    pub fn from_message(l: &LinkMessage) -> VxlanLink {
-        let mut v = VxlanLink {
-            index: l.header.index,
-            up: l.header.flags.contains(LinkFlags::Up),
-            ..VxlanLink::default()
-        };
-        for a in &l.attributes {
-            match a {
-                LinkAttribute::Mtu(m) => v.mtu = *m,
-                LinkAttribute::Address(mac) => v.mac = Some(mac.clone()),
-                LinkAttribute::LinkInfo(infos) => {
-                    for i in infos {
-                        match i {
-                            LinkInfo::Kind(InfoKind::Vxlan) => v.is_vxlan = true,
-                            LinkInfo::Data(InfoData::Vxlan(data)) => {
-                                for d in data {
-                                    match d {
-                                        InfoVxlan::Id(id) => v.vni = Some(*id),
-                                        InfoVxlan::Port(p) => v.port = Some(*p),
-                                        InfoVxlan::Local(a) => v.local = Some((*a).into()),
-                                        InfoVxlan::Local6(a) => v.local = Some((*a).into()),
-                                        InfoVxlan::Learning(b) => v.learning = Some(*b),
-                                        InfoVxlan::Link(i) => v.dev = Some(*i),
-                                        _ => {}
-                                    }
-                                }
-                            }
-                            _ => {}
-                        }
-                    }
-                }
-                _ => {}
-            }
-        }
-        v
-    }
-
     /// Whether the device was made as we make it; if not it is deleted and
     /// made again (the kernel cannot change a VXLAN device's VNI, port or
     /// local address in place).

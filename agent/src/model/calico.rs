@@ -657,59 +657,13 @@ pub fn normalize(doc: &Value, target: Target) -> Normalized {
             out_kind = kind;
         }
         "Node" => {
-            let mut s = spec.unwrap_or_default();
-            apply_table("Node", "spec.", &mut s, &mut warnings, &mut problems);
-            let mut bgp = match s.remove(key("bgp")) {
-                Some(Value::Mapping(b)) => b,
-                None | Some(Value::Null) => Mapping::new(),
-                Some(_) => {
-                    problems.push(finding("spec.bgp", "spec.bgp must be a mapping"));
-                    Mapping::new()
-                }
-            };
-            apply_table("Node", "spec.bgp.", &mut bgp, &mut warnings, &mut problems);
-            if let Some(v) = bgp.get_mut(key("asNumber")) {
-                as_number("spec.bgp.asNumber", v, &mut problems);
+            match node_spec(spec.take(), &mut warnings, &mut problems) {
+                Ok(bgp) => spec = Some(bgp),
+                Err(done) => return done,
             }
-            // What is left of spec (not bgp) is unknown: keep it for the
-            // loader to refuse, under its Calico path.
-            for k in s.keys() {
-                let k = k.as_str().unwrap_or_default();
-                problems.push(finding(
-                    &format!("spec.{k}"),
-                    format!("unknown field `{k}`: a Calico Node's spec has bgp and calico-node's own fields"),
-                ));
-            }
-            if !problems.is_empty() {
-                return Normalized::Refused { problems };
-            }
-            if !bgp.contains_key(key("ipv4Address")) && !bgp.contains_key(key("ipv6Address")) {
-                warnings.push(finding(
-                    "spec.bgp",
-                    "left out: the node has no BGP address (spec.bgp.ipv4Address or ipv6Address)",
-                ));
-                return Normalized::Skipped { warnings };
-            }
-            spec = Some(bgp);
             out_kind = "StarlingNode";
         }
-        other if OTHER_CALICO_KINDS.contains(&other) => {
-            let what = match other {
-                "BlockAffinity" | "IPAMBlock" | "IPAMHandle" => {
-                    "Starling's IPAM claims its own blocks; pods keep their addresses until they are recreated"
-                }
-                "IPAMConfig" | "IPAMConfiguration" | "IPReservation" => {
-                    "Starling's IPAM has no such settings"
-                }
-                _ => "Starling does not model it",
-            };
-            return Normalized::Skipped {
-                warnings: vec![finding(
-                    "kind",
-                    format!("left out: Calico's {other}: {what}"),
-                )],
-            };
-        }
+        other if OTHER_CALICO_KINDS.contains(&other) => return other_kind(other),
         other => {
             return Normalized::Refused {
                 problems: vec![finding(
@@ -732,6 +686,74 @@ pub fn normalize(doc: &Value, target: Target) -> Normalized {
         kind: out_kind.to_string(),
         value,
         warnings,
+    }
+}
+
+/// A Calico Node's spec: its BGP part becomes a StarlingNode's spec; the
+/// error is the whole answer (refused, or left out without an address).
+fn node_spec(
+    spec: Option<Mapping>,
+    warnings: &mut Vec<Finding>,
+    problems: &mut Vec<Finding>,
+) -> Result<Mapping, Normalized> {
+    let mut s = spec.unwrap_or_default();
+    apply_table("Node", "spec.", &mut s, warnings, problems);
+    let mut bgp = match s.remove(key("bgp")) {
+        Some(Value::Mapping(b)) => b,
+        None | Some(Value::Null) => Mapping::new(),
+        Some(_) => {
+            problems.push(finding("spec.bgp", "spec.bgp must be a mapping"));
+            Mapping::new()
+        }
+    };
+    apply_table("Node", "spec.bgp.", &mut bgp, warnings, problems);
+    if let Some(v) = bgp.get_mut(key("asNumber")) {
+        as_number("spec.bgp.asNumber", v, problems);
+    }
+    // What is left of spec (not bgp) is unknown: keep it for the
+    // loader to refuse, under its Calico path.
+    for k in s.keys() {
+        let k = k.as_str().unwrap_or_default();
+        problems.push(finding(
+            &format!("spec.{k}"),
+            format!(
+                "unknown field `{k}`: a Calico Node's spec has bgp and calico-node's own fields"
+            ),
+        ));
+    }
+    if !problems.is_empty() {
+        return Err(Normalized::Refused {
+            problems: std::mem::take(problems),
+        });
+    }
+    if !bgp.contains_key(key("ipv4Address")) && !bgp.contains_key(key("ipv6Address")) {
+        warnings.push(finding(
+            "spec.bgp",
+            "left out: the node has no BGP address (spec.bgp.ipv4Address or ipv6Address)",
+        ));
+        return Err(Normalized::Skipped {
+            warnings: std::mem::take(warnings),
+        });
+    }
+    Ok(bgp)
+}
+
+/// A Calico kind Starling does not load: left out with the reason.
+fn other_kind(other: &str) -> Normalized {
+    let what = match other {
+        "BlockAffinity" | "IPAMBlock" | "IPAMHandle" => {
+            "Starling's IPAM claims its own blocks; pods keep their addresses until they are recreated"
+        }
+        "IPAMConfig" | "IPAMConfiguration" | "IPReservation" => {
+            "Starling's IPAM has no such settings"
+        }
+        _ => "Starling does not model it",
+    };
+    Normalized::Skipped {
+        warnings: vec![finding(
+            "kind",
+            format!("left out: Calico's {other}: {what}"),
+        )],
     }
 }
 

@@ -538,7 +538,19 @@ impl Loader<'_> {
                 format!("a second {kind} named `{name}`: names are unique per kind"),
             );
         }
-        match kind.as_str() {
+        self.load_kind(doc, snap, &kind, name, object);
+    }
+
+    /// Load one object whose header passed: checked, then into `snap`.
+    fn load_kind(
+        &mut self,
+        doc: &Document,
+        snap: &mut Snapshot,
+        kind: &str,
+        name: String,
+        object: String,
+    ) {
+        match kind {
             "IPPool" => {
                 if let Some((metadata, Some(spec))) = self.parse::<IPPoolSpec>(doc, &object, true) {
                     let f = validate::ip_pool(&spec);
