@@ -100,6 +100,34 @@ fn report(scenario: &str, count: starling_tests::cluster::PingCount) {
     );
 }
 
+/// SIGKILL and restart `node`'s agent under a 50 pkt/s ping from `from` to
+/// `to`; once it synced with forwarding preserved and the lab converged,
+/// report the count as `scenario`. Target: 0 lost.
+fn restart_under_ping(
+    c: &mut Cluster,
+    node: &str,
+    from: &str,
+    to: std::net::IpAddr,
+    scenario: &str,
+) -> Result<()> {
+    let ping = Pinger::start(from, to)?;
+    c.lab.kill_agent(node)?;
+    c.lab.start_agent(node)?;
+    wait_for(
+        &format!("{node} synced after its restart"),
+        CONVERGE,
+        || {
+            let st = c.status(node)?;
+            Ok(st.synced && st.forwarding_preserved)
+        },
+    )?;
+    c.converged(CONVERGE)?;
+    let count = ping.stop()?;
+    report(scenario, count);
+    ensure!(count.lost() == 0, "{count:?}");
+    Ok(())
+}
+
 /// SIGKILL an agent and start it again: the kernel keeps forwarding, the
 /// peers keep its routes (graceful restart), the new agent adopts the routes
 /// and removes nothing that is still valid. Target: 0 lost.

@@ -134,17 +134,7 @@ fn no_bgp_vxlan_cross_subnet_join_leave_restart() -> Result<()> {
     let from = c.pod("node1")?.netns.clone();
     let to = c.pod("node4")?.ips[0];
     wait_reachable(&from, to)?;
-    let ping = Pinger::start(&from, to)?;
-    c.lab.kill_agent("node1")?;
-    c.lab.start_agent("node1")?;
-    wait_for("node1 synced after its restart", CONVERGE, || {
-        let st = c.status("node1")?;
-        Ok(st.synced && st.forwarding_preserved)
-    })?;
-    c.converged(CONVERGE)?;
-    let count = ping.stop()?;
-    report("lab-no-bgp-agent-restart", count);
-    ensure!(count.lost() == 0, "{count:?}");
+    restart_under_ping(&mut c, "node1", &from, to, "lab-no-bgp-agent-restart")?;
     Ok(())
 }
 

@@ -133,17 +133,7 @@ fn vxlan_cross_subnet_on_two_subnets() -> Result<()> {
     // Agent restart under a 50 pkt/s ping across the subnets: 0 lost.
     let from = c.pod("node1")?.netns.clone();
     let to = c.pod("node2")?.ips[0];
-    let ping = Pinger::start(&from, to)?;
-    c.lab.kill_agent("node1")?;
-    c.lab.start_agent("node1")?;
-    wait_for("node1 synced after its restart", CONVERGE, || {
-        let st = c.status("node1")?;
-        Ok(st.synced && st.forwarding_preserved)
-    })?;
-    c.converged(CONVERGE)?;
-    let count = ping.stop()?;
-    report("lab-vxlan-agent-restart", count);
-    ensure!(count.lost() == 0, "{count:?}");
+    restart_under_ping(&mut c, "node1", &from, to, "lab-vxlan-agent-restart")?;
     Ok(())
 }
 
@@ -233,17 +223,7 @@ fn vxlan_ipv6_pods_reach_each_other_through_vxlan6() -> Result<()> {
         Ok(link.split(':').next().unwrap_or_default().to_string())
     };
     let index_before = ifindex()?;
-    let ping = Pinger::start(&from, to)?;
-    c.lab.kill_agent("node1")?;
-    c.lab.start_agent("node1")?;
-    wait_for("node1 synced after its restart", CONVERGE, || {
-        let st = c.status("node1")?;
-        Ok(st.synced && st.forwarding_preserved)
-    })?;
-    c.converged(CONVERGE)?;
-    let count = ping.stop()?;
-    report("lab-vxlan6-agent-restart", count);
-    ensure!(count.lost() == 0, "{count:?}");
+    restart_under_ping(&mut c, "node1", &from, to, "lab-vxlan6-agent-restart")?;
     ensure!(
         ifindex()? == index_before,
         "vxlan6.starling was made again on restart (ifindex {index_before} -> {})",
