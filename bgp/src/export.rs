@@ -5,7 +5,7 @@
 //! that peer's Adj-RIB-Out; nothing here touches a table or a socket.
 
 use crate::attrs::{Family, PathAttrs};
-use crate::policy::{self, Effective, Outcome};
+use crate::policy::{self, Effective, Outcome, RouteSource};
 use crate::rib::{Best, PeerMeta, Rib, Source};
 use ipnet::IpNet;
 use std::net::{IpAddr, Ipv4Addr};
@@ -56,7 +56,12 @@ pub fn export_attrs(
         Hop::Reflected { originator } => reflect(&mut a, originator, to.cluster_id),
         Hop::Passed => {}
     }
-    let next_hop_self = match policy::apply(policy.rules(), prefix, &mut a) {
+    let source = if hop == Hop::Local {
+        RouteSource::Local
+    } else {
+        RouteSource::Peer
+    };
+    let next_hop_self = match policy::apply(policy.rules(), prefix, &mut a, source) {
         Outcome::Reject => return None,
         Outcome::Accept { next_hop_self } => next_hop_self.unwrap_or(to.next_hop_self),
     };

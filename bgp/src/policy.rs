@@ -1,9 +1,10 @@
 //! Import and export policy: an ordered list of rules, first match wins.
-//! A rule matches on prefix (with a length range) and on community, then
-//! accepts (optionally changing attributes) or rejects. When a list exists
-//! and nothing matches, the route is rejected.
+//! A rule matches on family, prefix (with a length range, or its negation),
+//! community and where the route came from, then accepts (optionally
+//! changing attributes) or rejects. When a list exists and nothing matches,
+//! the route is rejected.
 
-use crate::attrs::PathAttrs;
+use crate::attrs::{Family, PathAttrs};
 use ipnet::IpNet;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::fmt;
@@ -71,9 +72,22 @@ pub struct SetActions {
     pub next_hop_self: Option<bool>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// Where a route came from, for [`PolicyRule::source`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RouteSource {
+    /// Originated by this speaker (the embedder's own prefixes).
+    Local,
+    /// Learned from a BGP peer.
+    Peer,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyRule {
+    /// Match only routes of this family.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub family: Option<Family>,
     /// Match prefixes inside this one. Without `ge`/`le` only this exact
     /// length matches; `ge`/`le` give a length range (like a prefix list).
     #[serde(default)]
@@ -82,9 +96,16 @@ pub struct PolicyRule {
     pub ge: Option<u8>,
     #[serde(default)]
     pub le: Option<u8>,
+    /// Turn the prefix condition round: match the routes that `prefix`
+    /// (with `ge`/`le`) does not match. Needs a prefix.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub not_prefix: bool,
     /// Match routes carrying this community.
     #[serde(default)]
     pub community: Option<Community>,
+    /// Match by where the route came from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<RouteSource>,
     #[serde(default)]
     pub action: Verdict,
     #[serde(default)]
@@ -117,28 +138,45 @@ impl PolicyRule {
             {
                 return Err(format!("ge: {ge} is greater than le: {le}"));
             }
+            if let Some(f) = self.family
+                && f != Family::of(&p)
+            {
+                return Err(format!("family: {p} is not an {f:?} prefix"));
+            }
         } else if self.ge.is_some() || self.le.is_some() {
             return Err("ge/le need a prefix".into());
+        } else if self.not_prefix {
+            return Err("not_prefix needs a prefix".into());
         }
         Ok(())
     }
 
-    fn matches(&self, prefix: &IpNet, attrs: &PathAttrs) -> bool {
-        if let Some(p) = &self.prefix {
-            if !p.contains(prefix) || is_v4(p) != is_v4(prefix) {
-                return false;
-            }
-            let len = prefix.prefix_len();
-            let (lo, hi) = match (self.ge, self.le) {
-                (None, None) => (p.prefix_len(), p.prefix_len()),
-                (ge, le) => (
-                    ge.unwrap_or(p.prefix_len()),
-                    le.unwrap_or(p.max_prefix_len()),
-                ),
-            };
-            if len < lo || len > hi {
-                return false;
-            }
+    fn prefix_matches(&self, p: &IpNet, prefix: &IpNet) -> bool {
+        if !p.contains(prefix) || is_v4(p) != is_v4(prefix) {
+            return false;
+        }
+        let len = prefix.prefix_len();
+        let (lo, hi) = match (self.ge, self.le) {
+            (None, None) => (p.prefix_len(), p.prefix_len()),
+            (ge, le) => (
+                ge.unwrap_or(p.prefix_len()),
+                le.unwrap_or(p.max_prefix_len()),
+            ),
+        };
+        lo <= len && len <= hi
+    }
+
+    fn matches(&self, prefix: &IpNet, attrs: &PathAttrs, source: RouteSource) -> bool {
+        if self.family.is_some_and(|f| f != Family::of(prefix)) {
+            return false;
+        }
+        if self.source.is_some_and(|s| s != source) {
+            return false;
+        }
+        if let Some(p) = &self.prefix
+            && self.prefix_matches(p, prefix) == self.not_prefix
+        {
+            return false;
         }
         if let Some(c) = self.community
             && !attrs.communities.contains(&c.0)
@@ -195,16 +233,21 @@ impl<'a> Effective<'a> {
     }
 }
 
-/// Run `rules` on a route, changing `attrs` as the matching rule says.
-/// `None` (no policy) accepts unchanged.
-pub fn apply(rules: Option<&[PolicyRule]>, prefix: &IpNet, attrs: &mut PathAttrs) -> Outcome {
+/// Run `rules` on a route from `source`, changing `attrs` as the matching
+/// rule says. `None` (no policy) accepts unchanged.
+pub fn apply(
+    rules: Option<&[PolicyRule]>,
+    prefix: &IpNet,
+    attrs: &mut PathAttrs,
+    source: RouteSource,
+) -> Outcome {
     let Some(rules) = rules else {
         return Outcome::Accept {
             next_hop_self: None,
         };
     };
     for r in rules {
-        if !r.matches(prefix, attrs) {
+        if !r.matches(prefix, attrs, source) {
             continue;
         }
         if r.action == Verdict::Reject {
@@ -246,7 +289,12 @@ mod tests {
         ];
         let mut a = PathAttrs::default();
         assert_eq!(
-            apply(Some(&rules), &"10.1.2.0/24".parse().unwrap(), &mut a),
+            apply(
+                Some(&rules),
+                &"10.1.2.0/24".parse().unwrap(),
+                &mut a,
+                RouteSource::Local
+            ),
             Outcome::Accept {
                 next_hop_self: None
             }
@@ -254,7 +302,12 @@ mod tests {
         assert_eq!(a.local_pref, Some(200));
         let mut a = PathAttrs::default();
         assert_eq!(
-            apply(Some(&rules), &"10.0.0.0/8".parse().unwrap(), &mut a),
+            apply(
+                Some(&rules),
+                &"10.0.0.0/8".parse().unwrap(),
+                &mut a,
+                RouteSource::Local
+            ),
             Outcome::Accept {
                 next_hop_self: None
             }
@@ -265,7 +318,8 @@ mod tests {
             apply(
                 Some(&rules),
                 &"10.1.2.0/28".parse().unwrap(),
-                &mut PathAttrs::default()
+                &mut PathAttrs::default(),
+                RouteSource::Local
             ),
             Outcome::Reject
         );
@@ -273,7 +327,8 @@ mod tests {
             apply(
                 Some(&rules),
                 &"192.0.2.0/24".parse().unwrap(),
-                &mut PathAttrs::default()
+                &mut PathAttrs::default(),
+                RouteSource::Local
             ),
             Outcome::Reject
         );
@@ -281,7 +336,8 @@ mod tests {
             apply(
                 None,
                 &"192.0.2.0/24".parse().unwrap(),
-                &mut PathAttrs::default()
+                &mut PathAttrs::default(),
+                RouteSource::Local
             ),
             Outcome::Accept {
                 next_hop_self: None
@@ -302,18 +358,68 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            apply(Some(&rules), &"10.0.0.0/24".parse().unwrap(), &mut a),
+            apply(
+                Some(&rules),
+                &"10.0.0.0/24".parse().unwrap(),
+                &mut a,
+                RouteSource::Local
+            ),
             Outcome::Reject
         );
         let mut a = PathAttrs::default();
         assert_eq!(
-            apply(Some(&rules), &"10.0.0.0/24".parse().unwrap(), &mut a),
+            apply(
+                Some(&rules),
+                &"10.0.0.0/24".parse().unwrap(),
+                &mut a,
+                RouteSource::Local
+            ),
             Outcome::Accept {
                 next_hop_self: Some(true)
             }
         );
         assert_eq!(a.communities, vec![(65000 << 16) | 1]);
         assert_eq!(a.med, Some(5));
+    }
+
+    #[test]
+    fn family_negation_and_source() {
+        let rules = vec![
+            // Peer-learned IPv4 routes outside 10.0.0.0/8 (any length): reject.
+            rule(
+                "{family: ipv4, prefix: 10.0.0.0/8, le: 32, not_prefix: true, source: peer, action: reject}",
+            ),
+            rule("{family: ipv6, action: reject}"),
+            rule("{action: accept}"),
+        ];
+        let run = |p: &str, source| {
+            apply(
+                Some(&rules),
+                &p.parse().unwrap(),
+                &mut PathAttrs::default(),
+                source,
+            )
+        };
+        let accept = Outcome::Accept {
+            next_hop_self: None,
+        };
+        assert_eq!(run("192.0.2.0/24", RouteSource::Peer), Outcome::Reject);
+        assert_eq!(run("192.0.2.0/24", RouteSource::Local), accept);
+        assert_eq!(run("10.1.0.0/16", RouteSource::Peer), accept);
+        // The negated IPv4 rule does not catch IPv6 routes; the family rule does.
+        assert_eq!(run("2001:db8::/32", RouteSource::Local), Outcome::Reject);
+        assert!(
+            rule("{not_prefix: true}")
+                .validate()
+                .unwrap_err()
+                .starts_with("not_prefix")
+        );
+        assert!(
+            rule("{family: ipv6, prefix: 10.0.0.0/8}")
+                .validate()
+                .unwrap_err()
+                .starts_with("family:")
+        );
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use super::Instance;
 use crate::attrs::{Family, PathAttrs};
 use crate::export::{ExportTo, Kinds, export_attrs};
-use crate::policy::{self, Effective, Outcome};
+use crate::policy::{self, Effective, Outcome, RouteSource};
 use crate::report::{LearnedPath, RouteChange, RouteEvent};
 use crate::rib::{Best, Rib, Source};
 use crate::session::{Negotiated, ToSession};
@@ -86,7 +86,7 @@ impl Instance {
             Effective::Rules(rules) => {
                 for x in &update.announced {
                     let mut attrs = update.attrs.clone();
-                    match policy::apply(Some(rules), x, &mut attrs) {
+                    match policy::apply(Some(rules), x, &mut attrs, RouteSource::Peer) {
                         Outcome::Reject => {
                             if self.rib.remove(peer, x) {
                                 changed.push(*x);
