@@ -778,3 +778,97 @@ fn external_peer_cannot_hijack_a_node() -> Result<()> {
     }
     Ok(())
 }
+
+/// Calico's BGPFilter on the top-of-rack peer (eBGP, BIRD), applied live
+/// and taken away live: import rejects an exact prefix (Equal) and the
+/// longer prefixes of a range (In with prefixLength), keeping the rest;
+/// export rejects every block outside node1's (NotIn), so only node1's
+/// block reaches the router. What BIRD shows and what the nodes' kernels
+/// hold are the evidence.
+#[test]
+fn bgp_filters_on_a_bird_peer() -> Result<()> {
+    require_tool("bird", "bird2");
+    let mut o = options("bgpfilter", 2, Topology::Mesh);
+    o.tor = Some(starling_agent::lab::Tor::Bird);
+    o.tor_announce = ["203.0.113.0/24", "198.51.100.0/24", "198.51.100.128/25"]
+        .iter()
+        .map(|p| p.parse())
+        .collect::<Result<_, _>>()?;
+    let mut c = Cluster::up(o)?;
+    c.converged(CONVERGE)?;
+    let blocks = [c.status("node1")?.blocks[0], c.status("node2")?.blocks[0]];
+    let learned = |c: &Cluster, n: &str, p: &str| -> Result<bool> {
+        Ok(c.kernel_routes(n)?
+            .lines()
+            .any(|l| l.starts_with(&format!("{p} via 192.0.2.254"))))
+    };
+    let at_tor = |c: &Cluster, b: &IpNet| -> Result<bool> {
+        let routes = c.lab.tor_routes()?;
+        Ok(routes.lines().any(|l| l.starts_with(&b.to_string())))
+    };
+    // Without filters: everything both ways.
+    c.wait_all("every announced prefix learned", CONVERGE, |n| {
+        Ok(learned(&c, n, "203.0.113.0/24")?
+            && learned(&c, n, "198.51.100.0/24")?
+            && learned(&c, n, "198.51.100.128/25")?)
+    })?;
+    starling_tests::wait_for("both blocks at the router", CONVERGE, || {
+        Ok(at_tor(&c, &blocks[0])? && at_tor(&c, &blocks[1])?)
+    })?;
+
+    let filters = format!(
+        "apiVersion: projectcalico.org/v3
+kind: BGPFilter
+metadata: {{name: tor-import}}
+spec:
+  importV4:
+  - {{action: Reject, matchOperator: In, cidr: 198.51.100.0/24, prefixLength: {{min: 25}}}}
+  - {{action: Reject, matchOperator: Equal, cidr: 203.0.113.0/24}}
+---
+apiVersion: projectcalico.org/v3
+kind: BGPFilter
+metadata: {{name: tor-export}}
+spec:
+  exportV4:
+  - {{action: Reject, matchOperator: NotIn, cidr: {}}}
+",
+        blocks[0]
+    );
+    c.lab
+        .set_tor_filters(&["tor-import", "tor-export"], &filters)?;
+    c.wait_all("the import filter applied", CONVERGE, |n| {
+        Ok(!learned(&c, n, "203.0.113.0/24")?
+            && !learned(&c, n, "198.51.100.128/25")?
+            && learned(&c, n, "198.51.100.0/24")?)
+    })?;
+    starling_tests::wait_for(
+        "the export filter applied: node2's block withdrawn from the router",
+        CONVERGE,
+        || Ok(at_tor(&c, &blocks[0])? && !at_tor(&c, &blocks[1])?),
+    )
+    .with_context(|| format!("router:\n{}", c.lab.tor_routes().unwrap_or_default()))?;
+    // The sessions stayed up: a policy change is no reset.
+    let proto = run(
+        "birdc",
+        &[
+            "-s",
+            c.dir().join("tor.ctl").to_str().context("path")?,
+            "show",
+            "protocols",
+        ],
+    )?;
+    ensure!(
+        proto.lines().filter(|l| l.contains("Established")).count() == 2,
+        "{proto}"
+    );
+
+    // Filters taken away: everything is back, both ways.
+    c.lab.set_tor_filters(&[], "")?;
+    c.wait_all("every announced prefix learned again", CONVERGE, |n| {
+        Ok(learned(&c, n, "203.0.113.0/24")? && learned(&c, n, "198.51.100.128/25")?)
+    })?;
+    starling_tests::wait_for("both blocks at the router again", CONVERGE, || {
+        Ok(at_tor(&c, &blocks[0])? && at_tor(&c, &blocks[1])?)
+    })?;
+    Ok(())
+}

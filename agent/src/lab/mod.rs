@@ -151,6 +151,12 @@ pub struct LabState {
     /// The pools' `natOutgoing`.
     #[serde(default)]
     pub nat_outgoing: bool,
+    /// BGPFilters the top-of-rack peer names (`spec.filters`).
+    #[serde(default)]
+    pub tor_filters: Vec<String>,
+    /// More model documents, written after the lab's own (BGPFilters).
+    #[serde(default)]
+    pub extra_model: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -319,13 +325,31 @@ impl LabState {
             } else {
                 String::new()
             };
+            let filters = if self.tor_filters.is_empty() {
+                String::new()
+            } else {
+                format!(", filters: [{}]", self.tor_filters.join(", "))
+            };
             let _ = write!(
                 y,
-                "---\napiVersion: starling.dev/v1\nkind: BGPPeer\nmetadata: {{name: tor}}\nspec: {{peerIP: {}, asNumber: {TOR_AS}{password}}}\n",
+                "---\napiVersion: starling.dev/v1\nkind: BGPPeer\nmetadata: {{name: tor}}\nspec: {{peerIP: {}, asNumber: {TOR_AS}{password}{filters}}}\n",
                 t.ipv4.addr()
             );
         }
+        if !self.extra_model.is_empty() {
+            y.push_str("---\n");
+            y.push_str(&self.extra_model);
+        }
         y
+    }
+
+    /// Give the top-of-rack peer these BGPFilters (by name), with
+    /// `documents` (the filters, as YAML) added to the model.
+    pub fn set_tor_filters(&mut self, filters: &[&str], documents: &str) -> Result<()> {
+        self.tor_filters = filters.iter().map(|f| f.to_string()).collect();
+        self.extra_model = documents.to_string();
+        self.save()?;
+        self.write_model()
     }
 
     /// Switch the topology: the mesh, or node1 and node2 as reflectors.
@@ -845,6 +869,8 @@ pub fn up(opts: LabOptions, progress: &mut dyn FnMut(&str)) -> Result<LabState> 
         },
         outside: None,
         nat_outgoing: true,
+        tor_filters: Vec::new(),
+        extra_model: String::new(),
     };
     lab.save()?;
     make_fabric(&lab.fabric, progress)?;

@@ -19,6 +19,8 @@ use super::validate::Finding;
 use ipnet::IpNet;
 use serde::Deserialize;
 use serde_yaml::{Mapping, Value};
+use starling_bgp::Family;
+use starling_bgp::policy::{PolicyRule, RouteSource, Verdict};
 
 /// The API version of Calico's CRDs (Kubernetes datastore), as `kubectl`
 /// exports them.
@@ -51,6 +53,9 @@ pub enum Support {
 }
 
 use Support::*;
+
+/// What Starling does with a BGPFilter's rules.
+const FILTER_RULES: &str = "every rule (cidr with Equal, NotEqual, In, NotIn, prefixLength, source, action) in the file datastore; a rule with `interface` is left out with a warning (Starling matches no interfaces); the Kubernetes datastore does not read BGPFilters yet";
 
 /// Every field of Calico 3.2x's IPPool, BGPConfiguration, BGPPeer,
 /// BGPFilter and Node (read from projectcalico/api
@@ -270,10 +275,9 @@ pub const CALICO_FIELDS: &[(&str, &str, Support)] = &[
     (
         "BGPPeer",
         "spec.filters",
-        Warned {
-            instead: "BGPFilters are not applied: Starling sends and accepts routes as with no filter",
-            same: &["[]"],
-        },
+        Partly(
+            "in the file datastore; the Kubernetes datastore does not read BGPFilters yet and warns (such a peer gets no session there)",
+        ),
     ),
     (
         "BGPPeer",
@@ -291,39 +295,12 @@ pub const CALICO_FIELDS: &[(&str, &str, Support)] = &[
             same: &[],
         },
     ),
-    // BGPFilter: the whole kind is accepted, checked and not applied.
-    (
-        "BGPFilter",
-        "spec.exportV4",
-        Warned {
-            instead: "Starling sends IPv4 routes as with no filter",
-            same: &["[]"],
-        },
-    ),
-    (
-        "BGPFilter",
-        "spec.importV4",
-        Warned {
-            instead: "Starling accepts IPv4 routes as with no filter",
-            same: &["[]"],
-        },
-    ),
-    (
-        "BGPFilter",
-        "spec.exportV6",
-        Warned {
-            instead: "Starling sends IPv6 routes as with no filter",
-            same: &["[]"],
-        },
-    ),
-    (
-        "BGPFilter",
-        "spec.importV6",
-        Warned {
-            instead: "Starling accepts IPv6 routes as with no filter",
-            same: &["[]"],
-        },
-    ),
+    // BGPFilter: loaded by the file datastore, applied to the peers that
+    // name it in spec.filters.
+    ("BGPFilter", "spec.exportV4", Partly(FILTER_RULES)),
+    ("BGPFilter", "spec.importV4", Partly(FILTER_RULES)),
+    ("BGPFilter", "spec.exportV6", Partly(FILTER_RULES)),
+    ("BGPFilter", "spec.importV6", Partly(FILTER_RULES)),
     // Node: the BGP part becomes a StarlingNode.
     ("Node", "spec.bgp.ipv4Address", Implemented),
     ("Node", "spec.bgp.ipv6Address", Implemented),
@@ -824,9 +801,10 @@ fn core_node(top: &Mapping, name: &str, target: Target) -> Normalized {
 }
 
 // ---------------------------------------------------------------------------
-// BGPFilter: checked so that a malformed filter is refused, never loaded.
+// BGPFilter: checked so that a malformed filter is refused; loaded by the
+// file datastore and turned into speaker policy for the peers naming it.
 
-#[derive(Deserialize, Debug)]
+#[derive(Deserialize, Debug, Clone, PartialEq, Eq, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct BGPFilterSpec {
     #[serde(default, rename = "exportV4")]
@@ -839,7 +817,7 @@ pub struct BGPFilterSpec {
     pub import_v6: Vec<FilterRule>,
 }
 
-#[derive(Deserialize, Debug)]
+#[derive(Deserialize, Debug, Clone, PartialEq, Eq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FilterRule {
     #[serde(default)]
@@ -855,7 +833,7 @@ pub struct FilterRule {
     pub action: FilterAction,
 }
 
-#[derive(Deserialize, Debug)]
+#[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct PrefixLength {
     #[serde(default)]
@@ -864,12 +842,12 @@ pub struct PrefixLength {
     pub max: Option<u8>,
 }
 
-#[derive(Deserialize, Debug)]
+#[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FilterSource {
     RemotePeers,
 }
 
-#[derive(Deserialize, Debug)]
+#[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MatchOperator {
     Equal,
     NotEqual,
@@ -877,7 +855,7 @@ pub enum MatchOperator {
     NotIn,
 }
 
-#[derive(Deserialize, Debug)]
+#[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FilterAction {
     Accept,
     Reject,
@@ -934,6 +912,14 @@ pub fn bgp_filter(spec: &BGPFilterSpec) -> Vec<Finding> {
                         format!("min {lo} is more than max {hi}"),
                     ));
                 }
+                if let (Some(c), Some(hi)) = (r.cidr, pl.max)
+                    && hi < c.prefix_len()
+                {
+                    out.push(finding(
+                        &at("prefixLength.max"),
+                        format!("{hi} is shorter than {c}: no prefix inside it is that short"),
+                    ));
+                }
             }
             if let Some(ifname) = &r.interface
                 && (ifname.is_empty() || ifname.len() > 15 && !ifname.contains('*'))
@@ -948,11 +934,185 @@ pub fn bgp_filter(spec: &BGPFilterSpec) -> Vec<Finding> {
     out
 }
 
+/// The rule lists of a filter that apply to one direction.
+fn filter_lists(spec: &BGPFilterSpec, export: bool) -> [(&[FilterRule], Family); 2] {
+    if export {
+        [
+            (&spec.export_v4, Family::Ipv4),
+            (&spec.export_v6, Family::Ipv6),
+        ]
+    } else {
+        [
+            (&spec.import_v4, Family::Ipv4),
+            (&spec.import_v6, Family::Ipv6),
+        ]
+    }
+}
+
+/// What Starling does differently from Calico with a (valid) BGPFilter:
+/// rules with `interface` are left out; prefixLength with Equal or
+/// NotEqual compares the exact cidr, as BIRD's `=` does.
+pub fn bgp_filter_warnings(spec: &BGPFilterSpec) -> Vec<Finding> {
+    let mut out = Vec::new();
+    for export in [true, false] {
+        for (rules, family) in filter_lists(spec, export) {
+            let list = list_name(export, family);
+            for (i, r) in rules.iter().enumerate() {
+                if let Some(ifname) = &r.interface {
+                    out.push(finding(
+                        &format!("spec.{list}[{i}].interface"),
+                        format!(
+                            "not supported: Starling matches no interfaces, so this rule (interface `{ifname}`) is left out and routes go on to the next rule"
+                        ),
+                    ));
+                }
+                if r.prefix_length.is_some()
+                    && matches!(
+                        r.match_operator,
+                        Some(MatchOperator::Equal | MatchOperator::NotEqual)
+                    )
+                {
+                    out.push(finding(
+                        &format!("spec.{list}[{i}].prefixLength"),
+                        "not used with Equal or NotEqual: the route's prefix is compared with cidr exactly; use In or NotIn for a length range",
+                    ));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// A BGPFilter checked for the Kubernetes datastore, which does not read
+/// BGPFilters yet: each rule list set is named.
+pub fn kubernetes_filter_warnings(spec: &BGPFilterSpec) -> Vec<Finding> {
+    let mut out = Vec::new();
+    for export in [true, false] {
+        for (rules, family) in filter_lists(spec, export) {
+            if !rules.is_empty() {
+                out.push(finding(
+                    &format!("spec.{}", list_name(export, family)),
+                    "not supported by the Kubernetes datastore yet: BGPFilters are read from the file datastore only",
+                ));
+            }
+        }
+    }
+    out
+}
+
+fn list_name(export: bool, family: Family) -> &'static str {
+    match (export, family) {
+        (true, Family::Ipv4) => "exportV4",
+        (true, Family::Ipv6) => "exportV6",
+        (false, Family::Ipv4) => "importV4",
+        (false, Family::Ipv6) => "importV6",
+    }
+}
+
+/// A BGPFilter's rules for one direction as speaker policy rules, IPv4
+/// first: each rule matches only its family. Without a default at the end:
+/// the caller adds the peer's own.
+pub fn filter_policy(spec: &BGPFilterSpec, export: bool) -> Vec<PolicyRule> {
+    let mut out = Vec::new();
+    for (rules, family) in filter_lists(spec, export) {
+        for r in rules.iter().filter(|r| r.interface.is_none()) {
+            let mut rule = PolicyRule {
+                family: Some(family),
+                source: r.source.map(|FilterSource::RemotePeers| RouteSource::Peer),
+                action: match r.action {
+                    FilterAction::Accept => Verdict::Accept,
+                    FilterAction::Reject => Verdict::Reject,
+                },
+                ..PolicyRule::default()
+            };
+            if let (Some(cidr), Some(op)) = (r.cidr, r.match_operator) {
+                // BIRD's `net ~ cidr` / `net = cidr`, as Calico renders them.
+                let cidr = cidr.trunc();
+                rule.prefix = Some(cidr);
+                rule.not_prefix = matches!(op, MatchOperator::NotEqual | MatchOperator::NotIn);
+                if matches!(op, MatchOperator::In | MatchOperator::NotIn) {
+                    let pl = r.prefix_length.unwrap_or(PrefixLength {
+                        min: None,
+                        max: None,
+                    });
+                    let len = cidr.prefix_len();
+                    rule.ge = Some(pl.min.map_or(len, |m| m.max(len)));
+                    rule.le = Some(
+                        pl.max
+                            .map_or(cidr.max_prefix_len(), |m| m.min(cidr.max_prefix_len())),
+                    );
+                }
+            }
+            out.push(rule);
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::model::file::{Mode, Problem, check_str, import_str, load_str};
     use std::path::Path;
+
+    /// A BGPFilter as speaker policy: each operator, prefixLength and
+    /// source, run through the speaker's own `apply` on real prefixes.
+    #[test]
+    fn filter_rules_become_speaker_policy() {
+        use starling_bgp::PathAttrs;
+        use starling_bgp::policy::{Outcome, apply};
+        let spec: BGPFilterSpec = serde_yaml::from_str(
+            r#"
+exportV4:
+- {action: Accept, matchOperator: In, cidr: 77.0.0.0/16, source: RemotePeers}
+- {action: Reject, interface: '*.calico'}
+- {action: Reject, matchOperator: NotIn, cidr: 10.244.0.0/16}
+importV4:
+- {action: Accept, matchOperator: In, cidr: 55.0.0.0/16, prefixLength: {min: 30}}
+- {action: Reject, matchOperator: Equal, cidr: 198.51.100.0/24}
+- {action: Reject, matchOperator: NotEqual, cidr: 203.0.113.0/24}
+importV6:
+- {action: Reject, matchOperator: In, cidr: 'fd00::/8', prefixLength: {max: 64}}
+"#,
+        )
+        .unwrap();
+        assert!(bgp_filter(&spec).is_empty());
+        // The interface rule is left out, with a warning naming it.
+        let w = bgp_filter_warnings(&spec);
+        assert_eq!(w.len(), 1);
+        assert_eq!(w[0].field, "spec.exportV4[1].interface");
+        let export = filter_policy(&spec, true);
+        let import = filter_policy(&spec, false);
+        assert_eq!((export.len(), import.len()), (2, 4));
+        let run = |rules: &[PolicyRule], p: &str, source| {
+            let mut a = PathAttrs::default();
+            match apply(Some(rules), &p.parse().unwrap(), &mut a, source) {
+                Outcome::Accept { .. } => "accept",
+                Outcome::Reject => "reject",
+            }
+        };
+        // Nothing matched: rejected by the bare list; the agent appends the
+        // peer's default after it.
+        let (local, peer) = (RouteSource::Local, RouteSource::Peer);
+        assert_eq!(run(&export, "77.0.1.0/24", peer), "accept");
+        assert_eq!(run(&export, "77.0.1.0/24", local), "reject"); // NotIn 10.244/16
+        assert_eq!(run(&export, "10.244.3.0/26", local), "reject"); // no match
+        assert_eq!(run(&export, "2001:db8::/64", local), "reject"); // no v6 rule
+        assert_eq!(run(&import, "55.0.0.0/30", peer), "accept");
+        assert_eq!(run(&import, "55.0.0.0/24", peer), "reject"); // shorter than /30: on to NotEqual
+        assert_eq!(run(&import, "198.51.100.0/24", peer), "reject");
+        assert_eq!(run(&import, "203.0.113.0/25", peer), "reject"); // NotEqual
+        assert_eq!(run(&import, "fd00:1::/48", peer), "reject");
+        // In with prefixLength: the length range, clamped to the cidr's.
+        let v6 = import.last().unwrap();
+        assert_eq!((v6.ge, v6.le, v6.not_prefix), (Some(8), Some(64), false));
+        assert_eq!(import[0].ge, Some(30));
+        assert_eq!(import[0].le, Some(32));
+        assert!(import[2].not_prefix && import[2].ge.is_none());
+        for r in export.iter().chain(&import) {
+            r.validate().unwrap();
+        }
+    }
 
     #[test]
     fn table_has_no_duplicates() {
@@ -1429,9 +1589,10 @@ mod tests {
                     "BGPConfiguration" => usize::from(snap.bgp_configuration.is_some()),
                     "BGPPeer" => snap.peers.len(),
                     "Node" => snap.nodes.len(),
+                    "BGPFilter" => snap.filters.len(),
                     _ => 0,
                 };
-                assert_eq!(loaded, usize::from(*kind != "BGPFilter"), "{kind} {path}");
+                assert_eq!(loaded, 1, "{kind} {path}");
             }
         }
     }
@@ -1642,8 +1803,6 @@ status:
         for (object, field) in [
             ("BGPConfiguration/default", "spec.serviceLoadBalancerIPs"),
             ("BGPPeer/peer-a", "spec.keepOriginalNextHop"),
-            ("BGPPeer/peer-a", "spec.filters"),
-            ("BGPFilter/no-default", "spec.exportV4"),
             ("Node/node-a", "spec.addresses"),
         ] {
             assert!(
@@ -1651,6 +1810,11 @@ status:
                 "no warning for {object} {field}: {w:#?}"
             );
         }
+        // The file datastore loads BGPFilters and applies them: no word.
+        assert_eq!(snap.peers["peer-a"].spec.filters, ["no-default"]);
+        assert_eq!(snap.filters["no-default"].export_v4.len(), 1);
+        assert!(!warned(&w, "BGPPeer/peer-a", "spec.filters"));
+        assert!(!warned(&w, "BGPFilter/no-default", "spec.exportV4"));
         // allowedUses [Workload, Tunnel] is what Starling does: no word.
         assert!(
             !w.iter().any(|p| p.message.contains("allowedUses")

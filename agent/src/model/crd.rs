@@ -322,6 +322,13 @@ pub struct BGPPeerSpec {
     /// between nodes have no limit unless set here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_prefixes: Option<MaxPrefixes>,
+    /// Names of Calico BGPFilters applied to this peer's routes, in order:
+    /// the first rule that matches, in the first filter that has one,
+    /// decides; a route no rule matches gets the peer's default policy.
+    /// The filters are read from the file datastore.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub filters: Vec<String>,
 }
 
 /// Default for peers at `peerIP` (routers outside the cluster).

@@ -597,6 +597,13 @@ impl Loader<'_> {
                         for w in validate::unsupported_bgp_peer(&spec) {
                             self.warning(doc, &object, w);
                         }
+                        if self.target == Target::Kubernetes && !spec.filters.is_empty() {
+                            let w = Finding {
+                                field: "spec.filters".into(),
+                                message: "not supported by the Kubernetes datastore yet: it does not read BGPFilters, so this peer gets no session there (the file datastore applies them)".into(),
+                            };
+                            self.warning(doc, &object, w);
+                        }
                         let peer = BGPPeer { metadata, spec };
                         self.emit(&peer);
                         snap.peers.insert(name, peer);
@@ -626,11 +633,22 @@ impl Loader<'_> {
                     self.findings(doc, &object, f);
                 }
             }
-            // Calico's: checked, warned about (calico::normalize), not loaded.
+            // Calico's: checked and loaded; peers name it in spec.filters.
             "BGPFilter" if doc.calico => {
                 if let Some((_, spec)) = self.parse::<calico::BGPFilterSpec>(doc, &object, false)
                 {
-                    let f = spec.map(|s| calico::bgp_filter(&s)).unwrap_or_default();
+                    let spec = spec.unwrap_or_default();
+                    let f = calico::bgp_filter(&spec);
+                    if f.is_empty() {
+                        let mut w = calico::bgp_filter_warnings(&spec);
+                        if self.target == Target::Kubernetes {
+                            w.extend(calico::kubernetes_filter_warnings(&spec));
+                        }
+                        for w in w {
+                            self.warning(doc, &object, w);
+                        }
+                        snap.filters.insert(name, spec);
+                    }
                     self.findings(doc, &object, f);
                 }
             }

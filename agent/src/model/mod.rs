@@ -36,6 +36,9 @@ pub struct Snapshot {
     pub bgp_configuration: Option<BGPConfiguration>,
     pub pools: BTreeMap<String, IPPool>,
     pub peers: BTreeMap<String, BGPPeer>,
+    /// Calico BGPFilters by name (the file datastore loads them); peers
+    /// name them in `spec.filters`.
+    pub filters: BTreeMap<String, calico::BGPFilterSpec>,
     pub nodes: BTreeMap<String, StarlingNode>,
     pub affinities: BTreeMap<String, BlockAffinity>,
     /// Passwords resolved by the datastore (files now, Secrets later), so

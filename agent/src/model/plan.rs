@@ -4,9 +4,11 @@
 //! the agent applies a new plan by diffing it against the old one.
 
 use super::Snapshot;
+use super::calico;
 use super::crd::*;
 use super::selector::NodeSelector;
 use starling_bgp::PeerConfig;
+use starling_bgp::policy::PolicyRule;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 
@@ -97,6 +99,9 @@ fn selects(selector: &str, labels: &BTreeMap<String, String>) -> bool {
         .unwrap_or(false)
 }
 
+/// A peer's import and export rules.
+type ImportExport = (Vec<PolicyRule>, Vec<PolicyRule>);
+
 struct Planner<'a> {
     snap: &'a Snapshot,
     this: &'a str,
@@ -140,6 +145,27 @@ impl Planner<'_> {
                 }
             },
         }
+    }
+
+    /// The import and export rules of the BGPFilters a peer names, in
+    /// order (`None`: it names none). A filter missing from the model
+    /// means no session: its routes would otherwise pass unfiltered.
+    fn filters(&mut self, names: &[String], what: &str) -> Result<Option<ImportExport>, ()> {
+        if names.is_empty() {
+            return Ok(None);
+        }
+        let (mut import, mut export) = (Vec::new(), Vec::new());
+        for name in names {
+            let Some(f) = self.snap.filters.get(name) else {
+                self.warnings.push(format!(
+                    "{what}: BGPFilter `{name}` is not in the model (the file datastore loads BGPFilters; the Kubernetes datastore does not yet); no session"
+                ));
+                return Err(());
+            };
+            import.extend(calico::filter_policy(f, false));
+            export.extend(calico::filter_policy(f, true));
+        }
+        Ok(Some((import, export)))
     }
 
     /// Sessions to other nodes: the full mesh, or reflectors and clients.
@@ -209,6 +235,9 @@ impl Planner<'_> {
             let Ok(password) = self.password(spec.password.as_ref(), &what) else {
                 continue;
             };
+            let Ok(filters) = self.filters(&spec.filters, &what) else {
+                continue;
+            };
             // (address, port, AS, between two nodes)
             let mut targets: Vec<(IpAddr, u16, u32, bool)> = Vec::new();
             if let (Some(ip), Some(asn)) = (spec.peer_ip, spec.as_number) {
@@ -261,6 +290,10 @@ impl Planner<'_> {
                         MaxPrefixAction::Close => starling_bgp::MaxPrefixAction::Close,
                     },
                 });
+                if let Some((import, export)) = &filters {
+                    pc.import = Some(import.clone());
+                    pc.export = Some(export.clone());
+                }
                 pc.description = Some(what.clone());
                 self.add(pc);
             }
@@ -646,6 +679,54 @@ mod tests {
         );
         assert_eq!(to_b.max_prefixes, None);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A peer's BGPFilters become its import and export rules, in the
+    /// order it names them; a filter missing from the model means no
+    /// session, with a warning naming it.
+    #[test]
+    fn filters_become_peer_policy() {
+        let filter = |name: &str, cidr: &str| {
+            format!(
+                "---\napiVersion: projectcalico.org/v3\nkind: BGPFilter\nmetadata: {{name: {name}}}\nspec:\n  importV4: [{{action: Reject, matchOperator: Equal, cidr: {cidr}}}]\n  exportV4: [{{action: Reject, matchOperator: In, cidr: {cidr}}}]\n"
+            )
+        };
+        let s = snap(&[
+            config(true),
+            node("a", "192.0.2.11/24", ""),
+            filter("f1", "198.51.100.0/24"),
+            filter("f2", "203.0.113.0/24"),
+            peer(
+                "tor",
+                "  peerIP: 192.0.2.254\n  asNumber: 65000\n  filters: [f2, f1]\n",
+            ),
+            peer(
+                "gone",
+                "  peerIP: 192.0.2.253\n  asNumber: 65000\n  filters: [f1, nope]\n",
+            ),
+        ]);
+        let p = plan_detailed(&s, "a");
+        let tor = p
+            .peers
+            .iter()
+            .find(|pc| pc.address == ip("192.0.2.254"))
+            .expect("tor session");
+        let prefixes = |r: &Option<Vec<PolicyRule>>| -> Vec<String> {
+            r.iter()
+                .flatten()
+                .map(|r| r.prefix.unwrap().to_string())
+                .collect()
+        };
+        assert_eq!(prefixes(&tor.import), ["203.0.113.0/24", "198.51.100.0/24"]);
+        assert_eq!(prefixes(&tor.export), ["203.0.113.0/24", "198.51.100.0/24"]);
+        assert!(!p.peers.iter().any(|pc| pc.address == ip("192.0.2.253")));
+        assert!(
+            p.warnings
+                .iter()
+                .any(|w| w.contains("gone") && w.contains("BGPFilter `nope`")),
+            "{:?}",
+            p.warnings
+        );
     }
 
     #[test]

@@ -379,6 +379,7 @@ mod tests {
             keep_original_next_hop: None,
             next_hop_mode: None,
             max_prefixes: None,
+            filters: vec![],
         };
         assert!(bgp_peer(&base).is_empty());
         let zero = BGPPeerSpec {

@@ -182,39 +182,33 @@ fn other_node_addresses(snap: &Snapshot, node: &str) -> BTreeSet<IpAddr> {
         .collect()
 }
 
-/// Default policy for eBGP peers, which RFC 8212 leaves exchanging nothing:
-/// export this node's own blocks, import everything. Only our own blocks:
+/// A peer's default policy, after the rules of its BGPFilters (if any):
+/// eBGP peers, which RFC 8212 leaves exchanging nothing, export this
+/// node's own blocks and import everything. Only our own blocks:
 /// re-advertising the other nodes' blocks would make the router send their
-/// traffic through us.
+/// traffic through us. iBGP peers keep the speaker's defaults (everything,
+/// within the iBGP rules): without filters no rules at all, with filters an
+/// accept-everything rule at the end. Calico's order: the first filter rule
+/// that matches decides, else the default.
 fn ebgp_defaults(mut pc: PeerConfig, local_asn: u32, blocks: &[IpNet]) -> PeerConfig {
+    let accept_all = PolicyRule {
+        action: Verdict::Accept,
+        ..PolicyRule::default()
+    };
     if pc.asn == local_asn {
+        for rules in [&mut pc.import, &mut pc.export].into_iter().flatten() {
+            rules.push(accept_all.clone());
+        }
         return pc;
     }
-    if pc.import.is_none() {
-        pc.import = Some(vec![PolicyRule {
-            prefix: None,
-            ge: None,
-            le: None,
-            community: None,
+    pc.import.get_or_insert_with(Vec::new).push(accept_all);
+    pc.export
+        .get_or_insert_with(Vec::new)
+        .extend(blocks.iter().map(|b| PolicyRule {
+            prefix: Some(*b),
             action: Verdict::Accept,
-            set: None,
-        }]);
-    }
-    if pc.export.is_none() {
-        pc.export = Some(
-            blocks
-                .iter()
-                .map(|b| PolicyRule {
-                    prefix: Some(*b),
-                    ge: None,
-                    le: None,
-                    community: None,
-                    action: Verdict::Accept,
-                    set: None,
-                })
-                .collect(),
-        );
-    }
+            ..PolicyRule::default()
+        }));
     pc
 }
 
@@ -241,5 +235,34 @@ mod tests {
             &[block],
         );
         assert!(ibgp.export.is_none() && ibgp.import.is_none());
+    }
+
+    #[test]
+    fn filter_rules_come_before_the_defaults() {
+        let block: IpNet = "10.244.1.0/26".parse().expect("literal");
+        let reject = PolicyRule {
+            prefix: Some("198.51.100.0/24".parse().expect("literal")),
+            action: Verdict::Reject,
+            ..PolicyRule::default()
+        };
+        let mut pc = PeerConfig::new("192.0.2.254".parse().expect("literal"), 65000);
+        pc.import = Some(vec![reject.clone()]);
+        pc.export = Some(vec![reject.clone()]);
+        let ebgp = ebgp_defaults(pc.clone(), 64512, &[block]);
+        let import = ebgp.import.expect("import");
+        assert_eq!(import[0], reject);
+        assert_eq!(import[1].prefix, None);
+        let export = ebgp.export.expect("export");
+        assert_eq!(export[0], reject);
+        assert_eq!(export[1].prefix, Some(block));
+        // iBGP with filters: the filter, then everything.
+        pc.asn = 64512;
+        let ibgp = ebgp_defaults(pc, 64512, &[block]);
+        let export = ibgp.export.expect("export");
+        assert_eq!(export.len(), 2);
+        assert_eq!(
+            (export[1].prefix, export[1].action),
+            (None, Verdict::Accept)
+        );
     }
 }
