@@ -314,14 +314,18 @@ items:
     let (ok, stdout, stderr) = ctl(&["validate", path])?;
     ensure!(ok, "validate refused the export:\n{stderr}");
     ensure!(
-        stdout.contains("1 IPPool, 1 BGPConfiguration, 1 BGPPeer, 2 StarlingNode"),
+        stdout.contains("1 IPPool, 1 BGPConfiguration, 1 BGPPeer, 2 StarlingNode")
+            && stdout.contains("1 BGPFilter"),
         "{stdout}"
+    );
+    // The file datastore applies BGPFilters: no word about them.
+    ensure!(
+        !stderr.contains("spec.filters") && !stderr.contains("spec.exportV4"),
+        "{stderr}"
     );
     let line_of = |needle: &str| text.lines().position(|l| l.contains(needle)).map(|i| i + 1);
     for (needle, object, field) in [
         ("bindMode", "BGPConfiguration/default", "spec.bindMode"),
-        ("filters:", "BGPPeer/reflectors", "spec.filters"),
-        ("exportV4", "BGPFilter/no-default", "spec.exportV4"),
         ("orchRefs", "Node/node1", "spec.orchRefs"),
     ] {
         let want = format!("warning: {path}:{}: ", line_of(needle).context(needle)?);
@@ -341,18 +345,26 @@ items:
         imported.to_str().context("path")?,
     ])?;
     ensure!(ok, "import-calico failed:\n{stderr}");
-    ensure!(stderr.contains("spec.bindMode"), "{stderr}");
+    // The Kubernetes datastore does not read BGPFilters yet: said for the
+    // filter and for the peer, which keeps `filters` (no session there
+    // rather than unfiltered routes).
+    for field in ["spec.bindMode", "spec.filters", "spec.exportV4"] {
+        ensure!(stderr.contains(field), "no warning for {field}:\n{stderr}");
+    }
     let out = std::fs::read_to_string(&imported)?;
     for gone in [
         "uid",
         "managedFields",
         "projectcalico.org",
         "BGPFilter",
-        "filters",
         "bindMode",
     ] {
         ensure!(!out.contains(gone), "{gone} carried over:\n{out}");
     }
+    ensure!(
+        out.contains("no-default"),
+        "filters not carried over:\n{out}"
+    );
     let (ok, stdout, stderr) = ctl(&["validate", imported.to_str().context("path")?])?;
     ensure!(ok && !stderr.contains("warning"), "{stdout}{stderr}");
 

@@ -245,13 +245,17 @@ fn validate(path: &Path, datastore: Datastore) -> Result<ExitCode> {
         Ok(l) => {
             let s = &l.snapshot;
             println!(
-                "{}: ok: {} IPPool, {} BGPConfiguration, {} BGPPeer, {} StarlingNode, {} BlockAffinity{}",
+                "{}: ok: {} IPPool, {} BGPConfiguration, {} BGPPeer, {} StarlingNode, {} BlockAffinity{}{}",
                 path.display(),
                 s.pools.len(),
                 usize::from(s.bgp_configuration.is_some()),
                 s.peers.len(),
                 s.nodes.len(),
                 s.affinities.len(),
+                match s.filters.len() {
+                    0 => String::new(),
+                    n => format!(", {n} BGPFilter"),
+                },
                 match warnings.len() {
                     0 => String::new(),
                     n => format!("; {n} warning(s)"),

@@ -634,24 +634,7 @@ impl Loader<'_> {
                 }
             }
             // Calico's: checked and loaded; peers name it in spec.filters.
-            "BGPFilter" if doc.calico => {
-                if let Some((_, spec)) = self.parse::<calico::BGPFilterSpec>(doc, &object, false)
-                {
-                    let spec = spec.unwrap_or_default();
-                    let f = calico::bgp_filter(&spec);
-                    if f.is_empty() {
-                        let mut w = calico::bgp_filter_warnings(&spec);
-                        if self.target == Target::Kubernetes {
-                            w.extend(calico::kubernetes_filter_warnings(&spec));
-                        }
-                        for w in w {
-                            self.warning(doc, &object, w);
-                        }
-                        snap.filters.insert(name, spec);
-                    }
-                    self.findings(doc, &object, f);
-                }
-            }
+            "BGPFilter" if doc.calico => self.load_filter(doc, &object, name, snap),
             other => self.problem(
                 Some(doc),
                 Some(object.clone()),
@@ -661,6 +644,27 @@ impl Loader<'_> {
                 ),
             ),
         }
+    }
+
+    /// A Calico BGPFilter: checked, its differences from Calico warned
+    /// about, and kept for the peers that name it.
+    fn load_filter(&mut self, doc: &Document, object: &str, name: String, snap: &mut Snapshot) {
+        let Some((_, spec)) = self.parse::<calico::BGPFilterSpec>(doc, object, false) else {
+            return;
+        };
+        let spec = spec.unwrap_or_default();
+        let f = calico::bgp_filter(&spec);
+        if f.is_empty() {
+            let mut w = calico::bgp_filter_warnings(&spec);
+            if self.target == Target::Kubernetes {
+                w.extend(calico::kubernetes_filter_warnings(&spec));
+            }
+            for w in w {
+                self.warning(doc, object, w);
+            }
+            snap.filters.insert(name, spec);
+        }
+        self.findings(doc, object, f);
     }
 
     /// Resolve a password now, so the peering plan stays pure and a missing
