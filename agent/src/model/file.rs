@@ -528,6 +528,7 @@ impl Loader<'_> {
             "BGPPeer" => snap.peers.contains_key(&name),
             "StarlingNode" => snap.nodes.contains_key(&name),
             "BlockAffinity" => snap.affinities.contains_key(&name),
+            "IPReservation" => snap.reservations.contains_key(&name),
             _ => false,
         };
         if dup {
@@ -626,6 +627,13 @@ impl Loader<'_> {
                     self.findings(doc, &object, f);
                 }
             }
+            "IPReservation" => {
+                if let Some((metadata, Some(spec))) = self.parse::<IPReservationSpec>(doc, &object, true) {
+                    let r = IPReservation { metadata, spec };
+                    self.emit(&r);
+                    snap.reservations.insert(name, r);
+                }
+            }
             // Calico's: checked, warned about (calico::normalize), not loaded.
             "BGPFilter" if doc.calico => {
                 if let Some((_, spec)) = self.parse::<calico::BGPFilterSpec>(doc, &object, false)
@@ -639,7 +647,7 @@ impl Loader<'_> {
                 Some(object.clone()),
                 Some("kind"),
                 format!(
-                    "unknown kind `{other}`: expected IPPool, BGPConfiguration, BGPPeer, StarlingNode or BlockAffinity"
+                    "unknown kind `{other}`: expected IPPool, BGPConfiguration, BGPPeer, StarlingNode, BlockAffinity or IPReservation"
                 ),
             ),
         }
