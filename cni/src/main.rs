@@ -28,6 +28,9 @@ const CODE_EXHAUSTED: u32 = 100;
 const CODE_WIRING: u32 = 101;
 const CODE_CHECK: u32 = 102;
 const CODE_AGENT: u32 = 103;
+const CODE_ADDRESS_IN_USE: u32 = 104;
+const CODE_ADDRESS_NOT_ALLOWED: u32 = 105;
+const CODE_BAD_ANNOTATION: u32 = 106;
 
 /// The options this plugin reads from its network configuration, beyond the
 /// spec's own keys.
@@ -132,6 +135,19 @@ fn agent_error(e: CallError) -> Error {
                 Error::Custom(CODE_EXHAUSTED, "no free address".into(), message)
             }
             ErrorKind::Store => Error::Custom(CODE_AGENT, "IPAM store failure".into(), message),
+            ErrorKind::AddressInUse => {
+                Error::Custom(CODE_ADDRESS_IN_USE, "static address in use".into(), message)
+            }
+            ErrorKind::AddressNotAllowed => Error::Custom(
+                CODE_ADDRESS_NOT_ALLOWED,
+                "static address not allowed".into(),
+                message,
+            ),
+            ErrorKind::BadAnnotation => Error::Custom(
+                CODE_BAD_ANNOTATION,
+                "invalid IPAM annotation".into(),
+                message,
+            ),
         },
     }
 }
@@ -164,8 +180,10 @@ impl Cni for Starling {
         let opts = Options::from_conf(args.config())?;
         let att = Attachment::from_args(&args)?;
         let netns = att.netns()?.to_path_buf();
-        let pod = PodRef::from_cni_args(args.args().unwrap_or(""))
-            .map_err(|e| Error::InvalidEnvValue(e.to_string()))?;
+        let cni_args = args.args().unwrap_or("");
+        let pod =
+            PodRef::from_cni_args(cni_args).map_err(|e| Error::InvalidEnvValue(e.to_string()))?;
+        let ips = proto::static_ips_from_cni_args(cni_args).map_err(Error::InvalidEnvValue)?;
         // Unreachable agent: error 11 here, before anything is created.
         let mut pending = Some(
             proto::send(
@@ -175,6 +193,7 @@ impl Cni for Starling {
                     netns: netns.display().to_string(),
                     host_veth: att.host_veth.clone(),
                     pod,
+                    ips,
                 }),
                 opts.timeout,
             )

@@ -14,6 +14,8 @@ mod datastore;
 mod e2e;
 #[path = "k8s_parts/health.rs"]
 mod health;
+#[path = "k8s_parts/ipam.rs"]
+mod ipam;
 
 use anyhow::{Context, Result, ensure};
 use cluster::{Cluster, checked, cluster, log, repo_root, tool};
@@ -88,6 +90,7 @@ fn manifests_apply_cleanly_and_crds_become_established() -> Result<()> {
         "bgppeers",
         "starlingnodes",
         "blockaffinities",
+        "ipreservations",
     ] {
         let name = format!("customresourcedefinition.apiextensions.k8s.io/{kind}.starling.dev");
         ensure!(names.contains(&name.as_str()), "{name} missing: {crds}");
@@ -99,7 +102,7 @@ fn manifests_apply_cleanly_and_crds_become_established() -> Result<()> {
             "-o",
             "jsonpath={range .items[?(@.spec.group==\"starling.dev\")]}{.metadata.name}={.status.conditions[?(@.type==\"Established\")].status}{\"\\n\"}{end}",
         ])?;
-        Ok(out.lines().count() == 5 && out.lines().all(|l| l.ends_with("=True")))
+        Ok(out.lines().count() == 6 && out.lines().all(|l| l.ends_with("=True")))
     })?;
     // The served API answers for every kind.
     for kind in [
@@ -108,6 +111,7 @@ fn manifests_apply_cleanly_and_crds_become_established() -> Result<()> {
         "bgppeers",
         "starlingnodes",
         "blockaffinities",
+        "ipreservations",
     ] {
         c.kubectl_ok(&["get", &format!("{kind}.starling.dev")])?;
     }
@@ -434,7 +438,13 @@ fn agent_service_account_can_do_its_job_and_nothing_more() -> Result<()> {
             _ => anyhow::bail!("kubectl {}: {answer} {}", args.join(" "), stderr(&out)),
         }
     };
-    let config_kinds = ["ippools", "bgpconfigurations", "bgppeers", "starlingnodes"];
+    let config_kinds = [
+        "ippools",
+        "bgpconfigurations",
+        "bgppeers",
+        "starlingnodes",
+        "ipreservations",
+    ];
     let mut grants: Vec<(&str, String, Option<&str>)> = vec![
         ("list", "nodes".into(), None),
         ("watch", "nodes".into(), None),
@@ -448,6 +458,9 @@ fn agent_service_account_can_do_its_job_and_nothing_more() -> Result<()> {
             "secrets/starling-bgp-passwords".into(),
             Some("kube-system"),
         ),
+        // IPAM annotations of the pod an ADD names, and of its namespace.
+        ("get", "pods".into(), Some("default")),
+        ("get", "namespaces".into(), None),
     ];
     let mut refusals: Vec<(&str, String, Option<&str>)> = vec![
         ("get", "nodes".into(), None),
@@ -478,6 +491,11 @@ fn agent_service_account_can_do_its_job_and_nothing_more() -> Result<()> {
         ("list", "secrets".into(), None),
         ("create", "secrets".into(), Some("kube-system")),
         ("create", "pods".into(), Some("default")),
+        ("list", "pods".into(), None),
+        ("watch", "pods".into(), None),
+        ("update", "pods".into(), Some("default")),
+        ("list", "namespaces".into(), None),
+        ("update", "namespaces".into(), None),
         ("create", "configmaps".into(), Some("default")),
     ];
     for kind in config_kinds {
@@ -511,6 +529,7 @@ fn agent_service_account_can_do_its_job_and_nothing_more() -> Result<()> {
         "bgppeers",
         "starlingnodes",
         "blockaffinities",
+        "ipreservations",
     ] {
         agent.allowed(&["get", &format!("{kind}.starling.dev")], None)?;
         agent.watch(&format!("/apis/starling.dev/v1/{kind}"))?;

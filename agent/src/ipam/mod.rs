@@ -7,6 +7,8 @@
 //! its own besides block claims; [`server`] owns it on one thread, batches
 //! requests into one store commit, and answers the plugin on a Unix socket.
 
+pub mod annotations;
+pub mod choice;
 pub mod cleanup;
 pub mod datastore;
 pub mod kube;
@@ -23,6 +25,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+pub use choice::Choice;
 pub use datastore::{Affinity, Datastore, DatastoreError, FileDatastore, Revision};
 pub use pool::Pool;
 pub use store::{Change, Store, StoreError};
@@ -90,9 +93,30 @@ pub enum IpamError {
     /// No free address in the blocks held: a block must be claimed first
     /// (see [`Ipam::claim_plan`]).
     #[error("a new {} block is needed", if *v4 { "IPv4" } else { "IPv6" })]
-    NeedsBlock { v4: bool },
+    NeedsBlock { v4: bool, want: Want },
     #[error("{0}")]
     ClaimTimeout(String),
+    /// A static address asked for is held by another attachment.
+    #[error("{0}")]
+    AddressInUse(String),
+    /// A static address asked for may not be handed out here.
+    #[error("{0}")]
+    AddressNotAllowed(String),
+    /// An annotation steering IPAM is malformed or names a bad pool.
+    #[error("{0}")]
+    BadAnnotation(String),
+    /// The pod's annotations could not be read in time.
+    #[error("{0}")]
+    AnnotationsUnavailable(String),
+}
+
+/// Which block a claim is for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Want {
+    /// The first free block of these pools, in order.
+    Pools(Vec<Pool>),
+    /// Exactly this block (a static address in it was asked for).
+    Block(IpNet),
 }
 
 /// The node's IPAM state: its blocks and who holds which address.
@@ -110,6 +134,8 @@ pub struct Ipam {
     /// use for as long as possible, so stale conntrack or ARP entries for it
     /// age out first.
     cursors: HashMap<IpNet, u128>,
+    /// Reserved CIDRs (IPReservation): never handed out.
+    reserved: Vec<IpNet>,
 }
 
 impl Ipam {
@@ -154,6 +180,7 @@ impl Ipam {
             by_key: HashMap::new(),
             used: HashMap::new(),
             cursors: HashMap::new(),
+            reserved: Vec::new(),
         };
         ipam.reset(existing)?;
         Ok(ipam)
@@ -212,34 +239,87 @@ impl Ipam {
             .unwrap_or(DEFAULT_MAX_BLOCKS_PER_NODE)
     }
 
-    /// Address families this node serves: those it holds a block of or may
-    /// claim one for.
-    fn families(&self) -> Vec<bool> {
+    /// Pools of the family that select this node, in order.
+    fn node_pools(&self, v4: bool) -> Vec<Pool> {
+        self.config
+            .pools
+            .iter()
+            .filter(|p| p.cidr.addr().is_ipv4() == v4 && p.selects(&self.labels))
+            .cloned()
+            .collect()
+    }
+
+    /// Address families this node serves: those it holds a block of, may
+    /// claim one for, or the pod's annotations name pools of.
+    fn families(&self, choice: &Choice) -> Vec<bool> {
         let mut out = Vec::new();
         for v4 in [true, false] {
             let has_block = self.blocks.iter().any(|b| b.addr().is_ipv4() == v4);
-            let has_pool = self
-                .config
-                .pools
-                .iter()
-                .any(|p| p.cidr.addr().is_ipv4() == v4 && p.selects(&self.labels));
-            if has_block || has_pool {
+            if has_block || choice.pools(v4).is_some() || !self.node_pools(v4).is_empty() {
                 out.push(v4);
             }
         }
         out
     }
 
+    /// The pools an annotation names (by name or CIDR), checked: each must
+    /// exist, be of the family and be enabled. A pool's node selector does
+    /// not apply (as with Calico: a pool only annotations use selects no
+    /// node, `!all()`).
+    fn resolve(&self, v4: bool, list: &choice::PoolList) -> Result<Vec<Pool>, IpamError> {
+        let family = if v4 { "IPv4" } else { "IPv6" };
+        let mut out = Vec::new();
+        for want in &list.pools {
+            let by_cidr = want.parse::<IpNet>().ok();
+            let pool = self
+                .config
+                .pools
+                .iter()
+                .find(|p| (!p.name.is_empty() && p.name == *want) || Some(p.cidr) == by_cidr)
+                .ok_or_else(|| {
+                    IpamError::BadAnnotation(format!(
+                        "{}: no IP pool named or with CIDR `{want}`",
+                        list.from
+                    ))
+                })?;
+            if pool.cidr.addr().is_ipv4() != v4 {
+                return Err(IpamError::BadAnnotation(format!(
+                    "{}: pool {} is not an {family} pool",
+                    list.from,
+                    pool.label()
+                )));
+            }
+            if pool.disabled {
+                return Err(IpamError::BadAnnotation(format!(
+                    "{}: pool {} is disabled",
+                    list.from,
+                    pool.label()
+                )));
+            }
+            out.push(pool.clone());
+        }
+        Ok(out)
+    }
+
     /// Allocate one address per family for the attachment, or return the
     /// allocation it already has (a retried ADD after a lost reply),
     /// claiming blocks as needed on this thread.
     pub fn add(&mut self, req: &AddRequest) -> Result<(Allocation, Option<Change>), IpamError> {
+        self.add_with(req, &Choice::default())
+    }
+
+    /// [`Ipam::add`] with the operator's choice for the pod.
+    pub fn add_with(
+        &mut self,
+        req: &AddRequest,
+        choice: &Choice,
+    ) -> Result<(Allocation, Option<Change>), IpamError> {
         // Each round claims (or adopts) at least one block of the missing
         // family, or fails; the block limit ends the rounds.
         loop {
-            match self.try_add(req) {
-                Err(IpamError::NeedsBlock { v4 }) => {
-                    let got = self.claim_plan(v4, Instant::now()).run()?;
+            match self.try_add(req, choice) {
+                Err(IpamError::NeedsBlock { v4, want }) => {
+                    let got = self.claim_plan(v4, want, Instant::now()).run()?;
                     self.adopt(&got);
                 }
                 other => return other,
@@ -247,10 +327,14 @@ impl Ipam {
         }
     }
 
-    /// [`Ipam::add`] from the blocks already held: never waits on the
+    /// [`Ipam::add_with`] from the blocks already held: never waits on the
     /// datastore. [`IpamError::NeedsBlock`] says a block must be claimed
     /// first.
-    pub fn try_add(&mut self, req: &AddRequest) -> Result<(Allocation, Option<Change>), IpamError> {
+    pub fn try_add(
+        &mut self,
+        req: &AddRequest,
+        choice: &Choice,
+    ) -> Result<(Allocation, Option<Change>), IpamError> {
         validate_key(&req.key)?;
         if let Some(stored) = self.stored_key(&req.key)
             && let Some(existing) = self.by_key.get(&stored)
@@ -268,25 +352,13 @@ impl Ipam {
             self.by_key.insert(stored, updated.clone());
             return Ok((updated.clone(), Some(Change::Put(updated))));
         }
-        let families = self.families();
-        if families.is_empty() {
-            return Err(IpamError::Exhausted(format!(
-                "node {} holds no block and no enabled pool selects it",
-                self.node
-            )));
-        }
-        let mut ips = Vec::new();
-        for v4 in families {
-            match self.allocate(v4, &req.key) {
-                Ok(ip) => ips.push(IpNet::from(ip)),
-                Err(e) => {
-                    for ip in &ips {
-                        self.used.remove(&ip.addr());
-                    }
-                    return Err(e);
-                }
-            }
-        }
+        let ips = if !choice.ips.is_empty() {
+            self.take_static(&req.key, &choice.ips, &choice.ips_from)?
+        } else if !req.ips.is_empty() {
+            self.take_static(&req.key, &req.ips, "CNI_ARGS IP")?
+        } else {
+            self.take_from_pools(&req.key, choice)?
+        };
         let alloc = Allocation {
             key: req.key.clone(),
             ips,
@@ -299,12 +371,126 @@ impl Ipam {
         Ok((alloc.clone(), Some(Change::Put(alloc))))
     }
 
-    fn allocate(&mut self, v4: bool, key: &AttachmentKey) -> Result<IpAddr, IpamError> {
+    /// One address per family, from the pools the choice names or else
+    /// the blocks the node holds and the pools that select it.
+    fn take_from_pools(
+        &mut self,
+        key: &AttachmentKey,
+        choice: &Choice,
+    ) -> Result<Vec<IpNet>, IpamError> {
+        let families = self.families(choice);
+        if families.is_empty() {
+            return Err(IpamError::Exhausted(format!(
+                "node {} holds no block and no enabled pool selects it",
+                self.node
+            )));
+        }
+        let mut plan = Vec::new();
+        for v4 in families {
+            let only = match choice.pools(v4) {
+                Some(list) => Some(self.resolve(v4, list)?),
+                None => None,
+            };
+            plan.push((v4, only));
+        }
+        let mut ips = Vec::new();
+        for (v4, only) in plan {
+            match self.allocate(v4, key, only) {
+                Ok(ip) => ips.push(IpNet::from(ip)),
+                Err(e) => {
+                    for ip in &ips {
+                        self.used.remove(&ip.addr());
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(ips)
+    }
+
+    /// Exactly the static addresses asked for, each checked: not
+    /// reserved, not in use, in a block this node holds or in an enabled
+    /// pool whose block for it nobody else holds.
+    fn take_static(
+        &mut self,
+        key: &AttachmentKey,
+        ips: &[IpAddr],
+        from: &str,
+    ) -> Result<Vec<IpNet>, IpamError> {
+        choice::check_static(ips, from)?;
+        for ip in ips {
+            self.check_static_ip(*ip, from)?;
+        }
+        for ip in ips {
+            self.used.insert(*ip, key.clone());
+        }
+        Ok(ips.iter().map(|ip| IpNet::from(*ip)).collect())
+    }
+
+    fn check_static_ip(&self, ip: IpAddr, from: &str) -> Result<(), IpamError> {
+        if let Some(r) = self.reserved.iter().find(|r| r.contains(&ip)) {
+            return Err(IpamError::AddressNotAllowed(format!(
+                "{from}: {ip} is reserved (IPReservation {r})"
+            )));
+        }
+        if let Some(holder) = self.used.get(&ip) {
+            let pod = self
+                .by_key
+                .get(holder)
+                .and_then(|a| a.pod.as_ref())
+                .map(|p| format!(" (pod {p})"))
+                .unwrap_or_default();
+            return Err(IpamError::AddressInUse(format!(
+                "{from}: {ip} is in use by {holder}{pod}"
+            )));
+        }
+        if self.blocks.iter().any(|b| b.contains(&ip)) {
+            return Ok(());
+        }
+        let Some(pool) = self.config.pools.iter().find(|p| p.cidr.contains(&ip)) else {
+            return Err(IpamError::AddressNotAllowed(format!(
+                "{from}: {ip} is outside every IP pool and every block of node {}",
+                self.node
+            )));
+        };
+        if pool.disabled {
+            return Err(IpamError::AddressNotAllowed(format!(
+                "{from}: {ip} is in pool {}, which is disabled",
+                pool.label()
+            )));
+        }
+        if self.blocks.len() >= self.max_blocks() {
+            return Err(IpamError::Exhausted(format!(
+                "{from}: {ip} needs a new block and node {} holds {} blocks (limit {})",
+                self.node,
+                self.blocks.len(),
+                self.max_blocks()
+            )));
+        }
+        let block = pool.block_of(ip).ok_or_else(|| {
+            IpamError::Config(format!("pool {}: no block for {ip}", pool.label()))
+        })?;
+        Err(IpamError::NeedsBlock {
+            v4: ip.is_ipv4(),
+            want: Want::Block(block),
+        })
+    }
+
+    fn allocate(
+        &mut self,
+        v4: bool,
+        key: &AttachmentKey,
+        only: Option<Vec<Pool>>,
+    ) -> Result<IpAddr, IpamError> {
         let own: Vec<IpNet> = self
             .blocks
             .iter()
             .copied()
             .filter(|b| b.addr().is_ipv4() == v4)
+            .filter(|b| {
+                only.as_ref()
+                    .is_none_or(|ps| ps.iter().any(|p| p.cidr.contains(&b.network())))
+            })
             .collect();
         for block in own {
             if let Some(ip) = self.free_in(block) {
@@ -326,22 +512,20 @@ impl Ipam {
                 self.max_blocks()
             )));
         }
-        Err(IpamError::NeedsBlock { v4 })
+        let pools = only.unwrap_or_else(|| self.node_pools(v4));
+        Err(IpamError::NeedsBlock {
+            v4,
+            want: Want::Pools(pools),
+        })
     }
 
     /// What claiming a block of one family needs, to run away from the
     /// thread that serves pods (see [`ClaimPlan::run`]).
-    pub fn claim_plan(&self, v4: bool, started: Instant) -> ClaimPlan {
+    pub fn claim_plan(&self, v4: bool, want: Want, started: Instant) -> ClaimPlan {
         ClaimPlan {
             node: self.node.clone(),
             v4,
-            pools: self
-                .config
-                .pools
-                .iter()
-                .filter(|p| p.cidr.addr().is_ipv4() == v4 && p.selects(&self.labels))
-                .cloned()
-                .collect(),
+            want,
             known: self.blocks.clone(),
             datastore: self.datastore.clone(),
             deadline: started + self.block_claim_timeout(),
@@ -366,17 +550,41 @@ impl Ipam {
         };
         let base = to_u128(block.network());
         let used_here = self.used.len() as u128;
-        let probes = size.min(used_here + 1);
+        // Reserved addresses inside the block are skipped like used ones.
+        let reserved_here: u128 = self
+            .reserved
+            .iter()
+            .filter(|r| r.contains(&block.network()) || block.contains(&r.network()))
+            .map(|r| {
+                let rb = u32::from(r.max_prefix_len() - r.prefix_len()).min(bits);
+                if rb >= 128 { u128::MAX } else { 1u128 << rb }
+            })
+            .fold(0u128, u128::saturating_add);
+        let probes = size.min(used_here.saturating_add(reserved_here).saturating_add(1));
         let start = self.cursors.get(&block).copied().unwrap_or(0) % size;
         for i in 0..probes {
             let off = start.wrapping_add(i) % size;
             let ip = from_u128(base + off, block.addr().is_ipv4());
-            if !self.used.contains_key(&ip) {
+            if !self.used.contains_key(&ip) && !self.reserved.iter().any(|r| r.contains(&ip)) {
                 self.cursors.insert(block, (off + 1) % size);
                 return Some(ip);
             }
         }
         None
+    }
+
+    /// Replace the reserved CIDRs (the IPReservations of the model).
+    /// Addresses already handed out stay with their pods.
+    pub fn set_reserved(&mut self, reserved: Vec<IpNet>) {
+        self.reserved = reserved;
+    }
+
+    /// Replace the pools and this node's labels (a model change): blocks
+    /// already held stay, and no running pod's address moves; the next
+    /// ADD and block claim follow the new pools and node selectors.
+    pub fn set_pools(&mut self, pools: Vec<Pool>, labels: BTreeMap<String, String>) {
+        self.config.pools = pools;
+        self.labels = labels;
     }
 
     /// Release the attachment's addresses; unknown attachments release nothing.
@@ -454,7 +662,7 @@ impl Ipam {
     }
 
     pub fn status(&self) -> StatusReply {
-        let families = self.families();
+        let families = self.families(&Choice::default());
         StatusReply {
             ready: !families.is_empty(),
             reason: if families.is_empty() {
@@ -478,8 +686,8 @@ impl Ipam {
 pub struct ClaimPlan {
     node: String,
     pub v4: bool,
-    /// Pools of the family that select this node, in order.
-    pools: Vec<Pool>,
+    /// Which block: the first free one of pools, or an exact one.
+    want: Want,
     /// Blocks the node knew it held when the plan was made.
     known: Vec<IpNet>,
     datastore: Arc<dyn Datastore>,
@@ -493,6 +701,10 @@ impl ClaimPlan {
     /// not know of (a claim that timed out on our side but succeeded on the
     /// server, found by the next read instead of being orphaned).
     pub fn run(&self) -> Result<Vec<IpNet>, IpamError> {
+        let pools = match &self.want {
+            Want::Block(block) => return self.run_block(*block),
+            Want::Pools(pools) => pools,
+        };
         let family = if self.v4 { "IPv4" } else { "IPv6" };
         let mut last_error = None;
         // Each round reads every claim once; a round in which another node
@@ -512,7 +724,7 @@ impl ClaimPlan {
             }
             let held: Vec<IpNet> = all.into_iter().map(|a| a.block).collect();
             let mut again = false;
-            'pools: for pool in &self.pools {
+            'pools: for pool in pools {
                 // Within `held.len() + 1` candidates one is free, unless the
                 // pool is smaller than that.
                 for block in pool.blocks().take(held.len() + 1) {
@@ -552,12 +764,59 @@ impl ClaimPlan {
         Err(IpamError::Exhausted(format!(
             "no free {family} block for node {} in pools [{}]",
             self.node,
-            self.pools
-                .iter()
-                .map(|p| p.cidr.to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
+            pools.iter().map(Pool::label).collect::<Vec<_>>().join(", ")
         )))
+    }
+
+    /// Claim exactly `block` (a static address lies in it), or adopt it
+    /// if this node holds it already. Held by another node: refused, since
+    /// this node would not know which of its addresses that node uses.
+    fn run_block(&self, block: IpNet) -> Result<Vec<IpNet>, IpamError> {
+        let family = if self.v4 { "IPv4" } else { "IPv6" };
+        let mut last_error = None;
+        for _round in 0..MAX_CLAIM_ROUNDS {
+            self.in_time(family, &last_error)?;
+            let all = self.datastore.affinities()?;
+            let ours: Vec<IpNet> = all
+                .iter()
+                .filter(|a| a.node == self.node && !self.known.contains(&a.block))
+                .map(|a| a.block)
+                .collect();
+            if ours.contains(&block) {
+                return Ok(ours);
+            }
+            if let Some(other) = all
+                .iter()
+                .find(|a| a.block.contains(&block.network()) || block.contains(&a.block.network()))
+            {
+                return Err(IpamError::AddressNotAllowed(format!(
+                    "the static address lies in block {} held by node {}: only that node may hand it out",
+                    other.block, other.node
+                )));
+            }
+            match self.datastore.claim(block, &self.node) {
+                Ok(a) => {
+                    let mut got = ours;
+                    got.push(a.block);
+                    return Ok(got);
+                }
+                // Raced: the next read says by whom.
+                Err(DatastoreError::Conflict { .. }) => {}
+                Err(e) => {
+                    tracing::warn!(node = %self.node, %block, error = %e, "block claim failed; re-reading the claims");
+                    last_error = Some(e);
+                }
+            }
+        }
+        Err(last_error.map_or_else(
+            || {
+                IpamError::Exhausted(format!(
+                    "could not claim block {block} for node {}",
+                    self.node
+                ))
+            },
+            IpamError::from,
+        ))
     }
 
     fn in_time(&self, family: &str, last: &Option<DatastoreError>) -> Result<(), IpamError> {
@@ -679,7 +938,209 @@ mod tests {
             netns: "/run/netns/x".into(),
             host_veth: starling_cni_proto::host_veth_name(c, "eth0"),
             pod: None,
+            ips: vec![],
         }
+    }
+
+    fn pools_ipam() -> Ipam {
+        ipam(IpamConfig {
+            pools: vec![
+                serde_json::from_str(r#"{"name":"default","cidr":"10.1.0.0/24","blockSize":28}"#)
+                    .unwrap(),
+                serde_json::from_str(
+                    r#"{"name":"gold","cidr":"10.2.0.0/24","blockSize":28,"nodeSelector":"tier == 'gold'"}"#,
+                )
+                .unwrap(),
+                serde_json::from_str(
+                    r#"{"name":"off","cidr":"10.3.0.0/24","blockSize":28,"disabled":true}"#,
+                )
+                .unwrap(),
+                serde_json::from_str(r#"{"name":"v6","cidr":"fd00::/120","blockSize":124}"#)
+                    .unwrap(),
+            ],
+            ..Default::default()
+        })
+    }
+
+    fn pools(v4: bool, list: &[&str]) -> Choice {
+        let l = choice::PoolList {
+            pools: list.iter().map(|s| s.to_string()).collect(),
+            from: "pod ns/p annotation starling.dev/ipv4pools".into(),
+        };
+        if v4 {
+            Choice {
+                v4_pools: Some(l),
+                ..Default::default()
+            }
+        } else {
+            Choice {
+                v6_pools: Some(l),
+                ..Default::default()
+            }
+        }
+    }
+
+    fn pinned(ips: &[&str]) -> Choice {
+        Choice {
+            ips: ips.iter().map(|s| s.parse().unwrap()).collect(),
+            ips_from: "pod ns/p annotation starling.dev/ipAddrs".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn annotated_pools_are_used_even_without_node_selection() {
+        let mut ipam = pools_ipam();
+        // The default: the pools that select the node, both families.
+        let (a, _) = ipam.add(&req("c1")).unwrap();
+        assert!(a.ips[0].to_string().starts_with("10.1.0."), "{a:?}");
+        assert!(a.ips[1].addr().is_ipv6());
+        // By name: gold selects no node here, and is used all the same.
+        let (b, _) = ipam.add_with(&req("c2"), &pools(true, &["gold"])).unwrap();
+        assert!(b.ips[0].to_string().starts_with("10.2.0."), "{b:?}");
+        assert!(b.ips[1].addr().is_ipv6(), "IPv6 still from the default");
+        // By CIDR.
+        let (c, _) = ipam
+            .add_with(&req("c3"), &pools(true, &["10.2.0.0/24"]))
+            .unwrap();
+        assert!(c.ips[0].to_string().starts_with("10.2.0."), "{c:?}");
+        // The gold block is not used for a pod without the annotation.
+        let (d, _) = ipam.add(&req("c4")).unwrap();
+        assert!(d.ips[0].to_string().starts_with("10.1.0."), "{d:?}");
+    }
+
+    #[test]
+    fn bad_pool_annotations_are_refused_by_name() {
+        let mut ipam = pools_ipam();
+        for (choice, want) in [
+            (
+                pools(true, &["nope"]),
+                "no IP pool named or with CIDR `nope`",
+            ),
+            (pools(true, &["off"]), "disabled"),
+            (pools(true, &["v6"]), "not an IPv4 pool"),
+            (pools(false, &["default"]), "not an IPv6 pool"),
+        ] {
+            let err = ipam.add_with(&req("c1"), &choice).unwrap_err();
+            assert!(matches!(err, IpamError::BadAnnotation(_)), "{err:?}");
+            assert!(err.to_string().contains(want), "{err}");
+        }
+        assert!(ipam.get(&req("c1").key).is_none(), "nothing allocated");
+    }
+
+    #[test]
+    fn static_addresses_are_checked_and_claim_their_block() {
+        let mut ipam = pools_ipam();
+        let (a, _) = ipam.add_with(&req("c1"), &pinned(&["10.2.0.77"])).unwrap();
+        assert_eq!(a.ips, vec!["10.2.0.77/32".parse::<IpNet>().unwrap()]);
+        assert!(ipam.blocks().contains(&"10.2.0.64/28".parse().unwrap()));
+        // Taken: refused, naming the holder.
+        let err = ipam
+            .add_with(&req("c2"), &pinned(&["10.2.0.77"]))
+            .unwrap_err();
+        assert!(matches!(err, IpamError::AddressInUse(_)), "{err:?}");
+        assert!(err.to_string().contains("c1"), "{err}");
+        // Outside every pool, or in a disabled one: refused.
+        let err = ipam
+            .add_with(&req("c2"), &pinned(&["192.0.2.1"]))
+            .unwrap_err();
+        assert!(matches!(err, IpamError::AddressNotAllowed(_)), "{err:?}");
+        assert!(err.to_string().contains("outside every IP pool"), "{err}");
+        let err = ipam
+            .add_with(&req("c2"), &pinned(&["10.3.0.1"]))
+            .unwrap_err();
+        assert!(err.to_string().contains("disabled"), "{err}");
+        // Two of one family: refused.
+        let err = ipam
+            .add_with(&req("c2"), &pinned(&["10.1.0.1", "10.1.0.2"]))
+            .unwrap_err();
+        assert!(matches!(err, IpamError::BadAnnotation(_)), "{err:?}");
+        // CNI_ARGS IP= when no annotation pins one.
+        let mut r = req("c3");
+        r.ips = vec!["10.1.0.9".parse().unwrap()];
+        let (c, _) = ipam.add(&r).unwrap();
+        assert_eq!(c.ips, vec!["10.1.0.9/32".parse::<IpNet>().unwrap()]);
+        // Released, it can be pinned again.
+        ipam.del(&req("c1").key);
+        assert!(ipam.add_with(&req("c4"), &pinned(&["10.2.0.77"])).is_ok());
+    }
+
+    #[test]
+    fn a_static_address_in_another_nodes_block_is_refused() {
+        let mut ipam = pools_ipam();
+        ipam.datastore
+            .claim("10.1.0.16/28".parse().unwrap(), "n2")
+            .unwrap();
+        let err = ipam
+            .add_with(&req("c1"), &pinned(&["10.1.0.20"]))
+            .unwrap_err();
+        assert!(matches!(err, IpamError::AddressNotAllowed(_)), "{err:?}");
+        assert!(err.to_string().contains("held by node n2"), "{err}");
+        assert!(ipam.get(&req("c1").key).is_none());
+    }
+
+    #[test]
+    fn reserved_addresses_are_never_handed_out() {
+        let mut ipam = ipam(IpamConfig {
+            pod_cidrs: vec!["10.0.0.0/29".parse().unwrap()],
+            ..Default::default()
+        });
+        ipam.set_reserved(vec![
+            "10.0.0.0/30".parse().unwrap(),
+            "10.0.0.5/32".parse().unwrap(),
+        ]);
+        let mut got = Vec::new();
+        for i in 0..3 {
+            let (a, _) = ipam.add(&req(&format!("c{i}"))).unwrap();
+            got.push(a.ips[0].addr().to_string());
+        }
+        got.sort();
+        assert_eq!(got, ["10.0.0.4", "10.0.0.6", "10.0.0.7"]);
+        let err = ipam.add(&req("c9")).unwrap_err();
+        assert!(matches!(err, IpamError::Exhausted(_)), "{err:?}");
+        let err = ipam
+            .add_with(&req("c9"), &pinned(&["10.0.0.2"]))
+            .unwrap_err();
+        assert!(matches!(err, IpamError::AddressNotAllowed(_)), "{err:?}");
+        assert!(err.to_string().contains("reserved"), "{err}");
+    }
+
+    #[test]
+    fn pool_changes_apply_to_new_pods_and_move_no_running_one() {
+        let mut ipam = pools_ipam();
+        let (a, _) = ipam.add(&req("c1")).unwrap();
+        // The node gets the gold label, and the default pool is disabled.
+        let mut pools = ipam.config.pools.clone();
+        pools[0].disabled = true;
+        let labels: BTreeMap<String, String> = [("tier".to_string(), "gold".to_string())].into();
+        ipam.set_pools(pools, labels);
+        // The running pod keeps its address; a retried ADD returns it.
+        let (again, change) = ipam.add(&req("c1")).unwrap();
+        assert_eq!(again.ips, a.ips);
+        assert!(change.is_none());
+        // The block held in the disabled pool still serves new pods (as
+        // Calico: disabling stops new blocks, not allocation from held
+        // ones) until it is full; new blocks come from gold.
+        for i in 2..40 {
+            let (b, _) = ipam.add(&req(&format!("c{i}"))).unwrap();
+            let ip = b.ips[0].addr();
+            let held: IpNet = "10.1.0.0/28".parse().unwrap();
+            let gold: IpNet = "10.2.0.0/24".parse().unwrap();
+            assert!(gold.contains(&ip) || held.contains(&ip), "{ip}");
+        }
+        assert!(
+            !ipam
+                .blocks()
+                .iter()
+                .any(|b| b.to_string() == "10.1.0.16/28"),
+            "no new block from the disabled pool: {:?}",
+            ipam.blocks()
+        );
+        assert!(
+            ipam.blocks()
+                .iter()
+                .any(|b| b.to_string().starts_with("10.2.0."))
+        );
     }
 
     fn ipam(config: IpamConfig) -> Ipam {

@@ -12,6 +12,11 @@ use crate::model::selector::NodeSelector;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Pool {
+    /// The IPPool's name, which pod and namespace annotations may use;
+    /// empty for pools of the agent's own config that give none (those are
+    /// named by CIDR).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub name: String,
     pub cidr: IpNet,
     /// Prefix length of the blocks nodes claim; 26 for IPv4, 122 for IPv6
     /// unless set.
@@ -63,6 +68,31 @@ impl Pool {
                 .unwrap_or(false)
     }
 
+    /// The IPAM view of the model pool `name`.
+    pub fn named(name: &str, spec: &IPPoolSpec) -> Pool {
+        Pool {
+            name: name.to_string(),
+            ..Pool::from(spec)
+        }
+    }
+
+    /// The block of this pool's grid that holds `ip`, if the pool does.
+    pub fn block_of(&self, ip: std::net::IpAddr) -> Option<IpNet> {
+        if !self.cidr.contains(&ip) {
+            return None;
+        }
+        IpNet::new(ip, self.block_size()).ok().map(|b| b.trunc())
+    }
+
+    /// The pool as operators know it: its name, or its CIDR.
+    pub fn label(&self) -> String {
+        if self.name.is_empty() {
+            self.cidr.to_string()
+        } else {
+            format!("{} ({})", self.name, self.cidr)
+        }
+    }
+
     /// The pool's blocks in address order (lazily: an IPv6 pool has many).
     pub fn blocks(&self) -> impl Iterator<Item = IpNet> + '_ {
         self.cidr.subnets(self.block_size()).into_iter().flatten()
@@ -70,9 +100,10 @@ impl Pool {
 }
 
 impl From<&IPPoolSpec> for Pool {
-    /// The IPAM view of a model pool.
+    /// The IPAM view of a model pool (unnamed; see [`Pool::named`]).
     fn from(p: &IPPoolSpec) -> Pool {
         Pool {
+            name: String::new(),
             cidr: p.cidr,
             block_size: p.block_size,
             node_selector: p.node_selector.clone(),

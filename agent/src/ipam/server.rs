@@ -26,9 +26,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::{Change, ClaimPlan, Ipam, IpamError, Store};
+use super::annotations::AnnotationReader;
+use super::{Change, Choice, ClaimPlan, Ipam, IpamError, Pool, Store, Want};
 use crate::metrics::{CniCommand, Metrics};
 use crate::mtu::PodMtu;
+use std::collections::BTreeMap;
+use std::sync::Arc;
 
 /// Requests applied (and committed) together at most.
 const MAX_BATCH: usize = 256;
@@ -54,12 +57,15 @@ struct Answer {
 
 struct Job {
     envelope: Envelope,
+    /// The operator's choice for the pod (annotations), read before the
+    /// job reaches the IPAM thread.
+    choice: Choice,
     reply: oneshot::Sender<Response>,
 }
 
 /// What the IPAM thread hears: requests, and how its block claims went.
 enum Msg {
-    Job(Job),
+    Job(Box<Job>),
     /// A claim for the family (`v4`) is past its timeout, still running.
     ClaimLate {
         v4: bool,
@@ -68,7 +74,14 @@ enum Msg {
     /// A claim ended: the blocks to adopt, or why none.
     Claimed {
         v4: bool,
+        want: Want,
         result: Result<Vec<IpNet>, IpamError>,
+    },
+    /// The model changed: pools, this node's labels, reservations.
+    Model {
+        pools: Vec<Pool>,
+        labels: BTreeMap<String, String>,
+        reserved: Vec<IpNet>,
     },
 }
 
@@ -79,6 +92,7 @@ pub struct IpamHandle {
     routes: watch::Receiver<Vec<PodRoute>>,
     blocks: watch::Receiver<Vec<IpNet>>,
     metrics: Option<Metrics>,
+    annotations: Option<Arc<AnnotationReader>>,
 }
 
 impl IpamHandle {
@@ -107,7 +121,34 @@ impl IpamHandle {
             routes,
             blocks,
             metrics: None,
+            annotations: None,
         }
+    }
+
+    /// Read each ADD's pod and namespace annotations (pools, static
+    /// addresses) from the API server before allocating.
+    pub fn with_annotations(mut self, reader: AnnotationReader) -> IpamHandle {
+        self.annotations = Some(Arc::new(reader));
+        self
+    }
+
+    /// Tell IPAM about a model change: pools and node selectors apply to
+    /// the next ADD and block claim; reservations to the next allocation.
+    /// Nothing already handed out moves.
+    pub async fn set_model(
+        &self,
+        pools: Vec<Pool>,
+        labels: BTreeMap<String, String>,
+        reserved: Vec<IpNet>,
+    ) {
+        let _ = self
+            .jobs
+            .send(Msg::Model {
+                pools,
+                labels,
+                reserved,
+            })
+            .await;
     }
 
     /// Record how long each plugin request on the socket takes, by command
@@ -132,13 +173,23 @@ impl IpamHandle {
     /// Apply one request, as the socket does.
     pub async fn request(&self, envelope: Envelope) -> Response {
         let (tx, rx) = oneshot::channel();
+        let mut choice = Choice::default();
+        if let (Some(reader), Request::Add(add)) = (&self.annotations, &envelope.request)
+            && let Some(pod) = &add.pod
+        {
+            match reader.choice(pod, envelope.remaining()).await {
+                Ok(c) => choice = c,
+                Err(e) => return error_response(e),
+            }
+        }
         let deadline = envelope.remaining();
         if self
             .jobs
-            .send(Msg::Job(Job {
+            .send(Msg::Job(Box::new(Job {
                 envelope,
+                choice,
                 reply: tx,
-            }))
+            })))
             .await
             .is_err()
         {
@@ -172,7 +223,12 @@ fn error_response(e: IpamError) -> Response {
             ErrorKind::Store
         }
         // Nothing was allocated; the plugin returns 11 (try again later).
-        IpamError::ClaimTimeout(_) => ErrorKind::DeadlineExceeded,
+        IpamError::ClaimTimeout(_) | IpamError::AnnotationsUnavailable(_) => {
+            ErrorKind::DeadlineExceeded
+        }
+        IpamError::AddressInUse(_) => ErrorKind::AddressInUse,
+        IpamError::AddressNotAllowed(_) => ErrorKind::AddressNotAllowed,
+        IpamError::BadAnnotation(_) => ErrorKind::BadAnnotation,
     };
     Response::Err(AgentError {
         kind,
@@ -188,8 +244,8 @@ struct Owner {
     claims_to: mpsc::WeakSender<Msg>,
     /// A claim thread is running, per family (`[IPv4, IPv6]`).
     claiming: [bool; 2],
-    /// ADDs waiting for a block of the family (`true`: IPv4).
-    parked: Vec<(Job, bool)>,
+    /// ADDs waiting for a block of the family (`true`: IPv4), and which.
+    parked: Vec<(Job, bool, Want)>,
     routes: watch::Sender<Vec<PodRoute>>,
     blocks: watch::Sender<Vec<IpNet>>,
 }
@@ -198,7 +254,7 @@ struct Owner {
 enum Applied {
     Answer(Box<Response>),
     /// The ADD needs a block of the family (`true`: IPv4).
-    Park(bool),
+    Park(bool, Want),
 }
 
 impl Owner {
@@ -208,29 +264,42 @@ impl Owner {
             let mut msg = Some(first);
             while let Some(m) = msg.take() {
                 match m {
-                    Msg::Job(job) => batch.push(job),
+                    Msg::Job(job) => batch.push(*job),
                     Msg::ClaimLate { v4, why } => self.answer_parked(v4, |_| {
                         Response::Err(AgentError {
                             kind: ErrorKind::DeadlineExceeded,
                             message: format!("{why}; nothing allocated, try again"),
                         })
                     }),
-                    Msg::Claimed { v4, result } => {
+                    Msg::Claimed { v4, want, result } => {
                         self.claiming[usize::from(!v4)] = false;
-                        match result {
-                            Ok(blocks) => {
-                                self.ipam.adopt(&blocks);
-                                // Apply the waiting ADDs again with the rest.
-                                let (again, rest): (Vec<_>, Vec<_>) =
-                                    self.parked.drain(..).partition(|(_, f)| *f == v4);
-                                self.parked = rest;
-                                batch.extend(again.into_iter().map(|(job, _)| job));
-                            }
-                            Err(e) => {
-                                let r = error_response(e);
-                                self.answer_parked(v4, |_| r.clone());
+                        if let Ok(blocks) = &result {
+                            self.ipam.adopt(blocks);
+                        }
+                        // The ADDs that waited for this claim get its
+                        // error; every other waiting ADD of the family is
+                        // applied again with the rest (and may need a
+                        // claim of its own).
+                        let failed = result.err().map(error_response);
+                        let (again, rest): (Vec<_>, Vec<_>) =
+                            self.parked.drain(..).partition(|(_, f, _)| *f == v4);
+                        self.parked = rest;
+                        for (job, _, w) in again {
+                            match &failed {
+                                Some(r) if w == want => {
+                                    let _ = job.reply.send(r.clone());
+                                }
+                                _ => batch.push(job),
                             }
                         }
+                    }
+                    Msg::Model {
+                        pools,
+                        labels,
+                        reserved,
+                    } => {
+                        self.ipam.set_pools(pools, labels);
+                        self.ipam.set_reserved(reserved);
                     }
                 }
                 if batch.len() < MAX_BATCH {
@@ -244,9 +313,9 @@ impl Owner {
     }
 
     fn answer_parked(&mut self, v4: bool, response: impl Fn(&Job) -> Response) {
-        let (done, rest): (Vec<_>, Vec<_>) = self.parked.drain(..).partition(|(_, f)| *f == v4);
+        let (done, rest): (Vec<_>, Vec<_>) = self.parked.drain(..).partition(|(_, f, _)| *f == v4);
         self.parked = rest;
-        for (job, _) in done {
+        for (job, _, _) in done {
             let r = response(&job);
             let _ = job.reply.send(r);
         }
@@ -268,13 +337,18 @@ impl Owner {
                         .into(),
                 })))
             } else {
-                apply(&mut self.ipam, &job.envelope.request, answer, &mut changes)
+                apply(
+                    &mut self.ipam,
+                    (&job.envelope.request, &job.choice),
+                    answer,
+                    &mut changes,
+                )
             };
             match applied {
                 Applied::Answer(response) => answers.push((job.reply, *response)),
-                Applied::Park(v4) => {
-                    self.parked.push((job, v4));
-                    self.start_claim(v4);
+                Applied::Park(v4, want) => {
+                    self.parked.push((job, v4, want.clone()));
+                    self.start_claim(v4, want);
                 }
             }
         }
@@ -318,7 +392,7 @@ impl Owner {
     /// Claim a block of the family on a thread of its own, unless one is
     /// already being claimed. Past the claim timeout the waiting ADDs are
     /// answered; the claim itself runs on, and its block is adopted.
-    fn start_claim(&mut self, v4: bool) {
+    fn start_claim(&mut self, v4: bool, want: Want) {
         let slot = usize::from(!v4);
         if self.claiming[slot] {
             return;
@@ -327,7 +401,7 @@ impl Owner {
             return;
         };
         self.claiming[slot] = true;
-        let plan: ClaimPlan = self.ipam.claim_plan(v4, Instant::now());
+        let plan: ClaimPlan = self.ipam.claim_plan(v4, want.clone(), Instant::now());
         let timeout = self.ipam.block_claim_timeout();
         let spawned = std::thread::Builder::new()
             .name("ipam-claim".into())
@@ -361,7 +435,7 @@ impl Owner {
                         }
                     },
                 };
-                let _ = tx.blocking_send(Msg::Claimed { v4, result });
+                let _ = tx.blocking_send(Msg::Claimed { v4, want, result });
             });
         if let Err(e) = spawned {
             self.claiming[slot] = false;
@@ -375,12 +449,12 @@ impl Owner {
 
 fn apply(
     ipam: &mut Ipam,
-    request: &Request,
+    (request, choice): (&Request, &Choice),
     defaults: Answer,
     changes: &mut Vec<Change>,
 ) -> Applied {
     let response = match request {
-        Request::Add(add) => match ipam.try_add(add) {
+        Request::Add(add) => match ipam.try_add(add, choice) {
             Ok((allocation, change)) => {
                 changes.extend(change);
                 Response::Ok(Reply::Added(AddReply {
@@ -389,7 +463,7 @@ fn apply(
                     route_protocol: defaults.route_protocol,
                 }))
             }
-            Err(IpamError::NeedsBlock { v4 }) => return Applied::Park(v4),
+            Err(IpamError::NeedsBlock { v4, want }) => return Applied::Park(v4, want),
             Err(e) => error_response(e),
         },
         Request::Del { key } => {
@@ -555,6 +629,7 @@ mod tests {
     fn add(c: &str, timeout: Duration) -> Envelope {
         Envelope::new(
             Request::Add(AddRequest {
+                ips: vec![],
                 key: AttachmentKey {
                     network: "pods".into(),
                     container_id: c.into(),

@@ -451,6 +451,43 @@ pub struct BlockAffinitySpec {
     pub state: AffinityState,
 }
 
+/// Addresses IPAM never hands out (Calico's IPReservation).
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "starling.dev",
+    version = "v1",
+    kind = "IPReservation",
+    plural = "ipreservations",
+    derive = "PartialEq",
+    doc = "Addresses IPAM never hands out, not even as static addresses."
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IPReservationSpec {
+    /// Prefixes or single addresses (`10.244.0.5`, `10.244.1.0/28`).
+    #[serde(rename = "reservedCIDRs", deserialize_with = "cidrs_or_addresses")]
+    #[schemars(with = "Vec<String>", length(max = 64), inner(length(max = 43)))]
+    #[x_kube(validation = Rule::new("self.all(c, isCIDR(c) || isIP(c))").message("reservedCIDRs holds prefixes or addresses such as 10.244.1.0/28 or 10.244.0.5"))]
+    pub reserved_cidrs: Vec<IpNet>,
+}
+
+/// Prefixes, or single addresses taken as host prefixes (as Calico reads
+/// reservedCIDRs); host bits are dropped.
+fn cidrs_or_addresses<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<IpNet>, D::Error> {
+    let raw = Vec::<String>::deserialize(d)?;
+    raw.iter()
+        .map(|s| {
+            s.parse::<IpNet>()
+                .map(|n| n.trunc())
+                .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
+                .map_err(|_| {
+                    serde::de::Error::custom(format!(
+                        "reservedCIDRs: `{s}` is neither a prefix nor an address"
+                    ))
+                })
+        })
+        .collect()
+}
+
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub enum AffinityState {
@@ -606,6 +643,7 @@ pub fn crds()
         BGPPeer::crd(),
         StarlingNode::crd(),
         BlockAffinity::crd(),
+        IPReservation::crd(),
     ]
 }
 

@@ -528,6 +528,7 @@ impl Loader<'_> {
             "BGPPeer" => snap.peers.contains_key(&name),
             "StarlingNode" => snap.nodes.contains_key(&name),
             "BlockAffinity" => snap.affinities.contains_key(&name),
+            "IPReservation" => snap.reservations.contains_key(&name),
             _ => false,
         };
         if dup {
@@ -633,6 +634,7 @@ impl Loader<'_> {
                     self.findings(doc, &object, f);
                 }
             }
+            "IPReservation" => self.load_reservation(doc, &object, name, snap),
             // Calico's: checked and loaded; peers name it in spec.filters.
             "BGPFilter" if doc.calico => self.load_filter(doc, &object, name, snap),
             other => self.problem(
@@ -640,7 +642,7 @@ impl Loader<'_> {
                 Some(object.clone()),
                 Some("kind"),
                 format!(
-                    "unknown kind `{other}`: expected IPPool, BGPConfiguration, BGPPeer, StarlingNode or BlockAffinity"
+                    "unknown kind `{other}`: expected IPPool, BGPConfiguration, BGPPeer, StarlingNode, BlockAffinity or IPReservation"
                 ),
             ),
         }
@@ -648,6 +650,20 @@ impl Loader<'_> {
 
     /// A Calico BGPFilter: checked, its differences from Calico warned
     /// about, and kept for the peers that name it.
+    fn load_reservation(
+        &mut self,
+        doc: &Document,
+        object: &str,
+        name: String,
+        snap: &mut Snapshot,
+    ) {
+        if let Some((metadata, Some(spec))) = self.parse::<IPReservationSpec>(doc, object, true) {
+            let r = IPReservation { metadata, spec };
+            self.emit(&r);
+            snap.reservations.insert(name, r);
+        }
+    }
+
     fn load_filter(&mut self, doc: &Document, object: &str, name: String, snap: &mut Snapshot) {
         let Some((_, spec)) = self.parse::<calico::BGPFilterSpec>(doc, object, false) else {
             return;

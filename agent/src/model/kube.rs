@@ -147,15 +147,17 @@ enum Kind {
     BGPPeer,
     StarlingNode,
     BlockAffinity,
+    IPReservation,
     Node,
 }
 
-const KINDS: [Kind; 6] = [
+const KINDS: [Kind; 7] = [
     Kind::IPPool,
     Kind::BGPConfiguration,
     Kind::BGPPeer,
     Kind::StarlingNode,
     Kind::BlockAffinity,
+    Kind::IPReservation,
     Kind::Node,
 ];
 
@@ -167,6 +169,7 @@ impl Kind {
             Kind::BGPPeer => ApiResource::erase::<BGPPeer>(&()),
             Kind::StarlingNode => ApiResource::erase::<StarlingNode>(&()),
             Kind::BlockAffinity => ApiResource::erase::<BlockAffinity>(&()),
+            Kind::IPReservation => ApiResource::erase::<IPReservation>(&()),
             Kind::Node => ApiResource::erase::<Node>(&()),
         }
     }
@@ -178,6 +181,7 @@ impl Kind {
             Kind::BGPPeer => "BGPPeer",
             Kind::StarlingNode => "StarlingNode",
             Kind::BlockAffinity => "BlockAffinity",
+            Kind::IPReservation => "IPReservation",
             Kind::Node => "Node",
         }
     }
@@ -503,6 +507,7 @@ fn build(
     add_bgp_configuration(&mut snap, objects(Kind::BGPConfiguration), warnings);
     add_peers(&mut snap, objects(Kind::BGPPeer), warnings);
     add_affinities(&mut snap, objects(Kind::BlockAffinity), warnings);
+    add_reservations(&mut snap, objects(Kind::IPReservation), warnings);
     add_nodes(
         &mut snap,
         objects(Kind::StarlingNode),
@@ -628,6 +633,24 @@ fn add_affinities(snap: &mut Snapshot, objects: Vec<DynamicObject>, warnings: &m
                 } else {
                     refuse("BlockAffinity", &name, &f, warnings);
                 }
+            }
+        }
+    }
+}
+
+fn add_reservations(snap: &mut Snapshot, objects: Vec<DynamicObject>, warnings: &mut Vec<String>) {
+    for o in objects {
+        let name = name_of(&o);
+        match spec::<IPReservationSpec>(Kind::IPReservation, &o) {
+            Err(e) => warnings.push(e),
+            Ok(s) => {
+                snap.reservations.insert(
+                    name,
+                    IPReservation {
+                        metadata: meta(&o),
+                        spec: s,
+                    },
+                );
             }
         }
     }

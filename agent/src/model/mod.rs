@@ -18,7 +18,7 @@ pub mod validate;
 
 pub use crd::{
     BGPConfiguration, BGPConfigurationSpec, BGPPeer, BGPPeerSpec, BlockAffinity, BlockAffinitySpec,
-    IPPool, IPPoolSpec, Password, StarlingNode, StarlingNodeSpec,
+    IPPool, IPPoolSpec, IPReservation, IPReservationSpec, Password, StarlingNode, StarlingNodeSpec,
 };
 pub use file::{FileDatastore, LoadError, Loaded, Problem};
 pub use plan::plan;
@@ -41,6 +41,8 @@ pub struct Snapshot {
     pub filters: BTreeMap<String, calico::BGPFilterSpec>,
     pub nodes: BTreeMap<String, StarlingNode>,
     pub affinities: BTreeMap<String, BlockAffinity>,
+    /// IPReservations: addresses IPAM never hands out.
+    pub reservations: BTreeMap<String, IPReservation>,
     /// Passwords resolved by the datastore (files now, Secrets later), so
     /// that planning reads nothing.
     pub passwords: BTreeMap<Password, String>,
@@ -63,6 +65,18 @@ impl Snapshot {
 
     pub fn node(&self, name: &str) -> Option<&StarlingNodeSpec> {
         self.nodes.get(name).map(|n| &n.spec)
+    }
+
+    /// Every reserved CIDR (IPReservations), sorted.
+    pub fn reserved_cidrs(&self) -> Vec<ipnet::IpNet> {
+        let mut out: Vec<ipnet::IpNet> = self
+            .reservations
+            .values()
+            .flat_map(|r| r.spec.reserved_cidrs.iter().copied())
+            .collect();
+        out.sort();
+        out.dedup();
+        out
     }
 
     /// A node's labels (empty for an unknown node).

@@ -87,6 +87,8 @@ struct Model {
     /// with BGP off (with Kubernetes the claims are BlockAffinity objects,
     /// already in the model).
     claim_reader: Option<(Box<dyn ipam::Datastore>, Duration)>,
+    /// Kubernetes: the client IPAM reads pod and namespace annotations with.
+    annotations: Option<kube::Client>,
 }
 
 /// Phase 1: open the datastore; a Kubernetes one only once every kind has
@@ -106,6 +108,7 @@ async fn open_model(cfg: &AgentConfig, ds: DatastoreConfig) -> Result<Model> {
                 claims: claims_file(cfg),
                 cleanup: None,
                 claim_reader: Some((claims_file(cfg), poll)),
+                annotations: None,
             })
         }
         DatastoreConfig::Kubernetes { kubeconfig } => {
@@ -114,7 +117,7 @@ async fn open_model(cfg: &AgentConfig, ds: DatastoreConfig) -> Result<Model> {
                 .context("Kubernetes client configuration")?;
             let client = kube::Client::try_from(kcfg.clone()).context("Kubernetes client")?;
             let ds = Arc::new(crate::model::kube::KubeDatastore::start(
-                client,
+                client.clone(),
                 crate::model::kube::KubeOptions::default(),
             ));
             // The watches retry on their own; this logs each wait with the
@@ -138,6 +141,7 @@ async fn open_model(cfg: &AgentConfig, ds: DatastoreConfig) -> Result<Model> {
                 claims: Box::new(claims),
                 cleanup: Some((kcfg, Arc::new(move || current.status().connected))),
                 claim_reader: None,
+                annotations: Some(client),
             })
         }
     }
@@ -162,6 +166,7 @@ async fn run_node(
     obs.metrics.set_datastore_ready(true);
 
     let (ipam, pod_mtu) = start_ipam(&cfg, &snap, model.claims)?;
+    let ipam = follow_model(&cfg, ipam, model.annotations, snaps.clone());
     let ipam = ipam.with_metrics(obs.metrics.clone());
     let (mut blocks_rx, mut pods_rx) = (ipam.blocks(), ipam.pod_routes());
     let blocks = blocks_rx.borrow_and_update().clone();
@@ -302,6 +307,75 @@ fn autodetect_address(cfg: &AgentConfig, snap: &Snapshot) -> Result<Option<Detec
     Ok(Some(d))
 }
 
+/// The parts of the agent's config [`ipam_model`] reads.
+#[derive(Clone)]
+struct IpamInputs {
+    node_name: String,
+    ipam: IpamConfig,
+    node_labels: BTreeMap<String, String>,
+}
+
+impl IpamInputs {
+    fn of(cfg: &AgentConfig) -> IpamInputs {
+        IpamInputs {
+            node_name: cfg.node_name.clone(),
+            ipam: cfg.ipam.clone(),
+            node_labels: cfg.node_labels.clone(),
+        }
+    }
+}
+
+type IpamModel = (Vec<ipam::Pool>, BTreeMap<String, String>, Vec<IpNet>);
+
+/// What IPAM takes from the model: the pools (the agent's own config's
+/// when it names some), this node's labels (the model's and the config's),
+/// and the reserved CIDRs.
+fn ipam_model(cfg: &IpamInputs, snap: &Snapshot) -> IpamModel {
+    let pools = if cfg.ipam.pools.is_empty() {
+        snap.pools
+            .iter()
+            .map(|(name, p)| ipam::Pool::named(name, &p.spec))
+            .collect()
+    } else {
+        cfg.ipam.pools.clone()
+    };
+    let mut labels = snap.labels(&cfg.node_name).clone();
+    labels.extend(cfg.node_labels.clone());
+    (pools, labels, snap.reserved_cidrs())
+}
+
+/// IPAM follows the model: pools, node selectors (this node's labels)
+/// and reservations are handed to the IPAM thread on every change; with
+/// Kubernetes, each ADD reads its pod's annotations.
+fn follow_model(
+    cfg: &AgentConfig,
+    ipam: IpamHandle,
+    annotations: Option<kube::Client>,
+    mut snaps: watch::Receiver<Arc<Snapshot>>,
+) -> IpamHandle {
+    let ipam = match annotations {
+        Some(client) => ipam.with_annotations(ipam::annotations::AnnotationReader::new(client)),
+        None => ipam,
+    };
+    let handle = ipam.clone();
+    let cfg = IpamInputs::of(cfg);
+    tokio::spawn(async move {
+        let mut last = None;
+        loop {
+            let now = ipam_model(&cfg, &snaps.borrow_and_update());
+            if last.as_ref() != Some(&now) {
+                let (pools, labels, reserved) = now.clone();
+                handle.set_model(pools, labels, reserved).await;
+                last = Some(now);
+            }
+            if snaps.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+    ipam
+}
+
 /// Phase 3: IPAM. Pools and static blocks come from the model unless the
 /// agent's own config names them; labels from the model and the config.
 fn start_ipam(
@@ -310,14 +384,9 @@ fn start_ipam(
     claims: Box<dyn ipam::Datastore>,
 ) -> Result<(IpamHandle, PodMtu)> {
     let name = &cfg.node_name;
+    let (pools, labels, reserved) = ipam_model(&IpamInputs::of(cfg), snap);
     let mut ipam_cfg = cfg.ipam.clone();
-    if ipam_cfg.pools.is_empty() {
-        ipam_cfg.pools = snap
-            .pools
-            .values()
-            .map(|p| ipam::Pool::from(&p.spec))
-            .collect();
-    }
+    ipam_cfg.pools = pools;
     if let Some(n) = snap.node(name) {
         for c in &n.pod_cidrs {
             if !ipam_cfg.pod_cidrs.contains(c) {
@@ -325,13 +394,12 @@ fn start_ipam(
             }
         }
     }
-    let mut labels = snap.labels(name).clone();
-    labels.extend(cfg.node_labels.clone());
     let addresses = own_addresses(snap, name).iter().map(|a| a.addr()).collect();
     let rule = cfg.mtu_rule(mtu_overhead(snap, cfg.encapsulation), addresses)?;
     let defaults = pod_defaults(cfg, rule);
     let mtu = defaults.mtu.clone();
-    Ok((open_ipam(cfg, labels, ipam_cfg, defaults, claims)?, mtu))
+    let handle = open_ipam(cfg, labels, ipam_cfg, defaults, claims, reserved)?;
+    Ok((handle, mtu))
 }
 
 fn pod_defaults(cfg: &AgentConfig, rule: MtuRule) -> PodDefaults {
@@ -358,10 +426,12 @@ fn open_ipam(
     ipam_cfg: IpamConfig,
     defaults: PodDefaults,
     claims: Box<dyn ipam::Datastore>,
+    reserved: Vec<IpNet>,
 ) -> Result<IpamHandle> {
     let store = Store::open(&ipam_server::default_store_path(&cfg.state_dir))?;
     let existing = store.load()?;
-    let ipam = Ipam::new(&cfg.node_name, labels, ipam_cfg, claims, existing)?;
+    let mut ipam = Ipam::new(&cfg.node_name, labels, ipam_cfg, claims, existing)?;
+    ipam.set_reserved(reserved);
     info!(
         node = %cfg.node_name,
         blocks = ?ipam.blocks(),
@@ -562,6 +632,7 @@ async fn run_ipam_only(cfg: AgentConfig, obs: Endpoints, mut served: Served) -> 
         cfg.ipam.clone(),
         defaults,
         claims_file(&cfg),
+        Vec::new(),
     )?;
     obs.readiness.set_datastore_synced(true);
     obs.readiness.set_fib_synced(true);

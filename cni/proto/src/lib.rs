@@ -209,6 +209,31 @@ pub struct AddRequest {
     /// The pod, when the runtime named one in `CNI_ARGS`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod: Option<PodRef>,
+    /// Static addresses the runtime asked for (`CNI_ARGS` `IP=`): the pod
+    /// gets exactly these or the ADD is refused. Pod annotations, read by
+    /// the agent, take precedence.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ips: Vec<std::net::IpAddr>,
+}
+
+/// The static addresses in `CNI_ARGS` (`IP=10.0.0.5` or
+/// `IP=10.0.0.5,fd00::5`, as Calico and the reference plugins read them);
+/// empty when there is no `IP` key. A prefix length is accepted and dropped.
+pub fn static_ips_from_cni_args(args: &str) -> Result<Vec<std::net::IpAddr>, String> {
+    let mut out = Vec::new();
+    for pair in args.split(';').filter(|p| !p.is_empty()) {
+        let Some(("IP", v)) = pair.split_once('=') else {
+            continue;
+        };
+        for a in v.split(',').map(str::trim).filter(|a| !a.is_empty()) {
+            let addr = a.split_once('/').map_or(a, |(ip, _)| ip);
+            let ip: std::net::IpAddr = addr
+                .parse()
+                .map_err(|_| format!("CNI_ARGS: IP `{a}` is not an IP address"))?;
+            out.push(ip);
+        }
+    }
+    Ok(out)
 }
 
 /// One attachment's addresses, as the agent reports them (its store keeps
@@ -310,6 +335,14 @@ pub enum ErrorKind {
     Store,
     /// The agent is starting or shutting down.
     NotReady,
+    /// A static address asked for is held by another attachment.
+    AddressInUse,
+    /// A static address asked for is outside every pool and block of the
+    /// node, reserved, in a disabled pool, or in another node's block.
+    AddressNotAllowed,
+    /// A pod or namespace annotation steering IPAM is malformed or names
+    /// a pool that does not exist or is disabled.
+    BadAnnotation,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
@@ -469,9 +502,27 @@ mod tests {
     use super::*;
 
     #[test]
+    fn static_ips_come_from_the_ip_key_of_cni_args() {
+        let ips = static_ips_from_cni_args(
+            "IgnoreUnknown=1;K8S_POD_NAME=p;IP=10.0.0.5/24,fd00::5;K8S_POD_NAMESPACE=ns",
+        )
+        .unwrap();
+        assert_eq!(ips.len(), 2);
+        assert_eq!(ips[0].to_string(), "10.0.0.5");
+        assert!(
+            static_ips_from_cni_args("K8S_POD_NAME=p")
+                .unwrap()
+                .is_empty()
+        );
+        let err = static_ips_from_cni_args("IP=10.0.0.300").unwrap_err();
+        assert!(err.contains("IP `10.0.0.300`"), "{err}");
+    }
+
+    #[test]
     fn envelope_round_trips_through_a_frame() {
         let env = Envelope::new(
             Request::Add(AddRequest {
+                ips: vec![],
                 key: AttachmentKey {
                     network: "k8s-pod-network".into(),
                     container_id: "c1".into(),

@@ -334,6 +334,7 @@ fn concurrent_block_claims_never_share_a_block() -> Result<()> {
                     };
                     let config = IpamConfig {
                         pools: vec![Pool {
+                            name: String::new(),
                             cidr: pool,
                             block_size: Some(28),
                             node_selector: String::new(),
@@ -349,6 +350,7 @@ fn concurrent_block_claims_never_share_a_block() -> Result<()> {
                         n += 1;
                         ensure!(n < 200, "{node}: 200 ADDs and only {:?}", ipam.blocks());
                         let req = AddRequest {
+                            ips: vec![],
                             key: AttachmentKey {
                                 network: "k8s-pod-network".into(),
                                 container_id: format!("{node}-c{n}"),

@@ -1,0 +1,262 @@
+//! IPAM steered through the API server: pools per namespace and per pod
+//! (Starling's and Calico's annotations), static addresses refused with
+//! their CNI error codes when taken, outside every pool or reserved, and
+//! IPReservations honoured. One agent (the lab's, Kubernetes datastore,
+//! the DaemonSet's ServiceAccount) and the real `starling` plugin exec'd
+//! in its node namespace with the runtime's CNI_ARGS.
+
+use super::cluster::{Cluster, checked};
+use anyhow::{Context, Result, ensure};
+use serde_json::Value;
+use starling_agent::lab::Topology;
+use starling_tests::Netns;
+use starling_tests::cluster as lab;
+use std::net::IpAddr;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+const MODEL: &str = "\
+apiVersion: starling.dev/v1
+kind: IPPool
+metadata: {name: main}
+spec: {cidr: 10.244.0.0/16, blockSize: 26}
+---
+apiVersion: starling.dev/v1
+kind: IPPool
+metadata: {name: gold}
+spec: {cidr: 10.250.0.0/24, blockSize: 28, nodeSelector: \"tier == 'gold'\"}
+---
+apiVersion: starling.dev/v1
+kind: IPReservation
+metadata: {name: first-eight}
+spec: {reservedCIDRs: [10.244.0.0/29, 10.244.0.40]}
+---
+apiVersion: starling.dev/v1
+kind: BGPConfiguration
+metadata: {name: default}
+spec: {asNumber: 64512}
+---
+apiVersion: v1
+kind: Node
+metadata:
+  name: node1
+  annotations: {starling.dev/ipv4-address: 192.0.2.11/24}
+---
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: steered
+  annotations: {starling.dev/ipv4pools: '[\"gold\"]'}
+";
+
+/// A pod object (never run: no kubelet) with annotations.
+fn pod(namespace: &str, name: &str, annotations: &[(&str, &str)]) -> String {
+    let mut a = String::new();
+    for (k, v) in annotations {
+        a.push_str(&format!("    {k}: '{v}'\n"));
+    }
+    let a = if a.is_empty() {
+        String::new()
+    } else {
+        format!("  annotations:\n{a}")
+    };
+    format!(
+        "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {namespace}\n{a}spec:\n  containers: [{{name: c, image: busybox}}]\n"
+    )
+}
+
+/// What one CNI ADD came to: the addresses, or the error code and message.
+enum Added {
+    Ips(Vec<IpAddr>),
+    Error(u64, String),
+}
+
+/// Exec the plugin for an ADD of pod `namespace/name` as a runtime does.
+fn add(node_ns: &str, socket: &Path, pod_ns: &Netns, namespace: &str, name: &str) -> Result<Added> {
+    let conf = serde_json::json!({
+        "cniVersion": "1.1.0",
+        "name": "starling-ipam-test",
+        "type": "starling",
+        "socketPath": socket,
+    });
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", node_ns])
+        .arg(starling_tests::bin("starling"))
+        .env("CNI_COMMAND", "ADD")
+        .env("CNI_CONTAINERID", &pod_ns.name)
+        .env("CNI_NETNS", format!("/var/run/netns/{}", pod_ns.name))
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", "/usr/lib/cni")
+        .env(
+            "CNI_ARGS",
+            format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={name};K8S_POD_INFRA_CONTAINER_ID={}", pod_ns.name),
+        )
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("running the starling plugin")?;
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(conf.to_string().as_bytes())?;
+    let out = child.wait_with_output()?;
+    let v: Value = serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "plugin output is not JSON: {} {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })?;
+    if out.status.success() {
+        let ips = v["ips"]
+            .as_array()
+            .context("no ips")?
+            .iter()
+            .filter_map(|i| i["address"].as_str())
+            .filter_map(|s| s.parse::<ipnet::IpNet>().ok())
+            .map(|n| n.addr())
+            .collect();
+        return Ok(Added::Ips(ips));
+    }
+    Ok(Added::Error(
+        v["code"].as_u64().unwrap_or(0),
+        format!("{} {}", v["msg"], v["details"]),
+    ))
+}
+
+fn in_net(ip: IpAddr, net: &str) -> bool {
+    net.parse::<ipnet::IpNet>().is_ok_and(|n| n.contains(&ip))
+}
+
+#[test]
+fn annotations_static_addresses_and_reservations_through_the_api_server() -> Result<()> {
+    let k = Cluster::private("ipam")?;
+    k.apply_manifests()?;
+    let port: u16 = k
+        .server
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.trim_end_matches('/').parse().ok())
+        .with_context(|| format!("no port in {}", k.server))?;
+    let mut yaml = MODEL.to_string();
+    yaml.push_str(&pod("default", "plain", &[]));
+    yaml.push_str(&pod("steered", "in-gold", &[]));
+    yaml.push_str(&pod(
+        "steered",
+        "back-to-main",
+        &[("cni.projectcalico.org/ipv4pools", r#"["main"]"#)],
+    ));
+    yaml.push_str(&pod(
+        "default",
+        "pinned",
+        &[("cni.projectcalico.org/ipAddrs", r#"["10.244.0.20"]"#)],
+    ));
+    yaml.push_str(&pod(
+        "default",
+        "same-address",
+        &[("starling.dev/ipAddrs", r#"["10.244.0.20"]"#)],
+    ));
+    yaml.push_str(&pod(
+        "default",
+        "outside",
+        &[("starling.dev/ipAddrs", r#"["198.51.100.7"]"#)],
+    ));
+    yaml.push_str(&pod(
+        "default",
+        "reserved",
+        &[("starling.dev/ipAddrs", r#"["10.244.0.40"]"#)],
+    ));
+    yaml.push_str(&pod(
+        "default",
+        "bad-pool",
+        &[("starling.dev/ipv4pools", r#"["no-such-pool"]"#)],
+    ));
+    checked(&["apply"], k.kubectl_stdin(&["apply", "-f", "-"], &yaml))?;
+
+    let dir = starling_tests::TempDir::new("k8sipam")?;
+    let kubeconfig = dir.join("agent.kubeconfig");
+    let token = k.token_for("kube-system", "starling-agent")?;
+    k.kubeconfig_with_token(&token, &kubeconfig)?;
+    let mut opts = lab::options("kipam", 1, Topology::Mesh);
+    opts.kubeconfig = Some(kubeconfig);
+    let stop = Arc::new(AtomicBool::new(false));
+    super::e2e::relay(opts.name.clone(), 1, port, stop.clone());
+    let c = lab::Cluster::up(opts);
+    stop.store(true, Ordering::Relaxed);
+    let c = c?;
+    let node_ns = format!("{}-node1", c.lab.name);
+    let socket = c.dir().join("node1").join("cni.sock");
+
+    // The lab's own pod (no CNI_ARGS) and a pod without annotations: the
+    // main pool, never a reserved address.
+    let lab_pod = c.pod("node1")?.ips[0];
+    let run = |tag: &str, ns: &str, name: &str| -> Result<Added> {
+        let p = Netns::new(tag)?;
+        let r = add(&node_ns, &socket, &p, ns, name);
+        // The namespace goes with `p`; the address stays allocated (the
+        // agent goes with the lab).
+        r
+    };
+    let Added::Ips(plain) = run("kip-plain", "default", "plain")? else {
+        anyhow::bail!("plain pod refused");
+    };
+    for ip in [lab_pod, plain[0]] {
+        ensure!(in_net(ip, "10.244.0.0/16"), "{ip} from the main pool");
+        ensure!(
+            !in_net(ip, "10.244.0.0/29") && ip.to_string() != "10.244.0.40",
+            "{ip} is reserved and was handed out"
+        );
+    }
+
+    // The namespace's pool, and the pod's annotation over its namespace's.
+    let Added::Ips(gold) = run("kip-gold", "steered", "in-gold")? else {
+        anyhow::bail!("in-gold refused");
+    };
+    ensure!(
+        in_net(gold[0], "10.250.0.0/24"),
+        "{gold:?} from gold (namespace annotation)"
+    );
+    let Added::Ips(back) = run("kip-back", "steered", "back-to-main")? else {
+        anyhow::bail!("back-to-main refused");
+    };
+    ensure!(
+        in_net(back[0], "10.244.0.0/16"),
+        "{back:?}: the pod's annotation wins"
+    );
+
+    // A static address; the same again, one outside every pool, one
+    // reserved: refused with their codes.
+    let Added::Ips(pinned) = run("kip-pin", "default", "pinned")? else {
+        anyhow::bail!("pinned refused");
+    };
+    ensure!(pinned[0].to_string() == "10.244.0.20", "{pinned:?}");
+    for (tag, name, code, words) in [
+        ("kip-same", "same-address", 104, "in use"),
+        ("kip-out", "outside", 105, "outside every IP pool"),
+        ("kip-res", "reserved", 105, "reserved"),
+        ("kip-bad", "bad-pool", 106, "no-such-pool"),
+        // Not in the API server: try again later (11), nothing allocated.
+        ("kip-none", "no-such-pod", 11, "not found"),
+    ] {
+        match run(tag, "default", name)? {
+            Added::Ips(ips) => anyhow::bail!("{name} got {ips:?}, must be refused"),
+            Added::Error(got, msg) => ensure!(
+                got == code && msg.contains(words),
+                "{name}: code {got} ({msg}), want {code} mentioning {words:?}"
+            ),
+        }
+    }
+    let st = c.status("node1")?;
+    ensure!(st.datastore == "kubernetes", "{}", st.datastore);
+    let logs = std::fs::read_to_string(c.dir().join("node1").join("agent.log"))?;
+    ensure!(
+        !logs.to_lowercase().contains("forbidden"),
+        "a request was forbidden:\n{logs}"
+    );
+    Ok(())
+}
