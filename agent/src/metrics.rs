@@ -97,6 +97,7 @@ struct Series {
     cni_duration: HistogramFamily,
     datastore_ready: Gauge,
     nat_ready: Gauge,
+    service_prefixes: Gauge,
 }
 
 /// The agent's metrics; clone it into every task that reports.
@@ -189,6 +190,12 @@ impl Metrics {
             "1 when the natOutgoing rules (nftables table inet starling) are as the pools want, 0 when the last pass failed (nft missing or refused)",
             nat_ready.clone(),
         );
+        let service_prefixes = Gauge::default();
+        registry.register(
+            "service_prefixes_advertised",
+            "Service prefixes this node advertises (configured CIDRs and host routes of externalTrafficPolicy: Local Services)",
+            service_prefixes.clone(),
+        );
         registry.register(
             "agent",
             "The running agent's version",
@@ -211,6 +218,7 @@ impl Metrics {
                 cni_duration,
                 datastore_ready,
                 nat_ready,
+                service_prefixes,
             }),
         };
         // Every fixed label value exists from the start: a series that
@@ -376,6 +384,11 @@ impl Metrics {
     pub fn observe_nat(&self, status: &NatStatus) {
         let ok = status.error.is_none() && status.generation > 0;
         self.series.nat_ready.set(i64::from(ok));
+    }
+
+    /// `starling_service_prefixes_advertised`.
+    pub fn set_service_prefixes(&self, n: usize) {
+        self.series.service_prefixes.set(clamp(n as u128));
     }
 
     /// The OpenMetrics text exposition of every series.

@@ -87,6 +87,9 @@ struct Model {
     /// with BGP off (with Kubernetes the claims are BlockAffinity objects,
     /// already in the model).
     claim_reader: Option<(Box<dyn ipam::Datastore>, Duration)>,
+    /// Kubernetes: the Services and EndpointSlices, for Service
+    /// advertisement.
+    services: Option<watch::Receiver<Arc<crate::services::Catalog>>>,
 }
 
 /// Phase 1: open the datastore; a Kubernetes one only once every kind has
@@ -106,6 +109,7 @@ async fn open_model(cfg: &AgentConfig, ds: DatastoreConfig) -> Result<Model> {
                 claims: claims_file(cfg),
                 cleanup: None,
                 claim_reader: Some((claims_file(cfg), poll)),
+                services: None,
             })
         }
         DatastoreConfig::Kubernetes { kubeconfig } => {
@@ -113,6 +117,7 @@ async fn open_model(cfg: &AgentConfig, ds: DatastoreConfig) -> Result<Model> {
                 .await
                 .context("Kubernetes client configuration")?;
             let client = kube::Client::try_from(kcfg.clone()).context("Kubernetes client")?;
+            let services = crate::services::watch::start(client.clone());
             let ds = Arc::new(crate::model::kube::KubeDatastore::start(
                 client,
                 crate::model::kube::KubeOptions::default(),
@@ -138,6 +143,7 @@ async fn open_model(cfg: &AgentConfig, ds: DatastoreConfig) -> Result<Model> {
                 claims: Box::new(claims),
                 cleanup: Some((kcfg, Arc::new(move || current.status().connected))),
                 claim_reader: None,
+                services: Some(services),
             })
         }
     }
@@ -256,6 +262,7 @@ async fn run_node(
         blocks: blocks_rx,
         pods: pods_rx,
         claims: claims_rx,
+        services: model.services,
     };
     node.run(inputs, &obs, until).await?;
     let _ = std::fs::remove_file(&cfg.socket_path);
