@@ -14,6 +14,8 @@ mod datastore;
 mod e2e;
 #[path = "k8s_parts/health.rs"]
 mod health;
+#[path = "k8s_parts/services.rs"]
+mod services;
 
 use anyhow::{Context, Result, ensure};
 use cluster::{Cluster, checked, cluster, log, repo_root, tool};

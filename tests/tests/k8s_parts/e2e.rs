@@ -50,7 +50,7 @@ pub(super) fn pipe(mut from: TcpStream, mut to: TcpStream) {
 /// The node namespaces cannot reach the host's loopback, where the API
 /// server listens: relay 127.0.0.1:PORT in each node namespace to it, as
 /// the namespaces appear.
-fn relay(lab_name: String, nodes: usize, port: u16, stop: Arc<AtomicBool>) {
+pub(super) fn relay(lab_name: String, nodes: usize, port: u16, stop: Arc<AtomicBool>) {
     std::thread::spawn(move || {
         let mut done = vec![false; nodes];
         while !stop.load(Ordering::Relaxed) && done.iter().any(|d| !d) {
