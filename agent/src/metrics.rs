@@ -184,17 +184,15 @@ impl Metrics {
             "1 once the cluster model has been read in full, 0 before or after losing it",
             datastore_ready.clone(),
         );
-        let nat_ready = Gauge::default();
-        registry.register(
+        let nat_ready = gauge(
+            &mut registry,
             "nat_ready",
             "1 when the natOutgoing rules (nftables table inet starling) are as the pools want, 0 when the last pass failed (nft missing or refused)",
-            nat_ready.clone(),
         );
-        let service_prefixes = Gauge::default();
-        registry.register(
+        let service_prefixes = gauge(
+            &mut registry,
             "service_prefixes_advertised",
             "Service prefixes this node advertises (configured CIDRs and host routes of externalTrafficPolicy: Local Services)",
-            service_prefixes.clone(),
         );
         registry.register(
             "agent",
@@ -437,6 +435,13 @@ impl CniCommand {
             CniCommand::Invalid => "invalid",
         }
     }
+}
+
+/// A plain gauge, registered.
+fn gauge(registry: &mut Registry, name: &str, help: &str) -> Gauge {
+    let g = Gauge::default();
+    registry.register(name, help, g.clone());
+    g
 }
 
 fn clamp(n: u128) -> i64 {
