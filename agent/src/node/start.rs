@@ -132,6 +132,18 @@ async fn open_model(cfg: &AgentConfig, ds: DatastoreConfig) -> Result<Model> {
                 wait = (wait * 2).min(Duration::from_secs(30));
             }
             info!(attempts = attempt, "the Kubernetes datastore is synced");
+            // The Services listed before the speaker starts, so a restart
+            // does not withdraw a Local Service's host routes for a moment.
+            let mut services = services;
+            let listed = services.wait_for(|c| c.synced);
+            if tokio::time::timeout(Duration::from_secs(10), listed)
+                .await
+                .is_err()
+            {
+                warn!(
+                    "the Services are not listed after 10 s; their host routes follow when they are"
+                );
+            }
             let claims = crate::ipam::kube::KubeBlockClaims::new(kcfg.clone())
                 .context("IPAM block claims over the Kubernetes API")?;
             let errors = ds.clone();

@@ -82,6 +82,8 @@ pub type ServiceKey = (String, String);
 pub struct Catalog {
     pub services: BTreeMap<ServiceKey, ServiceInfo>,
     pub ready_nodes: BTreeMap<ServiceKey, BTreeSet<String>>,
+    /// Both kinds have been listed once: what is missing is not there.
+    pub synced: bool,
 }
 
 fn host(ip: IpAddr) -> IpNet {

@@ -89,6 +89,7 @@ enum Update {
 struct Cache<T> {
     objects: BTreeMap<ServiceKey, T>,
     relist: Option<BTreeMap<ServiceKey, T>>,
+    listed: bool,
 }
 
 impl<T> Default for Cache<T> {
@@ -96,6 +97,7 @@ impl<T> Default for Cache<T> {
         Cache {
             objects: BTreeMap::new(),
             relist: None,
+            listed: false,
         }
     }
 }
@@ -126,6 +128,7 @@ impl<T> Cache<T> {
             }
             watcher::Event::InitDone => {
                 self.objects = self.relist.take().unwrap_or_default();
+                self.listed = true;
                 true
             }
             watcher::Event::Apply(o) => {
@@ -154,6 +157,7 @@ fn catalog(
     Catalog {
         services: services.objects.clone(),
         ready_nodes,
+        synced: services.listed && slices.listed,
     }
 }
 
