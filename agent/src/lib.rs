@@ -14,3 +14,4 @@ pub mod mtu;
 pub mod nat;
 pub mod node;
 pub mod runtime;
+pub mod services;

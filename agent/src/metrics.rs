@@ -97,6 +97,7 @@ struct Series {
     cni_duration: HistogramFamily,
     datastore_ready: Gauge,
     nat_ready: Gauge,
+    service_prefixes: Gauge,
 }
 
 /// The agent's metrics; clone it into every task that reports.
@@ -183,11 +184,15 @@ impl Metrics {
             "1 once the cluster model has been read in full, 0 before or after losing it",
             datastore_ready.clone(),
         );
-        let nat_ready = Gauge::default();
-        registry.register(
+        let nat_ready = gauge(
+            &mut registry,
             "nat_ready",
             "1 when the natOutgoing rules (nftables table inet starling) are as the pools want, 0 when the last pass failed (nft missing or refused)",
-            nat_ready.clone(),
+        );
+        let service_prefixes = gauge(
+            &mut registry,
+            "service_prefixes_advertised",
+            "Service prefixes this node advertises (configured CIDRs and host routes of externalTrafficPolicy: Local Services)",
         );
         registry.register(
             "agent",
@@ -211,6 +216,7 @@ impl Metrics {
                 cni_duration,
                 datastore_ready,
                 nat_ready,
+                service_prefixes,
             }),
         };
         // Every fixed label value exists from the start: a series that
@@ -378,6 +384,11 @@ impl Metrics {
         self.series.nat_ready.set(i64::from(ok));
     }
 
+    /// `starling_service_prefixes_advertised`.
+    pub fn set_service_prefixes(&self, n: usize) {
+        self.series.service_prefixes.set(clamp(n as u128));
+    }
+
     /// The OpenMetrics text exposition of every series.
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -424,6 +435,13 @@ impl CniCommand {
             CniCommand::Invalid => "invalid",
         }
     }
+}
+
+/// A plain gauge, registered.
+fn gauge(registry: &mut Registry, name: &str, help: &str) -> Gauge {
+    let g = Gauge::default();
+    registry.register(name, help, g.clone());
+    g
 }
 
 fn clamp(n: u128) -> i64 {

@@ -16,6 +16,8 @@ mod e2e;
 mod health;
 #[path = "k8s_parts/ipam.rs"]
 mod ipam;
+#[path = "k8s_parts/services.rs"]
+mod services;
 
 use anyhow::{Context, Result, ensure};
 use cluster::{Cluster, checked, cluster, log, repo_root, tool};
@@ -448,6 +450,10 @@ fn agent_service_account_can_do_its_job_and_nothing_more() -> Result<()> {
     let mut grants: Vec<(&str, String, Option<&str>)> = vec![
         ("list", "nodes".into(), None),
         ("watch", "nodes".into(), None),
+        ("list", "services".into(), None),
+        ("watch", "services".into(), None),
+        ("list", "endpointslices.discovery.k8s.io".into(), None),
+        ("watch", "endpointslices.discovery.k8s.io".into(), None),
         ("list", "blockaffinities.starling.dev".into(), None),
         ("watch", "blockaffinities.starling.dev".into(), None),
         ("get", "blockaffinities.starling.dev".into(), None),
@@ -468,6 +474,26 @@ fn agent_service_account_can_do_its_job_and_nothing_more() -> Result<()> {
         ("patch", "nodes".into(), None),
         ("create", "nodes".into(), None),
         ("delete", "nodes".into(), None),
+        ("get", "services".into(), Some("default")),
+        ("update", "services".into(), Some("default")),
+        ("patch", "services/status".into(), Some("default")),
+        ("create", "services".into(), Some("default")),
+        (
+            "get",
+            "endpointslices.discovery.k8s.io".into(),
+            Some("default"),
+        ),
+        (
+            "create",
+            "endpointslices.discovery.k8s.io".into(),
+            Some("default"),
+        ),
+        (
+            "update",
+            "endpointslices.discovery.k8s.io".into(),
+            Some("default"),
+        ),
+        ("list", "endpoints".into(), None),
         ("update", "blockaffinities.starling.dev".into(), None),
         ("patch", "blockaffinities.starling.dev".into(), None),
         (
@@ -522,6 +548,8 @@ fn agent_service_account_can_do_its_job_and_nothing_more() -> Result<()> {
     // The same through real requests with the ServiceAccount's token.
     agent.allowed(&["get", "nodes"], None)?;
     agent.watch("/api/v1/nodes")?;
+    agent.watch("/api/v1/services")?;
+    agent.watch("/apis/discovery.k8s.io/v1/endpointslices")?;
     agent.forbidden(&["get", "node", "no-such-node-starling"], None)?;
     for kind in [
         "ippools",

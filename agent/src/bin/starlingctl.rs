@@ -348,6 +348,10 @@ fn status(agent: &AgentArgs) -> Result<ExitCode> {
         }
     );
     println!("  {}", nat_line(&st.nat));
+    if !st.services.is_empty() {
+        let list: Vec<String> = st.services.iter().map(|p| p.to_string()).collect();
+        println!("  Service prefixes advertised: {}", list.join(", "));
+    }
     println!();
     println!("IPv4 and IPv6 BGP status");
     print!(

@@ -146,38 +146,24 @@ pub const CALICO_FIELDS: &[(&str, &str, Support)] = &[
         "spec.nodeMeshMaxRestartTime",
         Implemented,
     ),
-    (
-        "BGPConfiguration",
-        "spec.serviceClusterIPs",
-        Stored("Service addresses are not advertised yet"),
-    ),
+    ("BGPConfiguration", "spec.serviceClusterIPs", Implemented),
     (
         "BGPConfiguration",
         "spec.communities",
         Stored("Starling sends no communities yet"),
     ),
-    (
-        "BGPConfiguration",
-        "spec.serviceExternalIPs",
-        Warned {
-            instead: "Starling does not advertise Service external IPs",
-            same: &["[]"],
-        },
-    ),
+    ("BGPConfiguration", "spec.serviceExternalIPs", Implemented),
     (
         "BGPConfiguration",
         "spec.serviceLoadBalancerIPs",
-        Warned {
-            instead: "Starling does not advertise Service LoadBalancer IPs",
-            same: &["[]"],
-        },
+        Implemented,
     ),
     (
         "BGPConfiguration",
         "spec.serviceLoadBalancerAggregation",
         Warned {
-            instead: "Starling does not advertise Service LoadBalancer IPs",
-            same: &[],
+            instead: "Starling always aggregates: the serviceLoadBalancerIPs CIDRs from every node, /32s only for externalTrafficPolicy: Local",
+            same: &["Enabled"],
         },
     ),
     (
@@ -1236,19 +1222,19 @@ importV6:
             "BGPConfiguration",
             "spec.serviceLoadBalancerIPs",
             "{serviceLoadBalancerIPs: [{cidr: 203.0.113.0/24}]}",
-            true,
+            false,
         ),
         (
             "BGPConfiguration",
             "spec.serviceExternalIPs",
             "{serviceExternalIPs: [{cidr: 198.51.100.0/24}]}",
-            true,
+            false,
         ),
         (
             "BGPConfiguration",
             "spec.serviceClusterIPs",
             "{serviceClusterIPs: [{cidr: 10.96.0.0/12}]}",
-            true,
+            false,
         ),
         (
             "BGPConfiguration",
@@ -1649,6 +1635,7 @@ spec:
   nodeToNodeMeshEnabled: false
   serviceLoadBalancerIPs:
   - cidr: 203.0.113.0/24
+  serviceLoadBalancerAggregation: Disabled
 ---
 apiVersion: projectcalico.org/v3
 kind: BGPPeer
@@ -1800,8 +1787,15 @@ status:
             "224.0.0.1"
         );
         assert_eq!(snap.labels("node-a")["rack"], "r1");
+        assert_eq!(
+            snap.bgp().service_load_balancer_ips[0].cidr.to_string(),
+            "203.0.113.0/24"
+        );
         for (object, field) in [
-            ("BGPConfiguration/default", "spec.serviceLoadBalancerIPs"),
+            (
+                "BGPConfiguration/default",
+                "spec.serviceLoadBalancerAggregation",
+            ),
             ("BGPPeer/peer-a", "spec.keepOriginalNextHop"),
             ("Node/node-a", "spec.addresses"),
         ] {

@@ -151,7 +151,9 @@ pub struct BGPConfigurationSpec {
     #[serde(default = "default_listen_port")]
     #[schemars(range(min = 1))]
     pub listen_port: u16,
-    /// Service cluster IP ranges to advertise.
+    /// Service cluster IP ranges to advertise: each from every node, and
+    /// the cluster IPs of `externalTrafficPolicy: Local` Services inside
+    /// them from the nodes with a ready endpoint.
     #[serde(
         default,
         rename = "serviceClusterIPs",
@@ -159,6 +161,23 @@ pub struct BGPConfigurationSpec {
     )]
     #[schemars(length(max = 16))]
     pub service_cluster_ips: Vec<ServiceClusterIPBlock>,
+    /// Service external IP ranges to advertise (`spec.externalIPs`).
+    #[serde(
+        default,
+        rename = "serviceExternalIPs",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    #[schemars(length(max = 16))]
+    pub service_external_ips: Vec<ServiceClusterIPBlock>,
+    /// Service load-balancer IP ranges to advertise
+    /// (`status.loadBalancer.ingress[].ip`).
+    #[serde(
+        default,
+        rename = "serviceLoadBalancerIPs",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    #[schemars(length(max = 16))]
+    pub service_load_balancer_ips: Vec<ServiceClusterIPBlock>,
     /// Named BGP communities (standard `aa:nn` or large `aa:nn:mm`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 64))]
@@ -184,6 +203,8 @@ impl Default for BGPConfigurationSpec {
             as_number: DEFAULT_AS_NUMBER,
             listen_port: 179,
             service_cluster_ips: Vec::new(),
+            service_external_ips: Vec::new(),
+            service_load_balancer_ips: Vec::new(),
             communities: Vec::new(),
             node_mesh_password: None,
             node_mesh_max_restart_time: default_restart_time(),

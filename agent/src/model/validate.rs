@@ -228,12 +228,6 @@ pub fn bgp_peer(spec: &BGPPeerSpec) -> Vec<Finding> {
 /// warnings, not problems.
 pub fn unsupported_bgp_configuration(spec: &BGPConfigurationSpec) -> Vec<Finding> {
     let mut out = Vec::new();
-    if !spec.service_cluster_ips.is_empty() {
-        out.push(finding(
-            "spec.serviceClusterIPs",
-            "stored, not applied: Starling does not advertise Service addresses yet",
-        ));
-    }
     if !spec.communities.is_empty() {
         out.push(finding(
             "spec.communities",

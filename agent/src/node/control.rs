@@ -80,6 +80,10 @@ pub struct NodeStatus {
     /// What the peering plan could not do.
     pub warnings: Vec<String>,
     pub blocks: Vec<IpNet>,
+    /// The Service prefixes this node advertises (configured CIDRs and the
+    /// host routes of its `externalTrafficPolicy: Local` Services).
+    #[serde(default)]
+    pub services: Vec<IpNet>,
     pub pods: usize,
     pub fib: FibStatus,
     /// natOutgoing: our nftables table, or why it is not in place.

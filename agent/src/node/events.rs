@@ -16,11 +16,12 @@ use crate::model::Snapshot;
 use crate::model::plan::{self, LocalBgp};
 use crate::mtu::PodMtu;
 use crate::nat::{self, NatPool, NatReconciler};
+use crate::services::{self, Catalog, Ranges};
 use anyhow::{Result, bail};
 use ipnet::IpNet;
 use starling_bgp::{RouteEvent, Speaker};
 use starling_cni_proto::{PodRoute, StatusReply};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
@@ -69,6 +70,8 @@ pub(super) struct Inputs {
     pub pods: watch::Receiver<Vec<PodRoute>>,
     /// The claim file's claims (BGP off with the file datastore).
     pub claims: Option<watch::Receiver<Vec<Claim>>>,
+    /// The Services and their ready nodes (Kubernetes datastore).
+    pub services: Option<watch::Receiver<Arc<Catalog>>>,
 }
 
 pub(super) struct Node {
@@ -91,6 +94,10 @@ pub(super) struct Node {
     autodetected: Option<Detected>,
     bgp_enabled: bool,
     claims: Vec<Claim>,
+    /// The Services as last watched (empty with the file datastore).
+    catalog: Arc<Catalog>,
+    /// The Service prefixes this node announces.
+    service_prefixes: BTreeSet<IpNet>,
 }
 
 impl Node {
@@ -137,6 +144,8 @@ impl Node {
             autodetected: s.autodetected,
             bgp_enabled: s.bgp_enabled,
             claims: s.claims,
+            catalog: Arc::new(Catalog::default()),
+            service_prefixes: BTreeSet::new(),
         };
         node.refresh_remote_blocks();
         node
@@ -162,9 +171,14 @@ impl Node {
         obs: &Endpoints,
         until: impl Future<Output = Result<()>>,
     ) -> Result<()> {
+        if let Some(rx) = inputs.services.as_mut() {
+            self.catalog = rx.borrow_and_update().clone();
+        }
+        self.refresh_services();
         self.apply_plan().await;
         self.publish()?;
         let mut claims = inputs.claims.take();
+        let mut catalog = inputs.services.take();
         tokio::pin!(until);
         let mut observe = tokio::time::interval(Duration::from_secs(2));
         let mut speaker_running = true;
@@ -209,12 +223,22 @@ impl Node {
                     self.pods = inputs.pods.borrow_and_update().clone();
                     self.publish()?;
                 }
-                r = claims_changed(&mut claims) => {
+                r = changed(&mut claims) => {
                     if r.is_err() { bail!("the block claim reader stopped"); }
                     if let Some(rx) = claims.as_mut() {
                         self.claims = rx.borrow_and_update().clone();
                     }
                     self.refresh_remote_blocks();
+                    self.publish()?;
+                }
+                r = changed(&mut catalog) => {
+                    if r.is_err() { bail!("the Service watch stopped"); }
+                    if let Some(rx) = catalog.as_mut() {
+                        self.catalog = rx.borrow_and_update().clone();
+                    }
+                    if self.refresh_services() {
+                        self.apply_plan().await;
+                    }
                     self.publish()?;
                 }
                 _ = tick.tick(), if self.peering.is_draining() => {
@@ -234,6 +258,8 @@ impl Node {
         obs.metrics.observe_fib(&self.fib.status());
         obs.metrics.observe_nat(&self.nat.status());
         obs.metrics.observe_ipam(&self.ipam_status());
+        obs.metrics
+            .set_service_prefixes(self.service_prefixes.len());
         let refused = lock(&self.shared).refused.clone();
         obs.metrics.set_routes_refused(
             RefusedReason::ALL
@@ -277,7 +303,11 @@ impl Node {
             info!(block = %b, "announcing a new block");
             self.speaker.announce(*b)?;
         }
-        for b in self.blocks.iter().filter(|b| !blocks.contains(b)) {
+        for b in self
+            .blocks
+            .iter()
+            .filter(|b| !blocks.contains(b) && !self.service_prefixes.contains(b))
+        {
             info!(block = %b, "withdrawing a released block");
             self.speaker.withdraw(*b)?;
         }
@@ -321,7 +351,43 @@ impl Node {
         self.pod_mtu.update(self.own.clone(), overhead);
         self.snap = snap;
         self.refresh_remote_blocks();
+        self.refresh_services();
         self.apply_plan().await;
+    }
+
+    /// Bring the announced Service prefixes to what the model and the
+    /// Services imply ([`services::advertised`]); true when they changed.
+    fn refresh_services(&mut self) -> bool {
+        let want: BTreeSet<IpNet> = if self.bgp_enabled {
+            services::advertised(
+                &Ranges::from_spec(self.snap.bgp()),
+                &self.catalog,
+                &self.name,
+            )
+            .into_iter()
+            // A block is announced as a block already.
+            .filter(|p| !self.blocks.contains(p))
+            .collect()
+        } else {
+            BTreeSet::new()
+        };
+        if want == self.service_prefixes {
+            return false;
+        }
+        for p in want.difference(&self.service_prefixes) {
+            info!(prefix = %p, "advertising a Service prefix");
+            if let Err(e) = self.speaker.announce(*p) {
+                warn!(prefix = %p, "cannot announce: {e}");
+            }
+        }
+        for p in self.service_prefixes.difference(&want) {
+            info!(prefix = %p, "withdrawing a Service prefix");
+            if let Err(e) = self.speaker.withdraw(*p) {
+                warn!(prefix = %p, "cannot withdraw: {e}");
+            }
+        }
+        self.service_prefixes = want;
+        true
     }
 
     async fn apply_plan(&mut self) {
@@ -329,9 +395,16 @@ impl Node {
             lock(&self.shared).status.warnings = bgp_off_warnings(&self.snap);
             return;
         }
+        // eBGP peers are sent our blocks and our Service prefixes.
+        let exported: Vec<IpNet> = self
+            .blocks
+            .iter()
+            .chain(&self.service_prefixes)
+            .copied()
+            .collect();
         let warnings = self
             .peering
-            .apply(&self.snap, &self.name, self.local.asn, &self.blocks)
+            .apply(&self.snap, &self.name, self.local.asn, &exported)
             .await;
         lock(&self.shared).status.warnings = warnings;
     }
@@ -359,13 +432,22 @@ impl Node {
             .collect();
         // Sent only when it changed; the task applies it within a pass.
         self.nat.set_desired(nat::desired(&nat_pools));
+        // Other nodes' Service routes are for routers outside, not for our
+        // kernel: the Service's traffic is handled where it arrives.
+        let ranges = Ranges::from_spec(self.snap.bgp());
+        let learned: BTreeMap<IpNet, Vec<IpAddr>> = self
+            .learned
+            .iter()
+            .filter(|(p, _)| !ranges.covers(p))
+            .map(|(p, h)| (*p, h.clone()))
+            .collect();
         let routes::Desired {
             routes: desired,
             refused,
         } = routes::desired(&routes::Inputs {
             blocks: &self.blocks,
             pods: &self.pods,
-            learned: &self.learned,
+            learned: &learned,
             pools: &pools,
             own: &self.own,
         });
@@ -394,14 +476,16 @@ impl Node {
         st.synced = self.synced;
         st.draining = self.peering.draining();
         st.blocks = self.blocks.clone();
+        st.services = self.service_prefixes.iter().copied().collect();
         st.pods = self.pods.len();
         Ok(())
     }
 }
 
-/// A change of the claim file's claims; never, without a claim reader.
-async fn claims_changed(
-    claims: &mut Option<watch::Receiver<Vec<Claim>>>,
+/// A change of the claim file's claims (or the Services); never, without
+/// a receiver.
+async fn changed<T>(
+    claims: &mut Option<watch::Receiver<T>>,
 ) -> Result<(), watch::error::RecvError> {
     match claims {
         Some(rx) => rx.changed().await,
@@ -576,6 +660,7 @@ mod tests {
             blocks,
             pods,
             claims: None,
+            services: None,
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let loop_obs = obs.clone();

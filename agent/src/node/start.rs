@@ -89,6 +89,9 @@ struct Model {
     claim_reader: Option<(Box<dyn ipam::Datastore>, Duration)>,
     /// Kubernetes: the client IPAM reads pod and namespace annotations with.
     annotations: Option<kube::Client>,
+    /// Kubernetes: the Services and EndpointSlices, for Service
+    /// advertisement.
+    services: Option<watch::Receiver<Arc<crate::services::Catalog>>>,
 }
 
 /// Phase 1: open the datastore; a Kubernetes one only once every kind has
@@ -109,6 +112,7 @@ async fn open_model(cfg: &AgentConfig, ds: DatastoreConfig) -> Result<Model> {
                 cleanup: None,
                 claim_reader: Some((claims_file(cfg), poll)),
                 annotations: None,
+                services: None,
             })
         }
         DatastoreConfig::Kubernetes { kubeconfig } => {
@@ -116,6 +120,7 @@ async fn open_model(cfg: &AgentConfig, ds: DatastoreConfig) -> Result<Model> {
                 .await
                 .context("Kubernetes client configuration")?;
             let client = kube::Client::try_from(kcfg.clone()).context("Kubernetes client")?;
+            let services = crate::services::watch::start(client.clone());
             let ds = Arc::new(crate::model::kube::KubeDatastore::start(
                 client.clone(),
                 crate::model::kube::KubeOptions::default(),
@@ -130,6 +135,18 @@ async fn open_model(cfg: &AgentConfig, ds: DatastoreConfig) -> Result<Model> {
                 wait = (wait * 2).min(Duration::from_secs(30));
             }
             info!(attempts = attempt, "the Kubernetes datastore is synced");
+            // The Services listed before the speaker starts, so a restart
+            // does not withdraw a Local Service's host routes for a moment.
+            let mut services = services;
+            let listed = services.wait_for(|c| c.synced);
+            if tokio::time::timeout(Duration::from_secs(10), listed)
+                .await
+                .is_err()
+            {
+                warn!(
+                    "the Services are not listed after 10 s; their host routes follow when they are"
+                );
+            }
             let claims = crate::ipam::kube::KubeBlockClaims::new(kcfg.clone())
                 .context("IPAM block claims over the Kubernetes API")?;
             let errors = ds.clone();
@@ -142,6 +159,7 @@ async fn open_model(cfg: &AgentConfig, ds: DatastoreConfig) -> Result<Model> {
                 cleanup: Some((kcfg, Arc::new(move || current.status().connected))),
                 claim_reader: None,
                 annotations: Some(client),
+                services: Some(services),
             })
         }
     }
@@ -261,6 +279,7 @@ async fn run_node(
         blocks: blocks_rx,
         pods: pods_rx,
         claims: claims_rx,
+        services: model.services,
     };
     node.run(inputs, &obs, until).await?;
     let _ = std::fs::remove_file(&cfg.socket_path);
