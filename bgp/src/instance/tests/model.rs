@@ -196,8 +196,8 @@ fn apply(h: &mut Harness, addr: IpAddr, table: &mut BTreeMap<IpNet, Held>) {
     }
 }
 
-fn run(seed: u64, steps: usize) {
-    let mut rng = Rng(seed);
+/// The instance and the model with the same seven peers, all down.
+fn setup() -> (Harness, Model) {
     let mut h = Harness::new(|c| {
         c.ebgp_requires_policy = false;
         c.max_paths = 2;
@@ -211,7 +211,7 @@ fn run(seed: u64, steps: usize) {
         ("192.0.2.22", ASN, false, true),
         ("192.0.2.23", ASN, false, false),
     ];
-    let mut model = Model {
+    let model = Model {
         peers: specs
             .iter()
             .map(|(a, asn, client, nhs)| ModelPeer {
@@ -229,6 +229,12 @@ fn run(seed: u64, steps: usize) {
     for m in &model.peers {
         h.add(config(m));
     }
+    (h, model)
+}
+
+fn run(seed: u64, steps: usize) {
+    let mut rng = Rng(seed);
+    let (mut h, mut model) = setup();
     let prefixes: Vec<IpNet> = (0..8).map(|i| net(&format!("10.0.{i}.0/24"))).collect();
     let mut tables: Vec<BTreeMap<IpNet, Held>> = vec![BTreeMap::new(); model.peers.len()];
     let mut clock = Instant::now();
