@@ -1,8 +1,9 @@
 //! The export rules, as pure functions: for a best path, where it came from
 //! and the peer it would go to, the attributes we advertise, or nothing
 //! (RFC 4271 §5.1 and §9.2, RFC 4456 §6 and §8, RFC 8212). The instance runs
-//! them for every changed (prefix, peer) pair and diffs the result against
-//! that peer's Adj-RIB-Out; nothing here touches a table or a socket.
+//! them on the before and the after of every change, once per group of
+//! peers with equal settings, and sends the difference (there is no
+//! Adj-RIB-Out); nothing here touches a table or a socket.
 
 use crate::attrs::{Family, PathAttrs};
 use crate::policy::{self, Effective, Outcome, RouteSource};
@@ -37,8 +38,21 @@ enum Hop {
 /// The attributes we advertise to `to` for `best`, or `None` when the path
 /// must not go there. `from` is what the RIB knows of the peer the path
 /// came from (`None` for our own prefixes, or a peer already gone).
+#[cfg(test)]
 pub fn export_attrs(
     best: &Best,
+    from: Option<&PeerMeta>,
+    to: &ExportTo,
+    policy: Effective,
+    prefix: &IpNet,
+) -> Option<PathAttrs> {
+    export_path(best.source, &best.attrs, from, to, policy, prefix)
+}
+
+/// `export_attrs` for a path given as its source and attributes.
+pub fn export_path(
+    source: Source,
+    attrs: &PathAttrs,
     from: Option<&PeerMeta>,
     to: &ExportTo,
     policy: Effective,
@@ -49,8 +63,8 @@ pub fn export_attrs(
     }
     // The checks that need no copy of the attributes come first: most
     // (prefix, peer) pairs end here in a full mesh or a big ingest.
-    let hop = hop(best.source, from, to)?;
-    let mut a = (*best.attrs).clone();
+    let hop = hop(source, from, to)?;
+    let mut a = attrs.clone();
     match hop {
         Hop::Local => a.next_hop = None,
         Hop::Reflected { originator } => reflect(&mut a, originator, to.cluster_id),

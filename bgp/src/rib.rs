@@ -49,6 +49,10 @@ pub struct Rib {
     local: BTreeSet<IpNet>,
     adj_in: HashMap<IpAddr, HashMap<IpNet, Arc<PathAttrs>>>,
     meta: HashMap<IpAddr, PeerMeta>,
+    /// What we knew of peers dropped since the last flush: the Loc-RIB may
+    /// still hold their paths, and export needs to know what those paths
+    /// were exported as to withdraw them (see `meta_any`).
+    retired: HashMap<IpAddr, PeerMeta>,
     /// Routes kept for a restarting peer (RFC 4724 §4.2) until it refreshes them.
     stale: HashMap<IpAddr, HashSet<IpNet>>,
     loc: HashMap<IpNet, Best>,
@@ -63,6 +67,14 @@ pub struct Rib {
 }
 
 impl Best {
+    /// The best path alone.
+    pub fn path(&self) -> Path {
+        Path {
+            source: self.source,
+            attrs: self.attrs.clone(),
+        }
+    }
+
     /// The multipath set, best first: (source, attributes).
     pub fn members(&self) -> impl Iterator<Item = (Source, &Arc<PathAttrs>)> {
         std::iter::once((self.source, &self.attrs)).chain(
@@ -114,12 +126,27 @@ impl Rib {
         self.local.remove(&p)
     }
 
-    pub fn set_peer(&mut self, peer: IpAddr, meta: PeerMeta) {
-        self.meta.insert(peer, meta);
+    /// Record what we know of `peer`; returns what we knew before.
+    pub fn set_peer(&mut self, peer: IpAddr, meta: PeerMeta) -> Option<PeerMeta> {
+        self.retired.remove(&peer);
+        self.meta.insert(peer, meta)
     }
 
     pub fn meta(&self, peer: IpAddr) -> Option<&PeerMeta> {
         self.meta.get(&peer)
+    }
+
+    /// `meta`, or for a peer dropped since the last `forget_retired`, what
+    /// we knew of it then: the Loc-RIB keeps its paths until the next
+    /// decision, and what they were exported as is derived with this.
+    pub fn meta_any(&self, peer: IpAddr) -> Option<&PeerMeta> {
+        self.meta.get(&peer).or_else(|| self.retired.get(&peer))
+    }
+
+    /// The decision has run on everything dropped peers had: their paths
+    /// are out of the Loc-RIB.
+    pub fn forget_retired(&mut self) {
+        self.retired.clear();
     }
 
     pub fn insert(&mut self, peer: IpAddr, p: IpNet, attrs: Arc<PathAttrs>) {
@@ -141,7 +168,9 @@ impl Rib {
     /// Drop everything learned from `peer`; returns the prefixes affected.
     pub fn drop_peer(&mut self, peer: IpAddr) -> Vec<IpNet> {
         self.stale.remove(&peer);
-        self.meta.remove(&peer);
+        if let Some(m) = self.meta.remove(&peer) {
+            self.retired.insert(peer, m);
+        }
         self.adj_in
             .remove(&peer)
             .map(|m| m.into_keys().collect())
@@ -214,6 +243,23 @@ impl Rib {
             .collect()
     }
 
+    /// The best paths of `prefixes` (without their multipath sets), for export.
+    pub fn best_paths(&self, prefixes: Vec<IpNet>) -> Vec<(IpNet, Option<Path>)> {
+        prefixes
+            .into_iter()
+            .map(|p| (p, self.loc.get(&p).map(Best::path)))
+            .collect()
+    }
+
+    /// The Loc-RIB entries whose best path came from `peer`.
+    pub fn best_paths_from(&self, peer: IpAddr) -> Vec<(IpNet, Path)> {
+        self.loc
+            .iter()
+            .filter(|(_, b)| b.source == Source::Peer(peer))
+            .map(|(p, b)| (*p, b.path()))
+            .collect()
+    }
+
     pub fn all_prefixes(&self) -> Vec<IpNet> {
         self.loc.keys().copied().collect()
     }
@@ -249,6 +295,12 @@ impl Rib {
     /// best path or multipath set changed (`Some(None)`: no path left),
     /// `None` when nothing changed.
     pub fn decide(&mut self, p: &IpNet) -> Option<Option<Best>> {
+        self.decide_change(p).map(|(_, new)| new)
+    }
+
+    /// `decide`, with the entry it replaced: `Some((old, new))` on a change.
+    #[allow(clippy::type_complexity)]
+    pub fn decide_change(&mut self, p: &IpNet) -> Option<(Option<Best>, Option<Best>)> {
         let mut cands = std::mem::take(&mut self.scratch);
         cands.clear();
         if self.local.contains(p) {
@@ -303,15 +355,11 @@ impl Rib {
         if self.loc.get(p) == best.as_ref() {
             return None;
         }
-        match &best {
-            Some(b) => {
-                self.loc.insert(*p, b.clone());
-            }
-            None => {
-                self.loc.remove(p);
-            }
-        }
-        Some(best)
+        let old = match &best {
+            Some(b) => self.loc.insert(*p, b.clone()),
+            None => self.loc.remove(p),
+        };
+        Some((old, best))
     }
 
     fn is_ebgp(&self, s: Source) -> bool {

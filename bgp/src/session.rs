@@ -66,8 +66,9 @@ pub struct Negotiated {
 /// Instance -> session.
 #[derive(Debug)]
 pub enum ToSession {
-    /// Encoded messages to write, in order (dropped unless Established).
-    Send(Vec<Vec<u8>>),
+    /// Encoded messages to write, in order (dropped unless Established);
+    /// shared by the peers of an update group, encoded once for them all.
+    Send(Arc<Vec<Vec<u8>>>),
     /// An incoming connection from this peer, accepted by a listener.
     Incoming(TcpStream),
     /// Stop the session with this Cease NOTIFICATION; the task ends.
@@ -1132,7 +1133,9 @@ mod tests {
         // reads nothing: the session must go on reading them (so its hold
         // timer never fires) and close on the send hold timer.
         let chunk = wire::keepalive().repeat(4 << 20 >> 4);
-        p.cmd.send(ToSession::Send(vec![chunk; 16])).unwrap();
+        p.cmd
+            .send(ToSession::Send(Arc::new(vec![chunk; 16])))
+            .unwrap();
         let PeerEnd { s, .. } = p.outgoing;
         let (_rd, mut wr) = s.into_split();
         let keepalives = tokio::spawn(async move {
@@ -1200,8 +1203,10 @@ mod tests {
             }
         }
         let batch: Vec<Vec<u8>> = (0..MESSAGES).map(|i| big_withdrawal(i as u8)).collect();
-        a_cmd.send(ToSession::Send(batch.clone())).unwrap();
-        b_cmd.send(ToSession::Send(batch)).unwrap();
+        a_cmd
+            .send(ToSession::Send(Arc::new(batch.clone())))
+            .unwrap();
+        b_cmd.send(ToSession::Send(Arc::new(batch))).unwrap();
         let count = async |events: &mut mpsc::UnboundedReceiver<FromSession>| {
             let mut n = 0;
             while n < MESSAGES {

@@ -1,15 +1,18 @@
-//! The instance task: the one owner of the peer table, the RIBs and every
-//! Adj-RIB-Out. It reacts to the handle's commands, to the sessions' events
+//! The instance task: the one owner of the peer table and the RIBs, and
+//! what every peer is sent (derived from the Loc-RIB: there is no
+//! Adj-RIB-Out). It reacts to the handle's commands, to the sessions' events
 //! (`FromSession`), to connections the listeners accepted, and to its own
 //! timers (the batching flush, graceful-restart stale timers, the initial
 //! sync deadline); it answers sessions only with `ToSession` messages.
 //!
 //! Each job has its file: `peers` (the peer table and session states),
-//! `routes` (UPDATE import, the decision flush, export to the Adj-RIBs-Out)
-//! and `restart` (graceful restart and the initial sync). Everything is a
+//! `routes` (UPDATE import, the decision flush), `outbound` (what each
+//! peer is sent, derived from the Loc-RIB, per group of peers with the same
+//! outbound settings) and `restart` (graceful restart and the initial sync). Everything is a
 //! synchronous method on `Instance`, so the tests drive it with session
 //! events and read what it sends, with no socket and no clock.
 
+mod outbound;
 mod peers;
 mod restart;
 mod routes;
@@ -63,8 +66,11 @@ struct PeerEntry {
     since: u64,
     last_error: Option<String>,
     negotiated: Option<Arc<Negotiated>>,
-    /// Adj-RIB-Out: what we last advertised to this peer.
-    adj_out: HashMap<IpNet, Arc<crate::attrs::PathAttrs>>,
+    /// How many prefixes the export rules advertise to this peer, by
+    /// family (IPv4, IPv6). No Adj-RIB-Out is kept: what the peer holds is
+    /// derived from the Loc-RIB (`outbound`); this count is for the session
+    /// table and to skip a peer that holds nothing.
+    sent: [usize; 2],
     /// Whether we already logged that RFC 8212 blocks this peer, and the
     /// max-prefix warning, so the log says it once.
     warned_policy: bool,
@@ -306,19 +312,23 @@ impl Instance {
         }
     }
 
-    /// A new cluster ID: every peer's Adj-RIB-Out is brought in line with
-    /// the new CLUSTER_LIST at once.
+    /// A new cluster ID: every peer is brought in line with the new
+    /// CLUSTER_LIST at once.
     fn set_cluster_id(&mut self, id: Ipv4Addr) {
         if id == self.cluster_id {
             return;
         }
         info!(cluster_id = %id, "cluster ID changed");
+        let before = self.jobs_unchanged(|_| true);
         self.cluster_id = id;
-        let all = self.rib.all_prefixes();
-        let addrs: Vec<IpAddr> = self.peers.keys().copied().collect();
-        for a in addrs {
-            self.export_to(a, all.clone(), false);
-        }
+        let jobs = before
+            .into_iter()
+            .filter_map(|j| {
+                let new = self.spec(j.addr)?;
+                Some(outbound::Job { new, ..j })
+            })
+            .collect();
+        self.resettle(jobs);
     }
 
     fn summary(&self) -> RibSummary {

@@ -1,6 +1,7 @@
 //! The peer table: adding, changing and removing peers, the session states
 //! the session tasks report, and the per-peer limits.
 
+use super::outbound::Job;
 use super::{Instance, PeerEntry, REFRESH_EVERY};
 use crate::attrs::Family;
 use crate::config::{MaxPrefixAction, PeerConfig, PeerPolicy, SessionConfig};
@@ -47,27 +48,40 @@ impl Instance {
 
     /// Policy, reflection or limits changed: keep the session, ask the peer
     /// to send everything again when the import policy changed (RFC 2918),
-    /// and bring its Adj-RIB-Out in line with the new export policy.
+    /// and send it the difference the new export settings make.
     fn update_policy(&mut self, addr: IpAddr, policy: PeerPolicy) {
-        let Some(old) = self.peers.get_mut(&addr) else {
+        let Some(old) = self.peers.get(&addr) else {
             return;
         };
         let import_changed = old.policy.import != policy.import;
         let rr_client = policy.route_reflector_client;
+        let before = self.spec(addr);
+        let Some(old) = self.peers.get_mut(&addr) else {
+            return;
+        };
         old.policy = policy;
         old.warned_policy = false;
         old.warned_max_prefix = false;
         if let Some(neg) = old.negotiated.clone() {
-            if let Some(meta) = self.rib.meta(addr).copied() {
-                self.rib.set_peer(addr, PeerMeta { rr_client, ..meta });
-            }
             if import_changed {
                 for f in &neg.families {
                     let _ = old.tx.send(ToSession::Refresh(*f));
                 }
             }
-            let all = self.rib.all_prefixes();
-            self.export_to(addr, all, false);
+            // What others get of its paths (reflection follows client
+            // status), then what it gets.
+            if let Some(meta) = self.rib.meta(addr).copied() {
+                self.set_peer_meta(addr, PeerMeta { rr_client, ..meta });
+            }
+            if let (Some(old), Some(new)) = (before, self.spec(addr))
+                && old != new
+            {
+                self.resettle(vec![Job {
+                    addr,
+                    old: Some(old),
+                    new,
+                }]);
+            }
         }
         info!(peer = %addr, "peer policy updated without a session reset");
     }
@@ -89,7 +103,7 @@ impl Instance {
                 since: session::now_unix(),
                 last_error: None,
                 negotiated: None,
-                adj_out: HashMap::default(),
+                sent: [0, 0],
                 warned_policy: false,
                 warned_max_prefix: false,
                 refreshed_at: HashMap::default(),
@@ -192,14 +206,13 @@ impl Instance {
         }
     }
 
-    /// RFC 2918: resend the whole Adj-RIB-Out of that family.
+    /// RFC 2918: resend everything we advertise of that family.
     fn refresh(&mut self, peer: IpAddr, family: Family, now: Instant) {
         if let Some(p) = self.peers.get_mut(&peer) {
-            p.adj_out.retain(|k, _| Family::of(k) != family);
             p.refreshed_at.insert(family, now);
             p.refresh_due.remove(&family);
         }
-        self.export_to(peer, self.rib.prefixes_of(family), false);
+        self.send_table(peer, Some(family), false);
     }
 
     /// The peer's session task panicked and its connection went with it:
@@ -241,11 +254,13 @@ impl Instance {
             return;
         };
         p.negotiated = negotiated.clone();
-        p.adj_out.clear();
+        p.sent = [0, 0];
         let ebgp = p.ebgp(self.asn);
         let rr_client = p.policy.route_reflector_client;
         if let Some(neg) = &negotiated {
-            self.rib.set_peer(
+            // Its paths kept across a graceful restart go out again under a
+            // new router ID, if it has one.
+            self.set_peer_meta(
                 peer,
                 PeerMeta {
                     ebgp,
@@ -255,8 +270,7 @@ impl Instance {
             );
             self.resume_stale(peer, neg);
         }
-        let all = self.rib.all_prefixes();
-        self.export_to(peer, all, true);
+        self.send_table(peer, None, true);
     }
 
     /// The session left Established: forget what we sent, and keep or drop
@@ -271,7 +285,7 @@ impl Instance {
             .and_then(|n| n.peer.graceful_restart.clone());
         let cap = p.policy.max_restart_time;
         p.negotiated = None;
-        p.adj_out.clear();
+        p.sent = [0, 0];
         self.session_down(peer, gr, cap, graceful);
     }
 
@@ -327,7 +341,7 @@ impl Instance {
                 state: p.state.to_string(),
                 since: p.since,
                 prefixes_received: self.rib.received_count(p.session.address),
-                prefixes_sent: p.adj_out.len(),
+                prefixes_sent: p.sent.iter().sum(),
                 last_error: p.last_error.clone(),
                 description: p.policy.description.clone(),
             })
