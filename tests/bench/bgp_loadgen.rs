@@ -59,7 +59,14 @@ enum Cmd {
     /// One prefix re-announced with a new MED many times into starling-bgpd;
     /// its RSS and attribute-set count before and after.
     Flap(FlapArgs),
+    /// Two route reflectors and thousands of clients (a block and a few pod
+    /// routes each): convergence, a node joining and leaving, and a
+    /// reflector restart (`tests/bench/scale-rr.sh`).
+    Scale(scale::ScaleArgs),
 }
+
+#[path = "bgp_loadgen_scale.rs"]
+mod scale;
 
 #[derive(Args)]
 struct Common {
@@ -153,6 +160,7 @@ fn main() -> Result<()> {
         Cmd::Ingest(a) => ingest(&rt, a),
         Cmd::Fanout(a) => fanout(&rt, a),
         Cmd::Flap(a) => flap(&rt, a),
+        Cmd::Scale(a) => scale::run(&rt, a),
     }
 }
 
@@ -194,6 +202,8 @@ struct Session {
     wr: OwnedWriteHalf,
     pending: Vec<u8>,
     four_octet: bool,
+    /// The speaker offered graceful restart (RFC 4724) in its OPEN.
+    peer_gr: bool,
 }
 
 /// How many OPEN exchanges are in flight at once. BIRD listens with a short
@@ -212,6 +222,18 @@ async fn establish_all(
     hold_time: u16,
     deadline: Instant,
 ) -> Result<Vec<Session>> {
+    establish_all_gr(sources, target, asn, hold_time, false, deadline).await
+}
+
+/// `establish_all`, offering graceful restart in our OPENs when `gr`.
+async fn establish_all_gr(
+    sources: &[Ipv4Addr],
+    target: SocketAddr,
+    asn: u32,
+    hold_time: u16,
+    gr: bool,
+    deadline: Instant,
+) -> Result<Vec<Session>> {
     let permits = Arc::new(tokio::sync::Semaphore::new(HANDSHAKES_IN_FLIGHT));
     let mut tasks = Vec::new();
     for src in sources.iter().copied() {
@@ -220,7 +242,7 @@ async fn establish_all(
             let _permit = permits.acquire_owned().await?;
             loop {
                 let attempt = (Instant::now() + HANDSHAKE_ATTEMPT).min(deadline);
-                match try_establish(src, target, asn, hold_time, attempt).await {
+                match try_establish(src, target, asn, hold_time, gr, attempt).await {
                     Ok(s) => return Ok(s),
                     Err(e) if Instant::now() >= deadline => return Err(e),
                     Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
@@ -243,6 +265,7 @@ async fn try_establish(
     target: SocketAddr,
     asn: u32,
     hold_time: u16,
+    gr: bool,
     deadline: Instant,
 ) -> Result<Session> {
     let stream = loop {
@@ -265,13 +288,18 @@ async fn try_establish(
         hold_time,
         router_id: src,
         families: vec![Family::Ipv4],
-        graceful_restart: None,
+        graceful_restart: gr.then_some(wire::GracefulRestart {
+            restart_time: 120,
+            restarting: false,
+            forwarding: false,
+        }),
         extended_message: false,
     });
     wr.write_all(&wire::encode(&open)).await?;
     let mut buf = Vec::with_capacity(1 << 16);
     let mut ctx = wire::parsing_context(true);
     let mut four_octet = true;
+    let mut peer_gr = false;
     let mut got_open = false;
     loop {
         let Some(len) =
@@ -292,6 +320,7 @@ async fn try_establish(
                 let peer = wire::check_open(&o, asn, src, true)
                     .map_err(|n| anyhow!("{src}: bad OPEN from {target}: {}", n.reason))?;
                 four_octet = peer.four_octet;
+                peer_gr = peer.graceful_restart.is_some();
                 wr.write_all(&wire::keepalive()).await?;
                 got_open = true;
             }
@@ -301,6 +330,7 @@ async fn try_establish(
                     wr,
                     pending: buf,
                     four_octet,
+                    peer_gr,
                 });
             }
             Ok((BgpMessage::Notification(n), _)) => {
