@@ -165,6 +165,16 @@ async fn open_model(cfg: &AgentConfig, ds: DatastoreConfig) -> Result<Model> {
     }
 }
 
+/// The VXLAN device sends from the node's address: the next hop the other
+/// nodes install for its blocks, from which they derive its VTEP.
+fn vteps(snap: &Snapshot, name: &str) -> (Option<std::net::Ipv4Addr>, Option<std::net::Ipv6Addr>) {
+    let node = snap.node(name);
+    (
+        node.and_then(|n| n.ipv4_address).map(|a| a.addr()),
+        node.and_then(|n| n.ipv6_address).map(|a| a.addr()),
+    )
+}
+
 /// The running node: the start-up phases in order, then the event loop.
 async fn run_node(
     cfg: AgentConfig,
@@ -190,18 +200,8 @@ async fn run_node(
     let blocks = blocks_rx.borrow_and_update().clone();
     let pods = pods_rx.borrow_and_update().clone();
 
-    // The VXLAN device sends from the node's address: the next hop the
-    // other nodes install for its blocks, from which they derive its VTEP.
-    let vtep = snap
-        .node(&name)
-        .and_then(|n| n.ipv4_address)
-        .map(|a| a.addr());
-    let vtep6 = snap
-        .node(&name)
-        .and_then(|n| n.ipv6_address)
-        .map(|a| a.addr());
     let (fib, preserved) = phase(
-        first_fib_pass(&cfg, (vtep, vtep6), &blocks, &pods, &obs.readiness),
+        first_fib_pass(&cfg, vteps(&snap, &name), &blocks, &pods, &obs.readiness),
         &mut served,
     )
     .await?;
