@@ -18,8 +18,9 @@
 #   (kubernetes) watch events and LIST requests the API server counted for
 #   nodes and blockaffinities over each window, from its own /metrics: a
 #   change must arrive as a watch event, never as a new LIST.
-# Read bytes are /proc/PID/io rchar: everything the agent read, mostly the
-# API server's TLS stream (and for the file datastore, the file).
+# Bytes: for the file datastore /proc/PID/io rchar (what the agent read with
+# read(2): the file); for Kubernetes the API server's own size of the watch
+# events it sent for nodes and blockaffinities.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 NODES=${NODES:-5000}
@@ -134,7 +135,10 @@ window() { # IMPL PREFIX CHANGE
     [ "$change" = : ] && n_changes=0
     local cpu0 rd0 ev0 ls0 end
     cpu0=$(cpu_ms "$DAEMON_PID"); rd0=$(rchar "$DAEMON_PID")
-    if [ "$impl" = kubernetes ]; then ev0=$(api_counter apiserver_watch_events_total); ls0=$(api_counter apiserver_request_total LIST); fi
+    if [ "$impl" = kubernetes ]; then
+        ev0=$(api_counter apiserver_watch_events_total); ls0=$(api_counter apiserver_request_total LIST)
+        by0=$(api_counter apiserver_watch_events_sizes_sum)
+    fi
     end=$(( $(date +%s) + WINDOW ))
     local step_ms=$(( n_changes > 0 ? WINDOW * 1000 / n_changes : 0 ))
     local next
@@ -151,24 +155,29 @@ window() { # IMPL PREFIX CHANGE
     cpu=$(awk -v a="$(cpu_ms "$DAEMON_PID")" -v b="$cpu0" 'BEGIN {print a - b}')
     rd=$(( $(rchar "$DAEMON_PID") - rd0 ))
     json "$impl" "${prefix}_cpu" "$cpu" ms
-    json "$impl" "${prefix}_read_bytes" "$rd" bytes
+    # rchar counts read(2), not recv(2): the file, not the API server's stream.
+    [ "$impl" = file ] && json "$impl" "${prefix}_read_bytes" "$rd" bytes
     json "$impl" "${prefix}_changes" "$changes" changes
     if [ "$impl" = kubernetes ]; then
         # The API server's own count; our kubectl calls are not watches, and
         # the agent is the only client watching these kinds.
         json "$impl" "${prefix}_watch_events" "$(( $(api_counter apiserver_watch_events_total) - ev0 ))" events
         json "$impl" "${prefix}_list_requests" "$(( $(api_counter apiserver_request_total LIST) - ls0 ))" requests
+        json "$impl" "${prefix}_watch_bytes" "$(( $(api_counter apiserver_watch_events_sizes_sum) - by0 ))" bytes
     fi
     LAST_CPU=$cpu
+    LAST_CHANGES=$changes
 }
 
-# One change: even steps remove node N-k, odd steps add it back.
+# One change: even steps remove node N-k, odd steps add it back. The file
+# is written whole (as a tool regenerating it would), from a cached copy.
 file_change() {
     local k=$(( NODES - 1 - $1 / 2 ))
     if [ $(($1 % 2)) -eq 0 ]; then
-        { common_model; file_nodes 0 $((k - 1)); file_nodes $((k + 1)) $((NODES - 1)); } >"$WORK/model.tmp"
+        awk -v n="node$k" 'BEGIN {RS = "---\n"; ORS = ""} NR > 1 && index($0, "{name: " n "}") == 0 {print "---\n" $0} NR == 1 {print}' \
+            "$WORK/model.full" >"$WORK/model.tmp"
     else
-        { common_model; file_nodes 0 $((NODES - 1)); } >"$WORK/model.tmp"
+        cp "$WORK/model.full" "$WORK/model.tmp"
     fi
     mv "$WORK/model.tmp" "$WORK/model.yaml"
 }
@@ -189,7 +198,7 @@ report() { # IMPL
     window "$impl" idle :
     local idle=$LAST_CPU
     window "$impl" churn "${impl}_change"
-    json "$impl" cpu_per_change "$(awk -v c="$LAST_CPU" -v i="$idle" -v n=$(( NODES * WINDOW / 6000 )) 'BEGIN {printf "%.1f", (c - i) / (n > 0 ? n : 1)}')" ms
+    json "$impl" cpu_per_change "$(awk -v c="$LAST_CPU" -v i="$idle" -v n="$LAST_CHANGES" 'BEGIN {printf "%.1f", (c - i) / (n > 0 ? n : 1)}')" ms
     json "$impl" peak_rss "$(mib "$(kib "$DAEMON_PID" VmHWM)")" MiB
     json "$impl" rss_end "$(mib "$(kib "$DAEMON_PID" VmRSS)")" MiB
     stop_daemon
@@ -199,7 +208,8 @@ echo "# scale-agent: $NODES nodes, ${WINDOW}s windows; $(nproc) cpus; $(uname -r
 for ds in $DATASTORES; do
     case $ds in
         file)
-            { common_model; file_nodes 0 $((NODES - 1)); } >"$WORK/model.yaml"
+            { common_model; file_nodes 0 $((NODES - 1)); } >"$WORK/model.full"
+            cp "$WORK/model.full" "$WORK/model.yaml"
             start_agent "{type: file, path: $WORK/model.yaml}"
             report file
             ;;
