@@ -705,7 +705,7 @@ impl ClaimPlan {
             Want::Block(block) => return self.run_block(*block),
             Want::Pools(pools) => pools,
         };
-        let family = if self.v4 { "IPv4" } else { "IPv6" };
+        let family = self.family();
         let mut last_error = None;
         // Each round reads every claim once; a round in which another node
         // won a race for a candidate, or a claim failed without an answer,
@@ -714,11 +714,7 @@ impl ClaimPlan {
         for _round in 0..MAX_CLAIM_ROUNDS {
             self.in_time(family, &last_error)?;
             let all = self.datastore.affinities()?;
-            let ours: Vec<IpNet> = all
-                .iter()
-                .filter(|a| a.node == self.node && !self.known.contains(&a.block))
-                .map(|a| a.block)
-                .collect();
+            let ours = self.unknown_own(&all);
             if ours.iter().any(|b| b.addr().is_ipv4() == self.v4) {
                 return Ok(ours);
             }
@@ -772,16 +768,12 @@ impl ClaimPlan {
     /// if this node holds it already. Held by another node: refused, since
     /// this node would not know which of its addresses that node uses.
     fn run_block(&self, block: IpNet) -> Result<Vec<IpNet>, IpamError> {
-        let family = if self.v4 { "IPv4" } else { "IPv6" };
+        let family = self.family();
         let mut last_error = None;
         for _round in 0..MAX_CLAIM_ROUNDS {
             self.in_time(family, &last_error)?;
             let all = self.datastore.affinities()?;
-            let ours: Vec<IpNet> = all
-                .iter()
-                .filter(|a| a.node == self.node && !self.known.contains(&a.block))
-                .map(|a| a.block)
-                .collect();
+            let ours = self.unknown_own(&all);
             if ours.contains(&block) {
                 return Ok(ours);
             }
@@ -817,6 +809,19 @@ impl ClaimPlan {
             },
             IpamError::from,
         ))
+    }
+
+    fn family(&self) -> &'static str {
+        if self.v4 { "IPv4" } else { "IPv6" }
+    }
+
+    /// Blocks this node holds that it did not know of (a claim that timed
+    /// out on our side but succeeded on the server).
+    fn unknown_own(&self, all: &[Affinity]) -> Vec<IpNet> {
+        all.iter()
+            .filter(|a| a.node == self.node && !self.known.contains(&a.block))
+            .map(|a| a.block)
+            .collect()
     }
 
     fn in_time(&self, family: &str, last: &Option<DatastoreError>) -> Result<(), IpamError> {

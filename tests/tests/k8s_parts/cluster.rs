@@ -127,6 +127,15 @@ fn down(dir: &Path) {
 }
 
 impl Cluster {
+    /// The API server's port, from its URL.
+    pub fn port(&self) -> Result<u16> {
+        self.server
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.trim_end_matches('/').parse().ok())
+            .with_context(|| format!("no port in {}", self.server))
+    }
+
     fn start() -> Result<Cluster> {
         let dir = std::env::temp_dir().join(format!("starling-k8s-{}", std::process::id()));
         DOWN_DIR

@@ -85,12 +85,7 @@ pub(super) fn relay(lab_name: String, nodes: usize, port: u16, stop: Arc<AtomicB
 fn three_nodes_through_the_api_server() -> Result<()> {
     let k = Cluster::private("e2e")?;
     k.apply_manifests()?;
-    let port: u16 = k
-        .server
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.trim_end_matches('/').parse().ok())
-        .with_context(|| format!("no port in {}", k.server))?;
+    let port = k.port()?;
     let mut yaml = String::from(
         "apiVersion: starling.dev/v1\nkind: IPPool\nmetadata: {name: pods}\nspec: {cidr: 10.244.0.0/16, blockSize: 26}\n\
          ---\napiVersion: starling.dev/v1\nkind: BGPConfiguration\nmetadata: {name: default}\nspec: {asNumber: 64512}\n",
@@ -200,12 +195,7 @@ fn three_nodes_through_the_api_server() -> Result<()> {
 fn three_nodes_without_bgp_through_the_api_server() -> Result<()> {
     let k = Cluster::private("e2enobgp")?;
     k.apply_manifests()?;
-    let port: u16 = k
-        .server
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.trim_end_matches('/').parse().ok())
-        .with_context(|| format!("no port in {}", k.server))?;
+    let port = k.port()?;
     let mut yaml = String::from(
         "apiVersion: starling.dev/v1\nkind: IPPool\nmetadata: {name: pods}\nspec: {cidr: 10.244.0.0/16, blockSize: 26, vxlanMode: Always}\n",
     );

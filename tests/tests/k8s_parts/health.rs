@@ -36,12 +36,7 @@ fn probe(ns: &Netns, path: &str) -> Result<(u16, String)> {
 fn an_agent_waiting_for_the_api_server_is_live_and_turns_ready_when_it_comes() -> Result<()> {
     let k = Cluster::private("apidown")?;
     k.apply_manifests()?;
-    let port: u16 = k
-        .server
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.trim_end_matches('/').parse().ok())
-        .with_context(|| format!("no port in {}", k.server))?;
+    let port = k.port()?;
     let yaml = "apiVersion: starling.dev/v1\nkind: IPPool\nmetadata: {name: pods}\nspec: {cidr: 10.244.0.0/16, blockSize: 26}\n\
          ---\napiVersion: v1\nkind: Node\nmetadata:\n  name: apidown\n  annotations:\n    \
          starling.dev/ipv4-address: 192.0.2.10/24\nspec:\n  podCIDR: 10.244.1.0/26\n  podCIDRs: [10.244.1.0/26]\n";

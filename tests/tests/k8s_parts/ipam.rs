@@ -137,12 +137,7 @@ fn in_net(ip: IpAddr, net: &str) -> bool {
 fn annotations_static_addresses_and_reservations_through_the_api_server() -> Result<()> {
     let k = Cluster::private("ipam")?;
     k.apply_manifests()?;
-    let port: u16 = k
-        .server
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.trim_end_matches('/').parse().ok())
-        .with_context(|| format!("no port in {}", k.server))?;
+    let port = k.port()?;
     let mut yaml = MODEL.to_string();
     yaml.push_str(&pod("default", "plain", &[]));
     yaml.push_str(&pod("steered", "in-gold", &[]));

@@ -112,12 +112,7 @@ fn services_are_advertised_to_the_top_of_rack_as_endpoints_come_move_and_go() ->
     require_tool("birdc", "bird2");
     let k = Cluster::private("svc")?;
     k.apply_manifests()?;
-    let port: u16 = k
-        .server
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.trim_end_matches('/').parse().ok())
-        .with_context(|| format!("no port in {}", k.server))?;
+    let port = k.port()?;
     let mut yaml = format!(
         "apiVersion: starling.dev/v1\nkind: IPPool\nmetadata: {{name: pods}}\nspec: {{cidr: 10.244.0.0/16, blockSize: 26}}\n\
          ---\napiVersion: starling.dev/v1\nkind: BGPConfiguration\nmetadata: {{name: default}}\nspec:\n  asNumber: 64512\n  \
