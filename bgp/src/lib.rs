@@ -13,6 +13,8 @@
 //! - `config` and `report`: the public types, what the embedder tells the
 //!   speaker and what it hears back.
 //! - `rib`: Adj-RIBs-In, the Loc-RIB and the decision process.
+//! - `sendq`: the send path's shared buffers (a session's batch of
+//!   UPDATEs, its output queue), with nothing of BGP but message framing.
 //! - `session`: one task per peer, driving the FSM over TCP.
 //! - `export`: the export rules as pure functions.
 //! - `instance`: the task that owns the peer table and the RIBs.
@@ -28,6 +30,7 @@ pub mod jsonl;
 pub mod policy;
 pub mod report;
 pub mod rib;
+pub mod sendq;
 pub mod session;
 pub mod sockopt;
 pub mod speaker;

@@ -7,11 +7,14 @@
 use crate::attrs::Family;
 use crate::config::{SessionConfig, SpeakerConfig};
 use crate::fsm::{self, Action, Event, State};
+pub use crate::sendq::Batch;
+use crate::sendq::{OutQueue, WRITE_PARTS};
 use crate::sockopt;
 use crate::wire::{self, Cease, ErrorCode, GracefulRestart, Notify, OpenParams, PeerOpen};
 use bytes::BytesMut;
 use netgauze_bgp_pkt::BgpMessage;
 use netgauze_bgp_pkt::wire::deserializer::BgpParsingContext;
+use std::io::IoSlice;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -66,9 +69,10 @@ pub struct Negotiated {
 /// Instance -> session.
 #[derive(Debug)]
 pub enum ToSession {
-    /// Encoded messages to write, in order (dropped unless Established);
-    /// shared by the peers of an update group, encoded once for them all.
-    Send(Arc<Vec<Vec<u8>>>),
+    /// Encoded messages to write, in order (dropped unless Established):
+    /// everything one flush has for this peer, as slices of buffers shared
+    /// by the peers of an update group, encoded once for them all.
+    Send(Batch),
     /// An incoming connection from this peer, accepted by a listener.
     Incoming(TcpStream),
     /// Stop the session with this Cease NOTIFICATION; the task ends.
@@ -147,7 +151,8 @@ struct Conn {
     /// waits here and goes out from the task's loop, which keeps reading
     /// and running timers meanwhile (two speakers sending each other full
     /// tables would otherwise both block in a write, neither reading).
-    out: BytesMut,
+    /// Its parts are shared with the other members of the update group.
+    out: OutQueue,
     local: SocketAddr,
 }
 
@@ -159,8 +164,8 @@ impl Conn {
         Ok(Conn {
             rd,
             wr,
-            buf: BytesMut::with_capacity(64 * 1024),
-            out: BytesMut::new(),
+            buf: BytesMut::with_capacity(READ_CHUNK),
+            out: OutQueue::default(),
             local,
         })
     }
@@ -170,10 +175,12 @@ impl Conn {
     fn flush_now(&mut self) -> std::io::Result<bool> {
         let mut wrote = false;
         while !self.out.is_empty() {
-            match self.wr.try_write(&self.out) {
+            let mut iov = [IoSlice::new(&[]); WRITE_PARTS];
+            let k = self.out.slices(&mut iov);
+            match self.wr.try_write_vectored(&iov[..k]) {
                 Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
                 Ok(n) => {
-                    let _ = self.out.split_to(n);
+                    self.out.advance(n);
                     wrote = true;
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
@@ -184,10 +191,31 @@ impl Conn {
     }
 }
 
+/// The read buffer starts this small and grows only for a longer message
+/// (up to 65,535 octets with RFC 8654); an idle session shrinks back to it.
+/// Thousands of sessions that send us little (reflector clients) would
+/// otherwise hold 64 KiB each.
+const READ_CHUNK: usize = 4096;
+
+/// Room for the next read: at least `READ_CHUNK` free, or a fresh small
+/// buffer when an earlier long message left a big empty one.
+fn read_room(buf: &mut BytesMut) {
+    if buf.is_empty() && buf.capacity() > 4 * READ_CHUNK {
+        *buf = BytesMut::with_capacity(READ_CHUNK);
+    } else if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+        buf.reserve(READ_CHUNK);
+    }
+}
+
 /// Per-peer output is bounded: beyond this many queued bytes the peer is
 /// not keeping up with even a full table, and the session is closed as for
 /// the send hold timer.
 const MAX_QUEUED_OUTPUT: usize = 256 << 20;
+
+/// How much output one wake-up of a session queues from the instance's
+/// batches before it writes: enough for one write to carry thousands of
+/// UPDATEs, small enough that reading and timers are not held up.
+const COALESCE_BYTES: usize = 256 << 10;
 
 /// RFC 9687 §4: with a hold time of 0 the send hold timer still runs, at
 /// its suggested 8 minutes.
@@ -208,18 +236,24 @@ async fn conn_io(c: &mut Option<Conn>) -> Io {
     else {
         return std::future::pending().await;
     };
+    read_room(buf);
     if out.is_empty() {
         return Io::Read(rd.read_buf(buf).await);
     }
+    let mut iov = [IoSlice::new(&[]); WRITE_PARTS];
+    let k = out.slices(&mut iov);
     tokio::select! {
         r = rd.read_buf(buf) => Io::Read(r),
-        r = wr.write(out) => Io::Wrote(r),
+        r = wr.write_vectored(&iov[..k]) => Io::Wrote(r),
     }
 }
 
 async fn read_more(c: &mut Option<Conn>) -> std::io::Result<usize> {
     match c {
-        Some(c) => c.rd.read_buf(&mut c.buf).await,
+        Some(c) => {
+            read_room(&mut c.buf);
+            c.rd.read_buf(&mut c.buf).await
+        }
         None => std::future::pending().await,
     }
 }
@@ -293,6 +327,9 @@ pub struct Driver {
     last_error: Option<String>,
     /// A NOTIFICATION was sent or received on the current connection.
     notified: bool,
+    /// A message taken from the channel while coalescing UPDATEs, to be
+    /// handled next.
+    deferred: Option<ToSession>,
     tx: mpsc::UnboundedSender<FromSession>,
 }
 
@@ -322,6 +359,7 @@ impl Driver {
             restart_at: None,
             last_error: None,
             notified: false,
+            deferred: None,
             tx,
         }
     }
@@ -347,6 +385,12 @@ impl Driver {
     pub async fn run(mut self, mut rx: mpsc::UnboundedReceiver<ToSession>) {
         self.event(Event::ManualStart).await;
         loop {
+            if let Some(m) = self.deferred.take() {
+                if !self.command(Some(m), &mut rx).await {
+                    return;
+                }
+                continue;
+            }
             let deadline = [
                 self.connect_retry_at,
                 self.hold_at,
@@ -364,33 +408,8 @@ impl Driver {
                 }
             };
             tokio::select! {
-                cmd = rx.recv() => match cmd {
-                    None => {
-                        self.event(Event::ManualStop(Notify::new(Cease::PeerDeconfigured, vec![], "peer de-configured"))).await;
-                        return;
-                    }
-                    Some(ToSession::Stop(n)) => {
-                        self.event(Event::ManualStop(n)).await;
-                        if let Some(mut p) = self.pending.take() {
-                            let _ = p.wr.shutdown().await;
-                        }
-                        return;
-                    }
-                    Some(ToSession::Send(msgs)) => {
-                        if self.fsm.state == State::Established {
-                            self.write(&msgs);
-                        }
-                    }
-                    Some(ToSession::Refresh(f)) => {
-                        if self.fsm.state == State::Established && self.peer_open.as_ref().is_some_and(|p| p.route_refresh) {
-                            self.write(&[wire::encode_route_refresh(f)]);
-                        }
-                    }
-                    Some(ToSession::Incoming(stream)) => self.incoming(stream).await,
-                    Some(ToSession::Reset(n, after)) => {
-                        self.event(Event::ManualStop(n)).await;
-                        self.restart_at = Some(Instant::now() + after);
-                    }
+                cmd = rx.recv() => if !self.command(cmd, &mut rx).await {
+                    return;
                 },
                 r = connect_result(&mut self.connecting) => {
                     self.connecting = None;
@@ -409,7 +428,7 @@ impl Driver {
                 io = conn_io(&mut self.conn) => match io {
                     Io::Wrote(Ok(n)) if n > 0 => {
                         if let Some(c) = &mut self.conn {
-                            let _ = c.out.split_to(n);
+                            c.out.advance(n);
                         }
                         self.wrote();
                     }
@@ -434,6 +453,46 @@ impl Driver {
                 _ = sleep => self.timers().await,
             }
         }
+    }
+
+    /// A message from the instance; `false`: the task ends.
+    async fn command(
+        &mut self,
+        cmd: Option<ToSession>,
+        rx: &mut mpsc::UnboundedReceiver<ToSession>,
+    ) -> bool {
+        match cmd {
+            None => {
+                self.event(Event::ManualStop(Notify::new(
+                    Cease::PeerDeconfigured,
+                    vec![],
+                    "peer de-configured",
+                )))
+                .await;
+                return false;
+            }
+            Some(ToSession::Stop(n)) => {
+                self.event(Event::ManualStop(n)).await;
+                if let Some(mut p) = self.pending.take() {
+                    let _ = p.wr.shutdown().await;
+                }
+                return false;
+            }
+            Some(ToSession::Send(batch)) => self.send_batches(batch, rx),
+            Some(ToSession::Refresh(f)) => {
+                if self.fsm.state == State::Established
+                    && self.peer_open.as_ref().is_some_and(|p| p.route_refresh)
+                {
+                    self.write(&[wire::encode_route_refresh(f)]);
+                }
+            }
+            Some(ToSession::Incoming(stream)) => self.incoming(stream).await,
+            Some(ToSession::Reset(n, after)) => {
+                self.event(Event::ManualStop(n)).await;
+                self.restart_at = Some(Instant::now() + after);
+            }
+        }
+        true
     }
 
     async fn timers(&mut self) {
@@ -498,7 +557,12 @@ impl Driver {
                         // What is queued (a NOTIFICATION above all) gets a
                         // moment to go out; a peer that reads nothing does
                         // not hold the close up.
-                        let flush = c.wr.write_all(&c.out);
+                        let flush = async {
+                            for p in c.out.parts() {
+                                c.wr.write_all(p).await?;
+                            }
+                            std::io::Result::Ok(())
+                        };
                         let _ = tokio::time::timeout(Duration::from_secs(1), flush).await;
                         let _ = c.wr.shutdown().await;
                     }
@@ -582,10 +646,40 @@ impl Driver {
     /// Queue messages for the peer and hand the kernel what it takes now;
     /// the rest goes out from the task's loop (`write_some`).
     fn write(&mut self, msgs: &[Vec<u8>]) {
-        let Some(c) = &mut self.conn else { return };
-        for m in msgs {
-            c.out.extend_from_slice(m);
+        self.write_batch(Batch::of(msgs));
+    }
+
+    /// UPDATEs from the instance, and whatever more it has already queued
+    /// for us (up to `COALESCE_BYTES`): one write for them all.
+    fn send_batches(&mut self, first: Batch, rx: &mut mpsc::UnboundedReceiver<ToSession>) {
+        if self.fsm.state != State::Established {
+            return;
         }
+        let Some(c) = &mut self.conn else { return };
+        let start = c.out.len();
+        c.out.extend(first);
+        let mut other = None;
+        while c.out.len() - start < COALESCE_BYTES {
+            match rx.try_recv() {
+                Ok(ToSession::Send(b)) => c.out.extend(b),
+                Ok(m) => {
+                    other = Some(m);
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        self.write_batch(Batch::default());
+        if let Some(m) = other {
+            // Anything else ends the run and is handled in order, next.
+            self.deferred = Some(m);
+        }
+    }
+
+    /// Queue a batch and hand the kernel what it takes now.
+    fn write_batch(&mut self, batch: Batch) {
+        let Some(c) = &mut self.conn else { return };
+        c.out.extend(batch);
         match c.flush_now() {
             Ok(true) => self.wrote(),
             Ok(false) => self.waiting(),
@@ -1134,7 +1228,7 @@ mod tests {
         // timer never fires) and close on the send hold timer.
         let chunk = wire::keepalive().repeat(4 << 20 >> 4);
         p.cmd
-            .send(ToSession::Send(Arc::new(vec![chunk; 16])))
+            .send(ToSession::Send(Batch::of(&vec![chunk; 16])))
             .unwrap();
         let PeerEnd { s, .. } = p.outgoing;
         let (_rd, mut wr) = s.into_split();
@@ -1203,10 +1297,8 @@ mod tests {
             }
         }
         let batch: Vec<Vec<u8>> = (0..MESSAGES).map(|i| big_withdrawal(i as u8)).collect();
-        a_cmd
-            .send(ToSession::Send(Arc::new(batch.clone())))
-            .unwrap();
-        b_cmd.send(ToSession::Send(Arc::new(batch))).unwrap();
+        a_cmd.send(ToSession::Send(Batch::of(&batch))).unwrap();
+        b_cmd.send(ToSession::Send(Batch::of(&batch))).unwrap();
         let count = async |events: &mut mpsc::UnboundedReceiver<FromSession>| {
             let mut n = 0;
             while n < MESSAGES {

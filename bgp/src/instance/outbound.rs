@@ -21,8 +21,9 @@ use crate::attrs::{Family, PathAttrs};
 use crate::export::{ExportTo, export_path};
 use crate::policy::{Effective, PolicyRule};
 use crate::rib::{Path, PeerMeta, Rib, Source};
-use crate::session::{Negotiated, ToSession};
+use crate::session::{Batch, Negotiated, ToSession};
 use crate::wire;
+use bytes::{Bytes, BytesMut};
 use foldhash::{HashMap, HashSet};
 use ipnet::IpNet;
 use std::net::{IpAddr, Ipv4Addr};
@@ -206,13 +207,75 @@ impl Pending {
 /// (at most two) excluded, or one member.
 struct Out {
     to: Recipients,
-    msgs: Arc<Vec<Vec<u8>>>,
+    msgs: Vec<Vec<u8>>,
     delta: [i64; 2],
 }
 
 enum Recipients {
     AllBut([Option<IpAddr>; 2]),
     One(IpAddr),
+}
+
+/// Each member's batch for one flush: the group's shared UPDATEs are
+/// concatenated into one buffer, and a member gets it whole but for the
+/// ranges that exclude it (its own paths), then its own UPDATEs, then
+/// End-of-RIB. One channel message per member, however many UPDATEs.
+fn member_batches(
+    members: &[IpAddr],
+    outs: Vec<Out>,
+    eor: Option<Bytes>,
+) -> Vec<(IpAddr, Batch, [i64; 2])> {
+    let mut shared = BytesMut::new();
+    let mut total = [0i64; 2];
+    // The ranges of `shared` each member is not to get, with their deltas.
+    let mut excluded: HashMap<IpAddr, Vec<(usize, usize, [i64; 2])>> = HashMap::default();
+    let mut own: HashMap<IpAddr, (Vec<Vec<u8>>, [i64; 2])> = HashMap::default();
+    for o in outs {
+        match o.to {
+            Recipients::AllBut(x) => {
+                let start = shared.len();
+                o.msgs.iter().for_each(|m| shared.extend_from_slice(m));
+                let range = (start, shared.len(), o.delta);
+                for m in x.into_iter().flatten() {
+                    excluded.entry(m).or_default().push(range);
+                }
+                total[0] += o.delta[0];
+                total[1] += o.delta[1];
+            }
+            Recipients::One(m) => {
+                let e = own.entry(m).or_default();
+                e.0.extend(o.msgs);
+                e.1[0] += o.delta[0];
+                e.1[1] += o.delta[1];
+            }
+        }
+    }
+    let shared = shared.freeze();
+    let mut out = Vec::with_capacity(members.len());
+    for m in members {
+        let mut batch = Batch::default();
+        let mut delta = total;
+        let mut at = 0;
+        let mut ranges = excluded.remove(m).unwrap_or_default();
+        ranges.sort_unstable_by_key(|r| r.0);
+        for (start, end, d) in ranges {
+            batch.push(shared.slice(at..start.max(at)));
+            at = end.max(at);
+            delta[0] -= d[0];
+            delta[1] -= d[1];
+        }
+        batch.push(shared.slice(at..));
+        if let Some((msgs, d)) = own.remove(m) {
+            batch.push(Bytes::from(msgs.concat()));
+            delta[0] += d[0];
+            delta[1] += d[1];
+        }
+        if let Some(e) = &eor {
+            batch.push(e.clone());
+        }
+        out.push((*m, batch, delta));
+    }
+    out
 }
 
 /// The source peer of a path, when it is a member of the group.
@@ -301,7 +364,7 @@ fn group_out(
         let delta = p.delta;
         out.push(Out {
             to: Recipients::AllBut(key),
-            msgs: Arc::new(p.encode(new, &who)),
+            msgs: p.encode(new, &who),
             delta,
         });
     }
@@ -309,7 +372,7 @@ fn group_out(
         let delta = p.delta;
         out.push(Out {
             to: Recipients::One(m),
-            msgs: Arc::new(p.encode(new, &m.to_string())),
+            msgs: p.encode(new, &m.to_string()),
             delta,
         });
     }
@@ -355,34 +418,23 @@ impl Instance {
                     before,
                 )
             };
-            for o in outs {
-                let send = |p: &mut super::PeerEntry| {
-                    for (i, d) in o.delta.iter().enumerate() {
-                        p.sent[i] = (p.sent[i] as i64 + d).max(0) as usize;
-                    }
-                    if !o.msgs.is_empty() {
-                        let _ = p.tx.send(ToSession::Send(o.msgs.clone()));
-                    }
-                };
-                match o.to {
-                    Recipients::One(m) => self.peers.get_mut(&m).into_iter().for_each(send),
-                    Recipients::AllBut(x) => members
-                        .iter()
-                        .filter(|m| !x.contains(&Some(**m)))
-                        .for_each(|m| self.peers.get_mut(m).into_iter().for_each(send)),
-                }
-            }
-            if end_of_rib {
+            let eor = end_of_rib.then(|| {
                 let eor: Vec<Vec<u8>> = new
                     .families
                     .iter()
                     .map(|f| wire::encode_end_of_rib(*f))
                     .collect();
-                let eor = Arc::new(eor);
-                for m in &members {
-                    if let Some(p) = self.peers.get(m) {
-                        let _ = p.tx.send(ToSession::Send(eor.clone()));
-                    }
+                Bytes::from(eor.concat())
+            });
+            for (m, batch, delta) in member_batches(&members, outs, eor) {
+                let Some(p) = self.peers.get_mut(&m) else {
+                    continue;
+                };
+                for (i, d) in delta.iter().enumerate() {
+                    p.sent[i] = (p.sent[i] as i64 + d).max(0) as usize;
+                }
+                if !batch.is_empty() {
+                    let _ = p.tx.send(ToSession::Send(batch));
                 }
             }
         }

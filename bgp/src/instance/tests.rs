@@ -175,7 +175,7 @@ impl Harness {
         let rx = sessions.get_mut(&ip(addr)).expect("a session was started");
         while let Ok(m) = rx.try_recv() {
             match m {
-                ToSession::Send(msgs) => msgs.iter().for_each(|m| decode_into(m, &mut out)),
+                ToSession::Send(msgs) => msgs.messages().for_each(|m| decode_into(m, &mut out)),
                 ToSession::Stop(n) => out.control.push(("stop", n.code(), n.subcode())),
                 ToSession::Reset(n, _) => out.control.push(("reset", n.code(), n.subcode())),
                 ToSession::Refresh(_) => out.control.push(("refresh", 0, 0)),

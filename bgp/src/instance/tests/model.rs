@@ -183,7 +183,7 @@ fn apply(h: &mut Harness, addr: IpAddr, table: &mut BTreeMap<IpNet, Held>) {
     let rx = sessions.get_mut(&addr).expect("a session was started");
     while let Ok(m) = rx.try_recv() {
         let ToSession::Send(msgs) = m else { continue };
-        for m in msgs.iter() {
+        for m in msgs.messages() {
             let mut s = Sent::default();
             decode_into(m, &mut s);
             for w in &s.withdrawn {
