@@ -1023,12 +1023,16 @@ mod tests {
 
         /// The next message the session wrote, or `None` once it closed.
         async fn read(&mut self) -> Option<BgpMessage> {
+            let frame = self.read_frame().await?;
+            let mut ctx = wire::parsing_context(true);
+            Some(wire::decode(&frame, &mut ctx).unwrap().0)
+        }
+
+        /// The next message's bytes, or `None` once the session closed.
+        async fn read_frame(&mut self) -> Option<Vec<u8>> {
             loop {
                 if let Some(len) = wire::frame(&self.buf, wire::MAX_MESSAGE_LEN).unwrap() {
-                    let mut ctx = wire::parsing_context(true);
-                    let m = wire::decode(&self.buf[..len], &mut ctx).unwrap().0;
-                    self.buf.drain(..len);
-                    return Some(m);
+                    return Some(self.buf.drain(..len).collect());
                 }
                 let mut chunk = [0u8; 4096];
                 let n = tokio::time::timeout(DEADLINE, self.s.read(&mut chunk))
@@ -1256,6 +1260,48 @@ mod tests {
         m.extend_from_slice(&w);
         m.extend_from_slice(&[0, 0]);
         m
+    }
+
+    /// Batches queued while the session task was not running (slices of
+    /// shared buffers, as the instance sends them) go out whole and in
+    /// order, and a message of another kind queued after them (a Stop)
+    /// is handled after them, not dropped and not ahead of them.
+    #[tokio::test]
+    async fn queued_batches_go_out_in_order_before_what_was_queued_after_them() {
+        let mut p = session_in_open_sent("192.0.2.1").await;
+        p.outgoing.send_open("192.0.2.9").await;
+        assert!(matches!(
+            p.outgoing.read().await,
+            Some(BgpMessage::KeepAlive)
+        ));
+        p.outgoing.send_keepalive().await;
+        established(&mut p).await;
+        let msgs: Vec<Vec<u8>> = (0..200).map(big_withdrawal).collect();
+        let shared = bytes::Bytes::from(msgs[..100].concat());
+        let cut = 40 * msgs[0].len();
+        // Not awaited in between: all of it waits in the channel.
+        for part in [shared.slice(..cut), shared.slice(cut..)] {
+            let mut b = Batch::default();
+            b.push(part);
+            p.cmd.send(ToSession::Send(b)).unwrap();
+        }
+        for m in &msgs[100..] {
+            p.cmd
+                .send(ToSession::Send(Batch::of(std::slice::from_ref(m))))
+                .unwrap();
+        }
+        p.cmd
+            .send(ToSession::Stop(Notify::admin_shutdown("test")))
+            .unwrap();
+        for (i, m) in msgs.iter().enumerate() {
+            let got = p.outgoing.read_frame().await;
+            assert_eq!(got.as_ref(), Some(m), "message {i}");
+        }
+        assert_eq!(
+            p.outgoing.notification().await,
+            Some(ErrorCode::Cease(Cease::AdministrativeShutdown))
+        );
+        p.task.await.unwrap();
     }
 
     #[tokio::test]
