@@ -50,6 +50,7 @@ pub fn options_with_bins(tag: &str, nodes: usize, topology: Topology) -> LabOpti
         agent_bin: None,
         cni_bin: None,
         kubeconfig: None,
+        autodetect: None,
     }
 }
 

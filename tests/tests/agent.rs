@@ -345,22 +345,23 @@ items:
         imported.to_str().context("path")?,
     ])?;
     ensure!(ok, "import-calico failed:\n{stderr}");
-    // The Kubernetes datastore does not read BGPFilters yet: said for the
-    // filter and for the peer, which keeps `filters` (no session there
-    // rather than unfiltered routes).
-    for field in ["spec.bindMode", "spec.filters", "spec.exportV4"] {
-        ensure!(stderr.contains(field), "no warning for {field}:\n{stderr}");
+    // BGPFilters carry over (the Kubernetes datastore reads them): no
+    // warning about them or the peer's `filters`.
+    ensure!(
+        stderr.contains("spec.bindMode"),
+        "no warning for spec.bindMode:\n{stderr}"
+    );
+    for field in ["spec.filters", "spec.exportV4"] {
+        ensure!(!stderr.contains(field), "a warning for {field}:\n{stderr}");
     }
     let out = std::fs::read_to_string(&imported)?;
-    for gone in [
-        "uid",
-        "managedFields",
-        "projectcalico.org",
-        "BGPFilter",
-        "bindMode",
-    ] {
+    for gone in ["uid", "managedFields", "projectcalico.org", "bindMode"] {
         ensure!(!out.contains(gone), "{gone} carried over:\n{out}");
     }
+    ensure!(
+        out.contains("kind: BGPFilter"),
+        "the BGPFilter not carried over:\n{out}"
+    );
     ensure!(
         out.contains("no-default"),
         "filters not carried over:\n{out}"

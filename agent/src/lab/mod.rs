@@ -124,6 +124,12 @@ pub struct LabOptions {
     /// node's namespace must reach the server at the kubeconfig's address).
     #[arg(long)]
     pub kubeconfig: Option<PathBuf>,
+    /// The agents' `autodetect` method (e.g. `interface=eth0`): each finds
+    /// its own IPv4 address when the model gives none (or, with
+    /// `--kubeconfig`, only a Node's InternalIP).
+    #[arg(long)]
+    #[serde(default)]
+    pub autodetect: Option<String>,
 }
 
 /// What `up` built, saved as `lab.json`.
@@ -408,7 +414,12 @@ impl LabState {
                 .join("blocks.json")
                 .display(),
             !self.options.no_bgp
-        )
+        ) + &self
+            .options
+            .autodetect
+            .as_ref()
+            .map(|m| format!("autodetect: '{m}'\n"))
+            .unwrap_or_default()
     }
 
     /// Start (or restart) a node's agent in its namespace.

@@ -16,8 +16,6 @@
 
 use super::crd::{CALICO_API_VERSION, GROUP, VERSION};
 use super::validate::Finding;
-use ipnet::IpNet;
-use serde::Deserialize;
 use serde_yaml::{Mapping, Value};
 use starling_bgp::Family;
 use starling_bgp::policy::{PolicyRule, RouteSource, Verdict};
@@ -55,7 +53,7 @@ pub enum Support {
 use Support::*;
 
 /// What Starling does with a BGPFilter's rules.
-const FILTER_RULES: &str = "every rule (cidr with Equal, NotEqual, In, NotIn, prefixLength, source, action) in the file datastore; a rule with `interface` is left out with a warning (Starling matches no interfaces); the Kubernetes datastore does not read BGPFilters yet";
+const FILTER_RULES: &str = "every rule (cidr with Equal, NotEqual, In, NotIn, prefixLength, source, action), in both datastores; a rule with `interface` is left out with a warning (Starling matches no interfaces)";
 
 /// Every field of Calico 3.2x's IPPool, BGPConfiguration, BGPPeer,
 /// BGPFilter and Node (read from projectcalico/api
@@ -258,13 +256,7 @@ pub const CALICO_FIELDS: &[(&str, &str, Support)] = &[
             same: &["''"],
         },
     ),
-    (
-        "BGPPeer",
-        "spec.filters",
-        Partly(
-            "in the file datastore; the Kubernetes datastore does not read BGPFilters yet and warns (such a peer gets no session there)",
-        ),
-    ),
+    ("BGPPeer", "spec.filters", Implemented),
     (
         "BGPPeer",
         "spec.localWorkloadSelector",
@@ -281,8 +273,8 @@ pub const CALICO_FIELDS: &[(&str, &str, Support)] = &[
             same: &[],
         },
     ),
-    // BGPFilter: loaded by the file datastore, applied to the peers that
-    // name it in spec.filters.
+    // BGPFilter: loaded by both datastores, applied to the peers that name
+    // it in spec.filters.
     ("BGPFilter", "spec.exportV4", Partly(FILTER_RULES)),
     ("BGPFilter", "spec.importV4", Partly(FILTER_RULES)),
     ("BGPFilter", "spec.exportV6", Partly(FILTER_RULES)),
@@ -790,62 +782,9 @@ fn core_node(top: &Mapping, name: &str, target: Target) -> Normalized {
 // BGPFilter: checked so that a malformed filter is refused; loaded by the
 // file datastore and turned into speaker policy for the peers naming it.
 
-#[derive(Deserialize, Debug, Clone, PartialEq, Eq, Default)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct BGPFilterSpec {
-    #[serde(default, rename = "exportV4")]
-    pub export_v4: Vec<FilterRule>,
-    #[serde(default, rename = "importV4")]
-    pub import_v4: Vec<FilterRule>,
-    #[serde(default, rename = "exportV6")]
-    pub export_v6: Vec<FilterRule>,
-    #[serde(default, rename = "importV6")]
-    pub import_v6: Vec<FilterRule>,
-}
-
-#[derive(Deserialize, Debug, Clone, PartialEq, Eq)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct FilterRule {
-    #[serde(default)]
-    pub cidr: Option<IpNet>,
-    #[serde(default)]
-    pub prefix_length: Option<PrefixLength>,
-    #[serde(default)]
-    pub source: Option<FilterSource>,
-    #[serde(default)]
-    pub interface: Option<String>,
-    #[serde(default)]
-    pub match_operator: Option<MatchOperator>,
-    pub action: FilterAction,
-}
-
-#[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct PrefixLength {
-    #[serde(default)]
-    pub min: Option<u8>,
-    #[serde(default)]
-    pub max: Option<u8>,
-}
-
-#[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FilterSource {
-    RemotePeers,
-}
-
-#[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MatchOperator {
-    Equal,
-    NotEqual,
-    In,
-    NotIn,
-}
-
-#[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FilterAction {
-    Accept,
-    Reject,
-}
+pub use super::crd::{
+    BGPFilterSpec, FilterAction, FilterRule, FilterSource, MatchOperator, PrefixLength,
+};
 
 /// What Calico's validation refuses in a BGPFilter.
 pub fn bgp_filter(spec: &BGPFilterSpec) -> Vec<Finding> {
@@ -963,23 +902,6 @@ pub fn bgp_filter_warnings(spec: &BGPFilterSpec) -> Vec<Finding> {
                         "not used with Equal or NotEqual: the route's prefix is compared with cidr exactly; use In or NotIn for a length range",
                     ));
                 }
-            }
-        }
-    }
-    out
-}
-
-/// A BGPFilter checked for the Kubernetes datastore, which does not read
-/// BGPFilters yet: each rule list set is named.
-pub fn kubernetes_filter_warnings(spec: &BGPFilterSpec) -> Vec<Finding> {
-    let mut out = Vec::new();
-    for export in [true, false] {
-        for (rules, family) in filter_lists(spec, export) {
-            if !rules.is_empty() {
-                out.push(finding(
-                    &format!("spec.{}", list_name(export, family)),
-                    "not supported by the Kubernetes datastore yet: BGPFilters are read from the file datastore only",
-                ));
             }
         }
     }
@@ -1384,7 +1306,7 @@ importV6:
             "BGPPeer",
             "spec.filters",
             "{peerIP: 192.0.2.1, asNumber: 65000, filters: [f1]}",
-            true,
+            false,
         ),
         (
             "BGPPeer",
@@ -1402,25 +1324,25 @@ importV6:
             "BGPFilter",
             "spec.exportV4",
             "{exportV4: [{cidr: 10.0.0.0/8, matchOperator: In, action: Reject}]}",
-            true,
+            false,
         ),
         (
             "BGPFilter",
             "spec.importV4",
             "{importV4: [{cidr: 10.0.0.0/8, prefixLength: {min: 16, max: 24}, matchOperator: NotIn, action: Accept}]}",
-            true,
+            false,
         ),
         (
             "BGPFilter",
             "spec.exportV6",
             "{exportV6: [{source: RemotePeers, action: Reject}]}",
-            true,
+            false,
         ),
         (
             "BGPFilter",
             "spec.importV6",
             "{importV6: [{cidr: 'fd00::/8', matchOperator: Equal, interface: 'eth*', action: Accept}]}",
-            true,
+            false,
         ),
         (
             "Node",
@@ -1999,15 +1921,25 @@ status:
         // calicoctl's: Node labels are the Node's own in Kubernetes.
         let (r, w) = import_str(Path::new("calico.yaml"), CALICOCTL);
         let yaml = r.unwrap_or_else(|e| panic!("{e}"));
-        assert!(
-            !yaml.contains("BGPFilter") && !yaml.contains("rack: r1"),
-            "{yaml}"
-        );
+        assert!(!yaml.contains("rack: r1"), "{yaml}");
         assert!(
             yaml.contains("routeReflectorClusterID: 224.0.0.1"),
             "{yaml}"
         );
-        assert!(warned(&w, "BGPFilter/no-default", "spec.exportV4"));
+        // BGPFilters carry over as ours, with the peer's `filters`.
+        assert!(
+            yaml.contains("kind: BGPFilter") && yaml.contains("name: no-default"),
+            "{yaml}"
+        );
+        assert!(!warned(&w, "BGPFilter/no-default", "spec.exportV4"));
+        assert!(!warned(&w, "BGPPeer/peer-a", "spec.filters"));
+        let (again, w2) = check_str(Path::new("imported.yaml"), &yaml, Mode::Kubernetes);
+        let again = again.unwrap_or_else(|e| panic!("{e}\n{yaml}")).snapshot;
+        assert!(
+            !w2.iter().any(|p| p.message.contains("BGPFilter")),
+            "{w2:#?}"
+        );
+        assert_eq!(again.filters["no-default"].export_v4.len(), 1);
     }
 
     #[test]

@@ -509,6 +509,95 @@ fn cidrs_or_addresses<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<IpNet>, D::
         .collect()
 }
 
+/// Route filters that BGPPeers name in `filters` (Calico's BGPFilter, the
+/// same fields): each list is tried in order, the first rule that matches
+/// decides; a route no rule matches goes on to the peer's own policy.
+#[derive(
+    CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq,
+)]
+#[kube(
+    group = "starling.dev",
+    version = "v1",
+    kind = "BGPFilter",
+    plural = "bgpfilters",
+    derive = "PartialEq",
+    doc = "Import and export rules for the BGP peers that name this filter in spec.filters."
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BGPFilterSpec {
+    /// Rules for IPv4 routes sent to the peer.
+    #[serde(default, rename = "exportV4", skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 1024))]
+    pub export_v4: Vec<FilterRule>,
+    /// Rules for IPv4 routes received from the peer.
+    #[serde(default, rename = "importV4", skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 1024))]
+    pub import_v4: Vec<FilterRule>,
+    /// Rules for IPv6 routes sent to the peer.
+    #[serde(default, rename = "exportV6", skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 1024))]
+    pub export_v6: Vec<FilterRule>,
+    /// Rules for IPv6 routes received from the peer.
+    #[serde(default, rename = "importV6", skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 1024))]
+    pub import_v6: Vec<FilterRule>,
+}
+
+/// One rule of a BGPFilter: what it matches and what it does.
+#[derive(Serialize, Deserialize, JsonSchema, Debug, Clone, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FilterRule {
+    /// The prefix a route is compared with (with matchOperator).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<String>", length(max = 43))]
+    pub cidr: Option<IpNet>,
+    /// With In or NotIn: the lengths of the routes inside cidr that match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix_length: Option<PrefixLength>,
+    /// RemotePeers: only routes learned from BGP peers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<FilterSource>,
+    /// Calico matches the route's interface; Starling leaves such a rule
+    /// out with a warning.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    pub interface: Option<String>,
+    /// How the route's prefix compares with cidr.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub match_operator: Option<MatchOperator>,
+    pub action: FilterAction,
+}
+
+#[derive(Serialize, Deserialize, JsonSchema, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PrefixLength {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 128))]
+    pub min: Option<u8>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 128))]
+    pub max: Option<u8>,
+}
+
+#[derive(Serialize, Deserialize, JsonSchema, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FilterSource {
+    RemotePeers,
+}
+
+#[derive(Serialize, Deserialize, JsonSchema, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MatchOperator {
+    Equal,
+    NotEqual,
+    In,
+    NotIn,
+}
+
+#[derive(Serialize, Deserialize, JsonSchema, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FilterAction {
+    Accept,
+    Reject,
+}
+
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub enum AffinityState {
@@ -665,6 +754,7 @@ pub fn crds()
         StarlingNode::crd(),
         BlockAffinity::crd(),
         IPReservation::crd(),
+        BGPFilter::crd(),
     ]
 }
 

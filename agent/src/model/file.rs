@@ -93,8 +93,6 @@ struct Document {
     /// `Kind/name` as the file wrote it (a Calico Node is parsed as a
     /// StarlingNode).
     label: Option<String>,
-    /// Normalised from Calico YAML: BGPFilter is a kind here.
-    calico: bool,
 }
 
 impl Document {
@@ -120,7 +118,6 @@ fn split_documents(text: &str) -> Vec<Document> {
                 first_line,
                 index,
                 label: None,
-                calico: false,
             });
         }
         cur.clear();
@@ -433,7 +430,6 @@ impl Loader<'_> {
                     first_line: starts[i],
                     index: doc.index,
                     label: None,
-                    calico: false,
                 };
                 self.document(&sub, snap);
             }
@@ -468,7 +464,6 @@ impl Loader<'_> {
                     first_line: doc.first_line,
                     index: doc.index,
                     label: Some(object),
-                    calico: true,
                 };
                 self.native(&sub, snap);
             }
@@ -598,13 +593,6 @@ impl Loader<'_> {
                         for w in validate::unsupported_bgp_peer(&spec) {
                             self.warning(doc, &object, w);
                         }
-                        if self.target == Target::Kubernetes && !spec.filters.is_empty() {
-                            let w = Finding {
-                                field: "spec.filters".into(),
-                                message: "not supported by the Kubernetes datastore yet: it does not read BGPFilters, so this peer gets no session there (the file datastore applies them)".into(),
-                            };
-                            self.warning(doc, &object, w);
-                        }
                         let peer = BGPPeer { metadata, spec };
                         self.emit(&peer);
                         snap.peers.insert(name, peer);
@@ -635,21 +623,20 @@ impl Loader<'_> {
                 }
             }
             "IPReservation" => self.load_reservation(doc, &object, name, snap),
-            // Calico's: checked and loaded; peers name it in spec.filters.
-            "BGPFilter" if doc.calico => self.load_filter(doc, &object, name, snap),
+            // Calico's or ours: checked and loaded; peers name it in spec.filters.
+            "BGPFilter" => self.load_filter(doc, &object, name, snap),
             other => self.problem(
                 Some(doc),
                 Some(object.clone()),
                 Some("kind"),
                 format!(
-                    "unknown kind `{other}`: expected IPPool, BGPConfiguration, BGPPeer, StarlingNode, BlockAffinity or IPReservation"
+                    "unknown kind `{other}`: expected IPPool, BGPConfiguration, BGPPeer, BGPFilter, StarlingNode, BlockAffinity or IPReservation"
                 ),
             ),
         }
     }
 
-    /// A Calico BGPFilter: checked, its differences from Calico warned
-    /// about, and kept for the peers that name it.
+    /// An IPReservation: kept for IPAM.
     fn load_reservation(
         &mut self,
         doc: &Document,
@@ -664,20 +651,23 @@ impl Loader<'_> {
         }
     }
 
+    /// A BGPFilter (Calico's or ours): checked, its differences from Calico
+    /// warned about, kept for the peers that name it, and emitted as
+    /// `starling.dev/v1` by `import-calico`.
     fn load_filter(&mut self, doc: &Document, object: &str, name: String, snap: &mut Snapshot) {
-        let Some((_, spec)) = self.parse::<calico::BGPFilterSpec>(doc, object, false) else {
+        let Some((metadata, spec)) = self.parse::<calico::BGPFilterSpec>(doc, object, false) else {
             return;
         };
         let spec = spec.unwrap_or_default();
         let f = calico::bgp_filter(&spec);
         if f.is_empty() {
-            let mut w = calico::bgp_filter_warnings(&spec);
-            if self.target == Target::Kubernetes {
-                w.extend(calico::kubernetes_filter_warnings(&spec));
-            }
-            for w in w {
+            for w in calico::bgp_filter_warnings(&spec) {
                 self.warning(doc, object, w);
             }
+            self.emit(&super::crd::BGPFilter {
+                metadata,
+                spec: spec.clone(),
+            });
             snap.filters.insert(name, spec);
         }
         self.findings(doc, object, f);

@@ -2,8 +2,8 @@
 //! Secrets BGPPeers name, watched through the API server and joined into a
 //! [`Snapshot`].
 //!
-//! - Six watches (IPPool, BGPConfiguration, BGPPeer, StarlingNode,
-//!   BlockAffinity, Node), each a kube-runtime `watcher` with its default
+//! - Eight watches (IPPool, BGPConfiguration, BGPPeer, BGPFilter,
+//!   StarlingNode, BlockAffinity, IPReservation, Node), each a kube-runtime `watcher` with its default
 //!   exponential backoff. A watch that breaks resumes from its last
 //!   resourceVersion, or lists again (410 Gone); a new list replaces that
 //!   kind's objects only once it is complete, so a disconnected or
@@ -22,6 +22,7 @@
 //!
 //! [`is_ready`]: KubeDatastore::is_ready
 
+use super::calico;
 use super::crd::*;
 use super::validate::{self, Finding};
 use super::{Datastore, Snapshot};
@@ -48,6 +49,14 @@ pub const ANNOTATION_IPV4: &str = "starling.dev/ipv4-address";
 pub const ANNOTATION_IPV6: &str = "starling.dev/ipv6-address";
 pub const ANNOTATION_AS: &str = "starling.dev/as-number";
 pub const ANNOTATION_RR_CLUSTER_ID: &str = "starling.dev/route-reflector-cluster-id";
+/// The address (with prefix length) the node's agent autodetected, written
+/// by that agent; the operator's `starling.dev/ipv4-address` and a
+/// StarlingNode win over it.
+pub const ANNOTATION_DETECTED_IPV4: &str = "starling.dev/detected-ipv4-address";
+/// Calico's node addresses (written by calico-node), read after ours so a
+/// cluster moving from Calico keeps its nodes' subnets.
+pub const CALICO_ANNOTATION_IPV4: &str = "projectcalico.org/IPv4Address";
+pub const CALICO_ANNOTATION_IPV6: &str = "projectcalico.org/IPv6Address";
 
 /// Linux keeps TCP-MD5 keys of at most this many bytes.
 const MD5_KEY_MAX: usize = 80;
@@ -63,6 +72,10 @@ pub struct KubeOptions {
     /// How often referenced Secrets are read again (they are not watched:
     /// the agent may only `get` them).
     pub resync: Duration,
+    /// This agent's node: its published addresses (ours or Calico's) are
+    /// not read, so that it autodetects its own again rather than trust a
+    /// stale one.
+    pub own_node: Option<String>,
 }
 
 impl Default for KubeOptions {
@@ -71,6 +84,7 @@ impl Default for KubeOptions {
             secret_namespace: "kube-system".into(),
             debounce: Duration::from_millis(100),
             resync: Duration::from_secs(60),
+            own_node: None,
         }
     }
 }
@@ -148,16 +162,18 @@ enum Kind {
     StarlingNode,
     BlockAffinity,
     IPReservation,
+    BGPFilter,
     Node,
 }
 
-const KINDS: [Kind; 7] = [
+const KINDS: [Kind; 8] = [
     Kind::IPPool,
     Kind::BGPConfiguration,
     Kind::BGPPeer,
     Kind::StarlingNode,
     Kind::BlockAffinity,
     Kind::IPReservation,
+    Kind::BGPFilter,
     Kind::Node,
 ];
 
@@ -170,6 +186,7 @@ impl Kind {
             Kind::StarlingNode => ApiResource::erase::<StarlingNode>(&()),
             Kind::BlockAffinity => ApiResource::erase::<BlockAffinity>(&()),
             Kind::IPReservation => ApiResource::erase::<IPReservation>(&()),
+            Kind::BGPFilter => ApiResource::erase::<BGPFilter>(&()),
             Kind::Node => ApiResource::erase::<Node>(&()),
         }
     }
@@ -182,6 +199,7 @@ impl Kind {
             Kind::StarlingNode => "StarlingNode",
             Kind::BlockAffinity => "BlockAffinity",
             Kind::IPReservation => "IPReservation",
+            Kind::BGPFilter => "BGPFilter",
             Kind::Node => "Node",
         }
     }
@@ -379,7 +397,12 @@ impl Joiner {
             return;
         }
         let mut warnings = Vec::new();
-        let (mut snap, wanted) = build(|kind| self.objects(kind).cloned().collect(), &mut warnings);
+        let own = self.options.own_node.as_deref();
+        let (mut snap, wanted) = build(
+            |kind| self.objects(kind).cloned().collect(),
+            own,
+            &mut warnings,
+        );
         let missing: Vec<String> = wanted
             .iter()
             .filter(|n| !self.secrets.contains_key(*n))
@@ -500,6 +523,7 @@ fn refuse(kind: &str, name: &str, findings: &[Finding], out: &mut Vec<String>) {
 /// the Secrets it references. Refused objects add a line to `warnings`.
 fn build(
     objects: impl Fn(Kind) -> Vec<DynamicObject>,
+    own: Option<&str>,
     warnings: &mut Vec<String>,
 ) -> (Snapshot, BTreeSet<String>) {
     let mut snap = Snapshot::default();
@@ -508,10 +532,12 @@ fn build(
     add_peers(&mut snap, objects(Kind::BGPPeer), warnings);
     add_affinities(&mut snap, objects(Kind::BlockAffinity), warnings);
     add_reservations(&mut snap, objects(Kind::IPReservation), warnings);
+    add_filters(&mut snap, objects(Kind::BGPFilter), warnings);
     add_nodes(
         &mut snap,
         objects(Kind::StarlingNode),
         objects(Kind::Node),
+        own,
         warnings,
     );
     let secrets = snap
@@ -656,12 +682,39 @@ fn add_reservations(snap: &mut Snapshot, objects: Vec<DynamicObject>, warnings: 
     }
 }
 
+/// BGPFilters Calico's validation accepts; what Starling does differently
+/// (rules with `interface`) is warned about. A peer naming a refused or
+/// missing filter gets no session (the planner says so).
+fn add_filters(snap: &mut Snapshot, objects: Vec<DynamicObject>, warnings: &mut Vec<String>) {
+    for o in objects {
+        let name = name_of(&o);
+        match spec::<BGPFilterSpec>(Kind::BGPFilter, &o) {
+            Err(e) => warnings.push(e),
+            Ok(s) => {
+                let f = calico::bgp_filter(&s);
+                if f.is_empty() {
+                    accepted(
+                        "BGPFilter",
+                        &name,
+                        &calico::bgp_filter_warnings(&s),
+                        warnings,
+                    );
+                    snap.filters.insert(name, s);
+                } else {
+                    refuse("BGPFilter", &name, &f, warnings);
+                }
+            }
+        }
+    }
+}
+
 /// Nodes: the core Node, overridden field by field by a StarlingNode of the
 /// same name ([`node_spec`]).
 fn add_nodes(
     snap: &mut Snapshot,
     starling_nodes: Vec<DynamicObject>,
     core_nodes: Vec<DynamicObject>,
+    own: Option<&str>,
     warnings: &mut Vec<String>,
 ) {
     let mut starling: BTreeMap<String, (ObjectMeta, StarlingNodeSpec)> = BTreeMap::new();
@@ -685,9 +738,19 @@ fn add_nodes(
     }
     let names: BTreeSet<&String> = starling.keys().chain(core.keys()).collect();
     for name in names {
-        let (metadata, spec) = node_spec(core.get(name), starling.get(name), warnings, name);
+        let published = own != Some(name.as_str());
+        let (metadata, spec, guessed) = node_spec(
+            core.get(name),
+            starling.get(name),
+            published,
+            warnings,
+            name,
+        );
         let f = validate::starling_node(&spec);
         if f.is_empty() {
+            if guessed {
+                snap.guessed.insert(name.clone());
+            }
             snap.nodes
                 .insert(name.clone(), StarlingNode { metadata, spec });
         } else {
@@ -709,15 +772,22 @@ fn add_nodes(
 ///    `spec.podCIDRs` (or `spec.podCIDR`).
 /// 2. Every field the StarlingNode sets wins over the Node's (podCIDRs when
 ///    non-empty); its labels win key by key.
-/// 3. A node with no address from either falls back to the Node's
+/// 3. With `published` (every node but the agent's own), a family still
+///    without an address takes the one the node's agent published,
+///    `starling.dev/detected-ipv4-address`, or else Calico's
+///    `projectcalico.org/IPv4Address` / `IPv6Address`, with their prefix
+///    lengths.
+/// 4. A node with no address from any of these falls back to the Node's
 ///    `status.addresses` InternalIPs (first per family), as host routes
-///    (/32, /128), since the Node does not say the subnet.
+///    (/32, /128), since the Node does not say the subnet; the third value
+///    says so (the node's own agent may autodetect over such a guess).
 pub fn node_spec(
     core: Option<&Node>,
     starling: Option<&(ObjectMeta, StarlingNodeSpec)>,
+    published: bool,
     warnings: &mut Vec<String>,
     name: &str,
-) -> (ObjectMeta, StarlingNodeSpec) {
+) -> (ObjectMeta, StarlingNodeSpec, bool) {
     let mut spec = StarlingNodeSpec {
         ipv4_address: None,
         ipv6_address: None,
@@ -743,7 +813,11 @@ pub fn node_spec(
         }
         labels.extend(meta.labels.clone().unwrap_or_default());
     }
-    if spec.ipv4_address.is_none() && spec.ipv6_address.is_none() {
+    if let Some(node) = core.filter(|_| published) {
+        from_published(node, name, &mut spec, warnings);
+    }
+    let guessed = spec.ipv4_address.is_none() && spec.ipv6_address.is_none();
+    if guessed {
         from_internal_ips(core, &mut spec);
     }
     let metadata = ObjectMeta {
@@ -751,7 +825,7 @@ pub fn node_spec(
         labels: (!labels.is_empty()).then_some(labels),
         ..Default::default()
     };
-    (metadata, spec)
+    (metadata, spec, guessed)
 }
 
 /// The `starling.dev/*` annotations of a Node; a bad value is reported and
@@ -802,6 +876,87 @@ fn from_annotations(
                 ANNOTATION_RR_CLUSTER_ID,
                 format!("`{v}` is not an IPv4 address such as 224.0.0.1"),
             ),
+        }
+    }
+}
+
+/// The addresses agents publish (ours, then Calico's) for the families
+/// still without one; a bad value is reported and the next key tried.
+fn from_published(
+    node: &Node,
+    name: &str,
+    spec: &mut StarlingNodeSpec,
+    warnings: &mut Vec<String>,
+) {
+    let Some(ann) = &node.metadata.annotations else {
+        return;
+    };
+    let mut read = |key: &str| -> Option<IpNet> {
+        let v = ann.get(key)?;
+        match v.trim().parse::<IpNet>() {
+            Ok(n) => Some(n),
+            Err(_) => {
+                warnings.push(format!(
+                    "Node/{name}: metadata.annotations[{key}]: `{v}` is not an address with prefix length, e.g. 192.0.2.10/24; the annotation is ignored"
+                ));
+                None
+            }
+        }
+    };
+    if spec.ipv4_address.is_none() {
+        spec.ipv4_address = [ANNOTATION_DETECTED_IPV4, CALICO_ANNOTATION_IPV4]
+            .into_iter()
+            .find_map(|k| match read(k) {
+                Some(IpNet::V4(n)) => Some(n),
+                _ => None,
+            });
+    }
+    if spec.ipv6_address.is_none() {
+        spec.ipv6_address = match read(CALICO_ANNOTATION_IPV6) {
+            Some(IpNet::V6(n)) => Some(n),
+            _ => None,
+        };
+    }
+}
+
+/// Keep this node's autodetected address in its Node's
+/// `starling.dev/detected-ipv4-address` annotation (merge patch), where the
+/// other agents read it: written at start, and again whenever the Node
+/// shows another value (edited, removed, or the Node created anew). Runs
+/// until aborted; errors are logged and retried at the next event.
+pub async fn publish_address(client: Client, node: String, address: ipnet::Ipv4Net) {
+    use kube::api::{Patch, PatchParams};
+    let api: Api<Node> = Api::all(client);
+    let want = address.to_string();
+    let config = watcher::Config::default().fields(&format!("metadata.name={node}"));
+    let stream = watcher(api.clone(), config)
+        .default_backoff()
+        .applied_objects();
+    let mut stream = std::pin::pin!(stream);
+    while let Some(item) = stream.next().await {
+        let n = match item {
+            Ok(n) => n,
+            Err(e) => {
+                warn!(node = %node, "watching this Node to publish its address: {e}");
+                continue;
+            }
+        };
+        let annotations = n.metadata.annotations.unwrap_or_default();
+        if annotations.get(ANNOTATION_DETECTED_IPV4) == Some(&want) {
+            continue;
+        }
+        let patch =
+            serde_json::json!({"metadata": {"annotations": {ANNOTATION_DETECTED_IPV4: want}}});
+        match api
+            .patch(&node, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => {
+                info!(node = %node, address = %want, "published this node's address ({ANNOTATION_DETECTED_IPV4})")
+            }
+            Err(e) => {
+                warn!(node = %node, "publishing this node's address {want} ({ANNOTATION_DETECTED_IPV4}): {e}; retried at the Node's next change")
+            }
         }
     }
 }
@@ -959,7 +1114,7 @@ mod tests {
             ),
         ];
         let mut w = Vec::new();
-        let (snap, _) = build(objects(&list), &mut w);
+        let (snap, _) = build(objects(&list), None, &mut w);
         assert_eq!(snap.pools.keys().collect::<Vec<_>>(), ["good"]);
         assert!(snap.bgp_configuration.is_none());
         let all = w.join("\n");
@@ -990,7 +1145,7 @@ mod tests {
             ),
         ];
         let mut w = Vec::new();
-        let (snap, _) = build(objects(&list), &mut w);
+        let (snap, _) = build(objects(&list), None, &mut w);
         assert!(snap.bgp_configuration.is_some() && snap.peers.contains_key("tor"));
         assert_eq!(
             w.iter().filter(|l| l.starts_with(ACCEPTED)).count(),
@@ -1023,7 +1178,7 @@ mod tests {
             ANNOTATION_AS: "65001",
             ANNOTATION_RR_CLUSTER_ID: "nope"
         }));
-        let (meta, spec) = node_spec(Some(&annotated), None, &mut w, "n1");
+        let (meta, spec, _) = node_spec(Some(&annotated), None, true, &mut w, "n1");
         assert_eq!(spec.ipv4_address.unwrap().to_string(), "192.0.2.10/24");
         assert_eq!(spec.as_number, Some(65001));
         assert_eq!(spec.pod_cidrs.len(), 2);
@@ -1044,7 +1199,7 @@ mod tests {
                 pod_cidrs: vec![],
             },
         );
-        let (meta, spec) = node_spec(Some(&annotated), Some(&sn), &mut w, "n1");
+        let (meta, spec, _) = node_spec(Some(&annotated), Some(&sn), true, &mut w, "n1");
         assert_eq!(spec.ipv4_address.unwrap().to_string(), "192.0.2.10/24");
         assert_eq!(spec.as_number, Some(65002));
         assert!(spec.route_reflector_cluster_id.is_some() && spec.ipv6_address.is_some());
@@ -1056,8 +1211,40 @@ mod tests {
         );
 
         // Neither: the InternalIP, as a host route.
-        let (_, spec) = node_spec(Some(&node(json!({}))), None, &mut w, "n1");
+        let (_, spec, guessed) = node_spec(Some(&node(json!({}))), None, true, &mut w, "n1");
         assert_eq!(spec.ipv4_address.unwrap().to_string(), "192.0.2.11/32");
+        assert!(guessed);
+
+        // Published addresses: the agent's before Calico's, never over the
+        // operator's, and not for the reader's own node.
+        let published = node(json!({
+            ANNOTATION_DETECTED_IPV4: "192.0.2.12/25",
+            CALICO_ANNOTATION_IPV4: "192.0.2.13/24",
+            CALICO_ANNOTATION_IPV6: "2001:db8::12/64"
+        }));
+        let (_, spec, _) = node_spec(Some(&published), None, true, &mut w, "n1");
+        assert_eq!(spec.ipv4_address.unwrap().to_string(), "192.0.2.12/25");
+        assert_eq!(spec.ipv6_address.unwrap().to_string(), "2001:db8::12/64");
+        let calico = node(json!({CALICO_ANNOTATION_IPV4: "192.0.2.13/24"}));
+        let (_, spec, _) = node_spec(Some(&calico), None, true, &mut w, "n1");
+        assert_eq!(spec.ipv4_address.unwrap().to_string(), "192.0.2.13/24");
+        let (_, spec, _) = node_spec(Some(&published), None, false, &mut w, "n1");
+        assert_eq!(spec.ipv4_address.unwrap().to_string(), "192.0.2.11/32");
+        assert!(spec.ipv6_address.is_none());
+        let both = node(
+            json!({ANNOTATION_IPV4: "192.0.2.10/24", ANNOTATION_DETECTED_IPV4: "192.0.2.12/25"}),
+        );
+        let (_, spec, _) = node_spec(Some(&both), None, true, &mut w, "n1");
+        assert_eq!(spec.ipv4_address.unwrap().to_string(), "192.0.2.10/24");
+        let bad = node(
+            json!({ANNOTATION_DETECTED_IPV4: "nope", CALICO_ANNOTATION_IPV4: "192.0.2.13/24"}),
+        );
+        let (_, spec, _) = node_spec(Some(&bad), None, true, &mut w, "n1");
+        assert_eq!(spec.ipv4_address.unwrap().to_string(), "192.0.2.13/24");
+        assert!(
+            w.iter()
+                .any(|l| l.contains(ANNOTATION_DETECTED_IPV4) && l.contains("`nope`"))
+        );
     }
 
     #[test]
@@ -1075,7 +1262,7 @@ mod tests {
             ),
         ];
         let mut w = Vec::new();
-        let (mut snap, wanted) = build(objects(&list), &mut w);
+        let (mut snap, wanted) = build(objects(&list), None, &mut w);
         assert_eq!(wanted.into_iter().collect::<Vec<_>>(), ["bgp"]);
         let secrets: HashMap<String, SecretData> = [(
             "bgp".to_string(),

@@ -36,7 +36,7 @@ pub struct Snapshot {
     pub bgp_configuration: Option<BGPConfiguration>,
     pub pools: BTreeMap<String, IPPool>,
     pub peers: BTreeMap<String, BGPPeer>,
-    /// Calico BGPFilters by name (the file datastore loads them); peers
+    /// BGPFilters by name (Calico's or ours, from either datastore); peers
     /// name them in `spec.filters`.
     pub filters: BTreeMap<String, calico::BGPFilterSpec>,
     pub nodes: BTreeMap<String, StarlingNode>,
@@ -49,6 +49,10 @@ pub struct Snapshot {
     /// Files the passwords came from; a change to one is a change of the
     /// model.
     pub password_files: BTreeSet<PathBuf>,
+    /// Nodes whose addresses are only the datastore's guess (a Kubernetes
+    /// Node's InternalIPs as host routes): the node's own agent autodetects
+    /// over it when configured to.
+    pub guessed: BTreeSet<String>,
 }
 
 static DEFAULT_BGP: LazyLock<BGPConfigurationSpec> = LazyLock::new(BGPConfigurationSpec::default);

@@ -158,7 +158,7 @@ impl Planner<'_> {
         for name in names {
             let Some(f) = self.snap.filters.get(name) else {
                 self.warnings.push(format!(
-                    "{what}: BGPFilter `{name}` is not in the model (the file datastore loads BGPFilters; the Kubernetes datastore does not yet); no session"
+                    "{what}: BGPFilter `{name}` is not in the model; no session (its routes would pass unfiltered)"
                 ));
                 return Err(());
             };

@@ -552,7 +552,7 @@ pub(super) fn with_address(
     let Some(IpNet::V4(a)) = found.map(|d| d.address) else {
         return snap;
     };
-    if snap.node(node).is_none_or(|n| n.ipv4_address.is_some()) {
+    if snap.node(node).is_none_or(|n| n.ipv4_address.is_some()) && !snap.guessed.contains(node) {
         return snap;
     }
     let mut s = (*snap).clone();

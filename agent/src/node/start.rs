@@ -123,7 +123,10 @@ async fn open_model(cfg: &AgentConfig, ds: DatastoreConfig) -> Result<Model> {
             let services = crate::services::watch::start(client.clone());
             let ds = Arc::new(crate::model::kube::KubeDatastore::start(
                 client.clone(),
-                crate::model::kube::KubeOptions::default(),
+                crate::model::kube::KubeOptions {
+                    own_node: Some(cfg.node_name.clone()),
+                    ..Default::default()
+                },
             ));
             // The watches retry on their own; this logs each wait with the
             // latest error, backing off from 1 s to 30 s.
@@ -187,6 +190,7 @@ async fn run_node(
     let snap = phase(wait_for_node(&mut snaps, &name), &mut served).await?;
     let autodetected = autodetect_address(&cfg, &snap)?;
     let snap = with_address(snap, &name, autodetected.as_ref());
+    publish_address(&model, &name, autodetected.as_ref());
     let Some(local) = plan::local(&snap, &name) else {
         bail!("node {name} vanished from the model");
     };
@@ -305,8 +309,21 @@ async fn wait_for_node(
     }
 }
 
+/// Kubernetes: the autodetected address goes into this node's Node
+/// annotation, where the other agents read its subnet (a task that keeps it
+/// there for the agent's life).
+fn publish_address(model: &Model, name: &str, found: Option<&Detected>) {
+    if let (Some(client), Some(IpNet::V4(a))) = (&model.annotations, found.map(|d| d.address)) {
+        tokio::spawn(crate::model::kube::publish_address(
+            client.clone(),
+            name.to_string(),
+            a,
+        ));
+    }
+}
+
 /// This node's IPv4 address by autodetection, when configured and the
-/// model gives none.
+/// model gives none (or only a guess: a Kubernetes Node's InternalIP).
 fn autodetect_address(cfg: &AgentConfig, snap: &Snapshot) -> Result<Option<Detected>> {
     let Some(method) = &cfg.autodetect else {
         return Ok(None);
@@ -314,6 +331,7 @@ fn autodetect_address(cfg: &AgentConfig, snap: &Snapshot) -> Result<Option<Detec
     if snap
         .node(&cfg.node_name)
         .is_some_and(|n| n.ipv4_address.is_some())
+        && !snap.guessed.contains(&cfg.node_name)
     {
         return Ok(None);
     }
