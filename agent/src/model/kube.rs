@@ -285,11 +285,48 @@ async fn watch_kind(client: Client, kind: Kind, tx: mpsc::Sender<Update>) {
     let stream = watcher(api, watcher::Config::default()).default_backoff();
     let mut stream = std::pin::pin!(stream);
     while let Some(item) = stream.next().await {
-        let item = item.map_err(|e| format!("watching {}: {e}", kind.name()));
+        let item = item
+            .map(|event| event.modify(|o| prune(kind, o)))
+            .map_err(|e| format!("watching {}: {e}", kind.name()));
         if tx.send((kind, item)).await.is_err() {
             return;
         }
     }
+}
+
+/// Drop what the model never reads before an object is kept: the managed
+/// fields and the last-applied annotation of every object, the status of
+/// Starling's kinds, and of a core Node everything but its addresses and pod
+/// CIDRs (a kubelet's Node carries its images, conditions and capacity: kilobytes
+/// each, times every node of the cluster in every agent).
+fn prune(kind: Kind, o: &mut DynamicObject) {
+    o.metadata.managed_fields = None;
+    if let Some(a) = o.metadata.annotations.as_mut() {
+        a.remove("kubectl.kubernetes.io/last-applied-configuration");
+    }
+    let Some(data) = o.data.as_object_mut() else {
+        return;
+    };
+    if kind != Kind::Node {
+        data.remove("status");
+        return;
+    }
+    let keep = |v: Option<&serde_json::Value>, fields: &[&str]| {
+        let mut out = serde_json::Map::new();
+        if let Some(v) = v.and_then(|v| v.as_object()) {
+            for f in fields {
+                if let Some(x) = v.get(*f) {
+                    out.insert((*f).to_string(), x.clone());
+                }
+            }
+        }
+        serde_json::Value::Object(out)
+    };
+    let spec = keep(data.get("spec"), &["podCIDR", "podCIDRs"]);
+    let status = keep(data.get("status"), &["addresses"]);
+    data.clear();
+    data.insert("spec".into(), spec);
+    data.insert("status".into(), status);
 }
 
 /// A Secret as last read; `None`: it does not exist (or has no data).
@@ -379,7 +416,7 @@ impl Joiner {
             return;
         }
         let mut warnings = Vec::new();
-        let (mut snap, wanted) = build(|kind| self.objects(kind).cloned().collect(), &mut warnings);
+        let (mut snap, wanted) = build(|kind| self.objects(kind).collect(), &mut warnings);
         let missing: Vec<String> = wanted
             .iter()
             .filter(|n| !self.secrets.contains_key(*n))
@@ -498,8 +535,8 @@ fn refuse(kind: &str, name: &str, findings: &[Finding], out: &mut Vec<String>) {
 
 /// The snapshot of the watched objects (passwords not yet resolved), and
 /// the Secrets it references. Refused objects add a line to `warnings`.
-fn build(
-    objects: impl Fn(Kind) -> Vec<DynamicObject>,
+fn build<'a>(
+    objects: impl Fn(Kind) -> Vec<&'a DynamicObject>,
     warnings: &mut Vec<String>,
 ) -> (Snapshot, BTreeSet<String>) {
     let mut snap = Snapshot::default();
@@ -530,7 +567,7 @@ fn name_of(o: &DynamicObject) -> String {
 }
 
 /// Valid pools that overlap no pool taken before them.
-fn add_pools(snap: &mut Snapshot, objects: Vec<DynamicObject>, warnings: &mut Vec<String>) {
+fn add_pools(snap: &mut Snapshot, objects: Vec<&DynamicObject>, warnings: &mut Vec<String>) {
     for o in objects {
         let name = name_of(&o);
         match spec::<IPPoolSpec>(Kind::IPPool, &o) {
@@ -562,7 +599,7 @@ fn add_pools(snap: &mut Snapshot, objects: Vec<DynamicObject>, warnings: &mut Ve
 
 fn add_bgp_configuration(
     snap: &mut Snapshot,
-    objects: Vec<DynamicObject>,
+    objects: Vec<&DynamicObject>,
     warnings: &mut Vec<String>,
 ) {
     for o in objects {
@@ -586,7 +623,7 @@ fn add_bgp_configuration(
     }
 }
 
-fn add_peers(snap: &mut Snapshot, objects: Vec<DynamicObject>, warnings: &mut Vec<String>) {
+fn add_peers(snap: &mut Snapshot, objects: Vec<&DynamicObject>, warnings: &mut Vec<String>) {
     for o in objects {
         let name = name_of(&o);
         match spec::<BGPPeerSpec>(Kind::BGPPeer, &o) {
@@ -615,7 +652,7 @@ fn add_peers(snap: &mut Snapshot, objects: Vec<DynamicObject>, warnings: &mut Ve
     }
 }
 
-fn add_affinities(snap: &mut Snapshot, objects: Vec<DynamicObject>, warnings: &mut Vec<String>) {
+fn add_affinities(snap: &mut Snapshot, objects: Vec<&DynamicObject>, warnings: &mut Vec<String>) {
     for o in objects {
         let name = name_of(&o);
         match spec::<BlockAffinitySpec>(Kind::BlockAffinity, &o) {
@@ -638,7 +675,7 @@ fn add_affinities(snap: &mut Snapshot, objects: Vec<DynamicObject>, warnings: &m
     }
 }
 
-fn add_reservations(snap: &mut Snapshot, objects: Vec<DynamicObject>, warnings: &mut Vec<String>) {
+fn add_reservations(snap: &mut Snapshot, objects: Vec<&DynamicObject>, warnings: &mut Vec<String>) {
     for o in objects {
         let name = name_of(&o);
         match spec::<IPReservationSpec>(Kind::IPReservation, &o) {
@@ -660,8 +697,8 @@ fn add_reservations(snap: &mut Snapshot, objects: Vec<DynamicObject>, warnings: 
 /// same name ([`node_spec`]).
 fn add_nodes(
     snap: &mut Snapshot,
-    starling_nodes: Vec<DynamicObject>,
-    core_nodes: Vec<DynamicObject>,
+    starling_nodes: Vec<&DynamicObject>,
+    core_nodes: Vec<&DynamicObject>,
     warnings: &mut Vec<String>,
 ) {
     let mut starling: BTreeMap<String, (ObjectMeta, StarlingNodeSpec)> = BTreeMap::new();
@@ -929,11 +966,17 @@ mod tests {
         serde_json::from_value(v).unwrap()
     }
 
-    fn objects(list: &[(Kind, serde_json::Value)]) -> impl Fn(Kind) -> Vec<DynamicObject> + '_ {
+    fn objects(list: &[(Kind, serde_json::Value)]) -> Vec<(Kind, DynamicObject)> {
+        list.iter()
+            .map(|(kind, v)| (*kind, dynamic(*kind, v.clone())))
+            .collect()
+    }
+
+    fn of_kind<'a>(all: &'a [(Kind, DynamicObject)]) -> impl Fn(Kind) -> Vec<&'a DynamicObject> {
         move |k| {
-            list.iter()
+            all.iter()
                 .filter(|(kind, _)| *kind == k)
-                .map(|(kind, v)| dynamic(*kind, v.clone()))
+                .map(|(_, o)| o)
                 .collect()
         }
     }
@@ -959,7 +1002,7 @@ mod tests {
             ),
         ];
         let mut w = Vec::new();
-        let (snap, _) = build(objects(&list), &mut w);
+        let (snap, _) = build(of_kind(&objects(&list)), &mut w);
         assert_eq!(snap.pools.keys().collect::<Vec<_>>(), ["good"]);
         assert!(snap.bgp_configuration.is_none());
         let all = w.join("\n");
@@ -990,7 +1033,7 @@ mod tests {
             ),
         ];
         let mut w = Vec::new();
-        let (snap, _) = build(objects(&list), &mut w);
+        let (snap, _) = build(of_kind(&objects(&list)), &mut w);
         assert!(snap.bgp_configuration.is_some() && snap.peers.contains_key("tor"));
         assert_eq!(
             w.iter().filter(|l| l.starts_with(ACCEPTED)).count(),
@@ -1075,7 +1118,7 @@ mod tests {
             ),
         ];
         let mut w = Vec::new();
-        let (mut snap, wanted) = build(objects(&list), &mut w);
+        let (mut snap, wanted) = build(of_kind(&objects(&list)), &mut w);
         assert_eq!(wanted.into_iter().collect::<Vec<_>>(), ["bgp"]);
         let secrets: HashMap<String, SecretData> = [(
             "bgp".to_string(),
