@@ -569,8 +569,8 @@ fn name_of(o: &DynamicObject) -> String {
 /// Valid pools that overlap no pool taken before them.
 fn add_pools(snap: &mut Snapshot, objects: Vec<&DynamicObject>, warnings: &mut Vec<String>) {
     for o in objects {
-        let name = name_of(&o);
-        match spec::<IPPoolSpec>(Kind::IPPool, &o) {
+        let name = name_of(o);
+        match spec::<IPPoolSpec>(Kind::IPPool, o) {
             Err(e) => warnings.push(e),
             Ok(s) => {
                 let f = validate::ip_pool(&s);
@@ -587,7 +587,7 @@ fn add_pools(snap: &mut Snapshot, objects: Vec<&DynamicObject>, warnings: &mut V
                     snap.pools.insert(
                         name,
                         IPPool {
-                            metadata: meta(&o),
+                            metadata: meta(o),
                             spec: s,
                         },
                     );
@@ -603,8 +603,8 @@ fn add_bgp_configuration(
     warnings: &mut Vec<String>,
 ) {
     for o in objects {
-        let name = name_of(&o);
-        match spec::<BGPConfigurationSpec>(Kind::BGPConfiguration, &o) {
+        let name = name_of(o);
+        match spec::<BGPConfigurationSpec>(Kind::BGPConfiguration, o) {
             Err(e) => warnings.push(e),
             Ok(s) => {
                 let f = validate::bgp_configuration(&name, &s);
@@ -612,7 +612,7 @@ fn add_bgp_configuration(
                     let u = validate::unsupported_bgp_configuration(&s);
                     accepted("BGPConfiguration", &name, &u, warnings);
                     snap.bgp_configuration = Some(BGPConfiguration {
-                        metadata: meta(&o),
+                        metadata: meta(o),
                         spec: s,
                     });
                 } else {
@@ -625,8 +625,8 @@ fn add_bgp_configuration(
 
 fn add_peers(snap: &mut Snapshot, objects: Vec<&DynamicObject>, warnings: &mut Vec<String>) {
     for o in objects {
-        let name = name_of(&o);
-        match spec::<BGPPeerSpec>(Kind::BGPPeer, &o) {
+        let name = name_of(o);
+        match spec::<BGPPeerSpec>(Kind::BGPPeer, o) {
             Err(e) => warnings.push(e),
             Ok(s) => {
                 let f = validate::bgp_peer(&s);
@@ -640,7 +640,7 @@ fn add_peers(snap: &mut Snapshot, objects: Vec<&DynamicObject>, warnings: &mut V
                     snap.peers.insert(
                         name,
                         BGPPeer {
-                            metadata: meta(&o),
+                            metadata: meta(o),
                             spec: s,
                         },
                     );
@@ -654,8 +654,8 @@ fn add_peers(snap: &mut Snapshot, objects: Vec<&DynamicObject>, warnings: &mut V
 
 fn add_affinities(snap: &mut Snapshot, objects: Vec<&DynamicObject>, warnings: &mut Vec<String>) {
     for o in objects {
-        let name = name_of(&o);
-        match spec::<BlockAffinitySpec>(Kind::BlockAffinity, &o) {
+        let name = name_of(o);
+        match spec::<BlockAffinitySpec>(Kind::BlockAffinity, o) {
             Err(e) => warnings.push(e),
             Ok(s) => {
                 let f = validate::block_affinity(&s);
@@ -663,7 +663,7 @@ fn add_affinities(snap: &mut Snapshot, objects: Vec<&DynamicObject>, warnings: &
                     snap.affinities.insert(
                         name,
                         BlockAffinity {
-                            metadata: meta(&o),
+                            metadata: meta(o),
                             spec: s,
                         },
                     );
@@ -677,14 +677,14 @@ fn add_affinities(snap: &mut Snapshot, objects: Vec<&DynamicObject>, warnings: &
 
 fn add_reservations(snap: &mut Snapshot, objects: Vec<&DynamicObject>, warnings: &mut Vec<String>) {
     for o in objects {
-        let name = name_of(&o);
-        match spec::<IPReservationSpec>(Kind::IPReservation, &o) {
+        let name = name_of(o);
+        match spec::<IPReservationSpec>(Kind::IPReservation, o) {
             Err(e) => warnings.push(e),
             Ok(s) => {
                 snap.reservations.insert(
                     name,
                     IPReservation {
-                        metadata: meta(&o),
+                        metadata: meta(o),
                         spec: s,
                     },
                 );
@@ -703,17 +703,17 @@ fn add_nodes(
 ) {
     let mut starling: BTreeMap<String, (ObjectMeta, StarlingNodeSpec)> = BTreeMap::new();
     for o in starling_nodes {
-        match spec::<StarlingNodeSpec>(Kind::StarlingNode, &o) {
+        match spec::<StarlingNodeSpec>(Kind::StarlingNode, o) {
             Err(e) => warnings.push(e),
             Ok(s) => {
-                starling.insert(name_of(&o), (meta(&o), s));
+                starling.insert(name_of(o), (meta(o), s));
             }
         }
     }
     let mut core: BTreeMap<String, Node> = BTreeMap::new();
     for o in core_nodes {
-        let name = name_of(&o);
-        match serde_json::to_value(&o).and_then(serde_json::from_value::<Node>) {
+        let name = name_of(o);
+        match serde_json::to_value(o).and_then(serde_json::from_value::<Node>) {
             Ok(n) => {
                 core.insert(name, n);
             }
