@@ -303,11 +303,48 @@ async fn watch_kind(client: Client, kind: Kind, tx: mpsc::Sender<Update>) {
     let stream = watcher(api, watcher::Config::default()).default_backoff();
     let mut stream = std::pin::pin!(stream);
     while let Some(item) = stream.next().await {
-        let item = item.map_err(|e| format!("watching {}: {e}", kind.name()));
+        let item = item
+            .map(|event| event.modify(|o| prune(kind, o)))
+            .map_err(|e| format!("watching {}: {e}", kind.name()));
         if tx.send((kind, item)).await.is_err() {
             return;
         }
     }
+}
+
+/// Drop what the model never reads before an object is kept: the managed
+/// fields and the last-applied annotation of every object, the status of
+/// Starling's kinds, and of a core Node everything but its addresses and pod
+/// CIDRs (a kubelet's Node carries its images, conditions and capacity: kilobytes
+/// each, times every node of the cluster in every agent).
+fn prune(kind: Kind, o: &mut DynamicObject) {
+    o.metadata.managed_fields = None;
+    if let Some(a) = o.metadata.annotations.as_mut() {
+        a.remove("kubectl.kubernetes.io/last-applied-configuration");
+    }
+    let Some(data) = o.data.as_object_mut() else {
+        return;
+    };
+    if kind != Kind::Node {
+        data.remove("status");
+        return;
+    }
+    let keep = |v: Option<&serde_json::Value>, fields: &[&str]| {
+        let mut out = serde_json::Map::new();
+        if let Some(v) = v.and_then(|v| v.as_object()) {
+            for f in fields {
+                if let Some(x) = v.get(*f) {
+                    out.insert((*f).to_string(), x.clone());
+                }
+            }
+        }
+        serde_json::Value::Object(out)
+    };
+    let spec = keep(data.get("spec"), &["podCIDR", "podCIDRs"]);
+    let status = keep(data.get("status"), &["addresses"]);
+    data.clear();
+    data.insert("spec".into(), spec);
+    data.insert("status".into(), status);
 }
 
 /// A Secret as last read; `None`: it does not exist (or has no data).
@@ -398,11 +435,7 @@ impl Joiner {
         }
         let mut warnings = Vec::new();
         let own = self.options.own_node.as_deref();
-        let (mut snap, wanted) = build(
-            |kind| self.objects(kind).cloned().collect(),
-            own,
-            &mut warnings,
-        );
+        let (mut snap, wanted) = build(|kind| self.objects(kind).collect(), own, &mut warnings);
         let missing: Vec<String> = wanted
             .iter()
             .filter(|n| !self.secrets.contains_key(*n))
@@ -521,8 +554,8 @@ fn refuse(kind: &str, name: &str, findings: &[Finding], out: &mut Vec<String>) {
 
 /// The snapshot of the watched objects (passwords not yet resolved), and
 /// the Secrets it references. Refused objects add a line to `warnings`.
-fn build(
-    objects: impl Fn(Kind) -> Vec<DynamicObject>,
+fn build<'a>(
+    objects: impl Fn(Kind) -> Vec<&'a DynamicObject>,
     own: Option<&str>,
     warnings: &mut Vec<String>,
 ) -> (Snapshot, BTreeSet<String>) {
@@ -556,10 +589,10 @@ fn name_of(o: &DynamicObject) -> String {
 }
 
 /// Valid pools that overlap no pool taken before them.
-fn add_pools(snap: &mut Snapshot, objects: Vec<DynamicObject>, warnings: &mut Vec<String>) {
+fn add_pools(snap: &mut Snapshot, objects: Vec<&DynamicObject>, warnings: &mut Vec<String>) {
     for o in objects {
-        let name = name_of(&o);
-        match spec::<IPPoolSpec>(Kind::IPPool, &o) {
+        let name = name_of(o);
+        match spec::<IPPoolSpec>(Kind::IPPool, o) {
             Err(e) => warnings.push(e),
             Ok(s) => {
                 let f = validate::ip_pool(&s);
@@ -576,7 +609,7 @@ fn add_pools(snap: &mut Snapshot, objects: Vec<DynamicObject>, warnings: &mut Ve
                     snap.pools.insert(
                         name,
                         IPPool {
-                            metadata: meta(&o),
+                            metadata: meta(o),
                             spec: s,
                         },
                     );
@@ -588,12 +621,12 @@ fn add_pools(snap: &mut Snapshot, objects: Vec<DynamicObject>, warnings: &mut Ve
 
 fn add_bgp_configuration(
     snap: &mut Snapshot,
-    objects: Vec<DynamicObject>,
+    objects: Vec<&DynamicObject>,
     warnings: &mut Vec<String>,
 ) {
     for o in objects {
-        let name = name_of(&o);
-        match spec::<BGPConfigurationSpec>(Kind::BGPConfiguration, &o) {
+        let name = name_of(o);
+        match spec::<BGPConfigurationSpec>(Kind::BGPConfiguration, o) {
             Err(e) => warnings.push(e),
             Ok(s) => {
                 let f = validate::bgp_configuration(&name, &s);
@@ -601,7 +634,7 @@ fn add_bgp_configuration(
                     let u = validate::unsupported_bgp_configuration(&s);
                     accepted("BGPConfiguration", &name, &u, warnings);
                     snap.bgp_configuration = Some(BGPConfiguration {
-                        metadata: meta(&o),
+                        metadata: meta(o),
                         spec: s,
                     });
                 } else {
@@ -612,10 +645,10 @@ fn add_bgp_configuration(
     }
 }
 
-fn add_peers(snap: &mut Snapshot, objects: Vec<DynamicObject>, warnings: &mut Vec<String>) {
+fn add_peers(snap: &mut Snapshot, objects: Vec<&DynamicObject>, warnings: &mut Vec<String>) {
     for o in objects {
-        let name = name_of(&o);
-        match spec::<BGPPeerSpec>(Kind::BGPPeer, &o) {
+        let name = name_of(o);
+        match spec::<BGPPeerSpec>(Kind::BGPPeer, o) {
             Err(e) => warnings.push(e),
             Ok(s) => {
                 let f = validate::bgp_peer(&s);
@@ -629,7 +662,7 @@ fn add_peers(snap: &mut Snapshot, objects: Vec<DynamicObject>, warnings: &mut Ve
                     snap.peers.insert(
                         name,
                         BGPPeer {
-                            metadata: meta(&o),
+                            metadata: meta(o),
                             spec: s,
                         },
                     );
@@ -641,10 +674,10 @@ fn add_peers(snap: &mut Snapshot, objects: Vec<DynamicObject>, warnings: &mut Ve
     }
 }
 
-fn add_affinities(snap: &mut Snapshot, objects: Vec<DynamicObject>, warnings: &mut Vec<String>) {
+fn add_affinities(snap: &mut Snapshot, objects: Vec<&DynamicObject>, warnings: &mut Vec<String>) {
     for o in objects {
-        let name = name_of(&o);
-        match spec::<BlockAffinitySpec>(Kind::BlockAffinity, &o) {
+        let name = name_of(o);
+        match spec::<BlockAffinitySpec>(Kind::BlockAffinity, o) {
             Err(e) => warnings.push(e),
             Ok(s) => {
                 let f = validate::block_affinity(&s);
@@ -652,7 +685,7 @@ fn add_affinities(snap: &mut Snapshot, objects: Vec<DynamicObject>, warnings: &m
                     snap.affinities.insert(
                         name,
                         BlockAffinity {
-                            metadata: meta(&o),
+                            metadata: meta(o),
                             spec: s,
                         },
                     );
@@ -664,16 +697,16 @@ fn add_affinities(snap: &mut Snapshot, objects: Vec<DynamicObject>, warnings: &m
     }
 }
 
-fn add_reservations(snap: &mut Snapshot, objects: Vec<DynamicObject>, warnings: &mut Vec<String>) {
+fn add_reservations(snap: &mut Snapshot, objects: Vec<&DynamicObject>, warnings: &mut Vec<String>) {
     for o in objects {
-        let name = name_of(&o);
-        match spec::<IPReservationSpec>(Kind::IPReservation, &o) {
+        let name = name_of(o);
+        match spec::<IPReservationSpec>(Kind::IPReservation, o) {
             Err(e) => warnings.push(e),
             Ok(s) => {
                 snap.reservations.insert(
                     name,
                     IPReservation {
-                        metadata: meta(&o),
+                        metadata: meta(o),
                         spec: s,
                     },
                 );
@@ -685,10 +718,10 @@ fn add_reservations(snap: &mut Snapshot, objects: Vec<DynamicObject>, warnings: 
 /// BGPFilters Calico's validation accepts; what Starling does differently
 /// (rules with `interface`) is warned about. A peer naming a refused or
 /// missing filter gets no session (the planner says so).
-fn add_filters(snap: &mut Snapshot, objects: Vec<DynamicObject>, warnings: &mut Vec<String>) {
+fn add_filters(snap: &mut Snapshot, objects: Vec<&DynamicObject>, warnings: &mut Vec<String>) {
     for o in objects {
-        let name = name_of(&o);
-        match spec::<BGPFilterSpec>(Kind::BGPFilter, &o) {
+        let name = name_of(o);
+        match spec::<BGPFilterSpec>(Kind::BGPFilter, o) {
             Err(e) => warnings.push(e),
             Ok(s) => {
                 let f = calico::bgp_filter(&s);
@@ -712,24 +745,24 @@ fn add_filters(snap: &mut Snapshot, objects: Vec<DynamicObject>, warnings: &mut 
 /// same name ([`node_spec`]).
 fn add_nodes(
     snap: &mut Snapshot,
-    starling_nodes: Vec<DynamicObject>,
-    core_nodes: Vec<DynamicObject>,
+    starling_nodes: Vec<&DynamicObject>,
+    core_nodes: Vec<&DynamicObject>,
     own: Option<&str>,
     warnings: &mut Vec<String>,
 ) {
     let mut starling: BTreeMap<String, (ObjectMeta, StarlingNodeSpec)> = BTreeMap::new();
     for o in starling_nodes {
-        match spec::<StarlingNodeSpec>(Kind::StarlingNode, &o) {
+        match spec::<StarlingNodeSpec>(Kind::StarlingNode, o) {
             Err(e) => warnings.push(e),
             Ok(s) => {
-                starling.insert(name_of(&o), (meta(&o), s));
+                starling.insert(name_of(o), (meta(o), s));
             }
         }
     }
     let mut core: BTreeMap<String, Node> = BTreeMap::new();
     for o in core_nodes {
-        let name = name_of(&o);
-        match serde_json::to_value(&o).and_then(serde_json::from_value::<Node>) {
+        let name = name_of(o);
+        match serde_json::to_value(o).and_then(serde_json::from_value::<Node>) {
             Ok(n) => {
                 core.insert(name, n);
             }
@@ -1084,11 +1117,17 @@ mod tests {
         serde_json::from_value(v).unwrap()
     }
 
-    fn objects(list: &[(Kind, serde_json::Value)]) -> impl Fn(Kind) -> Vec<DynamicObject> + '_ {
+    fn objects(list: &[(Kind, serde_json::Value)]) -> Vec<(Kind, DynamicObject)> {
+        list.iter()
+            .map(|(kind, v)| (*kind, dynamic(*kind, v.clone())))
+            .collect()
+    }
+
+    fn of_kind<'a>(all: &'a [(Kind, DynamicObject)]) -> impl Fn(Kind) -> Vec<&'a DynamicObject> {
         move |k| {
-            list.iter()
+            all.iter()
                 .filter(|(kind, _)| *kind == k)
-                .map(|(kind, v)| dynamic(*kind, v.clone()))
+                .map(|(_, o)| o)
                 .collect()
         }
     }
@@ -1114,7 +1153,7 @@ mod tests {
             ),
         ];
         let mut w = Vec::new();
-        let (snap, _) = build(objects(&list), None, &mut w);
+        let (snap, _) = build(of_kind(&objects(&list)), None, &mut w);
         assert_eq!(snap.pools.keys().collect::<Vec<_>>(), ["good"]);
         assert!(snap.bgp_configuration.is_none());
         let all = w.join("\n");
@@ -1145,7 +1184,7 @@ mod tests {
             ),
         ];
         let mut w = Vec::new();
-        let (snap, _) = build(objects(&list), None, &mut w);
+        let (snap, _) = build(of_kind(&objects(&list)), None, &mut w);
         assert!(snap.bgp_configuration.is_some() && snap.peers.contains_key("tor"));
         assert_eq!(
             w.iter().filter(|l| l.starts_with(ACCEPTED)).count(),
@@ -1262,7 +1301,7 @@ mod tests {
             ),
         ];
         let mut w = Vec::new();
-        let (mut snap, wanted) = build(objects(&list), None, &mut w);
+        let (mut snap, wanted) = build(of_kind(&objects(&list)), None, &mut w);
         assert_eq!(wanted.into_iter().collect::<Vec<_>>(), ["bgp"]);
         let secrets: HashMap<String, SecretData> = [(
             "bgp".to_string(),

@@ -18,8 +18,7 @@
 //! still cleaned up. The other agents withdraw its routes themselves: it
 //! left their peering plan with the model.
 
-use crate::ipam::Datastore;
-use crate::ipam::cleanup::{claimants_not_in, release_node};
+use crate::ipam::cleanup::release_node;
 use crate::ipam::kube::KubeBlockClaims;
 use crate::model::Snapshot;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
@@ -191,29 +190,16 @@ pub async fn run(
 }
 
 /// One pass of the holder: note nodes that hold claims but left the model,
-/// release those absent for [`GRACE`].
+/// release those absent for [`GRACE`]. The claims are read from the watched
+/// model (the BlockAffinities are in it), so an idle pass costs no API
+/// request; only a release reads the node's claims afresh, with their
+/// revisions for the compare-and-swap.
 async fn release_gone(
     claims: &Arc<KubeBlockClaims>,
     snap: &Snapshot,
     absent_since: &mut BTreeMap<String, Instant>,
 ) {
-    let c = claims.clone();
-    let affinities = match tokio::task::spawn_blocking(move || c.affinities()).await {
-        Ok(Ok(a)) => a,
-        Ok(Err(e)) => {
-            warn!("node cleanup: listing block claims: {e}");
-            return;
-        }
-        Err(e) => {
-            warn!("node cleanup: listing block claims: {e}");
-            return;
-        }
-    };
-    let known: BTreeSet<String> = snap.nodes.keys().cloned().collect();
-    let gone: BTreeSet<String> = claimants_not_in(&affinities, &known)
-        .into_iter()
-        .map(String::from)
-        .collect();
+    let gone = claimants_gone(snap);
     absent_since.retain(|n, _| gone.contains(n));
     for node in gone {
         let since = *absent_since
@@ -232,5 +218,50 @@ async fn release_gone(
             Ok(Err(e)) => warn!("node cleanup: releasing the blocks of deleted node {node}: {e}"),
             Err(e) => warn!("node cleanup: releasing the blocks of deleted node {node}: {e}"),
         }
+    }
+}
+
+/// The nodes that hold a BlockAffinity in `snap` but are not among its
+/// nodes.
+fn claimants_gone(snap: &Snapshot) -> BTreeSet<String> {
+    snap.affinities
+        .values()
+        .map(|a| &a.spec.node)
+        .filter(|n| !snap.nodes.contains_key(*n))
+        .cloned()
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::crd::AffinityState;
+    use crate::model::{BlockAffinity, BlockAffinitySpec, StarlingNode};
+
+    #[test]
+    fn claimants_gone_are_the_affinity_holders_missing_from_the_nodes() {
+        let mut snap = Snapshot::default();
+        for (name, node, cidr) in [
+            ("a", "node1", "10.244.0.0/26"),
+            ("b", "node2", "10.244.0.64/26"),
+            ("c", "node2", "10.244.0.128/26"),
+        ] {
+            let spec = BlockAffinitySpec {
+                cidr: cidr.parse().unwrap(),
+                node: node.into(),
+                state: AffinityState::default(),
+            };
+            snap.affinities
+                .insert(name.into(), BlockAffinity::new(name, spec));
+        }
+        snap.nodes.insert(
+            "node1".into(),
+            StarlingNode::new("node1", Default::default()),
+        );
+        snap.nodes.insert(
+            "node3".into(),
+            StarlingNode::new("node3", Default::default()),
+        );
+        assert_eq!(claimants_gone(&snap), BTreeSet::from(["node2".to_string()]));
     }
 }
