@@ -50,6 +50,23 @@ struct StateLabel {
     state: String,
 }
 
+/// One pool's utilisation on this node.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PoolLabel {
+    node: String,
+    pool: String,
+    state: &'static str,
+}
+
+/// One block's utilisation.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BlockLabel {
+    block: String,
+    node: String,
+    pool: String,
+    state: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabel {
     reason: &'static str,
@@ -81,6 +98,48 @@ fn cni_histogram() -> Histogram {
     Histogram::new(CNI_BUCKETS)
 }
 
+/// The IPAM series: addresses by state, blocks, per pool, per block.
+type IpamFamilies = (
+    Family<StateLabel, Gauge>,
+    Gauge,
+    Family<PoolLabel, Gauge>,
+    Family<BlockLabel, Gauge>,
+);
+
+/// The IPAM series, registered.
+fn ipam_families(registry: &mut Registry) -> IpamFamilies {
+    let ipam_addresses = Family::<StateLabel, Gauge>::default();
+    registry.register(
+        "ipam_addresses",
+        "Pod addresses in this node's blocks, allocated or free",
+        ipam_addresses.clone(),
+    );
+    let ipam_blocks = Gauge::default();
+    registry.register(
+        "ipam_blocks",
+        "IPAM blocks this node holds",
+        ipam_blocks.clone(),
+    );
+    let ipam_pool_addresses = Family::<PoolLabel, Gauge>::default();
+    registry.register(
+        "ipam_pool_addresses",
+        "Per IP pool: addresses in this node's blocks of the pool (capacity) and those allocated",
+        ipam_pool_addresses.clone(),
+    );
+    let ipam_block_addresses = Family::<BlockLabel, Gauge>::default();
+    registry.register(
+        "ipam_block_addresses",
+        "Per block this node holds: its addresses (capacity) and those allocated",
+        ipam_block_addresses.clone(),
+    );
+    (
+        ipam_addresses,
+        ipam_blocks,
+        ipam_pool_addresses,
+        ipam_block_addresses,
+    )
+}
+
 struct Series {
     registry: Registry,
     bgp_sessions: Family<StateLabel, Gauge>,
@@ -94,6 +153,10 @@ struct Series {
     fib_seen_syncs: Mutex<Option<u64>>,
     ipam_addresses: Family<StateLabel, Gauge>,
     ipam_blocks: Gauge,
+    ipam_pool_addresses: Family<PoolLabel, Gauge>,
+    ipam_block_addresses: Family<BlockLabel, Gauge>,
+    /// The pool and block series last set, so a released block's go.
+    ipam_usage_seen: Mutex<(Vec<PoolLabel>, Vec<BlockLabel>)>,
     cni_duration: HistogramFamily,
     datastore_ready: Gauge,
     nat_ready: Gauge,
@@ -159,18 +222,8 @@ impl Metrics {
             "Routes of Starling's protocol in the kernel after the last pass",
             fib_routes.clone(),
         );
-        let ipam_addresses = Family::<StateLabel, Gauge>::default();
-        registry.register(
-            "ipam_addresses",
-            "Pod addresses in this node's blocks, allocated or free",
-            ipam_addresses.clone(),
-        );
-        let ipam_blocks = Gauge::default();
-        registry.register(
-            "ipam_blocks",
-            "IPAM blocks this node holds",
-            ipam_blocks.clone(),
-        );
+        let (ipam_addresses, ipam_blocks, ipam_pool_addresses, ipam_block_addresses) =
+            ipam_families(&mut registry);
         let cni_duration = HistogramFamily::new_with_constructor(cni_histogram);
         registry.register_with_unit(
             "cni_request_duration",
@@ -213,6 +266,9 @@ impl Metrics {
                 fib_seen_syncs: Mutex::new(None),
                 ipam_addresses,
                 ipam_blocks,
+                ipam_pool_addresses,
+                ipam_block_addresses,
+                ipam_usage_seen: Mutex::new((Vec::new(), Vec::new())),
                 cni_duration,
                 datastore_ready,
                 nat_ready,
@@ -364,6 +420,78 @@ impl Metrics {
         s.ipam_blocks.set(clamp(status.blocks.len() as u128));
     }
 
+    /// Set the per-pool and per-block utilisation of `node`: its blocks
+    /// (each counted in the first of `pools` containing it, `none` for a
+    /// block outside every pool) and the addresses allocated. Series of
+    /// blocks no longer held are removed.
+    pub fn observe_ipam_usage(
+        &self,
+        node: &str,
+        pools: &[ipnet::IpNet],
+        blocks: &[ipnet::IpNet],
+        allocated: &[std::net::IpAddr],
+    ) {
+        let pool_of = |b: &ipnet::IpNet| {
+            pools
+                .iter()
+                .find(|p| p.contains(b))
+                .map_or("none".to_string(), ToString::to_string)
+        };
+        let mut per_pool: std::collections::BTreeMap<String, (u128, u128)> = pools
+            .iter()
+            .map(|p| (p.to_string(), (0u128, 0u128)))
+            .collect();
+        let mut block_series = Vec::new();
+        for b in blocks {
+            let host_bits = u32::from(b.max_prefix_len() - b.prefix_len());
+            let capacity = 1u128.checked_shl(host_bits).unwrap_or(u128::MAX);
+            let used = allocated.iter().filter(|a| b.contains(*a)).count() as u128;
+            let pool = pool_of(b);
+            let e = per_pool.entry(pool.clone()).or_default();
+            e.0 = e.0.saturating_add(capacity);
+            e.1 += used;
+            for (state, v) in [("capacity", capacity), ("allocated", used)] {
+                block_series.push((
+                    BlockLabel {
+                        block: b.to_string(),
+                        node: node.to_string(),
+                        pool: pool.clone(),
+                        state,
+                    },
+                    v,
+                ));
+            }
+        }
+        let mut pool_series = Vec::new();
+        for (pool, (capacity, used)) in per_pool {
+            for (state, v) in [("capacity", capacity), ("allocated", used)] {
+                let label = PoolLabel {
+                    node: node.to_string(),
+                    pool: pool.clone(),
+                    state,
+                };
+                pool_series.push((label, v));
+            }
+        }
+        let s = &self.series;
+        let mut seen = s.ipam_usage_seen.lock().unwrap_or_else(|e| e.into_inner());
+        for (l, v) in &pool_series {
+            s.ipam_pool_addresses.get_or_create(l).set(clamp(*v));
+        }
+        for (l, v) in &block_series {
+            s.ipam_block_addresses.get_or_create(l).set(clamp(*v));
+        }
+        let pools_now: Vec<PoolLabel> = pool_series.into_iter().map(|(l, _)| l).collect();
+        let blocks_now: Vec<BlockLabel> = block_series.into_iter().map(|(l, _)| l).collect();
+        for old in seen.0.iter().filter(|l| !pools_now.contains(l)) {
+            s.ipam_pool_addresses.remove(old);
+        }
+        for old in seen.1.iter().filter(|l| !blocks_now.contains(l)) {
+            s.ipam_block_addresses.remove(old);
+        }
+        *seen = (pools_now, blocks_now);
+    }
+
     /// Record how long the agent took to answer one plugin request.
     pub fn observe_cni(&self, cmd: CniCommand, took: Duration) {
         self.series
@@ -410,6 +538,8 @@ pub enum CniCommand {
     Check,
     Gc,
     Status,
+    /// `starlingctl ipam check`/`release` listing the allocations.
+    List,
     /// A request that could not be read (bad frame, wrong peer).
     Invalid,
 }
@@ -422,6 +552,7 @@ impl CniCommand {
             Request::Check { .. } => CniCommand::Check,
             Request::Gc { .. } => CniCommand::Gc,
             Request::Status => CniCommand::Status,
+            Request::List => CniCommand::List,
         }
     }
 
@@ -432,6 +563,7 @@ impl CniCommand {
             CniCommand::Check => "check",
             CniCommand::Gc => "gc",
             CniCommand::Status => "status",
+            CniCommand::List => "list",
             CniCommand::Invalid => "invalid",
         }
     }
@@ -559,6 +691,72 @@ mod tests {
         assert_eq!(get(r#"starling_fib_operations_total{op="delete"}"#), 2.0);
         assert_eq!(get("starling_fib_errors_total"), 2.0);
         assert_eq!(get("starling_fib_routes"), 7.0);
+    }
+
+    #[test]
+    fn ipam_usage_per_pool_and_block_and_released_blocks_go() {
+        let m = Metrics::new("9.9.9");
+        let pools: Vec<ipnet::IpNet> = vec![
+            "10.1.0.0/16".parse().unwrap(),
+            "10.2.0.0/24".parse().unwrap(),
+        ];
+        let blocks: Vec<ipnet::IpNet> = vec![
+            "10.1.0.0/26".parse().unwrap(),
+            "10.1.0.64/26".parse().unwrap(),
+            "192.0.2.0/30".parse().unwrap(),
+        ];
+        let ips: Vec<std::net::IpAddr> = ["10.1.0.1", "10.1.0.2", "10.1.0.70", "192.0.2.1"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        m.observe_ipam_usage("n1", &pools, &blocks, &ips);
+        let text = m.encode();
+        for (series, want) in [
+            (
+                r#"starling_ipam_block_addresses{block="10.1.0.0/26",node="n1",pool="10.1.0.0/16",state="allocated"}"#,
+                2.0,
+            ),
+            (
+                r#"starling_ipam_block_addresses{block="10.1.0.0/26",node="n1",pool="10.1.0.0/16",state="capacity"}"#,
+                64.0,
+            ),
+            (
+                r#"starling_ipam_block_addresses{block="192.0.2.0/30",node="n1",pool="none",state="allocated"}"#,
+                1.0,
+            ),
+            (
+                r#"starling_ipam_pool_addresses{node="n1",pool="10.1.0.0/16",state="allocated"}"#,
+                3.0,
+            ),
+            (
+                r#"starling_ipam_pool_addresses{node="n1",pool="10.1.0.0/16",state="capacity"}"#,
+                128.0,
+            ),
+            (
+                r#"starling_ipam_pool_addresses{node="n1",pool="10.2.0.0/24",state="capacity"}"#,
+                0.0,
+            ),
+        ] {
+            assert_eq!(sample(&text, series), Some(want), "{series}\n{text}");
+        }
+        // The second block released: its series go, the pool's shrink.
+        m.observe_ipam_usage("n1", &pools, &blocks[..1], &ips[..2]);
+        let text = m.encode();
+        assert_eq!(
+            sample(
+                &text,
+                r#"starling_ipam_block_addresses{block="10.1.0.64/26",node="n1",pool="10.1.0.0/16",state="capacity"}"#
+            ),
+            None,
+            "{text}"
+        );
+        assert_eq!(
+            sample(
+                &text,
+                r#"starling_ipam_pool_addresses{node="n1",pool="10.1.0.0/16",state="capacity"}"#
+            ),
+            Some(64.0)
+        );
     }
 
     #[test]

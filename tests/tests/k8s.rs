@@ -18,6 +18,8 @@ mod e2e;
 mod health;
 #[path = "k8s_parts/ipam.rs"]
 mod ipam;
+#[path = "k8s_parts/node_cleanup.rs"]
+mod node_cleanup;
 #[path = "k8s_parts/services.rs"]
 mod services;
 

@@ -122,6 +122,27 @@ enum IpamCommand {
         #[command(flatten)]
         agent: AgentArgs,
     },
+    /// Look for leaked addresses (their pod or container is gone), orphaned
+    /// blocks (their node is gone), duplicates, strays and addresses inside
+    /// reservations. This node's addresses, every node's blocks. Exits 1
+    /// when anything is found.
+    Check {
+        #[command(flatten)]
+        agent: AgentArgs,
+    },
+    /// Release one address of this node (with the other addresses of its
+    /// attachment). Refused while its pod exists in the API server (or its
+    /// container's network namespace exists) unless --force.
+    Release {
+        #[command(flatten)]
+        agent: AgentArgs,
+        /// The address to release.
+        #[arg(long)]
+        ip: std::net::IpAddr,
+        /// Release even though its owner looks alive (or cannot be checked).
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(clap::Args)]
@@ -202,9 +223,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Lab { command } => lab_command(command),
         Command::Status { agent } => status(&agent),
         Command::Routes { agent } => routes(&agent),
-        Command::Ipam {
-            command: IpamCommand::Show { agent },
-        } => ipam_show(&agent),
+        Command::Ipam { command } => match command {
+            IpamCommand::Show { agent } => ipam_show(&agent),
+            IpamCommand::Check { agent } => ipam_check(&agent),
+            IpamCommand::Release { agent, ip, force } => ipam_release(&agent, ip, force),
+        },
     }
 }
 
@@ -481,6 +504,105 @@ fn ipam_show(agent: &AgentArgs) -> Result<ExitCode> {
         ]);
     }
     print!("{}", table(&rows));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `starlingctl ipam check`: exit 1 when a problem is found.
+fn ipam_check(agent: &AgentArgs) -> Result<ExitCode> {
+    let r = control::ipam_check(&agent.socket)?;
+    let code = if r.problems() == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    };
+    if agent.output == Output::Json {
+        print_json(&r)?;
+        return Ok(code);
+    }
+    println!(
+        "IPAM check on node {} ({}): {} addresses of this node, {} block claims of the cluster",
+        r.node, r.datastore, r.addresses, r.blocks
+    );
+    let sections = [
+        ("Leaked addresses (owner gone)", &r.leaks),
+        ("Duplicates (inside another node's block)", &r.duplicates),
+        ("Strays (in no block this node holds)", &r.strays),
+        ("Inside IP reservations", &r.reserved),
+        ("Not checked", &r.unchecked),
+    ];
+    for (title, list) in sections {
+        if list.is_empty() {
+            continue;
+        }
+        println!();
+        println!("{title}");
+        let mut rows = vec![vec![
+            "ADDRESS".to_string(),
+            "POD".into(),
+            "ATTACHMENT".into(),
+            "WHY".into(),
+        ]];
+        for f in list {
+            rows.push(vec![
+                f.address.to_string(),
+                f.pod.clone().unwrap_or_else(|| "-".into()),
+                f.attachment.clone(),
+                f.reason.clone(),
+            ]);
+        }
+        print!("{}", table(&rows));
+    }
+    if !r.orphans.is_empty() {
+        println!();
+        println!("Orphaned blocks (their node is not in the cluster)");
+        let mut rows = vec![vec!["BLOCK".to_string(), "NODE".into()]];
+        for o in &r.orphans {
+            rows.push(vec![o.block.to_string(), o.node.clone()]);
+        }
+        print!("{}", table(&rows));
+    }
+    if !r.overlapping_blocks.is_empty() {
+        println!();
+        println!("Overlapping block claims");
+        let mut rows = vec![vec!["BLOCKS".to_string(), "NODES".into()]];
+        for o in &r.overlapping_blocks {
+            let b: Vec<String> = o.blocks.iter().map(ToString::to_string).collect();
+            rows.push(vec![b.join(" and "), o.nodes.join(" and ")]);
+        }
+        print!("{}", table(&rows));
+    }
+    println!();
+    match r.problems() {
+        0 => println!("No problems found."),
+        n => println!("{n} problem(s) found."),
+    }
+    Ok(code)
+}
+
+/// `starlingctl ipam release`.
+fn ipam_release(agent: &AgentArgs, ip: std::net::IpAddr, force: bool) -> Result<ExitCode> {
+    let r = control::ipam_release(&agent.socket, ip, force)?;
+    if agent.output == Output::Json {
+        return print_json(&r);
+    }
+    let ips: Vec<String> = r
+        .released
+        .ips
+        .iter()
+        .map(|n| n.addr().to_string())
+        .collect();
+    println!(
+        "released {} on node {} (attachment {}{}){}: {}",
+        ips.join(", "),
+        r.node,
+        r.released.key,
+        r.released
+            .pod
+            .as_ref()
+            .map_or(String::new(), |p| format!(", pod {p}")),
+        if r.forced { ", forced" } else { "" },
+        r.owner
+    );
     Ok(ExitCode::SUCCESS)
 }
 

@@ -8,6 +8,7 @@
 //! requests into one store commit, and answers the plugin on a Unix socket.
 
 pub mod annotations;
+pub mod check;
 pub mod choice;
 pub mod cleanup;
 pub mod datastore;
@@ -136,6 +137,59 @@ pub struct Ipam {
     cursors: HashMap<IpNet, u128>,
     /// Reserved CIDRs (IPReservation): never handed out.
     reserved: Vec<IpNet>,
+    /// Stored allocations dropped at start (see [`settle_stale`]).
+    dropped: Vec<Allocation>,
+}
+
+/// A node that was deleted and came back with the same name finds its
+/// blocks released by the clean-up (docs/operations.md, Deleted nodes)
+/// while its store still holds allocations in them. Each such block is
+/// claimed again when it is free (the pods keep their addresses); an
+/// allocation whose block another node holds now, or that lies in no pool,
+/// is dropped, so this node never serves an address from a block it does
+/// not hold. Returns the blocks held, the allocations kept and those
+/// dropped.
+fn settle_stale(
+    node: &str,
+    config: &IpamConfig,
+    datastore: &dyn Datastore,
+    mut blocks: Vec<IpNet>,
+    existing: Vec<Allocation>,
+) -> (Vec<IpNet>, Vec<Allocation>, Vec<Allocation>) {
+    let (mut kept, mut dropped) = (Vec::new(), Vec::new());
+    for alloc in existing {
+        let mut ok = true;
+        for ip in alloc.ips.iter().map(IpNet::addr) {
+            if blocks.iter().any(|b| b.contains(&ip)) {
+                continue;
+            }
+            let block = config
+                .pools
+                .iter()
+                .find(|p| p.cidr.contains(&ip))
+                .and_then(|p| p.block_of(ip));
+            match block.map(|b| (b, datastore.claim(b, node))) {
+                Some((b, Ok(_))) => {
+                    tracing::info!(%b, %ip, attachment = %alloc.key, "claimed again the block of a stored allocation (its claim was released while this node was away)");
+                    blocks.push(b);
+                }
+                Some((b, Err(e))) => {
+                    tracing::error!(%b, %ip, attachment = %alloc.key, "dropping a stored allocation: its block cannot be claimed again ({e}); restart the pod");
+                    ok = false;
+                }
+                None => {
+                    tracing::error!(%ip, attachment = %alloc.key, "dropping a stored allocation outside every block and pool of this node; restart the pod");
+                    ok = false;
+                }
+            }
+        }
+        if ok {
+            kept.push(alloc)
+        } else {
+            dropped.push(alloc)
+        }
+    }
+    (blocks, kept, dropped)
 }
 
 impl Ipam {
@@ -171,6 +225,8 @@ impl Ipam {
             .filter(|a| a.node == node)
             .map(|a| a.block)
             .collect();
+        let (blocks, existing, dropped) =
+            settle_stale(node, &config, datastore.as_ref(), blocks, existing);
         let mut ipam = Ipam {
             node: node.to_string(),
             labels,
@@ -181,9 +237,16 @@ impl Ipam {
             used: HashMap::new(),
             cursors: HashMap::new(),
             reserved: Vec::new(),
+            dropped,
         };
         ipam.reset(existing)?;
         Ok(ipam)
+    }
+
+    /// The stored allocations [`Ipam::new`] dropped (their block is now
+    /// another node's): the caller removes them from the store.
+    pub fn take_dropped(&mut self) -> Vec<Allocation> {
+        std::mem::take(&mut self.dropped)
     }
 
     /// Replace the in-memory allocations with `existing` (the store's
@@ -657,6 +720,13 @@ impl Ipam {
     }
 
     /// The blocks this node holds, to export to BGP peers.
+    /// Every allocation, ordered by attachment.
+    pub fn allocations(&self) -> Vec<Allocation> {
+        let mut out: Vec<Allocation> = self.by_key.values().cloned().collect();
+        out.sort_by_key(|a| a.key.to_string());
+        out
+    }
+
     pub fn blocks(&self) -> &[IpNet] {
         &self.blocks
     }

@@ -494,6 +494,9 @@ fn apply(
             }
         }
         Request::Status => Response::Ok(Reply::Status(ipam.status())),
+        Request::List => Response::Ok(Reply::Listed {
+            allocations: ipam.allocations(),
+        }),
     };
     Applied::Answer(Box::new(response))
 }

@@ -4,8 +4,10 @@
 //! event loop publishes (`Shared`) and live queries to the speaker and
 //! the FIB; and [`ask`], the one client of it.
 
+use super::ipam_ops::{IpamOps, ReleaseReport};
 use super::routes::Refused;
 use crate::fib::{FibStatus, Reconciler, Route};
+use crate::ipam::check::CheckReport;
 use crate::model::IPPoolSpec;
 use crate::nat::{NatReconciler, NatStatus};
 use anyhow::Context;
@@ -31,6 +33,14 @@ pub enum Request {
     /// The speaker's table sizes; the same request and reply as
     /// `starling-bgpd`'s control socket, so its tools work on the agent.
     Summary,
+    /// `starlingctl ipam check`.
+    IpamCheck,
+    /// `starlingctl ipam release --ip ADDR [--force]`.
+    IpamRelease {
+        ip: IpAddr,
+        #[serde(default)]
+        force: bool,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -41,6 +51,8 @@ pub enum Reply {
     Routes(RoutesReport),
     Ipam(IpamReport),
     Summary(RibSummary),
+    IpamCheck(CheckReport),
+    IpamReleased(ReleaseReport),
     Error(String),
 }
 
@@ -163,6 +175,7 @@ pub(super) struct Server {
     pub fib: Reconciler,
     pub nat: NatReconciler,
     pub datastore_error: LastError,
+    pub ipam: IpamOps,
 }
 
 impl Server {
@@ -206,6 +219,14 @@ impl Server {
             Request::Summary => match self.speaker.summary().await {
                 Ok(s) => Reply::Summary(s),
                 Err(e) => Reply::Error(e.to_string()),
+            },
+            Request::IpamCheck => match self.ipam.check().await {
+                Ok(r) => Reply::IpamCheck(r),
+                Err(e) => Reply::Error(e),
+            },
+            Request::IpamRelease { ip, force } => match self.ipam.release(ip, force).await {
+                Ok(r) => Reply::IpamReleased(r),
+                Err(e) => Reply::Error(e),
             },
         }
     }
@@ -295,6 +316,20 @@ pub fn routes(socket: &Path) -> Result<RoutesReport, AskError> {
 }
 
 /// IPAM on the node (`starlingctl ipam show`).
+pub fn ipam_check(socket: &Path) -> Result<CheckReport, AskError> {
+    match ask(socket, &Request::IpamCheck)? {
+        Reply::IpamCheck(r) => Ok(r),
+        _ => Err(AskError::Unexpected("ipam check")),
+    }
+}
+
+pub fn ipam_release(socket: &Path, ip: IpAddr, force: bool) -> Result<ReleaseReport, AskError> {
+    match ask(socket, &Request::IpamRelease { ip, force })? {
+        Reply::IpamReleased(r) => Ok(r),
+        _ => Err(AskError::Unexpected("ipam release")),
+    }
+}
+
 pub fn ipam(socket: &Path) -> Result<IpamReport, AskError> {
     match ask(socket, &Request::Ipam)? {
         Reply::Ipam(r) => Ok(r),

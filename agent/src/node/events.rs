@@ -258,6 +258,11 @@ impl Node {
         obs.metrics.observe_fib(&self.fib.status());
         obs.metrics.observe_nat(&self.nat.status());
         obs.metrics.observe_ipam(&self.ipam_status());
+        let pools: Vec<ipnet::IpNet> = self.snap.pools.values().map(|p| p.spec.cidr).collect();
+        let allocated: Vec<std::net::IpAddr> =
+            self.pods.iter().map(|p| p.destination.addr()).collect();
+        obs.metrics
+            .observe_ipam_usage(&self.name, &pools, &self.blocks, &allocated);
         obs.metrics
             .set_service_prefixes(self.service_prefixes.len());
         let refused = lock(&self.shared).refused.clone();

@@ -18,6 +18,7 @@ pub mod config;
 pub mod control;
 pub mod datastore_routes;
 mod events;
+pub mod ipam_ops;
 mod peering;
 pub mod routes;
 mod start;

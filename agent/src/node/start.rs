@@ -80,6 +80,8 @@ struct Model {
     last_error: LastError,
     /// Where IPAM claims blocks.
     claims: Box<dyn ipam::Datastore>,
+    /// A second client of the claims, for `ipam check` and `release`.
+    claim_client: Box<dyn ipam::Datastore>,
     /// Kubernetes: the client configuration for the node-cleanup election,
     /// and whether the model is current.
     cleanup: Option<(kube::Config, super::cleanup::Connected)>,
@@ -109,6 +111,7 @@ async fn open_model(cfg: &AgentConfig, ds: DatastoreConfig) -> Result<Model> {
                 name: format!("file {}", path.display()),
                 last_error: Arc::new(move || errors.last_error().map(|e| e.to_string())),
                 claims: claims_file(cfg),
+                claim_client: claims_file(cfg),
                 cleanup: None,
                 claim_reader: Some((claims_file(cfg), poll)),
                 annotations: None,
@@ -152,6 +155,8 @@ async fn open_model(cfg: &AgentConfig, ds: DatastoreConfig) -> Result<Model> {
             }
             let claims = crate::ipam::kube::KubeBlockClaims::new(kcfg.clone())
                 .context("IPAM block claims over the Kubernetes API")?;
+            let claim_client = crate::ipam::kube::KubeBlockClaims::new(kcfg.clone())
+                .context("IPAM block claims over the Kubernetes API")?;
             let errors = ds.clone();
             let current = ds.clone();
             Ok(Model {
@@ -159,6 +164,7 @@ async fn open_model(cfg: &AgentConfig, ds: DatastoreConfig) -> Result<Model> {
                 name: "kubernetes".into(),
                 last_error: Arc::new(move || errors.status().last_error),
                 claims: Box::new(claims),
+                claim_client: Box::new(claim_client),
                 cleanup: Some((kcfg, Arc::new(move || current.status().connected))),
                 claim_reader: None,
                 annotations: Some(client),
@@ -198,6 +204,14 @@ async fn run_node(
     obs.metrics.set_datastore_ready(true);
 
     let (ipam, pod_mtu) = start_ipam(&cfg, &snap, model.claims)?;
+    let ipam_ops = super::ipam_ops::IpamOps {
+        node: name.clone(),
+        datastore: model.name.clone(),
+        ipam: ipam.clone(),
+        claims: Arc::from(model.claim_client),
+        pods: model.annotations.clone(),
+        snaps: snaps.clone(),
+    };
     let ipam = follow_model(&cfg, ipam, model.annotations, snaps.clone());
     let ipam = ipam.with_metrics(obs.metrics.clone());
     let (mut blocks_rx, mut pods_rx) = (ipam.blocks(), ipam.pod_routes());
@@ -254,6 +268,7 @@ async fn run_node(
         fib,
         nat,
         datastore_error: model.last_error,
+        ipam: ipam_ops,
     }
     .serve(cfg.control_socket.clone());
     let cni = serve_cni(&cfg, ipam);
@@ -468,6 +483,14 @@ fn open_ipam(
     let store = Store::open(&ipam_server::default_store_path(&cfg.state_dir))?;
     let existing = store.load()?;
     let mut ipam = Ipam::new(&cfg.node_name, labels, ipam_cfg, claims, existing)?;
+    let dropped: Vec<ipam::Change> = ipam
+        .take_dropped()
+        .into_iter()
+        .map(|a| ipam::Change::Remove(a.key))
+        .collect();
+    if !dropped.is_empty() {
+        store.commit(&dropped)?;
+    }
     ipam.set_reserved(reserved);
     info!(
         node = %cfg.node_name,

@@ -196,6 +196,9 @@ pub enum Request {
     },
     /// Is the agent ready to serve ADD?
     Status,
+    /// Every allocation the agent holds (for `starlingctl ipam check` and
+    /// `release`; the plugin never sends it).
+    List,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -320,6 +323,10 @@ pub enum Reply {
         allocations: Vec<Allocation>,
     },
     Status(StatusReply),
+    /// Every allocation, answering [`Request::List`].
+    Listed {
+        allocations: Vec<Allocation>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -255,3 +255,258 @@ fn annotations_static_addresses_and_reservations_through_the_api_server() -> Res
     );
     Ok(())
 }
+
+const CHECK_MODEL: &str = "\
+apiVersion: starling.dev/v1
+kind: IPPool
+metadata: {name: main}
+spec: {cidr: 10.244.0.0/16, blockSize: 26}
+---
+apiVersion: starling.dev/v1
+kind: BGPConfiguration
+metadata: {name: default}
+spec: {asNumber: 64512}
+---
+apiVersion: v1
+kind: Node
+metadata:
+  name: node1
+  annotations: {starling.dev/ipv4-address: 192.0.2.11/24}
+";
+
+/// `starlingctl ipam <args> --socket SOCKET`: exit success, stdout, stderr.
+fn ctl(socket: &Path, args: &[&str]) -> Result<(bool, String, String)> {
+    let out = Command::new(starling_tests::bin("starlingctl"))
+        .arg("ipam")
+        .args(args)
+        .arg("--socket")
+        .arg(socket)
+        .output()
+        .context("running starlingctl")?;
+    Ok((
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+fn addresses(report: &Value, list: &str) -> Vec<String> {
+    report[list]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|f| f["address"].as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A BlockAffinity written directly, as another node (or a bug) would.
+fn affinity(block: &str, node: &str) -> String {
+    let name = block.replace(['.', '/', ':'], "-");
+    format!(
+        "---\napiVersion: starling.dev/v1\nkind: BlockAffinity\nmetadata: {{name: {name}}}\nspec: {{cidr: {block}, node: {node}, state: confirmed}}\n"
+    )
+}
+
+/// `ipam check` finds a planted leak (pod deleted), orphan (a block of a
+/// node not in the cluster), duplicate (an address of node1 inside a block
+/// another node claims) and reservation overlap, with -o json and exit 1;
+/// `ipam release` refuses an address whose pod exists, releases the leaked
+/// one, and the check is clean again; the metrics endpoint shows pool and
+/// block utilisation.
+#[test]
+fn ipam_check_and_release_through_the_api_server() -> Result<()> {
+    let k = Cluster::private("ipchk")?;
+    k.apply_manifests()?;
+    let port = k.port()?;
+    let mut yaml = CHECK_MODEL.to_string();
+    yaml.push_str(&pod("default", "alive", &[]));
+    yaml.push_str(&pod("default", "leaky", &[]));
+    checked(&["apply"], k.kubectl_stdin(&["apply", "-f", "-"], &yaml))?;
+
+    let dir = starling_tests::TempDir::new("k8sipchk")?;
+    let kubeconfig = dir.join("agent.kubeconfig");
+    let token = k.token_for("kube-system", "starling-agent")?;
+    k.kubeconfig_with_token(&token, &kubeconfig)?;
+    let mut opts = lab::options("kchk", 1, Topology::Mesh);
+    opts.kubeconfig = Some(kubeconfig);
+    let stop = Arc::new(AtomicBool::new(false));
+    super::e2e::relay(opts.name.clone(), 1, port, stop.clone());
+    let c = lab::Cluster::up(opts);
+    stop.store(true, Ordering::Relaxed);
+    let c = c?;
+    let node_ns = format!("{}-node1", c.lab.name);
+    let socket = c.dir().join("node1").join("cni.sock");
+    let control = c.dir().join("node1").join("agent.sock");
+
+    // Clean at first (the lab's own pod and nothing else).
+    let (ok, out, err) = ctl(&control, &["check", "-o", "json"])?;
+    ensure!(ok, "a clean cluster: exit 0\n{out}\n{err}");
+
+    let alive_ns = Netns::new("kchk-alive")?;
+    let leaky_ns = Netns::new("kchk-leaky")?;
+    let ip_of = |ns: &Netns, name: &str| -> Result<IpAddr> {
+        match add(&node_ns, &socket, ns, "default", name)? {
+            Added::Ips(ips) => ips.first().copied().context("no address"),
+            Added::Error(code, msg) => anyhow::bail!("{name}: code {code}: {msg}"),
+        }
+    };
+    let alive = ip_of(&alive_ns, "alive")?;
+    let leaky = ip_of(&leaky_ns, "leaky")?;
+    let block = format!("{}/26", {
+        let o = match alive {
+            IpAddr::V4(v) => v.octets(),
+            IpAddr::V6(_) => anyhow::bail!("IPv4 expected"),
+        };
+        format!("{}.{}.{}.{}", o[0], o[1], o[2], o[3] & 0xc0)
+    });
+
+    // Plant: the pod of `leaky` deleted; a block of a node that does not
+    // exist; a /24 around node1's block claimed by another (existing) node;
+    // a reservation over `alive`.
+    k.kubectl_ok(&["delete", "pod", "-n", "default", "leaky", "--wait=false"])?;
+    let mut planted = affinity("10.244.200.0/26", "ghost");
+    planted.push_str(
+        "---\napiVersion: v1\nkind: Node\nmetadata:\n  name: other\n  annotations: {starling.dev/ipv4-address: 192.0.2.99/24}\n",
+    );
+    let wide = match block.parse::<ipnet::IpNet>()? {
+        ipnet::IpNet::V4(n) => ipnet::IpNet::V4(ipnet::Ipv4Net::new(n.network(), 24)?.trunc()),
+        ipnet::IpNet::V6(_) => anyhow::bail!("IPv4 expected"),
+    };
+    planted.push_str(&affinity(&wide.to_string(), "other"));
+    planted.push_str(&format!(
+        "---\napiVersion: starling.dev/v1\nkind: IPReservation\nmetadata: {{name: late}}\nspec: {{reservedCIDRs: [{alive}/32]}}\n"
+    ));
+    checked(&["apply"], k.kubectl_stdin(&["apply", "-f", "-"], &planted))?;
+
+    // The agent sees the new Node and reservation through its watch; the
+    // check reads the claims and pods itself.
+    let mut report = Value::Null;
+    starling_tests::wait_for(
+        "ipam check to see every planted problem",
+        std::time::Duration::from_secs(30),
+        || {
+            let (ok, out, err) = ctl(&control, &["check", "-o", "json"])?;
+            ensure!(
+                !ok || out.contains("\"leaks\": []"),
+                "exit 0 with problems:\n{out}\n{err}"
+            );
+            report = serde_json::from_str(&out).with_context(|| format!("{out}\n{err}"))?;
+            Ok(!ok
+                && addresses(&report, "leaks") == [leaky.to_string()]
+                && addresses(&report, "reserved") == [alive.to_string()]
+                && report["orphans"].as_array().is_some_and(|o| {
+                    o.iter()
+                        .any(|x| x["node"] == "ghost" && x["block"] == "10.244.200.0/26")
+                })
+                && report["overlappingBlocks"]
+                    .as_array()
+                    .is_some_and(|o| !o.is_empty()))
+        },
+    )
+    .with_context(|| format!("last report: {report:#}"))?;
+    let dups = addresses(&report, "duplicates");
+    ensure!(
+        dups.contains(&alive.to_string()) && dups.contains(&leaky.to_string()),
+        "node1's addresses inside other's {wide}: {report:#}"
+    );
+    ensure!(
+        report["leaks"][0]["pod"] == "default/leaky"
+            && report["leaks"][0]["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("does not exist")),
+        "{report:#}"
+    );
+    // The readable report names the same.
+    let (ok, out, _) = ctl(&control, &["check"])?;
+    ensure!(
+        !ok && out.contains("Leaked addresses") && out.contains("ghost"),
+        "{out}"
+    );
+
+    // Release: refused while the pod exists, done for the leaked address.
+    let (ok, out, err) = ctl(&control, &["release", "--ip", &alive.to_string()])?;
+    ensure!(
+        !ok && err.contains("in use") && err.contains("default/alive"),
+        "release of an address in use must be refused: {out} {err}"
+    );
+    let (ok, out, err) = ctl(
+        &control,
+        &["release", "--ip", &leaky.to_string(), "-o", "json"],
+    )?;
+    ensure!(ok, "release of the leaked address: {out} {err}");
+    let released: Value = serde_json::from_str(&out)?;
+    ensure!(
+        released["released"]["pod"]["name"] == "leaky",
+        "{released:#}"
+    );
+    // Not ours: refused, naming the node.
+    let (ok, _, err) = ctl(&control, &["release", "--ip", "10.244.200.1"])?;
+    ensure!(!ok && err.contains("not allocated on node node1"), "{err}");
+
+    // Remove the other plants: the check is clean again.
+    k.kubectl_ok(&["delete", "ipreservation.starling.dev", "late"])?;
+    k.kubectl_ok(&[
+        "delete",
+        "blockaffinity.starling.dev",
+        &wide.to_string().replace(['.', '/'], "-"),
+    ])?;
+    k.kubectl_ok(&[
+        "delete",
+        "blockaffinity.starling.dev",
+        "10-244-200-0-26",
+        "--ignore-not-found",
+    ])?;
+    starling_tests::wait_for(
+        "a clean ipam check",
+        std::time::Duration::from_secs(30),
+        || {
+            let (ok, out, _) = ctl(&control, &["check", "-o", "json"])?;
+            report = serde_json::from_str(&out)?;
+            Ok(ok)
+        },
+    )
+    .with_context(|| format!("last report: {report:#}"))?;
+    ensure!(addresses(&report, "leaks").is_empty(), "{report:#}");
+
+    // Utilisation in the metrics: node1's block holds the lab pod and alive.
+    let want = [
+        format!(
+            "starling_ipam_block_addresses{{block=\"{block}\",node=\"node1\",pool=\"10.244.0.0/16\",state=\"allocated\"}} 2"
+        ),
+        format!(
+            "starling_ipam_block_addresses{{block=\"{block}\",node=\"node1\",pool=\"10.244.0.0/16\",state=\"capacity\"}} 64"
+        ),
+        "starling_ipam_pool_addresses{node=\"node1\",pool=\"10.244.0.0/16\",state=\"allocated\"} 2"
+            .to_string(),
+        "starling_ipam_pool_addresses{node=\"node1\",pool=\"10.244.0.0/16\",state=\"capacity\"} 64"
+            .to_string(),
+    ];
+    let mut text = String::new();
+    let seen = starling_tests::wait_for(
+        "pool and block utilisation in the metrics",
+        std::time::Duration::from_secs(30),
+        || {
+            let out = Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    &node_ns,
+                    "curl",
+                    "-sf",
+                    "http://127.0.0.1:9091/metrics",
+                ])
+                .output()?;
+            text = String::from_utf8_lossy(&out.stdout).into_owned();
+            Ok(want.iter().all(|w| text.lines().any(|l| l == w)))
+        },
+    );
+    if let Err(e) = seen {
+        let log =
+            std::fs::read_to_string(c.dir().join("node1").join("agent.log")).unwrap_or_default();
+        anyhow::bail!("{e}: want {want:#?} in\n{text}\nagent log:\n{log}");
+    }
+    drop((alive_ns, leaky_ns));
+    Ok(())
+}
