@@ -7,8 +7,9 @@ use super::Snapshot;
 use super::calico;
 use super::crd::*;
 use super::selector::NodeSelector;
+use super::validate::{CommunityValue, community_value};
 use starling_bgp::PeerConfig;
-use starling_bgp::policy::{Community, LargeCommunity, PolicyRule, PrefixCommunities};
+use starling_bgp::policy::{PolicyRule, PrefixCommunities};
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 
@@ -78,27 +79,6 @@ pub fn local(snapshot: &Snapshot, this_node: &str) -> Option<LocalBgp> {
             Some(BindMode::None) | None => Vec::new(),
         },
     })
-}
-
-/// One community of `prefixAdvertisements`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CommunityValue {
-    Standard(Community),
-    Large(LargeCommunity),
-}
-
-/// What a community of `prefixAdvertisements` stands for: a name from
-/// `spec.communities`, or else a value `aa:nn` / `aa:nn:mm`; `None`: neither.
-pub fn community_value(bgp: &BGPConfigurationSpec, name: &str) -> Option<CommunityValue> {
-    let v = bgp
-        .communities
-        .iter()
-        .find(|c| c.name == name)
-        .map_or(name, |c| c.value.as_str());
-    match v.parse::<Community>() {
-        Ok(c) => Some(CommunityValue::Standard(c)),
-        Err(_) => v.parse::<LargeCommunity>().ok().map(CommunityValue::Large),
-    }
 }
 
 /// `prefixAdvertisements` as the speaker takes it, for every peer. A

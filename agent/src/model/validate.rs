@@ -125,6 +125,30 @@ pub fn ip_pool(spec: &IPPoolSpec) -> Vec<Finding> {
     out
 }
 
+/// One community of `prefixAdvertisements`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommunityValue {
+    Standard(starling_bgp::policy::Community),
+    Large(starling_bgp::policy::LargeCommunity),
+}
+
+/// What a community of `prefixAdvertisements` stands for: a name from
+/// `spec.communities`, or else a value `aa:nn` / `aa:nn:mm`; `None`: neither.
+pub fn community_value(bgp: &BGPConfigurationSpec, name: &str) -> Option<CommunityValue> {
+    let v = bgp
+        .communities
+        .iter()
+        .find(|c| c.name == name)
+        .map_or(name, |c| c.value.as_str());
+    match v.parse::<starling_bgp::policy::Community>() {
+        Ok(c) => Some(CommunityValue::Standard(c)),
+        Err(_) => v
+            .parse::<starling_bgp::policy::LargeCommunity>()
+            .ok()
+            .map(CommunityValue::Large),
+    }
+}
+
 pub fn bgp_configuration(name: &str, spec: &BGPConfigurationSpec) -> Vec<Finding> {
     let mut out = Vec::new();
     if name != "default" {
@@ -171,7 +195,7 @@ pub fn bgp_configuration(name: &str, spec: &BGPConfigurationSpec) -> Vec<Finding
             ));
         }
         for (j, c) in a.communities.iter().enumerate() {
-            if super::plan::community_value(spec, c).is_none() {
+            if community_value(spec, c).is_none() {
                 out.push(finding(
                     &format!("spec.prefixAdvertisements[{i}].communities[{j}]"),
                     format!(
