@@ -129,6 +129,14 @@ impl PathAttrs {
         self.as_path.iter().any(|s| s.asns.contains(&asn))
     }
 
+    /// How many times `asn` appears in the AS_PATH (allowas-in counts them).
+    pub fn count_as(&self, asn: u32) -> usize {
+        self.as_path
+            .iter()
+            .map(|s| s.asns.iter().filter(|a| **a == asn).count())
+            .sum()
+    }
+
     /// Prepend `asn` as eBGP export requires (RFC 4271 §5.1.2).
     pub fn prepend(&mut self, asn: u32) {
         match self.as_path.first_mut() {

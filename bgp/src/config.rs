@@ -11,7 +11,7 @@
 //! routes (change it and the session stays).
 
 use crate::attrs::Family;
-use crate::policy::PolicyRule;
+use crate::policy::{PolicyRule, PrefixCommunities};
 use serde::{Deserialize, Serialize};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -159,6 +159,25 @@ pub struct PeerConfig {
     /// Cap on the restart time this peer advertises (graceful restart, receiving side).
     #[serde(default)]
     pub max_restart_time: Option<u16>,
+    /// The restart time we advertise to this peer in our graceful restart
+    /// capability; default: the speaker's `graceful_restart`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart_time: Option<u16>,
+    /// Communities added to the routes sent to this peer, by prefix.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub prefix_communities: Vec<PrefixCommunities>,
+    /// Toward an eBGP peer, keep the next hop of routes learned from other
+    /// peers instead of putting ourselves in (BIRD's `next hop keep`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub next_hop_keep: bool,
+    /// Accept routes from this eBGP peer whose AS_PATH holds our AS up to
+    /// this many times (allowas-in, BIRD's `allow local as`); 0: never.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub allow_local_as: u8,
+}
+
+fn is_zero(v: &u8) -> bool {
+    *v == 0
 }
 
 /// The settings a session task owns: the transport, the OPEN we send and
@@ -177,6 +196,7 @@ pub struct SessionConfig {
     pub families: Vec<Family>,
     pub hold_time: Option<u16>,
     pub connect_retry: Option<u16>,
+    pub restart_time: Option<u16>,
 }
 
 /// The settings the instance applies to a peer's routes: policy,
@@ -191,6 +211,9 @@ pub struct PeerPolicy {
     pub import: Option<Vec<PolicyRule>>,
     pub export: Option<Vec<PolicyRule>>,
     pub max_restart_time: Option<u16>,
+    pub prefix_communities: Vec<PrefixCommunities>,
+    pub next_hop_keep: bool,
+    pub allow_local_as: u8,
 }
 
 impl PeerConfig {
@@ -213,6 +236,7 @@ impl PeerConfig {
             families,
             hold_time,
             connect_retry,
+            restart_time,
             description,
             route_reflector_client,
             next_hop_self,
@@ -220,6 +244,9 @@ impl PeerConfig {
             import,
             export,
             max_restart_time,
+            prefix_communities,
+            next_hop_keep,
+            allow_local_as,
         } = self;
         (
             SessionConfig {
@@ -234,6 +261,7 @@ impl PeerConfig {
                 families,
                 hold_time,
                 connect_retry,
+                restart_time,
             },
             PeerPolicy {
                 description,
@@ -243,6 +271,9 @@ impl PeerConfig {
                 import,
                 export,
                 max_restart_time,
+                prefix_communities,
+                next_hop_keep,
+                allow_local_as,
             },
         )
     }
@@ -261,6 +292,7 @@ impl PeerConfig {
             families,
             hold_time,
             connect_retry,
+            restart_time,
         } = session;
         let PeerPolicy {
             description,
@@ -270,6 +302,9 @@ impl PeerConfig {
             import,
             export,
             max_restart_time,
+            prefix_communities,
+            next_hop_keep,
+            allow_local_as,
         } = policy;
         PeerConfig {
             address,
@@ -283,6 +318,7 @@ impl PeerConfig {
             families,
             hold_time,
             connect_retry,
+            restart_time,
             description,
             route_reflector_client,
             next_hop_self,
@@ -290,6 +326,9 @@ impl PeerConfig {
             import,
             export,
             max_restart_time,
+            prefix_communities,
+            next_hop_keep,
+            allow_local_as,
         }
     }
 
@@ -307,6 +346,16 @@ impl PeerConfig {
                 "peer {}: md5_password is longer than 80 bytes",
                 self.address
             ));
+        }
+        for (i, t) in self.prefix_communities.iter().enumerate() {
+            if t.prefix.trunc() != t.prefix {
+                return Err(format!(
+                    "peer {}: prefix_communities[{i}].prefix: {} has host bits set; did you mean {}?",
+                    self.address,
+                    t.prefix,
+                    t.prefix.trunc()
+                ));
+            }
         }
         for (dir, rules) in [("import", &self.import), ("export", &self.export)] {
             for (i, r) in rules.iter().flatten().enumerate() {
@@ -332,6 +381,7 @@ impl SessionConfig {
             families: vec![],
             hold_time: None,
             connect_retry: None,
+            restart_time: None,
         }
     }
 
@@ -387,6 +437,11 @@ export:
   - {community: "65000:666", action: reject}
   - {action: accept, set: {med: 5, communities_add: ["65000:1"], next_hop_self: false}}
 max_restart_time: 30
+restart_time: 60
+prefix_communities:
+  - {prefix: 10.0.0.0/16, communities: ["65000:100"], large_communities: ["65000:1:2"]}
+next_hop_keep: true
+allow_local_as: 2
 "#;
 
     #[test]

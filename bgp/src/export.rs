@@ -6,18 +6,22 @@
 //! Adj-RIB-Out); nothing here touches a table or a socket.
 
 use crate::attrs::{Family, PathAttrs};
-use crate::policy::{self, Effective, Outcome, RouteSource};
+use crate::policy::{self, Effective, Outcome, PrefixCommunities, RouteSource};
 use crate::rib::{Best, PeerMeta, Rib, Source};
 use ipnet::IpNet;
 use std::net::{IpAddr, Ipv4Addr};
 
 /// The receiving side of an export.
 #[derive(Clone, Debug)]
-pub struct ExportTo {
+pub struct ExportTo<'a> {
     pub addr: IpAddr,
     pub ebgp: bool,
     pub rr_client: bool,
     pub next_hop_self: bool,
+    /// eBGP: pass on the next hop of learned routes (BIRD's `next hop keep`).
+    pub next_hop_keep: bool,
+    /// Communities added by prefix before the export rules run.
+    pub tags: &'a [PrefixCommunities],
     pub local_asn: u32,
     pub cluster_id: Ipv4Addr,
     /// Our address on this session: the next hop when we set ourselves.
@@ -42,7 +46,7 @@ enum Hop {
 pub fn export_attrs(
     best: &Best,
     from: Option<&PeerMeta>,
-    to: &ExportTo,
+    to: &ExportTo<'_>,
     policy: Effective,
     prefix: &IpNet,
 ) -> Option<PathAttrs> {
@@ -54,7 +58,7 @@ pub fn export_path(
     source: Source,
     attrs: &PathAttrs,
     from: Option<&PeerMeta>,
-    to: &ExportTo,
+    to: &ExportTo<'_>,
     policy: Effective,
     prefix: &IpNet,
 ) -> Option<PathAttrs> {
@@ -75,6 +79,7 @@ pub fn export_path(
     } else {
         RouteSource::Peer
     };
+    PrefixCommunities::apply(to.tags, prefix, &mut a);
     let next_hop_self = match policy::apply(policy.rules(), prefix, &mut a, source) {
         Outcome::Reject => return None,
         Outcome::Accept { next_hop_self } => next_hop_self.unwrap_or(to.next_hop_self),
@@ -82,7 +87,8 @@ pub fn export_path(
     if to.ebgp {
         // MED is not passed beyond the neighbouring AS (§5.1.4) unless policy sets it.
         let strip_med = hop != Hop::Local && policy == Effective::AcceptAll;
-        to_external(&mut a, to.local_asn, strip_med);
+        let keep = to.next_hop_keep && hop != Hop::Local;
+        to_external(&mut a, to.local_asn, strip_med, keep);
     } else {
         // A reflector does not change the next hop unless told to (RFC 4456 §10).
         let reflected = matches!(hop, Hop::Reflected { .. });
@@ -98,7 +104,7 @@ pub fn export_path(
 /// Whether a path may go to `to` at all, and how: never back to the peer
 /// it came from; iBGP to iBGP only through a reflector, where a client's
 /// routes go to everyone and a non-client's only to clients (RFC 4456 §6).
-fn hop(source: Source, from: Option<&PeerMeta>, to: &ExportTo) -> Option<Hop> {
+fn hop(source: Source, from: Option<&PeerMeta>, to: &ExportTo<'_>) -> Option<Hop> {
     let Source::Peer(addr) = source else {
         return Some(Hop::Local);
     };
@@ -128,10 +134,13 @@ fn reflect(a: &mut PathAttrs, originator: Ipv4Addr, cluster_id: Ipv4Addr) {
 }
 
 /// To an external peer (RFC 4271 §5.1.2-§5.1.5, RFC 4456 §8): our AS in
-/// front, our own next hop, no LOCAL_PREF, no reflection attributes.
-fn to_external(a: &mut PathAttrs, local_asn: u32, strip_med: bool) {
+/// front, our own next hop (unless `keep_next_hop`), no LOCAL_PREF, no
+/// reflection attributes.
+fn to_external(a: &mut PathAttrs, local_asn: u32, strip_med: bool, keep_next_hop: bool) {
     a.prepend(local_asn);
-    a.next_hop = None;
+    if !keep_next_hop {
+        a.next_hop = None;
+    }
     a.local_pref = None;
     if strip_med {
         a.med = None;
@@ -245,20 +254,63 @@ mod tests {
         }
     }
 
-    fn to(addr: &str, ebgp: bool, rr_client: bool) -> ExportTo {
+    fn to(addr: &str, ebgp: bool, rr_client: bool) -> ExportTo<'static> {
         ExportTo {
             addr: ip(addr),
             ebgp,
             rr_client,
             next_hop_self: false,
+            next_hop_keep: false,
+            tags: &[],
             local_asn: LOCAL_ASN,
             cluster_id: CLUSTER.parse().unwrap(),
             local_addr: ip("192.0.2.1"),
         }
     }
 
-    fn export(best: &Best, from: Option<&PeerMeta>, to: &ExportTo) -> Option<PathAttrs> {
+    fn export(best: &Best, from: Option<&PeerMeta>, to: &ExportTo<'_>) -> Option<PathAttrs> {
         export_attrs(best, from, to, Effective::AcceptAll, &prefix())
+    }
+
+    #[test]
+    fn next_hop_keep_passes_the_learned_next_hop_to_ebgp() {
+        let b = learned("192.0.2.2", "192.0.2.2");
+        let from = meta(false, false, "192.0.2.2");
+        let mut keep = to("198.51.100.1", true, false);
+        keep.next_hop_keep = true;
+        let a = export(&b, Some(&from), &keep).unwrap();
+        assert_eq!(a.next_hop, Some(ip("192.0.2.2")));
+        assert_eq!(a.as_path[0].asns, vec![LOCAL_ASN, 65001]);
+        // Without it, and for our own prefixes either way: ours.
+        let a = export(&b, Some(&from), &to("198.51.100.1", true, false)).unwrap();
+        assert_eq!(a.next_hop, Some(ip("192.0.2.1")));
+        let a = export(&local_best(), None, &keep).unwrap();
+        assert_eq!(a.next_hop, Some(ip("192.0.2.1")));
+    }
+
+    #[test]
+    fn prefix_communities_are_added_before_the_export_rules() {
+        let tags: Vec<PrefixCommunities> =
+            serde_yaml::from_str("[{prefix: 10.0.0.0/16, communities: [\"65000:7\"]}]").unwrap();
+        let mut dest = to("192.0.2.3", false, false);
+        dest.tags = &tags;
+        // A rule matching the community sees it.
+        let rules: Vec<PolicyRule> =
+            serde_yaml::from_str("[{community: \"65000:7\", action: accept, set: {med: 9}}]")
+                .unwrap();
+        let a = export_attrs(
+            &local_best(),
+            None,
+            &dest,
+            Effective::Rules(&rules),
+            &prefix(),
+        )
+        .unwrap();
+        assert_eq!(a.communities, vec![(65000 << 16) | 7]);
+        assert_eq!(a.med, Some(9));
+        let outside: IpNet = "10.1.0.0/24".parse().unwrap();
+        let a = export_attrs(&local_best(), None, &dest, Effective::AcceptAll, &outside).unwrap();
+        assert!(a.communities.is_empty());
     }
 
     #[test]

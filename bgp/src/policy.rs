@@ -48,6 +48,83 @@ impl<'de> Deserialize<'de> for Community {
     }
 }
 
+/// A large community written `GLOBAL:LOCAL1:LOCAL2` (RFC 8092), each part
+/// a number from 0 to 4294967295.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LargeCommunity(pub u32, pub u32, pub u32);
+
+impl fmt::Display for LargeCommunity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}", self.0, self.1, self.2)
+    }
+}
+
+impl std::str::FromStr for LargeCommunity {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let parts: Vec<&str> = s.split(':').collect();
+        let [a, b, c] = parts[..] else {
+            return Err(format!(
+                "large community {s:?} is not of the form GLOBAL:LOCAL1:LOCAL2"
+            ));
+        };
+        let num = |x: &str| {
+            x.parse::<u32>().map_err(|_| {
+                format!("large community {s:?}: {x:?} is not a number from 0 to 4294967295")
+            })
+        };
+        Ok(LargeCommunity(num(a)?, num(b)?, num(c)?))
+    }
+}
+
+impl Serialize for LargeCommunity {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for LargeCommunity {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Communities added to every route sent to a peer whose prefix is
+/// `prefix` or inside it (Calico's `prefixAdvertisements`, BIRD's
+/// `net ~ prefix`). Applied before the export rules run.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrefixCommunities {
+    pub prefix: IpNet,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub communities: Vec<Community>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub large_communities: Vec<LargeCommunity>,
+}
+
+impl PrefixCommunities {
+    /// Add the communities of every entry whose prefix holds `prefix`.
+    pub fn apply(tags: &[PrefixCommunities], prefix: &IpNet, attrs: &mut PathAttrs) {
+        for t in tags {
+            if is_v4(&t.prefix) != is_v4(prefix) || !t.prefix.contains(prefix) {
+                continue;
+            }
+            for c in &t.communities {
+                if !attrs.communities.contains(&c.0) {
+                    attrs.communities.push(c.0);
+                }
+            }
+            for c in &t.large_communities {
+                let l = (c.0, c.1, c.2);
+                if !attrs.large_communities.contains(&l) {
+                    attrs.large_communities.push(l);
+                }
+            }
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Verdict {
@@ -440,6 +517,47 @@ mod tests {
         assert_eq!(
             "65000:100".parse::<Community>().unwrap().to_string(),
             "65000:100"
+        );
+    }
+
+    #[test]
+    fn prefix_communities_tag_the_prefix_and_what_is_inside() {
+        let tags: Vec<PrefixCommunities> = serde_yaml::from_str(
+            "[{prefix: 10.0.0.0/16, communities: [\"65000:1\"], large_communities: [\"4200000000:2:3\"]},
+              {prefix: 10.0.1.0/24, communities: [\"65000:1\", \"65000:2\"]}]",
+        )
+        .unwrap();
+        let run = |p: &str| {
+            let mut a = PathAttrs::default();
+            PrefixCommunities::apply(&tags, &p.parse().unwrap(), &mut a);
+            (a.communities, a.large_communities)
+        };
+        let c = |v: u32| (65000 << 16) | v;
+        // Equal to the first, inside both, outside both, a wider prefix.
+        assert_eq!(
+            run("10.0.0.0/16"),
+            (vec![c(1)], vec![(4_200_000_000, 2, 3)])
+        );
+        assert_eq!(
+            run("10.0.1.64/26"),
+            (vec![c(1), c(2)], vec![(4_200_000_000, 2, 3)])
+        );
+        assert_eq!(run("10.1.0.0/24"), (vec![], vec![]));
+        assert_eq!(run("10.0.0.0/8"), (vec![], vec![]));
+        assert_eq!(run("::/0"), (vec![], vec![]));
+        assert!("1:2".parse::<LargeCommunity>().is_err());
+        assert!(
+            "1:2:4294967296"
+                .parse::<LargeCommunity>()
+                .unwrap_err()
+                .contains("4294967296")
+        );
+        assert_eq!(
+            "4200000000:2:3"
+                .parse::<LargeCommunity>()
+                .unwrap()
+                .to_string(),
+            "4200000000:2:3"
         );
     }
 

@@ -578,7 +578,10 @@ impl Driver {
                         hold_time: self.our_hold_time(),
                         router_id: self.local.router_id,
                         families,
-                        graceful_restart: self.local.graceful_restart.clone(),
+                        graceful_restart: self.local.graceful_restart.clone().map(|mut g| {
+                            g.restart_time = self.cfg.restart_time.unwrap_or(g.restart_time);
+                            g
+                        }),
                         extended_message: self.local.extended_message,
                     });
                     self.write(&[wire::encode(&open)]);

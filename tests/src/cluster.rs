@@ -47,6 +47,8 @@ pub fn options_with_bins(tag: &str, nodes: usize, topology: Topology) -> LabOpti
         tor: None,
         tor_password: None,
         tor_announce: Vec::new(),
+        tor_prepend_node_as: false,
+        tor_gtsm: false,
         agent_bin: None,
         cni_bin: None,
         kubeconfig: None,

@@ -885,3 +885,128 @@ spec:
     })?;
     Ok(())
 }
+
+/// BGP policy from the model against BIRD: BGPConfiguration `communities`
+/// and `prefixAdvertisements` (standard and large) on the routes BIRD
+/// receives; BGPPeer `nextHopMode: Keep` (BIRD sees node2's block via
+/// node2 from node1 too), `numAllowedLocalASNumbers` (routes whose AS path
+/// holds the nodes' AS are accepted, and withdrawn again without it),
+/// `maxRestartTime` (the restart time BIRD sees in our OPEN); eBGP TTL 255
+/// (BIRD's sessions use GTSM and come up only so); `bindMode: NodeIP` (the
+/// restarted agent listens on the node's address only).
+#[test]
+fn bgp_policy_knobs_on_a_bird_peer() -> Result<()> {
+    require_tool("bird", "bird2");
+    require_tool("ss", "iproute2");
+    let mut o = options("knobs", 2, Topology::Mesh);
+    o.tor = Some(starling_agent::lab::Tor::Bird);
+    o.tor_announce = vec!["203.0.113.0/24".parse()?];
+    o.tor_prepend_node_as = true;
+    o.tor_gtsm = true;
+    let mut c = Cluster::up(o)?;
+    // GTSM on BIRD's side: the sessions come up only with TTL 255 from us.
+    c.converged(CONVERGE)?;
+    let sock = c.dir().join("tor.ctl");
+    let sock = sock.to_str().context("path")?.to_string();
+    let birdc = |args: &[&str]| -> Result<String> {
+        let mut a = vec!["-s", sock.as_str()];
+        a.extend_from_slice(args);
+        run("birdc", &a)
+    };
+    let addrs: Vec<String> = c
+        .lab
+        .nodes
+        .iter()
+        .map(|n| n.ipv4.addr().to_string())
+        .collect();
+    let addr = |i: usize| addrs[i].clone();
+    let blocks = [c.status("node1")?.blocks[0], c.status("node2")?.blocks[0]];
+    let paths = |b: &IpNet| birdc(&["show", "route", &b.to_string(), "all"]);
+    // An export filter that passes the pool's routes on: node1 sends
+    // node2's block too (the default sends only a node's own blocks).
+    c.lab.set_tor_filters(
+        &["pool-out"],
+        &format!(
+            "apiVersion: projectcalico.org/v3\nkind: BGPFilter\nmetadata: {{name: pool-out}}\nspec:\n  exportV4:\n  - {{action: Accept, matchOperator: In, cidr: {}}}\n",
+            starling_agent::lab::POOL_V4
+        ),
+    )?;
+    // Before: node1 passes node2's block on with itself as the next hop,
+    // and the router's routes (our AS in their path) are refused.
+    starling_tests::wait_for("node2's block at the router via node1", CONVERGE, || {
+        Ok(paths(&blocks[1])?.contains(&format!("via {}", addr(0))))
+    })?;
+    let learned = |c: &Cluster, n: &str| -> Result<bool> {
+        Ok(c.kernel_routes(n)?
+            .lines()
+            .any(|l| l.starts_with("203.0.113.0/24 via 192.0.2.254")))
+    };
+    ensure!(!learned(&c, "node1")?, "{}", c.kernel_routes("node1")?);
+    let caps = birdc(&["show", "protocols", "all", "node1"])?;
+    ensure!(caps.contains("Restart time: 120"), "{caps}");
+
+    c.lab.set_bgp_knobs(
+        &format!(
+            "  communities: [{{name: pods, value: '64512:100'}}]\n  prefixAdvertisements:\n  - {{cidr: {}, communities: [pods, '64512:1:2']}}\n  bindMode: NodeIP\n",
+            starling_agent::lab::POOL_V4
+        ),
+        ", nextHopMode: Keep, numAllowedLocalASNumbers: 1, maxRestartTime: 45s",
+    )?;
+    starling_tests::wait_for("communities on both blocks at the router", CONVERGE, || {
+        for b in &blocks {
+            let p = paths(b)?;
+            if !(p.contains("BGP.community: (64512,100)")
+                && p.contains("BGP.large_community: (64512, 1, 2)"))
+            {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    })
+    .with_context(|| paths(&blocks[0]).unwrap_or_default())?;
+    starling_tests::wait_for(
+        "next hop kept: node2's block only via node2",
+        CONVERGE,
+        || {
+            let p = paths(&blocks[1])?;
+            Ok(p.contains(&format!("via {}", addr(1))) && !p.contains(&format!("via {}", addr(0))))
+        },
+    )
+    .with_context(|| paths(&blocks[1]).unwrap_or_default())?;
+    c.wait_all(
+        "the router's routes accepted (allowas-in 1)",
+        CONVERGE,
+        |n| learned(&c, n),
+    )?;
+    starling_tests::wait_for("restart time 45 in our OPEN", CONVERGE, || {
+        Ok(birdc(&["show", "protocols", "all", "node1"])?.contains("Restart time: 45"))
+    })?;
+
+    // bindMode takes effect when the agent starts.
+    c.lab.kill_agent("node1")?;
+    c.lab.start_agent("node1")?;
+    let ns = c.lab.nodes[0].netns.clone();
+    let listening = || {
+        run(
+            "ip",
+            &["netns", "exec", &ns, "ss", "-Hltn", "sport", "= :179"],
+        )
+    };
+    starling_tests::wait_for("node1 listens on its address only", CONVERGE, || {
+        let l = listening()?;
+        Ok(l.contains(&format!("{}:179", addr(0)))
+            && !l.contains("0.0.0.0:179")
+            && !l.contains("*:179")
+            && !l.contains("[::]:179"))
+    })
+    .with_context(|| listening().unwrap_or_default())?;
+    c.converged(CONVERGE)?;
+
+    // Without numAllowedLocalASNumbers the router's routes go again.
+    c.lab.set_bgp_knobs("", "")?;
+    c.lab.set_tor_filters(&[], "")?;
+    c.wait_all("the router's routes refused again", CONVERGE, |n| {
+        Ok(!learned(&c, n)?)
+    })?;
+    Ok(())
+}

@@ -113,6 +113,16 @@ pub struct LabOptions {
     #[arg(long, value_delimiter = ',')]
     #[serde(default)]
     pub tor_announce: Vec<IpNet>,
+    /// The top-of-rack router puts the nodes' AS in the AS path of what it
+    /// announces (to see numAllowedLocalASNumbers at work).
+    #[arg(long)]
+    #[serde(default)]
+    pub tor_prepend_node_as: bool,
+    /// The top-of-rack router's sessions use GTSM (`ttl security on`): it
+    /// takes only packets sent with TTL 255, as a multihop eBGP speaker sends.
+    #[arg(long)]
+    #[serde(default)]
+    pub tor_gtsm: bool,
     /// The agent binary; default: next to this program.
     #[arg(long)]
     pub agent_bin: Option<PathBuf>,
@@ -163,6 +173,12 @@ pub struct LabState {
     /// More model documents, written after the lab's own (BGPFilters).
     #[serde(default)]
     pub extra_model: String,
+    /// More lines of the BGPConfiguration's spec (each indented two spaces).
+    #[serde(default)]
+    pub bgp_extra: String,
+    /// More fields of the top-of-rack BGPPeer's spec (`, key: value` ...).
+    #[serde(default)]
+    pub tor_extra: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -288,6 +304,7 @@ impl LabState {
             "apiVersion: starling.dev/v1\nkind: BGPConfiguration\nmetadata: {{name: default}}\nspec:\n  asNumber: {NODE_AS}\n  nodeToNodeMeshEnabled: {}\n  nodeMeshMaxRestartTime: 120s\n",
             self.mesh
         );
+        y.push_str(&self.bgp_extra);
         let (ipip, vxlan) = match self.options.encapsulation {
             LabEncapsulation::None => ("Never", "Never"),
             LabEncapsulation::Ipip => ("Always", "Never"),
@@ -338,8 +355,9 @@ impl LabState {
             };
             let _ = write!(
                 y,
-                "---\napiVersion: starling.dev/v1\nkind: BGPPeer\nmetadata: {{name: tor}}\nspec: {{peerIP: {}, asNumber: {TOR_AS}{password}{filters}}}\n",
-                t.ipv4.addr()
+                "---\napiVersion: starling.dev/v1\nkind: BGPPeer\nmetadata: {{name: tor}}\nspec: {{peerIP: {}, asNumber: {TOR_AS}{password}{filters}{}}}\n",
+                t.ipv4.addr(),
+                self.tor_extra
             );
         }
         if !self.extra_model.is_empty() {
@@ -354,6 +372,15 @@ impl LabState {
     pub fn set_tor_filters(&mut self, filters: &[&str], documents: &str) -> Result<()> {
         self.tor_filters = filters.iter().map(|f| f.to_string()).collect();
         self.extra_model = documents.to_string();
+        self.save()?;
+        self.write_model()
+    }
+
+    /// Add `bgp` to the BGPConfiguration's spec (lines) and `tor` to the
+    /// top-of-rack BGPPeer's spec (`, key: value` ...).
+    pub fn set_bgp_knobs(&mut self, bgp: &str, tor: &str) -> Result<()> {
+        self.bgp_extra = bgp.to_string();
+        self.tor_extra = tor.to_string();
         self.save()?;
         self.write_model()
     }
@@ -688,9 +715,18 @@ impl LabState {
             statics.push_str("}\n");
         }
         let export = if v4.is_empty() {
-            "none"
+            "none".to_string()
+        } else if self.options.tor_prepend_node_as {
+            format!(
+                "filter {{ if source != RTS_STATIC then reject; bgp_path.prepend({NODE_AS}); accept; }}"
+            )
         } else {
-            "where source = RTS_STATIC"
+            "where source = RTS_STATIC".to_string()
+        };
+        let gtsm = if self.options.tor_gtsm {
+            "  ttl security on;\n"
+        } else {
+            ""
         };
         let ipv6_channel = if v6.is_empty() {
             String::new()
@@ -698,7 +734,7 @@ impl LabState {
             "  ipv6 { import none; export where source = RTS_STATIC; };\n".to_string()
         };
         let mut c = format!(
-            "router id 192.0.2.254;\nprotocol device {{}}\n{statics}template bgp tornode {{\n  local 192.0.2.254 as {TOR_AS};\n{password}  ipv4 {{ import all; export {export}; }};\n{ipv6_channel}}}\n"
+            "router id 192.0.2.254;\nprotocol device {{}}\n{statics}template bgp tornode {{\n  local 192.0.2.254 as {TOR_AS};\n{password}{gtsm}  ipv4 {{ import all; export {export}; }};\n{ipv6_channel}}}\n"
         );
         for n in &self.nodes {
             let _ = writeln!(
@@ -882,6 +918,8 @@ pub fn up(opts: LabOptions, progress: &mut dyn FnMut(&str)) -> Result<LabState> 
         nat_outgoing: true,
         tor_filters: Vec::new(),
         extra_model: String::new(),
+        bgp_extra: String::new(),
+        tor_extra: String::new(),
     };
     lab.save()?;
     make_fabric(&lab.fabric, progress)?;

@@ -145,11 +145,7 @@ pub const CALICO_FIELDS: &[(&str, &str, Support)] = &[
         Implemented,
     ),
     ("BGPConfiguration", "spec.serviceClusterIPs", Implemented),
-    (
-        "BGPConfiguration",
-        "spec.communities",
-        Stored("Starling sends no communities yet"),
-    ),
+    ("BGPConfiguration", "spec.communities", Implemented),
     ("BGPConfiguration", "spec.serviceExternalIPs", Implemented),
     (
         "BGPConfiguration",
@@ -159,27 +155,10 @@ pub const CALICO_FIELDS: &[(&str, &str, Support)] = &[
     (
         "BGPConfiguration",
         "spec.serviceLoadBalancerAggregation",
-        Warned {
-            instead: "Starling always aggregates: the serviceLoadBalancerIPs CIDRs from every node, /32s only for externalTrafficPolicy: Local",
-            same: &["Enabled"],
-        },
+        Implemented,
     ),
-    (
-        "BGPConfiguration",
-        "spec.prefixAdvertisements",
-        Warned {
-            instead: "Starling sends no communities: prefixes are advertised without them",
-            same: &["[]"],
-        },
-    ),
-    (
-        "BGPConfiguration",
-        "spec.bindMode",
-        Warned {
-            instead: "Starling listens for BGP on every address of the node",
-            same: &["None"],
-        },
-    ),
+    ("BGPConfiguration", "spec.prefixAdvertisements", Implemented),
+    ("BGPConfiguration", "spec.bindMode", Implemented),
     (
         "BGPConfiguration",
         "spec.ignoredInterfaces",
@@ -218,16 +197,8 @@ pub const CALICO_FIELDS: &[(&str, &str, Support)] = &[
         "spec.peerSelector",
         Partly("all(), ==, !=, has() joined with &&; other selectors are refused"),
     ),
-    (
-        "BGPPeer",
-        "spec.keepOriginalNextHop",
-        Partly("false; true is warned (next hops to eBGP peers are this node's)"),
-    ),
-    (
-        "BGPPeer",
-        "spec.nextHopMode",
-        Partly("Auto and Self; Keep is warned (next hops to eBGP peers are this node's)"),
-    ),
+    ("BGPPeer", "spec.keepOriginalNextHop", Implemented),
+    ("BGPPeer", "spec.nextHopMode", Implemented),
     ("BGPPeer", "spec.password", Implemented),
     ("BGPPeer", "spec.sourceAddress", Implemented),
     ("BGPPeer", "spec.maxRestartTime", Implemented),
@@ -240,14 +211,7 @@ pub const CALICO_FIELDS: &[(&str, &str, Support)] = &[
             same: &[],
         },
     ),
-    (
-        "BGPPeer",
-        "spec.numAllowedLocalASNumbers",
-        Warned {
-            instead: "Starling refuses routes from eBGP peers whose AS path holds its own AS (as with 0)",
-            same: &["0"],
-        },
-    ),
+    ("BGPPeer", "spec.numAllowedLocalASNumbers", Implemented),
     (
         "BGPPeer",
         "spec.reachableBy",
@@ -1162,19 +1126,19 @@ importV6:
             "BGPConfiguration",
             "spec.serviceLoadBalancerAggregation",
             "{serviceLoadBalancerAggregation: Disabled}",
-            true,
+            false,
         ),
         (
             "BGPConfiguration",
             "spec.communities",
             "{communities: [{name: a, value: '65000:100'}]}",
-            true,
+            false,
         ),
         (
             "BGPConfiguration",
             "spec.prefixAdvertisements",
-            "{prefixAdvertisements: [{cidr: 10.244.0.0/16, communities: [a]}]}",
-            true,
+            "{communities: [{name: a, value: '65000:100'}], prefixAdvertisements: [{cidr: 10.244.0.0/16, communities: [a, '65000:1:2']}]}",
+            false,
         ),
         (
             "BGPConfiguration",
@@ -1198,7 +1162,7 @@ importV6:
             "BGPConfiguration",
             "spec.bindMode",
             "{bindMode: NodeIP}",
-            true,
+            false,
         ),
         (
             "BGPConfiguration",
@@ -1258,13 +1222,13 @@ importV6:
             "BGPPeer",
             "spec.keepOriginalNextHop",
             "{peerIP: 192.0.2.1, asNumber: 65000, keepOriginalNextHop: true}",
-            true,
+            false,
         ),
         (
             "BGPPeer",
             "spec.nextHopMode",
             "{peerIP: 192.0.2.1, asNumber: 65000, nextHopMode: Keep}",
-            true,
+            false,
         ),
         (
             "BGPPeer",
@@ -1288,7 +1252,7 @@ importV6:
             "BGPPeer",
             "spec.numAllowedLocalASNumbers",
             "{peerIP: 192.0.2.1, asNumber: 65000, numAllowedLocalASNumbers: 1}",
-            true,
+            false,
         ),
         (
             "BGPPeer",
@@ -1558,6 +1522,7 @@ spec:
   serviceLoadBalancerIPs:
   - cidr: 203.0.113.0/24
   serviceLoadBalancerAggregation: Disabled
+  ignoredInterfaces: [eth9]
 ---
 apiVersion: projectcalico.org/v3
 kind: BGPPeer
@@ -1568,6 +1533,7 @@ spec:
   peerIP: 192.0.2.1
   asNumber: "65100"
   keepOriginalNextHop: true
+  localASNumber: 64600
   filters:
   - no-default
 ---
@@ -1714,11 +1680,8 @@ status:
             "203.0.113.0/24"
         );
         for (object, field) in [
-            (
-                "BGPConfiguration/default",
-                "spec.serviceLoadBalancerAggregation",
-            ),
-            ("BGPPeer/peer-a", "spec.keepOriginalNextHop"),
+            ("BGPConfiguration/default", "spec.ignoredInterfaces"),
+            ("BGPPeer/peer-a", "spec.localASNumber"),
             ("Node/node-a", "spec.addresses"),
         ] {
             assert!(
@@ -1726,6 +1689,13 @@ status:
                 "no warning for {object} {field}: {w:#?}"
             );
         }
+        // Implemented: loaded, no word.
+        assert_eq!(snap.peers["peer-a"].spec.keep_original_next_hop, Some(true));
+        assert!(!warned(&w, "BGPPeer/peer-a", "spec.keepOriginalNextHop"));
+        assert_eq!(
+            snap.bgp().service_load_balancer_aggregation,
+            Some(super::super::crd::Aggregation::Disabled)
+        );
         // The file datastore loads BGPFilters and applies them: no word.
         assert_eq!(snap.peers["peer-a"].spec.filters, ["no-default"]);
         assert_eq!(snap.filters["no-default"].export_v4.len(), 1);
@@ -1739,17 +1709,17 @@ status:
         // Lines point into the file.
         let p = w
             .iter()
-            .find(|p| p.field.as_deref() == Some("spec.keepOriginalNextHop"))
+            .find(|p| p.field.as_deref() == Some("spec.localASNumber"))
             .unwrap();
         let want = CALICOCTL
             .lines()
-            .position(|l| l.contains("keepOriginalNextHop"))
+            .position(|l| l.contains("localASNumber"))
             .unwrap()
             + 1;
         assert_eq!(p.line, Some(want), "{p}");
         assert!(
             p.to_string()
-                .contains("(BGPPeer/peer-a): spec.keepOriginalNextHop: Starling has no Keep"),
+                .contains("(BGPPeer/peer-a): spec.localASNumber: not supported: Starling speaks"),
             "{p}"
         );
     }
@@ -1899,7 +1869,6 @@ status:
             "projectcalico.org",
             "crd.",
             "optional",
-            "numAllowedLocalASNumbers",
             "kubernetes.io/os",
         ] {
             assert!(!yaml.contains(noise), "{noise} in\n{yaml}");
@@ -1950,11 +1919,15 @@ status:
         // Starling's own fields that are stored, not applied, are warned.
         let text = text.replace(
             "{asNumber: 65001}",
-            "{asNumber: 65001, communities: [{name: a, value: '1:2'}]}",
+            "{asNumber: 65001, logSeverityScreen: Info}",
         );
         let (r, w) = check_str(Path::new("m.yaml"), &text, Mode::File);
         assert!(r.is_ok());
-        assert_eq!(w[0].field.as_deref(), Some("spec.communities"), "{w:#?}");
+        assert_eq!(
+            w[0].field.as_deref(),
+            Some("spec.logSeverityScreen"),
+            "{w:#?}"
+        );
         assert_eq!(w[0].line, Some(4));
     }
 }

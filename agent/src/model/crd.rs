@@ -182,6 +182,20 @@ pub struct BGPConfigurationSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 64))]
     pub communities: Vec<Community>,
+    /// Communities added to the routes this node sends that are the cidr
+    /// or inside it: names from `communities` or literal values.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 500))]
+    pub prefix_advertisements: Vec<PrefixAdvertisement>,
+    /// NodeIP: listen for BGP on the node's addresses only; None (default):
+    /// on every address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bind_mode: Option<BindMode>,
+    /// Disabled: advertise each load-balancer IP (/32, /128) from every
+    /// node instead of the serviceLoadBalancerIPs CIDRs; Enabled (default):
+    /// the CIDRs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_load_balancer_aggregation: Option<Aggregation>,
     /// TCP-MD5 password of the node-to-node sessions (mesh and reflectors).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_mesh_password: Option<Password>,
@@ -206,6 +220,9 @@ impl Default for BGPConfigurationSpec {
             service_external_ips: Vec::new(),
             service_load_balancer_ips: Vec::new(),
             communities: Vec::new(),
+            prefix_advertisements: Vec::new(),
+            bind_mode: None,
+            service_load_balancer_aggregation: None,
             node_mesh_password: None,
             node_mesh_max_restart_time: default_restart_time(),
             log_severity_screen: None,
@@ -242,6 +259,32 @@ pub struct Community {
     /// `aa:nn` (standard) or `aa:nn:mm` (large).
     #[schemars(length(max = 32), regex(pattern = r"^[0-9]+:[0-9]+(:[0-9]+)?$"))]
     pub value: String,
+}
+
+/// Communities for the routes inside `cidr`.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PrefixAdvertisement {
+    #[schemars(with = "String", length(max = 43))]
+    #[x_kube(validation = Rule::new("isCIDR(self)").message("cidr must be a prefix such as 10.244.0.0/16"))]
+    pub cidr: IpNet,
+    /// Names from `communities`, or values `aa:nn` / `aa:nn:mm`.
+    #[serde(default)]
+    #[schemars(length(max = 64))]
+    pub communities: Vec<String>,
+}
+
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BindMode {
+    None,
+    #[serde(rename = "NodeIP")]
+    NodeIp,
+}
+
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Aggregation {
+    Enabled,
+    Disabled,
 }
 
 /// Where a TCP-MD5 password comes from: a Kubernetes Secret (resolved by the
@@ -338,6 +381,14 @@ pub struct BGPPeerSpec {
     pub keep_original_next_hop: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_hop_mode: Option<NextHopMode>,
+    /// Accept routes from this peer whose AS path holds this node's AS up
+    /// to this many times (BIRD's `allow local as`).
+    #[serde(
+        default,
+        rename = "numAllowedLocalASNumbers",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub num_allowed_local_as_numbers: Option<u8>,
     /// The most prefixes this peer may send. Peers at `peerIP` (routers
     /// outside the cluster) get 10000 with Close unless set here; peers
     /// between nodes have no limit unless set here.

@@ -7,8 +7,9 @@ use super::Snapshot;
 use super::calico;
 use super::crd::*;
 use super::selector::NodeSelector;
+use super::validate::{CommunityValue, community_value};
 use starling_bgp::PeerConfig;
-use starling_bgp::policy::PolicyRule;
+use starling_bgp::policy::{PolicyRule, PrefixCommunities};
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 
@@ -48,7 +49,7 @@ pub struct PeerPlan {
 }
 
 /// This node's side of BGP, for the speaker's own configuration.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LocalBgp {
     pub asn: u32,
     /// The node's IPv4 address; an IPv6-only node has none and the agent
@@ -59,6 +60,9 @@ pub struct LocalBgp {
     pub listen_port: u16,
     /// Graceful restart time to advertise.
     pub restart_time: u16,
+    /// Where to listen for BGP: `bindMode: NodeIP` gives the node's
+    /// addresses; empty: every address.
+    pub listen_addresses: Vec<IpAddr>,
 }
 
 pub fn local(snapshot: &Snapshot, this_node: &str) -> Option<LocalBgp> {
@@ -70,8 +74,39 @@ pub fn local(snapshot: &Snapshot, this_node: &str) -> Option<LocalBgp> {
         cluster_id: me.route_reflector_cluster_id,
         listen_port: bgp.listen_port,
         restart_time: bgp.node_mesh_max_restart_time.secs_u16(),
+        listen_addresses: match bgp.bind_mode {
+            Some(BindMode::NodeIp) => addresses(me).into_iter().flatten().collect(),
+            Some(BindMode::None) | None => Vec::new(),
+        },
     })
 }
+
+/// `prefixAdvertisements` as the speaker takes it, for every peer. A
+/// community that is neither a name nor a value was refused by the checks.
+pub fn prefix_communities(bgp: &BGPConfigurationSpec) -> Vec<PrefixCommunities> {
+    let mut out = Vec::new();
+    for a in &bgp.prefix_advertisements {
+        let mut t = PrefixCommunities {
+            prefix: a.cidr.trunc(),
+            communities: Vec::new(),
+            large_communities: Vec::new(),
+        };
+        for c in &a.communities {
+            match community_value(bgp, c) {
+                Some(CommunityValue::Standard(c)) => t.communities.push(c),
+                Some(CommunityValue::Large(c)) => t.large_communities.push(c),
+                None => {}
+            }
+        }
+        out.push(t);
+    }
+    out
+}
+
+/// The TTL of eBGP sessions without ttlSecurity: Calico's BIRD sets
+/// `multihop` on every peer, so an eBGP peer need not be directly
+/// connected; 255 as FRR's `ebgp-multihop` without a count.
+pub const EBGP_MULTIHOP_TTL: u8 = 255;
 
 /// The sessions `this_node` should have.
 pub fn plan(snapshot: &Snapshot, this_node: &str) -> Vec<PeerConfig> {
@@ -111,7 +146,13 @@ struct Planner<'a> {
 }
 
 impl Planner<'_> {
-    fn add(&mut self, pc: PeerConfig) {
+    fn add(&mut self, mut pc: PeerConfig) {
+        let bgp = self.snap.bgp();
+        pc.prefix_communities = prefix_communities(bgp);
+        let local_asn = self.me.as_number.unwrap_or(bgp.as_number);
+        if pc.asn != local_asn && !pc.ttl_security && pc.multihop.is_none() {
+            pc.multihop = Some(EBGP_MULTIHOP_TTL);
+        }
         let addr = pc.address;
         if addresses(self.me).contains(&Some(addr)) {
             self.warnings.push(format!(
@@ -204,6 +245,7 @@ impl Planner<'_> {
                 pc.source_address = Some(mine);
                 pc.md5_password = password.clone();
                 pc.max_restart_time = Some(restart);
+                pc.restart_time = Some(restart);
                 pc.route_reflector_client = kind == REFLECTOR_CLIENT;
                 pc.description = Some(format!("{kind}: {name}"));
                 self.add(pc);
@@ -272,10 +314,18 @@ impl Planner<'_> {
                     pc.ttl_security = true;
                     pc.multihop = Some(hops);
                 }
+                // Advertised to the peer (BIRD's `graceful restart time`,
+                // as Calico sets it), and our cap on what the peer advertises.
                 pc.max_restart_time = spec.max_restart_time.map(|d| d.secs_u16());
+                pc.restart_time = pc.max_restart_time;
                 // BGP's usual ratio: the hold time is three keepalives.
                 pc.hold_time = spec.keepalive_time.map(|k| k.secs_u16().saturating_mul(3));
                 pc.next_hop_self = spec.next_hop_mode == Some(NextHopMode::SelfAddress);
+                // keepOriginalNextHop applies to eBGP peers only, as in Calico.
+                let ebgp = asn != me.as_number.unwrap_or(bgp.as_number);
+                pc.next_hop_keep = spec.next_hop_mode == Some(NextHopMode::Keep)
+                    || (spec.keep_original_next_hop == Some(true) && ebgp);
+                pc.allow_local_as = spec.num_allowed_local_as_numbers.unwrap_or(0);
                 // A router outside the cluster is not ours to trust with a
                 // full table: it gets a limit unless the peer sets one.
                 let limit = match (spec.max_prefixes, node_pair) {
@@ -434,6 +484,60 @@ mod tests {
                 .unwrap();
             assert!(px.passive != py.passive, "{x}-{y}");
         }
+    }
+
+    /// BGP policy from the model: communities by prefix on every session,
+    /// next hop keep, allowas-in, the advertised restart time, the eBGP
+    /// TTL and bindMode.
+    #[test]
+    fn policy_knobs_reach_the_speaker() {
+        let cfg = "---\napiVersion: starling.dev/v1\nkind: BGPConfiguration\nmetadata: {name: default}\nspec:\n  asNumber: 64512\n  bindMode: NodeIP\n  communities: [{name: pods, value: '64512:100'}, {name: big, value: '64512:1:2'}]\n  prefixAdvertisements:\n  - {cidr: 10.244.0.0/16, communities: [pods, big, '65000:7']}\n";
+        let peers = "---\napiVersion: starling.dev/v1\nkind: BGPPeer\nmetadata: {name: tor}\nspec: {peerIP: 192.0.2.254, asNumber: 65000, nextHopMode: Keep, numAllowedLocalASNumbers: 2, maxRestartTime: 45s}\n---\napiVersion: starling.dev/v1\nkind: BGPPeer\nmetadata: {name: old}\nspec: {peerIP: 192.0.2.253, asNumber: 64512, keepOriginalNextHop: true}\n---\napiVersion: starling.dev/v1\nkind: BGPPeer\nmetadata: {name: gtsm}\nspec: {peerIP: 192.0.2.252, asNumber: 65001, ttlSecurity: 2}\n";
+        let s = snap(&[
+            cfg.to_string(),
+            node("a", "10.0.0.1/24", ""),
+            node("b", "10.0.0.2/24", ""),
+            peers.to_string(),
+        ]);
+        let p = plan(&s, "a");
+        let by = |a: &str| p.iter().find(|x| x.address == ip(a)).unwrap();
+        let want: Vec<starling_bgp::policy::PrefixCommunities> = serde_yaml::from_str(
+            "[{prefix: 10.244.0.0/16, communities: ['64512:100', '65000:7'], large_communities: ['64512:1:2']}]",
+        )
+        .unwrap();
+        assert!(p.iter().all(|x| x.prefix_communities == want), "{p:#?}");
+        let tor = by("192.0.2.254");
+        assert!(tor.next_hop_keep && !tor.next_hop_self);
+        assert_eq!(tor.allow_local_as, 2);
+        assert_eq!(
+            (tor.restart_time, tor.max_restart_time),
+            (Some(45), Some(45))
+        );
+        assert_eq!(tor.multihop, Some(EBGP_MULTIHOP_TTL));
+        // keepOriginalNextHop applies to eBGP peers only (as in Calico); an
+        // iBGP peer keeps next hops anyway and gets no multihop TTL.
+        let old = by("192.0.2.253");
+        assert!(!old.next_hop_keep && old.multihop.is_none());
+        let gtsm = by("192.0.2.252");
+        assert!(gtsm.ttl_security && gtsm.multihop == Some(2));
+        let mesh = by("10.0.0.2");
+        assert_eq!((mesh.restart_time, mesh.multihop), (Some(120), None));
+        let l = local(&s, "a").unwrap();
+        assert_eq!(l.listen_addresses, vec![ip("10.0.0.1")]);
+        let l = local(&snap(&[node("a", "10.0.0.1/24", "")]), "a").unwrap();
+        assert!(l.listen_addresses.is_empty());
+        // A community that is neither a name nor a value is refused by name.
+        let bad = cfg.replace("'65000:7'", "nosuch");
+        let e = load_str(
+            Path::new("t.yaml"),
+            &[bad, node("a", "10.0.0.1/24", "")].concat(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("spec.prefixAdvertisements[0].communities[2]") && e.contains("nosuch"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -125,6 +125,30 @@ pub fn ip_pool(spec: &IPPoolSpec) -> Vec<Finding> {
     out
 }
 
+/// One community of `prefixAdvertisements`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommunityValue {
+    Standard(starling_bgp::policy::Community),
+    Large(starling_bgp::policy::LargeCommunity),
+}
+
+/// What a community of `prefixAdvertisements` stands for: a name from
+/// `spec.communities`, or else a value `aa:nn` / `aa:nn:mm`; `None`: neither.
+pub fn community_value(bgp: &BGPConfigurationSpec, name: &str) -> Option<CommunityValue> {
+    let v = bgp
+        .communities
+        .iter()
+        .find(|c| c.name == name)
+        .map_or(name, |c| c.value.as_str());
+    match v.parse::<starling_bgp::policy::Community>() {
+        Ok(c) => Some(CommunityValue::Standard(c)),
+        Err(_) => v
+            .parse::<starling_bgp::policy::LargeCommunity>()
+            .ok()
+            .map(CommunityValue::Large),
+    }
+}
+
 pub fn bgp_configuration(name: &str, spec: &BGPConfigurationSpec) -> Vec<Finding> {
     let mut out = Vec::new();
     if name != "default" {
@@ -161,6 +185,24 @@ pub fn bgp_configuration(name: &str, spec: &BGPConfigurationSpec) -> Vec<Finding
                 &format!("spec.communities[{i}].name"),
                 "a community needs a name",
             ));
+        }
+    }
+    for (i, a) in spec.prefix_advertisements.iter().enumerate() {
+        if a.cidr != a.cidr.trunc() {
+            out.push(finding(
+                &format!("spec.prefixAdvertisements[{i}].cidr"),
+                format!("{} has host bits set: write {}", a.cidr, a.cidr.trunc()),
+            ));
+        }
+        for (j, c) in a.communities.iter().enumerate() {
+            if community_value(spec, c).is_none() {
+                out.push(finding(
+                    &format!("spec.prefixAdvertisements[{i}].communities[{j}]"),
+                    format!(
+                        "`{c}` is neither a name in spec.communities nor a community (aa:nn with 16-bit numbers, aa:nn:mm with 32-bit numbers)"
+                    ),
+                ));
+            }
         }
     }
     if let Some(p) = &spec.node_mesh_password {
@@ -228,12 +270,6 @@ pub fn bgp_peer(spec: &BGPPeerSpec) -> Vec<Finding> {
 /// warnings, not problems.
 pub fn unsupported_bgp_configuration(spec: &BGPConfigurationSpec) -> Vec<Finding> {
     let mut out = Vec::new();
-    if !spec.communities.is_empty() {
-        out.push(finding(
-            "spec.communities",
-            "stored, not applied: Starling sends no communities yet",
-        ));
-    }
     if spec.log_severity_screen.is_some() {
         out.push(finding(
             "spec.logSeverityScreen",
@@ -244,16 +280,10 @@ pub fn unsupported_bgp_configuration(spec: &BGPConfigurationSpec) -> Vec<Finding
 }
 
 /// Values of a BGPPeer Starling accepts and does not act on: warnings.
-pub fn unsupported_bgp_peer(spec: &BGPPeerSpec) -> Vec<Finding> {
-    let mut out = Vec::new();
-    let instead = "Starling has no Keep: next hops it sends to eBGP peers are this node's address, as with Auto (towards iBGP peers they are kept either way)";
-    if spec.keep_original_next_hop == Some(true) {
-        out.push(finding("spec.keepOriginalNextHop", instead));
-    }
-    if spec.next_hop_mode == Some(NextHopMode::Keep) {
-        out.push(finding("spec.nextHopMode", instead));
-    }
-    out
+/// None at present (Calico's fields Starling does not act on are taken out
+/// with a warning when Calico YAML is loaded, see `calico::CALICO_FIELDS`).
+pub fn unsupported_bgp_peer(_spec: &BGPPeerSpec) -> Vec<Finding> {
+    Vec::new()
 }
 
 pub fn starling_node(spec: &StarlingNodeSpec) -> Vec<Finding> {
@@ -372,6 +402,7 @@ mod tests {
             ttl_security: None,
             keep_original_next_hop: None,
             next_hop_mode: None,
+            num_allowed_local_as_numbers: None,
             max_prefixes: None,
             filters: vec![],
         };

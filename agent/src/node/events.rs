@@ -339,11 +339,14 @@ impl Node {
                     warn!("cannot set the cluster ID: {e}");
                 }
             }
-            if local.asn != self.local.asn || local.listen_port != self.local.listen_port {
+            if local.asn != self.local.asn
+                || local.listen_port != self.local.listen_port
+                || local.listen_addresses != self.local.listen_addresses
+            {
                 warn!(
                     old_asn = self.local.asn,
                     new_asn = local.asn,
-                    "the node's AS number or BGP port changed; it takes effect when the agent restarts"
+                    "the node's AS number, BGP port or bindMode changed; it takes effect when the agent restarts"
                 );
             }
             self.local.cluster_id = local.cluster_id;
@@ -644,6 +647,7 @@ mod tests {
                 cluster_id: None,
                 listen_port: 179,
                 restart_time: 120,
+                listen_addresses: vec![],
             },
             snap: snapshot.clone(),
             blocks: vec![],

@@ -250,7 +250,7 @@ async fn run_node(
         nat: nat.clone(),
         pod_mtu,
         mtu_encapsulation: cfg.encapsulation,
-        local,
+        local: local.clone(),
         snap,
         blocks,
         pods,
@@ -594,7 +594,14 @@ async fn start_speaker(
     let mut scfg = SpeakerConfig::new(local.asn, router_id);
     // BGP off: the speaker stays without listeners and without peers (the
     // event loop gives it none), so the node opens no BGP port.
-    scfg.listen = if cfg.bgp_enabled {
+    // bindMode: NodeIP gives the node's addresses; otherwise every address.
+    scfg.listen = if cfg.bgp_enabled && !local.listen_addresses.is_empty() {
+        local
+            .listen_addresses
+            .iter()
+            .map(|a| SocketAddr::new(*a, local.listen_port))
+            .collect()
+    } else if cfg.bgp_enabled {
         vec![
             SocketAddr::from((Ipv4Addr::UNSPECIFIED, local.listen_port)),
             SocketAddr::from((Ipv6Addr::UNSPECIFIED, local.listen_port)),

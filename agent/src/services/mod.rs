@@ -8,6 +8,10 @@
 //!   load-balancer ingress IPs that lies inside a configured CIDR of its
 //!   kind advertised only by the nodes with a ready endpoint of it (its
 //!   EndpointSlices' `endpoints[].nodeName`, `conditions.ready` not false).
+//! - With `serviceLoadBalancerAggregation: Disabled` the load-balancer
+//!   CIDRs are not advertised; instead every node advertises the host route
+//!   of each load-balancer IP inside them of a Service that is not `Local`
+//!   and has a ready endpoint somewhere.
 //! - Nothing outside a configured CIDR is ever advertised.
 //!
 //! This module is the pure decision ([`advertised`]) over a small digest of
@@ -27,6 +31,10 @@ pub struct Ranges {
     pub cluster: Vec<IpNet>,
     pub external: Vec<IpNet>,
     pub load_balancer: Vec<IpNet>,
+    /// `serviceLoadBalancerAggregation: Disabled`: instead of the
+    /// load-balancer CIDRs, every node advertises the host route of each
+    /// load-balancer IP inside them of a Service with a ready endpoint.
+    pub load_balancer_host_routes: bool,
 }
 
 impl Ranges {
@@ -38,6 +46,8 @@ impl Ranges {
             cluster: cidrs(&spec.service_cluster_ips),
             external: cidrs(&spec.service_external_ips),
             load_balancer: cidrs(&spec.service_load_balancer_ips),
+            load_balancer_host_routes: spec.service_load_balancer_aggregation
+                == Some(crate::model::crd::Aggregation::Disabled),
         }
     }
 
@@ -93,15 +103,35 @@ fn host(ip: IpAddr) -> IpNet {
 /// The prefixes `node` originates for Services: every configured CIDR, and
 /// the host routes of the `Local` Services it has a ready endpoint of,
 /// where they lie inside a configured CIDR of their kind.
+///
+/// With `load_balancer_host_routes` the load-balancer CIDRs themselves are
+/// not advertised; every node advertises the host route of each
+/// load-balancer IP inside them of a Service that is not `Local` and has a
+/// ready endpoint somewhere (Calico's `serviceLoadBalancerAggregation:
+/// Disabled`), so a Service without endpoints is withdrawn everywhere.
 pub fn advertised(ranges: &Ranges, catalog: &Catalog, node: &str) -> BTreeSet<IpNet> {
-    let mut out: BTreeSet<IpNet> = ranges.all().copied().collect();
+    let mut out: BTreeSet<IpNet> = ranges
+        .cluster
+        .iter()
+        .chain(&ranges.external)
+        .copied()
+        .collect();
+    if !ranges.load_balancer_host_routes {
+        out.extend(ranges.load_balancer.iter().copied());
+    }
     for (key, svc) in &catalog.services {
-        if !svc.local
-            || !catalog
-                .ready_nodes
-                .get(key)
-                .is_some_and(|n| n.contains(node))
-        {
+        let ready = catalog.ready_nodes.get(key);
+        if !svc.local {
+            if ranges.load_balancer_host_routes && ready.is_some_and(|n| !n.is_empty()) {
+                for ip in &svc.load_balancer_ips {
+                    if ranges.load_balancer.iter().any(|r| r.contains(ip)) {
+                        out.insert(host(*ip));
+                    }
+                }
+            }
+            continue;
+        }
+        if !ready.is_some_and(|n| n.contains(node)) {
             continue;
         }
         for (ips, within) in [
@@ -138,7 +168,52 @@ mod tests {
             cluster: vec![net("10.96.0.0/16"), net("fd00:96::/112")],
             external: vec![net("198.51.100.0/24")],
             load_balancer: vec![net("203.0.113.0/24")],
+            load_balancer_host_routes: false,
         }
+    }
+
+    #[test]
+    fn without_aggregation_load_balancer_ips_go_one_by_one_from_every_node() {
+        let r = Ranges {
+            load_balancer_host_routes: true,
+            ..ranges()
+        };
+        let mut c = catalog();
+        c.services.insert(
+            key("lb"),
+            ServiceInfo {
+                local: false,
+                cluster_ips: vec![ip("10.96.0.30")],
+                external_ips: vec![],
+                // The second is outside every load-balancer CIDR.
+                load_balancer_ips: vec![ip("203.0.113.30"), ip("192.0.2.30")],
+            },
+        );
+        c.services.insert(
+            key("lb-no-endpoints"),
+            ServiceInfo {
+                local: false,
+                cluster_ips: vec![ip("10.96.0.31")],
+                external_ips: vec![],
+                load_balancer_ips: vec![ip("203.0.113.31")],
+            },
+        );
+        c.ready_nodes
+            .insert(key("lb"), ["node2".to_string()].into());
+        for node in ["node1", "node2", "node3"] {
+            let a = advertised(&r, &c, node);
+            assert!(!a.contains(&net("203.0.113.0/24")), "{node}: {a:?}");
+            assert!(a.contains(&net("203.0.113.30/32")), "{node}: {a:?}");
+            assert!(!a.contains(&net("192.0.2.30/32")), "{node}: {a:?}");
+            assert!(!a.contains(&net("203.0.113.31/32")), "{node}: {a:?}");
+            // The other kinds keep their CIDRs.
+            assert!(a.contains(&net("10.96.0.0/16")) && a.contains(&net("198.51.100.0/24")));
+        }
+        // The Local Service's load-balancer IP: from node1 only, as before.
+        assert!(advertised(&r, &c, "node1").contains(&net("203.0.113.5/32")));
+        assert!(!advertised(&r, &c, "node2").contains(&net("203.0.113.5/32")));
+        // Learned host routes inside the CIDR are still Service routes.
+        assert!(r.covers(&net("203.0.113.30/32")));
     }
 
     fn catalog() -> Catalog {

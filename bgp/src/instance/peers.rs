@@ -53,7 +53,8 @@ impl Instance {
         let Some(old) = self.peers.get(&addr) else {
             return;
         };
-        let import_changed = old.policy.import != policy.import;
+        let import_changed = old.policy.import != policy.import
+            || old.policy.allow_local_as != policy.allow_local_as;
         let rr_client = policy.route_reflector_client;
         let before = self.spec(addr);
         let Some(old) = self.peers.get_mut(&addr) else {

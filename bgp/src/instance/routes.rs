@@ -46,7 +46,7 @@ impl Instance {
         // AS_PATH (RFC 4271 §9.1.2), our router ID as ORIGINATOR_ID or our
         // cluster ID in the CLUSTER_LIST (RFC 4456 §8).
         let a = &update.attrs;
-        let looped = (ebgp && a.contains_as(self.asn))
+        let looped = (ebgp && a.count_as(self.asn) > p.policy.allow_local_as as usize)
             || a.originator_id == Some(self.router_id)
             || a.cluster_list.contains(&self.cluster_id);
         let policy = Effective::of(&p.policy.import, ebgp, self.ebgp_requires_policy);

@@ -331,6 +331,33 @@ fn reflection_follows_client_and_non_client_rules() {
 }
 
 #[test]
+fn allow_local_as_accepts_our_as_up_to_the_count() {
+    let mut h = Harness::new(|c| c.ebgp_requires_policy = false);
+    h.peer("198.51.100.2", 65001, |p| p.allow_local_as = 1);
+    h.peer("198.51.100.3", 65001, |_| {});
+    h.up("198.51.100.2", None);
+    h.up("198.51.100.3", None);
+    let once = attrs(&[65001, ASN, 65002], "198.51.100.2");
+    let twice = attrs(&[65001, ASN, ASN], "198.51.100.2");
+    h.announce("198.51.100.2", &["10.4.0.0/24"], once.clone());
+    h.announce("198.51.100.2", &["10.5.0.0/24"], twice);
+    h.announce("198.51.100.3", &["10.6.0.0/24"], once);
+    h.inst.flush();
+    assert!(
+        h.inst.rib.best(&net("10.4.0.0/24")).is_some(),
+        "once: allowed"
+    );
+    assert!(
+        h.inst.rib.best(&net("10.5.0.0/24")).is_none(),
+        "twice: looped"
+    );
+    assert!(
+        h.inst.rib.best(&net("10.6.0.0/24")).is_none(),
+        "a peer without allow_local_as: looped"
+    );
+}
+
+#[test]
 fn ebgp_and_ibgp_get_their_attributes() {
     let mut h = Harness::new(|c| c.ebgp_requires_policy = false);
     h.peer("192.0.2.2", ASN, |_| {});
