@@ -225,17 +225,7 @@ async fn run_node(
     .await?;
     obs.readiness.set_fib_synced(true);
     let nat = start_nat(&obs.readiness)?;
-    let (claims, claims_rx) = match (cfg.bgp_enabled, model.claim_reader) {
-        (false, Some((reader, poll))) => {
-            let first = read_claims(&*reader)?;
-            let rx = watch_claims(reader, poll, first.clone());
-            (first, Some(rx))
-        }
-        _ => (Vec::new(), None),
-    };
-    if !cfg.bgp_enabled {
-        info!("bgpEnabled is false: no BGP; the other nodes' blocks come from the datastore");
-    }
+    let (claims, claims_rx) = claims_without_bgp(&cfg, model.claim_reader)?;
 
     let router_id = local
         .router_id
@@ -304,6 +294,25 @@ async fn run_node(
     let _ = std::fs::remove_file(&cfg.socket_path);
     let _ = std::fs::remove_file(&cfg.control_socket);
     Ok(())
+}
+
+/// Without BGP the other nodes' blocks come from the datastore's claims:
+/// the first read and a watch of them. With BGP, none.
+#[allow(clippy::type_complexity)]
+fn claims_without_bgp(
+    cfg: &AgentConfig,
+    reader: Option<(Box<dyn ipam::Datastore>, Duration)>,
+) -> Result<(Vec<Claim>, Option<watch::Receiver<Vec<Claim>>>)> {
+    if cfg.bgp_enabled {
+        return Ok((Vec::new(), None));
+    }
+    info!("bgpEnabled is false: no BGP; the other nodes' blocks come from the datastore");
+    let Some((reader, poll)) = reader else {
+        return Ok((Vec::new(), None));
+    };
+    let first = read_claims(&*reader)?;
+    let rx = watch_claims(reader, poll, first.clone());
+    Ok((first, Some(rx)))
 }
 
 /// Phase 2: the first snapshot that has this node. Its agent may start
