@@ -220,7 +220,7 @@ spec:
   asNumber: {asn}
   nodeToNodeMeshEnabled: false
   nodeMeshMaxRestartTime: 2m0s
-  bindMode: NodeIP
+  ignoredInterfaces: [eth9]
 ---
 apiVersion: v1
 kind: List
@@ -325,7 +325,11 @@ items:
     );
     let line_of = |needle: &str| text.lines().position(|l| l.contains(needle)).map(|i| i + 1);
     for (needle, object, field) in [
-        ("bindMode", "BGPConfiguration/default", "spec.bindMode"),
+        (
+            "ignoredInterfaces",
+            "BGPConfiguration/default",
+            "spec.ignoredInterfaces",
+        ),
         ("orchRefs", "Node/node1", "spec.orchRefs"),
     ] {
         let want = format!("warning: {path}:{}: ", line_of(needle).context(needle)?);
@@ -348,14 +352,19 @@ items:
     // BGPFilters carry over (the Kubernetes datastore reads them): no
     // warning about them or the peer's `filters`.
     ensure!(
-        stderr.contains("spec.bindMode"),
-        "no warning for spec.bindMode:\n{stderr}"
+        stderr.contains("spec.ignoredInterfaces"),
+        "no warning for spec.ignoredInterfaces:\n{stderr}"
     );
     for field in ["spec.filters", "spec.exportV4"] {
         ensure!(!stderr.contains(field), "a warning for {field}:\n{stderr}");
     }
     let out = std::fs::read_to_string(&imported)?;
-    for gone in ["uid", "managedFields", "projectcalico.org", "bindMode"] {
+    for gone in [
+        "uid",
+        "managedFields",
+        "projectcalico.org",
+        "ignoredInterfaces",
+    ] {
         ensure!(!out.contains(gone), "{gone} carried over:\n{out}");
     }
     ensure!(
@@ -395,7 +404,7 @@ items:
     let log = n1.dir.join("agent.log");
     starling_tests::wait_for("the agent logs the Calico warnings", CONVERGE, || {
         let l = std::fs::read_to_string(&log)?;
-        Ok(l.contains("BGPConfiguration/default") && l.contains("spec.bindMode"))
+        Ok(l.contains("BGPConfiguration/default") && l.contains("spec.ignoredInterfaces"))
     })?;
     ensure!(
         reflector(&c)?,
