@@ -5,18 +5,15 @@
 //! Node's annotation and read, with its prefix length, by the others.
 
 use super::cluster::{Cluster, checked, log};
-use super::e2e::relay;
 use anyhow::{Context, Result, ensure};
 use ipnet::IpNet;
-use starling_agent::lab::{LabOptions, Topology, Tor};
+use starling_agent::lab::{LabOptions, Tor};
 use starling_agent::model::kube::{
     ANNOTATION_DETECTED_IPV4, KubeDatastore, KubeOptions, client as kube_client,
 };
 use starling_agent::model::{Datastore, Snapshot};
 use starling_tests::cluster::{self as lab};
 use starling_tests::{require_tool, wait_for};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 /// The deadline of each expected change (a bound, not a speed target).
@@ -27,26 +24,14 @@ fn apply(k: &Cluster, yaml: &str) -> Result<()> {
     Ok(())
 }
 
-/// Start a lab of `nodes` agents reading the private API server `k`.
-/// The lab comes with the directory of its kubeconfig.
+/// A lab of two agents reading the private API server `k`, converged,
+/// with the directory of its kubeconfig.
 fn lab_on(
     k: &Cluster,
     tag: &str,
     opts: impl FnOnce(&mut LabOptions),
 ) -> Result<(lab::Cluster, starling_tests::TempDir)> {
-    let port = k.port()?;
-    let dir = starling_tests::TempDir::new(tag)?;
-    let kubeconfig = dir.join("agent.kubeconfig");
-    let token = k.token_for("kube-system", "starling-agent")?;
-    k.kubeconfig_with_token(&token, &kubeconfig)?;
-    let mut o = lab::options(tag, 2, Topology::Mesh);
-    o.kubeconfig = Some(kubeconfig);
-    opts(&mut o);
-    let stop = Arc::new(AtomicBool::new(false));
-    relay(o.name.clone(), 2, port, stop.clone());
-    let c = lab::Cluster::up(o);
-    stop.store(true, Ordering::Relaxed);
-    let c = c?;
+    let (c, dir) = super::e2e::lab_on(k, tag, 2, opts)?;
     c.converged(Duration::from_secs(60))?;
     Ok((c, dir))
 }

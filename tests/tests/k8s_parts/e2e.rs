@@ -6,7 +6,8 @@
 
 use super::cluster::Cluster;
 use anyhow::{Context, Result, ensure};
-use starling_agent::lab::Topology;
+use starling_agent::lab::{LabOptions, Topology};
+use starling_tests::TempDir;
 use starling_tests::cluster::{self as lab, Pinger, wait_reachable};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -47,6 +48,30 @@ pub(super) fn pipe(mut from: TcpStream, mut to: TcpStream) {
     let _ = to.shutdown(std::net::Shutdown::Write);
 }
 
+/// A lab of `nodes` agents named `name` reading the API server `k` as the
+/// agent's ServiceAccount (`opts` adjusts the lab first), with the
+/// directory of its kubeconfig, which must outlive the lab.
+pub(super) fn lab_on(
+    k: &Cluster,
+    name: &str,
+    nodes: usize,
+    opts: impl FnOnce(&mut LabOptions),
+) -> Result<(lab::Cluster, TempDir)> {
+    let port = k.port()?;
+    let dir = TempDir::new(name)?;
+    let kubeconfig = dir.join("agent.kubeconfig");
+    let token = k.token_for("kube-system", "starling-agent")?;
+    k.kubeconfig_with_token(&token, &kubeconfig)?;
+    let mut o = lab::options(name, nodes, Topology::Mesh);
+    o.kubeconfig = Some(kubeconfig);
+    opts(&mut o);
+    let stop = Arc::new(AtomicBool::new(false));
+    relay(o.name.clone(), nodes, port, stop.clone());
+    let c = lab::Cluster::up(o);
+    stop.store(true, Ordering::Relaxed);
+    Ok((c?, dir))
+}
+
 /// The node namespaces cannot reach the host's loopback, where the API
 /// server listens: relay 127.0.0.1:PORT in each node namespace to it, as
 /// the namespaces appear.
@@ -85,7 +110,6 @@ pub(super) fn relay(lab_name: String, nodes: usize, port: u16, stop: Arc<AtomicB
 fn three_nodes_through_the_api_server() -> Result<()> {
     let k = Cluster::private("e2e")?;
     k.apply_manifests()?;
-    let port = k.port()?;
     let mut yaml = String::from(
         "apiVersion: starling.dev/v1\nkind: IPPool\nmetadata: {name: pods}\nspec: {cidr: 10.244.0.0/16, blockSize: 26}\n\
          ---\napiVersion: starling.dev/v1\nkind: BGPConfiguration\nmetadata: {name: default}\nspec: {asNumber: 64512}\n",
@@ -100,18 +124,7 @@ fn three_nodes_through_the_api_server() -> Result<()> {
     let out = k.kubectl_stdin(&["apply", "-f", "-"], &yaml);
     super::cluster::checked(&["apply"], out)?;
 
-    let dir = starling_tests::TempDir::new("e2e")?;
-    let kubeconfig = dir.join("agent.kubeconfig");
-    let token = k.token_for("kube-system", "starling-agent")?;
-    k.kubeconfig_with_token(&token, &kubeconfig)?;
-
-    let mut opts = lab::options("k8s", 3, Topology::Mesh);
-    opts.kubeconfig = Some(kubeconfig);
-    let stop = Arc::new(AtomicBool::new(false));
-    relay(opts.name.clone(), 3, port, stop.clone());
-    let c = lab::Cluster::up(opts);
-    stop.store(true, Ordering::Relaxed);
-    let c = c?;
+    let (c, _dir) = lab_on(&k, "k8s", 3, |_| {})?;
     c.converged(Duration::from_secs(60))?;
     c.all_pairs_answer()?;
     for i in 1..=3 {
@@ -195,7 +208,6 @@ fn three_nodes_through_the_api_server() -> Result<()> {
 fn three_nodes_without_bgp_through_the_api_server() -> Result<()> {
     let k = Cluster::private("e2enobgp")?;
     k.apply_manifests()?;
-    let port = k.port()?;
     let mut yaml = String::from(
         "apiVersion: starling.dev/v1\nkind: IPPool\nmetadata: {name: pods}\nspec: {cidr: 10.244.0.0/16, blockSize: 26, vxlanMode: Always}\n",
     );
@@ -209,19 +221,7 @@ fn three_nodes_without_bgp_through_the_api_server() -> Result<()> {
     let out = k.kubectl_stdin(&["apply", "-f", "-"], &yaml);
     super::cluster::checked(&["apply"], out)?;
 
-    let dir = starling_tests::TempDir::new("e2enobgp")?;
-    let kubeconfig = dir.join("agent.kubeconfig");
-    let token = k.token_for("kube-system", "starling-agent")?;
-    k.kubeconfig_with_token(&token, &kubeconfig)?;
-
-    let mut opts = lab::options("k8snb", 3, Topology::Mesh);
-    opts.kubeconfig = Some(kubeconfig);
-    opts.no_bgp = true;
-    let stop = Arc::new(AtomicBool::new(false));
-    relay(opts.name.clone(), 3, port, stop.clone());
-    let c = lab::Cluster::up(opts);
-    stop.store(true, Ordering::Relaxed);
-    let c = c?;
+    let (c, _dir) = lab_on(&k, "k8snb", 3, |o| o.no_bgp = true)?;
     c.converged(Duration::from_secs(60))?;
     let answered = c.all_pairs_answer()?;
     ensure!(answered == 6, "{answered} of 6 pairs answered");

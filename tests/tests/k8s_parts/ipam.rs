@@ -8,14 +8,10 @@
 use super::cluster::{Cluster, checked};
 use anyhow::{Context, Result, ensure};
 use serde_json::Value;
-use starling_agent::lab::Topology;
 use starling_tests::Netns;
-use starling_tests::cluster as lab;
 use std::net::IpAddr;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 const MODEL: &str = "\
 apiVersion: starling.dev/v1
@@ -137,7 +133,6 @@ fn in_net(ip: IpAddr, net: &str) -> bool {
 fn annotations_static_addresses_and_reservations_through_the_api_server() -> Result<()> {
     let k = Cluster::private("ipam")?;
     k.apply_manifests()?;
-    let port = k.port()?;
     let mut yaml = MODEL.to_string();
     yaml.push_str(&pod("default", "plain", &[]));
     yaml.push_str(&pod("steered", "in-gold", &[]));
@@ -173,17 +168,7 @@ fn annotations_static_addresses_and_reservations_through_the_api_server() -> Res
     ));
     checked(&["apply"], k.kubectl_stdin(&["apply", "-f", "-"], &yaml))?;
 
-    let dir = starling_tests::TempDir::new("k8sipam")?;
-    let kubeconfig = dir.join("agent.kubeconfig");
-    let token = k.token_for("kube-system", "starling-agent")?;
-    k.kubeconfig_with_token(&token, &kubeconfig)?;
-    let mut opts = lab::options("kipam", 1, Topology::Mesh);
-    opts.kubeconfig = Some(kubeconfig);
-    let stop = Arc::new(AtomicBool::new(false));
-    super::e2e::relay(opts.name.clone(), 1, port, stop.clone());
-    let c = lab::Cluster::up(opts);
-    stop.store(true, Ordering::Relaxed);
-    let c = c?;
+    let (c, _dir) = super::e2e::lab_on(&k, "kipam", 1, |_| {})?;
     let node_ns = format!("{}-node1", c.lab.name);
     let socket = c.dir().join("node1").join("cni.sock");
 
@@ -319,23 +304,12 @@ fn affinity(block: &str, node: &str) -> String {
 fn ipam_check_and_release_through_the_api_server() -> Result<()> {
     let k = Cluster::private("ipchk")?;
     k.apply_manifests()?;
-    let port = k.port()?;
     let mut yaml = CHECK_MODEL.to_string();
     yaml.push_str(&pod("default", "alive", &[]));
     yaml.push_str(&pod("default", "leaky", &[]));
     checked(&["apply"], k.kubectl_stdin(&["apply", "-f", "-"], &yaml))?;
 
-    let dir = starling_tests::TempDir::new("k8sipchk")?;
-    let kubeconfig = dir.join("agent.kubeconfig");
-    let token = k.token_for("kube-system", "starling-agent")?;
-    k.kubeconfig_with_token(&token, &kubeconfig)?;
-    let mut opts = lab::options("kchk", 1, Topology::Mesh);
-    opts.kubeconfig = Some(kubeconfig);
-    let stop = Arc::new(AtomicBool::new(false));
-    super::e2e::relay(opts.name.clone(), 1, port, stop.clone());
-    let c = lab::Cluster::up(opts);
-    stop.store(true, Ordering::Relaxed);
-    let c = c?;
+    let (c, _dir) = super::e2e::lab_on(&k, "kchk", 1, |_| {})?;
     let node_ns = format!("{}-node1", c.lab.name);
     let socket = c.dir().join("node1").join("cni.sock");
     let control = c.dir().join("node1").join("agent.sock");

@@ -7,10 +7,6 @@
 use super::cluster::{Cluster, checked};
 use anyhow::{Context, Result, ensure};
 use serde_json::Value;
-use starling_agent::lab::Topology;
-use starling_tests::cluster as lab;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 const MODEL: &str = "\
@@ -59,20 +55,9 @@ fn blocks_of(k: &Cluster, node: &str) -> Result<Vec<String>> {
 fn a_deleted_node_is_cleaned_up_and_comes_back_with_nothing_stale() -> Result<()> {
     let k = Cluster::private("nodegone")?;
     k.apply_manifests()?;
-    let port = k.port()?;
     let yaml = format!("{MODEL}---\n{NODE2}");
     checked(&["apply"], k.kubectl_stdin(&["apply", "-f", "-"], &yaml))?;
-    let dir = starling_tests::TempDir::new("k8sgone")?;
-    let kubeconfig = dir.join("agent.kubeconfig");
-    let token = k.token_for("kube-system", "starling-agent")?;
-    k.kubeconfig_with_token(&token, &kubeconfig)?;
-    let mut opts = lab::options("kgone", 2, Topology::Mesh);
-    opts.kubeconfig = Some(kubeconfig);
-    let stop = Arc::new(AtomicBool::new(false));
-    super::e2e::relay(opts.name.clone(), 2, port, stop.clone());
-    let c = lab::Cluster::up(opts);
-    stop.store(true, Ordering::Relaxed);
-    let mut c = c?;
+    let (mut c, _dir) = super::e2e::lab_on(&k, "kgone", 2, |_| {})?;
     let pod2 = c.pod("node2")?.ips[0];
     let held = blocks_of(&k, "node2")?;
     ensure!(

@@ -5,15 +5,12 @@
 //! what BIRD holds as endpoints come, move, turn unready and go.
 
 use super::cluster::{Cluster, checked, log};
-use super::e2e::relay;
+use super::e2e::lab_on;
 use anyhow::{Context, Result, ensure};
-use starling_agent::lab::{Topology, Tor};
-use starling_tests::cluster::{self as lab};
+use starling_agent::lab::Tor;
 use starling_tests::{require_tool, wait_for};
 use std::collections::BTreeSet;
 use std::process::Command;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 const CLUSTER_CIDR: &str = "10.96.0.0/16";
@@ -112,7 +109,6 @@ fn services_are_advertised_to_the_top_of_rack_as_endpoints_come_move_and_go() ->
     require_tool("birdc", "bird2");
     let k = Cluster::private("svc")?;
     k.apply_manifests()?;
-    let port = k.port()?;
     let mut yaml = format!(
         "apiVersion: starling.dev/v1\nkind: IPPool\nmetadata: {{name: pods}}\nspec: {{cidr: 10.244.0.0/16, blockSize: 26}}\n\
          ---\napiVersion: starling.dev/v1\nkind: BGPConfiguration\nmetadata: {{name: default}}\nspec:\n  asNumber: 64512\n  \
@@ -129,18 +125,7 @@ fn services_are_advertised_to_the_top_of_rack_as_endpoints_come_move_and_go() ->
     }
     apply(&k, &yaml)?;
 
-    let dir = starling_tests::TempDir::new("svc")?;
-    let kubeconfig = dir.join("agent.kubeconfig");
-    let token = k.token_for("kube-system", "starling-agent")?;
-    k.kubeconfig_with_token(&token, &kubeconfig)?;
-    let mut opts = lab::options("ksv", 3, Topology::Mesh);
-    opts.kubeconfig = Some(kubeconfig);
-    opts.tor = Some(Tor::Bird);
-    let stop = Arc::new(AtomicBool::new(false));
-    relay(opts.name.clone(), 3, port, stop.clone());
-    let c = lab::Cluster::up(opts);
-    stop.store(true, Ordering::Relaxed);
-    let c = c?;
+    let (c, _dir) = lab_on(&k, "ksv", 3, |o| o.tor = Some(Tor::Bird))?;
     c.converged(Duration::from_secs(60))?;
     let tor = c.lab.tor.as_ref().context("the lab has no top-of-rack")?;
     let sock = tor.socket.to_str().context("socket path")?.to_string();
