@@ -241,7 +241,9 @@ fn annotations_static_addresses_and_reservations_through_the_api_server() -> Res
     Ok(())
 }
 
-const CHECK_MODEL: &str = "\
+/// One pool, the default BGPConfiguration and node1: the model of the
+/// `ipam check` test and of the node clean-up test.
+pub(super) const CHECK_MODEL: &str = "\
 apiVersion: starling.dev/v1
 kind: IPPool
 metadata: {name: main}

@@ -5,27 +5,10 @@
 //! allocation is claimed again, and `ipam check` finds nothing.
 
 use super::cluster::{Cluster, checked};
+use super::ipam::CHECK_MODEL as MODEL;
 use anyhow::{Context, Result, ensure};
 use serde_json::Value;
 use std::time::{Duration, Instant};
-
-const MODEL: &str = "\
-apiVersion: starling.dev/v1
-kind: IPPool
-metadata: {name: main}
-spec: {cidr: 10.244.0.0/16, blockSize: 26}
----
-apiVersion: starling.dev/v1
-kind: BGPConfiguration
-metadata: {name: default}
-spec: {asNumber: 64512}
----
-apiVersion: v1
-kind: Node
-metadata:
-  name: node1
-  annotations: {starling.dev/ipv4-address: 192.0.2.11/24}
-";
 
 const NODE2: &str = "\
 apiVersion: v1
