@@ -63,10 +63,17 @@ enum Cmd {
     /// routes each): convergence, a node joining and leaving, and a
     /// reflector restart (`tests/bench/scale-rr.sh`).
     Scale(scale::ScaleArgs),
+    /// Full-table transit: one eBGP feeder sends a table with many attribute
+    /// sets, the speaker re-advertises it to eBGP receivers; load, optional
+    /// churn, and the withdrawal when the feeder leaves
+    /// (`tests/bench/transit.sh`).
+    Transit(transit::TransitArgs),
 }
 
 #[path = "bgp_loadgen_scale.rs"]
 mod scale;
+#[path = "bgp_loadgen_transit.rs"]
+mod transit;
 
 #[derive(Args)]
 struct Common {
@@ -161,6 +168,7 @@ fn main() -> Result<()> {
         Cmd::Fanout(a) => fanout(&rt, a),
         Cmd::Flap(a) => flap(&rt, a),
         Cmd::Scale(a) => scale::run(&rt, a),
+        Cmd::Transit(a) => transit::run(&rt, a),
     }
 }
 
@@ -234,15 +242,30 @@ async fn establish_all_gr(
     gr: bool,
     deadline: Instant,
 ) -> Result<Vec<Session>> {
+    let each: Vec<(Ipv4Addr, u32)> = sources.iter().map(|s| (*s, asn)).collect();
+    establish_each(&each, target, asn, hold_time, gr, deadline).await
+}
+
+/// Establish one session per `(source address, our AS)` with a speaker of
+/// AS `peer_asn` (eBGP where the two differ), retrying each until `deadline`.
+async fn establish_each(
+    sources: &[(Ipv4Addr, u32)],
+    target: SocketAddr,
+    peer_asn: u32,
+    hold_time: u16,
+    gr: bool,
+    deadline: Instant,
+) -> Result<Vec<Session>> {
     let permits = Arc::new(tokio::sync::Semaphore::new(HANDSHAKES_IN_FLIGHT));
     let mut tasks = Vec::new();
-    for src in sources.iter().copied() {
+    for (src, asn) in sources.iter().copied() {
         let permits = permits.clone();
         tasks.push(tokio::spawn(async move {
             let _permit = permits.acquire_owned().await?;
+            let ases = (asn, peer_asn);
             loop {
                 let attempt = (Instant::now() + HANDSHAKE_ATTEMPT).min(deadline);
-                match try_establish(src, target, asn, hold_time, gr, attempt).await {
+                match try_establish(src, target, ases, hold_time, gr, attempt).await {
                     Ok(s) => return Ok(s),
                     Err(e) if Instant::now() >= deadline => return Err(e),
                     Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
@@ -257,13 +280,14 @@ async fn establish_all_gr(
     Ok(out)
 }
 
-/// Connect from `src` to `target`, exchange OPEN and KEEPALIVE, and return
+/// Connect from `src` (AS `asn`) to `target` (AS `peer_asn`), exchange OPEN
+/// and KEEPALIVE, and return
 /// once the speaker's KEEPALIVE has arrived. Refused connections are retried
 /// until `deadline` (a speaker with hundreds of peers may accept slowly).
 async fn try_establish(
     src: Ipv4Addr,
     target: SocketAddr,
-    asn: u32,
+    (asn, peer_asn): (u32, u32),
     hold_time: u16,
     gr: bool,
     deadline: Instant,
@@ -317,7 +341,7 @@ async fn try_establish(
         let msg: Vec<u8> = buf.drain(..len).collect();
         match wire::decode(&msg, &mut ctx) {
             Ok((BgpMessage::Open(o), _)) => {
-                let peer = wire::check_open(&o, asn, src, true)
+                let peer = wire::check_open(&o, peer_asn, src, asn == peer_asn)
                     .map_err(|n| anyhow!("{src}: bad OPEN from {target}: {}", n.reason))?;
                 four_octet = peer.four_octet;
                 peer_gr = peer.graceful_restart.is_some();

@@ -194,7 +194,7 @@ impl View {
 }
 
 /// The prefixes of an IPv4 withdrawn-routes or NLRI field, as (address, length).
-fn prefixes(mut b: &[u8], mut f: impl FnMut(u32, u8)) -> Result<()> {
+pub(super) fn prefixes(mut b: &[u8], mut f: impl FnMut(u32, u8)) -> Result<()> {
     while let Some((&len, rest)) = b.split_first() {
         let n = usize::from(len).div_ceil(8);
         if len > 32 || rest.len() < n {
@@ -476,7 +476,7 @@ impl Run {
     }
 }
 
-fn millis(d: Duration) -> f64 {
+pub(super) fn millis(d: Duration) -> f64 {
     (d.as_micros() as f64 / 100.0).round() / 10.0
 }
 
