@@ -127,6 +127,12 @@ struct IngestArgs {
     /// Poll interval of the watch, milliseconds.
     #[arg(long, default_value_t = 10)]
     poll_ms: u64,
+    /// Keep the sessions (and so their routes) up after the figures until
+    /// this file exists (or `--timeout`), for a caller that measures
+    /// something else meanwhile (`agent-scale.sh` counts the routes in the
+    /// agent's kernel and creates the file when they are all there).
+    #[arg(long)]
+    hold_until: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -813,6 +819,9 @@ fn ingest(rt: &tokio::runtime::Runtime, a: IngestArgs) -> Result<()> {
     let cpu0 = c.daemon_pid.map(cpu_ms).transpose()?;
     let own_cpu0 = cpu_ms(std::process::id())?;
     let started = epoch.elapsed().as_micros() as u64;
+    let started_unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_micros() as f64 / 1000.0);
     go.send_replace(true);
 
     let finished = match &mut watch {
@@ -853,6 +862,28 @@ fn ingest(rt: &tokio::runtime::Runtime, a: IngestArgs) -> Result<()> {
         && n < total
     {
         bail!("BIRD's import counters reached {total} but `show route count` says {n} networks");
+    }
+    if !is_sink {
+        // Wall-clock time of the first UPDATE, for a caller timing the
+        // routes' arrival somewhere else (the agent's kernel).
+        bench_line(
+            BENCH_INGEST,
+            "loadgen",
+            "first_update_unix",
+            started_unix.round(),
+            "ms",
+        );
+    }
+    if let Some(f) = &a.hold_until {
+        while !f.exists() {
+            if let Ok(e) = err_rx.try_recv() {
+                bail!("holding the routes: {e}");
+            }
+            if Instant::now() > deadline {
+                bail!("{} did not appear in time", f.display());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
     stop.store(true, Ordering::SeqCst);
     if is_sink {
