@@ -59,3 +59,11 @@ wait_ready() { # what, command...
     tail -20 "$WORK"/*.log >&2 || true
     exit 1
 }
+
+# The daemon's peak RSS (VmHWM) as a JSON line: rss_json BENCH IMPL PID.
+rss_json() {
+    local kb
+    kb=$(awk '/^VmHWM:/ {print $2}' "/proc/$3/status")
+    printf '{"bench":"%s","impl":"%s","metric":"peak_rss","value":%s,"unit":"MiB"}\n' \
+        "$1" "$2" "$(awk -v k="$kb" 'BEGIN {printf "%.1f", k / 1024}')"
+}

@@ -11,7 +11,8 @@
 # clients send their UPDATE and End-of-RIB at once, and the clock stops when
 # every client has received every other client's /26 (bgp-loadgen decodes
 # what each session receives). Prints JSON lines
-# {"bench":"rr-fanout","impl":"starling"|"bird"|"loadgen",...}.
+# {"bench":"rr-fanout","impl":"starling"|"bird"|"loadgen",...}, the daemons'
+# peak RSS (VmHWM) among them.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 CLIENTS=${CLIENTS:-500}
@@ -62,6 +63,7 @@ run_starling() {
     local rc=0
     inns "$LOADGEN" fanout --clients "$CLIENTS" --target 127.0.0.2:179 --impl starling \
         --daemon-pid "$DAEMON_PID" || rc=1
+    [ $rc -eq 0 ] && rss_json rr-fanout starling "$DAEMON_PID"
     [ $rc -eq 0 ] || { echo "rr-fanout: starling run failed; its log:" >&2; tail -20 "$WORK/starling.log" >&2; }
     stop_daemon
     return $rc
@@ -90,6 +92,7 @@ run_bird() {
     DAEMON_PID=$!
     wait_ready bird birdc -s "$sock" show status
     inns "$LOADGEN" fanout --clients "$CLIENTS" --target 127.0.0.3:179 --impl bird --daemon-pid "$DAEMON_PID"
+    rss_json rr-fanout bird "$DAEMON_PID"
     stop_daemon
 }
 
