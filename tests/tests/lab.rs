@@ -712,3 +712,91 @@ mod tor;
 
 #[path = "lab_parts/nobgp.rs"]
 mod nobgp;
+
+/// `starlingctl ipam check` and `ipam release` with the file datastore, as
+/// an operator uses them after a container runtime lost a pod without a CNI
+/// DEL: the pod's network namespace is gone, check reports its address as a
+/// leak (exit 1), release refuses an address whose namespace exists and
+/// frees the leaked one, after which check is clean (exit 0) and the
+/// address's host route leaves the kernel.
+#[test]
+fn ipam_check_and_release_with_the_file_datastore() -> Result<()> {
+    let mut o = options("ipc", 2, Topology::Mesh);
+    o.pods_per_node = 2;
+    let c = Cluster::up(o)?;
+    c.converged(CONVERGE)?;
+    let sock = c.lab.node("node1")?.dir.join("agent.sock");
+    let sock = sock.to_str().context("socket path")?.to_string();
+    let ctl = |args: &[&str]| -> Result<(bool, String, String)> {
+        let out = Command::new(bin("starlingctl"))
+            .arg("ipam")
+            .args(args)
+            .args(["--socket", &sock])
+            .output()
+            .context("running starlingctl ipam")?;
+        Ok((
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    };
+    let check = || -> Result<(bool, serde_json::Value)> {
+        let (ok, out, err) = ctl(&["check", "-o", "json"])?;
+        let v: serde_json::Value =
+            serde_json::from_str(&out).with_context(|| format!("check -o json: {out}{err}"))?;
+        Ok((ok, v))
+    };
+    let (ok, v) = check()?;
+    ensure!(ok, "a fresh lab must check clean: {v:#}");
+    ensure!(v["addresses"] == 2, "node1 has two pods: {v:#}");
+
+    let pods: Vec<&starling_agent::lab::LabPod> =
+        c.lab.pods.iter().filter(|p| p.node == "node1").collect();
+    ensure!(pods.len() == 2, "two pods on node1: {pods:?}");
+    let (lost, alive) = (pods[0], pods[1]);
+    let lost_ip = lost.ips[0].to_string();
+    let alive_ip = alive.ips[0].to_string();
+    // The runtime loses the pod: its namespace goes, no CNI DEL.
+    starling_tests::run("ip", &["netns", "del", &lost.netns])?;
+
+    let (ok, v) = check()?;
+    ensure!(!ok, "check must exit non-zero with a leak: {v:#}");
+    let leaks = v["leaks"].as_array().context("leaks")?;
+    ensure!(
+        leaks.len() == 1 && leaks[0]["address"] == lost_ip.as_str(),
+        "the lost pod's address {lost_ip} is the one leak: {v:#}"
+    );
+    ensure!(
+        leaks[0]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("is gone")),
+        "the leak says why: {v:#}"
+    );
+
+    let (ok, out, err) = ctl(&["release", "--ip", &alive_ip])?;
+    ensure!(
+        !ok,
+        "releasing a live pod's address must be refused: {out}{err}"
+    );
+    ensure!(
+        err.contains("exists"),
+        "the refusal names what still uses it: {err}"
+    );
+
+    let (ok, out, err) = ctl(&["release", "--ip", &lost_ip])?;
+    ensure!(ok, "releasing the leaked address failed: {out}{err}");
+    ensure!(out.contains(&lost_ip), "release names the address: {out}");
+    let (ok, v) = check()?;
+    ensure!(ok, "check is clean after the release: {v:#}");
+    ensure!(v["addresses"] == 1, "one address left on node1: {v:#}");
+    c.wait_all("the released address's route gone", CONVERGE, |n| {
+        Ok(n != "node1"
+            || !c
+                .kernel_routes(n)?
+                .lines()
+                .any(|l| l.starts_with(&format!("{lost_ip} "))))
+    })?;
+    // The live pod is untouched and still reachable from node2's pod.
+    wait_reachable(&c.pod("node2")?.netns, alive.ips[0])?;
+    Ok(())
+}
