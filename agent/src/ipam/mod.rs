@@ -966,6 +966,9 @@ fn from_u128(v: u128, v4: bool) -> IpAddr {
 }
 
 #[cfg(test)]
+mod returning_tests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use std::sync::Mutex;
