@@ -32,7 +32,7 @@ bench_setup() {
 }
 
 bench_cleanup() {
-    [ -n "$DAEMON_PID" ] && kill -9 "$DAEMON_PID" 2>/dev/null
+    [ -n "$DAEMON_PID" ] && { kill -9 "$DAEMON_PID" 2>/dev/null || true; }
     if ip netns list | grep -qw "$NS"; then
         for p in $(ip netns pids "$NS"); do kill -9 "$p" 2>/dev/null || true; done
         ip netns del "$NS"
