@@ -8,11 +8,13 @@
 //! requests into one store commit, and answers the plugin on a Unix socket.
 
 pub mod annotations;
+pub mod borrow;
 pub mod check;
 pub mod choice;
 pub mod cleanup;
 pub mod datastore;
 pub mod kube;
+pub mod kube_blocks;
 pub mod pool;
 pub mod server;
 pub mod store;
@@ -950,14 +952,14 @@ fn validate_key(key: &AttachmentKey) -> Result<(), IpamError> {
     Ok(())
 }
 
-fn to_u128(ip: IpAddr) -> u128 {
+pub(crate) fn to_u128(ip: IpAddr) -> u128 {
     match ip {
         IpAddr::V4(a) => u128::from(u32::from(a)),
         IpAddr::V6(a) => u128::from(a),
     }
 }
 
-fn from_u128(v: u128, v4: bool) -> IpAddr {
+pub(crate) fn from_u128(v: u128, v4: bool) -> IpAddr {
     if v4 {
         IpAddr::V4(std::net::Ipv4Addr::from(v as u32))
     } else {

@@ -523,6 +523,65 @@ pub struct BlockAffinitySpec {
     pub state: AffinityState,
 }
 
+/// The shared allocation record of one block that another node borrows
+/// from (docs/cni.md, Borrowing). Internal to IPAM: agents create and
+/// update it, operators only read it. Every write is a replace carrying the
+/// resourceVersion read, so each address handed out from the block is one
+/// successful compare-and-swap on this object.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "starling.dev",
+    version = "v1",
+    kind = "IPAMBlock",
+    plural = "ipamblocks",
+    derive = "PartialEq",
+    doc = "Who holds which address of a block another node borrows from (written by agents)."
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[x_kube(validation = Rule::new("!isCIDR(self.cidr) || cidr(self.cidr) == cidr(self.cidr).masked()")
+    .message("cidr has host bits set: write the block's network address"))]
+pub struct IPAMBlockSpec {
+    #[schemars(with = "String", length(max = 43))]
+    #[x_kube(validation = Rule::new("isCIDR(self)").message("cidr must be a prefix such as 10.244.3.0/26"))]
+    pub cidr: IpNet,
+    /// The node holding the block (its BlockAffinity).
+    #[schemars(length(min = 1, max = 253))]
+    pub owner: String,
+    #[serde(default)]
+    pub state: IPAMBlockState,
+    /// Every address of the block handed out while this record exists,
+    /// and to whom.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 1024))]
+    pub allocations: Vec<BlockAllocation>,
+}
+
+/// Whether the owner allocates through the record yet.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum IPAMBlockState {
+    /// A borrower asked; the owner has not marked its own allocations yet,
+    /// so nobody may borrow.
+    #[default]
+    Requested,
+    /// The owner's allocations are marked and every further hand-out of
+    /// the block, the owner's included, is a write of this record.
+    Open,
+}
+
+/// One address of an [`IPAMBlockSpec`] and who holds it.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BlockAllocation {
+    #[schemars(with = "String", length(max = 39))]
+    pub ip: IpAddr,
+    #[schemars(length(min = 1, max = 253))]
+    pub node: String,
+    /// The attachment (`network/containerID/ifname`).
+    #[schemars(length(max = 600))]
+    pub attachment: String,
+}
+
 /// Addresses IPAM never hands out (Calico's IPReservation).
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
@@ -804,6 +863,7 @@ pub fn crds()
         BGPPeer::crd(),
         StarlingNode::crd(),
         BlockAffinity::crd(),
+        IPAMBlock::crd(),
         IPReservation::crd(),
         BGPFilter::crd(),
     ]
@@ -884,6 +944,7 @@ mod tests {
             ("BGPPeer", schema::<BGPPeer>()),
             ("StarlingNode", schema::<StarlingNode>()),
             ("BlockAffinity", schema::<BlockAffinity>()),
+            ("IPAMBlock", schema::<IPAMBlock>()),
         ] {
             check_rules(kind, &compile_schema(&s), &mut count);
         }

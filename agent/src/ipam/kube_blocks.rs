@@ -1,0 +1,246 @@
+//! The shared block records ([`super::borrow`]) as `IPAMBlock` objects in
+//! the API server, named like the block's BlockAffinity. Every update is a
+//! replace carrying the resourceVersion of the object it edited, so the API
+//! server applies it only if nobody wrote the object since (409 Conflict
+//! otherwise, and the edit is done again on a fresh read, at most
+//! [`MAX_CAS_ROUNDS`] times). Calls run on a thread of their own with its
+//! own runtime and client, like the block claims ([`super::kube`]), each
+//! with a deadline.
+
+use super::borrow::{Edit, EditFn, SharedBlocks, Updated};
+use super::datastore::DatastoreError;
+use super::kube::{CALL_TIMEOUT, block_name};
+use crate::model::crd::{IPAMBlock, IPAMBlockSpec, IPAMBlockState};
+use ipnet::IpNet;
+use kube::api::{Api, ListParams, PostParams};
+use kube::core::ObjectMeta;
+use kube::{Client, Config};
+use std::path::PathBuf;
+use std::sync::mpsc as std_mpsc;
+use std::thread::JoinHandle;
+use tokio::sync::mpsc;
+
+/// Conflicts one update retries past before it gives up (each round is a
+/// fresh read; a round loses only to another successful write).
+pub const MAX_CAS_ROUNDS: u32 = 64;
+
+type Reply<T> = std_mpsc::Sender<Result<T, DatastoreError>>;
+
+enum Call {
+    Request(IpNet, String, Reply<IPAMBlockSpec>),
+    Update(IpNet, EditFn, Reply<Updated>),
+    List(Reply<Vec<IPAMBlockSpec>>),
+}
+
+/// The API server's shared block records.
+pub struct KubeSharedBlocks {
+    tx: Option<mpsc::UnboundedSender<Call>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for KubeSharedBlocks {
+    fn drop(&mut self) {
+        self.tx.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn api_error(block: Option<IpNet>, what: impl std::fmt::Display) -> DatastoreError {
+    DatastoreError::Io {
+        path: PathBuf::from(format!(
+            "ipamblocks.starling.dev/{}",
+            block.map_or_else(|| "*".to_string(), block_name)
+        )),
+        source: std::io::Error::other(what.to_string()),
+    }
+}
+
+fn status_code(e: &kube::Error) -> Option<u16> {
+    match e {
+        kube::Error::Api(s) => Some(s.code),
+        _ => None,
+    }
+}
+
+impl KubeSharedBlocks {
+    pub fn new(config: Config) -> Result<KubeSharedBlocks, DatastoreError> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (ready_tx, ready_rx) = std_mpsc::channel();
+        let thread = crate::runtime::spawn_with_runtime("ipam-blocks", move || async move {
+            match Client::try_from(config) {
+                Ok(client) => {
+                    let _ = ready_tx.send(Ok(()));
+                    serve(Api::all(client), rx).await;
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(format!("cannot make a client: {e}")));
+                }
+            }
+        })
+        .map_err(|e| api_error(None, format!("cannot start the thread: {e}")))?;
+        match ready_rx.recv() {
+            Ok(Ok(())) => Ok(KubeSharedBlocks {
+                tx: Some(tx),
+                thread: Some(thread),
+            }),
+            Ok(Err(e)) => Err(api_error(None, e)),
+            Err(_) => Err(api_error(None, "the thread ended at start")),
+        }
+    }
+
+    fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Call) -> Result<T, DatastoreError> {
+        let (tx, rx) = std_mpsc::channel();
+        let sent = self.tx.as_ref().map(|t| t.send(make(tx)).is_ok());
+        if sent != Some(true) {
+            return Err(api_error(None, "the IPAM block-record thread has stopped"));
+        }
+        rx.recv_timeout(CALL_TIMEOUT * 3)
+            .map_err(|_| api_error(None, "no answer from the IPAM block-record thread"))?
+    }
+}
+
+impl SharedBlocks for KubeSharedBlocks {
+    fn request(&self, block: IpNet, owner: &str) -> Result<IPAMBlockSpec, DatastoreError> {
+        self.call(|tx| Call::Request(block, owner.to_string(), tx))
+    }
+    fn update(&self, block: IpNet, edit: EditFn) -> Result<Updated, DatastoreError> {
+        self.call(|tx| Call::Update(block, edit, tx))
+    }
+    fn list(&self) -> Result<Vec<IPAMBlockSpec>, DatastoreError> {
+        self.call(Call::List)
+    }
+}
+
+async fn serve(api: Api<IPAMBlock>, mut rx: mpsc::UnboundedReceiver<Call>) {
+    let late = |b: Option<IpNet>| api_error(b, format!("no answer within {CALL_TIMEOUT:?}"));
+    while let Some(call) = rx.recv().await {
+        match call {
+            Call::Request(block, owner, reply) => {
+                let r = tokio::time::timeout(CALL_TIMEOUT, request(&api, block, &owner))
+                    .await
+                    .unwrap_or_else(|_| Err(late(Some(block))));
+                let _ = reply.send(r);
+            }
+            Call::Update(block, edit, reply) => {
+                let r = tokio::time::timeout(CALL_TIMEOUT, update(&api, block, edit))
+                    .await
+                    .unwrap_or_else(|_| Err(late(Some(block))));
+                let _ = reply.send(r);
+            }
+            Call::List(reply) => {
+                let r = tokio::time::timeout(CALL_TIMEOUT, api.list(&ListParams::default()))
+                    .await
+                    .map_err(|_| late(None))
+                    .and_then(|r| r.map_err(|e| api_error(None, e)))
+                    .map(|l| l.items.into_iter().map(|o| o.spec).collect());
+                let _ = reply.send(r);
+            }
+        }
+    }
+}
+
+async fn request(
+    api: &Api<IPAMBlock>,
+    block: IpNet,
+    owner: &str,
+) -> Result<IPAMBlockSpec, DatastoreError> {
+    let name = block_name(block);
+    let object = IPAMBlock {
+        metadata: ObjectMeta {
+            name: Some(name.clone()),
+            ..Default::default()
+        },
+        spec: IPAMBlockSpec {
+            cidr: block,
+            owner: owner.to_string(),
+            state: IPAMBlockState::Requested,
+            allocations: Vec::new(),
+        },
+    };
+    match api.create(&PostParams::default(), &object).await {
+        Ok(created) => Ok(created.spec),
+        Err(e) if status_code(&e) == Some(409) => match api.get_opt(&name).await {
+            Ok(Some(o)) => Ok(o.spec),
+            Ok(None) => Err(api_error(
+                Some(block),
+                "created and deleted by others meanwhile",
+            )),
+            Err(e) => Err(api_error(Some(block), e)),
+        },
+        Err(e) => Err(api_error(Some(block), e)),
+    }
+}
+
+/// Read, edit, replace with the resourceVersion read; a 409 starts over.
+async fn update(
+    api: &Api<IPAMBlock>,
+    block: IpNet,
+    mut edit: EditFn,
+) -> Result<Updated, DatastoreError> {
+    let name = block_name(block);
+    let mut conflicts = 0;
+    loop {
+        let Some(mut object) = api
+            .get_opt(&name)
+            .await
+            .map_err(|e| api_error(Some(block), e))?
+        else {
+            return Ok(Updated {
+                spec: None,
+                conflicts,
+            });
+        };
+        if object
+            .metadata
+            .resource_version
+            .as_deref()
+            .unwrap_or("")
+            .is_empty()
+        {
+            return Err(api_error(
+                Some(block),
+                "the API server sent no resourceVersion",
+            ));
+        }
+        if edit(&mut object.spec) == Edit::Keep {
+            return Ok(Updated {
+                spec: Some(object.spec),
+                conflicts,
+            });
+        }
+        fault("before-write");
+        // The object carries the resourceVersion read: the API server's
+        // compare-and-swap.
+        match api.replace(&name, &PostParams::default(), &object).await {
+            Ok(written) => {
+                fault("after-write");
+                return Ok(Updated {
+                    spec: Some(written.spec),
+                    conflicts,
+                });
+            }
+            Err(e) if status_code(&e) == Some(409) => {
+                conflicts += 1;
+                if conflicts >= MAX_CAS_ROUNDS {
+                    return Err(api_error(
+                        Some(block),
+                        format!("{conflicts} conflicting writes in a row; giving up this round"),
+                    ));
+                }
+            }
+            Err(e) => return Err(api_error(Some(block), e)),
+        }
+    }
+}
+
+/// Test-only fault hook: with `STARLING_TEST_FAULT=ipamblock-<point>` in
+/// the environment the process aborts at that point (`after-write`: the
+/// mark is in the API server, nothing else happened), as a crash would.
+fn fault(point: &str) {
+    if std::env::var("STARLING_TEST_FAULT").is_ok_and(|v| v == format!("ipamblock-{point}")) {
+        tracing::error!("STARLING_TEST_FAULT: aborting at ipamblock-{point}");
+        std::process::abort();
+    }
+}
