@@ -208,6 +208,64 @@ pub(super) fn start_router(lab: &mut LabState, progress: &mut dyn FnMut(&str)) -
 }
 
 impl LabState {
+    /// Re-address a node's underlay, as when a VM gets a new address: its
+    /// fabric port moves to the bridge of `ipv4`'s subnet (on `two-subnets`;
+    /// `flat` has one), the old address goes, the new one comes, the
+    /// default route is put back, and the model gets the new address. The
+    /// node's agent is left running: it takes its own address (the VXLAN
+    /// device's `local`) at start, so restart it afterwards
+    /// ([`LabState::kill_agent`], [`LabState::start_agent`]) as an operator
+    /// would. IPv4 only.
+    pub fn move_node(&mut self, node: &str, ipv4: IpNet) -> Result<()> {
+        let n = self.node(node)?.clone();
+        let (bridge, gateway) = match self.options.underlay {
+            Underlay::TwoSubnets => {
+                let net = own_net(&ipv4)?;
+                let bridge = SUBNETS.iter().find(|s| s.1 == net).map(|s| s.0);
+                (bridge.unwrap_or("br0"), format!("{net}.1"))
+            }
+            Underlay::Flat => {
+                if !"192.0.2.0/24".parse::<IpNet>()?.contains(&ipv4.addr()) {
+                    bail!("{node}: {ipv4} is not on the flat underlay's 192.0.2.0/24");
+                }
+                ("br0", super::outside::GATEWAY_V4.to_string())
+            }
+        };
+        if self.nodes.iter().any(|m| m.ipv4.addr() == ipv4.addr()) {
+            bail!("{node}: {ipv4} is already a node's address");
+        }
+        let what = format!("{node}: moving to {ipv4}");
+        ip(
+            &what,
+            &["-n", &self.fabric, "link", "set", &n.port, "master", bridge],
+        )?;
+        let old = n.ipv4.to_string();
+        ip(&what, &["-n", &n.netns, "addr", "del", &old, "dev", "eth0"])?;
+        ip(
+            &what,
+            &[
+                "-n",
+                &n.netns,
+                "addr",
+                "add",
+                &ipv4.to_string(),
+                "dev",
+                "eth0",
+            ],
+        )?;
+        if self.options.underlay == Underlay::TwoSubnets || self.outside.is_some() {
+            ip(
+                &what,
+                &[
+                    "-n", &n.netns, "route", "replace", "default", "via", &gateway,
+                ],
+            )?;
+        }
+        self.node_mut(node)?.ipv4 = ipv4;
+        self.save()?;
+        self.write_model()
+    }
+
     /// The router's counters (two-subnets underlay only).
     pub fn router_counters(&self) -> Result<RouterCounters> {
         let Some(r) = &self.router else {
