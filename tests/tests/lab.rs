@@ -712,3 +712,6 @@ mod tor;
 
 #[path = "lab_parts/nobgp.rs"]
 mod nobgp;
+
+#[path = "lab_parts/vm.rs"]
+mod vm;

@@ -4,7 +4,8 @@
 //! `NAME-rtr` (192.0.2.1 and 198.51.100.1) that forwards between them and
 //! knows no pod route: pod traffic crosses it only encapsulated. An nftables
 //! table in the router's namespace (never the host's) counts what it
-//! forwards, so tests can prove the encapsulation on the wire.
+//! forwards (VXLAN, IPIP, plain pod packets), so tests can prove the
+//! encapsulation on the wire.
 
 use super::{LabState, ip, plug};
 use anyhow::{Context, Result, bail};
@@ -33,6 +34,8 @@ pub struct LabRouter {
 pub struct RouterCounters {
     /// VXLAN packets (UDP to port 4789).
     pub vxlan: u64,
+    /// IP-in-IP packets (IP protocol 4).
+    pub ipip: u64,
     /// Plain pod packets: an IPv4 destination inside 10.0.0.0/8 (every lab
     /// pool), not encapsulated.
     pub plain_pod: u64,
@@ -183,7 +186,7 @@ pub(super) fn start_router(lab: &mut LabState, progress: &mut dyn FnMut(&str)) -
         &["sysctl", "-qw", "net.ipv4.ip_forward=1"],
     )?;
     let rules = format!(
-        "table ip {NFT_TABLE} {{\n  chain forward {{\n    type filter hook forward priority 0; policy accept;\n    udp dport 4789 counter comment \"vxlan\"\n    ip daddr 10.0.0.0/8 counter comment \"plain_pod\"\n  }}\n}}\n"
+        "table ip {NFT_TABLE} {{\n  chain forward {{\n    type filter hook forward priority 0; policy accept;\n    udp dport 4789 counter comment \"vxlan\"\n    ip protocol 4 counter comment \"ipip\"\n    ip daddr 10.0.0.0/8 counter comment \"plain_pod\"\n  }}\n}}\n"
     );
     let mut child = Command::new("ip")
         .args(["netns", "exec", &netns, "nft", "-f", "-"])
@@ -290,6 +293,7 @@ impl LabState {
                 .find_map(|e| e["counter"]["packets"].as_u64());
             match (rule["comment"].as_str(), packets) {
                 (Some("vxlan"), Some(p)) => c.vxlan = p,
+                (Some("ipip"), Some(p)) => c.ipip = p,
                 (Some("plain_pod"), Some(p)) => c.plain_pod = p,
                 _ => {}
             }
