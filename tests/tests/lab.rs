@@ -800,3 +800,6 @@ fn ipam_check_and_release_with_the_file_datastore() -> Result<()> {
     wait_reachable(&c.pod("node2")?.netns, alive.ips[0])?;
     Ok(())
 }
+
+#[path = "lab_parts/vm.rs"]
+mod vm;

@@ -10,6 +10,10 @@
 #   EXTRA_BINS="/path/to/test-binary ..." GUEST_CMD="/bin/test-binary --nocapture" ./ipip-vm.sh
 #        -> copies binaries (+ their ldd libraries) into the initramfs and runs GUEST_CMD
 #           after the built-in checks; its exit code is reported as GUEST_CMD_RC=<n>.
+#           ELF binaries are copied stripped (the agent is ~120 MB with line tables, ~19 MB
+#           without: the initramfs lives in the guest's RAM).
+#   EXTRA_MODS="bridge nft_masq ..."   # more kernel modules (with their dependencies) for
+#           modprobe in GUEST_CMD; MEM (MiB) and TIMEOUT (s) for bigger guest work.
 # Exit status: 0 if every guest check passed (guest prints IPIP_VM_RESULT=PASS).
 set -euo pipefail
 W=${W:-/tmp/ipip-vm-$$}
@@ -22,7 +26,7 @@ BOOT=${BOOT:-pvh}
 ACCEL=${ACCEL:-tcg}   # kvm: see note below (this host only offers PVM-nested KVM)
 MEM=${MEM:-512}
 TIMEOUT=${TIMEOUT:-120}
-MODS="ipip veth"
+MODS="ipip veth ${EXTRA_MODS:-}"
 EXTRA_BINS=${EXTRA_BINS:-}
 GUEST_CMD=${GUEST_CMD:-}
 QEMU_EXTRA=${QEMU_EXTRA:-}   # e.g. "-M microvm" or "-bios /usr/share/qemu/qboot.rom"
@@ -31,12 +35,14 @@ R=$W/root
 trap 'rm -rf "$R" "$W/initramfs.cpio"' EXIT
 [ -e "$BZIMAGE" ] || { echo "no $BZIMAGE: install the Debian package linux-image-amd64" >&2; exit 2; }
 rm -rf "$R"; mkdir -p "$R"/{bin,sbin,proc,sys,dev,run,tmp,etc,lib64,usr/lib} "$R/lib/modules/$KVER"
+mkdir -p "$R/var"; ln -s ../run "$R/var/run"   # /var/run/netns: where CNI callers name pod namespaces
 
 # --- userspace: busybox (static) + real iproute2 'ip' with its shared libs ---------------
 cp /bin/busybox "$R/bin/busybox"
 copy_bin() { # copy a dynamically linked binary and the libraries ldd reports
   local b=$1 dst=$2
   cp -L "$b" "$R$dst"
+  if head -c 4 "$R$dst" | grep -q ELF; then strip "$R$dst" 2>/dev/null || true; fi
   for l in $(ldd "$b" 2>/dev/null | grep -o '/[^ ]*'); do
     mkdir -p "$R$(dirname "$l")"; cp -Ln "$l" "$R$l" 2>/dev/null || true
   done
@@ -61,6 +67,9 @@ export PATH=/sbin:/bin
 ip() { /sbin/ip "$@"; }
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
 mount -t tmpfs tmp /run; mount -t tmpfs tmp /tmp
+# devtmpfs has no /dev/fd or /dev/stdin (udev makes them); nft -f /dev/stdin needs them.
+ln -s /proc/self/fd /dev/fd; ln -s /proc/self/fd/0 /dev/stdin
+ln -s /proc/self/fd/1 /dev/stdout; ln -s /proc/self/fd/2 /dev/stderr
 echo "GUEST_INIT_START uptime=$(cut -d' ' -f1 /proc/uptime)s kernel=$(uname -r)"
 FAIL=0
 chk() { local name=$1; shift; if "$@"; then echo "CHECK $name: ok"; else echo "CHECK $name: FAIL"; FAIL=1; fi; }

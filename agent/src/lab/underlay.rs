@@ -4,7 +4,8 @@
 //! `NAME-rtr` (192.0.2.1 and 198.51.100.1) that forwards between them and
 //! knows no pod route: pod traffic crosses it only encapsulated. An nftables
 //! table in the router's namespace (never the host's) counts what it
-//! forwards, so tests can prove the encapsulation on the wire.
+//! forwards (VXLAN, IPIP, plain pod packets), so tests can prove the
+//! encapsulation on the wire.
 
 use super::{LabState, ip, plug};
 use anyhow::{Context, Result, bail};
@@ -33,6 +34,8 @@ pub struct LabRouter {
 pub struct RouterCounters {
     /// VXLAN packets (UDP to port 4789).
     pub vxlan: u64,
+    /// IP-in-IP packets (IP protocol 4).
+    pub ipip: u64,
     /// Plain pod packets: an IPv4 destination inside 10.0.0.0/8 (every lab
     /// pool), not encapsulated.
     pub plain_pod: u64,
@@ -183,7 +186,7 @@ pub(super) fn start_router(lab: &mut LabState, progress: &mut dyn FnMut(&str)) -
         &["sysctl", "-qw", "net.ipv4.ip_forward=1"],
     )?;
     let rules = format!(
-        "table ip {NFT_TABLE} {{\n  chain forward {{\n    type filter hook forward priority 0; policy accept;\n    udp dport 4789 counter comment \"vxlan\"\n    ip daddr 10.0.0.0/8 counter comment \"plain_pod\"\n  }}\n}}\n"
+        "table ip {NFT_TABLE} {{\n  chain forward {{\n    type filter hook forward priority 0; policy accept;\n    udp dport 4789 counter comment \"vxlan\"\n    ip protocol 4 counter comment \"ipip\"\n    ip daddr 10.0.0.0/8 counter comment \"plain_pod\"\n  }}\n}}\n"
     );
     let mut child = Command::new("ip")
         .args(["netns", "exec", &netns, "nft", "-f", "-"])
@@ -208,6 +211,64 @@ pub(super) fn start_router(lab: &mut LabState, progress: &mut dyn FnMut(&str)) -
 }
 
 impl LabState {
+    /// Re-address a node's underlay, as when a VM gets a new address: its
+    /// fabric port moves to the bridge of `ipv4`'s subnet (on `two-subnets`;
+    /// `flat` has one), the old address goes, the new one comes, the
+    /// default route is put back, and the model gets the new address. The
+    /// node's agent is left running: it takes its own address (the VXLAN
+    /// device's `local`) at start, so restart it afterwards
+    /// ([`LabState::kill_agent`], [`LabState::start_agent`]) as an operator
+    /// would. IPv4 only.
+    pub fn move_node(&mut self, node: &str, ipv4: IpNet) -> Result<()> {
+        let n = self.node(node)?.clone();
+        let (bridge, gateway) = match self.options.underlay {
+            Underlay::TwoSubnets => {
+                let net = own_net(&ipv4)?;
+                let bridge = SUBNETS.iter().find(|s| s.1 == net).map(|s| s.0);
+                (bridge.unwrap_or("br0"), format!("{net}.1"))
+            }
+            Underlay::Flat => {
+                if !"192.0.2.0/24".parse::<IpNet>()?.contains(&ipv4.addr()) {
+                    bail!("{node}: {ipv4} is not on the flat underlay's 192.0.2.0/24");
+                }
+                ("br0", super::outside::GATEWAY_V4.to_string())
+            }
+        };
+        if self.nodes.iter().any(|m| m.ipv4.addr() == ipv4.addr()) {
+            bail!("{node}: {ipv4} is already a node's address");
+        }
+        let what = format!("{node}: moving to {ipv4}");
+        ip(
+            &what,
+            &["-n", &self.fabric, "link", "set", &n.port, "master", bridge],
+        )?;
+        let old = n.ipv4.to_string();
+        ip(&what, &["-n", &n.netns, "addr", "del", &old, "dev", "eth0"])?;
+        ip(
+            &what,
+            &[
+                "-n",
+                &n.netns,
+                "addr",
+                "add",
+                &ipv4.to_string(),
+                "dev",
+                "eth0",
+            ],
+        )?;
+        if self.options.underlay == Underlay::TwoSubnets || self.outside.is_some() {
+            ip(
+                &what,
+                &[
+                    "-n", &n.netns, "route", "replace", "default", "via", &gateway,
+                ],
+            )?;
+        }
+        self.node_mut(node)?.ipv4 = ipv4;
+        self.save()?;
+        self.write_model()
+    }
+
     /// The router's counters (two-subnets underlay only).
     pub fn router_counters(&self) -> Result<RouterCounters> {
         let Some(r) = &self.router else {
@@ -232,6 +293,7 @@ impl LabState {
                 .find_map(|e| e["counter"]["packets"].as_u64());
             match (rule["comment"].as_str(), packets) {
                 (Some("vxlan"), Some(p)) => c.vxlan = p,
+                (Some("ipip"), Some(p)) => c.ipip = p,
                 (Some("plain_pod"), Some(p)) => c.plain_pod = p,
                 _ => {}
             }

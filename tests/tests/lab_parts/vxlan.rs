@@ -231,3 +231,139 @@ fn vxlan_ipv6_pods_reach_each_other_through_vxlan6() -> Result<()> {
     );
     Ok(())
 }
+
+/// Move `node`'s underlay address to `to` and restart its agent, as an
+/// operator does after re-addressing a VM (the agent takes its own address,
+/// the VXLAN device's `local`, at start).
+fn move_and_restart(c: &mut Cluster, node: &str, to: &str) -> Result<()> {
+    c.lab.move_node(node, to.parse()?)?;
+    c.lab.kill_agent(node)?;
+    c.lab.start_agent(node)?;
+    Ok(())
+}
+
+/// `node`'s first block's route on `on`, as `ip route` prints it up to the
+/// device, e.g. `10.244.1.0/26 via 192.0.2.12 dev eth0`.
+fn route_to(c: &Cluster, on: &str, node: &str) -> Result<Option<String>> {
+    let block = c.status(node)?.blocks[0].to_string();
+    Ok(c.kernel_routes(on)?
+        .lines()
+        .find(|l| l.starts_with(&format!("{block} ")))
+        .map(|l| l.split(" proto ").next().unwrap_or(l).trim().to_string()))
+}
+
+/// A node's address changes under vxlanMode CrossSubnet on two subnets and
+/// the other nodes re-decide plain or VXLAN: node2 moves from 198.51.100.12
+/// to 192.0.2.12 (node1's and node3's subnet), so its routes become plain
+/// everywhere and its old VTEP's FDB entries go; then node3 moves from
+/// 192.0.2.13 to 198.51.100.13, so its routes become VXLAN. After each move
+/// every pod reaches every other, and the counters show which way the
+/// traffic went. The moved node's agent is restarted after its move.
+#[test]
+fn node_address_change_re_decides_cross_subnet() -> Result<()> {
+    let mut c = two_subnets("vxmv", LabEncapsulation::VxlanCrossSubnet)?;
+    let b2 = c.status("node2")?.blocks[0].to_string();
+    ensure!(
+        route_to(&c, "node1", "node2")?.as_deref()
+            == Some(&format!("{b2} via 198.51.100.12 dev vxlan.starling onlink")[..]),
+        "{}",
+        c.kernel_routes("node1")?
+    );
+
+    // node2 comes onto 192.0.2.0/24: plain from and to everyone.
+    move_and_restart(&mut c, "node2", "192.0.2.12/24")?;
+    let want = |c: &Cluster, on: &str, to: &str, route: &str| -> Result<bool> {
+        Ok(route_to(c, on, to)?.is_some_and(|r| r.ends_with(route)))
+    };
+    let took = wait_for("every route to and from node2 plain", CONVERGE, || {
+        Ok(want(&c, "node1", "node2", "via 192.0.2.12 dev eth0")?
+            && want(&c, "node3", "node2", "via 192.0.2.12 dev eth0")?
+            && want(&c, "node2", "node1", "via 192.0.2.11 dev eth0")?
+            && want(&c, "node2", "node3", "via 192.0.2.13 dev eth0")?
+            && !fdb_of(&c, "node1")?.contains("198.51.100.12")
+            && !fdb_of(&c, "node3")?.contains("198.51.100.12"))
+    })?;
+    bench_line(
+        "lab-vxlan-node-moved",
+        "starling",
+        "plain_after_restart",
+        took.as_secs_f64() * 1000.0,
+        "ms",
+    );
+    c.converged(CONVERGE)?;
+    ensure!(c.all_pairs_answer()? == 6, "not every pair answers");
+    let r0 = c.lab.router_counters()?;
+    let before = c.lab.tx_packets("node1", "vxlan.starling").unwrap_or(0);
+    ping_n(&c, "node1", "node2", 20)?;
+    let after = c.lab.tx_packets("node1", "vxlan.starling").unwrap_or(0);
+    ensure!(
+        after == before,
+        "node1 -> node2 went through vxlan.starling after the move ({before} -> {after})"
+    );
+    ensure!(
+        c.lab.router_counters()? == r0,
+        "node1 -> node2 crossed the router after the move"
+    );
+
+    // node3 goes to 198.51.100.0/24: VXLAN from and to everyone.
+    move_and_restart(&mut c, "node3", "198.51.100.13/24")?;
+    wait_for("every route to and from node3 VXLAN", CONVERGE, || {
+        Ok(want(
+            &c,
+            "node1",
+            "node3",
+            "via 198.51.100.13 dev vxlan.starling onlink",
+        )? && want(
+            &c,
+            "node2",
+            "node3",
+            "via 198.51.100.13 dev vxlan.starling onlink",
+        )? && want(
+            &c,
+            "node3",
+            "node1",
+            "via 192.0.2.11 dev vxlan.starling onlink",
+        )? && want(
+            &c,
+            "node3",
+            "node2",
+            "via 192.0.2.12 dev vxlan.starling onlink",
+        )?)
+    })?;
+    c.converged(CONVERGE)?;
+    ensure!(c.all_pairs_answer()? == 6, "not every pair answers");
+    let r0 = c.lab.router_counters()?;
+    let before = c.lab.tx_packets("node1", "vxlan.starling")?;
+    ping_n(&c, "node1", "node3", 20)?;
+    let after = c.lab.tx_packets("node1", "vxlan.starling")?;
+    ensure!(
+        after >= before + 20,
+        "node1 -> node3 not encapsulated after the move ({before} -> {after})"
+    );
+    let r1 = c.lab.router_counters()?;
+    ensure!(r1.vxlan >= r0.vxlan + 40, "{r0:?} -> {r1:?}");
+    ensure!(
+        r1.plain_pod == 0,
+        "the router forwarded plain pod packets: {r1:?}"
+    );
+    Ok(())
+}
+
+fn fdb_of(c: &Cluster, node: &str) -> Result<String> {
+    let ns = c.lab.node(node)?.netns.clone();
+    // No device (no route needs VXLAN any more): no entries.
+    Ok(starling_tests::run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &ns,
+            "bridge",
+            "fdb",
+            "show",
+            "dev",
+            "vxlan.starling",
+        ],
+    )
+    .unwrap_or_default())
+}
