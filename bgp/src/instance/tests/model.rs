@@ -313,6 +313,62 @@ fn setup() -> (Harness, Model) {
     (h, model)
 }
 
+/// `m` announces `n` prefixes from `first` on (wrapping round `prefixes`)
+/// with path `a`, in one UPDATE; the model keeps what its import policy lets in.
+fn announce(
+    h: &mut Harness,
+    m: &mut ModelPeer,
+    prefixes: &[IpNet],
+    first: IpNet,
+    n: usize,
+    a: PathAttrs,
+) {
+    let at = prefixes.iter().position(|x| *x == first).unwrap();
+    let ps: Vec<IpNet> = (0..n)
+        .map(|k| prefixes[(at + k) % prefixes.len()])
+        .collect();
+    for x in &ps {
+        let kept = if m.policy {
+            import_policy(x, &a)
+        } else {
+            Some(a.clone())
+        };
+        match kept {
+            Some(k) => m.rib_in.insert(*x, k),
+            None => m.rib_in.remove(x),
+        };
+    }
+    let names: Vec<String> = ps.iter().map(|x| x.to_string()).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    h.announce(&m.addr.to_string(), &refs, a);
+}
+
+/// Each prefix's best path and multipath set in the RIB against the model.
+fn check_rib(h: &Harness, model: &Model, prefixes: &[IpNet], seed: u64, step: usize) {
+    for p in prefixes {
+        let got: Vec<(IpAddr, Held)> = match h.inst.rib.best(p) {
+            Some(b) if b.source != Source::Local => b
+                .members()
+                .map(|(s, a)| match s {
+                    Source::Peer(x) => (x, held(a)),
+                    Source::Local => unreachable!("ours is never in a set with others"),
+                })
+                .collect(),
+            _ => vec![],
+        };
+        assert_eq!(
+            got,
+            model.multipath(p),
+            "seed {seed}, step {step}: best path and multipath set of {p}"
+        );
+        assert_eq!(
+            h.inst.rib.best(p).map(|b| b.source == Source::Local),
+            model.best(p).map(|(from, _)| from.is_none()),
+            "seed {seed}, step {step}: whether {p} is ours"
+        );
+    }
+}
+
 fn run(seed: u64, steps: usize) {
     let mut rng = Rng(seed);
     let (mut h, mut model) = setup();
@@ -326,28 +382,9 @@ fn run(seed: u64, steps: usize) {
         let what = rng.below(100);
         match what {
             0..40 if model.peers[i].up => {
-                // One to three prefixes sharing the path, in one UPDATE.
                 let a = random_path(&mut rng, &model.peers[i]);
                 let n = 1 + rng.below(3);
-                let ps: Vec<String> = (0..n)
-                    .map(|k| prefixes[(prefixes.iter().position(|x| *x == p).unwrap() + k) % 8])
-                    .map(|x| x.to_string())
-                    .collect();
-                for x in &ps {
-                    let x = net(x);
-                    let m = &mut model.peers[i];
-                    let kept = if m.policy {
-                        import_policy(&x, &a)
-                    } else {
-                        Some(a.clone())
-                    };
-                    match kept {
-                        Some(k) => m.rib_in.insert(x, k),
-                        None => m.rib_in.remove(&x),
-                    };
-                }
-                let refs: Vec<&str> = ps.iter().map(String::as_str).collect();
-                h.announce(&addr.to_string(), &refs, a);
+                announce(&mut h, &mut model.peers[i], &prefixes, p, n, a);
             }
             40..55 if model.peers[i].up => {
                 model.peers[i].rib_in.remove(&p);
@@ -409,28 +446,7 @@ fn run(seed: u64, steps: usize) {
         // Flush at random points, so changes pile up between decisions.
         if rng.below(3) == 0 || step + 1 == steps {
             h.inst.flush();
-            for p in &prefixes {
-                let got: Vec<(IpAddr, Held)> = match h.inst.rib.best(p) {
-                    Some(b) if b.source != Source::Local => b
-                        .members()
-                        .map(|(s, a)| match s {
-                            Source::Peer(x) => (x, held(a)),
-                            Source::Local => unreachable!("ours is never in a set with others"),
-                        })
-                        .collect(),
-                    _ => vec![],
-                };
-                assert_eq!(
-                    got,
-                    model.multipath(p),
-                    "seed {seed}, step {step}: best path and multipath set of {p}"
-                );
-                assert_eq!(
-                    h.inst.rib.best(p).map(|b| b.source == Source::Local),
-                    model.best(p).map(|(from, _)| from.is_none()),
-                    "seed {seed}, step {step}: whether {p} is ours"
-                );
-            }
+            check_rib(&h, &model, &prefixes, seed, step);
             for (j, m) in model.peers.iter().enumerate() {
                 apply(&mut h, m.addr, &mut tables[j]);
                 if m.up {
