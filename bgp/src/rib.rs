@@ -487,6 +487,10 @@ fn drop_med_losers(cands: &mut Vec<(Path, u32)>) {
         )
     };
     let med = |x: &Path| x.attrs.med.unwrap_or(0);
+    // The common case (one MED for all, usually none) costs one pass.
+    if cands.iter().all(|(c, _)| med(c) == med(&cands[0].0)) {
+        return;
+    }
     let mut k = 0;
     while k < cands.len() {
         let c = &cands[k].0;
