@@ -244,15 +244,13 @@ impl PolicyRule {
     }
 
     fn matches(&self, prefix: &IpNet, attrs: &PathAttrs, source: RouteSource) -> bool {
-        if self.family.is_some_and(|f| f != Family::of(prefix)) {
-            return false;
-        }
+        self.matches_route(attrs, source) && self.matches_prefix(prefix)
+    }
+
+    /// The part of the match that looks at the route's attributes and
+    /// source only: the same for every prefix of one UPDATE.
+    fn matches_route(&self, attrs: &PathAttrs, source: RouteSource) -> bool {
         if self.source.is_some_and(|s| s != source) {
-            return false;
-        }
-        if let Some(p) = &self.prefix
-            && self.prefix_matches(p, prefix) == self.not_prefix
-        {
             return false;
         }
         if let Some(c) = self.community
@@ -261,6 +259,47 @@ impl PolicyRule {
             return false;
         }
         true
+    }
+
+    /// The part of the match that looks at the prefix (family, prefix range).
+    fn matches_prefix(&self, prefix: &IpNet) -> bool {
+        if self.family.is_some_and(|f| f != Family::of(prefix)) {
+            return false;
+        }
+        if let Some(p) = &self.prefix
+            && self.prefix_matches(p, prefix) == self.not_prefix
+        {
+            return false;
+        }
+        true
+    }
+
+    /// Whether the rule looks at the prefix at all.
+    fn looks_at_prefix(&self) -> bool {
+        self.family.is_some() || self.prefix.is_some()
+    }
+
+    /// What an accepting rule does to `attrs`; its outcome.
+    fn act(&self, attrs: &mut PathAttrs) -> Outcome {
+        if self.action == Verdict::Reject {
+            return Outcome::Reject;
+        }
+        let mut nhs = None;
+        if let Some(s) = &self.set {
+            if let Some(lp) = s.local_pref {
+                attrs.local_pref = Some(lp);
+            }
+            if let Some(m) = s.med {
+                attrs.med = Some(m);
+            }
+            for c in &s.communities_add {
+                if !attrs.communities.contains(&c.0) {
+                    attrs.communities.push(c.0);
+                }
+            }
+            nhs = s.next_hop_self;
+        }
+        Outcome::Accept { next_hop_self: nhs }
     }
 }
 
@@ -323,31 +362,74 @@ pub fn apply(
             next_hop_self: None,
         };
     };
-    for r in rules {
-        if !r.matches(prefix, attrs, source) {
-            continue;
-        }
-        if r.action == Verdict::Reject {
-            return Outcome::Reject;
-        }
-        let mut nhs = None;
-        if let Some(s) = &r.set {
-            if let Some(lp) = s.local_pref {
-                attrs.local_pref = Some(lp);
-            }
-            if let Some(m) = s.med {
-                attrs.med = Some(m);
-            }
-            for c in &s.communities_add {
-                if !attrs.communities.contains(&c.0) {
-                    attrs.communities.push(c.0);
-                }
-            }
-            nhs = s.next_hop_self;
-        }
-        return Outcome::Accept { next_hop_self: nhs };
+    match rules.iter().find(|r| r.matches(prefix, attrs, source)) {
+        Some(r) => r.act(attrs),
+        None => Outcome::Reject,
     }
-    Outcome::Reject
+}
+
+/// One policy run once for all the prefixes of an UPDATE, which share one
+/// attribute set: the attribute and source conditions are checked once,
+/// each prefix then only finds the first rule whose prefix conditions it
+/// meets, and each rule's changed attribute set is built once and shared
+/// (`apply` per prefix would clone and change the set for every prefix).
+pub struct PerUpdate<'a, T> {
+    rules: &'a [PolicyRule],
+    /// Rules whose attribute and source conditions this UPDATE meets.
+    candidates: Vec<usize>,
+    /// Whether any candidate looks at the prefix; if not, every prefix
+    /// gets the same outcome.
+    by_prefix: bool,
+    /// The outcome of each rule (index into `rules`, `rules.len()` for "no
+    /// rule matched"), made by `make` the first time a prefix needs it.
+    outcomes: Vec<Option<Option<T>>>,
+}
+
+impl<'a, T: Clone> PerUpdate<'a, T> {
+    pub fn new(rules: &'a [PolicyRule], attrs: &PathAttrs, source: RouteSource) -> Self {
+        let candidates: Vec<usize> = (0..rules.len())
+            .filter(|&i| rules[i].matches_route(attrs, source))
+            .collect();
+        let by_prefix = candidates.iter().any(|&i| rules[i].looks_at_prefix());
+        PerUpdate {
+            rules,
+            candidates,
+            by_prefix,
+            outcomes: vec![None; rules.len() + 1],
+        }
+    }
+
+    /// The outcome for `prefix`: `None` rejected, `Some(t)` accepted, `t`
+    /// being what `make` built from the accepted, changed attribute set.
+    /// `make` runs at most once per rule.
+    pub fn outcome(
+        &mut self,
+        prefix: &IpNet,
+        attrs: &PathAttrs,
+        make: impl FnOnce(PathAttrs) -> T,
+    ) -> Option<T> {
+        let rule = if self.by_prefix {
+            self.candidates
+                .iter()
+                .copied()
+                .find(|&i| self.rules[i].matches_prefix(prefix))
+        } else {
+            self.candidates.first().copied()
+        };
+        let slot = &mut self.outcomes[rule.unwrap_or(self.rules.len())];
+        if let Some(o) = slot {
+            return o.clone();
+        }
+        let o = rule.and_then(|i| {
+            let mut a = attrs.clone();
+            match self.rules[i].act(&mut a) {
+                Outcome::Reject => None,
+                Outcome::Accept { .. } => Some(make(a)),
+            }
+        });
+        *slot = Some(o.clone());
+        o
+    }
 }
 
 #[cfg(test)]
@@ -356,6 +438,44 @@ mod tests {
 
     fn rule(y: &str) -> PolicyRule {
         serde_yaml::from_str(y).unwrap()
+    }
+
+    #[test]
+    fn once_per_update_gives_what_apply_gives_per_prefix() {
+        let rules = vec![
+            rule("{prefix: 10.0.7.0/24, action: reject}"),
+            rule("{community: \"65000:666\", action: reject}"),
+            rule("{prefix: 10.0.0.0/22, le: 24, action: accept, set: {local_pref: 150}}"),
+            rule("{family: ipv6, action: reject}"),
+            rule("{action: accept, set: {med: 5, communities_add: [\"65000:1\"]}}"),
+        ];
+        let prefixes: Vec<IpNet> = ["10.0.0.0/24", "10.0.3.0/24", "10.0.7.0/24", "10.0.9.0/24"]
+            .iter()
+            .chain(&["2001:db8::/64", "10.0.1.0/24", "10.0.8.0/24"])
+            .map(|p| p.parse().unwrap())
+            .collect();
+        for communities in [vec![], vec![(65000 << 16) | 666]] {
+            let attrs = PathAttrs {
+                communities,
+                ..Default::default()
+            };
+            let mut run = PerUpdate::new(&rules, &attrs, RouteSource::Peer);
+            let mut made = 0;
+            for p in &prefixes {
+                let got = run.outcome(p, &attrs, |a| {
+                    made += 1;
+                    a
+                });
+                let mut want = attrs.clone();
+                let want = match apply(Some(&rules), p, &mut want, RouteSource::Peer) {
+                    Outcome::Reject => None,
+                    Outcome::Accept { .. } => Some(want),
+                };
+                assert_eq!(got, want, "{p}");
+            }
+            // Two accepting rules at most: each changed set built once.
+            assert!(made <= 2, "built {made} sets");
+        }
     }
 
     #[test]

@@ -328,6 +328,7 @@ impl Rib {
             None
         } else {
             if cands.len() > 1 {
+                drop_med_losers(&mut cands);
                 cands.sort_by(|a, b| self.prefer(a, b));
             }
             let first = &cands[0];
@@ -466,6 +467,44 @@ impl Rib {
     }
 }
 
+/// RFC 4271 §9.1.2.2 c: a path is out when another with the same
+/// LOCAL_PREF, AS_PATH length and ORIGIN from the same neighbouring AS has
+/// a lower MED (a missing MED is 0). Done as an elimination before the
+/// sort, because MED compared only within one neighbouring AS is no total
+/// order: paths from two ASes can form a cycle (A beats C beats B beats
+/// A), and a sort would then pick a best path that depends on the order the
+/// candidates happen to be in. What is left compares MED as equal wherever
+/// it compares it at all. Removing one path at a time is enough: a path
+/// that beat another is only ever removed by one with a still lower MED,
+/// which beats that other one too.
+fn drop_med_losers(cands: &mut Vec<(Path, u32)>) {
+    let key = |x: &Path| {
+        (
+            x.attrs.local_pref.unwrap_or(100),
+            x.attrs.as_path_len(),
+            x.attrs.origin,
+            x.attrs.neighbor_as(),
+        )
+    };
+    let med = |x: &Path| x.attrs.med.unwrap_or(0);
+    // The common case (one MED for all, usually none) costs one pass.
+    if cands.iter().all(|(c, _)| med(c) == med(&cands[0].0)) {
+        return;
+    }
+    let mut k = 0;
+    while k < cands.len() {
+        let c = &cands[k].0;
+        if cands
+            .iter()
+            .any(|(s, _)| med(s) < med(c) && key(s) == key(c))
+        {
+            cands.swap_remove(k);
+        } else {
+            k += 1;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -547,6 +586,44 @@ mod tests {
             Source::Peer(i),
             "MED before eBGP/iBGP"
         );
+    }
+
+    #[test]
+    fn med_is_applied_as_the_rfc_eliminates_not_as_a_sort_key() {
+        // A and B come from the same neighbouring AS, C from another: A
+        // beats C (lower router ID), C beats B, B beats A (lower MED), a
+        // cycle. §9.1.2.2 c takes A out first (B has the lower MED in its
+        // AS); of B and C, C has the lower router ID. Whatever order the
+        // paths arrive in, C is the best path.
+        let peers = ["192.0.2.2", "192.0.2.3", "192.0.2.4"];
+        let orders = [
+            [0, 1, 2],
+            [0, 2, 1],
+            [1, 0, 2],
+            [1, 2, 0],
+            [2, 0, 1],
+            [2, 1, 0],
+        ];
+        for order in orders {
+            let mut r = Rib::new(1, None);
+            let p: IpNet = P.parse().unwrap();
+            let mut a = path(&[65001], None, "192.0.2.2");
+            a.med = Some(10);
+            let c = path(&[65002], None, "192.0.2.3");
+            let mut b = path(&[65001], None, "192.0.2.4");
+            b.med = Some(5);
+            let paths = [a, c, b];
+            for i in order {
+                let x = meta(&mut r, peers[i], true, peers[i]);
+                let attrs = r.intern(paths[i].clone());
+                r.insert(x, p, attrs);
+            }
+            assert_eq!(
+                r.decide(&p).unwrap().unwrap().source,
+                Source::Peer(peers[1].parse().unwrap()),
+                "arrival order {order:?}"
+            );
+        }
     }
 
     #[test]

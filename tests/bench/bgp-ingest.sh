@@ -14,6 +14,10 @@
 # `show protocols all`, cross-checked with `show route count`), polled every
 # POLL_MS ms over one control connection. Peak RSS is VmHWM of the daemon.
 # iBGP with export none / no other peers, so nothing is re-advertised.
+# IMPORT_POLICY=1: every peer gets the same three-rule import policy in
+# both daemons (reject a prefix range, reject a community, accept with
+# LOCAL_PREF 150), the cost an eBGP peer's policy adds (bgp-loadgen speaks
+# iBGP only, so the sessions stay iBGP).
 #
 # Prints JSON lines {"bench":"bgp-ingest","impl":"starling"|"bird"|"loadgen",...}.
 set -euo pipefail
@@ -23,6 +27,7 @@ PREFIXES=${PREFIXES:-100000}
 PER_SET=${PER_SET:-0}
 REPS=${REPS:-1}
 POLL_MS=${POLL_MS:-10}
+IMPORT_POLICY=${IMPORT_POLICY:-0}
 . tests/bench/bgp-bench-lib.sh
 bench_setup bgp-ingest
 
@@ -67,6 +72,12 @@ run_starling() {
             echo "  - address: $(peer_addr "$i")"
             echo "    asn: 65000"
             echo "    passive: true"
+            if [ "$IMPORT_POLICY" = 1 ]; then
+                echo "    import:"
+                echo "      - {prefix: 192.0.2.0/24, le: 32, action: reject}"
+                echo "      - {community: \"65000:666\", action: reject}"
+                echo "      - {action: accept, set: {local_pref: 150}}"
+            fi
         done
     } >"$conf"
     # Called as `run_starling || status=1`, where errexit is off: check by hand.
@@ -95,13 +106,23 @@ run_bird() {
     {
         echo "log \"$WORK/bird.log\" { warning, error, fatal, bug };"
         echo "router id 192.0.2.1;"
+        local import="import all;"
+        if [ "$IMPORT_POLICY" = 1 ]; then
+            echo "filter imp {"
+            echo "  if net ~ [ 192.0.2.0/24+ ] then reject;"
+            echo "  if (65000,666) ~ bgp_community then reject;"
+            echo "  bgp_local_pref = 150;"
+            echo "  accept;"
+            echo "}"
+            import="import filter imp;"
+        fi
         for i in $(seq 0 $((PEERS - 1))); do
             echo "protocol bgp g$i {"
             echo "  local 127.0.0.3 as 65000;"
             echo "  neighbor $(peer_addr "$i") as 65000;"
             echo "  passive on;"
             echo "  hold time 90;"
-            echo "  ipv4 { import all; export none; };"
+            echo "  ipv4 { $import export none; };"
             echo "}"
         done
     } >"$conf"
@@ -115,7 +136,7 @@ run_bird() {
     stop_daemon
 }
 
-echo "# bgp-ingest: $PEERS peers x $PREFIXES prefixes, per_set=$PER_SET; $(nproc) cpus; $(uname -r); load:$(uptime | sed 's/.*load average//')" >&2
+echo "# bgp-ingest: $PEERS peers x $PREFIXES prefixes, per_set=$PER_SET, import_policy=$IMPORT_POLICY; $(nproc) cpus; $(uname -r); load:$(uptime | sed 's/.*load average//')" >&2
 status=0
 for _ in $(seq "$REPS"); do
     inns "$LOADGEN" ingest "${LOAD[@]}" --target sink

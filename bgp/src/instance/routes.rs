@@ -5,7 +5,7 @@
 use super::Instance;
 use super::outbound::Change;
 use crate::export::Kinds;
-use crate::policy::{self, Effective, Outcome, RouteSource};
+use crate::policy::{Effective, PerUpdate, RouteSource};
 use crate::report::{LearnedPath, RouteChange, RouteEvent};
 use crate::rib::{Best, Source};
 use crate::wire;
@@ -72,17 +72,19 @@ impl Instance {
                 }
             }
             Effective::Rules(rules) => {
+                // Once per UPDATE, not per prefix: the prefixes share one
+                // attribute set, and so do those with the same outcome.
+                let mut run = PerUpdate::new(rules, a, RouteSource::Peer);
+                let rib = &mut self.rib;
                 for x in &update.announced {
-                    let mut attrs = update.attrs.clone();
-                    match policy::apply(Some(rules), x, &mut attrs, RouteSource::Peer) {
-                        Outcome::Reject => {
-                            if self.rib.remove(peer, x) {
+                    match run.outcome(x, a, |changed| rib.intern(changed)) {
+                        None => {
+                            if rib.remove(peer, x) {
                                 changed.push(*x);
                             }
                         }
-                        Outcome::Accept { .. } => {
-                            let attrs = self.rib.intern(attrs);
-                            self.rib.insert(peer, *x, attrs);
+                        Some(attrs) => {
+                            rib.insert(peer, *x, attrs);
                             changed.push(*x);
                         }
                     }

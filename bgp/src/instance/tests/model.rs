@@ -1,12 +1,16 @@
-//! The outbound side checked against a plain reference model. Random
-//! announce / withdraw / session-down / session-up / route-refresh /
+//! The RIB and the outbound side checked against a plain reference model.
+//! Random announce / withdraw / session-down / session-up / route-refresh /
 //! reconfiguration sequences go through the instance, whose UPDATEs are
 //! applied to a per-peer table as the peer would; the model says what each
-//! peer should hold from RFC 4271 §9.1 (decision) and §5.1 / §9.2
-//! (export) and RFC 4456 (reflection), written out directly with no code
-//! shared with the speaker. After every flush the two must agree.
+//! prefix's best path and multipath set are (RFC 4271 §9.1.2.2, step by
+//! step, MED included) and what each peer should hold (§5.1 / §9.2 export,
+//! RFC 4456 reflection), after one eBGP peer's import policy, written out
+//! directly with no code shared with the speaker. After every flush the
+//! two must agree.
 
 use super::*;
+use crate::attrs::Origin;
+use crate::rib::Source;
 
 /// A tiny seeded generator (xorshift64*): the failing seed is printed.
 struct Rng(u64);
@@ -31,6 +35,7 @@ struct Held {
     as_path: Vec<u32>,
     local_pref: Option<u32>,
     med: Option<u32>,
+    origin: Origin,
     originator_id: Option<Ipv4Addr>,
     cluster_list: Vec<Ipv4Addr>,
 }
@@ -41,6 +46,7 @@ fn held(a: &PathAttrs) -> Held {
         as_path: a.as_path_flat(),
         local_pref: a.local_pref,
         med: a.med,
+        origin: a.origin,
         originator_id: a.originator_id,
         cluster_list: a.cluster_list.clone(),
     }
@@ -53,8 +59,32 @@ struct ModelPeer {
     client: bool,
     nhs: bool,
     up: bool,
-    /// What it announced to us (its Adj-RIB-In), when up.
+    /// What it announced to us and the import policy accepted, as changed
+    /// by the policy, when up.
     rib_in: BTreeMap<IpNet, PathAttrs>,
+    /// Whether it has the import policy of `POLICY` (`import_policy`).
+    policy: bool,
+}
+
+/// The import policy of one eBGP peer, as the speaker reads it, and the
+/// same written out by hand in `import_policy`.
+const POLICY: &str = "[{prefix: 10.0.7.0/24, action: reject}, \
+     {community: \"65000:666\", action: reject}, \
+     {prefix: 10.0.0.0/22, le: 24, action: accept, set: {local_pref: 150, med: 7}}, \
+     {action: accept}]";
+
+const REJECT_ME: u32 = (65000 << 16) | 666;
+
+fn import_policy(p: &IpNet, a: &PathAttrs) -> Option<PathAttrs> {
+    if *p == net("10.0.7.0/24") || a.communities.contains(&REJECT_ME) {
+        return None;
+    }
+    let mut a = a.clone();
+    if net("10.0.0.0/22").contains(p) {
+        a.local_pref = Some(150);
+        a.med = Some(7);
+    }
+    Some(a)
 }
 
 impl ModelPeer {
@@ -78,28 +108,65 @@ struct Model {
 const LOCAL_ADDR: &str = "192.0.2.1";
 
 impl Model {
-    /// RFC 4271 §9.1.2.2 for the paths this test makes (no MED, one
-    /// ORIGIN): ours first, then higher LOCAL_PREF, shorter AS_PATH, eBGP
-    /// over iBGP, lower router ID, lower address.
+    /// RFC 4271 §9.1.2.2 step by step for the paths this test makes (no
+    /// ORIGINATOR_ID or CLUSTER_LIST from peers, every next hop at IGP cost
+    /// 0): ours first; then of the peers' paths keep the highest LOCAL_PREF,
+    /// the shortest AS_PATH, the lowest ORIGIN, per neighbouring AS the
+    /// lowest MED (missing = 0), eBGP over iBGP. What is left is the
+    /// multipath pool; lower router ID, then lower address picks the best.
+    fn pool(&self, p: &IpNet) -> Vec<(&ModelPeer, &PathAttrs)> {
+        let mut c: Vec<(&ModelPeer, &PathAttrs)> = self
+            .peers
+            .iter()
+            .filter(|m| m.up)
+            .filter_map(|m| m.rib_in.get(p).map(|a| (m, a)))
+            .collect();
+        fn keep_min<'a, K: Ord>(
+            c: &mut Vec<(&'a ModelPeer, &'a PathAttrs)>,
+            key: impl Fn(&ModelPeer, &PathAttrs) -> K,
+        ) {
+            if let Some(min) = c.iter().map(|(m, a)| key(m, a)).min() {
+                c.retain(|(m, a)| key(m, a) == min);
+            }
+        }
+        keep_min(&mut c, |_, a| {
+            std::cmp::Reverse(a.local_pref.unwrap_or(100))
+        });
+        keep_min(&mut c, |_, a| a.as_path_len());
+        keep_min(&mut c, |_, a| a.origin);
+        let first_as = |a: &PathAttrs| a.as_path_flat().first().copied();
+        let all = c.clone();
+        c.retain(|(_, a)| {
+            !all.iter()
+                .any(|(_, b)| first_as(b) == first_as(a) && b.med.unwrap_or(0) < a.med.unwrap_or(0))
+        });
+        keep_min(&mut c, |m, _| !m.ebgp());
+        c.sort_by_key(|(m, _)| (m.router_id(), m.addr));
+        c
+    }
+
+    /// The best path: `None` for ours, else the peer and its path.
     fn best(&self, p: &IpNet) -> Option<(Option<&ModelPeer>, PathAttrs)> {
         if self.local.contains(p) {
             return Some((None, PathAttrs::default()));
         }
-        let key = |m: &ModelPeer, a: &PathAttrs| {
-            (
-                std::cmp::Reverse(a.local_pref.unwrap_or(100)),
-                a.as_path_len(),
-                !m.ebgp(),
-                m.router_id(),
-                m.addr,
-            )
-        };
-        self.peers
-            .iter()
-            .filter(|m| m.up)
-            .filter_map(|m| m.rib_in.get(p).map(|a| (m, a)))
-            .min_by_key(|(m, a)| key(m, a))
-            .map(|(m, a)| (Some(m), a.clone()))
+        let (m, a) = *self.pool(p).first()?;
+        Some((Some(m), a.clone()))
+    }
+
+    /// The multipath set, best first: pool members in order with a next
+    /// hop not yet in the set, at most `MAX_PATHS`.
+    fn multipath(&self, p: &IpNet) -> Vec<(IpAddr, Held)> {
+        if self.local.contains(p) {
+            return vec![];
+        }
+        let mut set: Vec<(IpAddr, Held)> = Vec::new();
+        for (m, a) in self.pool(p) {
+            if set.len() < MAX_PATHS && set.iter().all(|(_, h)| h.next_hop != a.next_hop) {
+                set.push((m.addr, held(a)));
+            }
+        }
+        set
     }
 
     /// What `to` should hold for `p`.
@@ -127,7 +194,9 @@ impl Model {
                 next_hop: Some(local),
                 as_path: path,
                 local_pref: None,
+                // MED is not passed on to another AS (§5.1.4).
                 med: None,
+                origin: a.origin,
                 originator_id: None,
                 cluster_list: vec![],
             });
@@ -141,7 +210,8 @@ impl Model {
             next_hop: Some(next_hop),
             as_path: a.as_path_flat(),
             local_pref: Some(a.local_pref.unwrap_or(100)),
-            med: None,
+            med: a.med,
+            origin: a.origin,
             originator_id: a.originator_id,
             cluster_list: a.cluster_list,
         })
@@ -166,6 +236,11 @@ fn random_path(rng: &mut Rng, m: &ModelPeer) -> PathAttrs {
     if !m.ebgp() {
         a.local_pref = [None, Some(100), Some(200)][rng.below(3)];
     }
+    a.med = [None, Some(0), Some(5), Some(10)][rng.below(4)];
+    a.origin = [Origin::Igp, Origin::Igp, Origin::Egp, Origin::Incomplete][rng.below(4)];
+    if rng.below(5) == 0 {
+        a.communities.push(REJECT_ME);
+    }
     a
 }
 
@@ -173,6 +248,9 @@ fn config(m: &ModelPeer) -> PeerConfig {
     let mut cfg = PeerConfig::new(m.addr, m.asn);
     cfg.route_reflector_client = m.client;
     cfg.next_hop_self = m.nhs;
+    if m.policy {
+        cfg.import = Some(serde_yaml::from_str(POLICY).unwrap());
+    }
     cfg
 }
 
@@ -196,11 +274,13 @@ fn apply(h: &mut Harness, addr: IpAddr, table: &mut BTreeMap<IpNet, Held>) {
     }
 }
 
+const MAX_PATHS: usize = 2;
+
 /// The instance and the model with the same seven peers, all down.
 fn setup() -> (Harness, Model) {
     let mut h = Harness::new(|c| {
         c.ebgp_requires_policy = false;
-        c.max_paths = 2;
+        c.max_paths = MAX_PATHS;
     });
     let specs: [(&str, u32, bool, bool); 7] = [
         ("198.51.100.2", 65001, false, false),
@@ -221,6 +301,7 @@ fn setup() -> (Harness, Model) {
                 nhs: *nhs,
                 up: false,
                 rib_in: BTreeMap::new(),
+                policy: *asn == 65002,
             })
             .collect(),
         local: BTreeSet::new(),
@@ -230,6 +311,62 @@ fn setup() -> (Harness, Model) {
         h.add(config(m));
     }
     (h, model)
+}
+
+/// `m` announces `n` prefixes from `first` on (wrapping round `prefixes`)
+/// with path `a`, in one UPDATE; the model keeps what its import policy lets in.
+fn announce(
+    h: &mut Harness,
+    m: &mut ModelPeer,
+    prefixes: &[IpNet],
+    first: IpNet,
+    n: usize,
+    a: PathAttrs,
+) {
+    let at = prefixes.iter().position(|x| *x == first).unwrap();
+    let ps: Vec<IpNet> = (0..n)
+        .map(|k| prefixes[(at + k) % prefixes.len()])
+        .collect();
+    for x in &ps {
+        let kept = if m.policy {
+            import_policy(x, &a)
+        } else {
+            Some(a.clone())
+        };
+        match kept {
+            Some(k) => m.rib_in.insert(*x, k),
+            None => m.rib_in.remove(x),
+        };
+    }
+    let names: Vec<String> = ps.iter().map(|x| x.to_string()).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    h.announce(&m.addr.to_string(), &refs, a);
+}
+
+/// Each prefix's best path and multipath set in the RIB against the model.
+fn check_rib(h: &Harness, model: &Model, prefixes: &[IpNet], seed: u64, step: usize) {
+    for p in prefixes {
+        let got: Vec<(IpAddr, Held)> = match h.inst.rib.best(p) {
+            Some(b) if b.source != Source::Local => b
+                .members()
+                .map(|(s, a)| match s {
+                    Source::Peer(x) => (x, held(a)),
+                    Source::Local => unreachable!("ours is never in a set with others"),
+                })
+                .collect(),
+            _ => vec![],
+        };
+        assert_eq!(
+            got,
+            model.multipath(p),
+            "seed {seed}, step {step}: best path and multipath set of {p}"
+        );
+        assert_eq!(
+            h.inst.rib.best(p).map(|b| b.source == Source::Local),
+            model.best(p).map(|(from, _)| from.is_none()),
+            "seed {seed}, step {step}: whether {p} is ours"
+        );
+    }
 }
 
 fn run(seed: u64, steps: usize) {
@@ -246,8 +383,8 @@ fn run(seed: u64, steps: usize) {
         match what {
             0..40 if model.peers[i].up => {
                 let a = random_path(&mut rng, &model.peers[i]);
-                model.peers[i].rib_in.insert(p, a.clone());
-                h.announce(&addr.to_string(), &[&p.to_string()], a);
+                let n = 1 + rng.below(3);
+                announce(&mut h, &mut model.peers[i], &prefixes, p, n, a);
             }
             40..55 if model.peers[i].up => {
                 model.peers[i].rib_in.remove(&p);
@@ -309,6 +446,7 @@ fn run(seed: u64, steps: usize) {
         // Flush at random points, so changes pile up between decisions.
         if rng.below(3) == 0 || step + 1 == steps {
             h.inst.flush();
+            check_rib(&h, &model, &prefixes, seed, step);
             for (j, m) in model.peers.iter().enumerate() {
                 apply(&mut h, m.addr, &mut tables[j]);
                 if m.up {
