@@ -27,7 +27,27 @@ enum Command {
     InstallCni(starling_agent::install::InstallOptions),
 }
 
+/// One malloc arena for the whole process (glibc's `M_ARENA_MAX`), unless
+/// `MALLOC_ARENA_MAX` says otherwise. The agent runs on one tokio thread
+/// plus a few helper threads; glibc's default of an arena per thread keeps
+/// the memory each of them once used (at 5,000 nodes with the Kubernetes
+/// datastore, ≈ 4 MiB of the peak RSS; docs/benchmarks.md, issue 19).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn one_malloc_arena() {
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt only sets an allocator parameter, and no other
+        // thread exists yet.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 1);
+        }
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn one_malloc_arena() {}
+
 fn main() -> Result<()> {
+    one_malloc_arena();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),

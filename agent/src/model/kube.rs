@@ -8,11 +8,13 @@
 //!   resourceVersion, or lists again (410 Gone); a new list replaces that
 //!   kind's objects only once it is complete, so a disconnected or
 //!   re-listing datastore keeps serving the last good snapshot.
-//! - Objects are watched untyped and parsed one by one, so one object our
-//!   types refuse (a CRD installed without its schema, an older agent)
-//!   costs only that object: it is logged, naming kind, name and field, and
-//!   the rest are used. The checks are the file datastore's
-//!   ([`super::validate`]).
+//! - Objects are watched untyped and parsed one by one as they arrive, so
+//!   one object our types refuse (a CRD installed without its schema, an
+//!   older agent) costs only that object: it is logged, naming kind, name
+//!   and field, and the rest are used. Only the parsed form is kept
+//!   ([`Parsed`]; of a core Node only what the model reads, [`CoreNode`]),
+//!   never the JSON. The checks are the file datastore's
+//!   ([`super::validate`]), run at each build.
 //! - Nothing is published before every kind was listed once ([`is_ready`]);
 //!   after that a change publishes a new snapshot at most ~100 ms later
 //!   (bursts coalesce), and only when it differs from the previous one.
@@ -205,38 +207,169 @@ impl Kind {
     }
 }
 
-/// One kind's objects as the watch reported them.
+/// The parts of a core Node the model reads ([`node_spec`]); everything
+/// else of the Node (its status, images, conditions) is dropped on arrival.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CoreNode {
+    labels: BTreeMap<String, String>,
+    /// Only the annotations [`node_spec`] reads.
+    annotations: BTreeMap<String, String>,
+    /// `spec.podCIDRs`, or else `spec.podCIDR`.
+    pod_cidrs: Vec<String>,
+    /// The InternalIP entries of `status.addresses`, in order.
+    internal_ips: Vec<String>,
+}
+
+/// The annotations of a Node that [`node_spec`] reads.
+const NODE_ANNOTATIONS: [&str; 7] = [
+    ANNOTATION_IPV4,
+    ANNOTATION_IPV6,
+    ANNOTATION_AS,
+    ANNOTATION_RR_CLUSTER_ID,
+    ANNOTATION_DETECTED_IPV4,
+    CALICO_ANNOTATION_IPV4,
+    CALICO_ANNOTATION_IPV6,
+];
+
+impl From<&Node> for CoreNode {
+    fn from(node: &Node) -> CoreNode {
+        let annotations = node.metadata.annotations.iter().flatten();
+        let pod_cidrs = match node.spec.as_ref().map(|s| (&s.pod_cidrs, &s.pod_cidr)) {
+            Some((Some(list), _)) if !list.is_empty() => list.clone(),
+            Some((_, Some(one))) => vec![one.clone()],
+            _ => Vec::new(),
+        };
+        let addresses = node.status.as_ref().and_then(|s| s.addresses.as_ref());
+        CoreNode {
+            labels: node.metadata.labels.clone().unwrap_or_default(),
+            annotations: annotations
+                .filter(|(k, _)| NODE_ANNOTATIONS.contains(&k.as_str()))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            pod_cidrs,
+            internal_ips: addresses
+                .iter()
+                .flat_map(|a| a.iter())
+                .filter(|a| a.type_ == "InternalIP")
+                .map(|a| a.address.clone())
+                .collect(),
+        }
+    }
+}
+
+/// A watched object in the form the snapshot is built from, parsed once,
+/// as it arrives (no JSON is kept). Its checks ([`super::validate`]) run
+/// at each build, since some depend on the other objects.
+#[derive(Debug, Clone, PartialEq)]
+enum Parsed {
+    Pool(IPPool),
+    BgpConfiguration(BGPConfiguration),
+    Peer(BGPPeer),
+    StarlingNode(ObjectMeta, StarlingNodeSpec),
+    Affinity(BlockAffinity),
+    Reservation(IPReservation),
+    Filter(BGPFilterSpec),
+    Node(CoreNode),
+    /// An object our types refuse; the message names kind, name and field.
+    Refused(String),
+}
+
+impl Parsed {
+    fn new(kind: Kind, o: &DynamicObject) -> Parsed {
+        fn typed<S: DeserializeOwned>(
+            kind: Kind,
+            o: &DynamicObject,
+            f: impl FnOnce(ObjectMeta, S) -> Parsed,
+        ) -> Parsed {
+            match spec::<S>(kind, o) {
+                Ok(s) => f(meta(o), s),
+                Err(e) => Parsed::Refused(e),
+            }
+        }
+        match kind {
+            Kind::IPPool => typed(kind, o, |metadata, spec| {
+                Parsed::Pool(IPPool { metadata, spec })
+            }),
+            Kind::BGPConfiguration => typed(kind, o, |metadata, spec| {
+                Parsed::BgpConfiguration(BGPConfiguration { metadata, spec })
+            }),
+            Kind::BGPPeer => typed(kind, o, |metadata, spec| {
+                Parsed::Peer(BGPPeer { metadata, spec })
+            }),
+            Kind::StarlingNode => typed(kind, o, Parsed::StarlingNode),
+            Kind::BlockAffinity => typed(kind, o, |metadata, spec| {
+                Parsed::Affinity(BlockAffinity { metadata, spec })
+            }),
+            Kind::IPReservation => typed(kind, o, |metadata, spec| {
+                Parsed::Reservation(IPReservation { metadata, spec })
+            }),
+            Kind::BGPFilter => typed(kind, o, |_, spec| Parsed::Filter(spec)),
+            Kind::Node => match serde_json::to_value(o).and_then(serde_json::from_value::<Node>) {
+                Ok(n) => Parsed::Node(CoreNode::from(&n)),
+                Err(e) => Parsed::Refused(format!("Node/{}: {e}", name_of(o))),
+            },
+        }
+    }
+}
+
+/// A watch event, its object parsed.
+enum Change {
+    Init,
+    InitApply(String, Parsed),
+    InitDone,
+    Apply(String, Parsed),
+    Delete(String),
+}
+
+impl Change {
+    fn new(kind: Kind, event: watcher::Event<DynamicObject>) -> Change {
+        match event {
+            watcher::Event::Init => Change::Init,
+            watcher::Event::InitApply(mut o) => {
+                prune(kind, &mut o);
+                Change::InitApply(name_of(&o), Parsed::new(kind, &o))
+            }
+            watcher::Event::InitDone => Change::InitDone,
+            watcher::Event::Apply(mut o) => {
+                prune(kind, &mut o);
+                Change::Apply(name_of(&o), Parsed::new(kind, &o))
+            }
+            watcher::Event::Delete(o) => Change::Delete(name_of(&o)),
+        }
+    }
+}
+
+/// One kind's objects as the watch reported them, parsed.
 #[derive(Default)]
 struct Cache {
-    objects: BTreeMap<String, DynamicObject>,
+    objects: BTreeMap<String, Parsed>,
     /// A list in progress; it replaces `objects` when complete.
-    relist: Option<BTreeMap<String, DynamicObject>>,
+    relist: Option<BTreeMap<String, Parsed>>,
     listed: bool,
 }
 
 impl Cache {
-    fn apply(&mut self, event: watcher::Event<DynamicObject>) {
-        let key = |o: &DynamicObject| o.metadata.name.clone().unwrap_or_default();
-        match event {
-            watcher::Event::Init => self.relist = Some(BTreeMap::new()),
-            watcher::Event::InitApply(o) => {
-                self.relist.get_or_insert_default().insert(key(&o), o);
+    fn apply(&mut self, change: Change) {
+        match change {
+            Change::Init => self.relist = Some(BTreeMap::new()),
+            Change::InitApply(name, o) => {
+                self.relist.get_or_insert_default().insert(name, o);
             }
-            watcher::Event::InitDone => {
+            Change::InitDone => {
                 self.objects = self.relist.take().unwrap_or_default();
                 self.listed = true;
             }
-            watcher::Event::Apply(o) => {
-                self.objects.insert(key(&o), o);
+            Change::Apply(name, o) => {
+                self.objects.insert(name, o);
             }
-            watcher::Event::Delete(o) => {
-                self.objects.remove(&key(&o));
+            Change::Delete(name) => {
+                self.objects.remove(&name);
             }
         }
     }
 }
 
-type Update = (Kind, Result<watcher::Event<DynamicObject>, String>);
+type Update = (Kind, Result<Change, String>);
 
 impl KubeDatastore {
     /// Start watching; returns at once (call inside a tokio runtime). The
@@ -304,7 +437,7 @@ async fn watch_kind(client: Client, kind: Kind, tx: mpsc::Sender<Update>) {
     let mut stream = std::pin::pin!(stream);
     while let Some(item) = stream.next().await {
         let item = item
-            .map(|event| event.modify(|o| prune(kind, o)))
+            .map(|event| Change::new(kind, event))
             .map_err(|e| format!("watching {}: {e}", kind.name()));
         if tx.send((kind, item)).await.is_err() {
             return;
@@ -398,7 +531,7 @@ impl Joiner {
         f(&mut s);
     }
 
-    fn update(&mut self, kind: Kind, update: Result<watcher::Event<DynamicObject>, String>) {
+    fn update(&mut self, kind: Kind, update: Result<Change, String>) {
         match update {
             Ok(event) => {
                 if self.failing.remove(&kind) {
@@ -422,11 +555,11 @@ impl Joiner {
         }
     }
 
-    fn objects(&self, kind: Kind) -> impl Iterator<Item = &DynamicObject> {
+    fn objects(&self, kind: Kind) -> impl Iterator<Item = (&String, &Parsed)> {
         self.caches
             .get(&kind)
             .into_iter()
-            .flat_map(|c| c.objects.values())
+            .flat_map(|c| c.objects.iter())
     }
 
     async fn rebuild(&mut self) {
@@ -555,7 +688,7 @@ fn refuse(kind: &str, name: &str, findings: &[Finding], out: &mut Vec<String>) {
 /// The snapshot of the watched objects (passwords not yet resolved), and
 /// the Secrets it references. Refused objects add a line to `warnings`.
 fn build<'a>(
-    objects: impl Fn(Kind) -> Vec<&'a DynamicObject>,
+    objects: impl Fn(Kind) -> Vec<(&'a String, &'a Parsed)>,
     own: Option<&str>,
     warnings: &mut Vec<String>,
 ) -> (Snapshot, BTreeSet<String>) {
@@ -588,155 +721,169 @@ fn name_of(o: &DynamicObject) -> String {
     o.metadata.name.clone().unwrap_or_default()
 }
 
+/// The objects of one kind that parsed, as `T`; the refused ones' errors go
+/// to `warnings`.
+fn parsed<'a, T: 'a>(
+    objects: Vec<(&'a String, &'a Parsed)>,
+    f: impl Fn(&'a Parsed) -> Option<T>,
+    warnings: &mut Vec<String>,
+) -> Vec<T> {
+    let mut out = Vec::with_capacity(objects.len());
+    for (_, o) in objects {
+        match o {
+            Parsed::Refused(e) => warnings.push(e.clone()),
+            o => out.extend(f(o)),
+        }
+    }
+    out
+}
+
+fn object_name(m: &ObjectMeta) -> String {
+    m.name.clone().unwrap_or_default()
+}
+
 /// Valid pools that overlap no pool taken before them.
-fn add_pools(snap: &mut Snapshot, objects: Vec<&DynamicObject>, warnings: &mut Vec<String>) {
-    for o in objects {
-        let name = name_of(o);
-        match spec::<IPPoolSpec>(Kind::IPPool, o) {
-            Err(e) => warnings.push(e),
-            Ok(s) => {
-                let f = validate::ip_pool(&s);
-                if !f.is_empty() {
-                    refuse("IPPool", &name, &f, warnings);
-                } else if let Some((other, _)) = snap.pools.iter().find(|(_, p)| {
-                    p.spec.cidr.contains(&s.cidr.addr()) || s.cidr.contains(&p.spec.cidr.addr())
-                }) {
-                    warnings.push(format!(
-                        "IPPool/{name}: spec.cidr: {} overlaps IPPool `{other}`",
-                        s.cidr
-                    ));
-                } else {
-                    snap.pools.insert(
-                        name,
-                        IPPool {
-                            metadata: meta(o),
-                            spec: s,
-                        },
-                    );
-                }
-            }
+fn add_pools(snap: &mut Snapshot, objects: Vec<(&String, &Parsed)>, warnings: &mut Vec<String>) {
+    let pools = parsed(
+        objects,
+        |o| match o {
+            Parsed::Pool(p) => Some(p),
+            _ => None,
+        },
+        warnings,
+    );
+    for o in pools {
+        let (name, s) = (object_name(&o.metadata), &o.spec);
+        let f = validate::ip_pool(s);
+        if !f.is_empty() {
+            refuse("IPPool", &name, &f, warnings);
+        } else if let Some((other, _)) = snap.pools.iter().find(|(_, p)| {
+            p.spec.cidr.contains(&s.cidr.addr()) || s.cidr.contains(&p.spec.cidr.addr())
+        }) {
+            warnings.push(format!(
+                "IPPool/{name}: spec.cidr: {} overlaps IPPool `{other}`",
+                s.cidr
+            ));
+        } else {
+            snap.pools.insert(name, o.clone());
         }
     }
 }
 
 fn add_bgp_configuration(
     snap: &mut Snapshot,
-    objects: Vec<&DynamicObject>,
+    objects: Vec<(&String, &Parsed)>,
     warnings: &mut Vec<String>,
 ) {
-    for o in objects {
-        let name = name_of(o);
-        match spec::<BGPConfigurationSpec>(Kind::BGPConfiguration, o) {
-            Err(e) => warnings.push(e),
-            Ok(s) => {
-                let f = validate::bgp_configuration(&name, &s);
-                if f.is_empty() {
-                    let u = validate::unsupported_bgp_configuration(&s);
-                    accepted("BGPConfiguration", &name, &u, warnings);
-                    snap.bgp_configuration = Some(BGPConfiguration {
-                        metadata: meta(o),
-                        spec: s,
-                    });
-                } else {
-                    refuse("BGPConfiguration", &name, &f, warnings);
-                }
-            }
+    let configurations = parsed(
+        objects,
+        |o| match o {
+            Parsed::BgpConfiguration(c) => Some(c),
+            _ => None,
+        },
+        warnings,
+    );
+    for o in configurations {
+        let name = object_name(&o.metadata);
+        let f = validate::bgp_configuration(&name, &o.spec);
+        if f.is_empty() {
+            let u = validate::unsupported_bgp_configuration(&o.spec);
+            accepted("BGPConfiguration", &name, &u, warnings);
+            snap.bgp_configuration = Some(o.clone());
+        } else {
+            refuse("BGPConfiguration", &name, &f, warnings);
         }
     }
 }
 
-fn add_peers(snap: &mut Snapshot, objects: Vec<&DynamicObject>, warnings: &mut Vec<String>) {
-    for o in objects {
-        let name = name_of(o);
-        match spec::<BGPPeerSpec>(Kind::BGPPeer, o) {
-            Err(e) => warnings.push(e),
-            Ok(s) => {
-                let f = validate::bgp_peer(&s);
-                if f.is_empty() {
-                    accepted(
-                        "BGPPeer",
-                        &name,
-                        &validate::unsupported_bgp_peer(&s),
-                        warnings,
-                    );
-                    snap.peers.insert(
-                        name,
-                        BGPPeer {
-                            metadata: meta(o),
-                            spec: s,
-                        },
-                    );
-                } else {
-                    refuse("BGPPeer", &name, &f, warnings);
-                }
-            }
+fn add_peers(snap: &mut Snapshot, objects: Vec<(&String, &Parsed)>, warnings: &mut Vec<String>) {
+    let peers = parsed(
+        objects,
+        |o| match o {
+            Parsed::Peer(p) => Some(p),
+            _ => None,
+        },
+        warnings,
+    );
+    for o in peers {
+        let name = object_name(&o.metadata);
+        let f = validate::bgp_peer(&o.spec);
+        if f.is_empty() {
+            accepted(
+                "BGPPeer",
+                &name,
+                &validate::unsupported_bgp_peer(&o.spec),
+                warnings,
+            );
+            snap.peers.insert(name, o.clone());
+        } else {
+            refuse("BGPPeer", &name, &f, warnings);
         }
     }
 }
 
-fn add_affinities(snap: &mut Snapshot, objects: Vec<&DynamicObject>, warnings: &mut Vec<String>) {
-    for o in objects {
-        let name = name_of(o);
-        match spec::<BlockAffinitySpec>(Kind::BlockAffinity, o) {
-            Err(e) => warnings.push(e),
-            Ok(s) => {
-                let f = validate::block_affinity(&s);
-                if f.is_empty() {
-                    snap.affinities.insert(
-                        name,
-                        BlockAffinity {
-                            metadata: meta(o),
-                            spec: s,
-                        },
-                    );
-                } else {
-                    refuse("BlockAffinity", &name, &f, warnings);
-                }
-            }
+fn add_affinities(
+    snap: &mut Snapshot,
+    objects: Vec<(&String, &Parsed)>,
+    warnings: &mut Vec<String>,
+) {
+    let affinities = parsed(
+        objects,
+        |o| match o {
+            Parsed::Affinity(a) => Some(a),
+            _ => None,
+        },
+        warnings,
+    );
+    for o in affinities {
+        let name = object_name(&o.metadata);
+        let f = validate::block_affinity(&o.spec);
+        if f.is_empty() {
+            snap.affinities.insert(name, o.clone());
+        } else {
+            refuse("BlockAffinity", &name, &f, warnings);
         }
     }
 }
 
-fn add_reservations(snap: &mut Snapshot, objects: Vec<&DynamicObject>, warnings: &mut Vec<String>) {
-    for o in objects {
-        let name = name_of(o);
-        match spec::<IPReservationSpec>(Kind::IPReservation, o) {
-            Err(e) => warnings.push(e),
-            Ok(s) => {
-                snap.reservations.insert(
-                    name,
-                    IPReservation {
-                        metadata: meta(o),
-                        spec: s,
-                    },
-                );
-            }
-        }
+fn add_reservations(
+    snap: &mut Snapshot,
+    objects: Vec<(&String, &Parsed)>,
+    warnings: &mut Vec<String>,
+) {
+    let reservations = parsed(
+        objects,
+        |o| match o {
+            Parsed::Reservation(r) => Some(r),
+            _ => None,
+        },
+        warnings,
+    );
+    for o in reservations {
+        snap.reservations
+            .insert(object_name(&o.metadata), o.clone());
     }
 }
 
 /// BGPFilters Calico's validation accepts; what Starling does differently
 /// (rules with `interface`) is warned about. A peer naming a refused or
 /// missing filter gets no session (the planner says so).
-fn add_filters(snap: &mut Snapshot, objects: Vec<&DynamicObject>, warnings: &mut Vec<String>) {
-    for o in objects {
-        let name = name_of(o);
-        match spec::<BGPFilterSpec>(Kind::BGPFilter, o) {
-            Err(e) => warnings.push(e),
-            Ok(s) => {
-                let f = calico::bgp_filter(&s);
-                if f.is_empty() {
-                    accepted(
-                        "BGPFilter",
-                        &name,
-                        &calico::bgp_filter_warnings(&s),
-                        warnings,
-                    );
-                    snap.filters.insert(name, s);
-                } else {
-                    refuse("BGPFilter", &name, &f, warnings);
-                }
+fn add_filters(snap: &mut Snapshot, objects: Vec<(&String, &Parsed)>, warnings: &mut Vec<String>) {
+    for (name, o) in objects {
+        let s = match o {
+            Parsed::Filter(s) => s,
+            Parsed::Refused(e) => {
+                warnings.push(e.clone());
+                continue;
             }
+            _ => continue,
+        };
+        let f = calico::bgp_filter(s);
+        if f.is_empty() {
+            accepted("BGPFilter", name, &calico::bgp_filter_warnings(s), warnings);
+            snap.filters.insert(name.clone(), s.clone());
+        } else {
+            refuse("BGPFilter", name, &f, warnings);
         }
     }
 }
@@ -745,36 +892,37 @@ fn add_filters(snap: &mut Snapshot, objects: Vec<&DynamicObject>, warnings: &mut
 /// same name ([`node_spec`]).
 fn add_nodes(
     snap: &mut Snapshot,
-    starling_nodes: Vec<&DynamicObject>,
-    core_nodes: Vec<&DynamicObject>,
+    starling_nodes: Vec<(&String, &Parsed)>,
+    core_nodes: Vec<(&String, &Parsed)>,
     own: Option<&str>,
     warnings: &mut Vec<String>,
 ) {
-    let mut starling: BTreeMap<String, (ObjectMeta, StarlingNodeSpec)> = BTreeMap::new();
-    for o in starling_nodes {
-        match spec::<StarlingNodeSpec>(Kind::StarlingNode, o) {
-            Err(e) => warnings.push(e),
-            Ok(s) => {
-                starling.insert(name_of(o), (meta(o), s));
-            }
-        }
-    }
-    let mut core: BTreeMap<String, Node> = BTreeMap::new();
-    for o in core_nodes {
-        let name = name_of(o);
-        match serde_json::to_value(o).and_then(serde_json::from_value::<Node>) {
-            Ok(n) => {
+    let starling: BTreeMap<String, (&ObjectMeta, &StarlingNodeSpec)> = parsed(
+        starling_nodes,
+        |o| match o {
+            Parsed::StarlingNode(m, s) => Some((object_name(m), (m, s))),
+            _ => None,
+        },
+        warnings,
+    )
+    .into_iter()
+    .collect();
+    let mut core: BTreeMap<&String, &CoreNode> = BTreeMap::new();
+    for (name, o) in core_nodes {
+        match o {
+            Parsed::Node(n) => {
                 core.insert(name, n);
             }
-            Err(e) => warnings.push(format!("Node/{name}: {e}")),
+            Parsed::Refused(e) => warnings.push(e.clone()),
+            _ => {}
         }
     }
-    let names: BTreeSet<&String> = starling.keys().chain(core.keys()).collect();
+    let names: BTreeSet<&String> = starling.keys().chain(core.keys().copied()).collect();
     for name in names {
         let published = own != Some(name.as_str());
         let (metadata, spec, guessed) = node_spec(
-            core.get(name),
-            starling.get(name),
+            core.get(name).copied(),
+            starling.get(name).copied(),
             published,
             warnings,
             name,
@@ -815,8 +963,8 @@ fn add_nodes(
 ///    (/32, /128), since the Node does not say the subnet; the third value
 ///    says so (the node's own agent may autodetect over such a guess).
 pub fn node_spec(
-    core: Option<&Node>,
-    starling: Option<&(ObjectMeta, StarlingNodeSpec)>,
+    core: Option<&CoreNode>,
+    starling: Option<(&ObjectMeta, &StarlingNodeSpec)>,
     published: bool,
     warnings: &mut Vec<String>,
     name: &str,
@@ -830,7 +978,7 @@ pub fn node_spec(
     };
     let mut labels = BTreeMap::new();
     if let Some(node) = core {
-        labels = node.metadata.labels.clone().unwrap_or_default();
+        labels = node.labels.clone();
         from_annotations(node, name, &mut spec, warnings);
         spec.pod_cidrs = pod_cidrs(node, name, warnings);
     }
@@ -864,12 +1012,12 @@ pub fn node_spec(
 /// The `starling.dev/*` annotations of a Node; a bad value is reported and
 /// ignored.
 fn from_annotations(
-    node: &Node,
+    node: &CoreNode,
     name: &str,
     spec: &mut StarlingNodeSpec,
     warnings: &mut Vec<String>,
 ) {
-    let ann = node.metadata.annotations.clone().unwrap_or_default();
+    let ann = &node.annotations;
     let mut bad = |key: &str, why: String| {
         warnings.push(format!(
             "Node/{name}: metadata.annotations[{key}]: {why}; the annotation is ignored"
@@ -916,14 +1064,12 @@ fn from_annotations(
 /// The addresses agents publish (ours, then Calico's) for the families
 /// still without one; a bad value is reported and the next key tried.
 fn from_published(
-    node: &Node,
+    node: &CoreNode,
     name: &str,
     spec: &mut StarlingNodeSpec,
     warnings: &mut Vec<String>,
 ) {
-    let Some(ann) = &node.metadata.annotations else {
-        return;
-    };
+    let ann = &node.annotations;
     let mut read = |key: &str| -> Option<IpNet> {
         let v = ann.get(key)?;
         match v.trim().parse::<IpNet>() {
@@ -996,17 +1142,9 @@ pub async fn publish_address(client: Client, node: String, address: ipnet::Ipv4N
 
 /// A Node's `spec.podCIDRs` (or `spec.podCIDR`); a bad prefix is reported
 /// and left out.
-fn pod_cidrs(node: &Node, name: &str, warnings: &mut Vec<String>) -> Vec<IpNet> {
-    let Some(s) = &node.spec else {
-        return Vec::new();
-    };
-    let cidrs = match (&s.pod_cidrs, &s.pod_cidr) {
-        (Some(list), _) if !list.is_empty() => list.clone(),
-        (_, Some(one)) => vec![one.clone()],
-        _ => Vec::new(),
-    };
+fn pod_cidrs(node: &CoreNode, name: &str, warnings: &mut Vec<String>) -> Vec<IpNet> {
     let mut out = Vec::new();
-    for (i, c) in cidrs.iter().enumerate() {
+    for (i, c) in node.pod_cidrs.iter().enumerate() {
         match c.parse::<IpNet>() {
             Ok(n) => out.push(n),
             Err(_) => warnings.push(format!(
@@ -1019,15 +1157,9 @@ fn pod_cidrs(node: &Node, name: &str, warnings: &mut Vec<String>) -> Vec<IpNet> 
 
 /// The first InternalIP per family of the Node's `status.addresses`, as a
 /// host route.
-fn from_internal_ips(core: Option<&Node>, spec: &mut StarlingNodeSpec) {
-    let Some(addresses) = core
-        .and_then(|n| n.status.as_ref())
-        .and_then(|s| s.addresses.as_ref())
-    else {
-        return;
-    };
-    for a in addresses.iter().filter(|a| a.type_ == "InternalIP") {
-        match a.address.parse::<IpAddr>() {
+fn from_internal_ips(core: Option<&CoreNode>, spec: &mut StarlingNodeSpec) {
+    for a in core.iter().flat_map(|n| &n.internal_ips) {
+        match a.parse::<IpAddr>() {
             Ok(IpAddr::V4(ip)) if spec.ipv4_address.is_none() => {
                 spec.ipv4_address = Some(ip.into());
             }
@@ -1117,17 +1249,22 @@ mod tests {
         serde_json::from_value(v).unwrap()
     }
 
-    fn objects(list: &[(Kind, serde_json::Value)]) -> Vec<(Kind, DynamicObject)> {
+    fn objects(list: &[(Kind, serde_json::Value)]) -> Vec<(Kind, String, Parsed)> {
         list.iter()
-            .map(|(kind, v)| (*kind, dynamic(*kind, v.clone())))
+            .map(|(kind, v)| {
+                let o = dynamic(*kind, v.clone());
+                (*kind, name_of(&o), Parsed::new(*kind, &o))
+            })
             .collect()
     }
 
-    fn of_kind<'a>(all: &'a [(Kind, DynamicObject)]) -> impl Fn(Kind) -> Vec<&'a DynamicObject> {
+    fn of_kind<'a>(
+        all: &'a [(Kind, String, Parsed)],
+    ) -> impl Fn(Kind) -> Vec<(&'a String, &'a Parsed)> {
         move |k| {
             all.iter()
-                .filter(|(kind, _)| *kind == k)
-                .map(|(_, o)| o)
+                .filter(|(kind, _, _)| *kind == k)
+                .map(|(_, name, o)| (name, o))
                 .collect()
         }
     }
@@ -1200,8 +1337,8 @@ mod tests {
 
     #[test]
     fn node_spec_joins_annotations_starling_node_and_addresses() {
-        let node = |ann: serde_json::Value| -> Node {
-            serde_json::from_value(json!({
+        let node = |ann: serde_json::Value| -> CoreNode {
+            let n: Node = serde_json::from_value(json!({
                 "metadata": {"name": "n1", "labels": {"zone": "a", "rr": "false"}, "annotations": ann},
                 "spec": {"podCIDRs": ["10.244.1.0/24", "fd00:1::/64"]},
                 "status": {"addresses": [
@@ -1209,7 +1346,8 @@ mod tests {
                     {"type": "InternalIP", "address": "192.0.2.11"}
                 ]}
             }))
-            .unwrap()
+            .unwrap();
+            CoreNode::from(&n)
         };
         let mut w = Vec::new();
         let annotated = node(json!({
@@ -1238,7 +1376,7 @@ mod tests {
                 pod_cidrs: vec![],
             },
         );
-        let (meta, spec, _) = node_spec(Some(&annotated), Some(&sn), true, &mut w, "n1");
+        let (meta, spec, _) = node_spec(Some(&annotated), Some((&sn.0, &sn.1)), true, &mut w, "n1");
         assert_eq!(spec.ipv4_address.unwrap().to_string(), "192.0.2.10/24");
         assert_eq!(spec.as_number, Some(65002));
         assert!(spec.route_reflector_cluster_id.is_some() && spec.ipv6_address.is_some());
@@ -1284,6 +1422,47 @@ mod tests {
             w.iter()
                 .any(|l| l.contains(ANNOTATION_DETECTED_IPV4) && l.contains("`nope`"))
         );
+    }
+
+    #[test]
+    fn a_node_is_kept_as_the_parts_the_model_reads() {
+        let o = dynamic(
+            Kind::Node,
+            json!({
+                "metadata": {"name": "n1", "labels": {"zone": "a"},
+                    "managedFields": [{"manager": "kubelet"}],
+                    "annotations": {ANNOTATION_IPV4: "192.0.2.10/24", "node.alpha.kubernetes.io/ttl": "0"}},
+                "spec": {"podCIDR": "10.244.1.0/24", "providerID": "kind://n1"},
+                "status": {"addresses": [
+                    {"type": "Hostname", "address": "n1"},
+                    {"type": "InternalIP", "address": "192.0.2.11"}
+                ], "images": [{"names": ["pause"], "sizeBytes": 1}]}
+            }),
+        );
+        let Change::Apply(name, Parsed::Node(n)) =
+            Change::new(Kind::Node, watcher::Event::Apply(o))
+        else {
+            panic!("not a parsed Node");
+        };
+        assert_eq!(name, "n1");
+        assert_eq!(
+            n,
+            CoreNode {
+                labels: [("zone".to_string(), "a".to_string())].into(),
+                annotations: [(ANNOTATION_IPV4.to_string(), "192.0.2.10/24".to_string())].into(),
+                pod_cidrs: vec!["10.244.1.0/24".into()],
+                internal_ips: vec!["192.0.2.11".into()],
+            }
+        );
+        // One our types refuse is kept as its error, naming the object.
+        let bad = dynamic(
+            Kind::BlockAffinity,
+            json!({"metadata": {"name": "b"}, "spec": {"node": "n1", "cidr": "nope"}}),
+        );
+        match Parsed::new(Kind::BlockAffinity, &bad) {
+            Parsed::Refused(e) => assert!(e.starts_with("BlockAffinity/b: spec: "), "{e}"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
