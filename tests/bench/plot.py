@@ -19,7 +19,7 @@ from html import escape
 
 COLOURS = {"starling": "#1f77b4", "bird": "#7f7f7f"}
 OTHERS = ["#ff7f0e", "#2ca02c", "#d62728", "#9467bd"]
-PANEL_W, PANEL_H, PAD, TOP = 300, 220, 60, 40
+PANEL_W, PANEL_H, PAD, TOP = 300, 220, 60, 50
 
 
 def load(path, bench):
