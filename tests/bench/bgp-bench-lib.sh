@@ -4,7 +4,7 @@
 # exit trap removes together with any daemon left in them.
 #
 #   bench_setup NAME      # sets BGPD, LOADGEN, NS, WORK, DAEMON_PID
-#   inns, stop_daemon, wait_ready   # helpers for the scripts
+#   inns, stop_daemon, wait_ready, rss_json, peer_addr   # helpers for the scripts
 
 bench_setup() {
     local name=$1
@@ -66,4 +66,19 @@ rss_json() {
     kb=$(awk '/^VmHWM:/ {print $2}' "/proc/$3/status")
     printf '{"bench":"%s","impl":"%s","metric":"peak_rss","value":%s,"unit":"MiB"}\n' \
         "$1" "$2" "$(awk -v k="$kb" 'BEGIN {printf "%.1f", k / 1024}')"
+}
+
+# The n-th source address of bgp-loadgen's sessions (n from 0): 127.1.0.1,
+# 127.1.0.2, ..., skipping .0 and .255 as bgp-loadgen does.
+peer_addr() {
+    local a=$(( (127 << 24) + (1 << 16) + 1 )) left=$1
+    while :; do
+        local last=$(( a & 255 ))
+        if [ $last -ne 0 ] && [ $last -ne 255 ]; then
+            [ "$left" -eq 0 ] && break
+            left=$((left - 1))
+        fi
+        a=$((a + 1))
+    done
+    echo "$(( a >> 24 & 255 )).$(( a >> 16 & 255 )).$(( a >> 8 & 255 )).$(( a & 255 ))"
 }

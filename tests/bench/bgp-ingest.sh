@@ -31,19 +31,6 @@ IMPORT_POLICY=${IMPORT_POLICY:-0}
 . tests/bench/bgp-bench-lib.sh
 bench_setup bgp-ingest
 
-# The generator's peers: 127.1.0.1, 127.1.0.2, ... (bgp-loadgen skips .0/.255).
-peer_addr() { # n -> address, the same sequence bgp-loadgen uses
-    local a=$(( (127 << 24) + (1 << 16) + 1 )) left=$1
-    while :; do
-        local last=$(( a & 255 ))
-        if [ $last -ne 0 ] && [ $last -ne 255 ]; then
-            [ "$left" -eq 0 ] && break
-            left=$((left - 1))
-        fi
-        a=$((a + 1))
-    done
-    echo "$(( a >> 24 & 255 )).$(( a >> 16 & 255 )).$(( a >> 8 & 255 )).$(( a & 255 ))"
-}
 
 json() { printf '{"bench":"bgp-ingest","impl":"%s","metric":"%s","value":%s,"unit":"%s"}\n' "$@"; }
 

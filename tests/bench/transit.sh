@@ -30,19 +30,6 @@ TIMEOUT=${TIMEOUT:-900}
 . tests/bench/bgp-bench-lib.sh
 bench_setup transit
 
-# The generator's sessions: the feeder 127.1.0.1, receivers 127.1.0.2, ...
-peer_addr() { # n -> address, the sequence bgp-loadgen uses (no .0/.255)
-    local a=$(( (127 << 24) + (1 << 16) + 1 )) n=$1
-    while :; do
-        local last=$(( a & 255 ))
-        if [ $last -ne 0 ] && [ $last -ne 255 ]; then
-            [ "$n" -eq 0 ] && break
-            n=$((n - 1))
-        fi
-        a=$((a + 1))
-    done
-    echo "$(( a >> 24 & 255 )).$(( a >> 16 & 255 )).$(( a >> 8 & 255 )).$(( a & 255 ))"
-}
 
 loadgen() { # impl target pid
     inns "$LOADGEN" transit --target "$2" --impl "$1" --daemon-pid "$3" \
