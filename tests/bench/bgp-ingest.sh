@@ -16,8 +16,13 @@
 # iBGP with export none / no other peers, so nothing is re-advertised.
 # IMPORT_POLICY=1: every peer gets the same three-rule import policy in
 # both daemons (reject a prefix range, reject a community, accept with
-# LOCAL_PREF 150), the cost an eBGP peer's policy adds (bgp-loadgen speaks
-# iBGP only, so the sessions stay iBGP).
+# LOCAL_PREF 150), the cost an eBGP peer's policy adds.
+# EBGP=1: the peers are eBGP (peer i in AS 64600+i, the first AS of its
+# paths; no LOCAL_PREF sent). starling-bgpd needs an import list for them
+# (RFC 8212): accept all, or the three rules with IMPORT_POLICY=1. BIRD's
+# sessions are multihop (it takes no eBGP neighbour on a loopback address as
+# directly connected) with the next hops resolved through a static
+# 127.0.0.0/8 device route, so its routes are reachable as on a real link.
 #
 # Prints JSON lines {"bench":"bgp-ingest","impl":"starling"|"bird"|"loadgen",...}.
 set -euo pipefail
@@ -28,6 +33,7 @@ PER_SET=${PER_SET:-0}
 REPS=${REPS:-1}
 POLL_MS=${POLL_MS:-10}
 IMPORT_POLICY=${IMPORT_POLICY:-0}
+EBGP=${EBGP:-0}
 . tests/bench/bgp-bench-lib.sh
 bench_setup bgp-ingest
 
@@ -45,6 +51,8 @@ rss_lines() { # impl pid
 }
 
 LOAD=(--peers "$PEERS" --prefixes "$PREFIXES" --prefixes-per-set "$PER_SET" --asn 65000)
+[ "$EBGP" = 1 ] && LOAD+=(--ebgp)
+peer_asn() { if [ "$EBGP" = 1 ]; then echo $((64600 + $1)); else echo 65000; fi; }
 
 run_starling() {
     local conf=$WORK/bgpd.yaml sock=$WORK/bgpd.sock
@@ -57,13 +65,15 @@ run_starling() {
         echo "peers:"
         for i in $(seq 0 $((PEERS - 1))); do
             echo "  - address: $(peer_addr "$i")"
-            echo "    asn: 65000"
+            echo "    asn: $(peer_asn "$i")"
             echo "    passive: true"
             if [ "$IMPORT_POLICY" = 1 ]; then
                 echo "    import:"
                 echo "      - {prefix: 192.0.2.0/24, le: 32, action: reject}"
                 echo "      - {community: \"65000:666\", action: reject}"
                 echo "      - {action: accept, set: {local_pref: 150}}"
+            elif [ "$EBGP" = 1 ]; then
+                echo "    import: [{action: accept}]"
             fi
         done
     } >"$conf"
@@ -103,10 +113,15 @@ run_bird() {
             echo "}"
             import="import filter imp;"
         fi
+        if [ "$EBGP" = 1 ]; then
+            echo "protocol device { scan time 60; }"
+            echo "protocol static lo_route { ipv4; route 127.0.0.0/8 via \"lo\"; }"
+        fi
         for i in $(seq 0 $((PEERS - 1))); do
             echo "protocol bgp g$i {"
             echo "  local 127.0.0.3 as 65000;"
-            echo "  neighbor $(peer_addr "$i") as 65000;"
+            echo "  neighbor $(peer_addr "$i") as $(peer_asn "$i");"
+            [ "$EBGP" = 1 ] && echo "  multihop 2;"
             echo "  passive on;"
             echo "  hold time 90;"
             echo "  ipv4 { $import export none; };"
@@ -123,7 +138,7 @@ run_bird() {
     stop_daemon
 }
 
-echo "# bgp-ingest: $PEERS peers x $PREFIXES prefixes, per_set=$PER_SET, import_policy=$IMPORT_POLICY; $(nproc) cpus; $(uname -r); load:$(uptime | sed 's/.*load average//')" >&2
+echo "# bgp-ingest: $PEERS peers x $PREFIXES prefixes, per_set=$PER_SET, import_policy=$IMPORT_POLICY, ebgp=$EBGP; $(nproc) cpus; $(uname -r); load:$(uptime | sed 's/.*load average//')" >&2
 status=0
 for _ in $(seq "$REPS"); do
     inns "$LOADGEN" ingest "${LOAD[@]}" --target sink

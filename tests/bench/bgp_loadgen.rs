@@ -127,6 +127,10 @@ struct IngestArgs {
     /// Poll interval of the watch, milliseconds.
     #[arg(long, default_value_t = 10)]
     poll_ms: u64,
+    /// eBGP: peer `p` is in AS 64600 + p (the first AS of its paths) and
+    /// `--asn` is the speaker's; without it every session is iBGP in `--asn`.
+    #[arg(long)]
+    ebgp: bool,
     /// Keep the sessions (and so their routes) up after the figures until
     /// this file exists (or `--timeout`), for a caller that measures
     /// something else meanwhile (`agent-scale.sh` counts the routes in the
@@ -585,8 +589,14 @@ fn encode_peer_load(a: &IngestArgs, p: usize, next_hop: Ipv4Addr) -> Result<Vec<
             communities: vec![(65000 << 16) | 100],
             ..PathAttrs::default()
         };
-        for u in wire::encode_announce(Family::Ipv4, &prefixes, &attrs, true, true, MAX_MESSAGE_LEN)
-        {
+        for u in wire::encode_announce(
+            Family::Ipv4,
+            &prefixes,
+            &attrs,
+            true,
+            !a.ebgp,
+            MAX_MESSAGE_LEN,
+        ) {
             blob.extend_from_slice(&u);
         }
         k += n;
@@ -772,11 +782,17 @@ fn ingest(rt: &tokio::runtime::Runtime, a: IngestArgs) -> Result<()> {
     };
 
     let connect_deadline = Instant::now() + Duration::from_secs(c.connect_timeout);
-    let sessions = rt.block_on(establish_all(
-        &sources,
+    let ases: Vec<(Ipv4Addr, u32)> = sources
+        .iter()
+        .enumerate()
+        .map(|(p, src)| (*src, if a.ebgp { 64_600 + p as u32 } else { c.asn }))
+        .collect();
+    let sessions = rt.block_on(establish_each(
+        &ases,
         target,
         c.asn,
         c.hold_time,
+        false,
         connect_deadline,
     ))?;
     eprintln!(
