@@ -242,24 +242,25 @@ fn apply(msg: &[u8], layout: &Layout, view: &mut View) -> Result<()> {
     }
 }
 
-/// Read everything a reflector sends on one session into `view`, until the
-/// session ends. An end while `stop` is false is reported through `errors`.
-async fn reader(
-    s_rd: OwnedReadHalf,
+/// Read and frame everything `peer` (the reflector, the speaker) sends on
+/// one session, handing each message to `on_msg`, until the session ends.
+/// An error of `on_msg`, bad framing, or an end while `stop` is false is
+/// reported through `errors`.
+pub(super) async fn read_frames(
+    mut rd: OwnedReadHalf,
     mut buf: Vec<u8>,
     name: String,
-    layout: Arc<Layout>,
-    mut view: View,
+    peer: &'static str,
     stop: Arc<AtomicBool>,
     errors: mpsc::UnboundedSender<String>,
+    mut on_msg: impl FnMut(&[u8]) -> Result<()>,
 ) {
-    let mut rd = s_rd;
     loop {
         let mut at = 0;
         loop {
             match wire::frame(&buf[at..], MAX_MESSAGE_LEN) {
                 Ok(Some(len)) => {
-                    if let Err(e) = apply(&buf[at..at + len], &layout, &mut view) {
+                    if let Err(e) = on_msg(&buf[at..at + len]) {
                         if !stop.load(Ordering::Relaxed) {
                             let _ = errors.send(format!("{name}: {e}"));
                         }
@@ -279,7 +280,7 @@ async fn reader(
             Ok(n) if n > 0 => {}
             _ => {
                 if !stop.load(Ordering::Relaxed) {
-                    let _ = errors.send(format!("{name}: the reflector closed the session"));
+                    let _ = errors.send(format!("{name}: the {peer} closed the session"));
                 }
                 return;
             }
@@ -417,15 +418,16 @@ impl Run {
         let mut tasks = Vec::new();
         for (s, &c) in sessions.into_iter().zip(clients) {
             let name = format!("{} -> {label}", self.sources[c]);
-            let view = View::new(c, self.base, self.layout.per_client(), progress.clone());
-            tasks.push(rt.spawn(reader(
+            let mut view = View::new(c, self.base, self.layout.per_client(), progress.clone());
+            let layout = self.layout.clone();
+            tasks.push(rt.spawn(read_frames(
                 s.rd,
                 s.pending,
                 name.clone(),
-                self.layout.clone(),
-                view,
+                "reflector",
                 stop.clone(),
                 self.errors.clone(),
+                move |m| apply(m, &layout, &mut view),
             )));
             tasks.push(rt.spawn(writer(
                 s.wr,

@@ -23,7 +23,7 @@
 //! The speaker's CPU time and peak RSS (`VmHWM`) and the generator's own CPU
 //! time are printed for each phase.
 
-use super::scale::{millis, prefixes};
+use super::scale::{millis, prefixes, read_frames};
 use super::*;
 
 #[derive(Args)]
@@ -155,42 +155,6 @@ impl Held {
             }
             3 => bail!("the speaker sent a NOTIFICATION"),
             _ => Ok(()),
-        }
-    }
-}
-
-async fn receive(
-    mut rd: OwnedReadHalf,
-    mut buf: Vec<u8>,
-    name: String,
-    mut held: Held,
-    stop: Arc<AtomicBool>,
-    errors: mpsc::UnboundedSender<String>,
-) {
-    loop {
-        let mut at = 0;
-        while let Ok(Some(len)) = wire::frame(&buf[at..], MAX_MESSAGE_LEN) {
-            if let Err(e) = held.apply(&buf[at..at + len]) {
-                if !stop.load(Ordering::Relaxed) {
-                    let _ = errors.send(format!("{name}: {e}"));
-                }
-                return;
-            }
-            at += len;
-        }
-        if let Err(n) = wire::frame(&buf[at..], MAX_MESSAGE_LEN) {
-            let _ = errors.send(format!("{name}: bad framing: {}", n.reason));
-            return;
-        }
-        buf.drain(..at);
-        match read_more(&mut rd, &mut buf).await {
-            Ok(n) if n > 0 => {}
-            _ => {
-                if !stop.load(Ordering::Relaxed) {
-                    let _ = errors.send(format!("{name}: the speaker closed the session"));
-                }
-                return;
-            }
         }
     }
 }
@@ -349,19 +313,20 @@ pub fn run(rt: &tokio::runtime::Runtime, a: TransitArgs) -> Result<()> {
     for (s, (src, _)) in sessions.drain(1..).zip(&peers[1..]) {
         let count = Arc::new(AtomicU64::new(0));
         counts.push(count.clone());
-        let held = Held {
+        let mut held = Held {
             bits: vec![0; a.prefixes.div_ceil(64)],
             count,
             total: a.prefixes,
             updates: updates.clone(),
         };
-        rt.spawn(receive(
+        rt.spawn(read_frames(
             s.rd,
             s.pending,
             format!("receiver {src}"),
-            held,
+            "speaker",
             stop.clone(),
             err_tx.clone(),
+            move |m| held.apply(m),
         ));
         // Receivers send nothing but KEEPALIVEs (an empty blob), then a Cease.
         rt.spawn(write_loop(
