@@ -4,7 +4,7 @@
 # exit trap removes together with any daemon left in them.
 #
 #   bench_setup NAME      # sets BGPD, LOADGEN, NS, WORK, DAEMON_PID
-#   inns, stop_daemon, wait_ready, rss_json, peer_addr   # helpers for the scripts
+#   inns, start_bgpd, stop_daemon, wait_ready, rss_json, peer_addr   # helpers for the scripts
 
 bench_setup() {
     local name=$1
@@ -41,6 +41,23 @@ bench_cleanup() {
 }
 
 inns() { ip netns exec "$NS" "$@"; }
+
+# Check CONF, then start starling-bgpd with it in the namespace (DAEMON_PID)
+# and wait until its control socket SOCK answers: start_bgpd CONF SOCK.
+# RUST_LOG=warn: at info the daemon logs every best-path change, which is
+# the operator's log, not the speaker's work (BIRD logs no routes either).
+# A configuration the daemon refuses returns 1 with its reason.
+start_bgpd() {
+    if ! "$BGPD" --config "$1" --check >"$WORK/check.out" 2>&1; then
+        echo "$BENCH_NAME: starling-bgpd rejects $1:" >&2
+        cat "$WORK/check.out" >&2
+        return 1
+    fi
+    # Not through inns(): $! must be the daemon (ip netns exec execs it).
+    RUST_LOG=warn ip netns exec "$NS" "$BGPD" --config "$1" 2>"$WORK/starling.log" &
+    DAEMON_PID=$!
+    wait_ready starling-bgpd "$BGPD" show summary --socket "$2" -o json
+}
 
 # Stop the daemon under test: SIGTERM, then SIGKILL after 5 s.
 stop_daemon() {

@@ -30,11 +30,8 @@ peers:
     asn: 65000
     passive: true
 YAML
-"$BGPD" --config "$conf" --check >/dev/null
 echo "# bgp-flap: $FLAPS flaps; $(nproc) cpus; $(uname -r); load:$(uptime | sed 's/.*load average//')" >&2
-RUST_LOG=warn ip netns exec "$NS" "$BGPD" --config "$conf" 2>"$WORK/starling.log" &
-DAEMON_PID=$!
-wait_ready starling-bgpd "$BGPD" show summary --socket "$sock" -o json
+start_bgpd "$conf" "$sock"
 inns "$LOADGEN" flap --target 127.0.0.2:179 --impl starling --flaps "$FLAPS" --rounds "$ROUNDS" \
     --socket "$sock" --daemon-pid "$DAEMON_PID"
 stop_daemon

@@ -78,13 +78,7 @@ run_starling() {
         done
     } >"$conf"
     # Called as `run_starling || status=1`, where errexit is off: check by hand.
-    "$BGPD" --config "$conf" --check >/dev/null || return 1
-    # warn: the daemon logs every best-path change at info, which is the
-    # operator's log, not the speaker's work (BIRD logs no routes either).
-    # Not through inns(): $! must be the daemon (ip netns exec execs it).
-    RUST_LOG=warn ip netns exec "$NS" "$BGPD" --config "$conf" 2>"$WORK/starling.log" &
-    DAEMON_PID=$!
-    wait_ready starling-bgpd "$BGPD" show summary --socket "$sock" -o json
+    start_bgpd "$conf" "$sock" || return 1
     local rc=0
     inns "$LOADGEN" ingest "${LOAD[@]}" --target 127.0.0.2:179 --impl starling \
         --watch "starling:$sock" --poll-ms "$POLL_MS" --daemon-pid "$DAEMON_PID" || rc=1

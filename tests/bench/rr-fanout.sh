@@ -50,16 +50,8 @@ run_starling() {
             echo "    route_reflector_client: true"
         done
     } >"$conf"
-    if ! "$BGPD" --config "$conf" --check >"$WORK/check.out" 2>&1; then
-        echo "rr-fanout: starling-bgpd rejects the reflector configuration:" >&2
-        cat "$WORK/check.out" >&2
-        return 1
-    fi
-    # Not through inns(): $! must be the daemon (ip netns exec execs it).
-    RUST_LOG=warn ip netns exec "$NS" "$BGPD" --config "$conf" 2>"$WORK/starling.log" &
-    DAEMON_PID=$!
-    wait_ready starling-bgpd "$BGPD" show summary --socket "$sock" -o json
     # Called as `run_starling || status=1`, where errexit is off: check by hand.
+    start_bgpd "$conf" "$sock" || return 1
     local rc=0
     inns "$LOADGEN" fanout --clients "$CLIENTS" --target 127.0.0.2:179 --impl starling \
         --daemon-pid "$DAEMON_PID" || rc=1

@@ -60,14 +60,7 @@ run_starling() {
             echo "    export: [{action: accept}]"
         done
     } >"$conf"
-    if ! "$BGPD" --config "$conf" --check >"$WORK/check.out" 2>&1; then
-        echo "transit: starling-bgpd rejects the configuration:" >&2
-        cat "$WORK/check.out" >&2
-        return 1
-    fi
-    RUST_LOG=warn ip netns exec "$NS" "$BGPD" --config "$conf" 2>"$WORK/starling.log" &
-    DAEMON_PID=$!
-    wait_ready starling-bgpd "$BGPD" show summary --socket "$sock" -o json
+    start_bgpd "$conf" "$sock" || return 1
     local rc=0
     loadgen starling 127.0.0.2:179 "$DAEMON_PID" || rc=1
     [ $rc -eq 0 ] || { echo "transit: starling run failed; its log:" >&2; tail -20 "$WORK/starling.log" >&2; }
