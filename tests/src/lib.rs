@@ -55,6 +55,34 @@ pub fn require_tool(tool: &str, package: &str) {
     );
 }
 
+/// Fail naming what a test that boots Debian's kernel under QEMU
+/// (tests/vm/ipip-vm.sh) needs on this machine: the VM's own tools, the
+/// test's `extra` ones (tool, Debian package), and a `/boot/vmlinuz-*-amd64`.
+pub fn require_vm_tools(extra: &[(&str, &str)]) -> anyhow::Result<()> {
+    for (tool, package) in [
+        ("qemu-system-x86_64", "qemu-system-x86"),
+        ("busybox", "busybox-static"),
+        ("depmod", "kmod"),
+        ("cpio", "cpio"),
+        ("xz", "xz-utils"),
+        ("bc", "bc"),
+    ]
+    .iter()
+    .chain(extra)
+    {
+        require_tool(tool, package);
+    }
+    let kernel = std::fs::read_dir("/boot")?.filter_map(|e| e.ok()).any(|e| {
+        let n = e.file_name().to_string_lossy().to_string();
+        n.starts_with("vmlinuz-") && n.ends_with("-amd64")
+    });
+    anyhow::ensure!(
+        kernel,
+        "this test boots Debian's kernel: install the package linux-image-amd64"
+    );
+    Ok(())
+}
+
 /// Wait until `cond` returns `Ok(true)`, polling every 50 ms, or fail after
 /// `timeout` naming `what` and the last error seen.
 pub fn wait_for<F>(what: &str, timeout: Duration, mut cond: F) -> Result<Duration>

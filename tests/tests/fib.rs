@@ -821,28 +821,7 @@ fn fib_node_rejects_bad_input_with_the_prefix_named() -> Result<()> {
 /// that must be counted on the receiving node's tunl0.
 #[test]
 fn ipip_routes_carry_pod_traffic_through_tunl0_in_a_vm() -> Result<()> {
-    for (tool, package) in [
-        ("qemu-system-x86_64", "qemu-system-x86"),
-        ("busybox", "busybox-static"),
-        ("depmod", "kmod"),
-        ("cpio", "cpio"),
-        ("xz", "xz-utils"),
-        ("bc", "bc"),
-    ] {
-        require_tool(tool, package);
-    }
-    let kernels: Vec<_> = std::fs::read_dir("/boot")?
-        .filter_map(|e| e.ok())
-        .filter(|e| {
-            let n = e.file_name();
-            let n = n.to_string_lossy();
-            n.starts_with("vmlinuz-") && n.ends_with("-amd64")
-        })
-        .collect();
-    assert!(
-        !kernels.is_empty(),
-        "this test boots Debian's kernel: install the package linux-image-amd64"
-    );
+    starling_tests::require_vm_tools(&[])?;
 
     let vm = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("vm");
     let work = TempDir::new("ipipvm")?;

@@ -5,7 +5,7 @@
 //! counters (tests/vm/lab-guest.sh run through tests/vm/ipip-vm.sh).
 
 use super::*;
-use starling_tests::{TempDir, require_tool};
+use starling_tests::{TempDir, require_vm_tools};
 use std::process::Stdio;
 
 /// The checks tests/vm/lab-guest.sh prints as `LAB_VM <check>: ok`.
@@ -33,32 +33,6 @@ const GUEST_CHECKS: &[&str] = &[
     "down_cross_subnet",
 ];
 
-/// Fail naming what the VM needs on this machine.
-pub(crate) fn require_vm_tools() -> Result<()> {
-    for (tool, package) in [
-        ("qemu-system-x86_64", "qemu-system-x86"),
-        ("busybox", "busybox-static"),
-        ("depmod", "kmod"),
-        ("cpio", "cpio"),
-        ("xz", "xz-utils"),
-        ("bc", "bc"),
-        ("strip", "binutils"),
-        ("nft", "nftables"),
-        ("ping", "iputils-ping"),
-    ] {
-        require_tool(tool, package);
-    }
-    let kernel = std::fs::read_dir("/boot")?.filter_map(|e| e.ok()).any(|e| {
-        let n = e.file_name().to_string_lossy().to_string();
-        n.starts_with("vmlinuz-") && n.ends_with("-amd64")
-    });
-    ensure!(
-        kernel,
-        "this test boots Debian's kernel: install the package linux-image-amd64"
-    );
-    Ok(())
-}
-
 /// `lab up --encapsulation ipip` and `cross-subnet` run whole inside the VM:
 /// agents with their BGP mesh, pods through the CNI plugin, `lab check`
 /// (every pair answers; with ipip the pods reach the outside host through
@@ -69,7 +43,11 @@ pub(crate) fn require_vm_tools() -> Result<()> {
 /// plain pod packet.
 #[test]
 fn ipip_lab_runs_whole_in_a_vm() -> Result<()> {
-    require_vm_tools()?;
+    require_vm_tools(&[
+        ("strip", "binutils"),
+        ("nft", "nftables"),
+        ("ping", "iputils-ping"),
+    ])?;
     let vm = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("vm");
     let work = TempDir::new("labvm")?;
     let bins = [bin("starling-agent"), bin("starlingctl"), bin("starling")];
