@@ -120,6 +120,25 @@ impl Cluster {
         crate::run("ip", &["-n", ns, "route", "show", "proto", "73"])
     }
 
+    /// The forwarding entries of a node's `vxlan.starling` device (`bridge
+    /// fdb show dev vxlan.starling`); an error when the device is absent.
+    pub fn vxlan_fdb(&self, node: &str) -> Result<String> {
+        let ns = &self.lab.node(node)?.netns;
+        crate::run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                ns,
+                "bridge",
+                "fdb",
+                "show",
+                "dev",
+                "vxlan.starling",
+            ],
+        )
+    }
+
     /// Wait until `cond` holds on every node, naming the first that fails.
     pub fn wait_all(
         &self,

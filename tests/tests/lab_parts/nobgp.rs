@@ -29,23 +29,6 @@ fn no_bgp_on(c: &Cluster, node: &str) -> Result<()> {
     Ok(())
 }
 
-fn fdb(c: &Cluster, node: &str) -> Result<String> {
-    let ns = c.lab.node(node)?.netns.clone();
-    starling_tests::run(
-        "ip",
-        &[
-            "netns",
-            "exec",
-            &ns,
-            "bridge",
-            "fdb",
-            "show",
-            "dev",
-            "vxlan.starling",
-        ],
-    )
-}
-
 #[test]
 fn no_bgp_vxlan_cross_subnet_join_leave_restart() -> Result<()> {
     let mut o = options("nobgp", 3, Topology::Mesh);
@@ -115,7 +98,7 @@ fn no_bgp_vxlan_cross_subnet_join_leave_restart() -> Result<()> {
         let routes_gone = node2_blocks
             .iter()
             .all(|b| !routes.contains(&format!("{b} ")));
-        Ok(routes_gone && !fdb(&c, n)?.contains("198.51.100.12"))
+        Ok(routes_gone && !c.vxlan_fdb(n)?.contains("198.51.100.12"))
     })?;
     bench_line(
         "lab-no-bgp-node-left",

@@ -350,20 +350,7 @@ fn node_address_change_re_decides_cross_subnet() -> Result<()> {
 }
 
 fn fdb_of(c: &Cluster, node: &str) -> Result<String> {
-    let ns = c.lab.node(node)?.netns.clone();
+    c.lab.node(node)?;
     // No device (no route needs VXLAN any more): no entries.
-    Ok(starling_tests::run(
-        "ip",
-        &[
-            "netns",
-            "exec",
-            &ns,
-            "bridge",
-            "fdb",
-            "show",
-            "dev",
-            "vxlan.starling",
-        ],
-    )
-    .unwrap_or_default())
+    Ok(c.vxlan_fdb(node).unwrap_or_default())
 }
