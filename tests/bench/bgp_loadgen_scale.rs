@@ -208,19 +208,26 @@ pub(super) fn prefixes(mut b: &[u8], mut f: impl FnMut(u32, u8)) -> Result<()> {
     Ok(())
 }
 
+/// The withdrawn-routes and NLRI fields of a framed UPDATE (attributes
+/// skipped: the loads are IPv4 unicast only).
+pub(super) fn update_fields(msg: &[u8]) -> Result<(&[u8], &[u8])> {
+    let body = &msg[19..];
+    let short = || anyhow!("truncated UPDATE");
+    let len = |b: &[u8]| usize::from(u16::from_be_bytes([b[0], b[1]]));
+    let wlen = len(body.get(..2).ok_or_else(short)?);
+    let withdrawn = body.get(2..2 + wlen).ok_or_else(short)?;
+    let at = 2 + wlen;
+    let alen = len(body.get(at..at + 2).ok_or_else(short)?);
+    let nlri = body.get(at + 2 + alen..).ok_or_else(short)?;
+    Ok((withdrawn, nlri))
+}
+
 /// Apply one framed message to the view: UPDATEs change it, a NOTIFICATION
 /// is an error, anything else is skipped.
 fn apply(msg: &[u8], layout: &Layout, view: &mut View) -> Result<()> {
     match msg[18] {
         2 => {
-            let body = &msg[19..];
-            let short = || anyhow!("truncated UPDATE");
-            let wlen = usize::from(u16::from_be_bytes([body[0], body[1]]));
-            let withdrawn = body.get(2..2 + wlen).ok_or_else(short)?;
-            let at = 2 + wlen;
-            let alen_bytes = body.get(at..at + 2).ok_or_else(short)?;
-            let alen = usize::from(u16::from_be_bytes([alen_bytes[0], alen_bytes[1]]));
-            let nlri = body.get(at + 2 + alen..).ok_or_else(short)?;
+            let (withdrawn, nlri) = update_fields(msg)?;
             let mut n = 0u64;
             prefixes(withdrawn, |a, l| {
                 if let Some((c, r)) = layout.index(a, l) {

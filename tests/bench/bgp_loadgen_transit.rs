@@ -23,7 +23,7 @@
 //! The speaker's CPU time and peak RSS (`VmHWM`) and the generator's own CPU
 //! time are printed for each phase.
 
-use super::scale::{millis, prefixes, read_frames};
+use super::scale::{millis, prefixes, read_frames, update_fields};
 use super::*;
 
 #[derive(Args)]
@@ -131,14 +131,7 @@ impl Held {
     fn apply(&mut self, msg: &[u8]) -> Result<()> {
         match msg[18] {
             2 => {
-                let body = &msg[19..];
-                let short = || anyhow!("truncated UPDATE");
-                let wlen = usize::from(u16::from_be_bytes([body[0], body[1]]));
-                let withdrawn = body.get(2..2 + wlen).ok_or_else(short)?;
-                let at = 2 + wlen;
-                let alen = body.get(at..at + 2).ok_or_else(short)?;
-                let alen = usize::from(u16::from_be_bytes([alen[0], alen[1]]));
-                let nlri = body.get(at + 2 + alen..).ok_or_else(short)?;
+                let (withdrawn, nlri) = update_fields(msg)?;
                 let mut bad = None;
                 prefixes(withdrawn, |a, l| {
                     if let Err(e) = self.set(a, l, false) {
