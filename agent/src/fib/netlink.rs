@@ -79,6 +79,9 @@ fn enlarge(sock: &TokioSocket) {
 /// The request socket: batches, single requests and dumps.
 pub(crate) struct RtSocket {
     sock: TokioSocket,
+    /// The kernel-assigned port ID; the kernel stamps it into the
+    /// notifications our requests cause.
+    port: u32,
     seq: u32,
     rx: Vec<u8>,
     tx: Vec<u8>,
@@ -87,7 +90,7 @@ pub(crate) struct RtSocket {
 impl RtSocket {
     pub fn open() -> io::Result<RtSocket> {
         let mut sock = TokioSocket::new(NETLINK_ROUTE)?;
-        sock.socket_mut().bind_auto()?;
+        let port = sock.socket_mut().bind_auto()?.port_number();
         sock.socket_mut().connect(&SocketAddr::new(0, 0))?;
         // Errors then carry only the request's header, not the whole request:
         // a failed batch of 100k routes must not need 100k full copies.
@@ -97,10 +100,16 @@ impl RtSocket {
         enlarge(&sock);
         Ok(RtSocket {
             sock,
+            port,
             seq: 1,
             rx: Vec::with_capacity(1 << 20),
             tx: Vec::with_capacity(1 << 20),
         })
+    }
+
+    /// This socket's netlink port ID (what [`EventSocket::ignore_routes_from`] takes).
+    pub fn port(&self) -> u32 {
+        self.port
     }
 
     fn next_seq(&mut self) -> u32 {
@@ -320,6 +329,38 @@ impl EventSocket {
         })
     }
 
+    /// Have the kernel drop, before they are queued to this socket, the
+    /// route notifications caused by requests of the socket with port ID
+    /// `port`: our own adds and deletes echoed back. A bulk load of 100k
+    /// routes would otherwise queue 100k notifications here (overflowing
+    /// the buffer, which costs a full resync afterwards) and have each one
+    /// parsed only to find it matches what we wrote. Notifications of
+    /// anyone else (port 0 for the kernel's own, e.g. a link going down)
+    /// still arrive.
+    pub fn ignore_routes_from(&self, port: u32) -> io::Result<()> {
+        let prog = own_route_filter(port);
+        let fprog = libc::sock_fprog {
+            len: prog.len() as u16,
+            filter: prog.as_ptr() as *mut libc::sock_filter,
+        };
+        // SAFETY: the kernel copies the program during the call; `prog`
+        // and `fprog` outlive it.
+        let rc = unsafe {
+            libc::setsockopt(
+                self.sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_ATTACH_FILTER,
+                (&fprog as *const libc::sock_fprog).cast(),
+                std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+            )
+        };
+        if rc < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    }
+
     /// Wait for the next datagram and hand its messages to `each`.
     pub async fn next<F: FnMut(Event)>(&mut self, mut each: F) -> io::Result<()> {
         self.rx.clear();
@@ -365,9 +406,73 @@ impl EventSocket {
     }
 }
 
+const RTM_NEWROUTE: u16 = 24;
+const RTM_DELROUTE: u16 = 25;
+
+/// Classic BPF over one notification (one message per skb): drop it when
+/// its type is RTM_NEWROUTE or RTM_DELROUTE and its `nlmsg_pid` is `port`,
+/// accept everything else. BPF loads read big-endian while the netlink
+/// header is in host order, so the constants are compared as the load
+/// sees the host's bytes.
+fn own_route_filter(port: u32) -> [libc::sock_filter; 7] {
+    // linux/bpf_common.h; BPF_LD, BPF_W and BPF_K are 0.
+    const BPF_H: u16 = 0x08;
+    const BPF_ABS: u16 = 0x20;
+    const BPF_JMP: u16 = 0x05;
+    const BPF_JEQ: u16 = 0x10;
+    const BPF_RET: u16 = 0x06;
+    const LD_H_ABS: u16 = BPF_H | BPF_ABS;
+    const LD_W_ABS: u16 = BPF_ABS;
+    const JEQ_K: u16 = BPF_JMP | BPF_JEQ;
+    const RET_K: u16 = BPF_RET;
+    let half = |v: u16| u32::from(u16::from_be_bytes(v.to_ne_bytes()));
+    let word = |v: u32| u32::from_be_bytes(v.to_ne_bytes());
+    let op = |code, jt, jf, k| libc::sock_filter { code, jt, jf, k };
+    [
+        // nlmsg_type at offset 4, nlmsg_pid at offset 12.
+        op(LD_H_ABS, 0, 0, 4),
+        op(JEQ_K, 1, 0, half(RTM_NEWROUTE)),
+        op(JEQ_K, 0, 3, half(RTM_DELROUTE)),
+        op(LD_W_ABS, 0, 0, 12),
+        op(JEQ_K, 0, 1, word(port)),
+        op(RET_K, 0, 0, 0),
+        op(RET_K, 0, 0, u32::MAX),
+    ]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The kernel checks a classic BPF program when it is attached: a
+    /// malformed jump or load would be refused here.
+    #[tokio::test]
+    async fn the_kernel_accepts_the_own_route_filter() {
+        let events = EventSocket::open().expect("netlink socket");
+        events
+            .ignore_routes_from(0x1234_5678)
+            .expect("SO_ATTACH_FILTER accepted");
+    }
+
+    #[test]
+    fn the_own_route_filter_drops_only_route_messages_of_that_port() {
+        let prog = own_route_filter(0x0102_0304);
+        // The two type tests lead to the port test, which leads to drop.
+        assert_eq!(
+            prog[1].k,
+            u32::from(u16::from_be_bytes(24u16.to_ne_bytes()))
+        );
+        assert_eq!(
+            prog[2].k,
+            u32::from(u16::from_be_bytes(25u16.to_ne_bytes()))
+        );
+        assert_eq!(1 + 1 + prog[1].jt as usize, 3);
+        assert_eq!(2 + 1 + prog[2].jf as usize, 6);
+        assert_eq!(prog[4].k, u32::from_be_bytes(0x0102_0304u32.to_ne_bytes()));
+        assert_eq!(4 + 1 + prog[4].jt as usize, 5);
+        assert_eq!(4 + 1 + prog[4].jf as usize, 6);
+        assert_eq!((prog[5].k, prog[6].k), (0, u32::MAX));
+    }
 
     #[test]
     fn frames_splits_aligned_messages_and_stops_at_garbage() {

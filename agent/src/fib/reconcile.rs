@@ -1045,6 +1045,11 @@ impl FibTask {
         let resync = self.config.resync_interval;
         let debounce = self.config.debounce;
         let mut fib = Fib::open(self.config)?;
+        // Our own writes are not drift: without this, a bulk install
+        // queues a notification per route here and overflows the socket.
+        if let Err(e) = events.ignore_routes_from(fib.sock.port()) {
+            tracing::warn!(error = %e, "cannot filter our own route notifications; they are read and matched instead");
+        }
         // Nothing until the agent says what it wants.
         while self.desired.borrow().generation == 0 {
             if self.desired.changed().await.is_err() {
