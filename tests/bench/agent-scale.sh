@@ -6,6 +6,9 @@
 #
 #   tests/bench/agent-scale.sh
 #   PEERS=100 ROUTES=10000 tests/bench/agent-scale.sh
+#   AGENT_LOG=warn,starling_agent::fib=info KEEP_LOG=/tmp/agent.log ...
+#       (the agent's RUST_LOG, default warn; KEEP_LOG: keep its log there,
+#       e.g. to read each FIB pass's dump/write times)
 #
 # Reports, as JSON lines {"bench":"agent-scale",...}: time from the first
 # UPDATE until the speaker holds every route (bgp-loadgen's figure) and until
@@ -49,7 +52,7 @@ controlSocket: $WORK/agent.sock
 uplink: eth0
 datastore: {type: file, path: $model}
 EOC
-RUST_LOG=warn ip netns exec "$NS" "$AGENT" run --config "$WORK/agent.yaml" 2>"$WORK/agent.log" &
+RUST_LOG=${AGENT_LOG:-warn} ip netns exec "$NS" "$AGENT" run --config "$WORK/agent.yaml" 2>"$WORK/agent.log" &
 DAEMON_PID=$!
 for _ in $(seq 200); do [ -S "$WORK/agent.sock" ] && break; sleep 0.05; done
 [ -S "$WORK/agent.sock" ] || { echo "agent-scale: the agent did not start:" >&2; tail "$WORK/agent.log" >&2; exit 1; }
@@ -86,4 +89,5 @@ json starling-agent peak_rss "$(awk -v k="$hwm" 'BEGIN {printf "%.1f", k / 1024}
 json starling-agent rss_after_load "$(awk -v k="$rss" 'BEGIN {printf "%.1f", k / 1024}')" MiB
 ticks=$(awk '{print $14 + $15}' "/proc/$DAEMON_PID/stat")
 json starling-agent cpu_total "$(( ticks * 1000 / $(getconf CLK_TCK) ))" ms
+[ -n "${KEEP_LOG:-}" ] && cp "$WORK/agent.log" "$KEEP_LOG"
 [ "$n" -ge "$want" ] || { echo "agent-scale: only $n of $want routes reached the kernel" >&2; tail "$WORK/agent.log" >&2; exit 1; }

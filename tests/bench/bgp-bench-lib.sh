@@ -20,7 +20,7 @@ bench_setup() {
         cargo build --release -q -p starling-bgpd
         cargo build --release -q -p starling-tests --bin bgp-loadgen
     fi
-    BGPD=$CARGO_TARGET_DIR/release/starling-bgpd
+    BGPD=${BGPD_BIN:-$CARGO_TARGET_DIR/release/starling-bgpd}
     LOADGEN=$CARGO_TARGET_DIR/release/bgp-loadgen
     NS=stbench-$name-$$
     WORK=$(mktemp -d "/tmp/starling-$name.XXXXXX")

@@ -24,6 +24,9 @@
 # directly connected) with the next hops resolved through a static
 # 127.0.0.0/8 device route, so its routes are reachable as on a real link.
 #
+# SKIP_BIRD=1: starling-bgpd alone (comparing builds; BGPD_BIN=PATH runs
+# another starling-bgpd binary, e.g. one built at an older commit).
+#
 # Prints JSON lines {"bench":"bgp-ingest","impl":"starling"|"bird"|"loadgen",...}.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -137,7 +140,7 @@ status=0
 for _ in $(seq "$REPS"); do
     inns "$LOADGEN" ingest "${LOAD[@]}" --target sink
     run_starling || status=1
-    run_bird
+    [ -n "${SKIP_BIRD:-}" ] || run_bird
 done
 echo "# load at the end:$(uptime | sed 's/.*load average//')" >&2
 exit $status

@@ -5,6 +5,8 @@
 #
 #   tests/bench/fib.sh            # 100000 routes
 #   ROUTES=20000 tests/bench/fib.sh
+#   LISTENER=1 tests/bench/fib.sh          # `ip monitor route` subscribed in the namespace
+#   LISTENER=filtered tests/bench/fib.sh   # a subscriber whose socket filter drops everything
 #
 # Prints JSON lines {"bench":"fib","impl":"starling"|"ip-batch",...}.
 set -euo pipefail
@@ -16,7 +18,12 @@ BENCH=$CARGO_TARGET_DIR/release/fib-bench
 
 NS=stbench-fib-$$
 TMP=$(mktemp -d)
-cleanup() { ip netns del "$NS" 2>/dev/null || true; rm -rf "$TMP"; }
+MONITOR=
+cleanup() {
+    [ -n "$MONITOR" ] && { kill "$MONITOR" 2>/dev/null || true; }
+    ip netns del "$NS" 2>/dev/null || true
+    rm -rf "$TMP"
+}
 trap cleanup EXIT
 ip netns add "$NS"
 ip -n "$NS" link set lo up
@@ -24,6 +31,20 @@ ip -n "$NS" link add up0 type veth peer name up0p
 ip -n "$NS" link set up0p up
 ip -n "$NS" addr add 192.0.2.1/24 dev up0
 ip -n "$NS" link set up0 up
+
+# LISTENER=1: a route-notification subscriber in the namespace, as the
+# agent's own event socket is; the kernel then queues a copy of every
+# notification it builds for every add and delete. LISTENER=filtered: one
+# whose socket filter drops them all (what the agent's filter does to its
+# own writes' echoes).
+if [ -n "${LISTENER:-}" ]; then
+    case $LISTENER in
+        1) ip -n "$NS" monitor route >/dev/null & ;;
+        filtered) ip netns exec "$NS" python3 tests/bench/route-listener.py & ;;
+        *) echo "fib.sh: LISTENER is 1 or filtered, not $LISTENER" >&2; exit 1 ;;
+    esac
+    MONITOR=$!
+fi
 
 ms_since() { echo "$(( ($(date +%s%N) - $1) / 1000000 ))"; }
 line() { printf '{"bench":"fib","impl":"%s","metric":"%s","value":%s,"unit":"%s"}\n' "$@"; }
