@@ -1,15 +1,20 @@
-//! Routing information bases: an Adj-RIB-In per peer, our originated
-//! prefixes, and the Loc-RIB of best paths with their multipath sets. Path
-//! attributes are interned: every distinct attribute set is stored once and
-//! shared by `Arc`, which is what keeps a path to a few dozen bytes.
+//! Routing information bases: one table keyed by prefix whose entries hold
+//! every peer's path for the prefix in-line (what the Adj-RIBs-In were) and
+//! the Loc-RIB's best path and multipath set as indices into them; our
+//! originated prefixes beside it. Path attributes are interned: every
+//! distinct attribute set is stored once and shared by `Arc`, which is what
+//! keeps a path to a few dozen bytes.
 
 use crate::attrs::{Family, PathAttrs};
 use crate::config::NextHopResolver;
 use crate::report::RouteEntry;
 use foldhash::{HashMap, HashSet};
+use hashbrown::HashTable;
+use hashbrown::hash_table::Entry as TableEntry;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use std::cmp::Ordering;
 use std::collections::BTreeSet;
+use std::hash::BuildHasher;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
@@ -212,6 +217,21 @@ fn v6_net((a, l): (u128, u8)) -> IpNet {
     IpNet::V6(Ipv6Net::new(Ipv6Addr::from(a), l).expect("packed from a valid prefix"))
 }
 
+/// A free slab index for an entry with packed key `key`.
+fn alloc(slab: &mut Vec<Entry>, free: &mut Vec<u32>, keys: &mut Vec<u64>, key: u64) -> u32 {
+    match free.pop() {
+        Some(i) => {
+            keys[i as usize] = key;
+            i
+        }
+        None => {
+            slab.push(Entry::default());
+            keys.push(key);
+            (slab.len() - 1) as u32
+        }
+    }
+}
+
 /// A decision candidate: the path, its IGP cost, its index in the entry.
 type Cand = (Path, u32, u32);
 
@@ -221,10 +241,15 @@ type Cand = (Path, u32, u32);
 /// hash operation finds everything about a prefix.
 pub struct Rib {
     local: BTreeSet<IpNet>,
-    v4: HashMap<u64, u32>,
+    /// IPv4 prefixes: the slab index alone (4 bytes a bucket); the packed
+    /// key is in `keys`.
+    v4: HashTable<u32>,
     v6: HashMap<(u128, u8), u32>,
     slab: Vec<Entry>,
+    /// The packed IPv4 key of each slab entry (0 for IPv6 ones).
+    keys: Vec<u64>,
     free: Vec<u32>,
+    hasher: foldhash::fast::RandomState,
     /// Loc-RIB entries whose paths changed before the decision ran
     /// (`SAVED_BEST`): export needs what was there to bring peers in line.
     saved: HashMap<IpNet, Best>,
@@ -282,10 +307,12 @@ impl Rib {
     pub fn new(max_paths: usize, resolver: Option<Arc<dyn NextHopResolver>>) -> Rib {
         Rib {
             local: BTreeSet::new(),
-            v4: HashMap::default(),
+            v4: HashTable::new(),
             v6: HashMap::default(),
             slab: Vec::new(),
+            keys: Vec::new(),
             free: Vec::new(),
+            hasher: Default::default(),
             saved: HashMap::default(),
             loc_len: 0,
             peers: Vec::new(),
@@ -394,33 +421,60 @@ impl Rib {
     /// The slab index of `p`'s entry.
     fn slot_of(&self, p: &IpNet) -> Option<u32> {
         match p {
-            IpNet::V4(n) => self.v4.get(&v4_key(n)).copied(),
+            IpNet::V4(n) => {
+                let k = v4_key(n);
+                let keys = &self.keys;
+                let found = self
+                    .v4
+                    .find(self.hasher.hash_one(k), |i| keys[*i as usize] == k);
+                found.copied()
+            }
             IpNet::V6(n) => self.v6.get(&v6_key(n)).copied(),
         }
     }
 
     /// The slab index of `p`'s entry, made empty when there is none.
     fn slot_or_new(&mut self, p: &IpNet) -> u32 {
-        let (slab, free) = (&mut self.slab, &mut self.free);
-        let alloc = || match free.pop() {
-            Some(i) => i,
-            None => {
-                slab.push(Entry::default());
-                (slab.len() - 1) as u32
-            }
-        };
         match p {
-            IpNet::V4(n) => *self.v4.entry(v4_key(n)).or_insert_with(alloc),
-            IpNet::V6(n) => *self.v6.entry(v6_key(n)).or_insert_with(alloc),
+            IpNet::V4(n) => {
+                let k = v4_key(n);
+                let h = self.hasher.hash_one(k);
+                let (keys, state) = (&self.keys, &self.hasher);
+                let vacant = match self.v4.entry(
+                    h,
+                    |i| keys[*i as usize] == k,
+                    |i| state.hash_one(keys[*i as usize]),
+                ) {
+                    TableEntry::Occupied(o) => return *o.get(),
+                    TableEntry::Vacant(v) => v,
+                };
+                let i = alloc(&mut self.slab, &mut self.free, &mut self.keys, k);
+                vacant.insert(i);
+                i
+            }
+            IpNet::V6(n) => {
+                let (slab, free, keys) = (&mut self.slab, &mut self.free, &mut self.keys);
+                *self
+                    .v6
+                    .entry(v6_key(n))
+                    .or_insert_with(|| alloc(slab, free, keys, 0))
+            }
         }
     }
 
     /// Forget `p`'s entry (no paths, no Loc-RIB entry).
     fn release(&mut self, p: &IpNet, ix: u32) {
         match p {
-            IpNet::V4(n) => self.v4.remove(&v4_key(n)),
-            IpNet::V6(n) => self.v6.remove(&v6_key(n)),
-        };
+            IpNet::V4(n) => {
+                let h = self.hasher.hash_one(v4_key(n));
+                if let Ok(o) = self.v4.find_entry(h, |i| *i == ix) {
+                    o.remove();
+                }
+            }
+            IpNet::V6(n) => {
+                self.v6.remove(&v6_key(n));
+            }
+        }
         self.slab[ix as usize] = Entry::default();
         self.free.push(ix);
     }
@@ -434,7 +488,7 @@ impl Rib {
         self.v4
             .iter()
             .take(n4)
-            .map(|(k, i)| (v4_net(*k), *i))
+            .map(|i| (v4_net(self.keys[*i as usize]), *i))
             .chain(self.v6.iter().take(n6).map(|(k, i)| (v6_net(*k), *i)))
     }
 
