@@ -1,16 +1,21 @@
-//! Routing information bases: an Adj-RIB-In per peer, our originated
-//! prefixes, and the Loc-RIB of best paths with their multipath sets. Path
-//! attributes are interned: every distinct attribute set is stored once and
-//! shared by `Arc`, which is what keeps a path to a few dozen bytes.
+//! Routing information bases: one table keyed by prefix whose entries hold
+//! every peer's path for the prefix in-line (what the Adj-RIBs-In were) and
+//! the Loc-RIB's best path and multipath set as indices into them; our
+//! originated prefixes beside it. Path attributes are interned: every
+//! distinct attribute set is stored once and shared by `Arc`, which is what
+//! keeps a path to a few dozen bytes.
 
 use crate::attrs::{Family, PathAttrs};
 use crate::config::NextHopResolver;
 use crate::report::RouteEntry;
 use foldhash::{HashMap, HashSet};
-use ipnet::IpNet;
+use hashbrown::HashTable;
+use hashbrown::hash_table::Entry as TableEntry;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use std::cmp::Ordering;
 use std::collections::BTreeSet;
-use std::net::{IpAddr, Ipv4Addr};
+use std::hash::BuildHasher;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -44,26 +49,238 @@ pub struct Best {
     pub multipath: Option<Box<Vec<Path>>>,
 }
 
-#[derive(Default)]
+/// Index of a peer in `Rib::peers`: a path names its peer with four bytes,
+/// not an `IpAddr`.
+type PeerIx = u32;
+
+/// One path in a prefix's entry: the peer it came from, its shared
+/// attribute set, and whether it is kept stale for a restarting peer.
+#[derive(Clone, Debug)]
+struct Slot {
+    attrs: Arc<PathAttrs>,
+    peer: PeerIx,
+    stale: bool,
+}
+
+/// A prefix's paths, in-line: one path (the common case) takes no
+/// allocation of its own.
+#[derive(Debug, Default)]
+enum Paths {
+    #[default]
+    Empty,
+    One(Slot),
+    Many(Box<Many>),
+}
+
+#[derive(Debug)]
+struct Many {
+    paths: Vec<Slot>,
+    /// The Loc-RIB's multipath set beyond the best path, as indices into
+    /// `paths`, in preference order.
+    multipath: Vec<u32>,
+}
+
+impl Paths {
+    fn slots(&self) -> &[Slot] {
+        match self {
+            Paths::Empty => &[],
+            Paths::One(s) => std::slice::from_ref(s),
+            Paths::Many(m) => &m.paths,
+        }
+    }
+
+    fn slots_mut(&mut self) -> &mut [Slot] {
+        match self {
+            Paths::Empty => &mut [],
+            Paths::One(s) => std::slice::from_mut(s),
+            Paths::Many(m) => &mut m.paths,
+        }
+    }
+
+    fn find(&self, peer: PeerIx) -> Option<usize> {
+        self.slots().iter().position(|s| s.peer == peer)
+    }
+
+    fn is_empty(&self) -> bool {
+        matches!(self, Paths::Empty)
+    }
+
+    fn multipath(&self) -> &[u32] {
+        match self {
+            Paths::Many(m) => &m.multipath,
+            _ => &[],
+        }
+    }
+
+    fn set_multipath(&mut self, mp: Vec<u32>) {
+        if let Paths::Many(m) = self {
+            m.multipath = mp;
+        }
+    }
+
+    fn push(&mut self, s: Slot) {
+        match std::mem::take(self) {
+            Paths::Empty => *self = Paths::One(s),
+            Paths::One(first) => {
+                *self = Paths::Many(Box::new(Many {
+                    paths: vec![first, s],
+                    multipath: Vec::new(),
+                }))
+            }
+            Paths::Many(mut m) => {
+                m.paths.push(s);
+                *self = Paths::Many(m);
+            }
+        }
+    }
+
+    /// Take out path `i`; the indices of the others may change, so the
+    /// caller has saved the Loc-RIB entry first (the multipath set goes).
+    fn remove(&mut self, i: usize) -> Slot {
+        match std::mem::take(self) {
+            Paths::Empty => unreachable!("remove from an empty entry"),
+            Paths::One(s) => s,
+            Paths::Many(mut m) => {
+                let s = m.paths.swap_remove(i);
+                m.multipath.clear();
+                *self = if m.paths.len() == 1 {
+                    Paths::One(m.paths.pop().expect("one path left"))
+                } else {
+                    Paths::Many(m)
+                };
+                s
+            }
+        }
+    }
+}
+
+/// `Entry::best` when there is no best path.
+const NO_BEST: u32 = u32::MAX;
+/// `Entry::best` when the prefix is ours (originated).
+const LOCAL_BEST: u32 = u32::MAX - 1;
+/// `Entry::best` when a path of the Loc-RIB entry changed or went before
+/// the decision ran: the entry as it was is in `Rib::saved`.
+const SAVED_BEST: u32 = u32::MAX - 2;
+
+/// Everything about one prefix: every peer's path (the Adj-RIBs-In) and
+/// the Loc-RIB entry as an index into them.
+#[derive(Debug)]
+struct Entry {
+    paths: Paths,
+    best: u32,
+}
+
+impl Default for Entry {
+    fn default() -> Entry {
+        Entry {
+            paths: Paths::Empty,
+            best: NO_BEST,
+        }
+    }
+}
+
+impl Entry {
+    /// Whether path `i` is in the Loc-RIB (the best path or its multipath set).
+    fn in_loc(&self, i: usize) -> bool {
+        self.best == i as u32 || self.paths.multipath().contains(&(i as u32))
+    }
+
+    fn best_is_path(&self) -> bool {
+        self.best < SAVED_BEST
+    }
+}
+
+/// A peer's place in the table: its address and how many paths it has
+/// there (stale ones too).
+#[derive(Clone, Copy, Debug)]
+struct PeerSlot {
+    addr: IpAddr,
+    received: usize,
+    stale: usize,
+}
+
+/// An IPv4 prefix packed into one word: the address, then the length.
+fn v4_key(n: &Ipv4Net) -> u64 {
+    (u64::from(u32::from(n.addr())) << 8) | u64::from(n.prefix_len())
+}
+
+fn v4_net(k: u64) -> IpNet {
+    let addr = Ipv4Addr::from((k >> 8) as u32);
+    IpNet::V4(Ipv4Net::new(addr, (k & 0xff) as u8).expect("packed from a valid prefix"))
+}
+
+fn v6_key(n: &Ipv6Net) -> (u128, u8) {
+    (u128::from(n.addr()), n.prefix_len())
+}
+
+fn v6_net((a, l): (u128, u8)) -> IpNet {
+    IpNet::V6(Ipv6Net::new(Ipv6Addr::from(a), l).expect("packed from a valid prefix"))
+}
+
+/// A free slab index for an entry with packed key `key`.
+fn alloc(slab: &mut Vec<Entry>, free: &mut Vec<u32>, keys: &mut Vec<u64>, key: u64) -> u32 {
+    match free.pop() {
+        Some(i) => {
+            keys[i as usize] = key;
+            i
+        }
+        None => {
+            slab.push(Entry::default());
+            keys.push(key);
+            (slab.len() - 1) as u32
+        }
+    }
+}
+
+/// A decision candidate: the path, its IGP cost, its index in the entry.
+type Cand = (Path, u32, u32);
+
+/// The RIB: one table keyed by prefix (IPv4 packed into a `u64`, IPv6
+/// apart) whose values index a slab of entries; each entry holds the
+/// prefix's paths in-line and the Loc-RIB entry as indices into them. One
+/// hash operation finds everything about a prefix.
 pub struct Rib {
     local: BTreeSet<IpNet>,
-    adj_in: HashMap<IpAddr, HashMap<IpNet, Arc<PathAttrs>>>,
+    /// IPv4 prefixes: the slab index alone (4 bytes a bucket); the packed
+    /// key is in `keys`.
+    v4: HashTable<u32>,
+    v6: HashMap<(u128, u8), u32>,
+    slab: Vec<Entry>,
+    /// The packed IPv4 key of each slab entry (0 for IPv6 ones).
+    keys: Vec<u64>,
+    free: Vec<u32>,
+    hasher: foldhash::fast::RandomState,
+    /// Loc-RIB entries whose paths changed before the decision ran
+    /// (`SAVED_BEST`): export needs what was there to bring peers in line.
+    saved: HashMap<IpNet, Best>,
+    /// Prefixes with a Loc-RIB entry.
+    loc_len: usize,
+    peers: Vec<PeerSlot>,
+    peer_ix: HashMap<IpAddr, PeerIx>,
+    free_peers: Vec<PeerIx>,
+    /// The last peer looked up (an UPDATE's prefixes all come from one).
+    last_peer: Option<(IpAddr, PeerIx)>,
     meta: HashMap<IpAddr, PeerMeta>,
     /// What we knew of peers dropped since the last flush: the Loc-RIB may
     /// still hold their paths, and export needs to know what those paths
     /// were exported as to withdraw them (see `meta_any`).
     retired: HashMap<IpAddr, PeerMeta>,
-    /// Routes kept for a restarting peer (RFC 4724 §4.2) until it refreshes them.
-    stale: HashMap<IpAddr, HashSet<IpNet>>,
-    loc: HashMap<IpNet, Best>,
     interned: HashSet<Arc<PathAttrs>>,
     /// Interned sets left by the last collection: the next one is due when
     /// the set has doubled since (amortised O(1) per interned set).
     interned_after_gc: usize,
+    /// The attributes of our own prefixes (no attributes: export adds them).
+    local_attrs: Arc<PathAttrs>,
     pub max_paths: usize,
     pub resolver: Option<Arc<dyn NextHopResolver>>,
     /// Candidate buffer reused by `decide`.
-    scratch: Vec<(Path, u32)>,
+    scratch: Vec<Cand>,
+}
+
+impl Default for Rib {
+    fn default() -> Rib {
+        Rib::new(1, None)
+    }
 }
 
 impl Best {
@@ -89,9 +306,27 @@ impl Best {
 impl Rib {
     pub fn new(max_paths: usize, resolver: Option<Arc<dyn NextHopResolver>>) -> Rib {
         Rib {
+            local: BTreeSet::new(),
+            v4: HashTable::new(),
+            v6: HashMap::default(),
+            slab: Vec::new(),
+            keys: Vec::new(),
+            free: Vec::new(),
+            hasher: Default::default(),
+            saved: HashMap::default(),
+            loc_len: 0,
+            peers: Vec::new(),
+            peer_ix: HashMap::default(),
+            free_peers: Vec::new(),
+            last_peer: None,
+            meta: HashMap::default(),
+            retired: HashMap::default(),
+            interned: HashSet::default(),
+            interned_after_gc: 0,
+            local_attrs: Arc::new(PathAttrs::default()),
             max_paths: max_paths.max(1),
             resolver,
-            ..Default::default()
+            scratch: Vec::new(),
         }
     }
 
@@ -149,135 +384,372 @@ impl Rib {
         self.retired.clear();
     }
 
+    /// The index of a peer we hold paths of.
+    fn peer_of(&self, peer: IpAddr) -> Option<PeerIx> {
+        match self.last_peer {
+            Some((a, ix)) if a == peer => Some(ix),
+            _ => self.peer_ix.get(&peer).copied(),
+        }
+    }
+
+    /// The index of `peer`, given one (a dropped peer's index is reused).
+    fn peer_index(&mut self, peer: IpAddr) -> PeerIx {
+        if let Some(ix) = self.peer_of(peer) {
+            self.last_peer = Some((peer, ix));
+            return ix;
+        }
+        let slot = PeerSlot {
+            addr: peer,
+            received: 0,
+            stale: 0,
+        };
+        let ix = match self.free_peers.pop() {
+            Some(ix) => {
+                self.peers[ix as usize] = slot;
+                ix
+            }
+            None => {
+                self.peers.push(slot);
+                (self.peers.len() - 1) as PeerIx
+            }
+        };
+        self.peer_ix.insert(peer, ix);
+        self.last_peer = Some((peer, ix));
+        ix
+    }
+
+    /// The slab index of `p`'s entry.
+    fn slot_of(&self, p: &IpNet) -> Option<u32> {
+        match p {
+            IpNet::V4(n) => {
+                let k = v4_key(n);
+                let keys = &self.keys;
+                let found = self
+                    .v4
+                    .find(self.hasher.hash_one(k), |i| keys[*i as usize] == k);
+                found.copied()
+            }
+            IpNet::V6(n) => self.v6.get(&v6_key(n)).copied(),
+        }
+    }
+
+    /// The slab index of `p`'s entry, made empty when there is none.
+    fn slot_or_new(&mut self, p: &IpNet) -> u32 {
+        match p {
+            IpNet::V4(n) => {
+                let k = v4_key(n);
+                let h = self.hasher.hash_one(k);
+                let (keys, state) = (&self.keys, &self.hasher);
+                let vacant = match self.v4.entry(
+                    h,
+                    |i| keys[*i as usize] == k,
+                    |i| state.hash_one(keys[*i as usize]),
+                ) {
+                    TableEntry::Occupied(o) => return *o.get(),
+                    TableEntry::Vacant(v) => v,
+                };
+                let i = alloc(&mut self.slab, &mut self.free, &mut self.keys, k);
+                vacant.insert(i);
+                i
+            }
+            IpNet::V6(n) => {
+                let (slab, free, keys) = (&mut self.slab, &mut self.free, &mut self.keys);
+                *self
+                    .v6
+                    .entry(v6_key(n))
+                    .or_insert_with(|| alloc(slab, free, keys, 0))
+            }
+        }
+    }
+
+    /// Forget `p`'s entry (no paths, no Loc-RIB entry).
+    fn release(&mut self, p: &IpNet, ix: u32) {
+        match p {
+            IpNet::V4(n) => {
+                let h = self.hasher.hash_one(v4_key(n));
+                if let Ok(o) = self.v4.find_entry(h, |i| *i == ix) {
+                    o.remove();
+                }
+            }
+            IpNet::V6(n) => {
+                self.v6.remove(&v6_key(n));
+            }
+        }
+        self.slab[ix as usize] = Entry::default();
+        self.free.push(ix);
+    }
+
+    /// Every prefix with an entry, of `family` or of all, and its slab index.
+    fn keyed(&self, family: Option<Family>) -> impl Iterator<Item = (IpNet, u32)> + '_ {
+        let v4 = family != Some(Family::Ipv6);
+        let v6 = family != Some(Family::Ipv4);
+        let n4 = if v4 { usize::MAX } else { 0 };
+        let n6 = if v6 { usize::MAX } else { 0 };
+        self.v4
+            .iter()
+            .take(n4)
+            .map(|i| (v4_net(self.keys[*i as usize]), *i))
+            .chain(self.v6.iter().take(n6).map(|(k, i)| (v6_net(*k), *i)))
+    }
+
+    /// The Loc-RIB entry of `p` (at slab index `ix`).
+    fn loc_at(&self, p: &IpNet, ix: u32) -> Option<Best> {
+        let e = &self.slab[ix as usize];
+        match e.best {
+            NO_BEST => None,
+            LOCAL_BEST => Some(Best {
+                source: Source::Local,
+                attrs: self.local_attrs.clone(),
+                multipath: None,
+            }),
+            SAVED_BEST => self.saved.get(p).cloned(),
+            i => {
+                let slots = e.paths.slots();
+                let path = |j: u32| {
+                    let s = &slots[j as usize];
+                    Path {
+                        source: Source::Peer(self.peers[s.peer as usize].addr),
+                        attrs: s.attrs.clone(),
+                    }
+                };
+                let b = path(i);
+                let mp = e.paths.multipath();
+                Some(Best {
+                    source: b.source,
+                    attrs: b.attrs,
+                    multipath: (!mp.is_empty())
+                        .then(|| Box::new(mp.iter().map(|j| path(*j)).collect())),
+                })
+            }
+        }
+    }
+
+    /// Keep `p`'s Loc-RIB entry aside before one of its paths changes.
+    fn save(&mut self, p: &IpNet, ix: u32) {
+        if let Some(b) = self.loc_at(p, ix) {
+            self.saved.insert(*p, b);
+        }
+        let e = &mut self.slab[ix as usize];
+        e.best = SAVED_BEST;
+        e.paths.set_multipath(Vec::new());
+    }
+
     pub fn insert(&mut self, peer: IpAddr, p: IpNet, attrs: Arc<PathAttrs>) {
-        self.adj_in.entry(peer).or_default().insert(p, attrs);
-        if let Some(s) = self.stale.get_mut(&peer) {
-            s.remove(&p);
+        let px = self.peer_index(peer);
+        let ix = self.slot_or_new(&p);
+        let e = &self.slab[ix as usize];
+        match e.paths.find(px) {
+            Some(i) => {
+                if e.best_is_path() && e.in_loc(i) {
+                    self.save(&p, ix);
+                }
+                let s = &mut self.slab[ix as usize].paths.slots_mut()[i];
+                s.attrs = attrs;
+                if std::mem::take(&mut s.stale) {
+                    self.peers[px as usize].stale -= 1;
+                }
+            }
+            None => {
+                self.slab[ix as usize].paths.push(Slot {
+                    attrs,
+                    peer: px,
+                    stale: false,
+                });
+                self.peers[px as usize].received += 1;
+            }
         }
     }
 
     pub fn remove(&mut self, peer: IpAddr, p: &IpNet) -> bool {
-        if let Some(s) = self.stale.get_mut(&peer) {
-            s.remove(p);
+        let Some(px) = self.peer_of(peer) else {
+            return false;
+        };
+        let Some(ix) = self.slot_of(p) else {
+            return false;
+        };
+        let Some(i) = self.slab[ix as usize].paths.find(px) else {
+            return false;
+        };
+        self.remove_at(p, ix, i);
+        true
+    }
+
+    /// Take path `i` out of `p`'s entry at slab index `ix`.
+    fn remove_at(&mut self, p: &IpNet, ix: u32, i: usize) {
+        if self.slab[ix as usize].best_is_path() {
+            self.save(p, ix);
         }
-        self.adj_in
-            .get_mut(&peer)
-            .is_some_and(|m| m.remove(p).is_some())
+        let e = &mut self.slab[ix as usize];
+        let s = e.paths.remove(i);
+        let gone = e.paths.is_empty() && e.best == NO_BEST;
+        let ps = &mut self.peers[s.peer as usize];
+        ps.received -= 1;
+        if s.stale {
+            ps.stale -= 1;
+        }
+        if gone {
+            self.release(p, ix);
+        }
+    }
+
+    /// Where `peer` has a path, matching `pick`, of `family` or of all:
+    /// (prefix, slab index, path index).
+    fn paths_of(
+        &self,
+        px: PeerIx,
+        family: Option<Family>,
+        pick: impl Fn(&Slot) -> bool,
+    ) -> Vec<(IpNet, u32, usize)> {
+        self.keyed(family)
+            .filter_map(|(p, ix)| {
+                let slots = self.slab[ix as usize].paths.slots();
+                let i = slots.iter().position(|s| s.peer == px)?;
+                pick(&slots[i]).then_some((p, ix, i))
+            })
+            .collect()
     }
 
     /// Drop everything learned from `peer`; returns the prefixes affected.
     pub fn drop_peer(&mut self, peer: IpAddr) -> Vec<IpNet> {
-        self.stale.remove(&peer);
         if let Some(m) = self.meta.remove(&peer) {
             self.retired.insert(peer, m);
         }
-        self.adj_in
-            .remove(&peer)
-            .map(|m| m.into_keys().collect())
-            .unwrap_or_default()
+        let Some(px) = self.peer_ix.remove(&peer) else {
+            return vec![];
+        };
+        self.last_peer = None;
+        let hits = if self.peers[px as usize].received == 0 {
+            vec![]
+        } else {
+            self.paths_of(px, None, |_| true)
+        };
+        for (p, ix, i) in &hits {
+            self.remove_at(p, *ix, *i);
+        }
+        self.free_peers.push(px);
+        hits.into_iter().map(|(p, _, _)| p).collect()
     }
 
     /// Mark every route of `peer` stale (its session went down gracefully).
     pub fn mark_stale(&mut self, peer: IpAddr) -> usize {
-        let keys: HashSet<IpNet> = self
-            .adj_in
-            .get(&peer)
-            .map(|m| m.keys().copied().collect())
-            .unwrap_or_default();
-        let n = keys.len();
-        self.stale.insert(peer, keys);
+        let Some(px) = self.peer_of(peer) else {
+            return 0;
+        };
+        let mut n = 0;
+        for e in &mut self.slab {
+            for s in e.paths.slots_mut() {
+                if s.peer == px {
+                    s.stale = true;
+                    n += 1;
+                }
+            }
+        }
+        self.peers[px as usize].stale = n;
         n
     }
 
     pub fn stale_count(&self, peer: IpAddr) -> usize {
-        self.stale.get(&peer).map(|s| s.len()).unwrap_or(0)
+        self.peer_of(peer)
+            .map_or(0, |px| self.peers[px as usize].stale)
     }
 
     /// Remove the routes of `peer` still stale, of `family` or of every
     /// family; returns the prefixes removed.
     pub fn sweep_stale(&mut self, peer: IpAddr, family: Option<Family>) -> Vec<IpNet> {
-        let Some(stale) = self.stale.get_mut(&peer) else {
+        let Some(px) = self.peer_of(peer) else {
             return vec![];
         };
-        let gone: Vec<IpNet> = stale
-            .iter()
-            .filter(|p| family.is_none_or(|f| Family::of(p) == f))
-            .copied()
-            .collect();
-        for p in &gone {
-            stale.remove(p);
+        if self.peers[px as usize].stale == 0 {
+            return vec![];
         }
-        if stale.is_empty() {
-            self.stale.remove(&peer);
+        let hits = self.paths_of(px, family, |s| s.stale);
+        for (p, ix, i) in &hits {
+            self.remove_at(p, *ix, *i);
         }
-        if let Some(m) = self.adj_in.get_mut(&peer) {
-            for p in &gone {
-                m.remove(p);
-            }
-        }
-        gone
+        hits.into_iter().map(|(p, _, _)| p).collect()
     }
 
     pub fn received_count(&self, peer: IpAddr) -> usize {
-        self.adj_in.get(&peer).map(|m| m.len()).unwrap_or(0)
+        self.peer_of(peer)
+            .map_or(0, |px| self.peers[px as usize].received)
     }
 
-    /// (Loc-RIB prefixes, paths in all Adj-RIBs-In, interned attribute sets).
+    /// (Loc-RIB prefixes, paths from peers, interned attribute sets).
     pub fn sizes(&self) -> (usize, usize, usize) {
-        (
-            self.loc.len(),
-            self.adj_in.values().map(|m| m.len()).sum(),
-            self.interned.len(),
-        )
+        let paths = self
+            .peer_ix
+            .values()
+            .map(|px| self.peers[*px as usize].received);
+        (self.loc_len, paths.sum(), self.interned.len())
     }
 
-    pub fn best(&self, p: &IpNet) -> Option<&Best> {
-        self.loc.get(p)
+    /// The Loc-RIB entry of `p`.
+    pub fn best(&self, p: &IpNet) -> Option<Best> {
+        self.loc_at(p, self.slot_of(p)?)
     }
 
     /// The Loc-RIB entries of `prefixes`, for export.
     pub fn items(&self, prefixes: Vec<IpNet>) -> Vec<(IpNet, Option<Best>)> {
-        prefixes
-            .into_iter()
-            .map(|p| (p, self.loc.get(&p).cloned()))
-            .collect()
+        prefixes.into_iter().map(|p| (p, self.best(&p))).collect()
     }
 
     /// The best paths of `prefixes` (without their multipath sets), for export.
     pub fn best_paths(&self, prefixes: Vec<IpNet>) -> Vec<(IpNet, Option<Path>)> {
         prefixes
             .into_iter()
-            .map(|p| (p, self.loc.get(&p).map(Best::path)))
+            .map(|p| (p, self.best(&p).as_ref().map(Best::path)))
             .collect()
     }
 
     /// The Loc-RIB entries whose best path came from `peer`.
     pub fn best_paths_from(&self, peer: IpAddr) -> Vec<(IpNet, Path)> {
-        self.loc
-            .iter()
-            .filter(|(_, b)| b.source == Source::Peer(peer))
-            .map(|(p, b)| (*p, b.path()))
+        let px = self.peer_of(peer);
+        self.keyed(None)
+            .filter(|(p, ix)| {
+                let e = &self.slab[*ix as usize];
+                match e.best {
+                    NO_BEST | LOCAL_BEST => false,
+                    SAVED_BEST => self
+                        .saved
+                        .get(p)
+                        .is_some_and(|b| b.source == Source::Peer(peer)),
+                    i => Some(e.paths.slots()[i as usize].peer) == px,
+                }
+            })
+            .filter_map(|(p, ix)| Some((p, self.loc_at(&p, ix)?.path())))
             .collect()
     }
 
     pub fn all_prefixes(&self) -> Vec<IpNet> {
-        self.loc.keys().copied().collect()
+        self.loc_prefixes(None)
     }
 
     /// Every prefix anyone has a path for (for a full re-decision).
     pub fn known_prefixes(&self) -> Vec<IpNet> {
-        let mut all: HashSet<IpNet> = self.local.iter().copied().collect();
-        for m in self.adj_in.values() {
-            all.extend(m.keys().copied());
+        let mut all: Vec<IpNet> = self
+            .keyed(None)
+            .filter(|(_, ix)| !self.slab[*ix as usize].paths.is_empty())
+            .map(|(p, _)| p)
+            .collect();
+        for p in &self.local {
+            if self
+                .slot_of(p)
+                .is_none_or(|ix| self.slab[ix as usize].paths.is_empty())
+            {
+                all.push(*p);
+            }
         }
-        all.into_iter().collect()
+        all
     }
 
     pub fn prefixes_of(&self, f: Family) -> Vec<IpNet> {
-        self.loc
-            .keys()
-            .filter(|p| Family::of(p) == f)
-            .copied()
+        self.loc_prefixes(Some(f))
+    }
+
+    fn loc_prefixes(&self, f: Option<Family>) -> Vec<IpNet> {
+        self.keyed(f)
+            .filter(|(_, ix)| self.slab[*ix as usize].best != NO_BEST)
+            .map(|(p, _)| p)
             .collect()
     }
 
@@ -301,66 +773,85 @@ impl Rib {
     /// `decide`, with the entry it replaced: `Some((old, new))` on a change.
     #[allow(clippy::type_complexity)]
     pub fn decide_change(&mut self, p: &IpNet) -> Option<(Option<Best>, Option<Best>)> {
+        let local = !self.local.is_empty() && self.local.contains(p);
+        let ix = match self.slot_of(p) {
+            Some(ix) => ix,
+            None if local => self.slot_or_new(p),
+            None => return None,
+        };
+        let old = match self.slab[ix as usize].best {
+            SAVED_BEST => self.saved.remove(p),
+            _ => self.loc_at(p, ix),
+        };
         let mut cands = std::mem::take(&mut self.scratch);
         cands.clear();
-        if self.local.contains(p) {
-            let attrs = self.intern(PathAttrs::default());
-            cands.push((
-                Path {
-                    source: Source::Local,
-                    attrs,
-                },
-                0,
-            ));
+        if local {
+            let attrs = self.local_attrs.clone();
+            let path = Path {
+                source: Source::Local,
+                attrs,
+            };
+            cands.push((path, 0, LOCAL_BEST));
         } else {
-            for (peer, table) in &self.adj_in {
-                let Some(attrs) = table.get(p) else { continue };
+            for (i, s) in self.slab[ix as usize].paths.slots().iter().enumerate() {
                 let path = Path {
-                    source: Source::Peer(*peer),
-                    attrs: attrs.clone(),
+                    source: Source::Peer(self.peers[s.peer as usize].addr),
+                    attrs: s.attrs.clone(),
                 };
                 if let Some(cost) = self.cost(&path) {
-                    cands.push((path, cost));
+                    cands.push((path, cost, i as u32));
                 }
             }
         }
-        let best = if cands.is_empty() {
-            None
-        } else {
-            if cands.len() > 1 {
-                drop_med_losers(&mut cands);
-                cands.sort_by(|a, b| self.prefer(a, b));
-            }
-            let first = &cands[0];
-            let mut multipath: Vec<Path> = Vec::new();
-            for c in &cands[1..] {
-                if multipath.len() + 1 >= self.max_paths {
-                    break;
-                }
-                if self.multipath_equal(first, c)
-                    && c.0.attrs.next_hop != first.0.attrs.next_hop
-                    && !multipath
-                        .iter()
-                        .any(|m| m.attrs.next_hop == c.0.attrs.next_hop)
-                {
-                    multipath.push(c.0.clone());
-                }
-            }
-            Some(Best {
-                source: first.0.source,
-                attrs: first.0.attrs.clone(),
-                multipath: (!multipath.is_empty()).then(|| Box::new(multipath)),
-            })
-        };
+        let (best, at, mp) = self.choose(&mut cands);
         self.scratch = cands;
-        if self.loc.get(p) == best.as_ref() {
+        let e = &mut self.slab[ix as usize];
+        e.best = at;
+        e.paths.set_multipath(mp);
+        let gone = e.paths.is_empty() && at == NO_BEST;
+        if gone {
+            self.release(p, ix);
+        }
+        self.loc_len = self.loc_len + usize::from(best.is_some()) - usize::from(old.is_some());
+        if old == best {
             return None;
         }
-        let old = match &best {
-            Some(b) => self.loc.insert(*p, b.clone()),
-            None => self.loc.remove(p),
-        };
         Some((old, best))
+    }
+
+    /// The best path of `cands` and its multipath set: the entry, the best
+    /// path's index, the multipath set's indices. Leaves `cands` sorted.
+    fn choose(&self, cands: &mut Vec<Cand>) -> (Option<Best>, u32, Vec<u32>) {
+        if cands.is_empty() {
+            return (None, NO_BEST, Vec::new());
+        }
+        if cands.len() > 1 {
+            drop_med_losers(cands);
+            cands.sort_by(|a, b| self.prefer(a, b));
+        }
+        let first = &cands[0];
+        let mut multipath: Vec<Path> = Vec::new();
+        let mut at: Vec<u32> = Vec::new();
+        for c in &cands[1..] {
+            if multipath.len() + 1 >= self.max_paths {
+                break;
+            }
+            if self.multipath_equal(first, c)
+                && c.0.attrs.next_hop != first.0.attrs.next_hop
+                && !multipath
+                    .iter()
+                    .any(|m| m.attrs.next_hop == c.0.attrs.next_hop)
+            {
+                multipath.push(c.0.clone());
+                at.push(c.2);
+            }
+        }
+        let best = Best {
+            source: first.0.source,
+            attrs: first.0.attrs.clone(),
+            multipath: (!multipath.is_empty()).then(|| Box::new(multipath)),
+        };
+        (Some(best), first.2, at)
     }
 
     fn is_ebgp(&self, s: Source) -> bool {
@@ -372,11 +863,11 @@ impl Rib {
 
     /// RFC 4271 §9.1.2.2 a-e plus the IGP cost: paths equal here may share
     /// the multipath set.
-    fn multipath_equal(&self, a: &(Path, u32), b: &(Path, u32)) -> bool {
+    fn multipath_equal(&self, a: &Cand, b: &Cand) -> bool {
         self.compare_through_cost(a, b) == Ordering::Equal
     }
 
-    fn compare_through_cost(&self, (a, ca): &(Path, u32), (b, cb): &(Path, u32)) -> Ordering {
+    fn compare_through_cost(&self, (a, ca, _): &Cand, (b, cb, _): &Cand) -> Ordering {
         let local = |x: &Path| matches!(x.source, Source::Local);
         let lp = |x: &Path| x.attrs.local_pref.unwrap_or(100);
         local(b)
@@ -400,7 +891,7 @@ impl Rib {
     /// `Less` when `a` is preferred over `b`: RFC 4271 §9.1.2.2 with the
     /// RFC 4456 §9 tie-breaks (ORIGINATOR_ID in place of the BGP identifier,
     /// then the shorter CLUSTER_LIST), then the lower peer address.
-    fn prefer(&self, a: &(Path, u32), b: &(Path, u32)) -> Ordering {
+    fn prefer(&self, a: &Cand, b: &Cand) -> Ordering {
         let id = |x: &Path| -> u32 {
             match x.source {
                 Source::Local => 0,
@@ -451,15 +942,20 @@ impl Rib {
                 [true, false, true],
             ));
         }
-        for (peer, table) in &self.adj_in {
-            let stale = self.stale.get(peer);
-            for (p, a) in table {
-                let loc = self.loc.get(p);
-                let best = matches!(loc, Some(Best { source: Source::Peer(b), .. }) if b == peer);
-                let multipath =
-                    loc.is_some_and(|b| b.members().any(|m| m.0 == Source::Peer(*peer)));
-                let is_stale = stale.is_some_and(|s| s.contains(p));
-                out.push(entry(*p, peer.to_string(), a, [best, is_stale, multipath]));
+        for (p, ix) in self.keyed(None) {
+            let loc = self.loc_at(&p, ix);
+            for s in self.slab[ix as usize].paths.slots() {
+                let peer = self.peers[s.peer as usize].addr;
+                let best = loc.as_ref().is_some_and(|b| b.source == Source::Peer(peer));
+                let multipath = loc
+                    .as_ref()
+                    .is_some_and(|b| b.members().any(|m| m.0 == Source::Peer(peer)));
+                out.push(entry(
+                    p,
+                    peer.to_string(),
+                    &s.attrs,
+                    [best, s.stale, multipath],
+                ));
             }
         }
         out.sort_by(|a, b| a.prefix.cmp(&b.prefix).then(a.peer.cmp(&b.peer)));
@@ -477,7 +973,7 @@ impl Rib {
 /// it compares it at all. Removing one path at a time is enough: a path
 /// that beat another is only ever removed by one with a still lower MED,
 /// which beats that other one too.
-fn drop_med_losers(cands: &mut Vec<(Path, u32)>) {
+fn drop_med_losers(cands: &mut Vec<Cand>) {
     let key = |x: &Path| {
         (
             x.attrs.local_pref.unwrap_or(100),
@@ -488,7 +984,7 @@ fn drop_med_losers(cands: &mut Vec<(Path, u32)>) {
     };
     let med = |x: &Path| x.attrs.med.unwrap_or(0);
     // The common case (one MED for all, usually none) costs one pass.
-    if cands.iter().all(|(c, _)| med(c) == med(&cands[0].0)) {
+    if cands.iter().all(|(c, _, _)| med(c) == med(&cands[0].0)) {
         return;
     }
     let mut k = 0;
@@ -496,7 +992,7 @@ fn drop_med_losers(cands: &mut Vec<(Path, u32)>) {
         let c = &cands[k].0;
         if cands
             .iter()
-            .any(|(s, _)| med(s) < med(c) && key(s) == key(c))
+            .any(|(s, _, _)| med(s) < med(c) && key(s) == key(c))
         {
             cands.swap_remove(k);
         } else {
@@ -716,5 +1212,75 @@ mod tests {
         r.insert(x, p, a);
         r.originate(p);
         assert_eq!(r.decide(&p).unwrap().unwrap().source, Source::Local);
+    }
+
+    #[test]
+    fn an_entry_with_one_path_stays_small() {
+        // The key (8 bytes) and slab index (4) in the map, and this.
+        assert_eq!(std::mem::size_of::<Entry>(), 24);
+    }
+
+    #[test]
+    fn many_peers_per_prefix_and_index_reuse_after_drop_peer() {
+        let mut r = Rib::new(4, None);
+        let p: IpNet = P.parse().unwrap();
+        let q: IpNet = "2001:db8::/48".parse().unwrap();
+        let peers: Vec<IpAddr> = (2..12)
+            .map(|i| {
+                let a = format!("192.0.2.{i}");
+                meta(&mut r, &a, true, &a)
+            })
+            .collect();
+        for (i, x) in peers.iter().enumerate() {
+            let a = r.intern(path(&[65001 + i as u32, 1], None, &x.to_string()));
+            r.insert(*x, p, a.clone());
+            r.insert(*x, q, a);
+        }
+        let b = r.decide(&p).unwrap().unwrap();
+        assert_eq!(b.source, Source::Peer(peers[0]), "lowest router ID");
+        assert_eq!(b.members().count(), 4);
+        r.decide(&q);
+        assert_eq!(r.sizes(), (2, 20, 10));
+        // The best path's peer goes; the entry as it was stays until decided.
+        assert_eq!(r.drop_peer(peers[0]).len(), 2);
+        assert_eq!(r.best(&p).unwrap().source, Source::Peer(peers[0]));
+        // A new peer takes the freed index before the decision runs.
+        let n = meta(&mut r, "192.0.2.99", true, "192.0.2.1");
+        let a = r.intern(path(&[65099, 1], None, "192.0.2.99"));
+        r.insert(n, p, a);
+        let (old, new) = r.decide_change(&p).unwrap();
+        assert_eq!(old.unwrap().source, Source::Peer(peers[0]));
+        assert_eq!(
+            new.unwrap().source,
+            Source::Peer(n),
+            "its router ID is lower"
+        );
+        assert_eq!(r.received_count(n), 1);
+        assert_eq!(r.received_count(peers[0]), 0);
+        assert_eq!(r.known_prefixes().len(), 2);
+        for x in &peers[1..] {
+            r.drop_peer(*x);
+        }
+        r.drop_peer(n);
+        assert_eq!(r.decide(&p), Some(None));
+        assert_eq!(r.decide(&q), Some(None));
+        assert_eq!(r.sizes().0, 0);
+        assert!(r.known_prefixes().is_empty());
+    }
+
+    #[test]
+    fn a_replaced_best_path_is_reported_as_it_was() {
+        let mut r = Rib::new(1, None);
+        let p: IpNet = P.parse().unwrap();
+        let x = meta(&mut r, "192.0.2.2", false, "192.0.2.2");
+        let a = r.intern(path(&[1], None, "192.0.2.2"));
+        let b = r.intern(path(&[1, 2], None, "192.0.2.2"));
+        r.insert(x, p, a.clone());
+        r.decide(&p);
+        r.insert(x, p, b.clone());
+        assert_eq!(r.best(&p).unwrap().attrs, a, "the Loc-RIB until decided");
+        let (old, new) = r.decide_change(&p).unwrap();
+        assert_eq!((old.unwrap().attrs, new.unwrap().attrs), (a, b));
+        assert_eq!(r.all_prefixes(), vec![p]);
     }
 }
