@@ -487,6 +487,12 @@ fn agent_service_account_can_do_its_job_and_nothing_more() -> Result<()> {
         ("get", "blockaffinities.starling.dev".into(), None),
         ("create", "blockaffinities.starling.dev".into(), None),
         ("delete", "blockaffinities.starling.dev".into(), None),
+        // Borrowing's records (docs/cni.md, Borrowing).
+        ("get", "ipamblocks.starling.dev".into(), None),
+        ("list", "ipamblocks.starling.dev".into(), None),
+        ("watch", "ipamblocks.starling.dev".into(), None),
+        ("create", "ipamblocks.starling.dev".into(), None),
+        ("update", "ipamblocks.starling.dev".into(), None),
         (
             "get",
             "secrets/starling-bgp-passwords".into(),
@@ -521,11 +527,10 @@ fn agent_service_account_can_do_its_job_and_nothing_more() -> Result<()> {
             Some("default"),
         ),
         ("list", "endpoints".into(), None),
-        // Borrowing's record: the agent does not use it yet (docs/cni.md).
-        ("get", "ipamblocks.starling.dev".into(), None),
-        ("list", "ipamblocks.starling.dev".into(), None),
-        ("create", "ipamblocks.starling.dev".into(), None),
-        ("update", "ipamblocks.starling.dev".into(), None),
+        // Borrowing's record: edited by compare-and-swap, never deleted.
+        ("delete", "ipamblocks.starling.dev".into(), None),
+        ("patch", "ipamblocks.starling.dev".into(), None),
+        ("deletecollection", "ipamblocks.starling.dev".into(), None),
         ("update", "blockaffinities.starling.dev".into(), None),
         ("patch", "blockaffinities.starling.dev".into(), None),
         (

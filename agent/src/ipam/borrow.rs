@@ -57,6 +57,17 @@ pub fn free_address(spec: &IPAMBlockSpec, reserved: &[IpNet]) -> Option<IpAddr> 
     })
 }
 
+/// How many addresses of the block nobody holds in `spec` and no
+/// reservation covers.
+pub fn free_count(spec: &IPAMBlockSpec, reserved: &[IpNet]) -> u128 {
+    hosts(spec.cidr)
+        .filter(|ip| {
+            !spec.allocations.iter().any(|a| a.ip == *ip)
+                && !reserved.iter().any(|r| r.contains(ip))
+        })
+        .count() as u128
+}
+
 /// Every address of a block, in order (blocks are small: /26, /122).
 fn hosts(block: IpNet) -> impl Iterator<Item = IpAddr> {
     let bits = u32::from(block.max_prefix_len() - block.prefix_len()).min(16);

@@ -15,6 +15,7 @@ pub mod cleanup;
 pub mod datastore;
 pub mod kube;
 pub mod kube_blocks;
+mod lending;
 pub mod pool;
 pub mod server;
 pub mod store;
@@ -120,6 +121,12 @@ pub enum Want {
     Pools(Vec<Pool>),
     /// Exactly this block (a static address in it was asked for).
     Block(IpNet),
+    /// One address for the attachment from a block another node holds
+    /// (borrowing, docs/cni.md): no block of these pools is free.
+    Borrow {
+        pools: Vec<Pool>,
+        key: AttachmentKey,
+    },
 }
 
 /// The node's IPAM state: its blocks and who holds which address.
@@ -141,6 +148,9 @@ pub struct Ipam {
     reserved: Vec<IpNet>,
     /// Stored allocations dropped at start (see [`settle_stale`]).
     dropped: Vec<Allocation>,
+    /// Borrowing's state (docs/cni.md, Borrowing); empty without a
+    /// datastore that shares allocations.
+    lending: lending::Lending,
 }
 
 /// A node that was deleted and came back with the same name finds its
@@ -152,17 +162,17 @@ pub struct Ipam {
 /// not hold. Returns the blocks held, the allocations kept and those
 /// dropped.
 fn settle_stale(
-    node: &str,
-    config: &IpamConfig,
-    datastore: &dyn Datastore,
+    (node, config, datastore): (&str, &IpamConfig, &dyn Datastore),
     mut blocks: Vec<IpNet>,
     existing: Vec<Allocation>,
+    borrowed: &HashMap<IpAddr, IpNet>,
 ) -> (Vec<IpNet>, Vec<Allocation>, Vec<Allocation>) {
     let (mut kept, mut dropped) = (Vec::new(), Vec::new());
     for alloc in existing {
         let mut ok = true;
         for ip in alloc.ips.iter().map(IpNet::addr) {
-            if blocks.iter().any(|b| b.contains(&ip)) {
+            // Borrowed: held through the block's record, not a claim.
+            if blocks.iter().any(|b| b.contains(&ip)) || borrowed.contains_key(&ip) {
                 continue;
             }
             let block = config
@@ -204,6 +214,20 @@ impl Ipam {
         datastore: Box<dyn Datastore>,
         existing: Vec<Allocation>,
     ) -> Result<Ipam, IpamError> {
+        Ipam::new_sharing(node, labels, config, (datastore, None), existing)
+    }
+
+    /// [`Ipam::new`] with the shared block records borrowing goes through
+    /// (Kubernetes datastore, `strictAffinity` off): this node's marks
+    /// the store holds are kept as borrowed addresses, and the marks it
+    /// does not hold (a borrow cut short by a crash) are cleared.
+    pub fn new_sharing(
+        node: &str,
+        labels: BTreeMap<String, String>,
+        config: IpamConfig,
+        (datastore, shared): (Box<dyn Datastore>, Option<Arc<dyn borrow::SharedBlocks>>),
+        existing: Vec<Allocation>,
+    ) -> Result<Ipam, IpamError> {
         if node.is_empty() {
             return Err(IpamError::Config("nodeName is empty".into()));
         }
@@ -221,14 +245,23 @@ impl Ipam {
                 IpamError::Config(format!("cannot claim podCIDR {cidr} for node {node}: {e}"))
             })?;
         }
-        let blocks = datastore
+        let blocks: Vec<IpNet> = datastore
             .affinities()?
             .into_iter()
             .filter(|a| a.node == node)
             .map(|a| a.block)
             .collect();
-        let (blocks, existing, dropped) =
-            settle_stale(node, &config, datastore.as_ref(), blocks, existing);
+        let shared = shared.filter(|_| !config.strict_affinity);
+        let (records, borrowed) = match &shared {
+            Some(s) => lending::held_marks(node, s.as_ref(), &blocks, &existing)?,
+            None => (Vec::new(), HashMap::new()),
+        };
+        let (blocks, existing, dropped) = settle_stale(
+            (node, &config, datastore.as_ref()),
+            blocks,
+            existing,
+            &borrowed,
+        );
         let mut ipam = Ipam {
             node: node.to_string(),
             labels,
@@ -240,8 +273,12 @@ impl Ipam {
             cursors: HashMap::new(),
             reserved: Vec::new(),
             dropped,
+            lending: lending::Lending::default(),
         };
         ipam.reset(existing)?;
+        if let Some(shared) = shared {
+            ipam.lending = lending::Lending::start(&ipam, shared, &records, borrowed);
+        }
         Ok(ipam)
     }
 
@@ -256,6 +293,8 @@ impl Ipam {
     pub fn reset(&mut self, existing: Vec<Allocation>) -> Result<(), IpamError> {
         self.by_key.clear();
         self.used.clear();
+        // The releases the failed commit carried did not happen.
+        self.lending.unmark.clear();
         for alloc in existing {
             for ip in &alloc.ips {
                 if let Some(other) = self.used.insert(ip.addr(), alloc.key.clone()) {
@@ -465,6 +504,7 @@ impl Ipam {
                 Err(e) => {
                     for ip in &ips {
                         self.used.remove(&ip.addr());
+                        self.return_loan(key, ip.addr());
                     }
                     return Err(e);
                 }
@@ -547,11 +587,16 @@ impl Ipam {
         key: &AttachmentKey,
         only: Option<Vec<Pool>>,
     ) -> Result<IpAddr, IpamError> {
+        if let Some(ip) = self.take_loan(key, v4) {
+            return Ok(ip);
+        }
         let own: Vec<IpNet> = self
             .blocks
             .iter()
             .copied()
             .filter(|b| b.addr().is_ipv4() == v4)
+            // A block with a record hands out addresses only through it.
+            .filter(|b| !self.lending.lent.contains(b))
             .filter(|b| {
                 only.as_ref()
                     .is_none_or(|ps| ps.iter().any(|p| p.cidr.contains(&b.network())))
@@ -564,6 +609,16 @@ impl Ipam {
             }
         }
         let family = if v4 { "IPv4" } else { "IPv6" };
+        let full = self.blocks.len() >= self.max_blocks() || self.pools_full(v4);
+        if full && self.lending.shared.is_some() {
+            return Err(IpamError::NeedsBlock {
+                v4,
+                want: Want::Borrow {
+                    pools: only.unwrap_or_else(|| self.node_pools(v4)),
+                    key: key.clone(),
+                },
+            });
+        }
         if self.blocks.len() >= self.max_blocks() {
             let why = if self.config.strict_affinity {
                 "strictAffinity forbids borrowing"
@@ -594,6 +649,8 @@ impl Ipam {
             known: self.blocks.clone(),
             datastore: self.datastore.clone(),
             deadline: started + self.block_claim_timeout(),
+            shared: self.lending.shared.clone(),
+            reserved: self.reserved.clone(),
         }
     }
 
@@ -659,6 +716,7 @@ impl Ipam {
                 for ip in &alloc.ips {
                     self.used.remove(&ip.addr());
                 }
+                self.unmark_after_commit(&alloc);
                 let stored = alloc.key.clone();
                 (Some(alloc), Some(Change::Remove(stored)))
             }
@@ -733,6 +791,10 @@ impl Ipam {
         &self.blocks
     }
 
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
     pub fn status(&self) -> StatusReply {
         let families = self.families(&Choice::default());
         StatusReply {
@@ -765,6 +827,10 @@ pub struct ClaimPlan {
     datastore: Arc<dyn Datastore>,
     /// No new datastore call starts after this.
     deadline: Instant,
+    /// The shared block records, for a borrow.
+    shared: Option<Arc<dyn borrow::SharedBlocks>>,
+    /// Reserved CIDRs, which a borrow skips.
+    reserved: Vec<IpNet>,
 }
 
 impl ClaimPlan {
@@ -775,6 +841,7 @@ impl ClaimPlan {
     pub fn run(&self) -> Result<Vec<IpNet>, IpamError> {
         let pools = match &self.want {
             Want::Block(block) => return self.run_block(*block),
+            Want::Borrow { pools, key } => return self.run_borrow(pools, key),
             Want::Pools(pools) => pools,
         };
         let family = self.family();
@@ -967,6 +1034,8 @@ pub(crate) fn from_u128(v: u128, v4: bool) -> IpAddr {
     }
 }
 
+#[cfg(test)]
+mod lending_tests;
 #[cfg(test)]
 mod returning_tests;
 

@@ -77,6 +77,11 @@ enum Msg {
         want: Want,
         result: Result<Vec<IpNet>, IpamError>,
     },
+    /// A node asked to borrow from this node's block (its record is
+    /// `requested`): open it.
+    Requested(IpNet),
+    /// The opening write of the block's record ended.
+    Opened(IpNet),
     /// The model changed: pools, this node's labels, reservations.
     Model {
         pools: Vec<Pool>,
@@ -91,6 +96,7 @@ pub struct IpamHandle {
     jobs: mpsc::Sender<Msg>,
     routes: watch::Receiver<Vec<PodRoute>>,
     blocks: watch::Receiver<Vec<IpNet>>,
+    lent: watch::Receiver<Vec<IpNet>>,
     metrics: Option<Metrics>,
     annotations: Option<Arc<AnnotationReader>>,
 }
@@ -100,7 +106,11 @@ impl IpamHandle {
     pub fn spawn(ipam: Ipam, store: Store, defaults: PodDefaults) -> IpamHandle {
         let (jobs, rx) = mpsc::channel(4 * MAX_BATCH);
         let (routes_tx, routes) = watch::channel(ipam.pod_routes());
-        let (blocks_tx, blocks) = watch::channel(ipam.blocks().to_vec());
+        let (blocks_tx, blocks) = watch::channel(ipam.announced());
+        let (lent_tx, lent) = watch::channel(ipam.lent_blocks());
+        if let Some(shared) = ipam.shared_blocks() {
+            watch_records(shared, ipam.node().to_string(), jobs.downgrade());
+        }
         let owner = Owner {
             ipam,
             store,
@@ -111,6 +121,8 @@ impl IpamHandle {
             parked: Vec::new(),
             routes: routes_tx,
             blocks: blocks_tx,
+            lent: lent_tx,
+            opening: std::collections::HashSet::new(),
         };
         std::thread::Builder::new()
             .name("ipam".into())
@@ -120,6 +132,7 @@ impl IpamHandle {
             jobs,
             routes,
             blocks,
+            lent,
             metrics: None,
             annotations: None,
         }
@@ -162,6 +175,13 @@ impl IpamHandle {
     /// agent announces over BGP and blackholes.
     pub fn blocks(&self) -> watch::Receiver<Vec<IpNet>> {
         self.blocks.clone()
+    }
+
+    /// The blocks this node holds that other nodes borrow from (they have
+    /// an IPAMBlock record): the borrowers' host routes inside them are
+    /// accepted from BGP.
+    pub fn lent(&self) -> watch::Receiver<Vec<IpNet>> {
+        self.lent.clone()
     }
 
     /// The host routes the node's pods need (`<ip> dev <veth>`), updated
@@ -248,6 +268,9 @@ struct Owner {
     parked: Vec<(Job, bool, Want)>,
     routes: watch::Sender<Vec<PodRoute>>,
     blocks: watch::Sender<Vec<IpNet>>,
+    lent: watch::Sender<Vec<IpNet>>,
+    /// Blocks whose record's opening write is under way.
+    opening: std::collections::HashSet<IpNet>,
 }
 
 /// What applying one request came to.
@@ -273,14 +296,7 @@ impl Owner {
                     }),
                     Msg::Claimed { v4, want, result } => {
                         self.claiming[usize::from(!v4)] = false;
-                        if let Ok(blocks) = &result {
-                            self.ipam.adopt(blocks);
-                        }
-                        // The ADDs that waited for this claim get its
-                        // error; every other waiting ADD of the family is
-                        // applied again with the rest (and may need a
-                        // claim of its own).
-                        let failed = result.err().map(error_response);
+                        let failed = self.claimed(v4, &want, result);
                         let (again, rest): (Vec<_>, Vec<_>) =
                             self.parked.drain(..).partition(|(_, f, _)| *f == v4);
                         self.parked = rest;
@@ -292,6 +308,10 @@ impl Owner {
                                 _ => batch.push(job),
                             }
                         }
+                    }
+                    Msg::Requested(block) => self.open(block),
+                    Msg::Opened(block) => {
+                        self.opening.remove(&block);
                     }
                     Msg::Model {
                         pools,
@@ -310,6 +330,83 @@ impl Owner {
                 return;
             }
         }
+    }
+
+    /// Take a claim's or a borrow's result in; the error for the ADDs that
+    /// waited for it, if any. A claim that found every block of the pools
+    /// held is no error on a node that borrows: its ADDs are applied again
+    /// and borrow.
+    fn claimed(
+        &mut self,
+        v4: bool,
+        want: &Want,
+        result: Result<Vec<IpNet>, IpamError>,
+    ) -> Option<Response> {
+        match (want, result) {
+            (Want::Borrow { key, .. }, Ok(got)) => self.ipam.lend_result(key, &got),
+            (_, Ok(blocks)) => self.ipam.adopt(&blocks),
+            (Want::Pools(_), Err(IpamError::Exhausted(why))) if self.ipam.borrows() => {
+                tracing::info!(%why, "no block to claim; borrowing");
+                self.ipam.set_pools_full(v4);
+            }
+            (_, Err(e)) => return Some(error_response(e)),
+        }
+        None
+    }
+
+    /// The owner's side of a borrow request: stop handing out the block's
+    /// addresses from the store, then mark what it holds in the block and
+    /// open the record in one write, on a thread of its own.
+    fn open(&mut self, block: IpNet) {
+        let (Some(shared), Some(tx)) = (self.ipam.shared_blocks(), self.claims_to.upgrade()) else {
+            return;
+        };
+        if self.opening.contains(&block) {
+            return;
+        }
+        let Some(own) = self.ipam.lend(block) else {
+            tracing::warn!(%block, "a borrow request names this node as the owner of a block it does not hold");
+            return;
+        };
+        self.lent.send_replace(self.ipam.lent_blocks());
+        self.opening.insert(block);
+        let node = self.ipam.node().to_string();
+        let spawned = std::thread::Builder::new()
+            .name("ipam-open".into())
+            .spawn(move || {
+                let n = own.len();
+                match super::borrow::open(shared.as_ref(), block, &node, own) {
+                    Ok(_) => tracing::info!(%block, marked = n, "opened the block's IPAMBlock record for borrowing"),
+                    Err(e) => tracing::warn!(%block, error = %e, "cannot open the block's IPAMBlock record; trying again"),
+                }
+                let _ = tx.blocking_send(Msg::Opened(block));
+            });
+        if spawned.is_err() {
+            self.opening.remove(&block);
+        }
+    }
+
+    /// Clear the marks of committed releases, on a thread of its own (a
+    /// failure leaves a mark this node does not hold: a leak the next
+    /// start clears, never a double).
+    fn clear_marks(&mut self) {
+        let unmarks = self.ipam.take_unmarks();
+        let Some(shared) = self.ipam.shared_blocks().filter(|_| !unmarks.is_empty()) else {
+            return;
+        };
+        let node = self.ipam.node().to_string();
+        let _ = std::thread::Builder::new()
+            .name("ipam-unmark".into())
+            .spawn(move || {
+                for (block, ip, attachment) in unmarks {
+                    let drop = move |a: &crate::model::crd::BlockAllocation| {
+                        a.ip == ip && a.attachment == attachment
+                    };
+                    if let Err(e) = super::borrow::clear(shared.as_ref(), block, &node, drop) {
+                        tracing::warn!(%block, %ip, error = %e, "cannot clear the mark of a released address; it stays leaked until the next start");
+                    }
+                }
+            });
     }
 
     fn answer_parked(&mut self, v4: bool, response: impl Fn(&Job) -> Response) {
@@ -375,11 +472,14 @@ impl Owner {
         if mutated {
             self.routes.send_replace(self.ipam.pod_routes());
         }
-        // Blocks change by claims as well as by commits.
+        self.clear_marks();
+        // Blocks change by claims as well as by commits (borrowed host
+        // prefixes come and go with their pods).
+        let announced = self.ipam.announced();
         self.blocks.send_if_modified(|b| {
-            let changed = b.as_slice() != self.ipam.blocks();
+            let changed = *b != announced;
             if changed {
-                *b = self.ipam.blocks().to_vec();
+                *b = announced;
             }
             changed
         });
@@ -444,6 +544,53 @@ impl Owner {
             )));
             self.answer_parked(v4, |_| r.clone());
         }
+    }
+}
+
+/// How often the owner reads the IPAMBlock records for requests naming it.
+const RECORD_POLL: Duration = Duration::from_millis(200);
+
+/// The owner's watch of the records: every [`RECORD_POLL`], the records
+/// naming this node as owner in state `requested` go to the IPAM thread,
+/// which opens them. Ends with the IPAM thread.
+fn watch_records(
+    shared: Arc<dyn super::borrow::SharedBlocks>,
+    node: String,
+    to: mpsc::WeakSender<Msg>,
+) {
+    let spawned = std::thread::Builder::new()
+        .name("ipam-records".into())
+        .spawn(move || {
+            let mut failing = false;
+            loop {
+                match shared.list() {
+                    Ok(records) => {
+                        failing = false;
+                        let requested = records.into_iter().filter(|r| {
+                            r.owner == node
+                                && r.state == crate::model::crd::IPAMBlockState::Requested
+                        });
+                        for r in requested {
+                            let Some(tx) = to.upgrade() else { return };
+                            if tx.blocking_send(Msg::Requested(r.cidr)).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    Err(e) if !failing => {
+                        failing = true;
+                        tracing::warn!(error = %e, "cannot read the IPAMBlock records; borrow requests for this node wait");
+                    }
+                    Err(_) => {}
+                }
+                if to.upgrade().is_none() {
+                    return;
+                }
+                std::thread::sleep(RECORD_POLL);
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the IPAMBlock record watch; borrow requests for this node are not answered");
     }
 }
 

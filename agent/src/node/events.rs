@@ -44,6 +44,8 @@ pub(super) struct Started {
     pub snap: Arc<Snapshot>,
     pub blocks: Vec<IpNet>,
     pub pods: Vec<PodRoute>,
+    /// This node's blocks others borrow from (IPAM's `lent`).
+    pub lent: Option<watch::Receiver<Vec<IpNet>>>,
     /// The FIB kept a previous run's routes (graceful restart F bit): stale
     /// routes are pruned only after every peer's End-of-RIB.
     pub forwarding_preserved: bool,
@@ -86,6 +88,7 @@ pub(super) struct Node {
     own: Vec<IpAddr>,
     blocks: Vec<IpNet>,
     pods: Vec<PodRoute>,
+    lent: Option<watch::Receiver<Vec<IpNet>>>,
     learned: BTreeMap<IpNet, Vec<IpAddr>>,
     synced: bool,
     peering: Peering,
@@ -130,6 +133,7 @@ impl Node {
             snap: s.snap,
             blocks: s.blocks,
             pods: s.pods,
+            lent: s.lent,
             learned: BTreeMap::new(),
             // Without BGP no End-of-RIB comes: the datastore, complete
             // from the start, is the whole truth at once, so the first
@@ -449,10 +453,12 @@ impl Node {
             .filter(|(p, _)| !ranges.covers(p))
             .map(|(p, h)| (*p, h.clone()))
             .collect();
+        let lent = self.lent.as_ref().map(|l| l.borrow().clone());
         let routes::Desired {
             routes: desired,
             refused,
         } = routes::desired(&routes::Inputs {
+            lent: lent.as_deref().unwrap_or_default(),
             blocks: &self.blocks,
             pods: &self.pods,
             learned: &learned,
@@ -652,6 +658,7 @@ mod tests {
             snap: snapshot.clone(),
             blocks: vec![],
             pods: vec![],
+            lent: None,
             forwarding_preserved: false,
             drain: Duration::from_secs(1),
             mesh_warn_nodes: 100,

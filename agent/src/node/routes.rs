@@ -15,6 +15,10 @@ pub struct Inputs<'a> {
     /// Blocks this node holds: blackholed, so traffic to their unused
     /// addresses is dropped here instead of looping towards the default route.
     pub blocks: &'a [IpNet],
+    /// Blocks of `blocks` other nodes borrow from: a learned host route
+    /// inside one (a borrowed address) is accepted, unless a pod here
+    /// holds the address.
+    pub lent: &'a [IpNet],
     pub pods: &'a [PodRoute],
     /// Best paths learned over BGP: prefix → next hops (ECMP when several).
     pub learned: &'a BTreeMap<IpNet, Vec<IpAddr>>,
@@ -142,7 +146,11 @@ pub fn desired(i: &Inputs) -> Desired {
         if out.contains_key(prefix) {
             continue;
         }
-        if let Some(reason) = hijack(prefix, i.blocks, i.own) {
+        let borrowed = prefix.prefix_len() == prefix.max_prefix_len()
+            && i.lent.iter().any(|b| b.contains(prefix));
+        let reason = hijack(prefix, i.blocks, i.own)
+            .filter(|r| !(borrowed && *r == RefusedReason::OwnBlock));
+        if let Some(reason) = reason {
             refused.push(Refused {
                 prefix: *prefix,
                 reason,
@@ -183,6 +191,7 @@ mod tests {
         vx.vxlan_mode = crate::model::crd::VxlanMode::CrossSubnet;
         let learned = BTreeMap::from([(net("10.244.2.0/26"), vec![ip("198.51.100.2")])]);
         let got = desired(&Inputs {
+            lent: &[],
             blocks: &[],
             pods: &[],
             learned: &learned,
@@ -269,6 +278,7 @@ mod tests {
         ]);
         let own = [ip("192.0.2.1")];
         let got = desired(&Inputs {
+            lent: &[],
             blocks: &blocks,
             pods: &pods,
             learned: &learned,
@@ -334,6 +344,7 @@ mod tests {
         })
         .collect();
         let got = desired(&Inputs {
+            lent: &[],
             blocks: &blocks,
             pods: &[],
             learned: &learned,

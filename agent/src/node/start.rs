@@ -82,6 +82,8 @@ struct Model {
     claims: Box<dyn ipam::Datastore>,
     /// A second client of the claims, for `ipam check` and `release`.
     claim_client: Box<dyn ipam::Datastore>,
+    /// Kubernetes: the IPAMBlock records borrowing goes through.
+    shared: Option<Arc<dyn ipam::borrow::SharedBlocks>>,
     /// Kubernetes: the client configuration for the node-cleanup election,
     /// and whether the model is current.
     cleanup: Option<(kube::Config, super::cleanup::Connected)>,
@@ -111,6 +113,7 @@ async fn open_model(cfg: &AgentConfig, ds: DatastoreConfig) -> Result<Model> {
                 name: format!("file {}", path.display()),
                 last_error: Arc::new(move || errors.last_error().map(|e| e.to_string())),
                 claims: claims_file(cfg),
+                shared: None,
                 claim_client: claims_file(cfg),
                 cleanup: None,
                 claim_reader: Some((claims_file(cfg), poll)),
@@ -165,6 +168,10 @@ async fn open_model(cfg: &AgentConfig, ds: DatastoreConfig) -> Result<Model> {
                 last_error: Arc::new(move || errors.status().last_error),
                 claims: Box::new(claims),
                 claim_client: Box::new(claim_client),
+                shared: Some(Arc::new(
+                    crate::ipam::kube_blocks::KubeSharedBlocks::new(kcfg.clone())
+                        .context("IPAM block records over the Kubernetes API")?,
+                )),
                 cleanup: Some((kcfg, Arc::new(move || current.status().connected))),
                 claim_reader: None,
                 annotations: Some(client),
@@ -203,7 +210,7 @@ async fn run_node(
     obs.readiness.set_datastore_synced(true);
     obs.metrics.set_datastore_ready(true);
 
-    let (ipam, pod_mtu) = start_ipam(&cfg, &snap, model.claims)?;
+    let (ipam, pod_mtu) = start_ipam(&cfg, &snap, (model.claims, model.shared))?;
     let ipam_ops = super::ipam_ops::IpamOps {
         node: name.clone(),
         datastore: model.name.clone(),
@@ -215,6 +222,7 @@ async fn run_node(
     let ipam = follow_model(&cfg, ipam, model.annotations, snaps.clone());
     let ipam = ipam.with_metrics(obs.metrics.clone());
     let (mut blocks_rx, mut pods_rx) = (ipam.blocks(), ipam.pod_routes());
+    let ipam_lent = ipam.lent();
     let blocks = blocks_rx.borrow_and_update().clone();
     let pods = pods_rx.borrow_and_update().clone();
 
@@ -244,6 +252,7 @@ async fn run_node(
         snap,
         blocks,
         pods,
+        lent: Some(ipam_lent),
         forwarding_preserved: preserved,
         drain: Duration::from_secs(cfg.drain_seconds),
         mesh_warn_nodes: cfg.mesh_warn_nodes,
@@ -439,11 +448,7 @@ fn follow_model(
 
 /// Phase 3: IPAM. Pools and static blocks come from the model unless the
 /// agent's own config names them; labels from the model and the config.
-fn start_ipam(
-    cfg: &AgentConfig,
-    snap: &Snapshot,
-    claims: Box<dyn ipam::Datastore>,
-) -> Result<(IpamHandle, PodMtu)> {
+fn start_ipam(cfg: &AgentConfig, snap: &Snapshot, claims: Claims) -> Result<(IpamHandle, PodMtu)> {
     let name = &cfg.node_name;
     let (pools, labels, reserved) = ipam_model(&IpamInputs::of(cfg), snap);
     let mut ipam_cfg = cfg.ipam.clone();
@@ -462,6 +467,12 @@ fn start_ipam(
     let handle = open_ipam(cfg, labels, ipam_cfg, defaults, claims, reserved)?;
     Ok((handle, mtu))
 }
+
+/// Where IPAM claims blocks, and the records it borrows through.
+type Claims = (
+    Box<dyn ipam::Datastore>,
+    Option<Arc<dyn ipam::borrow::SharedBlocks>>,
+);
 
 fn pod_defaults(cfg: &AgentConfig, rule: MtuRule) -> PodDefaults {
     PodDefaults {
@@ -486,12 +497,12 @@ fn open_ipam(
     labels: BTreeMap<String, String>,
     ipam_cfg: IpamConfig,
     defaults: PodDefaults,
-    claims: Box<dyn ipam::Datastore>,
+    claims: Claims,
     reserved: Vec<IpNet>,
 ) -> Result<IpamHandle> {
     let store = Store::open(&ipam_server::default_store_path(&cfg.state_dir))?;
     let existing = store.load()?;
-    let mut ipam = Ipam::new(&cfg.node_name, labels, ipam_cfg, claims, existing)?;
+    let mut ipam = Ipam::new_sharing(&cfg.node_name, labels, ipam_cfg, claims, existing)?;
     let dropped: Vec<ipam::Change> = ipam
         .take_dropped()
         .into_iter()
@@ -541,6 +552,7 @@ async fn first_fib_pass(
         .supervise("the FIB reconciler", thread)
         .context("starting the FIB thread's watcher")?;
     let local_routes = routes::desired(&routes::Inputs {
+        lent: &[],
         blocks,
         pods,
         learned: &BTreeMap::new(),
@@ -707,7 +719,7 @@ async fn run_ipam_only(cfg: AgentConfig, obs: Endpoints, mut served: Served) -> 
         cfg.node_labels.clone(),
         cfg.ipam.clone(),
         defaults,
-        claims_file(&cfg),
+        (claims_file(&cfg), None),
         Vec::new(),
     )?;
     obs.readiness.set_datastore_synced(true);
