@@ -38,6 +38,7 @@ fn blocks_of(k: &Cluster, node: &str) -> Result<Vec<String>> {
 fn a_deleted_node_is_cleaned_up_and_comes_back_with_nothing_stale() -> Result<()> {
     let k = Cluster::private("nodegone")?;
     k.apply_manifests()?;
+    super::ipam::grant_ipamblocks(&k)?;
     let yaml = format!("{MODEL}---\n{NODE2}");
     checked(&["apply"], k.kubectl_stdin(&["apply", "-f", "-"], &yaml))?;
     let (mut c, _dir) = super::e2e::lab_on(&k, "kgone", 2, |_| {})?;
