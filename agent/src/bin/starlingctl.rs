@@ -520,8 +520,8 @@ fn ipam_check(agent: &AgentArgs) -> Result<ExitCode> {
         return Ok(code);
     }
     println!(
-        "IPAM check on node {} ({}): {} addresses of this node, {} block claims of the cluster",
-        r.node, r.datastore, r.addresses, r.blocks
+        "IPAM check on node {} ({}): {} addresses of this node, {} block claims of the cluster, {} borrowing marks in {} records",
+        r.node, r.datastore, r.addresses, r.blocks, r.marks, r.records
     );
     let sections = [
         ("Leaked addresses (owner gone)", &r.leaks),
@@ -547,6 +547,45 @@ fn ipam_check(agent: &AgentArgs) -> Result<ExitCode> {
                 f.address.to_string(),
                 f.pod.clone().unwrap_or_else(|| "-".into()),
                 f.attachment.clone(),
+                f.reason.clone(),
+            ]);
+        }
+        print!("{}", table(&rows));
+    }
+    let marks = [
+        (
+            "Leaked borrowed addresses (this node's marks, pod gone)",
+            &r.borrowed_leaks,
+        ),
+        (
+            "Orphaned borrowing marks (their node is not in the cluster)",
+            &r.borrowed_orphans,
+        ),
+        ("Duplicate borrowing marks", &r.borrowed_duplicates),
+        (
+            "Borrowing marks inside IP reservations",
+            &r.borrowed_reserved,
+        ),
+        ("Borrowing marks not checked", &r.borrowed_unchecked),
+    ];
+    for (title, list) in marks {
+        if list.is_empty() {
+            continue;
+        }
+        println!();
+        println!("{title}");
+        let mut rows = vec![
+            ["BLOCK", "ADDRESS", "NODE", "ATTACHMENT", "POD", "WHY"]
+                .map(String::from)
+                .to_vec(),
+        ];
+        for f in list {
+            rows.push(vec![
+                f.block.to_string(),
+                f.address.to_string(),
+                f.node.clone(),
+                f.attachment.clone(),
+                f.pod.clone().unwrap_or_else(|| "-".into()),
                 f.reason.clone(),
             ]);
         }
@@ -585,24 +624,32 @@ fn ipam_release(agent: &AgentArgs, ip: std::net::IpAddr, force: bool) -> Result<
     if agent.output == Output::Json {
         return print_json(&r);
     }
-    let ips: Vec<String> = r
-        .released
-        .ips
-        .iter()
-        .map(|n| n.addr().to_string())
-        .collect();
-    println!(
-        "released {} on node {} (attachment {}{}){}: {}",
-        ips.join(", "),
-        r.node,
-        r.released.key,
-        r.released
-            .pod
-            .as_ref()
-            .map_or(String::new(), |p| format!(", pod {p}")),
-        if r.forced { ", forced" } else { "" },
-        r.owner
-    );
+    if let Some(m) = &r.mark {
+        println!(
+            "released {} on node {}: cleared the mark of node {} (attachment {}) in the borrowing record of block {}{}: {}",
+            m.address,
+            r.node,
+            m.node,
+            m.attachment,
+            m.block,
+            if r.forced { ", forced" } else { "" },
+            r.owner
+        );
+    }
+    if let Some(a) = &r.released {
+        let ips: Vec<String> = a.ips.iter().map(|n| n.addr().to_string()).collect();
+        println!(
+            "released {} on node {} (attachment {}{}){}: {}",
+            ips.join(", "),
+            r.node,
+            a.key,
+            a.pod
+                .as_ref()
+                .map_or(String::new(), |p| format!(", pod {p}")),
+            if r.forced { ", forced" } else { "" },
+            r.owner
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 

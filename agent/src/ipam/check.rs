@@ -16,8 +16,15 @@
 //! - a **stray**: an address of this node in no block it holds (its block
 //!   was released behind its back: another node may claim it);
 //! - a **reserved** overlap: an allocation inside an IPReservation.
+//!
+//! The borrowing records (`IPAMBlock`) are judged mark by mark in
+//! [`marks`]; an allocation of this node marked for it in the record of
+//! another node's block is a borrow, not a duplicate.
+
+pub mod marks;
 
 use super::Affinity;
+use crate::model::crd::IPAMBlockSpec;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use starling_cni_proto::Allocation;
@@ -63,6 +70,22 @@ pub struct BlockOverlap {
     pub nodes: Vec<String>,
 }
 
+/// One finding about a mark of a borrowing record (`IPAMBlock`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MarkFinding {
+    /// The block whose record holds the mark.
+    pub block: IpNet,
+    pub address: IpAddr,
+    /// The node the mark is for.
+    pub node: String,
+    /// The attachment (`network/container/ifname`) the mark is for.
+    pub attachment: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
+    pub reason: String,
+}
+
 /// What `ipam check` found.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -86,6 +109,27 @@ pub struct CheckReport {
     /// Allocations whose owner could not be checked (not counted as
     /// problems, listed so the operator knows the check is partial).
     pub unchecked: Vec<AddressFinding>,
+    /// Borrowing records (`IPAMBlock`) read, and the marks in them.
+    #[serde(default)]
+    pub records: usize,
+    #[serde(default)]
+    pub marks: usize,
+    /// Marks of this node whose pod is gone.
+    #[serde(default)]
+    pub borrowed_leaks: Vec<MarkFinding>,
+    /// Marks of nodes not in the cluster.
+    #[serde(default)]
+    pub borrowed_orphans: Vec<MarkFinding>,
+    /// Addresses marked twice, or marked and allocated by the block's owner
+    /// outside the record.
+    #[serde(default)]
+    pub borrowed_duplicates: Vec<MarkFinding>,
+    /// Marks inside an IPReservation.
+    #[serde(default)]
+    pub borrowed_reserved: Vec<MarkFinding>,
+    /// Marks of this node whose pod could not be looked up (not problems).
+    #[serde(default)]
+    pub borrowed_unchecked: Vec<MarkFinding>,
 }
 
 impl CheckReport {
@@ -97,6 +141,10 @@ impl CheckReport {
             + self.overlapping_blocks.len()
             + self.strays.len()
             + self.reserved.len()
+            + self.borrowed_leaks.len()
+            + self.borrowed_orphans.len()
+            + self.borrowed_duplicates.len()
+            + self.borrowed_reserved.len()
     }
 }
 
@@ -111,6 +159,8 @@ pub struct Inputs<'a> {
     /// The nodes of the model.
     pub nodes: &'a BTreeSet<String>,
     pub reserved: &'a [IpNet],
+    /// Every borrowing record (`IPAMBlock`) of the cluster.
+    pub records: &'a [IPAMBlockSpec],
 }
 
 fn finding(a: &Allocation, ip: IpAddr, reason: String) -> AddressFinding {
@@ -143,13 +193,16 @@ pub fn check(inp: &Inputs) -> CheckReport {
                 .iter()
                 .filter(|b| b.block.contains(&ip))
                 .collect();
-            if let Some(other) = holders.iter().find(|b| b.node != inp.node) {
+            let borrowed = || marks::is_borrowed(inp.records, inp.node, &a.key.to_string(), ip);
+            if let Some(other) = holders.iter().find(|b| b.node != inp.node)
+                && !borrowed()
+            {
                 let why = format!(
                     "inside block {} held by node {}: both nodes may hand it out",
                     other.block, other.node
                 );
                 r.duplicates.push(finding(a, ip, why));
-            } else if holders.is_empty() {
+            } else if holders.is_empty() && !borrowed() {
                 let why = "in no block this node holds (its claim is gone): another node may claim the block and hand the address out again".to_string();
                 r.strays.push(finding(a, ip, why));
             }
@@ -168,6 +221,20 @@ pub fn check(inp: &Inputs) -> CheckReport {
         }
     }
     r.overlapping_blocks = overlaps(inp.affinities);
+    let m = marks::judge(
+        inp.node,
+        inp.records,
+        inp.allocations,
+        inp.nodes,
+        inp.reserved,
+    );
+    r.records = inp.records.len();
+    r.marks = m.marks;
+    r.borrowed_leaks = m.leaks;
+    r.borrowed_orphans = m.orphans;
+    r.borrowed_duplicates = m.duplicates;
+    r.borrowed_reserved = m.reserved;
+    r.borrowed_unchecked = m.unchecked;
     r
 }
 
@@ -277,6 +344,7 @@ mod tests {
             affinities: &affinities,
             nodes: &nodes,
             reserved: &reserved,
+            records: &[],
         });
         let addrs = |v: &[AddressFinding]| -> Vec<String> {
             v.iter().map(|f| f.address.to_string()).collect()
@@ -313,6 +381,7 @@ mod tests {
             affinities: &affinities,
             nodes: &nodes,
             reserved: &[],
+            records: &[],
         });
         assert_eq!(r.problems(), 0, "{r:?}");
     }
@@ -328,5 +397,93 @@ mod tests {
         let o = overlaps(&affinities);
         let pairs: Vec<Vec<String>> = o.iter().map(|x| x.nodes.clone()).collect();
         assert_eq!(pairs, vec![vec!["a", "b"], vec!["a", "c"]]);
+    }
+
+    fn mark(ip: &str, node: &str, attachment: &str) -> crate::model::crd::BlockAllocation {
+        crate::model::crd::BlockAllocation {
+            ip: ip.parse().unwrap(),
+            node: node.into(),
+            attachment: attachment.into(),
+        }
+    }
+
+    #[test]
+    fn borrowing_marks_are_judged_by_kind() {
+        use crate::model::crd::IPAMBlockState;
+        // n1 borrows 10.0.1.5 (pod runs) and 10.0.1.6 (pod gone) from n2's
+        // block, and holds a mark with no allocation; ghost's mark is an
+        // orphan; .9 is marked twice; .40 is reserved; n1's own block has
+        // a record in which n2 marked an address n1 allocated outside it.
+        let allocations = vec![
+            (
+                alloc("ok", "10.0.0.1"),
+                Liveness::InUse("pod exists".into()),
+            ),
+            (
+                alloc("b1", "10.0.1.5"),
+                Liveness::InUse("pod exists".into()),
+            ),
+            (
+                alloc("b2", "10.0.1.6"),
+                Liveness::Gone("pod not found".into()),
+            ),
+        ];
+        let affinities = vec![aff("10.0.0.0/26", "n1"), aff("10.0.1.0/26", "n2")];
+        let records = vec![
+            IPAMBlockSpec {
+                cidr: "10.0.1.0/26".parse().unwrap(),
+                owner: "n2".into(),
+                state: IPAMBlockState::Open,
+                allocations: vec![
+                    mark("10.0.1.5", "n1", "pods/b1/eth0"),
+                    mark("10.0.1.6", "n1", "pods/b2/eth0"),
+                    mark("10.0.1.7", "n1", "pods/lost/eth0"),
+                    mark("10.0.1.8", "ghost", "pods/g/eth0"),
+                    mark("10.0.1.9", "n2", "pods/x/eth0"),
+                    mark("10.0.1.9", "n3", "pods/y/eth0"),
+                    mark("10.0.1.40", "n2", "pods/r/eth0"),
+                ],
+            },
+            IPAMBlockSpec {
+                cidr: "10.0.0.0/26".parse().unwrap(),
+                owner: "n1".into(),
+                state: IPAMBlockState::Open,
+                allocations: vec![mark("10.0.0.1", "n2", "pods/z/eth0")],
+            },
+        ];
+        let nodes: BTreeSet<String> = ["n1", "n2", "n3"].map(String::from).into();
+        let reserved: Vec<IpNet> = vec!["10.0.1.40/32".parse().unwrap()];
+        let r = check(&Inputs {
+            node: "n1",
+            datastore: "kubernetes",
+            allocations: &allocations,
+            affinities: &affinities,
+            nodes: &nodes,
+            reserved: &reserved,
+            records: &records,
+        });
+        let addrs = |v: &[MarkFinding]| -> Vec<String> {
+            v.iter().map(|f| f.address.to_string()).collect()
+        };
+        let addrs_of = |v: &[AddressFinding]| -> Vec<String> {
+            v.iter().map(|f| f.address.to_string()).collect()
+        };
+        // Borrowed addresses are not duplicates of the owner's block.
+        assert!(r.duplicates.is_empty(), "{r:#?}");
+        assert_eq!(addrs(&r.borrowed_leaks), ["10.0.1.6", "10.0.1.7"]);
+        assert_eq!(r.borrowed_leaks[0].pod.as_deref(), Some("default/b2"));
+        assert_eq!(r.borrowed_leaks[0].block.to_string(), "10.0.1.0/26");
+        assert_eq!(addrs(&r.borrowed_orphans), ["10.0.1.8"]);
+        assert_eq!(addrs(&r.borrowed_duplicates), ["10.0.1.9", "10.0.0.1"]);
+        assert!(
+            r.borrowed_duplicates[1]
+                .reason
+                .contains("outside the record")
+        );
+        assert_eq!(addrs(&r.borrowed_reserved), ["10.0.1.40"]);
+        assert_eq!((r.records, r.marks), (2, 8));
+        // b2's own allocation is a plain leak as well.
+        assert_eq!(addrs_of(&r.leaks), ["10.0.1.6"]);
+        assert_eq!(r.problems(), 7);
     }
 }

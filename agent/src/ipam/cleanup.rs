@@ -4,8 +4,14 @@
 //! serves any tool that must free a node's blocks (an `ipam check` that
 //! finds claims of nodes no longer in the model): [`release_node`].
 //!
-//! Only the claims are released. The node's allocations lived in its own
-//! store, on the node, and its pods are gone with it.
+//! The claims are released, and the node's part of the borrowing records
+//! cleared ([`records`]). The node's allocations lived in its own store, on
+//! the node, and its pods are gone with it. A claim of a block whose record
+//! still holds marks of live nodes is kept ([`release_node_except`]): those
+//! nodes keep their borrowed addresses, so the block must not be claimed
+//! and handed out again.
+
+pub mod records;
 
 use super::datastore::{Affinity, Datastore, DatastoreError};
 use ipnet::IpNet;
@@ -20,12 +26,21 @@ const STALE_RETRIES: usize = 3;
 /// node that came back) is re-read rather than deleted blind. Returns the
 /// blocks released; a claim already gone counts as released.
 pub fn release_node(ds: &dyn Datastore, node: &str) -> Result<Vec<IpNet>, DatastoreError> {
+    release_node_except(ds, node, &[])
+}
+
+/// [`release_node`], keeping the claims of the blocks in `keep`.
+pub fn release_node_except(
+    ds: &dyn Datastore,
+    node: &str,
+    keep: &[IpNet],
+) -> Result<Vec<IpNet>, DatastoreError> {
     let mut released = Vec::new();
     for _ in 0..STALE_RETRIES {
         let held: Vec<Affinity> = ds
             .affinities()?
             .into_iter()
-            .filter(|a| a.node == node)
+            .filter(|a| a.node == node && !keep.contains(&a.block))
             .collect();
         if held.is_empty() {
             released.sort();
@@ -48,7 +63,10 @@ pub fn release_node(ds: &dyn Datastore, node: &str) -> Result<Vec<IpNet>, Datast
     }
     // Still changing after several rounds: someone is writing the claims.
     let held = ds.affinities()?;
-    match held.into_iter().find(|a| a.node == node) {
+    match held
+        .into_iter()
+        .find(|a| a.node == node && !keep.contains(&a.block))
+    {
         Some(a) => Err(DatastoreError::Stale {
             block: a.block,
             expected: a.revision.clone(),

@@ -17,10 +17,23 @@
 //! so a node deleted while no agent ran (or while the holder changed) is
 //! still cleaned up. The other agents withdraw its routes themselves: it
 //! left their peering plan with the model.
+//!
+//! The borrowing records (`IPAMBlock`) are read on every pass of the
+//! holder (one list request): a node named by a record (owner or mark) is
+//! gone like a claimant. Before its claims are released its marks are
+//! cleared and the records it owned deleted, except those in which live
+//! nodes still hold marks: they, and its claims of their blocks, are kept
+//! until those marks are gone (`ipam::cleanup::records`). A pass whose
+//! records cannot be read releases nothing (a claim released under a live
+//! borrower's mark would let the block be handed out twice).
 
-use crate::ipam::cleanup::release_node;
+use crate::ipam::borrow::SharedBlocks;
+use crate::ipam::cleanup::records::{self, RecordsReleased};
+use crate::ipam::cleanup::release_node_except;
 use crate::ipam::kube::KubeBlockClaims;
+use crate::ipam::kube_blocks::KubeSharedBlocks;
 use crate::model::Snapshot;
+use crate::model::crd::IPAMBlock;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::api::{Api, ObjectMeta, PostParams};
@@ -146,12 +159,24 @@ pub async fn run(
             return;
         }
     };
-    let claims = match KubeBlockClaims::new(config) {
+    let claims = match KubeBlockClaims::new(config.clone()) {
         Ok(c) => Arc::new(c),
         Err(e) => {
             warn!("node cleanup: {e}; deleted nodes' blocks stay claimed");
             return;
         }
+    };
+    let shared: Arc<dyn SharedBlocks> = match KubeSharedBlocks::new(config) {
+        Ok(s) => Arc::new(s),
+        Err(e) => {
+            warn!("node cleanup: {e}; deleted nodes' blocks stay claimed");
+            return;
+        }
+    };
+    let gone = Gone {
+        claims,
+        shared,
+        records: Api::all(client.clone()),
     };
     let mut elector = Elector {
         api: Api::namespaced(client, &namespace),
@@ -185,21 +210,32 @@ pub async fn run(
             continue;
         }
         let snap = snaps.borrow().clone();
-        release_gone(&claims, &snap, &mut absent_since).await;
+        release_gone(&gone, &snap, &mut absent_since).await;
     }
 }
 
-/// One pass of the holder: note nodes that hold claims but left the model,
-/// release those absent for [`GRACE`]. The claims are read from the watched
-/// model (the BlockAffinities are in it), so an idle pass costs no API
-/// request; only a release reads the node's claims afresh, with their
-/// revisions for the compare-and-swap.
-async fn release_gone(
-    claims: &Arc<KubeBlockClaims>,
-    snap: &Snapshot,
-    absent_since: &mut BTreeMap<String, Instant>,
-) {
-    let gone = claimants_gone(snap);
+/// What the holder releases through.
+struct Gone {
+    claims: Arc<KubeBlockClaims>,
+    shared: Arc<dyn SharedBlocks>,
+    records: Api<IPAMBlock>,
+}
+
+/// One pass of the holder: note nodes that hold claims (or are named by a
+/// borrowing record) but left the model, release those absent for
+/// [`GRACE`]. The claims are read from the watched model (the
+/// BlockAffinities are in it); the records are listed; a release reads the
+/// node's claims afresh, with their revisions for the compare-and-swap.
+async fn release_gone(g: &Gone, snap: &Snapshot, absent_since: &mut BTreeMap<String, Instant>) {
+    let known: BTreeSet<String> = snap.nodes.keys().cloned().collect();
+    let mut gone = claimants_gone(snap);
+    match records::list(&g.records).await {
+        Ok(all) => gone.extend(records::nodes_not_in(&all, &known)),
+        Err(e) => {
+            warn!("node cleanup: {e}; releasing nothing this pass");
+            return;
+        }
+    }
     absent_since.retain(|n, _| gone.contains(n));
     for node in gone {
         let since = *absent_since
@@ -208,16 +244,37 @@ async fn release_gone(
         if since.elapsed() < GRACE {
             continue;
         }
-        let c = claims.clone();
-        let n = node.clone();
-        match tokio::task::spawn_blocking(move || release_node(c.as_ref(), &n)).await {
+        let done = match records::release_node_records(&g.records, g.shared.clone(), &node, &known)
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                warn!("node cleanup: clearing the borrowing marks of deleted node {node}: {e}");
+                continue;
+            }
+        };
+        let (c, n, keep) = (g.claims.clone(), node.clone(), done.kept.clone());
+        match tokio::task::spawn_blocking(move || release_node_except(c.as_ref(), &n, &keep)).await
+        {
             Ok(Ok(blocks)) => {
                 info!(node = %node, blocks = ?blocks, "released the blocks of deleted node {node} (its BlockAffinities are gone)");
-                absent_since.remove(&node);
+                log_records(&node, &done);
+                if done.kept.is_empty() {
+                    absent_since.remove(&node);
+                }
             }
             Ok(Err(e)) => warn!("node cleanup: releasing the blocks of deleted node {node}: {e}"),
             Err(e) => warn!("node cleanup: releasing the blocks of deleted node {node}: {e}"),
         }
+    }
+}
+
+fn log_records(node: &str, done: &RecordsReleased) {
+    if done.marks > 0 || !done.deleted.is_empty() {
+        info!(node = %node, marks = done.marks, records = ?done.deleted, "cleared {} borrowing mark(s) of deleted node {node} and deleted the borrowing records it owned", done.marks);
+    }
+    if !done.kept.is_empty() {
+        info!(node = %node, blocks = ?done.kept, "kept deleted node {node}'s blocks {:?} and their borrowing records: live nodes still hold marks in them (released once those are gone)", done.kept);
     }
 }
 

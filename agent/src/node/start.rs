@@ -218,6 +218,7 @@ async fn run_node(
         claims: Arc::from(model.claim_client),
         pods: model.annotations.clone(),
         snaps: snaps.clone(),
+        records: model.cleanup.as_ref().map(|(k, _)| k.clone()),
     };
     let ipam = follow_model(&cfg, ipam, model.annotations, snaps.clone());
     let ipam = ipam.with_metrics(obs.metrics.clone());

@@ -306,6 +306,7 @@ fn affinity(block: &str, node: &str) -> String {
 fn ipam_check_and_release_through_the_api_server() -> Result<()> {
     let k = Cluster::private("ipchk")?;
     k.apply_manifests()?;
+    grant_ipamblocks(&k)?;
     let mut yaml = CHECK_MODEL.to_string();
     yaml.push_str(&pod("default", "alive", &[]));
     yaml.push_str(&pod("default", "leaky", &[]));
@@ -483,6 +484,222 @@ fn ipam_check_and_release_through_the_api_server() -> Result<()> {
             std::fs::read_to_string(c.dir().join("node1").join("agent.log")).unwrap_or_default();
         anyhow::bail!("{e}: want {want:#?} in\n{text}\nagent log:\n{log}");
     }
+    drop((alive_ns, leaky_ns));
+    Ok(())
+}
+
+/// The agent's ServiceAccount may read and edit the borrowing records
+/// (`ipamblocks`: get, list, update, delete). manifests/rbac.yaml gets the
+/// agent's rule for them with the borrowing ADD path (docs/cni.md,
+/// Borrowing); until then the tests that need it grant it here, as an
+/// extra ClusterRole of their private cluster.
+pub(super) fn grant_ipamblocks(k: &Cluster) -> Result<()> {
+    let yaml = "\
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {name: starling-test-ipamblocks}
+rules:
+- apiGroups: [starling.dev]
+  resources: [ipamblocks]
+  verbs: [get, list, watch, create, update, delete]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {name: starling-test-ipamblocks}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: starling-test-ipamblocks}
+subjects:
+- {kind: ServiceAccount, name: starling-agent, namespace: kube-system}
+";
+    checked(&["apply"], k.kubectl_stdin(&["apply", "-f", "-"], yaml))?;
+    Ok(())
+}
+
+/// An IPAMBlock record written directly (the ADD path does not write marks
+/// yet): `marks` are (address, node, attachment).
+pub(super) fn record(block: &str, owner: &str, marks: &[(&str, &str, &str)]) -> String {
+    let name = block.replace(['.', '/', ':'], "-");
+    let mut y = format!(
+        "---\napiVersion: starling.dev/v1\nkind: IPAMBlock\nmetadata: {{name: {name}}}\nspec:\n  cidr: {block}\n  owner: {owner}\n  state: open\n  allocations:\n"
+    );
+    for (ip, node, attachment) in marks {
+        y.push_str(&format!(
+            "  - {{ip: '{ip}', node: {node}, attachment: '{attachment}'}}\n"
+        ));
+    }
+    y
+}
+
+fn marked(k: &Cluster, block: &str) -> Result<Vec<(String, String)>> {
+    let name = block.replace(['.', '/', ':'], "-");
+    let out = k.kubectl_ok(&["get", "ipamblocks.starling.dev", &name, "-o", "json"])?;
+    let v: Value = serde_json::from_str(&out)?;
+    Ok(v["spec"]["allocations"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|m| {
+                    let s = |f: &str| m[f].as_str().unwrap_or_default().to_string();
+                    (s("ip"), s("node"))
+                })
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+fn mark_addresses(report: &Value, list: &str) -> Vec<String> {
+    let mut v = addresses(report, list);
+    v.sort();
+    v
+}
+
+/// `ipam check` reads the borrowing records: node1's mark whose pod runs is
+/// in use, its marks whose pod is gone (or which no allocation holds) are
+/// leaks, a mark of a node not in the cluster is an orphan, an address
+/// marked twice and an address node1 allocated outside its own block's
+/// record while another node's mark holds it are duplicates, a mark on a
+/// reserved address is an overlap; `ipam release` clears a leaked or
+/// orphaned mark, refuses one whose pod runs (unless --force), one of
+/// another existing node and a doubly-marked address.
+#[test]
+fn ipam_check_and_release_of_borrowed_addresses() -> Result<()> {
+    let k = Cluster::private("ipbor")?;
+    k.apply_manifests()?;
+    grant_ipamblocks(&k)?;
+    let mut yaml = CHECK_MODEL.to_string();
+    yaml.push_str(&pod("default", "alive", &[]));
+    yaml.push_str(&pod("default", "leaky", &[]));
+    checked(&["apply"], k.kubectl_stdin(&["apply", "-f", "-"], &yaml))?;
+
+    let (c, _dir) = super::e2e::lab_on(&k, "kbor", 1, |_| {})?;
+    let node_ns = format!("{}-node1", c.lab.name);
+    let socket = c.dir().join("node1").join("cni.sock");
+    let control = c.dir().join("node1").join("agent.sock");
+    let alive_ns = Netns::new("kbor-alive")?;
+    let leaky_ns = Netns::new("kbor-leaky")?;
+    let ip_of = |ns: &Netns, name: &str| -> Result<IpAddr> {
+        match add(&node_ns, &socket, ns, "default", name)? {
+            Added::Ips(ips) => ips.first().copied().context("no address"),
+            Added::Error(code, msg) => anyhow::bail!("{name}: code {code}: {msg}"),
+        }
+    };
+    let alive = ip_of(&alive_ns, "alive")?;
+    ip_of(&leaky_ns, "leaky")?;
+    let own = match alive {
+        IpAddr::V4(v) => {
+            let o = v.octets();
+            format!("{}.{}.{}.{}/26", o[0], o[1], o[2], o[3] & 0xc0)
+        }
+        IpAddr::V6(_) => anyhow::bail!("IPv4 expected"),
+    };
+    let key = |ns: &Netns| format!("starling-ipam-test/{}/eth0", ns.name);
+    let (k_alive, k_leaky) = (key(&alive_ns), key(&leaky_ns));
+
+    // Node1 borrowed .1 (alive), .2 (leaky) and .3 (no allocation) of
+    // other's block; ghost's .4; .5 marked twice; .6 reserved. In node1's
+    // own block, other marked the address node1 gave alive.
+    let lent = "10.244.201.0/26";
+    // Node other (no agent) joins after the lab is up: the lab waits for
+    // every mesh session.
+    let mut planted = "---\napiVersion: v1\nkind: Node\nmetadata:\n  name: other\n  annotations: {starling.dev/ipv4-address: 192.0.2.99/24}\n".to_string();
+    planted.push_str(&affinity(lent, "other"));
+    planted.push_str(&record(
+        lent,
+        "other",
+        &[
+            ("10.244.201.1", "node1", &k_alive),
+            ("10.244.201.2", "node1", &k_leaky),
+            ("10.244.201.3", "node1", "starling-ipam-test/gone/eth0"),
+            ("10.244.201.4", "ghost", "pods/g/eth0"),
+            ("10.244.201.5", "other", "pods/x/eth0"),
+            ("10.244.201.5", "other", "pods/y/eth0"),
+            ("10.244.201.6", "other", "pods/r/eth0"),
+        ],
+    ));
+    planted.push_str(&record(
+        &own,
+        "node1",
+        &[(&alive.to_string(), "other", "pods/z/eth0")],
+    ));
+    planted.push_str(
+        "---\napiVersion: starling.dev/v1\nkind: IPReservation\nmetadata: {name: lent}\nspec: {reservedCIDRs: [10.244.201.6]}\n",
+    );
+    checked(&["apply"], k.kubectl_stdin(&["apply", "-f", "-"], &planted))?;
+    k.kubectl_ok(&["delete", "pod", "-n", "default", "leaky", "--wait=false"])?;
+
+    let mut report = Value::Null;
+    starling_tests::wait_for(
+        "ipam check to judge every planted mark",
+        std::time::Duration::from_secs(30),
+        || {
+            let (ok, out, err) = ctl(&control, &["check", "-o", "json"])?;
+            report = serde_json::from_str(&out).with_context(|| format!("{out}\n{err}"))?;
+            Ok(!ok
+                && mark_addresses(&report, "borrowedLeaks") == ["10.244.201.2", "10.244.201.3"]
+                && mark_addresses(&report, "borrowedReserved") == ["10.244.201.6"])
+        },
+    )
+    .with_context(|| format!("last report: {report:#}"))?;
+    ensure!(
+        mark_addresses(&report, "borrowedOrphans") == ["10.244.201.4"],
+        "{report:#}"
+    );
+    let mut want_dups = vec![alive.to_string(), "10.244.201.5".to_string()];
+    want_dups.sort();
+    ensure!(
+        mark_addresses(&report, "borrowedDuplicates") == want_dups,
+        "{report:#}"
+    );
+    let leak = &report["borrowedLeaks"][0];
+    ensure!(
+        leak["block"] == lent
+            && leak["node"] == "node1"
+            && leak["attachment"] == k_leaky.as_str()
+            && leak["pod"] == "default/leaky",
+        "the leak names block, address, node, attachment and pod: {report:#}"
+    );
+    // alive's borrowed mark is in use, and its own address (marked by
+    // other in node1's record) is a duplicate, not a plain one.
+    ensure!(report["records"] == 2 && report["marks"] == 8, "{report:#}");
+    let (ok, out, _) = ctl(&control, &["check"])?;
+    ensure!(
+        !ok && out.contains("Leaked borrowed addresses")
+            && out.contains("Orphaned borrowing marks")
+            && out.contains(lent),
+        "{out}"
+    );
+
+    // Release: in use refused; leaked and orphaned cleared; another node's
+    // and a doubly-marked address refused, even forced.
+    let (ok, _, err) = ctl(&control, &["release", "--ip", "10.244.201.1"])?;
+    ensure!(
+        !ok && err.contains("in use") && err.contains("default/alive"),
+        "{err}"
+    );
+    for ip in ["10.244.201.2", "10.244.201.4"] {
+        let (ok, out, err) = ctl(&control, &["release", "--ip", ip, "-o", "json"])?;
+        ensure!(ok, "release of {ip}: {out} {err}");
+        let r: Value = serde_json::from_str(&out)?;
+        ensure!(
+            r["mark"]["block"] == lent && r["mark"]["address"] == ip,
+            "{r:#}"
+        );
+    }
+    let (ok, _, err) = ctl(&control, &["release", "--ip", "10.244.201.6", "--force"])?;
+    ensure!(!ok && err.contains("by node other"), "{err}");
+    let (ok, _, err) = ctl(&control, &["release", "--ip", "10.244.201.5", "--force"])?;
+    ensure!(!ok && err.contains("marked 2 times"), "{err}");
+    let (ok, out, err) = ctl(&control, &["release", "--ip", "10.244.201.1", "--force"])?;
+    ensure!(ok && out.contains("forced"), "{out} {err}");
+    let left: Vec<String> = marked(&k, lent)?.into_iter().map(|m| m.0).collect();
+    ensure!(
+        left == [
+            "10.244.201.3",
+            "10.244.201.5",
+            "10.244.201.5",
+            "10.244.201.6"
+        ],
+        "marks left: {left:?}"
+    );
     drop((alive_ns, leaky_ns));
     Ok(())
 }

@@ -38,6 +38,7 @@ fn blocks_of(k: &Cluster, node: &str) -> Result<Vec<String>> {
 fn a_deleted_node_is_cleaned_up_and_comes_back_with_nothing_stale() -> Result<()> {
     let k = Cluster::private("nodegone")?;
     k.apply_manifests()?;
+    super::ipam::grant_ipamblocks(&k)?;
     let yaml = format!("{MODEL}---\n{NODE2}");
     checked(&["apply"], k.kubectl_stdin(&["apply", "-f", "-"], &yaml))?;
     let (mut c, _dir) = super::e2e::lab_on(&k, "kgone", 2, |_| {})?;
@@ -102,6 +103,148 @@ fn a_deleted_node_is_cleaned_up_and_comes_back_with_nothing_stale() -> Result<()
         "ipam check on node2 after its return: {}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// Deleted nodes' part of the borrowing records (`IPAMBlock`): the elected
+/// agent clears the marks of deleted nodes in every record, deletes a
+/// record a deleted node owned once no live node holds a mark in it (and
+/// releases that block), and keeps a record in which a live node still
+/// holds a mark, with the deleted owner's claim of its block, so the
+/// borrower keeps its address and the block cannot be claimed again; once
+/// that mark is gone the record and the claim go too.
+#[test]
+fn a_deleted_nodes_borrowing_marks_and_records_are_cleaned_up() -> Result<()> {
+    use super::ipam::{grant_ipamblocks, record};
+    let k = Cluster::private("nodebor")?;
+    k.apply_manifests()?;
+    grant_ipamblocks(&k)?;
+    checked(&["apply"], k.kubectl_stdin(&["apply", "-f", "-"], MODEL))?;
+    let (cl, _dir) = super::e2e::lab_on(&k, "kbor9", 1, |_| {})?;
+    // The nodes without agents join after the lab is up (the lab waits for
+    // every mesh session).
+    let mut yaml = String::new();
+    for (n, ip) in [
+        ("owner9", "192.0.2.91"),
+        ("gone9", "192.0.2.92"),
+        ("live9", "192.0.2.93"),
+    ] {
+        yaml.push_str(&format!(
+            "---\napiVersion: v1\nkind: Node\nmetadata:\n  name: {n}\n  annotations: {{starling.dev/ipv4-address: {ip}/24}}\n"
+        ));
+    }
+    let (a, b, c) = ("10.244.210.0/26", "10.244.211.0/26", "10.244.212.0/26");
+    for (block, owner) in [(a, "owner9"), (b, "owner9"), (c, "live9")] {
+        let name = block.replace(['.', '/'], "-");
+        yaml.push_str(&format!(
+            "---\napiVersion: starling.dev/v1\nkind: BlockAffinity\nmetadata: {{name: {name}}}\nspec: {{cidr: {block}, node: {owner}, state: confirmed}}\n"
+        ));
+    }
+    yaml.push_str(&record(
+        a,
+        "owner9",
+        &[
+            ("10.244.210.1", "owner9", "pods/o/eth0"),
+            ("10.244.210.2", "live9", "pods/l/eth0"),
+            ("10.244.210.3", "gone9", "pods/g/eth0"),
+        ],
+    ));
+    yaml.push_str(&record(
+        b,
+        "owner9",
+        &[
+            ("10.244.211.1", "owner9", "pods/o/eth0"),
+            ("10.244.211.2", "gone9", "pods/g/eth0"),
+        ],
+    ));
+    yaml.push_str(&record(
+        c,
+        "live9",
+        &[
+            ("10.244.212.1", "live9", "pods/l/eth0"),
+            ("10.244.212.2", "gone9", "pods/g/eth0"),
+        ],
+    ));
+    checked(&["apply"], k.kubectl_stdin(&["apply", "-f", "-"], &yaml))?;
+
+    let records = || -> Result<Vec<(String, Vec<String>)>> {
+        let out = k.kubectl_ok(&["get", "ipamblocks.starling.dev", "-o", "json"])?;
+        let v: Value = serde_json::from_str(&out)?;
+        let mut r: Vec<(String, Vec<String>)> = v["items"]
+            .as_array()
+            .context("items")?
+            .iter()
+            .map(|i| {
+                let marks = i["spec"]["allocations"]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .map(|m| {
+                                format!(
+                                    "{}={}",
+                                    m["ip"].as_str().unwrap_or(""),
+                                    m["node"].as_str().unwrap_or("")
+                                )
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                (i["spec"]["cidr"].as_str().unwrap_or("").to_string(), marks)
+            })
+            .collect();
+        r.sort();
+        Ok(r)
+    };
+    k.kubectl_ok(&["delete", "node", "owner9", "gone9"])?;
+    let deleted = Instant::now();
+    let want = vec![
+        (a.to_string(), vec!["10.244.210.2=live9".to_string()]),
+        (c.to_string(), vec!["10.244.212.1=live9".to_string()]),
+    ];
+    let mut seen = Vec::new();
+    starling_tests::wait_for(
+        "the deleted nodes' marks cleared and owner9's unused record deleted",
+        Duration::from_secs(90),
+        || {
+            seen = records()?;
+            Ok(seen == want && blocks_of(&k, "owner9")? == [a])
+        },
+    )
+    .with_context(|| {
+        let log =
+            std::fs::read_to_string(cl.dir().join("node1").join("agent.log")).unwrap_or_default();
+        format!("records: {seen:?}\nagent log:\n{log}")
+    })?;
+    let took = deleted.elapsed();
+    ensure!(
+        took >= GRACE,
+        "cleaned after {took:?}, before the {GRACE:?} grace period"
+    );
+    ensure!(blocks_of(&k, "live9")? == [c], "live9 keeps its block");
+
+    // The live borrower's pod goes (its DEL clears its mark): the record
+    // and owner9's last claim go.
+    let name = a.replace(['.', '/'], "-");
+    k.kubectl_ok(&[
+        "patch",
+        "ipamblocks.starling.dev",
+        &name,
+        "--type=json",
+        "-p",
+        r#"[{"op":"test","path":"/spec/allocations/0/node","value":"live9"},{"op":"remove","path":"/spec/allocations/0"}]"#,
+    ])?;
+    starling_tests::wait_for(
+        "owner9's record and block released once the last live mark is gone",
+        Duration::from_secs(60),
+        || Ok(blocks_of(&k, "owner9")?.is_empty() && records()?.len() == 1),
+    )
+    .with_context(|| format!("records: {:?}", records()))?;
+    let log = std::fs::read_to_string(cl.dir().join("node1").join("agent.log"))?;
+    ensure!(
+        log.contains("kept deleted node owner9's blocks")
+            && log.contains("borrowing mark(s) of deleted node gone9"),
+        "the clean-up logs what it kept and cleared:\n{log}"
     );
     Ok(())
 }
