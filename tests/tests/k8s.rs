@@ -493,6 +493,7 @@ fn agent_service_account_can_do_its_job_and_nothing_more() -> Result<()> {
         ("watch", "ipamblocks.starling.dev".into(), None),
         ("create", "ipamblocks.starling.dev".into(), None),
         ("update", "ipamblocks.starling.dev".into(), None),
+        ("delete", "ipamblocks.starling.dev".into(), None),
         (
             "get",
             "secrets/starling-bgp-passwords".into(),
@@ -528,7 +529,6 @@ fn agent_service_account_can_do_its_job_and_nothing_more() -> Result<()> {
         ),
         ("list", "endpoints".into(), None),
         // Borrowing's record: edited by compare-and-swap, never deleted.
-        ("delete", "ipamblocks.starling.dev".into(), None),
         ("patch", "ipamblocks.starling.dev".into(), None),
         ("deletecollection", "ipamblocks.starling.dev".into(), None),
         ("update", "blockaffinities.starling.dev".into(), None),

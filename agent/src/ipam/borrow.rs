@@ -47,6 +47,14 @@ pub trait SharedBlocks: Send + Sync {
     fn update(&self, block: IpNet, edit: EditFn) -> Result<Updated, DatastoreError>;
     /// Every record.
     fn list(&self) -> Result<Vec<IPAMBlockSpec>, DatastoreError>;
+    /// A stream of the blocks whose record names `owner` and is in state
+    /// `requested`, each sent again whenever its record changes while it
+    /// is requested; `None` when the records can only be listed (the
+    /// caller then reads them with [`SharedBlocks::list`] now and then).
+    fn watch_requests(&self, owner: &str) -> Option<std::sync::mpsc::Receiver<IpNet>> {
+        let _ = owner;
+        None
+    }
 }
 
 /// The first address of `block` nobody holds in `spec` and no reservation

@@ -30,6 +30,7 @@ enum Call {
     Request(IpNet, String, Reply<IPAMBlockSpec>),
     Update(IpNet, EditFn, Reply<Updated>),
     List(Reply<Vec<IPAMBlockSpec>>),
+    Watch(String, std_mpsc::Sender<IpNet>),
 }
 
 /// The API server's shared block records.
@@ -111,6 +112,11 @@ impl SharedBlocks for KubeSharedBlocks {
     fn list(&self) -> Result<Vec<IPAMBlockSpec>, DatastoreError> {
         self.call(Call::List)
     }
+    fn watch_requests(&self, owner: &str) -> Option<std_mpsc::Receiver<IpNet>> {
+        let (tx, rx) = std_mpsc::channel();
+        let sent = self.tx.as_ref()?.send(Call::Watch(owner.to_string(), tx));
+        sent.is_ok().then_some(rx)
+    }
 }
 
 async fn serve(api: Api<IPAMBlock>, mut rx: mpsc::UnboundedReceiver<Call>) {
@@ -137,6 +143,41 @@ async fn serve(api: Api<IPAMBlock>, mut rx: mpsc::UnboundedReceiver<Call>) {
                     .map(|l| l.items.into_iter().map(|o| o.spec).collect());
                 let _ = reply.send(r);
             }
+            Call::Watch(owner, to) => {
+                tokio::spawn(watch_requests(api.clone(), owner, to));
+            }
+        }
+    }
+}
+
+/// One watch of the records (a LIST at start and after an expired watch,
+/// then events): each record naming `owner` in state `requested` goes to
+/// `to`, again on each change while it stays requested. Ends when `to` is
+/// dropped.
+async fn watch_requests(api: Api<IPAMBlock>, owner: String, to: std_mpsc::Sender<IpNet>) {
+    use futures::StreamExt;
+    use kube::runtime::{WatchStreamExt, watcher};
+    let stream = watcher(api, watcher::Config::default()).default_backoff();
+    let mut stream = std::pin::pin!(stream);
+    let mut failing = false;
+    while let Some(event) = stream.next().await {
+        let object = match event {
+            Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => o,
+            Ok(_) => continue,
+            Err(e) => {
+                if !failing {
+                    tracing::warn!(error = %e, "watching the IPAMBlock records; borrow requests for this node wait");
+                }
+                failing = true;
+                continue;
+            }
+        };
+        failing = false;
+        if object.spec.owner == owner
+            && object.spec.state == IPAMBlockState::Requested
+            && to.send(object.spec.cidr).is_err()
+        {
+            return;
         }
     }
 }

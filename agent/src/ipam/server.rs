@@ -547,12 +547,15 @@ impl Owner {
     }
 }
 
-/// How often the owner reads the IPAMBlock records for requests naming it.
+/// How often the owner reads the IPAMBlock records for requests naming it
+/// when the records cannot be watched (the in-memory records of the unit
+/// tests); the API server's records are watched (one LIST at start, then
+/// events), so an idle node sends no requests.
 const RECORD_POLL: Duration = Duration::from_millis(200);
 
-/// The owner's watch of the records: every [`RECORD_POLL`], the records
-/// naming this node as owner in state `requested` go to the IPAM thread,
-/// which opens them. Ends with the IPAM thread.
+/// The owner's watch of the records: the records naming this node as owner
+/// in state `requested` go to the IPAM thread, which opens them. Ends with
+/// the IPAM thread.
 fn watch_records(
     shared: Arc<dyn super::borrow::SharedBlocks>,
     node: String,
@@ -560,37 +563,63 @@ fn watch_records(
 ) {
     let spawned = std::thread::Builder::new()
         .name("ipam-records".into())
-        .spawn(move || {
-            let mut failing = false;
-            loop {
-                match shared.list() {
-                    Ok(records) => {
-                        failing = false;
-                        let requested = records.into_iter().filter(|r| {
-                            r.owner == node
-                                && r.state == crate::model::crd::IPAMBlockState::Requested
-                        });
-                        for r in requested {
-                            let Some(tx) = to.upgrade() else { return };
-                            if tx.blocking_send(Msg::Requested(r.cidr)).is_err() {
-                                return;
-                            }
-                        }
-                    }
-                    Err(e) if !failing => {
-                        failing = true;
-                        tracing::warn!(error = %e, "cannot read the IPAMBlock records; borrow requests for this node wait");
-                    }
-                    Err(_) => {}
-                }
-                if to.upgrade().is_none() {
-                    return;
-                }
-                std::thread::sleep(RECORD_POLL);
-            }
+        .spawn(move || match shared.watch_requests(&node) {
+            Some(requests) => forward_requests(&requests, &to),
+            None => poll_records(shared.as_ref(), &node, &to),
         });
     if let Err(e) = spawned {
         tracing::error!(error = %e, "cannot start the IPAMBlock record watch; borrow requests for this node are not answered");
+    }
+}
+
+fn forward_requests(requests: &std::sync::mpsc::Receiver<IpNet>, to: &mpsc::WeakSender<Msg>) {
+    use std::sync::mpsc::RecvTimeoutError;
+    loop {
+        match requests.recv_timeout(Duration::from_secs(1)) {
+            Ok(cidr) => {
+                let Some(tx) = to.upgrade() else { return };
+                if tx.blocking_send(Msg::Requested(cidr)).is_err() {
+                    return;
+                }
+            }
+            Err(RecvTimeoutError::Timeout) if to.upgrade().is_some() => {}
+            Err(RecvTimeoutError::Timeout) => return,
+            Err(RecvTimeoutError::Disconnected) => {
+                tracing::error!(
+                    "the IPAMBlock record watch ended; borrow requests for this node are not answered"
+                );
+                return;
+            }
+        }
+    }
+}
+
+fn poll_records(shared: &dyn super::borrow::SharedBlocks, node: &str, to: &mpsc::WeakSender<Msg>) {
+    let mut failing = false;
+    loop {
+        match shared.list() {
+            Ok(records) => {
+                failing = false;
+                let requested = records.into_iter().filter(|r| {
+                    r.owner == node && r.state == crate::model::crd::IPAMBlockState::Requested
+                });
+                for r in requested {
+                    let Some(tx) = to.upgrade() else { return };
+                    if tx.blocking_send(Msg::Requested(r.cidr)).is_err() {
+                        return;
+                    }
+                }
+            }
+            Err(e) if !failing => {
+                failing = true;
+                tracing::warn!(error = %e, "cannot read the IPAMBlock records; borrow requests for this node wait");
+            }
+            Err(_) => {}
+        }
+        if to.upgrade().is_none() {
+            return;
+        }
+        std::thread::sleep(RECORD_POLL);
     }
 }
 

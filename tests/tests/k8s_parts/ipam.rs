@@ -306,7 +306,6 @@ fn affinity(block: &str, node: &str) -> String {
 fn ipam_check_and_release_through_the_api_server() -> Result<()> {
     let k = Cluster::private("ipchk")?;
     k.apply_manifests()?;
-    grant_ipamblocks(&k)?;
     let mut yaml = CHECK_MODEL.to_string();
     yaml.push_str(&pod("default", "alive", &[]));
     yaml.push_str(&pod("default", "leaky", &[]));
@@ -488,34 +487,8 @@ fn ipam_check_and_release_through_the_api_server() -> Result<()> {
     Ok(())
 }
 
-/// The agent's ServiceAccount may read and edit the borrowing records
-/// (`ipamblocks`: get, list, update, delete). manifests/rbac.yaml gets the
-/// agent's rule for them with the borrowing ADD path (docs/cni.md,
-/// Borrowing); until then the tests that need it grant it here, as an
-/// extra ClusterRole of their private cluster.
-pub(super) fn grant_ipamblocks(k: &Cluster) -> Result<()> {
-    let yaml = "\
-apiVersion: rbac.authorization.k8s.io/v1
-kind: ClusterRole
-metadata: {name: starling-test-ipamblocks}
-rules:
-- apiGroups: [starling.dev]
-  resources: [ipamblocks]
-  verbs: [get, list, watch, create, update, delete]
----
-apiVersion: rbac.authorization.k8s.io/v1
-kind: ClusterRoleBinding
-metadata: {name: starling-test-ipamblocks}
-roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: starling-test-ipamblocks}
-subjects:
-- {kind: ServiceAccount, name: starling-agent, namespace: kube-system}
-";
-    checked(&["apply"], k.kubectl_stdin(&["apply", "-f", "-"], yaml))?;
-    Ok(())
-}
-
-/// An IPAMBlock record written directly (the ADD path does not write marks
-/// yet): `marks` are (address, node, attachment).
+/// An IPAMBlock record written directly (the check and clean-up tests set up
+/// their records by hand): `marks` are (address, node, attachment).
 pub(super) fn record(block: &str, owner: &str, marks: &[(&str, &str, &str)]) -> String {
     let name = block.replace(['.', '/', ':'], "-");
     let mut y = format!(
@@ -564,7 +537,6 @@ fn mark_addresses(report: &Value, list: &str) -> Vec<String> {
 fn ipam_check_and_release_of_borrowed_addresses() -> Result<()> {
     let k = Cluster::private("ipbor")?;
     k.apply_manifests()?;
-    grant_ipamblocks(&k)?;
     let mut yaml = CHECK_MODEL.to_string();
     yaml.push_str(&pod("default", "alive", &[]));
     yaml.push_str(&pod("default", "leaky", &[]));

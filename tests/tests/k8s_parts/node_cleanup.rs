@@ -38,7 +38,6 @@ fn blocks_of(k: &Cluster, node: &str) -> Result<Vec<String>> {
 fn a_deleted_node_is_cleaned_up_and_comes_back_with_nothing_stale() -> Result<()> {
     let k = Cluster::private("nodegone")?;
     k.apply_manifests()?;
-    super::ipam::grant_ipamblocks(&k)?;
     let yaml = format!("{MODEL}---\n{NODE2}");
     checked(&["apply"], k.kubectl_stdin(&["apply", "-f", "-"], &yaml))?;
     let (mut c, _dir) = super::e2e::lab_on(&k, "kgone", 2, |_| {})?;
@@ -116,10 +115,9 @@ fn a_deleted_node_is_cleaned_up_and_comes_back_with_nothing_stale() -> Result<()
 /// that mark is gone the record and the claim go too.
 #[test]
 fn a_deleted_nodes_borrowing_marks_and_records_are_cleaned_up() -> Result<()> {
-    use super::ipam::{grant_ipamblocks, record};
+    use super::ipam::record;
     let k = Cluster::private("nodebor")?;
     k.apply_manifests()?;
-    grant_ipamblocks(&k)?;
     checked(&["apply"], k.kubectl_stdin(&["apply", "-f", "-"], MODEL))?;
     let (cl, _dir) = super::e2e::lab_on(&k, "kbor9", 1, |_| {})?;
     // The nodes without agents join after the lab is up (the lab waits for
