@@ -11,6 +11,9 @@ mod bgp;
 // Borrowing's cross-node record (IPAMBlock) under races.
 #[path = "k8s_parts/borrow.rs"]
 mod borrow;
+// Borrowing across real agents: a borrowed address pinged and released.
+#[path = "k8s_parts/borrow_e2e.rs"]
+mod borrow_e2e;
 #[path = "k8s_parts/cluster.rs"]
 mod cluster;
 #[path = "k8s_parts/datastore.rs"]

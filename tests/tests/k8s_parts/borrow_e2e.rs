@@ -1,0 +1,205 @@
+//! Borrowing across real agents (docs/cni.md Borrowing): the pool is one
+//! block, node1 claims it with its first pod, so node2's ADD (the real
+//! `starling` plugin) borrows an address of node1's block through the
+//! `IPAMBlock` record; the pods on both nodes ping each other through the
+//! kernels' routes, and node2's DEL clears its mark and its `/32` leaves
+//! node1's kernel table.
+
+use super::cluster::{Cluster, checked};
+use anyhow::{Context, Result, bail, ensure};
+use serde_json::Value;
+use starling_tests::cluster::wait_reachable;
+use std::io::Write;
+use std::net::IpAddr;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+/// One pool of exactly one block: whoever claims it holds every block.
+const MODEL: &str = "\
+apiVersion: starling.dev/v1
+kind: IPPool
+metadata: {name: tiny}
+spec: {cidr: 10.244.0.0/28, blockSize: 28}
+---
+apiVersion: starling.dev/v1
+kind: BGPConfiguration
+metadata: {name: default}
+spec: {asNumber: 64512}
+---
+apiVersion: v1
+kind: Node
+metadata:
+  name: node1
+  annotations: {starling.dev/ipv4-address: 192.0.2.11/24}
+---
+apiVersion: v1
+kind: Node
+metadata:
+  name: node2
+  annotations: {starling.dev/ipv4-address: 192.0.2.12/24}
+";
+
+const BLOCK: &str = "10.244.0.0/28";
+const RECORD: &str = "10-244-0-0-28";
+
+/// The lab plugin's network name: attachments are `NETWORK/CONTAINER/IFNAME`.
+const NETWORK: &str = "starling-lab";
+
+/// A mark in the record: (address, node, attachment).
+type Mark = (String, String, String);
+
+/// The record's state and marks.
+fn record(k: &Cluster) -> Result<(String, Vec<Mark>)> {
+    let out = k.kubectl_ok(&["get", "ipamblocks.starling.dev", RECORD, "-o", "json"])?;
+    let v: Value = serde_json::from_str(&out)?;
+    let marks = v["spec"]["allocations"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|m| {
+                    let s = |f: &str| m[f].as_str().unwrap_or_default().to_string();
+                    (s("ip"), s("node"), s("attachment"))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let state = v["spec"]["state"].as_str().unwrap_or_default().to_string();
+    Ok((state, marks))
+}
+
+/// The cidrs of the BlockAffinities naming `node`.
+fn blocks_of(k: &Cluster, node: &str) -> Result<Vec<String>> {
+    let out = k.kubectl_ok(&["get", "blockaffinities.starling.dev", "-o", "json"])?;
+    let v: Value = serde_json::from_str(&out)?;
+    Ok(v["items"]
+        .as_array()
+        .context("items")?
+        .iter()
+        .filter(|i| i["spec"]["node"] == node)
+        .filter_map(|i| i["spec"]["cidr"].as_str().map(String::from))
+        .collect())
+}
+
+/// A CNI DEL of the lab pod in `pod_netns` on the node in `node_netns`,
+/// through the real plugin, as a runtime does.
+fn del(node_netns: &str, socket: &std::path::Path, pod_netns: &str) -> Result<()> {
+    let conf = serde_json::json!({
+        "cniVersion": "1.1.0",
+        "name": NETWORK,
+        "type": "starling",
+        "socketPath": socket,
+    });
+    let cni = starling_tests::bin("starling");
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", node_netns])
+        .arg(&cni)
+        .env("CNI_COMMAND", "DEL")
+        .env("CNI_CONTAINERID", pod_netns)
+        .env("CNI_NETNS", format!("/var/run/netns/{pod_netns}"))
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", cni.parent().context("plugin directory")?)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("running the starling plugin")?;
+    child
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(conf.to_string().as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "CNI DEL of {pod_netns} failed: {} {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// Whether `ip route show` output has a route for exactly `ip` (a `/32`).
+fn has_host_route(routes: &str, ip: IpAddr) -> bool {
+    let want = ip.to_string();
+    routes
+        .lines()
+        .any(|l| l.split_whitespace().next() == Some(want.as_str()))
+}
+
+#[test]
+fn a_node_with_no_block_borrows_an_address_reachable_from_the_owner() -> Result<()> {
+    let k = Cluster::private("borrowe2e")?;
+    k.apply_manifests()?;
+    checked(&["apply"], k.kubectl_stdin(&["apply", "-f", "-"], MODEL))?;
+    // No pods at start: node1's first pod claims the pool's only block.
+    let (mut c, _dir) = super::e2e::lab_on(&k, "kbe2e", 2, |o| o.pods_per_node = 0)?;
+    let r = borrow_ping_release(&k, &mut c);
+    r.map_err(|e| e.context(starling_tests::cluster::logs(&c.dir())))
+}
+
+fn borrow_ping_release(k: &Cluster, c: &mut starling_tests::cluster::Cluster) -> Result<()> {
+    let a = c.lab.add_pod("node1", "a")?;
+    ensure!(
+        blocks_of(k, "node1")? == [BLOCK],
+        "node1 holds the pool's only block: {:?}",
+        blocks_of(k, "node1")?
+    );
+    let b = c.lab.add_pod("node2", "b")?;
+    let (a_ip, b_ip) = (a.ips[0], b.ips[0]);
+    let block: ipnet::IpNet = BLOCK.parse()?;
+    ensure!(
+        block.contains(&b_ip) && b_ip != a_ip,
+        "node2's pod got {b_ip}, not a second address of node1's block {BLOCK} (node1's pod: {a_ip})"
+    );
+    ensure!(
+        blocks_of(k, "node2")?.is_empty(),
+        "node2 claimed no block: {:?}",
+        blocks_of(k, "node2")?
+    );
+    let (state, marks) = record(k)?;
+    ensure!(state == "open", "record {RECORD} is {state:?}, not open");
+    let b_key = format!("{NETWORK}/{}/eth0", b.netns);
+    ensure!(
+        marks.contains(&(b_ip.to_string(), "node2".into(), b_key.clone())),
+        "record {RECORD} carries node2's mark for {b_ip} ({b_key}): {marks:?}"
+    );
+    ensure!(
+        marks
+            .iter()
+            .any(|m| m.0 == a_ip.to_string() && m.1 == "node1"),
+        "the owner's opening marked its own pod's {a_ip}: {marks:?}"
+    );
+
+    // Both ways through the kernels: node1 routes the borrowed /32 to node2
+    // (longer than its own block's blackhole), node2 the block to node1.
+    starling_tests::wait_for(
+        "node1's kernel to route node2's borrowed address",
+        Duration::from_secs(30),
+        || Ok(has_host_route(&c.kernel_routes("node1")?, b_ip)),
+    )
+    .with_context(|| format!("node1: {:?}", c.kernel_routes("node1")))?;
+    wait_reachable(&a.netns, b_ip).context("node1's pod pings node2's borrowed address")?;
+    wait_reachable(&b.netns, a_ip).context("node2's pod pings node1's pod")?;
+
+    // DEL on node2 clears the mark, and the /32 leaves node1's kernel.
+    let node2 = c.lab.node("node2")?.clone();
+    del(&node2.netns, &node2.dir.join("cni.sock"), &b.netns)?;
+    let mut last = Vec::new();
+    starling_tests::wait_for(
+        "node2's mark cleared from the record",
+        Duration::from_secs(30),
+        || {
+            last = record(k)?.1;
+            Ok(!last.iter().any(|m| m.1 == "node2"))
+        },
+    )
+    .with_context(|| format!("marks: {last:?}"))?;
+    starling_tests::wait_for(
+        "node2's /32 gone from node1's kernel",
+        Duration::from_secs(30),
+        || Ok(!has_host_route(&c.kernel_routes("node1")?, b_ip)),
+    )
+    .with_context(|| format!("node1: {:?}", c.kernel_routes("node1")))?;
+    Ok(())
+}
