@@ -10,39 +10,8 @@ use std::sync::Mutex;
 /// edit, so every write is serialised as the API server's swaps are.
 #[derive(Default)]
 struct Mem {
-    claims: Mutex<Vec<Affinity>>,
+    claims: super::tests::MemDatastore,
     records: Mutex<Vec<IPAMBlockSpec>>,
-}
-
-struct Ds(Arc<Mem>);
-
-impl Datastore for Ds {
-    fn affinities(&self) -> Result<Vec<Affinity>, DatastoreError> {
-        Ok(self.0.claims.lock().unwrap().clone())
-    }
-    fn claim(&self, block: IpNet, node: &str) -> Result<Affinity, DatastoreError> {
-        let mut v = self.0.claims.lock().unwrap();
-        if let Some(h) = v.iter().find(|a| a.block == block) {
-            if h.node == node {
-                return Ok(h.clone());
-            }
-            return Err(DatastoreError::Conflict {
-                block,
-                holder: h.node.clone(),
-            });
-        }
-        let a = Affinity {
-            block,
-            node: node.into(),
-            revision: Revision("1".into()),
-        };
-        v.push(a.clone());
-        Ok(a)
-    }
-    fn release(&self, a: &Affinity) -> Result<(), DatastoreError> {
-        self.0.claims.lock().unwrap().retain(|x| x.block != a.block);
-        Ok(())
-    }
 }
 
 impl SharedBlocks for Mem {
@@ -92,7 +61,7 @@ fn node(name: &str, mem: &Arc<Mem>, existing: Vec<Allocation>) -> Ipam {
         name,
         BTreeMap::new(),
         config,
-        (Box::new(Ds(mem.clone())), Some(shared)),
+        (Box::new(mem.claims.clone()), Some(shared)),
         existing,
     )
     .unwrap()

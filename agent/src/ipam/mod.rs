@@ -1044,9 +1044,11 @@ mod tests {
     use super::*;
     use std::sync::Mutex;
 
-    /// An in-memory datastore: a unit-test stand-in for the file one.
-    #[derive(Default)]
-    struct MemDatastore(Mutex<Vec<Affinity>>);
+    /// An in-memory datastore: a unit-test stand-in for the file one. Its
+    /// clones share one set of claims (the borrowing tests give two nodes
+    /// the same datastore).
+    #[derive(Default, Clone)]
+    pub(super) struct MemDatastore(Arc<Mutex<Vec<Affinity>>>);
 
     impl Datastore for MemDatastore {
         fn affinities(&self) -> Result<Vec<Affinity>, DatastoreError> {
