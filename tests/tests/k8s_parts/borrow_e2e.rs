@@ -8,7 +8,9 @@
 use super::cluster::{Cluster, checked};
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
-use starling_tests::cluster::wait_reachable;
+use starling_agent::lab::LabPod;
+use starling_tests::TempDir;
+use starling_tests::cluster::{Cluster as LabCluster, wait_reachable};
 use std::io::Write;
 use std::net::IpAddr;
 use std::process::{Command, Stdio};
@@ -127,24 +129,36 @@ fn has_host_route(routes: &str, ip: IpAddr) -> bool {
         .any(|l| l.split_whitespace().next() == Some(want.as_str()))
 }
 
-#[test]
-fn a_node_with_no_block_borrows_an_address_reachable_from_the_owner() -> Result<()> {
-    let k = Cluster::private("borrowe2e")?;
+/// The shared setup: the one-block pool and its two Nodes applied to `k`,
+/// and a lab of two agents on it with no pods (node1's first pod claims
+/// the pool's only block).
+fn two_agents(k: &Cluster, lab_name: &str) -> Result<(LabCluster, TempDir)> {
     k.apply_manifests()?;
     checked(&["apply"], k.kubectl_stdin(&["apply", "-f", "-"], MODEL))?;
-    // No pods at start: node1's first pod claims the pool's only block.
-    let (mut c, _dir) = super::e2e::lab_on(&k, "kbe2e", 2, |o| o.pods_per_node = 0)?;
-    let r = borrow_ping_release(&k, &mut c);
-    r.map_err(|e| e.context(starling_tests::cluster::logs(&c.dir())))
+    super::e2e::lab_on(k, lab_name, 2, |o| o.pods_per_node = 0)
 }
 
-fn borrow_ping_release(k: &Cluster, c: &mut starling_tests::cluster::Cluster) -> Result<()> {
+/// node1's first pod, which claims the pool's only block.
+fn owner_claims(k: &Cluster, c: &mut LabCluster) -> Result<LabPod> {
     let a = c.lab.add_pod("node1", "a")?;
     ensure!(
         blocks_of(k, "node1")? == [BLOCK],
         "node1 holds the pool's only block: {:?}",
         blocks_of(k, "node1")?
     );
+    Ok(a)
+}
+
+#[test]
+fn a_node_with_no_block_borrows_an_address_reachable_from_the_owner() -> Result<()> {
+    let k = Cluster::private("borrowe2e")?;
+    let (mut c, _dir) = two_agents(&k, "kbe2e")?;
+    let r = borrow_ping_release(&k, &mut c);
+    r.map_err(|e| e.context(starling_tests::cluster::logs(&c.dir())))
+}
+
+fn borrow_ping_release(k: &Cluster, c: &mut LabCluster) -> Result<()> {
+    let a = owner_claims(k, c)?;
     let b = c.lab.add_pod("node2", "b")?;
     let (a_ip, b_ip) = (a.ips[0], b.ips[0]);
     let block: ipnet::IpNet = BLOCK.parse()?;
@@ -202,4 +216,97 @@ fn borrow_ping_release(k: &Cluster, c: &mut starling_tests::cluster::Cluster) ->
     )
     .with_context(|| format!("node1: {:?}", c.kernel_routes("node1")))?;
     Ok(())
+}
+
+/// An agent killed between its mark and its store write (the fault hook
+/// `STARLING_TEST_FAULT=ipamblock-after-write` aborts it right after the
+/// record's replace) leaves its mark in the record; restarted without the
+/// hook, it clears that mark at start (docs/cni.md "Healing at start"), and
+/// its next ADD borrows an address nobody else holds.
+#[test]
+fn an_agent_killed_mid_borrow_clears_its_mark_when_it_restarts() -> Result<()> {
+    let k = Cluster::private("borrowkill")?;
+    let (mut c, _dir) = two_agents(&k, "kbkil")?;
+    let r = crash_heal_borrow(&k, &mut c);
+    r.map_err(|e| e.context(starling_tests::cluster::logs(&c.dir())))
+}
+
+fn crash_heal_borrow(k: &Cluster, c: &mut LabCluster) -> Result<()> {
+    let a = owner_claims(k, c)?;
+    c.lab.kill_agent("node2")?;
+    let pid = c
+        .lab
+        .start_agent_with_env("node2", &[("STARLING_TEST_FAULT", "ipamblock-after-write")])?;
+    let node2 = c.lab.node("node2")?.clone();
+    let err = match c.lab.add_pod("node2", "b") {
+        Ok(p) => bail!("node2's ADD with the fault hook succeeded: {:?}", p.ips),
+        Err(e) => e,
+    };
+    let status = exit_of(pid, Duration::from_secs(10))
+        .with_context(|| format!("node2's agent (pid {pid}) after the failed ADD: {err:#}"))?;
+    ensure!(
+        libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGABRT,
+        "node2's agent ended by the hook's abort, not with wait status {status:#x}"
+    );
+    let b_key = format!("{NETWORK}/{}-b/eth0", node2.netns);
+    let (state, marks) = record(k)?;
+    ensure!(state == "open", "record {RECORD} is {state:?}, not open");
+    let leaked: Vec<&Mark> = marks.iter().filter(|m| m.1 == "node2").collect();
+    ensure!(
+        leaked.len() == 1 && leaked[0].2 == b_key && leaked[0].0 != a.ips[0].to_string(),
+        "the crash left exactly node2's mark for {b_key} (on an address other than node1's pod's {}): {marks:?}",
+        a.ips[0]
+    );
+
+    // Restarted without the hook, it clears the mark its store does not hold.
+    c.lab.start_agent("node2")?;
+    let mut last = Vec::new();
+    starling_tests::wait_for(
+        "node2's leaked mark cleared from the record",
+        Duration::from_secs(30),
+        || {
+            last = record(k)?.1;
+            Ok(!last.iter().any(|m| m.1 == "node2"))
+        },
+    )
+    .with_context(|| format!("marks: {last:?}"))?;
+
+    // Its next ADD borrows an address of the block that no one else holds.
+    let d = c.lab.add_pod("node2", "d")?;
+    let d_ip = d.ips[0];
+    let block: ipnet::IpNet = BLOCK.parse()?;
+    ensure!(
+        block.contains(&d_ip) && d_ip != a.ips[0],
+        "node2's new pod got {d_ip}, not a second address of node1's block {BLOCK}"
+    );
+    ensure!(
+        blocks_of(k, "node2")?.is_empty(),
+        "node2 claimed no block: {:?}",
+        blocks_of(k, "node2")?
+    );
+    let (_, marks) = record(k)?;
+    let d_key = format!("{NETWORK}/{}/eth0", d.netns);
+    let holders: Vec<&Mark> = marks.iter().filter(|m| m.0 == d_ip.to_string()).collect();
+    ensure!(
+        holders == [&(d_ip.to_string(), "node2".to_string(), d_key.clone())],
+        "{d_ip} is marked once, by node2 for {d_key}: {marks:?}"
+    );
+    ensure!(
+        marks.iter().filter(|m| m.1 == "node2").count() == 1,
+        "node2 holds one mark, the new pod's: {marks:?}"
+    );
+    Ok(())
+}
+
+/// Reap the agent `pid` (a child of this process: the lab starts agents
+/// from it) once it has ended, within `within`; its wait status.
+fn exit_of(pid: u32, within: Duration) -> Result<i32> {
+    let mut status = 0;
+    starling_tests::wait_for("the agent to exit", within, || {
+        // SAFETY: waitpid on one specific pid with WNOHANG.
+        let r = unsafe { libc::waitpid(pid as i32, &mut status, libc::WNOHANG) };
+        ensure!(r >= 0, "waitpid {pid}: {}", std::io::Error::last_os_error());
+        Ok(r == pid as i32)
+    })?;
+    Ok(status)
 }
