@@ -6,6 +6,9 @@
 //! One control plane serves the whole test process (`k8s_parts/cluster.rs`);
 //! every test names its objects so that tests running in parallel never meet.
 
+// ADD latency through the API server (an ignored benchmark).
+#[path = "k8s_parts/add_bench.rs"]
+mod add_bench;
 #[path = "k8s_parts/bgp.rs"]
 mod bgp;
 // Borrowing's cross-node record (IPAMBlock) under races.
