@@ -10,6 +10,7 @@
 //! JSON lines {"bench":"cni-k8s","impl":"starling","metric":"add_p99_plain",..}.
 
 use super::cluster::{Cluster, checked};
+use super::ipam::blocks_of;
 use anyhow::{Context, Result, bail, ensure};
 use starling_tests::{Netns, bench_line};
 use std::fs::File;
@@ -247,29 +248,13 @@ fn measure(k: &Cluster, c: &starling_tests::cluster::Cluster, n: usize) -> Resul
     // node1 claims the lent pool's only block; every ADD on node2 borrows.
     let claim = Netns::new("kabclaim")?;
     cni(&node1, "ADD", &claim, "default", "claim")?;
-    let owned = k.kubectl_ok(&["get", "blockaffinities.starling.dev", "-o", "json"])?;
-    let v: serde_json::Value = serde_json::from_str(&owned)?;
-    let lend: Vec<_> = v["items"]
-        .as_array()
-        .context("items")?
-        .iter()
-        .filter(|i| i["spec"]["cidr"] == "10.252.0.0/25")
-        .map(|i| i["spec"]["node"].as_str().unwrap_or_default().to_string())
-        .collect();
-    ensure!(lend == ["node1"], "node1 holds the lent block: {lend:?}");
+    let lend = blocks_of(k, "node1")?;
+    ensure!(
+        lend.iter().any(|b| b == "10.252.0.0/25"),
+        "node1 holds the lent block: {lend:?}"
+    );
     phase(&node2, &pods, "borrow", "default", "10.252.0.")?;
-    let v: serde_json::Value = serde_json::from_str(&k.kubectl_ok(&[
-        "get",
-        "blockaffinities.starling.dev",
-        "-o",
-        "json",
-    ])?)?;
-    let node2_blocks = v["items"]
-        .as_array()
-        .context("items")?
-        .iter()
-        .filter(|i| i["spec"]["node"] == "node2")
-        .count();
+    let node2_blocks = blocks_of(k, "node2")?.len();
     ensure!(node2_blocks == 0, "node2 claimed no block: it borrowed");
     cni(&node1, "DEL", &claim, "default", "claim")?;
     Ok(())

@@ -6,8 +6,8 @@
 //! node1's kernel table.
 
 use super::cluster::{Cluster, checked};
+use super::ipam::{Mark, blocks_of, ipam_record};
 use anyhow::{Context, Result, bail, ensure};
-use serde_json::Value;
 use starling_agent::lab::LabPod;
 use starling_tests::TempDir;
 use starling_tests::cluster::{Cluster as LabCluster, wait_reachable};
@@ -47,39 +47,9 @@ const RECORD: &str = "10-244-0-0-28";
 /// The lab plugin's network name: attachments are `NETWORK/CONTAINER/IFNAME`.
 const NETWORK: &str = "starling-lab";
 
-/// A mark in the record: (address, node, attachment).
-type Mark = (String, String, String);
-
 /// The record's state and marks.
 fn record(k: &Cluster) -> Result<(String, Vec<Mark>)> {
-    let out = k.kubectl_ok(&["get", "ipamblocks.starling.dev", RECORD, "-o", "json"])?;
-    let v: Value = serde_json::from_str(&out)?;
-    let marks = v["spec"]["allocations"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|m| {
-                    let s = |f: &str| m[f].as_str().unwrap_or_default().to_string();
-                    (s("ip"), s("node"), s("attachment"))
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    let state = v["spec"]["state"].as_str().unwrap_or_default().to_string();
-    Ok((state, marks))
-}
-
-/// The cidrs of the BlockAffinities naming `node`.
-fn blocks_of(k: &Cluster, node: &str) -> Result<Vec<String>> {
-    let out = k.kubectl_ok(&["get", "blockaffinities.starling.dev", "-o", "json"])?;
-    let v: Value = serde_json::from_str(&out)?;
-    Ok(v["items"]
-        .as_array()
-        .context("items")?
-        .iter()
-        .filter(|i| i["spec"]["node"] == node)
-        .filter_map(|i| i["spec"]["cidr"].as_str().map(String::from))
-        .collect())
+    ipam_record(k, BLOCK)
 }
 
 /// A CNI DEL of the lab pod in `pod_netns` on the node in `node_netns`,

@@ -502,21 +502,45 @@ pub(super) fn record(block: &str, owner: &str, marks: &[(&str, &str, &str)]) -> 
     y
 }
 
-fn marked(k: &Cluster, block: &str) -> Result<Vec<(String, String)>> {
+/// A mark in an IPAMBlock record: (address, node, attachment).
+pub(super) type Mark = (String, String, String);
+
+/// The state and the marks of `block`'s IPAMBlock record.
+pub(super) fn ipam_record(k: &Cluster, block: &str) -> Result<(String, Vec<Mark>)> {
     let name = block.replace(['.', '/', ':'], "-");
     let out = k.kubectl_ok(&["get", "ipamblocks.starling.dev", &name, "-o", "json"])?;
     let v: Value = serde_json::from_str(&out)?;
-    Ok(v["spec"]["allocations"]
+    let marks = v["spec"]["allocations"]
         .as_array()
         .map(|a| {
             a.iter()
                 .map(|m| {
                     let s = |f: &str| m[f].as_str().unwrap_or_default().to_string();
-                    (s("ip"), s("node"))
+                    (s("ip"), s("node"), s("attachment"))
                 })
                 .collect()
         })
-        .unwrap_or_default())
+        .unwrap_or_default();
+    let state = v["spec"]["state"].as_str().unwrap_or_default().to_string();
+    Ok((state, marks))
+}
+
+fn marked(k: &Cluster, block: &str) -> Result<Vec<(String, String)>> {
+    let (_, marks) = ipam_record(k, block)?;
+    Ok(marks.into_iter().map(|(ip, node, _)| (ip, node)).collect())
+}
+
+/// The cidrs of the BlockAffinities naming `node`.
+pub(super) fn blocks_of(k: &Cluster, node: &str) -> Result<Vec<String>> {
+    let out = k.kubectl_ok(&["get", "blockaffinities.starling.dev", "-o", "json"])?;
+    let v: Value = serde_json::from_str(&out)?;
+    Ok(v["items"]
+        .as_array()
+        .context("items")?
+        .iter()
+        .filter(|i| i["spec"]["node"] == node)
+        .filter_map(|i| i["spec"]["cidr"].as_str().map(String::from))
+        .collect())
 }
 
 fn mark_addresses(report: &Value, list: &str) -> Vec<String> {

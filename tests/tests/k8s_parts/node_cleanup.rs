@@ -6,6 +6,7 @@
 
 use super::cluster::{Cluster, checked};
 use super::ipam::CHECK_MODEL as MODEL;
+use super::ipam::blocks_of;
 use anyhow::{Context, Result, ensure};
 use serde_json::Value;
 use std::time::{Duration, Instant};
@@ -20,19 +21,6 @@ metadata:
 
 /// The clean-up's grace period (`node::cleanup::GRACE`).
 const GRACE: Duration = Duration::from_secs(10);
-
-/// The blocks the BlockAffinities give `node`.
-fn blocks_of(k: &Cluster, node: &str) -> Result<Vec<String>> {
-    let out = k.kubectl_ok(&["get", "blockaffinities.starling.dev", "-o", "json"])?;
-    let v: Value = serde_json::from_str(&out)?;
-    Ok(v["items"]
-        .as_array()
-        .context("items")?
-        .iter()
-        .filter(|i| i["spec"]["node"] == node)
-        .filter_map(|i| i["spec"]["cidr"].as_str().map(String::from))
-        .collect())
-}
 
 #[test]
 fn a_deleted_node_is_cleaned_up_and_comes_back_with_nothing_stale() -> Result<()> {
