@@ -503,7 +503,12 @@ impl LabState {
     pub fn kill_agent(&mut self, node: &str) -> Result<()> {
         if let Some(pid) = self.node(node)?.pid {
             kill(pid, libc::SIGKILL);
-            wait_gone(pid, Duration::from_secs(5));
+            // A process killed inside a system call (an fsync of the
+            // allocation store on a busy disk) exits only when the call
+            // returns, and holds the store's lock until then: a new agent
+            // started before it is gone fails on that lock.
+            wait_gone(pid, Duration::from_secs(30))
+                .with_context(|| format!("{node}: killing its agent"))?;
         }
         self.node_mut(node)?.pid = None;
         self.save()
@@ -871,9 +876,15 @@ fn alive(pid: u32) -> bool {
         })
 }
 
-fn wait_gone(pid: u32, within: Duration) {
+fn wait_gone(pid: u32, within: Duration) -> Result<()> {
     let end = Instant::now() + within;
-    while alive(pid) && Instant::now() < end {
+    while alive(pid) {
+        if Instant::now() >= end {
+            bail!(
+                "pid {pid} still exists {} s after SIGKILL",
+                within.as_secs()
+            );
+        }
         // Reap it if it is our child (tests start agents from this process).
         // SAFETY: waitpid on a specific pid with WNOHANG.
         unsafe {
@@ -881,6 +892,7 @@ fn wait_gone(pid: u32, within: Duration) {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+    Ok(())
 }
 
 /// Build a lab. `progress` is told each step.
