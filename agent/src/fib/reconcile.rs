@@ -38,7 +38,13 @@ pub struct SyncReport {
     pub neighbours_written: usize,
     #[serde(default)]
     pub neighbours_removed: usize,
-    /// Dumping our routes and diffing them against the desired set.
+    /// The pass dumped our routes and diffed the desired set against them
+    /// (start-up, periodic resyncs, drift, host changes); otherwise it wrote
+    /// only the difference from the set it last wrote.
+    #[serde(default)]
+    pub dumped: bool,
+    /// Dumping our routes and diffing them against the desired set (or,
+    /// without a dump, diffing against the last set written).
     pub dump_us: u64,
     /// Writing the difference.
     pub write_us: u64,
@@ -111,6 +117,8 @@ impl Diff {
 /// neither the set nor the links, addresses and tunnel change, so an
 /// unchanged resync costs a dump and one lookup per route.
 struct Resolved {
+    /// The desired set resolved.
+    routes: Arc<Vec<Route>>,
     view: HostView,
     uplink: Option<String>,
     ipip: IpipStatus,
@@ -123,6 +131,27 @@ struct Resolved {
     peers: BTreeSet<IpAddr>,
     /// The same on the IPv6 underlay's device.
     peers6: BTreeSet<IpAddr>,
+}
+
+impl Resolved {
+    /// Resolved against the same links, addresses, uplink and tunnels.
+    fn same_host(&self, other: &Resolved) -> bool {
+        self.view == other.view
+            && self.uplink == other.uplink
+            && self.ipip == other.ipip
+            && self.vxlan == other.vxlan
+            && self.vxlan6 == other.vxlan6
+    }
+}
+
+/// What [`Fib::resolve`] found before it.
+enum Prior {
+    /// The last resolution still holds.
+    Same,
+    /// It was replaced; this is the old one.
+    Was(Box<Resolved>),
+    /// There was none.
+    Nothing,
 }
 
 /// A netlink failure of operation `op`.
@@ -185,6 +214,62 @@ async fn dump_diff(
     Ok(diff)
 }
 
+/// The difference between the set last written (`old`, less the prefixes
+/// the kernel refused then) and the new one, without asking the kernel:
+/// for passes while the kernel is trusted to hold what we wrote. Refused
+/// prefixes are tried again; with `prune` off, routes of ours that are not
+/// desired stay (`kept`), with it on there must be none kept (the caller
+/// dumps instead).
+fn diff_changes(
+    old: &HashMap<IpNet, (u32, KernelRoute)>,
+    new: &HashMap<IpNet, (u32, KernelRoute)>,
+    failed: &HashSet<IpNet>,
+    kept: &HashMap<IpNet, KernelRoute>,
+    prune: bool,
+    stamp: Stamp,
+) -> Diff {
+    let mut diff = Diff::default();
+    for (dst, (_, kr)) in new {
+        let had = old
+            .get(dst)
+            .filter(|_| !failed.contains(dst))
+            .map(|(_, k)| k)
+            .or_else(|| kept.get(dst));
+        match had {
+            Some(k) if k == kr => diff.adopted += 1,
+            Some(_) => diff.push(
+                Op::Replace,
+                *dst,
+                RouteNetlinkMessage::NewRoute(route::new_route_message(*dst, kr, stamp)),
+                NLM_F_CREATE | NLM_F_REPLACE,
+            ),
+            None => diff.push(
+                Op::Add,
+                *dst,
+                RouteNetlinkMessage::NewRoute(route::new_route_message(*dst, kr, stamp)),
+                NLM_F_CREATE | NLM_F_EXCL,
+            ),
+        }
+    }
+    for (dst, (_, kr)) in old {
+        if new.contains_key(dst) || failed.contains(dst) {
+            continue;
+        }
+        if prune {
+            let msg = route::del_route_message(*dst, None, stamp);
+            diff.push(Op::Remove, *dst, RouteNetlinkMessage::DelRoute(msg), 0);
+        } else {
+            diff.kept.insert(*dst, kr.clone());
+        }
+    }
+    for (dst, kr) in kept {
+        if !new.contains_key(dst) {
+            diff.kept.insert(*dst, kr.clone());
+        }
+    }
+    diff
+}
+
 /// One synchronous reconciler over a netlink socket of the current network namespace.
 pub struct Fib {
     config: FibConfig,
@@ -199,6 +284,11 @@ pub struct Fib {
     kept: HashMap<IpNet, KernelRoute>,
     /// Retry creating tunl0 on the next pass (start-up and periodic resyncs).
     retry_ipip: bool,
+    /// The kernel holds what the last pass wrote: the next
+    /// [`Fib::sync_changes`] may write the difference without a dump.
+    trusted: bool,
+    /// `prune` of the last pass.
+    last_prune: Option<bool>,
     status: FibStatus,
 }
 
@@ -224,6 +314,8 @@ impl Fib {
             failed: HashSet::new(),
             kept: HashMap::new(),
             retry_ipip: true,
+            trusted: false,
+            last_prune: None,
             status: FibStatus::default(),
         })
     }
@@ -242,9 +334,8 @@ impl Fib {
     }
 
     fn set_desired_valid(&mut self, routes: Arc<Vec<Route>>, prune: bool) {
-        if !Arc::ptr_eq(&routes, &self.desired) {
-            self.resolved = None;
-        }
+        // The last resolution stays until the next pass replaces it: it is
+        // what the kernel holds, and what that pass diffs against.
         self.desired = routes;
         self.prune = prune;
     }
@@ -262,9 +353,102 @@ impl Fib {
         want.or_else(|| self.kept.get(dst))
     }
 
-    /// One pass: converge the table to the desired set.
+    /// One pass: converge the table to the desired set, dumping our routes
+    /// to find what differs.
     pub async fn sync(&mut self) -> Result<SyncReport, FibError> {
+        self.pass(true).await
+    }
+
+    /// One pass that writes only the difference between the desired set and
+    /// the set the last pass wrote, without dumping the table, as long as the
+    /// kernel is trusted to hold what we wrote: the last pass succeeded
+    /// without errors, nothing since called [`Fib::distrust`], the links,
+    /// addresses and tunnels are unchanged and so is `prune`. Otherwise it
+    /// is a full [`Fib::sync`].
+    pub async fn sync_changes(&mut self) -> Result<SyncReport, FibError> {
+        self.pass(false).await
+    }
+
+    /// The kernel may no longer hold what we wrote (drift reported, a
+    /// periodic resync due): the next pass dumps.
+    pub fn distrust(&mut self) {
+        self.trusted = false;
+    }
+
+    async fn pass(&mut self, full: bool) -> Result<SyncReport, FibError> {
         let t0 = Instant::now();
+        // Until this pass ends well, the kernel is not known to match.
+        let trusted = std::mem::replace(&mut self.trusted, false);
+        let (prior, neighbours, vxlan_error) = self.prepare().await?;
+        let resolved = self.resolved.as_ref().expect("resolved by prepare");
+        let incremental = !full
+            && trusted
+            && self.last_prune == Some(self.prune)
+            // Stale routes kept until now go only through a dump.
+            && (!self.prune || self.kept.is_empty());
+        let old = match &prior {
+            Prior::Same => Some(&resolved.want),
+            Prior::Was(o) if o.same_host(resolved) => Some(&o.want),
+            Prior::Was(_) | Prior::Nothing => None,
+        }
+        .filter(|_| incremental);
+        let want = &resolved.want;
+        let wanted = want.len();
+
+        let t_dump = Instant::now();
+        let diff = match old {
+            Some(old) => diff_changes(old, want, &self.failed, &self.kept, self.prune, self.stamp),
+            None => dump_diff(&mut self.sock, want, self.stamp, self.prune).await?,
+        };
+        let mut report = SyncReport {
+            dumped: old.is_none(),
+            dump_us: t_dump.elapsed().as_micros() as u64,
+            adopted: diff.adopted,
+            neighbours_written: neighbours.0,
+            neighbours_removed: neighbours.1,
+            ..SyncReport::default()
+        };
+        drop(prior);
+
+        let t_write = Instant::now();
+        let nacks = if diff.msgs.is_empty() {
+            Vec::new()
+        } else {
+            self.sock
+                .batch(diff.msgs, self.config.batch_bytes)
+                .await
+                .map_err(nl("write routes"))?
+        };
+        report.write_us = t_write.elapsed().as_micros() as u64;
+        self.record_outcome(&diff.ops, &nacks, &mut report);
+        self.status.errors.extend(vxlan_error);
+        self.kept = diff.kept;
+        self.status.installed = wanted - self.failed.len() + self.kept.len();
+        // Conflicts are retried by every pass; an error leaves the kernel
+        // in a state only a dump tells.
+        self.trusted = self.status.errors.is_empty();
+        self.last_prune = Some(self.prune);
+        report.total_us = t0.elapsed().as_micros() as u64;
+        self.status.last_sync = report.clone();
+        self.status.syncs += 1;
+        if report.added
+            + report.replaced
+            + report.removed
+            + report.failed
+            + report.neighbours_written
+            + report.neighbours_removed
+            > 0
+        {
+            tracing::info!(?report, "FIB sync");
+        }
+        Ok(report)
+    }
+
+    /// A pass up to the routes: links, uplink, tunnels, sysctls, the
+    /// resolution of the desired set and the VXLAN neighbours. Returns the
+    /// resolution it replaced, the neighbours written and removed, and
+    /// VXLAN errors.
+    async fn prepare(&mut self) -> Result<(Prior, (usize, usize), Vec<String>), FibError> {
         let desired = self.desired.clone();
         let mut view = HostView::read(&mut self.sock)
             .await
@@ -285,7 +469,7 @@ impl Fib {
         if self.config.manage_sysctls {
             self.set_sysctls(&desired, &view, tunl0.is_some(), vxlan_dev.is_some());
         }
-        self.resolve(&desired, view, uplink, tunl0, (vxlan_dev, vxlan6_dev));
+        let prior = self.resolve(&desired, view, uplink, tunl0, (vxlan_dev, vxlan6_dev));
         let resolved = self.resolved.as_ref().expect("resolved just above");
         // The FDB and neighbours before the routes that use them.
         let mut neighbours = (0, 0);
@@ -314,47 +498,7 @@ impl Fib {
                 }
             }
         }
-        let want = &resolved.want;
-        let wanted = want.len();
-
-        let t_dump = Instant::now();
-        let diff = dump_diff(&mut self.sock, want, self.stamp, self.prune).await?;
-        let mut report = SyncReport {
-            dump_us: t_dump.elapsed().as_micros() as u64,
-            adopted: diff.adopted,
-            neighbours_written: neighbours.0,
-            neighbours_removed: neighbours.1,
-            ..SyncReport::default()
-        };
-
-        let t_write = Instant::now();
-        let nacks = if diff.msgs.is_empty() {
-            Vec::new()
-        } else {
-            self.sock
-                .batch(diff.msgs, self.config.batch_bytes)
-                .await
-                .map_err(nl("write routes"))?
-        };
-        report.write_us = t_write.elapsed().as_micros() as u64;
-        self.record_outcome(&diff.ops, &nacks, &mut report);
-        self.status.errors.extend(vxlan_error);
-        self.kept = diff.kept;
-        self.status.installed = wanted - self.failed.len() + self.kept.len();
-        report.total_us = t0.elapsed().as_micros() as u64;
-        self.status.last_sync = report.clone();
-        self.status.syncs += 1;
-        if report.added
-            + report.replaced
-            + report.removed
-            + report.failed
-            + report.neighbours_written
-            + report.neighbours_removed
-            > 0
-        {
-            tracing::info!(?report, "FIB sync");
-        }
-        Ok(report)
+        Ok((prior, neighbours, vxlan_error))
     }
 
     /// The device towards other nodes: configured, or that of the default
@@ -558,24 +702,26 @@ impl Fib {
     }
 
     /// Resolve the desired set against the host, unless the last resolution
-    /// still holds (same links, addresses, uplink and tunnel).
+    /// still holds (same set, links, addresses, uplink and tunnel); returns
+    /// the resolution it replaced.
     fn resolve(
         &mut self,
-        desired: &[Route],
+        desired: &Arc<Vec<Route>>,
         view: HostView,
         uplink: Option<String>,
         tunl0: Option<u32>,
         (vxlan_dev, vxlan6_dev): (Option<u32>, Option<u32>),
-    ) {
+    ) -> Prior {
         let fresh = self.resolved.as_ref().is_some_and(|r| {
-            r.view == view
+            Arc::ptr_eq(&r.routes, desired)
+                && r.view == view
                 && r.uplink == uplink
                 && r.ipip == self.status.ipip
                 && r.vxlan == vxlan_dev
                 && r.vxlan6 == vxlan6_dev
         });
         if fresh {
-            return;
+            return Prior::Same;
         }
         let tunnels = Tunnels {
             tunl0,
@@ -604,7 +750,8 @@ impl Fib {
         });
         report_new_problems(&self.status.unreachable, &problems);
         self.status.unreachable = problems;
-        self.resolved = Some(Resolved {
+        let before = self.resolved.replace(Resolved {
+            routes: desired.clone(),
             view,
             uplink,
             ipip: self.status.ipip.clone(),
@@ -614,6 +761,10 @@ impl Fib {
             peers,
             peers6,
         });
+        match before {
+            Some(r) => Prior::Was(Box::new(r)),
+            None => Prior::Nothing,
+        }
     }
 
     /// Count what the kernel took, and record what it refused: a route of
@@ -1060,7 +1211,7 @@ impl FibTask {
         loop {
             let d = self.desired.borrow_and_update().clone();
             fib.set_desired_valid(d.routes.clone(), d.prune);
-            match fib.sync().await {
+            match fib.sync_changes().await {
                 Ok(_) => {}
                 Err(e) => {
                     tracing::error!(error = %e, "FIB sync failed; retrying on the next event or resync");
@@ -1083,6 +1234,7 @@ impl FibTask {
                     _ = tokio::time::sleep_until(next_resync) => {
                         next_resync = tokio::time::Instant::now() + resync;
                         fib.retry_ipip = true;
+                        fib.distrust();
                         break;
                     }
                     r = events.next(|e| dirty |= fib.event_matters(&e)) => {
@@ -1090,6 +1242,7 @@ impl FibTask {
                     }
                 }
                 if dirty {
+                    fib.distrust();
                     // Let a burst (a link going down takes many routes with
                     // it) settle, then act once.
                     tokio::time::sleep(debounce).await;
@@ -1405,6 +1558,79 @@ mod tests {
                 .iter()
                 .any(|(d, r)| d == "10.4.0.0/26" && r.contains("not on-link"))
         );
+    }
+
+    /// Without a dump, a pass writes exactly the difference from the set
+    /// last written: changed routes replaced, new ones added, gone ones
+    /// removed (or kept while not pruning), refused ones tried again.
+    #[test]
+    fn a_pass_without_a_dump_writes_the_difference_from_the_last_set() {
+        let via = |gw: &str| {
+            KernelRoute::Via(KernelHop {
+                gateway: gw.parse().unwrap(),
+                oif: 2,
+                onlink: false,
+            })
+        };
+        let set = |routes: &[(&str, KernelRoute)]| {
+            routes
+                .iter()
+                .enumerate()
+                .map(|(i, (d, kr))| (net(d), (i as u32, kr.clone())))
+                .collect::<HashMap<_, _>>()
+        };
+        let old = set(&[
+            ("10.1.0.0/24", via("192.0.2.2")),
+            ("10.2.0.0/24", via("192.0.2.2")),
+            ("10.3.0.0/24", via("192.0.2.2")),
+            ("10.5.0.0/24", via("192.0.2.2")),
+        ]);
+        let new = set(&[
+            ("10.1.0.0/24", via("192.0.2.2")),
+            ("10.2.0.0/24", via("192.0.2.3")),
+            ("10.4.0.0/24", via("192.0.2.2")),
+            ("10.5.0.0/24", via("192.0.2.2")),
+        ]);
+        let stamp = Stamp {
+            table: 254,
+            protocol: 73,
+        };
+        let failed = HashSet::from_iter([net("10.5.0.0/24")]);
+        let ops = |prune| {
+            let d = diff_changes(&old, &new, &failed, &HashMap::new(), prune, stamp);
+            assert_eq!(d.msgs.len(), d.ops.len());
+            let mut ops: Vec<(Op, String)> =
+                d.ops.iter().map(|(o, n)| (*o, n.to_string())).collect();
+            ops.sort_by(|a, b| a.1.cmp(&b.1));
+            (
+                d.adopted,
+                ops,
+                d.kept.keys().map(|k| k.to_string()).collect::<Vec<_>>(),
+            )
+        };
+        let s = |x: &str| x.to_string();
+        assert_eq!(
+            ops(true),
+            (
+                1,
+                vec![
+                    (Op::Replace, s("10.2.0.0/24")),
+                    (Op::Remove, s("10.3.0.0/24")),
+                    (Op::Add, s("10.4.0.0/24")),
+                    // Refused last time: tried again.
+                    (Op::Add, s("10.5.0.0/24")),
+                ],
+                vec![]
+            )
+        );
+        let (_, not_pruned, kept) = ops(false);
+        assert!(!not_pruned.iter().any(|(o, _)| *o == Op::Remove));
+        assert_eq!(kept, [s("10.3.0.0/24")]);
+        // A kept route that is desired again and unchanged is left as it is.
+        let kept = HashMap::from_iter([(net("10.4.0.0/24"), via("192.0.2.2"))]);
+        let d = diff_changes(&old, &new, &HashSet::new(), &kept, true, stamp);
+        assert!(!d.ops.iter().any(|(_, n)| *n == net("10.4.0.0/24")));
+        assert_eq!(d.adopted, 3);
     }
 
     #[test]
