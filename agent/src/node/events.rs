@@ -10,7 +10,7 @@ use super::peering::Peering;
 use super::routes::{self, RefusedReason};
 use crate::autodetect::Detected;
 use crate::encap::Encapsulation;
-use crate::fib::{Reconciler, Route};
+use crate::fib::Reconciler;
 use crate::health::Endpoints;
 use crate::model::Snapshot;
 use crate::model::plan::{self, LocalBgp};
@@ -28,6 +28,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
+
+/// How often, at most, route events recompute the desired FIB (each time
+/// costs time in the whole set): a route change after a quiet spell is
+/// published at once, later ones gathered until this long after.
+const PUBLISH_EVERY: Duration = Duration::from_millis(100);
 
 /// What start-up hands the event loop.
 pub(super) struct Started {
@@ -92,7 +97,8 @@ pub(super) struct Node {
     learned: BTreeMap<IpNet, Vec<IpAddr>>,
     synced: bool,
     peering: Peering,
-    last_desired: Option<Vec<Route>>,
+    /// Send the next desired set even if it is the same (End-of-RIB prunes).
+    resend: bool,
     shared: Arc<Mutex<Shared>>,
     autodetected: Option<Detected>,
     bgp_enabled: bool,
@@ -140,7 +146,7 @@ impl Node {
             // desired set (with every remote block) prunes only what is
             // really gone.
             synced: !s.forwarding_preserved || !s.bgp_enabled,
-            last_desired: None,
+            resend: true,
             shared: Arc::new(Mutex::new(Shared {
                 status,
                 ..Shared::default()
@@ -186,6 +192,9 @@ impl Node {
         tokio::pin!(until);
         let mut observe = tokio::time::interval(Duration::from_secs(2));
         let mut speaker_running = true;
+        // Route events not yet published, and when they last were.
+        let mut pending = false;
+        let mut last_publish = tokio::time::Instant::now();
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -214,7 +223,19 @@ impl Node {
                     while let Ok(ev) = inputs.events.try_recv() {
                         self.route_event(ev);
                     }
+                    let now = tokio::time::Instant::now();
+                    if now >= last_publish + PUBLISH_EVERY {
+                        self.publish()?;
+                        last_publish = now;
+                        pending = false;
+                    } else {
+                        pending = true;
+                    }
+                }
+                _ = tokio::time::sleep_until(last_publish + PUBLISH_EVERY), if pending => {
                     self.publish()?;
+                    last_publish = tokio::time::Instant::now();
+                    pending = false;
                 }
                 r = inputs.blocks.changed() => {
                     if r.is_err() { bail!("IPAM stopped"); }
@@ -297,7 +318,7 @@ impl Node {
                 }
                 self.synced = true;
                 // Force a send: the same set now prunes.
-                self.last_desired = None;
+                self.resend = true;
             }
         }
     }
@@ -447,12 +468,18 @@ impl Node {
         // Other nodes' Service routes are for routers outside, not for our
         // kernel: the Service's traffic is handled where it arrives.
         let ranges = Ranges::from_spec(self.snap.bgp());
-        let learned: BTreeMap<IpNet, Vec<IpAddr>> = self
-            .learned
-            .iter()
-            .filter(|(p, _)| !ranges.covers(p))
-            .map(|(p, h)| (*p, h.clone()))
-            .collect();
+        let filtered: BTreeMap<IpNet, Vec<IpAddr>>;
+        let learned = if ranges.is_empty() {
+            &self.learned
+        } else {
+            filtered = self
+                .learned
+                .iter()
+                .filter(|(p, _)| !ranges.covers(p))
+                .map(|(p, h)| (*p, h.clone()))
+                .collect();
+            &filtered
+        };
         let lent = self.lent.as_ref().map(|l| l.borrow().clone());
         let routes::Desired {
             routes: desired,
@@ -461,7 +488,7 @@ impl Node {
             lent: lent.as_deref().unwrap_or_default(),
             blocks: &self.blocks,
             pods: &self.pods,
-            learned: &learned,
+            learned,
             pools: &pools,
             own: &self.own,
         });
@@ -469,15 +496,15 @@ impl Node {
         for r in refused.iter().filter(|r| !was_refused.contains(r)) {
             tracing::warn!(prefix = %r.prefix, reason = r.reason.label(), "learned prefix refused: it would hijack this node");
         }
-        if self.last_desired.as_ref() != Some(&desired) {
+        let mut sh = lock(&self.shared);
+        if self.resend || sh.desired != desired {
             if self.synced {
                 self.fib.set_desired(desired.clone())?;
             } else {
                 self.fib.set_desired_keep_stale(desired.clone())?;
             }
-            self.last_desired = Some(desired.clone());
+            self.resend = false;
         }
-        let mut sh = lock(&self.shared);
         sh.desired = desired;
         sh.refused = refused;
         sh.pods = self.pods.clone();
