@@ -197,7 +197,24 @@ struct PeerSlot {
     addr: IpAddr,
     received: usize,
     stale: usize,
+    /// Dropped, its paths being taken out slice by slice (`drain_step`):
+    /// they are no longer candidates in the decision.
+    draining: bool,
 }
+
+/// A dropped peer whose paths are being taken out: the IPv6 entries it
+/// has a path in (collected when it was dropped; tables of IPv6 are small),
+/// then the slab walked from `next` on for the IPv4 ones.
+#[derive(Debug)]
+struct Drain {
+    px: PeerIx,
+    addr: IpAddr,
+    v6: Vec<(IpNet, u32)>,
+    next: usize,
+}
+
+/// `Rib::keys` of an IPv6 entry (no packed IPv4 key is this large).
+const V6_KEY: u64 = u64::MAX;
 
 /// An IPv4 prefix packed into one word: the address, then the length.
 fn v4_key(n: &Ipv4Net) -> u64 {
@@ -246,7 +263,7 @@ pub struct Rib {
     v4: HashTable<u32>,
     v6: HashMap<(u128, u8), u32>,
     slab: Vec<Entry>,
-    /// The packed IPv4 key of each slab entry (0 for IPv6 ones).
+    /// The packed IPv4 key of each slab entry (`V6_KEY` for IPv6 ones).
     keys: Vec<u64>,
     free: Vec<u32>,
     hasher: foldhash::fast::RandomState,
@@ -265,6 +282,8 @@ pub struct Rib {
     /// still hold their paths, and export needs to know what those paths
     /// were exported as to withdraw them (see `meta_any`).
     retired: HashMap<IpAddr, PeerMeta>,
+    /// Dropped peers whose paths are still being taken out, oldest first.
+    drains: std::collections::VecDeque<Drain>,
     interned: HashSet<Arc<PathAttrs>>,
     /// Interned sets left by the last collection: the next one is due when
     /// the set has doubled since (amortised O(1) per interned set).
@@ -321,6 +340,7 @@ impl Rib {
             last_peer: None,
             meta: HashMap::default(),
             retired: HashMap::default(),
+            drains: Default::default(),
             interned: HashSet::default(),
             interned_after_gc: 0,
             local_attrs: Arc::new(PathAttrs::default()),
@@ -379,9 +399,15 @@ impl Rib {
     }
 
     /// The decision has run on everything dropped peers had: their paths
-    /// are out of the Loc-RIB.
+    /// are out of the Loc-RIB. A peer still being drained stays known.
     pub fn forget_retired(&mut self) {
-        self.retired.clear();
+        if self.drains.is_empty() {
+            self.retired.clear();
+        } else {
+            let drains = &self.drains;
+            self.retired
+                .retain(|a, _| drains.iter().any(|d| d.addr == *a));
+        }
     }
 
     /// The index of a peer we hold paths of.
@@ -402,6 +428,7 @@ impl Rib {
             addr: peer,
             received: 0,
             stale: 0,
+            draining: false,
         };
         let ix = match self.free_peers.pop() {
             Some(ix) => {
@@ -457,7 +484,7 @@ impl Rib {
                 *self
                     .v6
                     .entry(v6_key(n))
-                    .or_insert_with(|| alloc(slab, free, keys, 0))
+                    .or_insert_with(|| alloc(slab, free, keys, V6_KEY))
             }
         }
     }
@@ -609,25 +636,97 @@ impl Rib {
             .collect()
     }
 
-    /// Drop everything learned from `peer`; returns the prefixes affected.
+    /// Drop everything learned from `peer` at once; returns the prefixes
+    /// affected. (The instance drops a peer in slices: `retire_peer`, then
+    /// `drain_step` until `draining` is false.)
     pub fn drop_peer(&mut self, peer: IpAddr) -> Vec<IpNet> {
+        self.retire_peer(peer);
+        let mut all = Vec::new();
+        while self.draining() {
+            all.extend(self.drain_step(usize::MAX));
+        }
+        all
+    }
+
+    /// `peer` is gone: its paths stop being candidates in the decision at
+    /// once, and are taken out by `drain_step`, a slice at a time. A new
+    /// session from the same address gets a new index meanwhile.
+    pub fn retire_peer(&mut self, peer: IpAddr) {
         if let Some(m) = self.meta.remove(&peer) {
             self.retired.insert(peer, m);
         }
         let Some(px) = self.peer_ix.remove(&peer) else {
-            return vec![];
+            return;
         };
         self.last_peer = None;
-        let hits = if self.peers[px as usize].received == 0 {
-            vec![]
-        } else {
-            self.paths_of(px, None, |_| true)
-        };
-        for (p, ix, i) in &hits {
-            self.remove_at(p, *ix, *i);
+        if self.peers[px as usize].received == 0 {
+            self.free_peers.push(px);
+            return;
         }
-        self.free_peers.push(px);
-        hits.into_iter().map(|(p, _, _)| p).collect()
+        self.peers[px as usize].draining = true;
+        let slab = &self.slab;
+        let v6 = self
+            .v6
+            .iter()
+            .filter(|(_, ix)| slab[**ix as usize].paths.find(px).is_some())
+            .map(|(k, ix)| (v6_net(*k), *ix))
+            .collect();
+        self.drains.push_back(Drain {
+            px,
+            addr: peer,
+            v6,
+            next: 0,
+        });
+    }
+
+    /// Whether a dropped peer's paths are still being taken out.
+    pub fn draining(&self) -> bool {
+        !self.drains.is_empty()
+    }
+
+    /// Whether paths of an earlier session of `peer` are still being taken out.
+    pub fn draining_from(&self, peer: IpAddr) -> bool {
+        self.drains.iter().any(|d| d.addr == peer)
+    }
+
+    /// Take out up to `max` paths of the oldest dropped peer (looking at
+    /// no more than 16 times as many entries); returns their prefixes,
+    /// whose Loc-RIB entries wait in `saved` for the decision.
+    pub fn drain_step(&mut self, max: usize) -> Vec<IpNet> {
+        let Some(mut d) = self.drains.pop_front() else {
+            return vec![];
+        };
+        let mut out = Vec::new();
+        while out.len() < max {
+            let Some((p, ix)) = d.v6.pop() else { break };
+            if let Some(i) = self.slab[ix as usize].paths.find(d.px) {
+                self.remove_at(&p, ix, i);
+                out.push(p);
+            }
+        }
+        let mut budget = max.saturating_mul(16);
+        while out.len() < max && budget > 0 && d.next < self.slab.len() {
+            let ix = d.next;
+            d.next += 1;
+            budget -= 1;
+            let key = self.keys[ix];
+            if key == V6_KEY {
+                continue;
+            }
+            if let Some(i) = self.slab[ix].paths.find(d.px) {
+                let p = v4_net(key);
+                self.remove_at(&p, ix as u32, i);
+                out.push(p);
+            }
+        }
+        let ps = &mut self.peers[d.px as usize];
+        if ps.received == 0 || (d.v6.is_empty() && d.next >= self.slab.len()) {
+            ps.draining = false;
+            self.free_peers.push(d.px);
+        } else {
+            self.drains.push_front(d);
+        }
+        out
     }
 
     /// Mark every route of `peer` stale (its session went down gracefully).
@@ -794,6 +893,9 @@ impl Rib {
             cands.push((path, 0, LOCAL_BEST));
         } else {
             for (i, s) in self.slab[ix as usize].paths.slots().iter().enumerate() {
+                if self.peers[s.peer as usize].draining {
+                    continue;
+                }
                 let path = Path {
                     source: Source::Peer(self.peers[s.peer as usize].addr),
                     attrs: s.attrs.clone(),
