@@ -168,6 +168,9 @@ const SAVED_BEST: u32 = u32::MAX - 2;
 struct Entry {
     paths: Paths,
     best: u32,
+    /// Its paths changed since the decision last ran on it: it is in
+    /// `Rib::dirty4` or `Rib::dirty6` (once).
+    dirty: bool,
 }
 
 impl Default for Entry {
@@ -175,6 +178,7 @@ impl Default for Entry {
         Entry {
             paths: Paths::Empty,
             best: NO_BEST,
+            dirty: false,
         }
     }
 }
@@ -282,6 +286,11 @@ pub struct Rib {
     /// still hold their paths, and export needs to know what those paths
     /// were exported as to withdraw them (see `meta_any`).
     retired: HashMap<IpAddr, PeerMeta>,
+    /// Entries whose paths changed since the decision last ran on them:
+    /// IPv4 ones by slab index (the decision finds them without hashing),
+    /// IPv6 ones by prefix.
+    dirty4: Vec<u32>,
+    dirty6: Vec<IpNet>,
     /// Dropped peers whose paths are still being taken out, oldest first.
     drains: std::collections::VecDeque<Drain>,
     interned: HashSet<Arc<PathAttrs>>,
@@ -340,6 +349,8 @@ impl Rib {
             last_peer: None,
             meta: HashMap::default(),
             retired: HashMap::default(),
+            dirty4: Vec::new(),
+            dirty6: Vec::new(),
             drains: Default::default(),
             interned: HashSet::default(),
             interned_after_gc: 0,
@@ -561,9 +572,57 @@ impl Rib {
         e.paths.set_multipath(Vec::new());
     }
 
+    /// Note that `p`'s paths (entry `ix`) changed: the decision runs on it
+    /// at the next `decide_dirty`.
+    fn touch(&mut self, p: &IpNet, ix: u32) {
+        let e = &mut self.slab[ix as usize];
+        if std::mem::replace(&mut e.dirty, true) {
+            return;
+        }
+        match p {
+            IpNet::V4(_) => self.dirty4.push(ix),
+            IpNet::V6(_) => self.dirty6.push(*p),
+        }
+    }
+
+    /// Whether any entry's paths changed since the last `decide_dirty`.
+    pub fn has_dirty(&self) -> bool {
+        !self.dirty4.is_empty() || !self.dirty6.is_empty()
+    }
+
+    /// Run the decision on every entry whose paths changed since the last
+    /// call; `changed` gets each prefix whose Loc-RIB entry moved, with the
+    /// entry it replaced and the new one.
+    pub fn decide_dirty(
+        &mut self,
+        mut changed: impl FnMut(&Rib, IpNet, Option<Best>, Option<Best>),
+    ) {
+        let v4 = std::mem::take(&mut self.dirty4);
+        for &ix in &v4 {
+            if !self.slab[ix as usize].dirty {
+                continue; // decided already, or released
+            }
+            let p = v4_net(self.keys[ix as usize]);
+            if let Some((old, new)) = self.decide_at(&p, ix) {
+                changed(self, p, old, new);
+            }
+        }
+        // The buffer is kept for the next round, unless a big one.
+        if v4.capacity() <= 1 << 16 {
+            self.dirty4 = v4;
+            self.dirty4.clear();
+        }
+        for p in std::mem::take(&mut self.dirty6) {
+            if let Some((old, new)) = self.decide_change(&p) {
+                changed(self, p, old, new);
+            }
+        }
+    }
+
     pub fn insert(&mut self, peer: IpAddr, p: IpNet, attrs: Arc<PathAttrs>) {
         let px = self.peer_index(peer);
         let ix = self.slot_or_new(&p);
+        self.touch(&p, ix);
         let e = &self.slab[ix as usize];
         match e.paths.find(px) {
             Some(i) => {
@@ -603,6 +662,7 @@ impl Rib {
 
     /// Take path `i` out of `p`'s entry at slab index `ix`.
     fn remove_at(&mut self, p: &IpNet, ix: u32, i: usize) {
+        self.touch(p, ix);
         if self.slab[ix as usize].best_is_path() {
             self.save(p, ix);
         }
@@ -878,6 +938,14 @@ impl Rib {
             None if local => self.slot_or_new(p),
             None => return None,
         };
+        self.decide_at(p, ix)
+    }
+
+    /// `decide_change` for `p`, whose entry is at slab index `ix`.
+    #[allow(clippy::type_complexity)]
+    fn decide_at(&mut self, p: &IpNet, ix: u32) -> Option<(Option<Best>, Option<Best>)> {
+        let local = !self.local.is_empty() && self.local.contains(p);
+        self.slab[ix as usize].dirty = false;
         let old = match self.slab[ix as usize].best {
             SAVED_BEST => self.saved.remove(p),
             _ => self.loc_at(p, ix),

@@ -280,8 +280,8 @@ impl Instance {
     /// One slice of a dropped peer's paths out of the RIB, decided and
     /// exported at once.
     pub(super) fn drain_step(&mut self) {
-        let gone = self.rib.drain_step(self.drain_slice);
-        self.mark_dirty(gone);
+        // The RIB notes the entries it takes paths out of for the decision.
+        self.rib.drain_step(self.drain_slice);
         self.flush();
     }
 
