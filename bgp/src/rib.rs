@@ -8,7 +8,7 @@
 use crate::attrs::{Family, PathAttrs};
 use crate::config::NextHopResolver;
 use crate::report::RouteEntry;
-use foldhash::{HashMap, HashSet};
+use foldhash::HashMap;
 use hashbrown::HashTable;
 use hashbrown::hash_table::Entry as TableEntry;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
@@ -293,7 +293,9 @@ pub struct Rib {
     dirty6: Vec<IpNet>,
     /// Dropped peers whose paths are still being taken out, oldest first.
     drains: std::collections::VecDeque<Drain>,
-    interned: HashSet<Arc<PathAttrs>>,
+    /// Interned attribute sets with their hash: a set is hashed once, when
+    /// interned, not again each time the table grows.
+    interned: HashTable<(u64, Arc<PathAttrs>)>,
     /// Interned sets left by the last collection: the next one is due when
     /// the set has doubled since (amortised O(1) per interned set).
     interned_after_gc: usize,
@@ -352,7 +354,7 @@ impl Rib {
             dirty4: Vec::new(),
             dirty6: Vec::new(),
             drains: Default::default(),
-            interned: HashSet::default(),
+            interned: HashTable::new(),
             interned_after_gc: 0,
             local_attrs: Arc::new(PathAttrs::default()),
             max_paths: max_paths.max(1),
@@ -363,12 +365,18 @@ impl Rib {
 
     /// One shared copy of an attribute set.
     pub fn intern(&mut self, attrs: PathAttrs) -> Arc<PathAttrs> {
-        if let Some(a) = self.interned.get(&attrs) {
-            return a.clone();
+        let h = self.hasher.hash_one(&attrs);
+        let found = self
+            .interned
+            .entry(h, |(hh, a)| *hh == h && **a == attrs, |(hh, _)| *hh);
+        match found {
+            TableEntry::Occupied(o) => o.get().1.clone(),
+            TableEntry::Vacant(v) => {
+                let a = Arc::new(attrs);
+                v.insert((h, a.clone()));
+                a
+            }
         }
-        let a = Arc::new(attrs);
-        self.interned.insert(a.clone());
-        a
     }
 
     /// Forget attribute sets nobody uses any more, once enough may have
@@ -380,7 +388,7 @@ impl Rib {
         if self.interned.len() <= 2 * self.interned_after_gc + 1024 {
             return;
         }
-        self.interned.retain(|a| Arc::strong_count(a) > 1);
+        self.interned.retain(|(_, a)| Arc::strong_count(a) > 1);
         self.interned_after_gc = self.interned.len();
     }
 

@@ -17,8 +17,8 @@ use tracing::warn;
 impl Instance {
     /// An UPDATE from `peer`: withdrawals, then the announcements that pass
     /// loop detection and the import policy, then End-of-RIB.
-    pub(super) fn update(&mut self, peer: IpAddr, update: wire::Update) {
-        if self.import(peer, &update).is_none() {
+    pub(super) fn update(&mut self, peer: IpAddr, mut update: wire::Update) {
+        if self.import(peer, &mut update).is_none() {
             return;
         }
         if self.rib.has_dirty() {
@@ -32,7 +32,7 @@ impl Instance {
 
     /// Apply an UPDATE to `peer`'s Adj-RIB-In (the RIB notes the entries
     /// that changed for the decision), or `None` for a peer we do not have.
-    fn import(&mut self, peer: IpAddr, update: &wire::Update) -> Option<()> {
+    fn import(&mut self, peer: IpAddr, update: &mut wire::Update) -> Option<()> {
         let p = self.peers.get_mut(&peer)?;
         let ebgp = p.ebgp(self.asn);
         for w in &update.withdrawn {
@@ -62,7 +62,8 @@ impl Instance {
             }
             Effective::Blocked => {}
             Effective::AcceptAll => {
-                let attrs = self.rib.intern(update.attrs.clone());
+                // The UPDATE's own attributes: interned without a copy.
+                let attrs = self.rib.intern(std::mem::take(&mut update.attrs));
                 for x in &update.announced {
                     self.rib.insert(peer, *x, attrs.clone());
                 }
