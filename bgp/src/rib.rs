@@ -8,7 +8,7 @@
 use crate::attrs::{Family, PathAttrs};
 use crate::config::NextHopResolver;
 use crate::report::RouteEntry;
-use foldhash::{HashMap, HashSet};
+use foldhash::HashMap;
 use hashbrown::HashTable;
 use hashbrown::hash_table::Entry as TableEntry;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
@@ -168,6 +168,9 @@ const SAVED_BEST: u32 = u32::MAX - 2;
 struct Entry {
     paths: Paths,
     best: u32,
+    /// Its paths changed since the decision last ran on it: it is in
+    /// `Rib::dirty4` or `Rib::dirty6` (once).
+    dirty: bool,
 }
 
 impl Default for Entry {
@@ -175,6 +178,7 @@ impl Default for Entry {
         Entry {
             paths: Paths::Empty,
             best: NO_BEST,
+            dirty: false,
         }
     }
 }
@@ -197,7 +201,24 @@ struct PeerSlot {
     addr: IpAddr,
     received: usize,
     stale: usize,
+    /// Dropped, its paths being taken out slice by slice (`drain_step`):
+    /// they are no longer candidates in the decision.
+    draining: bool,
 }
+
+/// A dropped peer whose paths are being taken out: the IPv6 entries it
+/// has a path in (collected when it was dropped; tables of IPv6 are small),
+/// then the slab walked from `next` on for the IPv4 ones.
+#[derive(Debug)]
+struct Drain {
+    px: PeerIx,
+    addr: IpAddr,
+    v6: Vec<(IpNet, u32)>,
+    next: usize,
+}
+
+/// `Rib::keys` of an IPv6 entry (no packed IPv4 key is this large).
+const V6_KEY: u64 = u64::MAX;
 
 /// An IPv4 prefix packed into one word: the address, then the length.
 fn v4_key(n: &Ipv4Net) -> u64 {
@@ -246,7 +267,7 @@ pub struct Rib {
     v4: HashTable<u32>,
     v6: HashMap<(u128, u8), u32>,
     slab: Vec<Entry>,
-    /// The packed IPv4 key of each slab entry (0 for IPv6 ones).
+    /// The packed IPv4 key of each slab entry (`V6_KEY` for IPv6 ones).
     keys: Vec<u64>,
     free: Vec<u32>,
     hasher: foldhash::fast::RandomState,
@@ -265,7 +286,16 @@ pub struct Rib {
     /// still hold their paths, and export needs to know what those paths
     /// were exported as to withdraw them (see `meta_any`).
     retired: HashMap<IpAddr, PeerMeta>,
-    interned: HashSet<Arc<PathAttrs>>,
+    /// Entries whose paths changed since the decision last ran on them:
+    /// IPv4 ones by slab index (the decision finds them without hashing),
+    /// IPv6 ones by prefix.
+    dirty4: Vec<u32>,
+    dirty6: Vec<IpNet>,
+    /// Dropped peers whose paths are still being taken out, oldest first.
+    drains: std::collections::VecDeque<Drain>,
+    /// Interned attribute sets with their hash: a set is hashed once, when
+    /// interned, not again each time the table grows.
+    interned: HashTable<(u64, Arc<PathAttrs>)>,
     /// Interned sets left by the last collection: the next one is due when
     /// the set has doubled since (amortised O(1) per interned set).
     interned_after_gc: usize,
@@ -321,7 +351,10 @@ impl Rib {
             last_peer: None,
             meta: HashMap::default(),
             retired: HashMap::default(),
-            interned: HashSet::default(),
+            dirty4: Vec::new(),
+            dirty6: Vec::new(),
+            drains: Default::default(),
+            interned: HashTable::new(),
             interned_after_gc: 0,
             local_attrs: Arc::new(PathAttrs::default()),
             max_paths: max_paths.max(1),
@@ -332,12 +365,18 @@ impl Rib {
 
     /// One shared copy of an attribute set.
     pub fn intern(&mut self, attrs: PathAttrs) -> Arc<PathAttrs> {
-        if let Some(a) = self.interned.get(&attrs) {
-            return a.clone();
+        let h = self.hasher.hash_one(&attrs);
+        let found = self
+            .interned
+            .entry(h, |(hh, a)| *hh == h && **a == attrs, |(hh, _)| *hh);
+        match found {
+            TableEntry::Occupied(o) => o.get().1.clone(),
+            TableEntry::Vacant(v) => {
+                let a = Arc::new(attrs);
+                v.insert((h, a.clone()));
+                a
+            }
         }
-        let a = Arc::new(attrs);
-        self.interned.insert(a.clone());
-        a
     }
 
     /// Forget attribute sets nobody uses any more, once enough may have
@@ -349,7 +388,7 @@ impl Rib {
         if self.interned.len() <= 2 * self.interned_after_gc + 1024 {
             return;
         }
-        self.interned.retain(|a| Arc::strong_count(a) > 1);
+        self.interned.retain(|(_, a)| Arc::strong_count(a) > 1);
         self.interned_after_gc = self.interned.len();
     }
 
@@ -379,9 +418,15 @@ impl Rib {
     }
 
     /// The decision has run on everything dropped peers had: their paths
-    /// are out of the Loc-RIB.
+    /// are out of the Loc-RIB. A peer still being drained stays known.
     pub fn forget_retired(&mut self) {
-        self.retired.clear();
+        if self.drains.is_empty() {
+            self.retired.clear();
+        } else {
+            let drains = &self.drains;
+            self.retired
+                .retain(|a, _| drains.iter().any(|d| d.addr == *a));
+        }
     }
 
     /// The index of a peer we hold paths of.
@@ -402,6 +447,7 @@ impl Rib {
             addr: peer,
             received: 0,
             stale: 0,
+            draining: false,
         };
         let ix = match self.free_peers.pop() {
             Some(ix) => {
@@ -457,7 +503,7 @@ impl Rib {
                 *self
                     .v6
                     .entry(v6_key(n))
-                    .or_insert_with(|| alloc(slab, free, keys, 0))
+                    .or_insert_with(|| alloc(slab, free, keys, V6_KEY))
             }
         }
     }
@@ -534,9 +580,57 @@ impl Rib {
         e.paths.set_multipath(Vec::new());
     }
 
+    /// Note that `p`'s paths (entry `ix`) changed: the decision runs on it
+    /// at the next `decide_dirty`.
+    fn touch(&mut self, p: &IpNet, ix: u32) {
+        let e = &mut self.slab[ix as usize];
+        if std::mem::replace(&mut e.dirty, true) {
+            return;
+        }
+        match p {
+            IpNet::V4(_) => self.dirty4.push(ix),
+            IpNet::V6(_) => self.dirty6.push(*p),
+        }
+    }
+
+    /// Whether any entry's paths changed since the last `decide_dirty`.
+    pub fn has_dirty(&self) -> bool {
+        !self.dirty4.is_empty() || !self.dirty6.is_empty()
+    }
+
+    /// Run the decision on every entry whose paths changed since the last
+    /// call; `changed` gets each prefix whose Loc-RIB entry moved, with the
+    /// entry it replaced and the new one.
+    pub fn decide_dirty(
+        &mut self,
+        mut changed: impl FnMut(&Rib, IpNet, Option<Best>, Option<Best>),
+    ) {
+        let v4 = std::mem::take(&mut self.dirty4);
+        for &ix in &v4 {
+            if !self.slab[ix as usize].dirty {
+                continue; // decided already, or released
+            }
+            let p = v4_net(self.keys[ix as usize]);
+            if let Some((old, new)) = self.decide_at(&p, ix) {
+                changed(self, p, old, new);
+            }
+        }
+        // The buffer is kept for the next round, unless a big one.
+        if v4.capacity() <= 1 << 16 {
+            self.dirty4 = v4;
+            self.dirty4.clear();
+        }
+        for p in std::mem::take(&mut self.dirty6) {
+            if let Some((old, new)) = self.decide_change(&p) {
+                changed(self, p, old, new);
+            }
+        }
+    }
+
     pub fn insert(&mut self, peer: IpAddr, p: IpNet, attrs: Arc<PathAttrs>) {
         let px = self.peer_index(peer);
         let ix = self.slot_or_new(&p);
+        self.touch(&p, ix);
         let e = &self.slab[ix as usize];
         match e.paths.find(px) {
             Some(i) => {
@@ -576,6 +670,7 @@ impl Rib {
 
     /// Take path `i` out of `p`'s entry at slab index `ix`.
     fn remove_at(&mut self, p: &IpNet, ix: u32, i: usize) {
+        self.touch(p, ix);
         if self.slab[ix as usize].best_is_path() {
             self.save(p, ix);
         }
@@ -609,25 +704,97 @@ impl Rib {
             .collect()
     }
 
-    /// Drop everything learned from `peer`; returns the prefixes affected.
+    /// Drop everything learned from `peer` at once; returns the prefixes
+    /// affected. (The instance drops a peer in slices: `retire_peer`, then
+    /// `drain_step` until `draining` is false.)
     pub fn drop_peer(&mut self, peer: IpAddr) -> Vec<IpNet> {
+        self.retire_peer(peer);
+        let mut all = Vec::new();
+        while self.draining() {
+            all.extend(self.drain_step(usize::MAX));
+        }
+        all
+    }
+
+    /// `peer` is gone: its paths stop being candidates in the decision at
+    /// once, and are taken out by `drain_step`, a slice at a time. A new
+    /// session from the same address gets a new index meanwhile.
+    pub fn retire_peer(&mut self, peer: IpAddr) {
         if let Some(m) = self.meta.remove(&peer) {
             self.retired.insert(peer, m);
         }
         let Some(px) = self.peer_ix.remove(&peer) else {
-            return vec![];
+            return;
         };
         self.last_peer = None;
-        let hits = if self.peers[px as usize].received == 0 {
-            vec![]
-        } else {
-            self.paths_of(px, None, |_| true)
-        };
-        for (p, ix, i) in &hits {
-            self.remove_at(p, *ix, *i);
+        if self.peers[px as usize].received == 0 {
+            self.free_peers.push(px);
+            return;
         }
-        self.free_peers.push(px);
-        hits.into_iter().map(|(p, _, _)| p).collect()
+        self.peers[px as usize].draining = true;
+        let slab = &self.slab;
+        let v6 = self
+            .v6
+            .iter()
+            .filter(|(_, ix)| slab[**ix as usize].paths.find(px).is_some())
+            .map(|(k, ix)| (v6_net(*k), *ix))
+            .collect();
+        self.drains.push_back(Drain {
+            px,
+            addr: peer,
+            v6,
+            next: 0,
+        });
+    }
+
+    /// Whether a dropped peer's paths are still being taken out.
+    pub fn draining(&self) -> bool {
+        !self.drains.is_empty()
+    }
+
+    /// Whether paths of an earlier session of `peer` are still being taken out.
+    pub fn draining_from(&self, peer: IpAddr) -> bool {
+        self.drains.iter().any(|d| d.addr == peer)
+    }
+
+    /// Take out up to `max` paths of the oldest dropped peer (looking at
+    /// no more than 16 times as many entries); returns their prefixes,
+    /// whose Loc-RIB entries wait in `saved` for the decision.
+    pub fn drain_step(&mut self, max: usize) -> Vec<IpNet> {
+        let Some(mut d) = self.drains.pop_front() else {
+            return vec![];
+        };
+        let mut out = Vec::new();
+        while out.len() < max {
+            let Some((p, ix)) = d.v6.pop() else { break };
+            if let Some(i) = self.slab[ix as usize].paths.find(d.px) {
+                self.remove_at(&p, ix, i);
+                out.push(p);
+            }
+        }
+        let mut budget = max.saturating_mul(16);
+        while out.len() < max && budget > 0 && d.next < self.slab.len() {
+            let ix = d.next;
+            d.next += 1;
+            budget -= 1;
+            let key = self.keys[ix];
+            if key == V6_KEY {
+                continue;
+            }
+            if let Some(i) = self.slab[ix].paths.find(d.px) {
+                let p = v4_net(key);
+                self.remove_at(&p, ix as u32, i);
+                out.push(p);
+            }
+        }
+        let ps = &mut self.peers[d.px as usize];
+        if ps.received == 0 || (d.v6.is_empty() && d.next >= self.slab.len()) {
+            ps.draining = false;
+            self.free_peers.push(d.px);
+        } else {
+            self.drains.push_front(d);
+        }
+        out
     }
 
     /// Mark every route of `peer` stale (its session went down gracefully).
@@ -779,6 +946,14 @@ impl Rib {
             None if local => self.slot_or_new(p),
             None => return None,
         };
+        self.decide_at(p, ix)
+    }
+
+    /// `decide_change` for `p`, whose entry is at slab index `ix`.
+    #[allow(clippy::type_complexity)]
+    fn decide_at(&mut self, p: &IpNet, ix: u32) -> Option<(Option<Best>, Option<Best>)> {
+        let local = !self.local.is_empty() && self.local.contains(p);
+        self.slab[ix as usize].dirty = false;
         let old = match self.slab[ix as usize].best {
             SAVED_BEST => self.saved.remove(p),
             _ => self.loc_at(p, ix),
@@ -794,6 +969,9 @@ impl Rib {
             cands.push((path, 0, LOCAL_BEST));
         } else {
             for (i, s) in self.slab[ix as usize].paths.slots().iter().enumerate() {
+                if self.peers[s.peer as usize].draining {
+                    continue;
+                }
                 let path = Path {
                     source: Source::Peer(self.peers[s.peer as usize].addr),
                     attrs: s.attrs.clone(),

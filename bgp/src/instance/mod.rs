@@ -81,6 +81,12 @@ struct PeerEntry {
     refresh_due: BTreeMap<Family, Instant>,
 }
 
+/// How many of a dropped peer's paths go per slice: each slice is decided
+/// and its withdrawals sent before the next, so what a drop holds at once
+/// (Loc-RIB entries kept for the decision, changes, encoded UPDATEs) is
+/// bounded by this, not by the peer's table.
+const DRAIN_SLICE: usize = 4096;
+
 /// At most one ROUTE-REFRESH answer per peer and family in this long: each
 /// answer resends the whole Adj-RIB-Out of the family, so a peer asking in
 /// a loop must not turn us into an amplifier. Requests inside the window
@@ -120,6 +126,8 @@ pub(crate) struct Instance {
     synced: bool,
     sync_deadline: Instant,
     refused: Refusals,
+    /// `DRAIN_SLICE`; the tests make it small.
+    drain_slice: usize,
 }
 
 /// Connections refused from unknown addresses, and when one was last logged.
@@ -176,6 +184,7 @@ impl Instance {
             eor: HashSet::default(),
             synced: false,
             refused: Refusals::default(),
+            drain_slice: DRAIN_SLICE,
             sync_deadline: Instant::now() + Duration::from_secs(restart_time as u64),
         }
     }
@@ -207,6 +216,9 @@ impl Instance {
                 Some(ev) = sess_rx.recv() => self.session_event(ev),
                 Some((stream, from)) = conn_rx.recv() => self.incoming(stream, from),
                 _ = timer => self.timers(Instant::now()),
+                // A dropped peer's paths go a slice at a time, the runtime
+                // (the sessions) served between slices.
+                _ = tokio::task::yield_now(), if self.rib.draining() => self.drain_step(),
             }
         }
     }
@@ -263,6 +275,14 @@ impl Instance {
             info!("initial sync: not every peer sent End-of-RIB in time; going ahead");
             self.finish_sync();
         }
+    }
+
+    /// One slice of a dropped peer's paths out of the RIB, decided and
+    /// exported at once.
+    pub(super) fn drain_step(&mut self) {
+        // The RIB notes the entries it takes paths out of for the decision.
+        self.rib.drain_step(self.drain_slice);
+        self.flush();
     }
 
     fn stop_all(&mut self, msg: &str) {

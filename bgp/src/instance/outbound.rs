@@ -495,6 +495,14 @@ impl Instance {
     /// ID after a restart, its client status), what every peer gets of its
     /// paths is brought in line.
     pub(super) fn set_peer_meta(&mut self, addr: IpAddr, meta: PeerMeta) {
+        // The paths of its last session still in the RIB were exported as
+        // what we knew then, and are withdrawn by that; a new session with
+        // other settings finishes their drop first.
+        if self.rib.draining_from(addr) && self.rib.meta_any(addr) != Some(&meta) {
+            while self.rib.draining_from(addr) {
+                self.drain_step();
+            }
+        }
         let Some(was) = self.rib.set_peer(addr, meta) else {
             return;
         };

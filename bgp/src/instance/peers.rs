@@ -50,6 +50,11 @@ impl Instance {
     /// to send everything again when the import policy changed (RFC 2918),
     /// and send it the difference the new export settings make.
     fn update_policy(&mut self, addr: IpAddr, policy: PeerPolicy) {
+        // The paths of its last session still in the RIB go first, under
+        // the settings they were exported with (`set_peer_meta`).
+        while self.rib.draining_from(addr) {
+            self.drain_step();
+        }
         let Some(old) = self.peers.get(&addr) else {
             return;
         };
@@ -122,8 +127,7 @@ impl Instance {
             self.set_listener_md5(addr, None);
         }
         self.stale_until.remove(&addr);
-        let gone = self.rib.drop_peer(addr);
-        self.mark_dirty(gone);
+        self.rib.retire_peer(addr);
         self.check_sync();
         true
     }

@@ -33,8 +33,7 @@ impl Instance {
             );
         } else {
             self.stale_until.remove(&peer);
-            let gone = self.rib.drop_peer(peer);
-            self.mark_dirty(gone);
+            self.rib.retire_peer(peer);
         }
     }
 

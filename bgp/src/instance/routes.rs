@@ -17,30 +17,29 @@ use tracing::warn;
 impl Instance {
     /// An UPDATE from `peer`: withdrawals, then the announcements that pass
     /// loop detection and the import policy, then End-of-RIB.
-    pub(super) fn update(&mut self, peer: IpAddr, update: wire::Update) {
-        let Some(changed) = self.import(peer, &update) else {
+    pub(super) fn update(&mut self, peer: IpAddr, mut update: wire::Update) {
+        if self.import(peer, &mut update).is_none() {
             return;
-        };
-        self.mark_dirty(changed);
+        }
+        if self.rib.has_dirty() {
+            self.schedule_flush();
+        }
         self.check_max_prefixes(peer);
         if let Some(f) = update.end_of_rib {
             self.end_of_rib(peer, f);
         }
     }
 
-    /// Apply an UPDATE to `peer`'s Adj-RIB-In; the prefixes whose paths
-    /// changed, or `None` for a peer we do not have.
-    fn import(&mut self, peer: IpAddr, update: &wire::Update) -> Option<Vec<IpNet>> {
+    /// Apply an UPDATE to `peer`'s Adj-RIB-In (the RIB notes the entries
+    /// that changed for the decision), or `None` for a peer we do not have.
+    fn import(&mut self, peer: IpAddr, update: &mut wire::Update) -> Option<()> {
         let p = self.peers.get_mut(&peer)?;
         let ebgp = p.ebgp(self.asn);
-        let mut changed = Vec::with_capacity(update.withdrawn.len() + update.announced.len());
         for w in &update.withdrawn {
-            if self.rib.remove(peer, w) {
-                changed.push(*w);
-            }
+            self.rib.remove(peer, w);
         }
         if update.announced.is_empty() {
-            return Some(changed);
+            return Some(());
         }
         // A path that has been through us already: our AS in an eBGP peer's
         // AS_PATH (RFC 4271 §9.1.2), our router ID as ORIGINATOR_ID or our
@@ -58,17 +57,15 @@ impl Instance {
             _ if looped => {
                 // Not eligible; a path it replaces goes too.
                 for x in &update.announced {
-                    if self.rib.remove(peer, x) {
-                        changed.push(*x);
-                    }
+                    self.rib.remove(peer, x);
                 }
             }
             Effective::Blocked => {}
             Effective::AcceptAll => {
-                let attrs = self.rib.intern(update.attrs.clone());
+                // The UPDATE's own attributes: interned without a copy.
+                let attrs = self.rib.intern(std::mem::take(&mut update.attrs));
                 for x in &update.announced {
                     self.rib.insert(peer, *x, attrs.clone());
-                    changed.push(*x);
                 }
             }
             Effective::Rules(rules) => {
@@ -79,19 +76,14 @@ impl Instance {
                 for x in &update.announced {
                     match run.outcome(x, a, |changed| rib.intern(changed)) {
                         None => {
-                            if rib.remove(peer, x) {
-                                changed.push(*x);
-                            }
+                            rib.remove(peer, x);
                         }
-                        Some(attrs) => {
-                            rib.insert(peer, *x, attrs);
-                            changed.push(*x);
-                        }
+                        Some(attrs) => rib.insert(peer, *x, attrs),
                     }
                 }
             }
         }
-        Some(changed)
+        Some(())
     }
 
     pub(super) fn mark_dirty(&mut self, prefixes: Vec<IpNet>) {
@@ -99,6 +91,11 @@ impl Instance {
             return;
         }
         self.dirty.extend(prefixes);
+        self.schedule_flush();
+    }
+
+    /// The decision runs when the batch interval is over.
+    pub(super) fn schedule_flush(&mut self) {
         if self.flush_at.is_none() {
             self.flush_at = Some(Instant::now() + self.batch_interval);
         }
@@ -106,20 +103,7 @@ impl Instance {
 
     /// The Loc-RIB's paths for `p` as the embedder sees them (learned ones only).
     pub(super) fn learned_paths(&self, p: &IpNet) -> Vec<LearnedPath> {
-        match self.rib.best(p) {
-            Some(b) if b.source != Source::Local => b
-                .members()
-                .filter_map(|(source, attrs)| match source {
-                    Source::Peer(peer) => Some(LearnedPath {
-                        peer,
-                        next_hop: attrs.next_hop,
-                        attrs: attrs.clone(),
-                    }),
-                    Source::Local => None,
-                })
-                .collect(),
-            _ => vec![],
-        }
+        learned(self.rib.best(p).as_ref())
     }
 
     /// Run the decision process on everything that changed since the last
@@ -127,30 +111,35 @@ impl Instance {
     /// moved best paths (`outbound`).
     pub(super) fn flush(&mut self) {
         self.flush_at = None;
-        if self.dirty.is_empty() {
+        if self.dirty.is_empty() && !self.rib.has_dirty() {
             return;
         }
-        let mut dirty = std::mem::take(&mut self.dirty);
-        dirty.sort_unstable();
-        dirty.dedup();
         // Nobody listening (starling-bgpd without debug logging): build no events.
         let emit = !self.route_tx.is_closed() && (!self.defer || self.synced);
         let mut kinds = Kinds::default();
         let mut moved = Vec::new();
+        let route_tx = &self.route_tx;
+        let mut note = |rib: &crate::rib::Rib, p: IpNet, old: Option<Best>, new: Option<Best>| {
+            if emit {
+                let paths = learned(new.as_ref());
+                let _ = route_tx.send(RouteEvent::Change(RouteChange { prefix: p, paths }));
+            }
+            kinds.note(new.as_ref(), rib);
+            moved.push(Change {
+                prefix: p,
+                old: old.as_ref().map(Best::path),
+                new: new.as_ref().map(Best::path),
+            });
+        };
+        // The entries whose paths changed, found by index; then what was
+        // named by prefix (our own prefixes, re-decisions, sweeps).
+        self.rib.decide_dirty(&mut note);
+        let mut dirty = std::mem::take(&mut self.dirty);
+        dirty.sort_unstable();
+        dirty.dedup();
         for p in dirty {
             if let Some((old, new)) = self.rib.decide_change(&p) {
-                if emit {
-                    let paths = self.learned_paths(&p);
-                    let _ = self
-                        .route_tx
-                        .send(RouteEvent::Change(RouteChange { prefix: p, paths }));
-                }
-                kinds.note(new.as_ref(), &self.rib);
-                moved.push(Change {
-                    prefix: p,
-                    old: old.as_ref().map(Best::path),
-                    new: new.as_ref().map(Best::path),
-                });
+                note(&self.rib, p, old, new);
             }
         }
         // A peer that holds nothing and can be sent none of the new paths
@@ -162,5 +151,23 @@ impl Instance {
         drop(moved);
         self.rib.forget_retired();
         self.rib.collect_garbage();
+    }
+}
+
+/// A Loc-RIB entry's paths as the embedder sees them (learned ones only).
+fn learned(best: Option<&Best>) -> Vec<LearnedPath> {
+    match best {
+        Some(b) if b.source != Source::Local => b
+            .members()
+            .filter_map(|(source, attrs)| match source {
+                Source::Peer(peer) => Some(LearnedPath {
+                    peer,
+                    next_hop: attrs.next_hop,
+                    attrs: attrs.clone(),
+                }),
+                Source::Local => None,
+            })
+            .collect(),
+        _ => vec![],
     }
 }

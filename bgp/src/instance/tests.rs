@@ -185,10 +185,19 @@ impl Harness {
         out
     }
 
+    /// Dropped peers' paths all out (every slice), then the decision on
+    /// whatever else changed.
+    fn flush(&mut self) {
+        while self.inst.rib.draining() {
+            self.inst.drain_step();
+        }
+        self.inst.flush();
+    }
+
     /// Peers up and their initial End-of-RIB read, so tests see only what
     /// they cause.
     fn settle(&mut self, addrs: &[&str]) {
-        self.inst.flush();
+        self.flush();
         for a in addrs {
             self.sent(a);
         }
@@ -232,7 +241,7 @@ fn decode_into(msg: &[u8], out: &mut Sent) {
 fn a_new_session_gets_the_table_and_end_of_rib() {
     let mut h = Harness::new(|_| {});
     h.inst.command(Command::Announce(net("10.9.0.0/24")));
-    h.inst.flush();
+    h.flush();
     h.peer("192.0.2.2", ASN, |_| {});
     h.up("192.0.2.2", None);
     let s = h.sent("192.0.2.2");
@@ -284,7 +293,7 @@ fn reflection_follows_client_and_non_client_rules() {
 
     // A non-client's route goes to the clients only (RFC 4456 §6).
     h.announce("192.0.2.21", &["10.1.0.0/24"], attrs(&[], "192.0.2.21"));
-    h.inst.flush();
+    h.flush();
     for c in clients {
         let s = h.sent(c);
         let a = &s.announced[&net("10.1.0.0/24")];
@@ -305,7 +314,7 @@ fn reflection_follows_client_and_non_client_rules() {
 
     // A client's route goes to everyone but itself.
     h.announce("192.0.2.11", &["10.2.0.0/24"], attrs(&[], "192.0.2.11"));
-    h.inst.flush();
+    h.flush();
     assert!(h.sent("192.0.2.11").announced.is_empty());
     for p in ["192.0.2.12", "192.0.2.21", "192.0.2.22"] {
         let s = h.sent(p);
@@ -317,7 +326,7 @@ fn reflection_follows_client_and_non_client_rules() {
     let mut looped = attrs(&[], "192.0.2.22");
     looped.cluster_list = vec![CLUSTER_ID.parse().unwrap()];
     h.announce("192.0.2.22", &["10.3.0.0/24"], looped);
-    h.inst.flush();
+    h.flush();
     assert!(h.inst.rib.best(&net("10.3.0.0/24")).is_none());
 
     // A new cluster ID reaches every Adj-RIB-Out at once.
@@ -342,7 +351,7 @@ fn allow_local_as_accepts_our_as_up_to_the_count() {
     h.announce("198.51.100.2", &["10.4.0.0/24"], once.clone());
     h.announce("198.51.100.2", &["10.5.0.0/24"], twice);
     h.announce("198.51.100.3", &["10.6.0.0/24"], once);
-    h.inst.flush();
+    h.flush();
     assert!(
         h.inst.rib.best(&net("10.4.0.0/24")).is_some(),
         "once: allowed"
@@ -374,7 +383,7 @@ fn ebgp_and_ibgp_get_their_attributes() {
     let mut from_ebgp = attrs(&[65001], "198.51.100.2");
     from_ebgp.med = Some(5);
     h.announce("198.51.100.2", &["10.1.0.0/24"], from_ebgp);
-    h.inst.flush();
+    h.flush();
     let a = h.sent("192.0.2.2").announced[&net("10.1.0.0/24")].clone();
     assert_eq!((a.local_pref, a.med), (Some(100), Some(5)));
     assert_eq!(a.next_hop, Some(ip("198.51.100.2")));
@@ -388,7 +397,7 @@ fn ebgp_and_ibgp_get_their_attributes() {
     from_ibgp.local_pref = Some(200);
     from_ibgp.med = Some(9);
     h.announce("192.0.2.2", &["10.2.0.0/24"], from_ibgp);
-    h.inst.flush();
+    h.flush();
     let a = h.sent("198.51.100.2").announced[&net("10.2.0.0/24")].clone();
     assert_eq!(a.as_path_flat(), vec![ASN]);
     assert_eq!((a.local_pref, a.med), (None, None));
@@ -409,7 +418,7 @@ fn rfc8212_ebgp_without_policy_exchanges_nothing_until_given_one() {
     h.peer("198.51.100.2", 65001, |_| {});
     h.up("192.0.2.2", None);
     h.up("198.51.100.2", None);
-    h.inst.flush();
+    h.flush();
     let s = h.sent("198.51.100.2");
     assert!(s.announced.is_empty(), "no export policy: nothing sent");
     assert_eq!(
@@ -424,7 +433,7 @@ fn rfc8212_ebgp_without_policy_exchanges_nothing_until_given_one() {
         &["10.1.0.0/24"],
         attrs(&[65001], "198.51.100.2"),
     );
-    h.inst.flush();
+    h.flush();
     assert!(
         h.inst.rib.best(&net("10.1.0.0/24")).is_none(),
         "nothing imported"
@@ -445,7 +454,7 @@ fn rfc8212_ebgp_without_policy_exchanges_nothing_until_given_one() {
         &["10.1.0.0/24"],
         attrs(&[65001], "198.51.100.2"),
     );
-    h.inst.flush();
+    h.flush();
     assert!(
         h.sent("192.0.2.2")
             .announced
@@ -492,13 +501,13 @@ fn graceful_restart_keeps_stale_routes_until_end_of_rib() {
         &["10.1.0.0/24", "10.2.0.0/24"],
         attrs(&[], "192.0.2.2"),
     );
-    h.inst.flush();
+    h.flush();
     assert_eq!(h.sent("192.0.2.3").announced.len(), 2);
     h.events();
 
     // Down without a NOTIFICATION: the routes stay, stale (RFC 4724 §4.2).
     h.down("192.0.2.2", true);
-    h.inst.flush();
+    h.flush();
     assert_eq!(h.stale("10.1.0.0/24"), vec![true]);
     assert!(h.sent("192.0.2.3").withdrawn.is_empty());
     assert!(h.events().is_empty(), "the embedder keeps forwarding");
@@ -509,7 +518,7 @@ fn graceful_restart_keeps_stale_routes_until_end_of_rib() {
     assert_eq!(h.stale("10.1.0.0/24"), vec![false]);
     assert_eq!(h.stale("10.2.0.0/24"), vec![true]);
     h.end_of_rib("192.0.2.2");
-    h.inst.flush();
+    h.flush();
     assert_eq!(h.stale("10.2.0.0/24"), Vec::<bool>::new());
     let s = h.sent("192.0.2.3");
     assert_eq!(s.withdrawn, [net("10.2.0.0/24")].into());
@@ -530,7 +539,7 @@ fn stale_routes_go_when_the_restart_time_is_over() {
     h.up("192.0.2.3", None);
     h.settle(&["192.0.2.2", "192.0.2.3"]);
     h.announce("192.0.2.2", &["10.1.0.0/24"], attrs(&[], "192.0.2.2"));
-    h.inst.flush();
+    h.flush();
     h.sent("192.0.2.3");
     h.down("192.0.2.2", true);
     let now = Instant::now();
@@ -538,7 +547,7 @@ fn stale_routes_go_when_the_restart_time_is_over() {
     h.inst.timers(now + Duration::from_secs(29));
     assert_eq!(h.stale("10.1.0.0/24"), vec![true]);
     h.inst.timers(now + Duration::from_secs(31));
-    h.inst.flush();
+    h.flush();
     assert_eq!(h.stale("10.1.0.0/24"), Vec::<bool>::new());
     assert_eq!(h.sent("192.0.2.3").withdrawn, [net("10.1.0.0/24")].into());
 }
@@ -553,10 +562,10 @@ fn without_graceful_restart_or_after_a_notification_routes_go_at_once() {
         h.up("192.0.2.3", None);
         h.settle(&["192.0.2.2", "192.0.2.3"]);
         h.announce("192.0.2.2", &["10.1.0.0/24"], attrs(&[], "192.0.2.2"));
-        h.inst.flush();
+        h.flush();
         h.sent("192.0.2.3");
         h.down("192.0.2.2", graceful);
-        h.inst.flush();
+        h.flush();
         assert_eq!(h.sent("192.0.2.3").withdrawn, [net("10.1.0.0/24")].into());
     }
 }
@@ -687,21 +696,21 @@ fn route_refresh_is_rate_limited_per_peer_and_none_is_lost() {
     let t0 = Instant::now();
     // The first request is answered at once with the whole table.
     h.inst.refresh_request(ip("192.0.2.2"), Family::Ipv4, t0);
-    h.inst.flush();
+    h.flush();
     assert_eq!(h.sent("192.0.2.2").announced.len(), 1);
     // A hundred more inside the window: nothing now...
     for i in 0..100 {
         h.inst
             .refresh_request(ip("192.0.2.2"), Family::Ipv4, t0 + Duration::from_millis(i));
     }
-    h.inst.flush();
+    h.flush();
     assert!(h.sent("192.0.2.2").announced.is_empty());
     // ...and one answer when the window ends.
     h.inst.timers(t0 + REFRESH_EVERY);
-    h.inst.flush();
+    h.flush();
     assert_eq!(h.sent("192.0.2.2").announced.len(), 1);
     h.inst.timers(t0 + REFRESH_EVERY * 3);
-    h.inst.flush();
+    h.flush();
     assert!(h.sent("192.0.2.2").announced.is_empty());
 }
 
@@ -715,7 +724,7 @@ fn a_million_flaps_with_a_changing_med_leave_the_attribute_sets_flat() {
         let mut a = attrs(&[], "192.0.2.2");
         a.med = Some(med);
         h.announce("192.0.2.2", &["10.0.0.0/24"], a);
-        h.inst.flush();
+        h.flush();
         // The embedder consumes its events (they hold the paths).
         h.events();
         most = most.max(h.inst.summary().attribute_sets);
@@ -734,18 +743,78 @@ fn an_attribute_set_too_large_for_the_peer_is_withdrawn_not_sent_over_long() {
     h.up("192.0.2.2", None);
     h.up("198.51.100.2", None);
     h.announce("192.0.2.2", &["10.0.0.0/24"], attrs(&[], "192.0.2.2"));
-    h.inst.flush();
+    h.flush();
     assert_eq!(h.sent("198.51.100.2").announced.len(), 1);
     // 1100 communities: 4400 octets, past the 4096 the session allows.
     let mut big = attrs(&[], "192.0.2.2");
     big.communities = (0..1100).collect();
     h.announce("192.0.2.2", &["10.0.0.0/24"], big);
-    h.inst.flush();
+    h.flush();
     let sent = h.sent("198.51.100.2");
     assert!(sent.announced.is_empty(), "{sent:?}");
     assert_eq!(sent.withdrawn, [net("10.0.0.0/24")].into());
     // The peer holds nothing for it now; the next path that fits goes out.
     h.announce("192.0.2.2", &["10.0.0.0/24"], attrs(&[], "192.0.2.2"));
-    h.inst.flush();
+    h.flush();
     assert_eq!(h.sent("198.51.100.2").announced.len(), 1);
+}
+
+/// A dropped peer's paths go a slice at a time: each slice's withdrawals
+/// are sent before the next slice is taken out, the paths not yet taken
+/// out are no longer candidates, and the peer back with a new session
+/// announcing a prefix its old session still has a path for gets that
+/// prefix advertised with its new path, not withdrawn by the drop.
+#[test]
+fn a_dropped_peer_goes_a_slice_at_a_time_and_may_come_back_meanwhile() {
+    let mut h = Harness::new(|c| c.ebgp_requires_policy = false);
+    h.inst.drain_slice = 3;
+    h.peer("198.51.100.2", 65001, |_| {});
+    h.peer("198.51.100.3", 65002, |_| {});
+    h.up("198.51.100.2", None);
+    h.up("198.51.100.3", None);
+    h.settle(&["198.51.100.2", "198.51.100.3"]);
+    let all: Vec<String> = (0..10).map(|i| format!("10.1.{i}.0/24")).collect();
+    let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+    h.announce("198.51.100.2", &refs, attrs(&[65001], "198.51.100.2"));
+    h.flush();
+    assert_eq!(h.sent("198.51.100.3").announced.len(), 10);
+
+    h.down("198.51.100.2", false);
+    assert!(h.inst.rib.draining());
+    h.inst.drain_step();
+    let first = h.sent("198.51.100.3").withdrawn;
+    assert_eq!(first.len(), 3, "one slice withdrawn: {first:?}");
+    let left: Vec<IpNet> = all
+        .iter()
+        .map(|p| net(p))
+        .filter(|p| !first.contains(p))
+        .collect();
+    // The peer is back and announces one prefix its old session still has
+    // a path for, with a new path.
+    h.up("198.51.100.2", None);
+    h.sent("198.51.100.2");
+    let again = left[0].to_string();
+    h.announce(
+        "198.51.100.2",
+        &[&again],
+        attrs(&[65001, 7], "198.51.100.2"),
+    );
+    h.flush();
+    assert!(!h.inst.rib.draining());
+    let s = h.sent("198.51.100.3");
+    let want: BTreeSet<IpNet> = left[1..].iter().copied().collect();
+    assert_eq!(
+        s.withdrawn, want,
+        "the rest withdrawn, the one announced again kept"
+    );
+    assert_eq!(s.announced[&left[0]].as_path_flat(), vec![65000, 65001, 7]);
+    let b = h.inst.rib.best(&left[0]).unwrap();
+    assert_eq!(
+        b.attrs.as_path_flat(),
+        vec![65001, 7],
+        "the new session's path"
+    );
+    assert_eq!(h.inst.rib.received_count(ip("198.51.100.2")), 1);
+    assert_eq!(h.inst.rib.sizes().0, 1, "one prefix in the Loc-RIB");
+    assert_eq!(h.inst.sessions()[1].prefixes_sent, 1);
 }
