@@ -182,6 +182,52 @@ async fn watch_requests(api: Api<IPAMBlock>, owner: String, to: std_mpsc::Sender
     }
 }
 
+/// Every record, watched (one LIST at start and after an expired watch,
+/// then events): `to` gets all records after each complete LIST and after
+/// each change; the API server is sent nothing while nothing changes.
+/// Ends when `to` answers false.
+pub async fn watch_records(client: Client, mut to: impl FnMut(Vec<IPAMBlockSpec>) -> bool) {
+    use futures::StreamExt;
+    use kube::runtime::{WatchStreamExt, watcher};
+    use std::collections::BTreeMap;
+    let api: Api<IPAMBlock> = Api::all(client);
+    let stream = watcher(api, watcher::Config::default()).default_backoff();
+    let mut stream = std::pin::pin!(stream);
+    let mut records: BTreeMap<String, IPAMBlockSpec> = BTreeMap::new();
+    let mut listing: Option<BTreeMap<String, IPAMBlockSpec>> = None;
+    let mut failing = false;
+    let name = |o: &IPAMBlock| o.metadata.name.clone().unwrap_or_default();
+    while let Some(event) = stream.next().await {
+        let event = match event {
+            Ok(e) => e,
+            Err(e) => {
+                if !failing {
+                    tracing::warn!(error = %e, "watching the IPAMBlock records; borrowed addresses' routes keep their last state");
+                }
+                failing = true;
+                continue;
+            }
+        };
+        failing = false;
+        match event {
+            watcher::Event::Init => listing = Some(BTreeMap::new()),
+            watcher::Event::InitApply(o) => {
+                listing.get_or_insert_default().insert(name(&o), o.spec);
+            }
+            watcher::Event::InitDone => records = listing.take().unwrap_or_default(),
+            watcher::Event::Apply(o) => {
+                records.insert(name(&o), o.spec);
+            }
+            watcher::Event::Delete(o) => {
+                records.remove(&name(&o));
+            }
+        }
+        if listing.is_none() && !to(records.values().cloned().collect()) {
+            return;
+        }
+    }
+}
+
 async fn request(
     api: &Api<IPAMBlock>,
     block: IpNet,
