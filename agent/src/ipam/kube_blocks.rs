@@ -18,6 +18,7 @@ use kube::{Client, Config};
 use std::path::PathBuf;
 use std::sync::mpsc as std_mpsc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 /// Conflicts one update retries past before it gives up (each round is a
@@ -31,6 +32,7 @@ enum Call {
     Update(IpNet, EditFn, Reply<Updated>),
     List(Reply<Vec<IPAMBlockSpec>>),
     Watch(String, std_mpsc::Sender<IpNet>),
+    WaitOpen(IpNet, Duration, Reply<()>),
 }
 
 /// The API server's shared block records.
@@ -112,6 +114,10 @@ impl SharedBlocks for KubeSharedBlocks {
     fn list(&self) -> Result<Vec<IPAMBlockSpec>, DatastoreError> {
         self.call(Call::List)
     }
+    fn wait_open(&self, block: IpNet, until: Instant) -> Result<(), DatastoreError> {
+        let within = until.saturating_duration_since(Instant::now());
+        self.call(|tx| Call::WaitOpen(block, within, tx))
+    }
     fn watch_requests(&self, owner: &str) -> Option<std_mpsc::Receiver<IpNet>> {
         let (tx, rx) = std_mpsc::channel();
         let sent = self.tx.as_ref()?.send(Call::Watch(owner.to_string(), tx));
@@ -145,6 +151,10 @@ async fn serve(api: Api<IPAMBlock>, mut rx: mpsc::UnboundedReceiver<Call>) {
             }
             Call::Watch(owner, to) => {
                 tokio::spawn(watch_requests(api.clone(), owner, to));
+            }
+            Call::WaitOpen(block, within, reply) => {
+                // A task of its own: other calls go on meanwhile.
+                tokio::spawn(wait_open(api.clone(), block, within, reply));
             }
         }
     }
@@ -226,6 +236,25 @@ pub async fn watch_records(client: Client, mut to: impl FnMut(Vec<IPAMBlockSpec>
             return;
         }
     }
+}
+
+/// Watch the one record of `block` (a LIST and a watch with the field
+/// selector `metadata.name=NAME`) until it is no longer `requested` or
+/// `within` passed; either way the answer is `Ok` and the borrower reads
+/// the record again.
+async fn wait_open(api: Api<IPAMBlock>, block: IpNet, within: Duration, reply: Reply<()>) {
+    let name = block_name(block);
+    let left = |o: Option<&IPAMBlock>| o.is_none_or(|o| o.spec.state != IPAMBlockState::Requested);
+    let waited = tokio::time::timeout(
+        within,
+        kube::runtime::wait::await_condition(api, &name, left),
+    )
+    .await;
+    let r = match waited {
+        Ok(Err(e)) => Err(api_error(Some(block), e)),
+        Ok(Ok(_)) | Err(_) => Ok(()),
+    };
+    let _ = reply.send(r);
 }
 
 async fn request(

@@ -3,7 +3,9 @@
 //! one almost-full block at once hand no address out twice and their
 //! counts add up; a write by someone else between an edit's read and its
 //! replace (409) is retried on a fresh read and still hands out no address
-//! twice; nobody borrows before the owner has opened the record.
+//! twice; nobody borrows before the owner has opened the record, and a
+//! borrower watching the record for its opening hears of it (or of its
+//! deadline).
 //!
 //! Objects are named `10-153-…` and `10-154-…` (blocks no other test uses);
 //! the shared control plane runs other tests in parallel.
@@ -75,9 +77,35 @@ fn borrowers_racing_for_one_block_never_share_an_address() -> Result<()> {
         "borrowed before the owner opened: {early:?}"
     );
 
+    // Waiting for the opening (a watch of that one record) ends at its
+    // deadline while the record stays requested...
+    let until = std::time::Instant::now() + std::time::Duration::from_millis(300);
+    shared.wait_open(block, until)?;
+    ensure!(
+        std::time::Instant::now() >= until,
+        "wait_open returned before its deadline with the record still requested"
+    );
+    // ...and, for a waiter with a long deadline, when the owner opens it.
     // The owner marks its 26 addresses and opens the record: 6 are left.
     let own = first(block, 26);
+    let far = std::time::Duration::from_secs(60);
+    let waiter = {
+        let shared = KubeSharedBlocks::new(cfg.clone())?;
+        std::thread::spawn(move || {
+            let started = std::time::Instant::now();
+            let r = shared.wait_open(block, started + far);
+            (r, started.elapsed())
+        })
+    };
     let opened = borrow::open(&shared, block, owner, own.clone())?;
+    let (waited, took) = waiter
+        .join()
+        .map_err(|_| anyhow::anyhow!("the waiter panicked"))?;
+    waited?;
+    ensure!(
+        took < far,
+        "wait_open ran to its deadline ({took:?}) although the owner opened the record"
+    );
     ensure!(
         opened.state == IPAMBlockState::Open && opened.allocations.len() == 26,
         "{opened:?}"
