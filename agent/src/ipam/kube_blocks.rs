@@ -14,6 +14,7 @@ use crate::model::crd::{IPAMBlock, IPAMBlockSpec, IPAMBlockState};
 use ipnet::IpNet;
 use kube::api::{Api, ListParams, PostParams};
 use kube::core::ObjectMeta;
+use kube::runtime::watcher;
 use kube::{Client, Config};
 use std::path::PathBuf;
 use std::sync::mpsc as std_mpsc;
@@ -150,7 +151,23 @@ async fn serve(api: Api<IPAMBlock>, mut rx: mpsc::UnboundedReceiver<Call>) {
                 let _ = reply.send(r);
             }
             Call::Watch(owner, to) => {
-                tokio::spawn(watch_requests(api.clone(), owner, to));
+                // The records labelled with this owner, and those with no
+                // owner label (older agents', or an owner name too long
+                // for a label value); with such a name, every record.
+                let selectors = if owner_label_value(&owner) {
+                    vec![format!("{OWNER_LABEL}={owner}"), format!("!{OWNER_LABEL}")]
+                } else {
+                    vec![String::new()]
+                };
+                for labels in selectors {
+                    let config = watcher::Config::default().labels(&labels);
+                    tokio::spawn(watch_requests(
+                        api.clone(),
+                        config,
+                        owner.clone(),
+                        to.clone(),
+                    ));
+                }
             }
             Call::WaitOpen(block, within, reply) => {
                 // A task of its own: other calls go on meanwhile.
@@ -160,14 +177,35 @@ async fn serve(api: Api<IPAMBlock>, mut rx: mpsc::UnboundedReceiver<Call>) {
     }
 }
 
-/// One watch of the records (a LIST at start and after an expired watch,
-/// then events): each record naming `owner` in state `requested` goes to
-/// `to`, again on each change while it stays requested. Ends when `to` is
-/// dropped.
-async fn watch_requests(api: Api<IPAMBlock>, owner: String, to: std_mpsc::Sender<IpNet>) {
+/// The label naming a record's owner node, set when the record is
+/// created, so the owner's watch reads its own records only.
+pub const OWNER_LABEL: &str = "starling.dev/owner";
+
+/// Whether a node name can be a label value (at most 63 characters; node
+/// names are DNS subdomains, so the characters fit).
+fn owner_label_value(node: &str) -> bool {
+    !node.is_empty()
+        && node.len() <= 63
+        && node
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && node.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && node.ends_with(|c: char| c.is_ascii_alphanumeric())
+}
+
+/// One watch of the records `config` selects (a LIST at start and after
+/// an expired watch, then events): each record naming `owner` in state
+/// `requested` goes to `to`, again on each change while it stays
+/// requested. Ends when `to` is dropped.
+async fn watch_requests(
+    api: Api<IPAMBlock>,
+    config: watcher::Config,
+    owner: String,
+    to: std_mpsc::Sender<IpNet>,
+) {
     use futures::StreamExt;
-    use kube::runtime::{WatchStreamExt, watcher};
-    let stream = watcher(api, watcher::Config::default()).default_backoff();
+    use kube::runtime::WatchStreamExt;
+    let stream = watcher(api, config).default_backoff();
     let mut stream = std::pin::pin!(stream);
     let mut failing = false;
     while let Some(event) = stream.next().await {
@@ -198,7 +236,7 @@ async fn watch_requests(api: Api<IPAMBlock>, owner: String, to: std_mpsc::Sender
 /// Ends when `to` answers false.
 pub async fn watch_records(client: Client, mut to: impl FnMut(Vec<IPAMBlockSpec>) -> bool) {
     use futures::StreamExt;
-    use kube::runtime::{WatchStreamExt, watcher};
+    use kube::runtime::WatchStreamExt;
     use std::collections::BTreeMap;
     let api: Api<IPAMBlock> = Api::all(client);
     let stream = watcher(api, watcher::Config::default()).default_backoff();
@@ -266,6 +304,8 @@ async fn request(
     let object = IPAMBlock {
         metadata: ObjectMeta {
             name: Some(name.clone()),
+            labels: owner_label_value(owner)
+                .then(|| [(OWNER_LABEL.to_string(), owner.to_string())].into()),
             ..Default::default()
         },
         spec: IPAMBlockSpec {
@@ -358,5 +398,16 @@ fn fault(point: &str) {
     if std::env::var("STARLING_TEST_FAULT").is_ok_and(|v| v == format!("ipamblock-{point}")) {
         tracing::error!("STARLING_TEST_FAULT: aborting at ipamblock-{point}");
         std::process::abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn node_names_that_fit_a_label_value() {
+        assert!(super::owner_label_value("node-1.example"));
+        assert!(!super::owner_label_value(&"n".repeat(64)));
+        assert!(!super::owner_label_value(""));
+        assert!(!super::owner_label_value("-x"));
     }
 }
