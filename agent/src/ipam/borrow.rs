@@ -15,6 +15,11 @@ use super::datastore::DatastoreError;
 use crate::model::crd::{BlockAllocation, IPAMBlockSpec, IPAMBlockState};
 use ipnet::IpNet;
 use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+/// How often a borrower reads a `requested` record again while it waits
+/// for the owner to open it, when the records cannot be watched.
+pub const OPEN_POLL: Duration = Duration::from_millis(100);
 
 /// What an edit of a record decided.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,6 +52,15 @@ pub trait SharedBlocks: Send + Sync {
     fn update(&self, block: IpNet, edit: EditFn) -> Result<Updated, DatastoreError>;
     /// Every record.
     fn list(&self) -> Result<Vec<IPAMBlockSpec>, DatastoreError>;
+    /// Wait until the record of `block` may have left state `requested`
+    /// (opened, or deleted), or until `until`; the caller reads it again
+    /// either way. By default a pause of [`OPEN_POLL`] (records that cannot
+    /// be watched); the API server's flavour watches that one object.
+    fn wait_open(&self, block: IpNet, until: Instant) -> Result<(), DatastoreError> {
+        let _ = block;
+        std::thread::sleep(OPEN_POLL.min(until.saturating_duration_since(Instant::now())));
+        Ok(())
+    }
     /// A stream of the blocks whose record names `owner` and is in state
     /// `requested`, each sent again whenever its record changes while it
     /// is requested; `None` when the records can only be listed (the

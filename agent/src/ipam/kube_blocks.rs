@@ -14,10 +14,12 @@ use crate::model::crd::{IPAMBlock, IPAMBlockSpec, IPAMBlockState};
 use ipnet::IpNet;
 use kube::api::{Api, ListParams, PostParams};
 use kube::core::ObjectMeta;
+use kube::runtime::watcher;
 use kube::{Client, Config};
 use std::path::PathBuf;
 use std::sync::mpsc as std_mpsc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 /// Conflicts one update retries past before it gives up (each round is a
@@ -31,6 +33,7 @@ enum Call {
     Update(IpNet, EditFn, Reply<Updated>),
     List(Reply<Vec<IPAMBlockSpec>>),
     Watch(String, std_mpsc::Sender<IpNet>),
+    WaitOpen(IpNet, Duration, Reply<()>),
 }
 
 /// The API server's shared block records.
@@ -112,6 +115,10 @@ impl SharedBlocks for KubeSharedBlocks {
     fn list(&self) -> Result<Vec<IPAMBlockSpec>, DatastoreError> {
         self.call(Call::List)
     }
+    fn wait_open(&self, block: IpNet, until: Instant) -> Result<(), DatastoreError> {
+        let within = until.saturating_duration_since(Instant::now());
+        self.call(|tx| Call::WaitOpen(block, within, tx))
+    }
     fn watch_requests(&self, owner: &str) -> Option<std_mpsc::Receiver<IpNet>> {
         let (tx, rx) = std_mpsc::channel();
         let sent = self.tx.as_ref()?.send(Call::Watch(owner.to_string(), tx));
@@ -144,20 +151,61 @@ async fn serve(api: Api<IPAMBlock>, mut rx: mpsc::UnboundedReceiver<Call>) {
                 let _ = reply.send(r);
             }
             Call::Watch(owner, to) => {
-                tokio::spawn(watch_requests(api.clone(), owner, to));
+                // The records labelled with this owner, and those with no
+                // owner label (older agents', or an owner name too long
+                // for a label value); with such a name, every record.
+                let selectors = if owner_label_value(&owner) {
+                    vec![format!("{OWNER_LABEL}={owner}"), format!("!{OWNER_LABEL}")]
+                } else {
+                    vec![String::new()]
+                };
+                for labels in selectors {
+                    let config = watcher::Config::default().labels(&labels);
+                    tokio::spawn(watch_requests(
+                        api.clone(),
+                        config,
+                        owner.clone(),
+                        to.clone(),
+                    ));
+                }
+            }
+            Call::WaitOpen(block, within, reply) => {
+                // A task of its own: other calls go on meanwhile.
+                tokio::spawn(wait_open(api.clone(), block, within, reply));
             }
         }
     }
 }
 
-/// One watch of the records (a LIST at start and after an expired watch,
-/// then events): each record naming `owner` in state `requested` goes to
-/// `to`, again on each change while it stays requested. Ends when `to` is
-/// dropped.
-async fn watch_requests(api: Api<IPAMBlock>, owner: String, to: std_mpsc::Sender<IpNet>) {
+/// The label naming a record's owner node, set when the record is
+/// created, so the owner's watch reads its own records only.
+pub const OWNER_LABEL: &str = "starling.dev/owner";
+
+/// Whether a node name can be a label value (at most 63 characters; node
+/// names are DNS subdomains, so the characters fit).
+fn owner_label_value(node: &str) -> bool {
+    !node.is_empty()
+        && node.len() <= 63
+        && node
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && node.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && node.ends_with(|c: char| c.is_ascii_alphanumeric())
+}
+
+/// One watch of the records `config` selects (a LIST at start and after
+/// an expired watch, then events): each record naming `owner` in state
+/// `requested` goes to `to`, again on each change while it stays
+/// requested. Ends when `to` is dropped.
+async fn watch_requests(
+    api: Api<IPAMBlock>,
+    config: watcher::Config,
+    owner: String,
+    to: std_mpsc::Sender<IpNet>,
+) {
     use futures::StreamExt;
-    use kube::runtime::{WatchStreamExt, watcher};
-    let stream = watcher(api, watcher::Config::default()).default_backoff();
+    use kube::runtime::WatchStreamExt;
+    let stream = watcher(api, config).default_backoff();
     let mut stream = std::pin::pin!(stream);
     let mut failing = false;
     while let Some(event) = stream.next().await {
@@ -182,6 +230,71 @@ async fn watch_requests(api: Api<IPAMBlock>, owner: String, to: std_mpsc::Sender
     }
 }
 
+/// Every record, watched (one LIST at start and after an expired watch,
+/// then events): `to` gets all records after each complete LIST and after
+/// each change; the API server is sent nothing while nothing changes.
+/// Ends when `to` answers false.
+pub async fn watch_records(client: Client, mut to: impl FnMut(Vec<IPAMBlockSpec>) -> bool) {
+    use futures::StreamExt;
+    use kube::runtime::WatchStreamExt;
+    use std::collections::BTreeMap;
+    let api: Api<IPAMBlock> = Api::all(client);
+    let stream = watcher(api, watcher::Config::default()).default_backoff();
+    let mut stream = std::pin::pin!(stream);
+    let mut records: BTreeMap<String, IPAMBlockSpec> = BTreeMap::new();
+    let mut listing: Option<BTreeMap<String, IPAMBlockSpec>> = None;
+    let mut failing = false;
+    let name = |o: &IPAMBlock| o.metadata.name.clone().unwrap_or_default();
+    while let Some(event) = stream.next().await {
+        let event = match event {
+            Ok(e) => e,
+            Err(e) => {
+                if !failing {
+                    tracing::warn!(error = %e, "watching the IPAMBlock records; borrowed addresses' routes keep their last state");
+                }
+                failing = true;
+                continue;
+            }
+        };
+        failing = false;
+        match event {
+            watcher::Event::Init => listing = Some(BTreeMap::new()),
+            watcher::Event::InitApply(o) => {
+                listing.get_or_insert_default().insert(name(&o), o.spec);
+            }
+            watcher::Event::InitDone => records = listing.take().unwrap_or_default(),
+            watcher::Event::Apply(o) => {
+                records.insert(name(&o), o.spec);
+            }
+            watcher::Event::Delete(o) => {
+                records.remove(&name(&o));
+            }
+        }
+        if listing.is_none() && !to(records.values().cloned().collect()) {
+            return;
+        }
+    }
+}
+
+/// Watch the one record of `block` (a LIST and a watch with the field
+/// selector `metadata.name=NAME`) until it is no longer `requested` or
+/// `within` passed; either way the answer is `Ok` and the borrower reads
+/// the record again.
+async fn wait_open(api: Api<IPAMBlock>, block: IpNet, within: Duration, reply: Reply<()>) {
+    let name = block_name(block);
+    let left = |o: Option<&IPAMBlock>| o.is_none_or(|o| o.spec.state != IPAMBlockState::Requested);
+    let waited = tokio::time::timeout(
+        within,
+        kube::runtime::wait::await_condition(api, &name, left),
+    )
+    .await;
+    let r = match waited {
+        Ok(Err(e)) => Err(api_error(Some(block), e)),
+        Ok(Ok(_)) | Err(_) => Ok(()),
+    };
+    let _ = reply.send(r);
+}
+
 async fn request(
     api: &Api<IPAMBlock>,
     block: IpNet,
@@ -191,6 +304,8 @@ async fn request(
     let object = IPAMBlock {
         metadata: ObjectMeta {
             name: Some(name.clone()),
+            labels: owner_label_value(owner)
+                .then(|| [(OWNER_LABEL.to_string(), owner.to_string())].into()),
             ..Default::default()
         },
         spec: IPAMBlockSpec {
@@ -283,5 +398,16 @@ fn fault(point: &str) {
     if std::env::var("STARLING_TEST_FAULT").is_ok_and(|v| v == format!("ipamblock-{point}")) {
         tracing::error!("STARLING_TEST_FAULT: aborting at ipamblock-{point}");
         std::process::abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn node_names_that_fit_a_label_value() {
+        assert!(super::owner_label_value("node-1.example"));
+        assert!(!super::owner_label_value(&"n".repeat(64)));
+        assert!(!super::owner_label_value(""));
+        assert!(!super::owner_label_value("-x"));
     }
 }

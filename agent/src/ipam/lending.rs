@@ -24,10 +24,6 @@ use std::time::{Duration, Instant};
 /// borrows without trying to claim again.
 const POOLS_FULL_FOR: Duration = Duration::from_secs(10);
 
-/// How often a borrower reads a `requested` record again while it waits
-/// for the owner to open it.
-const OPEN_POLL: Duration = Duration::from_millis(100);
-
 /// Borrowing's state in [`Ipam`].
 #[derive(Default)]
 pub(super) struct Lending {
@@ -214,6 +210,16 @@ impl Ipam {
         )
     }
 
+    /// Blocks this node holds marks in or lends: a borrow tries them
+    /// first.
+    pub(super) fn preferred_blocks(&self) -> Vec<IpNet> {
+        let mut out: Vec<IpNet> = self.lending.borrowed.values().copied().collect();
+        out.extend(self.lending.lent.iter().copied());
+        out.sort();
+        out.dedup();
+        out
+    }
+
     /// The blocks this node holds that have a record: other nodes' host
     /// routes inside them are accepted (they are borrowed addresses).
     pub fn lent_blocks(&self) -> Vec<IpNet> {
@@ -246,11 +252,26 @@ struct Candidate {
     free: u128,
 }
 
+/// Where a borrow's time went, logged with it (docs/benchmarks.md).
+#[derive(Default)]
+struct Timings {
+    /// Reading the records and the BlockAffinities for the candidates.
+    list: Duration,
+    /// Creating the record (`requested`).
+    request: Duration,
+    /// Waiting for the owner to open it.
+    open: Duration,
+    /// The compare-and-swap reads and writes (every round).
+    mark: Duration,
+}
+
 impl ClaimPlan {
-    /// Borrow one address for `key` from a block of `pools` another node
-    /// holds (or this node's own block with a record): the blocks with an
-    /// open record first, then by most free addresses, then by address.
-    /// Returns `[block, address]`.
+    /// Borrow one address for `key` from a block of `pools`: first from a
+    /// block this node already holds a mark in (or lends), with no read of
+    /// every record; then from a block another node holds (or this node's
+    /// own block with a record): the blocks with an open record first,
+    /// then by most free addresses, then by address. Returns `[block,
+    /// address]`.
     pub(super) fn run_borrow(
         &self,
         pools: &[Pool],
@@ -264,32 +285,32 @@ impl ClaimPlan {
             )));
         };
         let attachment = key.to_string();
-        for c in self.candidates(shared, pools)? {
-            if c.state.is_none() {
-                shared.request(c.block, &c.owner)?;
+        let mut t = Timings::default();
+        let in_pools = |b: &IpNet| {
+            b.addr().is_ipv4() == self.v4
+                && pools
+                    .iter()
+                    .any(|p| !p.disabled && p.cidr.contains(&b.network()))
+        };
+        // A block this node holds a mark in keeps its record and its
+        // owner's claim (node clean-up keeps both while live nodes hold
+        // marks), so it needs no new read of the claims.
+        for block in self.prefer.iter().filter(|b| in_pools(b)) {
+            let started = Instant::now();
+            let (got, conflicts) =
+                borrow::borrow(shared, *block, &self.node, &attachment, &self.reserved)?;
+            t.mark += started.elapsed();
+            if let Ok(ip) = got {
+                log_borrow(*block, "-", ip, &attachment, conflicts, &t);
+                return Ok(vec![*block, IpNet::from(ip)]);
             }
-            // The owner opens the record within half the claim timeout,
-            // or the pod hears why (the claim timeout answers it anyway).
-            let open_by = Instant::now() + (self.deadline - Instant::now()) / 2;
-            loop {
-                let (got, conflicts) =
-                    borrow::borrow(shared, c.block, &self.node, &attachment, &self.reserved)?;
-                match got {
-                    Ok(ip) => {
-                        tracing::info!(block = %c.block, owner = %c.owner, %ip, %attachment, conflicts, "borrowed an address");
-                        return Ok(vec![c.block, IpNet::from(ip)]);
-                    }
-                    Err(NoLoan::Full) | Err(NoLoan::Gone) => break,
-                    Err(NoLoan::NotOpen) if Instant::now() >= open_by => {
-                        return Err(IpamError::Exhausted(format!(
-                            "borrowing an {family} address from block {} of node {}: the owner did not open its IPAMBlock record {} in time (is its agent running?)",
-                            c.block,
-                            c.owner,
-                            super::kube::block_name(c.block)
-                        )));
-                    }
-                    Err(NoLoan::NotOpen) => std::thread::sleep(OPEN_POLL),
-                }
+        }
+        let started = Instant::now();
+        let candidates = self.candidates(shared, pools)?;
+        t.list = started.elapsed();
+        for c in candidates {
+            if let Some(ip) = self.borrow_from(shared, &c, &attachment, &mut t)? {
+                return Ok(vec![c.block, IpNet::from(ip)]);
             }
         }
         Err(IpamError::Exhausted(format!(
@@ -297,6 +318,56 @@ impl ClaimPlan {
             self.node,
             pools.iter().map(Pool::label).collect::<Vec<_>>().join(", ")
         )))
+    }
+
+    /// One candidate: request its record if it has none, wait (watching
+    /// it) for the owner to open it, within half the time left, and mark
+    /// an address. `None`: the block is full or its record gone.
+    fn borrow_from(
+        &self,
+        shared: &dyn SharedBlocks,
+        c: &Candidate,
+        attachment: &str,
+        t: &mut Timings,
+    ) -> Result<Option<IpAddr>, IpamError> {
+        let family = if self.v4 { "IPv4" } else { "IPv6" };
+        if c.state.is_none() {
+            let started = Instant::now();
+            shared.request(c.block, &c.owner)?;
+            t.request += started.elapsed();
+        }
+        // The owner opens the record within half the claim timeout,
+        // or the pod hears why (the claim timeout answers it anyway).
+        let open_by = Instant::now() + self.deadline.saturating_duration_since(Instant::now()) / 2;
+        loop {
+            let started = Instant::now();
+            let (got, conflicts) =
+                borrow::borrow(shared, c.block, &self.node, attachment, &self.reserved)?;
+            t.mark += started.elapsed();
+            match got {
+                Ok(ip) => {
+                    log_borrow(c.block, &c.owner, ip, attachment, conflicts, t);
+                    return Ok(Some(ip));
+                }
+                Err(NoLoan::Full) | Err(NoLoan::Gone) => return Ok(None),
+                Err(NoLoan::NotOpen) if Instant::now() >= open_by => {
+                    return Err(IpamError::Exhausted(format!(
+                        "borrowing an {family} address from block {} of node {}: the owner did not open its IPAMBlock record {} in time (is its agent running?)",
+                        c.block,
+                        c.owner,
+                        super::kube::block_name(c.block)
+                    )));
+                }
+                Err(NoLoan::NotOpen) => {
+                    let started = Instant::now();
+                    if let Err(e) = shared.wait_open(c.block, open_by) {
+                        tracing::debug!(block = %c.block, error = %e, "watching the record for its opening failed; reading it again shortly");
+                        std::thread::sleep(borrow::OPEN_POLL);
+                    }
+                    t.open += started.elapsed();
+                }
+            }
+        }
     }
 
     /// Blocks of the enabled `pools` held by any node, except this node's
@@ -346,6 +417,22 @@ impl ClaimPlan {
         });
         Ok(out)
     }
+}
+
+fn log_borrow(
+    block: IpNet,
+    owner: &str,
+    ip: IpAddr,
+    attachment: &str,
+    conflicts: u32,
+    t: &Timings,
+) {
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    tracing::info!(
+        %block, %owner, %ip, %attachment, conflicts,
+        list_ms = ms(t.list), request_ms = ms(t.request), open_ms = ms(t.open), mark_ms = ms(t.mark),
+        "borrowed an address"
+    );
 }
 
 fn empty(block: IpNet, owner: &str) -> IPAMBlockSpec {

@@ -651,6 +651,7 @@ impl Ipam {
             deadline: started + self.block_claim_timeout(),
             shared: self.lending.shared.clone(),
             reserved: self.reserved.clone(),
+            prefer: self.preferred_blocks(),
         }
     }
 
@@ -831,6 +832,9 @@ pub struct ClaimPlan {
     shared: Option<Arc<dyn borrow::SharedBlocks>>,
     /// Reserved CIDRs, which a borrow skips.
     reserved: Vec<IpNet>,
+    /// Blocks a borrow tries first: those the node holds marks in or
+    /// lends.
+    prefer: Vec<IpNet>,
 }
 
 impl ClaimPlan {

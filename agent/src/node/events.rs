@@ -75,7 +75,8 @@ pub(super) struct Inputs {
     pub events: mpsc::UnboundedReceiver<RouteEvent>,
     pub blocks: watch::Receiver<Vec<IpNet>>,
     pub pods: watch::Receiver<Vec<PodRoute>>,
-    /// The claim file's claims (BGP off with the file datastore).
+    /// BGP off: the claim file's claims (file datastore), or the borrowed
+    /// addresses of the IPAMBlock records (Kubernetes).
     pub claims: Option<watch::Receiver<Vec<Claim>>>,
     /// The Services and their ready nodes (Kubernetes datastore).
     pub services: Option<watch::Receiver<Arc<Catalog>>>,

@@ -91,6 +91,9 @@ struct Model {
     /// with BGP off (with Kubernetes the claims are BlockAffinity objects,
     /// already in the model).
     claim_reader: Option<(Box<dyn ipam::Datastore>, Duration)>,
+    /// Kubernetes: the client that watches the IPAMBlock records for the
+    /// borrowed addresses a node with BGP off routes.
+    records: Option<kube::Client>,
     /// Kubernetes: the client IPAM reads pod and namespace annotations with.
     annotations: Option<kube::Client>,
     /// Kubernetes: the Services and EndpointSlices, for Service
@@ -117,6 +120,7 @@ async fn open_model(cfg: &AgentConfig, ds: DatastoreConfig) -> Result<Model> {
                 claim_client: claims_file(cfg),
                 cleanup: None,
                 claim_reader: Some((claims_file(cfg), poll)),
+                records: None,
                 annotations: None,
                 services: None,
             })
@@ -174,6 +178,7 @@ async fn open_model(cfg: &AgentConfig, ds: DatastoreConfig) -> Result<Model> {
                 )),
                 cleanup: Some((kcfg, Arc::new(move || current.status().connected))),
                 claim_reader: None,
+                records: Some(client.clone()),
                 annotations: Some(client),
                 services: Some(services),
             })
@@ -234,7 +239,7 @@ async fn run_node(
     .await?;
     obs.readiness.set_fib_synced(true);
     let nat = start_nat(&obs.readiness)?;
-    let (claims, claims_rx) = claims_without_bgp(&cfg, model.claim_reader)?;
+    let (claims, claims_rx) = claims_without_bgp(&cfg, model.claim_reader, model.records).await?;
 
     let router_id = local
         .router_id
@@ -307,22 +312,62 @@ async fn run_node(
 }
 
 /// Without BGP the other nodes' blocks come from the datastore's claims:
-/// the first read and a watch of them. With BGP, none.
+/// the first read and a watch of them (the file datastore's claim file;
+/// with Kubernetes the BlockAffinities are in the model, and the claims
+/// are the borrowed addresses of the IPAMBlock records). With BGP, none.
 #[allow(clippy::type_complexity)]
-fn claims_without_bgp(
+async fn claims_without_bgp(
     cfg: &AgentConfig,
     reader: Option<(Box<dyn ipam::Datastore>, Duration)>,
+    records: Option<kube::Client>,
 ) -> Result<(Vec<Claim>, Option<watch::Receiver<Vec<Claim>>>)> {
     if cfg.bgp_enabled {
         return Ok((Vec::new(), None));
     }
     info!("bgpEnabled is false: no BGP; the other nodes' blocks come from the datastore");
+    if let Some(client) = records {
+        let mut rx = watch_borrowed(client);
+        // The first desired set prunes what it lacks: wait for the first
+        // LIST (bounded), so a restart does not drop borrowed addresses'
+        // routes for a moment.
+        let listed = tokio::time::timeout(RECORDS_FIRST_LIST, rx.changed()).await;
+        if !matches!(listed, Ok(Ok(()))) {
+            warn!(
+                "the IPAMBlock records are not listed after {RECORDS_FIRST_LIST:?}; borrowed addresses' routes follow when they are"
+            );
+        }
+        let first = rx.borrow_and_update().clone();
+        return Ok((first, Some(rx)));
+    }
     let Some((reader, poll)) = reader else {
         return Ok((Vec::new(), None));
     };
     let first = read_claims(&*reader)?;
     let rx = watch_claims(reader, poll, first.clone());
     Ok((first, Some(rx)))
+}
+
+/// How long start-up waits for the first LIST of the IPAMBlock records.
+const RECORDS_FIRST_LIST: Duration = Duration::from_secs(10);
+
+/// BGP off with Kubernetes: the borrowed addresses of the IPAMBlock
+/// records as host claims ([`super::datastore_routes::borrowed_hosts`]),
+/// watched; a change goes to the event loop.
+fn watch_borrowed(client: kube::Client) -> watch::Receiver<Vec<Claim>> {
+    let (tx, rx) = watch::channel(Vec::new());
+    let mut listed = false;
+    tokio::spawn(ipam::kube_blocks::watch_records(client, move |records| {
+        let hosts = super::datastore_routes::borrowed_hosts(&records);
+        tx.send_if_modified(|c| {
+            // The first LIST is always sent, so start-up hears it.
+            let changed = !listed || *c != hosts;
+            *c = hosts;
+            changed
+        });
+        listed = true;
+        !tx.is_closed()
+    }));
+    rx
 }
 
 /// Phase 2: the first snapshot that has this node. Its agent may start

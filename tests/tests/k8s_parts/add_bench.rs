@@ -254,8 +254,71 @@ fn measure(k: &Cluster, c: &starling_tests::cluster::Cluster, n: usize) -> Resul
         "node1 holds the lent block: {lend:?}"
     );
     phase(&node2, &pods, "borrow", "default", "10.252.0.")?;
+    borrow_steps(&c.dir().join("node2").join("agent.log"))?;
     let node2_blocks = blocks_of(k, "node2")?.len();
     ensure!(node2_blocks == 0, "node2 claimed no block: it borrowed");
     cni(&node1, "DEL", &claim, "default", "claim")?;
+    Ok(())
+}
+
+/// Where the borrows' time went, from node2's log ("borrowed an address"
+/// carries list_ms, request_ms, open_ms, mark_ms): p50 and max of each
+/// step, and the first borrow's (the one that requests the record and
+/// waits for the owner to open it).
+fn borrow_steps(log: &Path) -> Result<()> {
+    let text =
+        std::fs::read_to_string(log).with_context(|| format!("reading {}", log.display()))?;
+    let field = |line: &str, key: &str| -> Option<f64> {
+        let rest = &line[line.find(key)? + key.len()..];
+        // `key=1.5`, `"key":1.5`, or with colour codes in between.
+        let rest = &rest[rest.find(|c: char| c.is_ascii_digit())?..];
+        let end = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        rest[..end].parse().ok()
+    };
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("borrowed an address"))
+        .collect();
+    ensure!(
+        !lines.is_empty(),
+        "no \"borrowed an address\" line in {}",
+        log.display()
+    );
+    for step in ["list", "request", "open", "mark"] {
+        let key = format!("{step}_ms");
+        let mut v: Vec<Duration> = lines
+            .iter()
+            .filter_map(|l| field(l, &key))
+            .map(|ms| Duration::from_secs_f64(ms / 1000.0))
+            .collect();
+        ensure!(v.len() == lines.len(), "{key} missing in {}", log.display());
+        let first = v[0].as_secs_f64() * 1000.0;
+        v.sort();
+        let max = v.last().map_or(0.0, |d| d.as_secs_f64() * 1000.0);
+        let r = |x: f64| (x * 1000.0).round() / 1000.0;
+        bench_line(
+            "cni-k8s",
+            "starling",
+            &format!("borrow_{step}_p50"),
+            percentile(&v, 50.0),
+            "ms",
+        );
+        bench_line(
+            "cni-k8s",
+            "starling",
+            &format!("borrow_{step}_max"),
+            r(max),
+            "ms",
+        );
+        bench_line(
+            "cni-k8s",
+            "starling",
+            &format!("borrow_{step}_first"),
+            r(first),
+            "ms",
+        );
+    }
     Ok(())
 }

@@ -3,7 +3,10 @@
 //! one almost-full block at once hand no address out twice and their
 //! counts add up; a write by someone else between an edit's read and its
 //! replace (409) is retried on a fresh read and still hands out no address
-//! twice; nobody borrows before the owner has opened the record.
+//! twice; nobody borrows before the owner has opened the record, and a
+//! borrower watching the record for its opening hears of it (or of its
+//! deadline). The owner's watch of requests reads its labelled records
+//! and unlabelled ones (an older agent's), not other owners'.
 //!
 //! Objects are named `10-153-…` and `10-154-…` (blocks no other test uses);
 //! the shared control plane runs other tests in parallel.
@@ -75,9 +78,35 @@ fn borrowers_racing_for_one_block_never_share_an_address() -> Result<()> {
         "borrowed before the owner opened: {early:?}"
     );
 
+    // Waiting for the opening (a watch of that one record) ends at its
+    // deadline while the record stays requested...
+    let until = std::time::Instant::now() + std::time::Duration::from_millis(300);
+    shared.wait_open(block, until)?;
+    ensure!(
+        std::time::Instant::now() >= until,
+        "wait_open returned before its deadline with the record still requested"
+    );
+    // ...and, for a waiter with a long deadline, when the owner opens it.
     // The owner marks its 26 addresses and opens the record: 6 are left.
     let own = first(block, 26);
+    let far = std::time::Duration::from_secs(60);
+    let waiter = {
+        let shared = KubeSharedBlocks::new(cfg.clone())?;
+        std::thread::spawn(move || {
+            let started = std::time::Instant::now();
+            let r = shared.wait_open(block, started + far);
+            (r, started.elapsed())
+        })
+    };
     let opened = borrow::open(&shared, block, owner, own.clone())?;
+    let (waited, took) = waiter
+        .join()
+        .map_err(|_| anyhow::anyhow!("the waiter panicked"))?;
+    waited?;
+    ensure!(
+        took < far,
+        "wait_open ran to its deadline ({took:?}) although the owner opened the record"
+    );
     ensure!(
         opened.state == IPAMBlockState::Open && opened.allocations.len() == 26,
         "{opened:?}"
@@ -243,5 +272,56 @@ fn a_write_between_read_and_replace_is_retried_and_hands_out_nothing_twice() -> 
         &["get"],
         c.kubectl(&["get", "ipamblocks.starling.dev", &name]),
     )?;
+    Ok(())
+}
+
+/// The owner's watch selects by the `starling.dev/owner` label, and still
+/// hears of records without it (written by agents from before the label).
+#[test]
+fn the_owners_watch_hears_labelled_and_unlabelled_requests_only_its_own() -> Result<()> {
+    let c = cluster();
+    c.ensure_manifests()?;
+    let cfg = rt()?.block_on(config(Some(&c.kubeconfig)))?;
+    let labelled: IpNet = "10.154.1.0/28".parse()?;
+    let unlabelled: IpNet = "10.154.2.0/28".parse()?;
+    let others: IpNet = "10.154.3.0/28".parse()?;
+    let _records = [labelled, unlabelled, others].map(|b| Record(c, block_name(b)));
+    let owner = "h2lbl-owner";
+    let shared = KubeSharedBlocks::new(cfg)?;
+    shared.request(labelled, owner)?;
+    shared.request(others, "h2lbl-someone-else")?;
+    let label = c.kubectl_ok(&[
+        "get",
+        "ipamblocks.starling.dev",
+        &block_name(labelled),
+        "-o",
+        "jsonpath={.metadata.labels.starling\\.dev/owner}",
+    ])?;
+    ensure!(label.trim() == owner, "the record's owner label: {label:?}");
+    // An older agent's request: no label.
+    let old = format!(
+        "apiVersion: starling.dev/v1\nkind: IPAMBlock\nmetadata: {{name: {}}}\nspec: {{cidr: {unlabelled}, owner: {owner}, state: requested}}\n",
+        block_name(unlabelled)
+    );
+    checked(&["apply"], c.kubectl_stdin(&["apply", "-f", "-"], &old))?;
+    let requests = shared
+        .watch_requests(owner)
+        .ok_or_else(|| anyhow::anyhow!("the API server's records cannot be watched"))?;
+    let mut heard = HashSet::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while heard.len() < 2 {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match requests.recv_timeout(left) {
+            Ok(b) => {
+                ensure!(b != others, "heard another owner's request {b}");
+                heard.insert(b);
+            }
+            Err(_) => bail!("within 30 s the owner's watch heard only {heard:?}"),
+        }
+    }
+    ensure!(
+        heard == HashSet::from([labelled, unlabelled]),
+        "heard {heard:?}"
+    );
     Ok(())
 }

@@ -3,7 +3,8 @@
 //! `starling` plugin) borrows an address of node1's block through the
 //! `IPAMBlock` record; the pods on both nodes ping each other through the
 //! kernels' routes, and node2's DEL clears its mark and its `/32` leaves
-//! node1's kernel table.
+//! node1's kernel table. Without BGP (`bgpEnabled: false`) the same with a
+//! third node: every node routes the borrowed `/32`s from the records.
 
 use super::cluster::{Cluster, checked};
 use super::ipam::{Mark, blocks_of, ipam_record};
@@ -108,6 +109,32 @@ fn two_agents(k: &Cluster, lab_name: &str) -> Result<(LabCluster, TempDir)> {
     super::e2e::lab_on(k, lab_name, 2, |o| o.pods_per_node = 0)
 }
 
+/// The one-block pool over VXLAN and three Nodes, for agents without BGP.
+const MODEL_NO_BGP: &str = "\
+apiVersion: starling.dev/v1
+kind: IPPool
+metadata: {name: tiny}
+spec: {cidr: 10.244.0.0/28, blockSize: 28, vxlanMode: Always}
+---
+apiVersion: v1
+kind: Node
+metadata:
+  name: node1
+  annotations: {starling.dev/ipv4-address: 192.0.2.11/24}
+---
+apiVersion: v1
+kind: Node
+metadata:
+  name: node2
+  annotations: {starling.dev/ipv4-address: 192.0.2.12/24}
+---
+apiVersion: v1
+kind: Node
+metadata:
+  name: node3
+  annotations: {starling.dev/ipv4-address: 192.0.2.13/24}
+";
+
 /// node1's first pod, which claims the pool's only block.
 fn owner_claims(k: &Cluster, c: &mut LabCluster) -> Result<LabPod> {
     let a = c.lab.add_pod("node1", "a")?;
@@ -185,6 +212,107 @@ fn borrow_ping_release(k: &Cluster, c: &mut LabCluster) -> Result<()> {
         || Ok(!has_host_route(&c.kernel_routes("node1")?, b_ip)),
     )
     .with_context(|| format!("node1: {:?}", c.kernel_routes("node1")))?;
+    Ok(())
+}
+
+/// `bgpEnabled: false`: no route is learned, so the borrowed addresses'
+/// `/32`s come from the IPAMBlock records. node1 owns the pool's only
+/// block; node2's and node3's pods borrow from it; every node routes the
+/// other borrowers' `/32`s via the borrower (over VXLAN, as the block),
+/// the owner's pod and node3's pod ping node2's borrowed address, and after
+/// node2's DEL its `/32` is gone from node1's and node3's kernels.
+#[test]
+fn borrowed_addresses_are_routed_from_the_records_without_bgp() -> Result<()> {
+    let k = Cluster::private("borrownobgp")?;
+    k.apply_manifests()?;
+    checked(
+        &["apply"],
+        k.kubectl_stdin(&["apply", "-f", "-"], MODEL_NO_BGP),
+    )?;
+    let (mut c, _dir) = super::e2e::lab_on(&k, "kbnob", 3, |o| {
+        o.pods_per_node = 0;
+        o.no_bgp = true;
+    })?;
+    let r = borrow_without_bgp(&k, &mut c);
+    r.map_err(|e| e.context(starling_tests::cluster::logs(&c.dir())))
+}
+
+/// `node`'s kernel route for exactly `ip`, if any.
+fn host_route(c: &LabCluster, node: &str, ip: IpAddr) -> Result<Option<String>> {
+    let want = ip.to_string();
+    Ok(c.kernel_routes(node)?
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(want.as_str()))
+        .map(str::to_string))
+}
+
+fn borrow_without_bgp(k: &Cluster, c: &mut LabCluster) -> Result<()> {
+    let a = owner_claims(k, c)?;
+    let b = c.lab.add_pod("node2", "b")?;
+    let d = c.lab.add_pod("node3", "d")?;
+    let (a_ip, b_ip, d_ip) = (a.ips[0], b.ips[0], d.ips[0]);
+    let block: ipnet::IpNet = BLOCK.parse()?;
+    ensure!(
+        block.contains(&b_ip) && block.contains(&d_ip) && b_ip != d_ip,
+        "node2's {b_ip} and node3's {d_ip} are two borrowed addresses of {BLOCK}"
+    );
+    for n in ["node2", "node3"] {
+        ensure!(blocks_of(k, n)?.is_empty(), "{n} claimed no block");
+        let st = c.status(n)?;
+        ensure!(st.route_source == "datastore", "{n}: {}", st.route_source);
+    }
+    let (_, marks) = record(k)?;
+    ensure!(
+        marks
+            .iter()
+            .any(|m| m.0 == b_ip.to_string() && m.1 == "node2")
+            && marks
+                .iter()
+                .any(|m| m.0 == d_ip.to_string() && m.1 == "node3"),
+        "record {RECORD} carries both borrowers' marks: {marks:?}"
+    );
+    // Every node but the borrower routes each borrowed /32 via the
+    // borrower, through the VXLAN device like the block.
+    for (ip, via, others) in [
+        (b_ip, "192.0.2.12", ["node1", "node3"]),
+        (d_ip, "192.0.2.13", ["node1", "node2"]),
+    ] {
+        for n in others {
+            let mut last = None;
+            starling_tests::wait_for(
+                &format!("{n}'s kernel to route {ip} via {via}"),
+                Duration::from_secs(30),
+                || {
+                    last = host_route(c, n, ip)?;
+                    Ok(last
+                        .as_deref()
+                        .is_some_and(|r| r.contains(via) && r.contains("vxlan.starling")))
+                },
+            )
+            .with_context(|| format!("{n}: {last:?}; {:?}", c.kernel_routes(n)))?;
+        }
+    }
+    wait_reachable(&a.netns, b_ip).context("the owner's pod pings node2's borrowed address")?;
+    wait_reachable(&d.netns, b_ip).context("node3's pod pings node2's borrowed address")?;
+    wait_reachable(&b.netns, d_ip).context("node2's pod pings node3's borrowed address")?;
+    wait_reachable(&b.netns, a_ip).context("node2's pod pings the owner's pod")?;
+
+    let node2 = c.lab.node("node2")?.clone();
+    del(&node2.netns, &node2.dir.join("cni.sock"), &b.netns)?;
+    for n in ["node1", "node3"] {
+        starling_tests::wait_for(
+            &format!("node2's /32 gone from {n}'s kernel"),
+            Duration::from_secs(30),
+            || Ok(host_route(c, n, b_ip)?.is_none()),
+        )
+        .with_context(|| format!("{n}: {:?}", c.kernel_routes(n)))?;
+    }
+    // node3's borrowed address keeps its route.
+    ensure!(
+        host_route(c, "node1", d_ip)?.is_some(),
+        "node1 still routes node3's {d_ip}: {:?}",
+        c.kernel_routes("node1")
+    );
     Ok(())
 }
 
