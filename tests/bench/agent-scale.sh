@@ -74,10 +74,12 @@ base=$(main_prefixes)
 (
     for _ in $(seq 6000); do
         if [ "${POLL:-trie}" = dump ]; then
-            [ "$(count_routes)" -ge "$want" ] && { date +%s%N >"$WORK/kernel_done.tmp"; break; }
+            c=$(count_routes)
+            [ "$c" -ge "$want" ] && { date +%s%N >"$WORK/kernel_done.tmp"; echo "$c" >"$WORK/kernel_count"; break; }
         elif [ "$(main_prefixes)" -ge $((base + want)) ]; then
             t=$(date +%s%N)
-            [ "$(count_routes)" -ge "$want" ] && { echo "$t" >"$WORK/kernel_done.tmp"; break; }
+            c=$(count_routes)
+            [ "$c" -ge "$want" ] && { echo "$t" >"$WORK/kernel_done.tmp"; echo "$c" >"$WORK/kernel_count"; break; }
         fi
         sleep 0.02
     done
@@ -89,7 +91,8 @@ ip netns exec "$PEERNS" "$LOADGEN" ingest --peers "$PEERS" --prefixes $((ROUTES 
     --watch "starling:$WORK/agent.sock" --daemon-pid "$DAEMON_PID" --hold-until "$WORK/kernel_done" \
     | sed 's/"bench":"bgp-ingest"/"bench":"agent-scale"/' | tee "$WORK/loadgen.out"
 wait "$POLLER"
-n=$(count_routes)
+# The poller's own count: once it releases bgp-loadgen the routes go.
+n=$(cat "$WORK/kernel_count" 2>/dev/null || echo 0)
 json starling-agent kernel_routes "$n" routes
 first=$(sed -n 's/.*"first_update_unix","unit":"ms","value":\([0-9.]*\).*/\1/p' "$WORK/loadgen.out")
 if [ -s "$WORK/kernel_done" ] && [ -n "$first" ]; then
@@ -104,9 +107,7 @@ ticks=$(awk '{print $14 + $15}' "/proc/$DAEMON_PID/stat")
 json starling-agent cpu_total "$(( ticks * 1000 / $(getconf CLK_TCK) ))" ms
 [ -n "${KEEP_LOG:-}" ] && cp "$WORK/agent.log" "$KEEP_LOG"
 [ "$n" -ge "$want" ] || { echo "agent-scale: only $n of $want routes reached the kernel" >&2; tail "$WORK/agent.log" >&2; exit 1; }
-# The count the poller waited for holds only if no other route came or went.
-end=$(main_prefixes)
-[ "${POLL:-trie}" = dump ] || [ "$end" = $((base + want)) ] || {
-    echo "agent-scale: the main table holds $end prefixes, not $base before the load + $want: first_update_to_kernel is not trustworthy" >&2
-    exit 1
-}
+# No check of the trie count here: bgp-loadgen drops its sessions once the
+# poller has released it, so the agent is already withdrawing. The poller's
+# dump of the agent's routes, taken after the count reached its mark,
+# is what says every route counted was ours.
