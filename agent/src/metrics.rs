@@ -78,6 +78,11 @@ struct DirectionLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SourceLabel {
+    source: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OpLabel {
     op: &'static str,
 }
@@ -158,6 +163,7 @@ struct Series {
     /// The pool and block series last set, so a released block's go.
     ipam_usage_seen: Mutex<(Vec<PoolLabel>, Vec<BlockLabel>)>,
     cni_duration: HistogramFamily,
+    annotation_reads: Family<SourceLabel, Counter>,
     datastore_ready: Gauge,
     nat_ready: Gauge,
     service_prefixes: Gauge,
@@ -231,6 +237,12 @@ impl Metrics {
             prometheus_client::registry::Unit::Seconds,
             cni_duration.clone(),
         );
+        let annotation_reads = Family::<SourceLabel, Counter>::default();
+        registry.register(
+            "ipam_annotation_reads",
+            "IPAM annotations read for a pod ADD, by source: watch (the agent's copy of its node's pods and the namespaces) or apiserver (a GET, when the copy lacks the pod)",
+            annotation_reads.clone(),
+        );
         let datastore_ready = Gauge::default();
         registry.register(
             "datastore_ready",
@@ -270,6 +282,7 @@ impl Metrics {
                 ipam_block_addresses,
                 ipam_usage_seen: Mutex::new((Vec::new(), Vec::new())),
                 cni_duration,
+                annotation_reads,
                 datastore_ready,
                 nat_ready,
                 service_prefixes,
@@ -283,6 +296,12 @@ impl Metrics {
             m.series
                 .fib_operations
                 .get_or_create(&OpLabel { op })
+                .inc_by(0);
+        }
+        for source in ["watch", "apiserver"] {
+            m.series
+                .annotation_reads
+                .get_or_create(&SourceLabel { source })
                 .inc_by(0);
         }
         for state in ["allocated", "free"] {
@@ -498,6 +517,15 @@ impl Metrics {
             .cni_duration
             .get_or_create(&CmdLabel { cmd: cmd.label() })
             .observe(took.as_secs_f64());
+    }
+
+    /// Count one ADD's annotation read, answered from `source` (`watch` or
+    /// `apiserver`).
+    pub fn annotation_read(&self, source: &'static str) {
+        self.series
+            .annotation_reads
+            .get_or_create(&SourceLabel { source })
+            .inc();
     }
 
     /// `starling_datastore_ready`: the model has been read in full.

@@ -505,9 +505,14 @@ fn agent_service_account_can_do_its_job_and_nothing_more() -> Result<()> {
             "secrets/starling-bgp-passwords".into(),
             Some("kube-system"),
         ),
-        // IPAM annotations of the pod an ADD names, and of its namespace.
+        // IPAM annotations of the pod an ADD names, and of its namespace:
+        // watched (this node's pods), read with get when the copy lacks them.
         ("get", "pods".into(), Some("default")),
+        ("list", "pods".into(), None),
+        ("watch", "pods".into(), None),
         ("get", "namespaces".into(), None),
+        ("list", "namespaces".into(), None),
+        ("watch", "namespaces".into(), None),
     ];
     let mut refusals: Vec<(&str, String, Option<&str>)> = vec![
         ("get", "nodes".into(), None),
@@ -560,11 +565,11 @@ fn agent_service_account_can_do_its_job_and_nothing_more() -> Result<()> {
         ("list", "secrets".into(), None),
         ("create", "secrets".into(), Some("kube-system")),
         ("create", "pods".into(), Some("default")),
-        ("list", "pods".into(), None),
-        ("watch", "pods".into(), None),
         ("update", "pods".into(), Some("default")),
-        ("list", "namespaces".into(), None),
+        ("patch", "pods".into(), Some("default")),
+        ("delete", "pods".into(), Some("default")),
         ("update", "namespaces".into(), None),
+        ("patch", "namespaces".into(), None),
         ("create", "configmaps".into(), Some("default")),
     ];
     for kind in config_kinds {

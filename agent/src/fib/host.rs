@@ -9,7 +9,7 @@ use ipnet::IpNet;
 use netlink_packet_core::{NLM_F_CREATE, NLM_F_EXCL};
 use netlink_packet_route::RouteNetlinkMessage;
 use netlink_packet_route::address::{AddressAttribute, AddressMessage};
-use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
+use netlink_packet_route::link::{LinkAttribute, LinkExtentMask, LinkFlags, LinkMessage};
 use netlink_packet_route::route::{RouteAttribute, RouteMessage};
 use rtnetlink::{AddressMessageBuilder, LinkIpIp, LinkUnspec};
 use serde::{Deserialize, Serialize};
@@ -43,14 +43,18 @@ impl HostView {
     pub async fn read(sock: &mut RtSocket) -> std::io::Result<HostView> {
         let mut view = HostView::default();
         let mut links = Vec::new();
-        sock.dump(
-            RouteNetlinkMessage::GetLink(LinkMessage::default()),
-            |m| match m {
-                Some(RouteNetlinkMessage::NewLink(l)) => links.push(l),
-                Some(_) => {}
-                None => links.clear(),
-            },
-        )
+        // Without the counters: the kernel gathers every device's
+        // statistics for each link dumped otherwise (a hundred veths' worth
+        // on a full node), and nothing here reads them.
+        let mut request = LinkMessage::default();
+        request
+            .attributes
+            .push(LinkAttribute::ExtMask(vec![LinkExtentMask::SkipStats]));
+        sock.dump(RouteNetlinkMessage::GetLink(request), |m| match m {
+            Some(RouteNetlinkMessage::NewLink(l)) => links.push(l),
+            Some(_) => {}
+            None => links.clear(),
+        })
         .await?;
         for l in links {
             for a in &l.attributes {
@@ -278,13 +282,17 @@ pub struct SysctlReport {
 }
 
 /// Set `/proc/sys/<path>` to `value` unless it already has it.
-pub(crate) fn ensure_sysctl(path: &[&str], value: &str) -> SysctlReport {
-    // Interface names may hold dots; sysctl(8) writes those as '/'.
-    let key = path
-        .iter()
+/// The key sysctl(8) shows for `path` (interface names may hold dots;
+/// sysctl(8) writes those as '/').
+pub(crate) fn sysctl_key(path: &[&str]) -> String {
+    path.iter()
         .map(|p| p.replace('.', "/"))
         .collect::<Vec<_>>()
-        .join(".");
+        .join(".")
+}
+
+pub(crate) fn ensure_sysctl(path: &[&str], value: &str) -> SysctlReport {
+    let key = sysctl_key(path);
     let file: std::path::PathBuf = std::iter::once("/proc/sys")
         .chain(path.iter().copied())
         .collect();

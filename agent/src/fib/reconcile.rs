@@ -10,6 +10,7 @@ use std::time::Instant;
 use ipnet::IpNet;
 use netlink_packet_core::{NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE};
 use netlink_packet_route::RouteNetlinkMessage;
+use netlink_packet_route::link::{LinkAttribute, LinkFlags};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
@@ -284,6 +285,9 @@ pub struct Fib {
     kept: HashMap<IpNet, KernelRoute>,
     /// Retry creating tunl0 on the next pass (start-up and periodic resyncs).
     retry_ipip: bool,
+    /// The devices (name, index) whose proxy_arp a pass found or set to 1:
+    /// not read again until the periodic resync.
+    proxy_arp_set: HashMap<String, u32>,
     /// The kernel holds what the last pass wrote: the next
     /// [`Fib::sync_changes`] may write the difference without a dump.
     trusted: bool,
@@ -314,6 +318,7 @@ impl Fib {
             failed: HashSet::new(),
             kept: HashMap::new(),
             retry_ipip: true,
+            proxy_arp_set: HashMap::new(),
             trusted: false,
             last_prune: None,
             status: FibStatus::default(),
@@ -503,13 +508,16 @@ impl Fib {
 
     /// The device towards other nodes: configured, or that of the default
     /// route. Finding the default route dumps the whole main table: only at
-    /// start-up, on periodic resyncs and when links or addresses change.
+    /// start-up, on periodic resyncs and when the uplink's link or addresses
+    /// change (not for every pod's veth).
     async fn find_uplink(&mut self, view: &HostView) -> Result<Option<String>, FibError> {
         Ok(match &self.config.uplink {
             Some(u) => Some(u.clone()),
             None if self.retry_ipip
                 || self.status.uplink.is_none()
-                || self.resolved.as_ref().is_none_or(|r| r.view != *view) =>
+                || self.resolved.as_ref().is_none_or(|r| {
+                    uplink_changed(&r.view, view, self.status.uplink.as_deref())
+                }) =>
             {
                 host::default_route_device(&mut self.sock, view)
                     .await
@@ -839,14 +847,31 @@ impl Fib {
             .collect();
         devs.sort_unstable();
         devs.dedup();
+        let mut proxy_arp = HashMap::with_capacity(devs.len());
         for d in devs {
             // The pod's default route points at a made-up gateway; the host
-            // side answers ARP for it.
-            reports.push(host::ensure_sysctl(
-                &["net", "ipv4", "conf", d, "proxy_arp"],
-                "1",
-            ));
+            // side answers ARP for it. A device already seen set (the same
+            // one: same index) is read again only on the periodic resync.
+            let path = ["net", "ipv4", "conf", d, "proxy_arp"];
+            let index = view.link(d).map(|l| l.index);
+            let report = if index.is_some() && self.proxy_arp_set.get(d) == index.as_ref() {
+                host::SysctlReport {
+                    key: host::sysctl_key(&path),
+                    value: "1".into(),
+                    changed: false,
+                    error: None,
+                }
+            } else {
+                host::ensure_sysctl(&path, "1")
+            };
+            if report.error.is_none()
+                && let Some(i) = index
+            {
+                proxy_arp.insert(d.to_string(), i);
+            }
+            reports.push(report);
         }
+        self.proxy_arp_set = proxy_arp;
         if ipip {
             // Decapsulated packets may come back on another path than our
             // route to their source (CrossSubnet); strict rp_filter would drop them.
@@ -938,6 +963,48 @@ impl Fib {
             _ => false,
         }
     }
+
+    /// Whether a link or address event that matters may also have taken
+    /// routes of ours out of the kernel, so the next pass must dump them
+    /// (the kernel flushes a device's IPv4 routes when it goes down or
+    /// goes away, without a route notification). A new device, a device
+    /// coming up and a new address remove nothing: the next pass reads the
+    /// links again and writes the difference without a dump. Anything
+    /// else (a device going down, renamed or deleted, an address removed,
+    /// an overrun) counts as drift.
+    fn event_removes_routes(&self, ev: &Event) -> bool {
+        let Event::Message(m) = ev else { return true };
+        match m {
+            RouteNetlinkMessage::NewLink(l) => {
+                let Some(view) = self.resolved.as_ref().map(|r| &r.view) else {
+                    return true;
+                };
+                let name = l.attributes.iter().find_map(|a| match a {
+                    LinkAttribute::IfName(n) => Some(n),
+                    _ => None,
+                });
+                let before = view.links.iter().find(|(_, k)| k.index == l.header.index);
+                match before {
+                    None => false,
+                    Some((was, k)) => {
+                        name.is_some_and(|n| n != was)
+                            || (k.up && !l.header.flags.contains(LinkFlags::Up))
+                    }
+                }
+            }
+            RouteNetlinkMessage::NewAddress(_) => false,
+            _ => true,
+        }
+    }
+}
+
+/// Whether the uplink `uplink` changed between two views of the host (its
+/// link or its addresses): only then may the default route have moved
+/// with it. Other links coming and going (a pod's veth) do not count.
+fn uplink_changed(old: &HostView, new: &HostView, uplink: Option<&str>) -> bool {
+    let Some(u) = uplink else { return true };
+    let (a, b) = (old.link(u), new.link(u));
+    a != b || a.is_none_or(|l| old.addrs.get(&l.index) != new.addrs.get(&l.index))
 }
 
 fn report_new_problems(before: &[RouteProblem], now: &[RouteProblem]) {
@@ -1224,6 +1291,7 @@ impl FibTask {
             // Wait for a reason to sync again.
             loop {
                 let mut dirty = false;
+                let mut drift = false;
                 tokio::select! {
                     r = self.desired.changed() => {
                         if r.is_err() {
@@ -1234,22 +1302,32 @@ impl FibTask {
                     _ = tokio::time::sleep_until(next_resync) => {
                         next_resync = tokio::time::Instant::now() + resync;
                         fib.retry_ipip = true;
+                        fib.proxy_arp_set.clear();
                         fib.distrust();
                         break;
                     }
-                    r = events.next(|e| dirty |= fib.event_matters(&e)) => {
+                    r = events.next(|e| {
+                        if fib.event_matters(&e) {
+                            dirty = true;
+                            drift |= fib.event_removes_routes(&e);
+                        }
+                    }) => {
                         r.map_err(|source| FibError::Netlink { op: "read events", source })?;
                     }
                 }
                 if dirty {
-                    fib.distrust();
                     // Let a burst (a link going down takes many routes with
                     // it) settle, then act once.
                     tokio::time::sleep(debounce).await;
-                    events.drain(|_| {}).map_err(|source| FibError::Netlink {
-                        op: "read events",
-                        source,
-                    })?;
+                    events
+                        .drain(|e| drift |= fib.event_matters(&e) && fib.event_removes_routes(&e))
+                        .map_err(|source| FibError::Netlink {
+                            op: "read events",
+                            source,
+                        })?;
+                    if drift {
+                        fib.distrust();
+                    }
                     break;
                 }
             }
@@ -1304,6 +1382,31 @@ mod tests {
             vxlan6: None,
             vxlan6_status: &VxlanStatus::NotNeeded,
         }
+    }
+
+    #[test]
+    fn only_the_uplinks_own_changes_send_for_the_default_route_again() {
+        let old = view();
+        let mut new = view();
+        new.links.insert(
+            "veth9".into(),
+            Link {
+                index: 9,
+                mtu: 1500,
+                up: true,
+            },
+        );
+        new.addrs.insert(9, vec!["fe80::1/64".parse().unwrap()]);
+        assert!(!uplink_changed(&old, &new, Some("up0")));
+        assert!(uplink_changed(&old, &new, None));
+        new.addrs.insert(2, vec!["192.0.2.9/24".parse().unwrap()]);
+        assert!(uplink_changed(&old, &new, Some("up0")));
+        let mut down = view();
+        down.links.get_mut("up0").unwrap().up = false;
+        assert!(uplink_changed(&old, &down, Some("up0")));
+        let mut gone = view();
+        gone.links.remove("up0");
+        assert!(uplink_changed(&old, &gone, Some("up0")));
     }
 
     #[test]

@@ -23,6 +23,17 @@ const UNSUPPORTED: [&str; 3] = [
     "cni.projectcalico.org/hwAddr",
 ];
 
+/// Whether [`from_annotations`] reads annotation `key` (the rest of an
+/// object's annotations can be left out of any copy).
+pub fn is_ipam_key(key: &str) -> bool {
+    IPV4_POOLS
+        .iter()
+        .chain(&IPV6_POOLS)
+        .chain(&IP_ADDRS)
+        .chain(&UNSUPPORTED)
+        .any(|k| *k == key)
+}
+
 /// A list of pools (names or CIDRs) and where it was written.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PoolList {

@@ -198,7 +198,12 @@ impl IpamHandle {
             && let Some(pod) = &add.pod
         {
             match reader.choice(pod, envelope.remaining()).await {
-                Ok(c) => choice = c,
+                Ok((c, source)) => {
+                    if let Some(m) = &self.metrics {
+                        m.annotation_read(source.label());
+                    }
+                    choice = c;
+                }
                 Err(e) => return error_response(e),
             }
         }

@@ -470,7 +470,10 @@ fn follow_model(
     mut snaps: watch::Receiver<Arc<Snapshot>>,
 ) -> IpamHandle {
     let ipam = match annotations {
-        Some(client) => ipam.with_annotations(ipam::annotations::AnnotationReader::new(client)),
+        Some(client) => ipam.with_annotations(ipam::annotations::AnnotationReader::watching(
+            client,
+            &cfg.node_name,
+        )),
         None => ipam,
     };
     let handle = ipam.clone();

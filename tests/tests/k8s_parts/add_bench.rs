@@ -1,10 +1,11 @@
 //! Benchmark, not a test of behaviour (`#[ignore]`d, run by
 //! tests/bench/cni-k8s.sh): CNI ADD and DEL latency, p50 and p99, through a
 //! real API server, in one run: (1) plain pods (no annotations; the agent
-//! still reads the pod's and namespace's metadata), (2) pods of a namespace
-//! annotated `starling.dev/ipv4pools`, (3) pods annotated themselves, and
-//! (4) pods on node2 whose only pool is one block node1 holds, so every ADD
-//! borrows. Two agents of the lab (Kubernetes datastore), the real
+//! still looks up the pod and its namespace, in its watch's copy), (2) pods
+//! bound to no node, whose ADD reads both from the API server, (3) pods of
+//! a namespace annotated `starling.dev/ipv4pools`, (4) pods annotated
+//! themselves, and (5) pods on node2 whose only pool is one block node1
+//! holds, so every ADD borrows. Two agents of the lab (Kubernetes datastore), the real
 //! `starling` plugin exec'd with the runtime's CNI_ARGS straight into the
 //! node's namespace (setns before exec, no `ip netns exec` wrapper). Prints
 //! JSON lines {"bench":"cni-k8s","impl":"starling","metric":"add_p99_plain",..}.
@@ -71,13 +72,19 @@ metadata:
   annotations: {starling.dev/ipv4pools: '[\"gold\"]'}
 ";
 
-/// One pod object (never run: no kubelet).
-fn pod(namespace: &str, name: &str, pools: Option<&str>) -> String {
+/// One pod object bound to `node` as the scheduler would bind it, or to
+/// no node when `node` is empty (never run: no kubelet).
+fn pod(namespace: &str, name: &str, node: &str, pools: Option<&str>) -> String {
     let a = pools
         .map(|p| format!("  annotations: {{starling.dev/ipv4pools: '[\"{p}\"]'}}\n"))
         .unwrap_or_default();
+    let bound = if node.is_empty() {
+        String::new()
+    } else {
+        format!("  nodeName: {node}\n")
+    };
     format!(
-        "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {namespace}\n{a}spec:\n  containers: [{{name: c, image: busybox}}]\n"
+        "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {namespace}\n{a}spec:\n{bound}  containers: [{{name: c, image: busybox}}]\n"
     )
 }
 
@@ -221,12 +228,18 @@ fn add_latency_plain_annotated_and_borrowing() -> Result<()> {
     k.apply_manifests()?;
     let mut yaml = MODEL.to_string();
     for i in 0..n {
-        yaml.push_str(&pod("default", &format!("plain-{i}"), None));
-        yaml.push_str(&pod("steered", &format!("ns-{i}"), None));
-        yaml.push_str(&pod("default", &format!("pod-{i}"), Some("silver")));
-        yaml.push_str(&pod("default", &format!("borrow-{i}"), None));
+        yaml.push_str(&pod("default", &format!("plain-{i}"), "node1", None));
+        yaml.push_str(&pod("steered", &format!("ns-{i}"), "node1", None));
+        yaml.push_str(&pod(
+            "default",
+            &format!("pod-{i}"),
+            "node1",
+            Some("silver"),
+        ));
+        yaml.push_str(&pod("default", &format!("borrow-{i}"), "node2", None));
+        yaml.push_str(&pod("default", &format!("unbound-{i}"), "", None));
     }
-    yaml.push_str(&pod("default", "claim", Some("lend")));
+    yaml.push_str(&pod("default", "claim", "node1", Some("lend")));
     checked(&["apply"], k.kubectl_stdin(&["apply", "-f", "-"], &yaml))?;
     let (c, _dir) = super::e2e::lab_on(&k, "kab", 2, |o| o.pods_per_node = 0)?;
     let r = measure(&k, &c, n);
@@ -243,6 +256,15 @@ fn measure(k: &Cluster, c: &starling_tests::cluster::Cluster, n: usize) -> Resul
     cni(&node1, "ADD", &pods[0], "default", "plain-0")?;
     cni(&node1, "DEL", &pods[0], "default", "plain-0")?;
     phase(&node1, &pods, "plain", "default", "10.244.")?;
+    // Pods bound to no node: the agent's copy lacks them, each ADD reads
+    // the pod and its namespace from the API server.
+    phase(
+        &node1,
+        &pods,
+        "unbound_apiserver_read",
+        "default",
+        "10.244.",
+    )?;
     phase(&node1, &pods, "ns_annotation", "steered", "10.250.")?;
     phase(&node1, &pods, "pod_annotation", "default", "10.251.")?;
     // node1 claims the lent pool's only block; every ADD on node2 borrows.
@@ -252,6 +274,29 @@ fn measure(k: &Cluster, c: &starling_tests::cluster::Cluster, n: usize) -> Resul
     ensure!(
         lend.iter().any(|b| b == "10.252.0.0/25"),
         "node1 holds the lent block: {lend:?}"
+    );
+    // Where node1's ADDs read their annotations: every bound pod from the
+    // agent's watch, every unbound one from the API server.
+    let reads = |source: &str| -> Result<u64> {
+        let series = format!("starling_ipam_annotation_reads_total{{source=\"{source}\"}} ");
+        let out = Command::new("ip")
+            .args(["netns", "exec", &format!("{}-node1", c.lab.name)])
+            .args(["curl", "-sf", "http://127.0.0.1:9091/metrics"])
+            .output()
+            .context("reading node1's metrics")?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.lines()
+            .find_map(|l| l.strip_prefix(series.as_str()))
+            .with_context(|| format!("no {series} in node1's metrics:\n{text}"))?
+            .trim()
+            .parse()
+            .with_context(|| format!("{series} is not a count"))
+    };
+    let (watch, api) = (reads("watch")?, reads("apiserver")?);
+    ensure!(
+        watch == 3 * n as u64 + 2 && api == n as u64,
+        "node1 read annotations {watch} times from its watch (want {}) and {api} from the API server (want {n})",
+        3 * n + 2
     );
     phase(&node2, &pods, "borrow", "default", "10.252.0.")?;
     borrow_steps(&c.dir().join("node2").join("agent.log"))?;

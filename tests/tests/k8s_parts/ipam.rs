@@ -48,7 +48,14 @@ metadata:
 ";
 
 /// A pod object (never run: no kubelet) with annotations.
+/// A pod bound to node1, as the scheduler would bind it (never run: no
+/// kubelet).
 fn pod(namespace: &str, name: &str, annotations: &[(&str, &str)]) -> String {
+    pod_on(namespace, name, Some("node1"), annotations)
+}
+
+/// A pod bound to `node`, or to none.
+fn pod_on(namespace: &str, name: &str, node: Option<&str>, annotations: &[(&str, &str)]) -> String {
     let mut a = String::new();
     for (k, v) in annotations {
         a.push_str(&format!("    {k}: '{v}'\n"));
@@ -58,8 +65,11 @@ fn pod(namespace: &str, name: &str, annotations: &[(&str, &str)]) -> String {
     } else {
         format!("  annotations:\n{a}")
     };
+    let bound = node
+        .map(|n| format!("  nodeName: {n}\n"))
+        .unwrap_or_default();
     format!(
-        "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {namespace}\n{a}spec:\n  containers: [{{name: c, image: busybox}}]\n"
+        "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {namespace}\n{a}spec:\n{bound}  containers: [{{name: c, image: busybox}}]\n"
     )
 }
 
@@ -134,7 +144,9 @@ fn annotations_static_addresses_and_reservations_through_the_api_server() -> Res
     let k = Cluster::private("ipam")?;
     k.apply_manifests()?;
     let mut yaml = MODEL.to_string();
-    yaml.push_str(&pod("default", "plain", &[]));
+    // Bound to no node: the agent's watch of node1's pods never sees it,
+    // its ADD reads it from the API server.
+    yaml.push_str(&pod_on("default", "plain", None, &[]));
     yaml.push_str(&pod("steered", "in-gold", &[]));
     yaml.push_str(&pod(
         "steered",
@@ -230,6 +242,21 @@ fn annotations_static_addresses_and_reservations_through_the_api_server() -> Res
                 "{name}: code {got} ({msg}), want {code} mentioning {words:?}"
             ),
         }
+    }
+    // Seven ADDs of node1's pods were answered from the agent's watch (the
+    // refused ones too: their annotations were read), the unbound pod's and
+    // the missing pod's from the API server (the 404 is not counted).
+    let metrics = Command::new("ip")
+        .args(["netns", "exec", &node_ns])
+        .args(["curl", "-sf", "http://127.0.0.1:9091/metrics"])
+        .output()
+        .context("reading node1's metrics")?;
+    let text = String::from_utf8_lossy(&metrics.stdout);
+    for want in [
+        "starling_ipam_annotation_reads_total{source=\"watch\"} 7",
+        "starling_ipam_annotation_reads_total{source=\"apiserver\"} 1",
+    ] {
+        ensure!(text.lines().any(|l| l == want), "no `{want}` in\n{text}");
     }
     let st = c.status("node1")?;
     ensure!(st.datastore == "kubernetes", "{}", st.datastore);
