@@ -48,9 +48,14 @@ metadata:
 ";
 
 /// A pod object (never run: no kubelet) with annotations.
-/// A pod bound to node1, as the scheduler would bind it (never run: no
-/// kubelet).
+/// A pod bound to no node (never run: no kubelet). Deleted at once when
+/// deleted: no kubelet has to confirm it.
 fn pod(namespace: &str, name: &str, annotations: &[(&str, &str)]) -> String {
+    pod_on(namespace, name, None, annotations)
+}
+
+/// A pod bound to node1, as the scheduler would bind it (never run).
+fn bound(namespace: &str, name: &str, annotations: &[(&str, &str)]) -> String {
     pod_on(namespace, name, Some("node1"), annotations)
 }
 
@@ -146,34 +151,34 @@ fn annotations_static_addresses_and_reservations_through_the_api_server() -> Res
     let mut yaml = MODEL.to_string();
     // Bound to no node: the agent's watch of node1's pods never sees it,
     // its ADD reads it from the API server.
-    yaml.push_str(&pod_on("default", "plain", None, &[]));
-    yaml.push_str(&pod("steered", "in-gold", &[]));
-    yaml.push_str(&pod(
+    yaml.push_str(&pod("default", "plain", &[]));
+    yaml.push_str(&bound("steered", "in-gold", &[]));
+    yaml.push_str(&bound(
         "steered",
         "back-to-main",
         &[("cni.projectcalico.org/ipv4pools", r#"["main"]"#)],
     ));
-    yaml.push_str(&pod(
+    yaml.push_str(&bound(
         "default",
         "pinned",
         &[("cni.projectcalico.org/ipAddrs", r#"["10.244.0.20"]"#)],
     ));
-    yaml.push_str(&pod(
+    yaml.push_str(&bound(
         "default",
         "same-address",
         &[("starling.dev/ipAddrs", r#"["10.244.0.20"]"#)],
     ));
-    yaml.push_str(&pod(
+    yaml.push_str(&bound(
         "default",
         "outside",
         &[("starling.dev/ipAddrs", r#"["198.51.100.7"]"#)],
     ));
-    yaml.push_str(&pod(
+    yaml.push_str(&bound(
         "default",
         "reserved",
         &[("starling.dev/ipAddrs", r#"["10.244.0.40"]"#)],
     ));
-    yaml.push_str(&pod(
+    yaml.push_str(&bound(
         "default",
         "bad-pool",
         &[("starling.dev/ipv4pools", r#"["no-such-pool"]"#)],
