@@ -53,6 +53,7 @@ fn steps(c: &KubeCluster, work: &Path, rootfs: &Path) -> Result<()> {
     install(c, work, rootfs)?;
     let pods = pods_get_addresses(c)?;
     pods_reach_each_other(c, &pods)?;
+    kubelet_adds_find_their_pods_in_the_agents_watch(c, &pods)?;
     the_runtime_calls_status(c)?;
     // Lost packets or a route flap fail the test, but only at the end: the
     // later steps still run and report.
@@ -809,9 +810,48 @@ fn the_runtime_calls_status(c: &KubeCluster) -> Result<()> {
     Ok(())
 }
 
+/// The ADDs of the kubelet's pods read their IPAM annotations from the
+/// agent's watch of its node's pods, not from the API server: a kubelet
+/// starts a pod only after its own watch delivered it, and the agent's
+/// watch hears the same event long before the sandbox is made.
+fn kubelet_adds_find_their_pods_in_the_agents_watch(c: &KubeCluster, pods: &[Pod]) -> Result<()> {
+    let (mut watch, mut api) = (0.0, 0.0);
+    for node in &c.nodes {
+        watch += metric(
+            c,
+            node,
+            r#"starling_ipam_annotation_reads_total{source="watch"}"#,
+        )?;
+        api += metric(
+            c,
+            node,
+            r#"starling_ipam_annotation_reads_total{source="apiserver"}"#,
+        )?;
+    }
+    log_line(&format!(
+        "annotation reads of {} pods: {watch} from the agents' watches, {api} from the API server",
+        pods.len()
+    ));
+    ensure!(
+        watch >= pods.len() as f64 && api == 0.0,
+        "the kubelet's ADDs read their annotations {watch} times from the agents' watches (want at least {}) and {api} times from the API server (want 0)",
+        pods.len()
+    );
+    Ok(())
+}
+
 /// `starling_cni_request_duration_seconds_count{cmd="status"}` from the
 /// agent's metrics listener on `node` (hostNetwork, port 9091).
 fn status_calls(c: &KubeCluster, node: &str) -> Result<f64> {
+    metric(
+        c,
+        node,
+        r#"starling_cni_request_duration_seconds_count{cmd="status"}"#,
+    )
+}
+
+/// One series `key` of the agent's metrics on `node` (0 when absent).
+fn metric(c: &KubeCluster, node: &str, key: &str) -> Result<f64> {
     let text = starling_tests::run(
         "ip",
         &[
@@ -823,7 +863,6 @@ fn status_calls(c: &KubeCluster, node: &str) -> Result<f64> {
             "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:9091/metrics', timeout=5).read().decode())",
         ],
     )?;
-    let key = r#"starling_cni_request_duration_seconds_count{cmd="status"}"#;
     Ok(text
         .lines()
         .find_map(|l| l.strip_prefix(key))
