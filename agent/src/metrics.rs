@@ -230,19 +230,7 @@ impl Metrics {
         );
         let (ipam_addresses, ipam_blocks, ipam_pool_addresses, ipam_block_addresses) =
             ipam_families(&mut registry);
-        let cni_duration = HistogramFamily::new_with_constructor(cni_histogram);
-        registry.register_with_unit(
-            "cni_request_duration",
-            "Time the agent took to answer a CNI plugin request, by command",
-            prometheus_client::registry::Unit::Seconds,
-            cni_duration.clone(),
-        );
-        let annotation_reads = Family::<SourceLabel, Counter>::default();
-        registry.register(
-            "ipam_annotation_reads",
-            "IPAM annotations read for a pod ADD, by source: watch (the agent's copy of its node's pods and the namespaces) or apiserver (a GET, when the copy lacks the pod)",
-            annotation_reads.clone(),
-        );
+        let (cni_duration, annotation_reads) = cni_families(&mut registry);
         let datastore_ready = Gauge::default();
         registry.register(
             "datastore_ready",
@@ -595,6 +583,25 @@ impl CniCommand {
             CniCommand::Invalid => "invalid",
         }
     }
+}
+
+/// The CNI series: request durations by command, annotation reads by
+/// source.
+fn cni_families(registry: &mut Registry) -> (HistogramFamily, Family<SourceLabel, Counter>) {
+    let cni_duration = HistogramFamily::new_with_constructor(cni_histogram);
+    registry.register_with_unit(
+        "cni_request_duration",
+        "Time the agent took to answer a CNI plugin request, by command",
+        prometheus_client::registry::Unit::Seconds,
+        cni_duration.clone(),
+    );
+    let annotation_reads = Family::<SourceLabel, Counter>::default();
+    registry.register(
+        "ipam_annotation_reads",
+        "IPAM annotations read for a pod ADD, by source: watch (the agent's copy of its node's pods and the namespaces) or apiserver (a GET, when the copy lacks the pod)",
+        annotation_reads.clone(),
+    );
+    (cni_duration, annotation_reads)
 }
 
 /// A plain gauge, registered.

@@ -408,3 +408,148 @@ fn exit_of(pid: u32, within: Duration) -> Result<i32> {
     })?;
     Ok(status)
 }
+
+/// Dual stack: one one-block pool per family, the nodes with IPv6
+/// addresses too. node1's first pod claims both blocks; node2's pod
+/// borrows one address of each from node1's blocks (one mark per record),
+/// the pods ping each other over IPv4 and IPv6, node1's kernel routes the
+/// borrowed `/128` to node2, and node2's DEL clears both marks and the
+/// `/128`.
+const MODEL_DUAL: &str = "\
+apiVersion: starling.dev/v1
+kind: IPPool
+metadata: {name: tiny}
+spec: {cidr: 10.244.0.0/28, blockSize: 28}
+---
+apiVersion: starling.dev/v1
+kind: IPPool
+metadata: {name: tiny6}
+spec: {cidr: 'fd00:10:244::/124', blockSize: 124}
+---
+apiVersion: starling.dev/v1
+kind: BGPConfiguration
+metadata: {name: default}
+spec: {asNumber: 64512}
+---
+apiVersion: v1
+kind: Node
+metadata:
+  name: node1
+  annotations:
+    starling.dev/ipv4-address: 192.0.2.11/24
+    starling.dev/ipv6-address: 2001:db8::11/64
+---
+apiVersion: v1
+kind: Node
+metadata:
+  name: node2
+  annotations:
+    starling.dev/ipv4-address: 192.0.2.12/24
+    starling.dev/ipv6-address: 2001:db8::12/64
+";
+
+const BLOCK6: &str = "fd00:10:244::/124";
+
+#[test]
+fn a_node_with_no_block_borrows_one_address_per_family() -> Result<()> {
+    let k = Cluster::private("borrowdual")?;
+    k.apply_manifests()?;
+    checked(
+        &["apply"],
+        k.kubectl_stdin(&["apply", "-f", "-"], MODEL_DUAL),
+    )?;
+    let (mut c, _dir) = super::e2e::lab_on(&k, "kbdual", 2, |o| {
+        o.pods_per_node = 0;
+        o.ipv6 = true;
+    })?;
+    let r = borrow_dual(&k, &mut c);
+    r.map_err(|e| e.context(starling_tests::cluster::logs(&c.dir())))
+}
+
+/// `node`'s IPv6 kernel routes of ours (`ip -6 route show proto 73`).
+fn kernel_routes6(c: &LabCluster, node: &str) -> Result<String> {
+    let ns = &c.lab.node(node)?.netns;
+    starling_tests::run("ip", &["-6", "-n", ns, "route", "show", "proto", "73"])
+}
+
+/// The pod's address of each family: (IPv4, IPv6).
+fn per_family(pod: &LabPod) -> Result<(IpAddr, IpAddr)> {
+    let v4 = pod.ips.iter().find(|ip| ip.is_ipv4());
+    let v6 = pod.ips.iter().find(|ip| ip.is_ipv6());
+    match (v4, v6) {
+        (Some(a), Some(b)) => Ok((*a, *b)),
+        _ => bail!(
+            "pod {} has not one address per family: {:?}",
+            pod.name,
+            pod.ips
+        ),
+    }
+}
+
+fn borrow_dual(k: &Cluster, c: &mut LabCluster) -> Result<()> {
+    let a = c.lab.add_pod("node1", "a")?;
+    let mut held = blocks_of(k, "node1")?;
+    held.sort();
+    ensure!(
+        held == [BLOCK, BLOCK6],
+        "node1 holds both pools' only blocks: {held:?}"
+    );
+    let b = c.lab.add_pod("node2", "b")?;
+    let ((a4, a6), (b4, b6)) = (per_family(&a)?, per_family(&b)?);
+    let (block4, block6): (ipnet::IpNet, ipnet::IpNet) = (BLOCK.parse()?, BLOCK6.parse()?);
+    ensure!(
+        block4.contains(&b4) && b4 != a4 && block6.contains(&b6) && b6 != a6,
+        "node2's pod got {b4} and {b6}, not second addresses of node1's blocks {BLOCK} and {BLOCK6} (node1's pod: {a4}, {a6})"
+    );
+    ensure!(
+        blocks_of(k, "node2")?.is_empty(),
+        "node2 claimed no block: {:?}",
+        blocks_of(k, "node2")?
+    );
+    let b_key = format!("{NETWORK}/{}/eth0", b.netns);
+    for (block, ip) in [(BLOCK, b4), (BLOCK6, b6)] {
+        let (state, marks) = ipam_record(k, block)?;
+        ensure!(
+            state == "open",
+            "the record of {block} is {state:?}, not open"
+        );
+        let mine: Vec<&Mark> = marks.iter().filter(|m| m.1 == "node2").collect();
+        ensure!(
+            mine == [&(ip.to_string(), "node2".to_string(), b_key.clone())],
+            "the record of {block} carries exactly node2's mark for {ip} ({b_key}): {marks:?}"
+        );
+    }
+
+    starling_tests::wait_for(
+        "node1's kernel to route node2's borrowed IPv6 address",
+        Duration::from_secs(30),
+        || Ok(has_host_route(&kernel_routes6(c, "node1")?, b6)),
+    )
+    .with_context(|| format!("node1: {:?}", kernel_routes6(c, "node1")))?;
+    for (from, to) in [(&a, b4), (&a, b6), (&b, a4), (&b, a6)] {
+        wait_reachable(&from.netns, to)
+            .with_context(|| format!("{}'s pod pings {to}", from.node))?;
+    }
+
+    let node2 = c.lab.node("node2")?.clone();
+    del(&node2.netns, &node2.dir.join("cni.sock"), &b.netns)?;
+    for block in [BLOCK, BLOCK6] {
+        let mut last = Vec::new();
+        starling_tests::wait_for(
+            &format!("node2's mark cleared from the record of {block}"),
+            Duration::from_secs(30),
+            || {
+                last = ipam_record(k, block)?.1;
+                Ok(!last.iter().any(|m| m.1 == "node2"))
+            },
+        )
+        .with_context(|| format!("marks: {last:?}"))?;
+    }
+    starling_tests::wait_for(
+        "node2's /128 gone from node1's kernel",
+        Duration::from_secs(30),
+        || Ok(!has_host_route(&kernel_routes6(c, "node1")?, b6)),
+    )
+    .with_context(|| format!("node1: {:?}", kernel_routes6(c, "node1")))?;
+    Ok(())
+}

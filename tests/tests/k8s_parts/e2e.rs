@@ -33,7 +33,15 @@ pub(super) fn listen_in(netns: &str, port: u16) -> Result<TcpListener> {
     })
 }
 
+/// Copy `from` to `to` until `from` ends, then end `to`'s writing side.
+/// The relay forwards each read at once (`TCP_NODELAY` on the socket it
+/// writes to): with Nagle's algorithm on, a request or answer split over
+/// two reads waited for the far end's delayed ACK (40 ms), a delay of the
+/// harness that no real cluster has, and one that made the borrow's
+/// compare-and-swap of a record with more than a few dozen marks cost
+/// 40-100 ms instead of about 5 (docs/benchmarks.md).
 pub(super) fn pipe(mut from: TcpStream, mut to: TcpStream) {
+    let _ = to.set_nodelay(true);
     let mut buf = [0u8; 16384];
     loop {
         match from.read(&mut buf) {

@@ -539,7 +539,9 @@ pub(super) type Mark = (String, String, String);
 
 /// The state and the marks of `block`'s IPAMBlock record.
 pub(super) fn ipam_record(k: &Cluster, block: &str) -> Result<(String, Vec<Mark>)> {
-    let name = block.replace(['.', '/', ':'], "-");
+    let name = starling_agent::ipam::kube::block_name(
+        block.parse().with_context(|| format!("block {block:?}"))?,
+    );
     let out = k.kubectl_ok(&["get", "ipamblocks.starling.dev", &name, "-o", "json"])?;
     let v: Value = serde_json::from_str(&out)?;
     let marks = v["spec"]["allocations"]
