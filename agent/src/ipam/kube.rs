@@ -125,7 +125,7 @@ impl KubeBlockClaims {
         let (tx, rx) = mpsc::unbounded_channel();
         let (ready_tx, ready_rx) = std_mpsc::channel();
         let thread = crate::runtime::spawn_with_runtime("ipam-kube", move || async move {
-            match Client::try_from(config) {
+            match crate::model::kube::client_of(config) {
                 Ok(client) => {
                     let _ = ready_tx.send(Ok(()));
                     serve(client, rx).await;

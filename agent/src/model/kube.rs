@@ -135,7 +135,53 @@ impl Datastore for KubeDatastore {
 /// A kube client from a kubeconfig file, or (`None`) from the in-cluster
 /// ServiceAccount (falling back to `$KUBECONFIG` / `~/.kube/config`).
 pub async fn client(kubeconfig: Option<&std::path::Path>) -> Result<Client, kube::Error> {
-    Client::try_from(config(kubeconfig).await?)
+    client_of(config(kubeconfig).await?)
+}
+
+/// A kube client for `config` whose connections set TCP_NODELAY.
+///
+/// `Client::try_from` leaves Nagle's algorithm on, so a request written
+/// in two pieces (headers, then the body) holds the second until the API
+/// server's kernel ACKs the first, which it delays by up to 40 ms on
+/// Linux: measured in `cni-k8s.sh` as about 45-50 ms on each of the first
+/// borrow's steps (the list, the wait for the opening, the mark) and 4-9
+/// ms with TCP_NODELAY (docs/benchmarks.md). Go's clients set TCP_NODELAY
+/// on every connection. The stack is otherwise kube's: TLS from the
+/// config, its connect, read and write timeouts, the base URI, its retry
+/// of 429, 503 and 504 answers, authentication and extra headers (no
+/// gzip: Starling does not build kube with it); a config with a proxy
+/// gets kube's stack unchanged.
+pub fn client_of(config: kube::Config) -> Result<Client, kube::Error> {
+    use hyper_util::client::legacy::connect::HttpConnector;
+    use hyper_util::rt::TokioExecutor;
+    use kube::client::ConfigExt;
+    if config.proxy_url.is_some() {
+        // kube's own stack answers a proxy exactly as before (this build
+        // has no proxy support, so it names the missing feature).
+        return Client::try_from(config);
+    }
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(config.connect_timeout);
+    let https = config.rustls_https_connector_with_connector(http)?;
+    let mut connector = hyper_timeout::TimeoutConnector::new(https);
+    connector.set_connect_timeout(config.connect_timeout);
+    connector.set_read_timeout(config.read_timeout);
+    connector.set_write_timeout(config.write_timeout);
+    connector.set_reset_reader_on_write(config.reset_reader_on_write);
+    let http_client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .build::<_, kube::client::Body>(connector);
+    let service = tower::ServiceBuilder::new()
+        .layer(config.base_uri_layer())
+        .option_layer(config.default_retry.then(|| {
+            tower::retry::RetryLayer::new(kube::client::retry::RetryPolicy::server_retry())
+        }))
+        .option_layer(config.auth_layer()?)
+        .layer(config.extra_headers_layer()?)
+        .map_err(Box::<dyn std::error::Error + Send + Sync>::from)
+        .service(http_client);
+    Ok(Client::new(service, config.default_namespace))
 }
 
 /// The client configuration [`client`] uses; the IPAM claim datastore
@@ -1240,6 +1286,19 @@ fn resolve_passwords(
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// The NODELAY client builds from a plain config; a config with a
+    /// proxy gets kube's own answer (this build has no proxy support, so
+    /// an error naming the missing feature), not a client that ignores it.
+    #[tokio::test]
+    async fn client_of_builds_and_refuses_a_proxy_as_kube_does() {
+        let config = || kube::Config::new("https://127.0.0.1:6443".parse().unwrap());
+        assert!(client_of(config()).is_ok());
+        let mut proxied = config();
+        proxied.proxy_url = Some("http://127.0.0.1:3128".parse().unwrap());
+        let err = client_of(proxied).err().expect("a proxy is refused");
+        assert!(err.to_string().contains("http-proxy"), "{err}");
+    }
 
     fn dynamic(kind: Kind, value: serde_json::Value) -> DynamicObject {
         let mut v = value;

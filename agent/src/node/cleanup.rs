@@ -36,8 +36,8 @@ use crate::model::Snapshot;
 use crate::model::crd::IPAMBlock;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use kube::Config;
 use kube::api::{Api, ObjectMeta, PostParams};
-use kube::{Client, Config};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -150,7 +150,7 @@ pub async fn run(
     connected: Connected,
 ) {
     let namespace = config.default_namespace.clone();
-    let client = match Client::try_from(config.clone()) {
+    let client = match crate::model::kube::client_of(config.clone()) {
         Ok(c) => c,
         Err(e) => {
             warn!(

@@ -129,7 +129,8 @@ async fn open_model(cfg: &AgentConfig, ds: DatastoreConfig) -> Result<Model> {
             let kcfg = crate::model::kube::config(kubeconfig.as_deref())
                 .await
                 .context("Kubernetes client configuration")?;
-            let client = kube::Client::try_from(kcfg.clone()).context("Kubernetes client")?;
+            let client =
+                crate::model::kube::client_of(kcfg.clone()).context("Kubernetes client")?;
             let services = crate::services::watch::start(client.clone());
             let ds = Arc::new(crate::model::kube::KubeDatastore::start(
                 client.clone(),
