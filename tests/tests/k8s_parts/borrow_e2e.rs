@@ -92,6 +92,22 @@ fn del(node_netns: &str, socket: &std::path::Path, pod_netns: &str) -> Result<()
     Ok(())
 }
 
+/// Wait (30 s at most) until the record of `block` carries no mark of
+/// `node`.
+fn marks_cleared(k: &Cluster, block: &str, node: &str) -> Result<()> {
+    let mut last = Vec::new();
+    starling_tests::wait_for(
+        &format!("{node}'s marks cleared from the record of {block}"),
+        Duration::from_secs(30),
+        || {
+            last = ipam_record(k, block)?.1;
+            Ok(!last.iter().any(|m| m.1 == node))
+        },
+    )
+    .with_context(|| format!("marks: {last:?}"))?;
+    Ok(())
+}
+
 /// Whether `ip route show` output has a route for exactly `ip` (a `/32`).
 fn has_host_route(routes: &str, ip: IpAddr) -> bool {
     let want = ip.to_string();
@@ -104,9 +120,21 @@ fn has_host_route(routes: &str, ip: IpAddr) -> bool {
 /// and a lab of two agents on it with no pods (node1's first pod claims
 /// the pool's only block).
 fn two_agents(k: &Cluster, lab_name: &str) -> Result<(LabCluster, TempDir)> {
+    lab_with(k, MODEL, lab_name, 2, |o| o.pods_per_node = 0)
+}
+
+/// The manifests and `model` applied to `k`, then a lab of `nodes` agents
+/// on it with the options `opts` sets.
+fn lab_with(
+    k: &Cluster,
+    model: &str,
+    lab_name: &str,
+    nodes: usize,
+    opts: impl FnOnce(&mut starling_agent::lab::LabOptions),
+) -> Result<(LabCluster, TempDir)> {
     k.apply_manifests()?;
-    checked(&["apply"], k.kubectl_stdin(&["apply", "-f", "-"], MODEL))?;
-    super::e2e::lab_on(k, lab_name, 2, |o| o.pods_per_node = 0)
+    checked(&["apply"], k.kubectl_stdin(&["apply", "-f", "-"], model))?;
+    super::e2e::lab_on(k, lab_name, nodes, opts)
 }
 
 /// The one-block pool over VXLAN and three Nodes, for agents without BGP.
@@ -196,16 +224,7 @@ fn borrow_ping_release(k: &Cluster, c: &mut LabCluster) -> Result<()> {
     // DEL on node2 clears the mark, and the /32 leaves node1's kernel.
     let node2 = c.lab.node("node2")?.clone();
     del(&node2.netns, &node2.dir.join("cni.sock"), &b.netns)?;
-    let mut last = Vec::new();
-    starling_tests::wait_for(
-        "node2's mark cleared from the record",
-        Duration::from_secs(30),
-        || {
-            last = record(k)?.1;
-            Ok(!last.iter().any(|m| m.1 == "node2"))
-        },
-    )
-    .with_context(|| format!("marks: {last:?}"))?;
+    marks_cleared(k, BLOCK, "node2")?;
     starling_tests::wait_for(
         "node2's /32 gone from node1's kernel",
         Duration::from_secs(30),
@@ -224,12 +243,7 @@ fn borrow_ping_release(k: &Cluster, c: &mut LabCluster) -> Result<()> {
 #[test]
 fn borrowed_addresses_are_routed_from_the_records_without_bgp() -> Result<()> {
     let k = Cluster::private("borrownobgp")?;
-    k.apply_manifests()?;
-    checked(
-        &["apply"],
-        k.kubectl_stdin(&["apply", "-f", "-"], MODEL_NO_BGP),
-    )?;
-    let (mut c, _dir) = super::e2e::lab_on(&k, "kbnob", 3, |o| {
+    let (mut c, _dir) = lab_with(&k, MODEL_NO_BGP, "kbnob", 3, |o| {
         o.pods_per_node = 0;
         o.no_bgp = true;
     })?;
@@ -358,16 +372,7 @@ fn crash_heal_borrow(k: &Cluster, c: &mut LabCluster) -> Result<()> {
 
     // Restarted without the hook, it clears the mark its store does not hold.
     c.lab.start_agent("node2")?;
-    let mut last = Vec::new();
-    starling_tests::wait_for(
-        "node2's leaked mark cleared from the record",
-        Duration::from_secs(30),
-        || {
-            last = record(k)?.1;
-            Ok(!last.iter().any(|m| m.1 == "node2"))
-        },
-    )
-    .with_context(|| format!("marks: {last:?}"))?;
+    marks_cleared(k, BLOCK, "node2")?;
 
     // Its next ADD borrows an address of the block that no one else holds.
     let d = c.lab.add_pod("node2", "d")?;
@@ -453,12 +458,7 @@ const BLOCK6: &str = "fd00:10:244::/124";
 #[test]
 fn a_node_with_no_block_borrows_one_address_per_family() -> Result<()> {
     let k = Cluster::private("borrowdual")?;
-    k.apply_manifests()?;
-    checked(
-        &["apply"],
-        k.kubectl_stdin(&["apply", "-f", "-"], MODEL_DUAL),
-    )?;
-    let (mut c, _dir) = super::e2e::lab_on(&k, "kbdual", 2, |o| {
+    let (mut c, _dir) = lab_with(&k, MODEL_DUAL, "kbdual", 2, |o| {
         o.pods_per_node = 0;
         o.ipv6 = true;
     })?;
@@ -534,16 +534,7 @@ fn borrow_dual(k: &Cluster, c: &mut LabCluster) -> Result<()> {
     let node2 = c.lab.node("node2")?.clone();
     del(&node2.netns, &node2.dir.join("cni.sock"), &b.netns)?;
     for block in [BLOCK, BLOCK6] {
-        let mut last = Vec::new();
-        starling_tests::wait_for(
-            &format!("node2's mark cleared from the record of {block}"),
-            Duration::from_secs(30),
-            || {
-                last = ipam_record(k, block)?.1;
-                Ok(!last.iter().any(|m| m.1 == "node2"))
-            },
-        )
-        .with_context(|| format!("marks: {last:?}"))?;
+        marks_cleared(k, block, "node2")?;
     }
     starling_tests::wait_for(
         "node2's /128 gone from node1's kernel",
