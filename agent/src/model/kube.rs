@@ -149,8 +149,10 @@ pub async fn client(kubeconfig: Option<&std::path::Path>) -> Result<Client, kube
 /// on every connection. The stack is otherwise kube's: TLS from the
 /// config, its connect, read and write timeouts, the base URI, its retry
 /// of 429, 503 and 504 answers, authentication and extra headers (no
-/// gzip: Starling does not build kube with it); a config with a proxy
-/// gets kube's stack unchanged.
+/// gzip: Starling does not build kube with it), without kube's
+/// debug-level span per HTTP request; a config with a proxy gets kube's
+/// stack unchanged. kube (5.0) has no hook for the TCP connector, hence
+/// this copy of its layering: recheck it when kube is upgraded.
 pub fn client_of(config: kube::Config) -> Result<Client, kube::Error> {
     use hyper_util::client::legacy::connect::HttpConnector;
     use hyper_util::rt::TokioExecutor;
